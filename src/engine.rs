@@ -1,0 +1,280 @@
+//! The thread-safe deduplication engine: event → `event_id` → shard →
+//! fingerprint → that shard's [`Table`].
+//!
+//! Each shard's table sits behind its own mutex, padded to its own cache
+//! lines, so threads working on different shards never contend; a lock is
+//! held for one check-and-insert (a few hundred nanoseconds at most, plus at
+//! most one segment rebuild), never across I/O.
+
+use std::borrow::Cow;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::event::{self, EventError, Limits};
+use crate::fingerprint::Fingerprint;
+use crate::shard::shard_of;
+use crate::table::{MAX_WINDOW_MS, Table, Verdict};
+
+/// Settings of the engine. The sidecar's `config` module fills these from its
+/// configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Rolling window in milliseconds, 1 ms to 7 days. Default 7 days.
+    pub window_ms: u64,
+    /// Shard count, 1 to 65 536. Default 32; must match the server's
+    /// `partition(n,1)` mapping and every other sidecar.
+    pub shards: u32,
+    /// Table segments per shard. Default 2048 (see the fingerprint module for
+    /// how this bounds the false-duplicate probability).
+    pub segments_per_shard: usize,
+    /// Event and id size limits.
+    pub limits: Limits,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            window_ms: MAX_WINDOW_MS,
+            shards: 32,
+            segments_per_shard: 2048,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why an event could not be ingested. A duplicate is a verdict, not an error.
+#[derive(Debug)]
+pub enum IngestError {
+    /// The event breaks a rule of the `event` module; nothing was stored.
+    Invalid(EventError),
+}
+
+impl std::fmt::Display for IngestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IngestError::Invalid(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for IngestError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            IngestError::Invalid(e) => Some(e),
+        }
+    }
+}
+
+impl From<EventError> for IngestError {
+    fn from(e: EventError) -> Self {
+        IngestError::Invalid(e)
+    }
+}
+
+/// An event that passed validation: where it belongs and what it hashes to.
+#[derive(Debug, Clone)]
+pub struct Keyed<'a> {
+    pub id: Cow<'a, str>,
+    pub shard: u32,
+    pub fingerprint: Fingerprint,
+}
+
+/// One shard's table on its own cache lines.
+#[repr(align(128))]
+struct Shard {
+    table: Mutex<Table>,
+}
+
+/// Every how many check-and-inserts a shard sweeps one segment.
+const SWEEP_EVERY: u32 = 256;
+
+/// The deduplicator: `Send + Sync`, shared by reference between threads.
+pub struct Deduplicator {
+    shards: Box<[Shard]>,
+    config: EngineConfig,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Deduplicator {
+    /// An empty deduplicator.
+    ///
+    /// # Panics
+    ///
+    /// If the window is not in `1..=7 days` or there are no shards; the
+    /// `config` module rejects such settings with a message first.
+    pub fn new(config: EngineConfig) -> Self {
+        assert!(config.shards > 0, "shard count must be positive");
+        let shards = (0..config.shards)
+            .map(|_| Shard {
+                table: Mutex::new(Table::new(config.window_ms, config.segments_per_shard)),
+            })
+            .collect();
+        Self { shards, config }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.config.shards
+    }
+
+    /// `true` if `event` is new within the window (and is now remembered),
+    /// `false` if its `event_id` was accepted within the window.
+    ///
+    /// # Errors
+    ///
+    /// [`IngestError::Invalid`] when the event breaks a rule; nothing changes.
+    pub fn ingest_event(&self, event: &str) -> Result<bool, IngestError> {
+        let keyed = self.key(event.as_bytes())?;
+        Ok(self.check_and_insert(&keyed, unix_ms()).is_new())
+    }
+
+    /// Validates `event` and computes its shard and fingerprint.
+    ///
+    /// # Errors
+    ///
+    /// The [`EventError`] of the first rule the event breaks.
+    pub fn key<'a>(&self, event: &'a [u8]) -> Result<Keyed<'a>, EventError> {
+        let id = event::event_id(event, &self.config.limits)?;
+        Ok(Keyed {
+            shard: shard_of(&id, self.config.shards),
+            fingerprint: Fingerprint::of(id.as_bytes()),
+            id,
+        })
+    }
+
+    /// The verdict for an already keyed event at `now_ms`.
+    pub fn check_and_insert(&self, keyed: &Keyed<'_>, now_ms: u64) -> Verdict {
+        self.check_and_insert_fp(keyed.shard, keyed.fingerprint, now_ms)
+    }
+
+    /// The verdict for a fingerprint in a shard at `now_ms`; every
+    /// [`SWEEP_EVERY`] calls the shard also reclaims one segment.
+    pub fn check_and_insert_fp(&self, shard: u32, fp: Fingerprint, now_ms: u64) -> Verdict {
+        let mut table = self.table(shard);
+        let verdict = table.check_and_insert(fp, now_ms);
+        // The low bits of the tag are uniform: sweep on about 1 in SWEEP_EVERY calls.
+        if fp.lo as u32 % SWEEP_EVERY == 0 {
+            table.sweep(now_ms, 1);
+        }
+        verdict
+    }
+
+    /// Locks one shard's table (recovering it if a panicking thread held it:
+    /// the table has no invariant a panic between its operations can break).
+    ///
+    /// # Panics
+    ///
+    /// If `shard` is not below the shard count.
+    pub fn table(&self, shard: u32) -> MutexGuard<'_, Table> {
+        self.shards[shard as usize].table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the window of every shard (a smaller one applies at once).
+    ///
+    /// # Panics
+    ///
+    /// If the window is not in `1..=7 days`.
+    pub fn set_window(&self, window_ms: u64, now_ms: u64) {
+        for shard in 0..self.config.shards {
+            self.table(shard).set_window(window_ms, now_ms);
+        }
+    }
+
+    /// Reclaims up to `segments` segments in every shard; returns the count
+    /// of entries reclaimed.
+    pub fn sweep(&self, now_ms: u64, segments: usize) -> usize {
+        (0..self.config.shards).map(|s| self.table(s).sweep(now_ms, segments)).sum()
+    }
+
+    /// Slots in use across shards (live entries plus unreclaimed dead ones).
+    pub fn len(&self) -> usize {
+        (0..self.config.shards).map(|s| self.table(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Heap bytes held by the tables.
+    pub fn memory_bytes(&self) -> usize {
+        (0..self.config.shards).map(|s| self.table(s).memory_bytes()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn small() -> Deduplicator {
+        Deduplicator::new(EngineConfig {
+            window_ms: 60_000,
+            segments_per_shard: 16,
+            ..EngineConfig::default()
+        })
+    }
+
+    #[test]
+    fn ingest_event_answers_new_then_duplicate() {
+        let d = small();
+        assert!(d.ingest_event(r#"{"event_id":"a1","v":1}"#).unwrap());
+        assert!(!d.ingest_event(r#"{"v":2,"event_id":"a1"}"#).unwrap());
+        assert!(!d.ingest_event(r#"{"event_id":"\u0061\u0031"}"#).unwrap(), "escaped form is the same id");
+        assert!(d.ingest_event(r#"{"event_id":"a2"}"#).unwrap());
+    }
+
+    #[test]
+    fn bad_input_changes_nothing() {
+        let d = small();
+        for bad in ["", "{", "[]", r#"{"event_id":1}"#, r#"{"event_id":"a-1"}"#] {
+            assert!(d.ingest_event(bad).is_err(), "{bad}");
+        }
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn keyed_events_use_the_partition_shard() {
+        let d = small();
+        assert_eq!(d.key(br#"{"event_id":"abc"}"#).unwrap().shard, 11);
+    }
+
+    #[test]
+    fn concurrent_ingest_accepts_each_id_once() {
+        let d = small();
+        let accepted = AtomicUsize::new(0);
+        let per_thread = 20_000usize;
+        let distinct = 7 * 5_000 + per_thread;
+        let per_id: Vec<AtomicUsize> = (0..distinct).map(|_| AtomicUsize::new(0)).collect();
+        std::thread::scope(|s| {
+            for t in 0..8usize {
+                let (d, accepted, per_id) = (&d, &accepted, &per_id);
+                s.spawn(move || {
+                    // Overlapping ranges: thread t covers [t*5000, t*5000 + 20000).
+                    for i in 0..per_thread {
+                        let id = t * 5_000 + i;
+                        if d.ingest_event(&format!(r#"{{"event_id":"id{id}"}}"#)).unwrap() {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            per_id[id].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(per_id.iter().all(|n| n.load(Ordering::Relaxed) == 1), "an id accepted twice or never");
+        assert_eq!(accepted.load(Ordering::Relaxed), distinct);
+        assert_eq!(d.len(), distinct);
+    }
+
+    #[test]
+    fn deduplicator_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Deduplicator>();
+    }
+}

@@ -1,0 +1,476 @@
+//! Finds and validates the top-level `event_id` of a JSON event.
+//!
+//! The event is checked to be one well-formed JSON value, but no DOM is built:
+//! serde_json drives a visitor that skips every value except the top-level
+//! `event_id`, which is borrowed from the input when it has no escapes.
+//!
+//! Rules, each with its own [`EventErrorKind`]:
+//! - the event is at most [`Limits::max_event_bytes`] bytes of UTF-8 JSON;
+//! - it is a JSON object with exactly one top-level `event_id` key (keys are
+//!   compared after decoding escapes, so `"event\u005fid"` is that key too);
+//! - its value is a string which, after decoding JSON escapes, is non-empty,
+//!   at most [`Limits::max_id_bytes`] bytes, and only `a-z A-Z 0-9`.
+//!
+//! Escapes are decoded before validation: `"\u0041"` is the id `A`, the same
+//! id as `"A"`, so both forms are one event. An escape that decodes to
+//! anything outside `a-z A-Z 0-9` is rejected like the raw character.
+//! An `event_id` inside a nested object or array is ordinary data.
+//!
+//! Skipped values are walked by serde_json without recursion, so no nesting
+//! depth can exhaust the stack; no input panics.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// Size limits for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted event in bytes. Default 1 MiB, nats-server's default `max_payload`.
+    pub max_event_bytes: usize,
+    /// Largest accepted `event_id` in bytes, after decoding escapes. Default 256.
+    pub max_id_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 1024 * 1024,
+            max_id_bytes: 256,
+        }
+    }
+}
+
+/// What is wrong with an event; each kind is a reason a producer can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventErrorKind {
+    /// The event is larger than the configured limit.
+    TooLarge,
+    /// The bytes are not one well-formed UTF-8 JSON value.
+    NotJson,
+    /// The JSON value is not an object.
+    NotObject,
+    /// The object has no top-level `event_id`.
+    MissingId,
+    /// The top-level `event_id` is not a string.
+    IdNotString,
+    /// The `event_id` is the empty string.
+    IdEmpty,
+    /// The `event_id` has a character outside `a-z A-Z 0-9`.
+    IdInvalidChars,
+    /// The `event_id` is longer than the configured limit.
+    IdTooLong,
+    /// The object has more than one top-level `event_id`.
+    IdDuplicated,
+}
+
+impl EventErrorKind {
+    /// A short stable name, used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::NotJson => "not_json",
+            Self::NotObject => "not_object",
+            Self::MissingId => "missing_id",
+            Self::IdNotString => "id_not_string",
+            Self::IdEmpty => "id_empty",
+            Self::IdInvalidChars => "id_invalid_chars",
+            Self::IdTooLong => "id_too_long",
+            Self::IdDuplicated => "id_duplicated",
+        }
+    }
+
+    /// Every kind, for metrics that pre-register their labels.
+    pub const ALL: [EventErrorKind; 9] = [
+        Self::TooLarge,
+        Self::NotJson,
+        Self::NotObject,
+        Self::MissingId,
+        Self::IdNotString,
+        Self::IdEmpty,
+        Self::IdInvalidChars,
+        Self::IdTooLong,
+        Self::IdDuplicated,
+    ];
+}
+
+/// A rejected event: the kind, the limit that applied and, for malformed
+/// JSON, the parser's own error.
+#[derive(Debug)]
+pub struct EventError {
+    kind: EventErrorKind,
+    limit: usize,
+    source: Option<serde_json::Error>,
+}
+
+impl EventError {
+    fn new(kind: EventErrorKind) -> Self {
+        Self {
+            kind,
+            limit: 0,
+            source: None,
+        }
+    }
+
+    fn over(kind: EventErrorKind, limit: usize) -> Self {
+        Self {
+            kind,
+            limit,
+            source: None,
+        }
+    }
+
+    pub fn kind(&self) -> EventErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use EventErrorKind::*;
+        match self.kind {
+            TooLarge => write!(f, "event is larger than {} bytes", self.limit),
+            NotJson => match &self.source {
+                Some(e) => write!(f, "event is not valid JSON: {e}"),
+                None => write!(f, "event is not valid UTF-8 JSON"),
+            },
+            NotObject => write!(f, "event is not a JSON object"),
+            MissingId => write!(f, "event has no top-level \"event_id\""),
+            IdNotString => write!(f, "\"event_id\" is not a string"),
+            IdEmpty => write!(f, "\"event_id\" is empty"),
+            IdInvalidChars => write!(f, "\"event_id\" may only contain a-z, A-Z and 0-9"),
+            IdTooLong => write!(f, "\"event_id\" is longer than {} bytes", self.limit),
+            IdDuplicated => write!(f, "\"event_id\" appears more than once at the top level"),
+        }
+    }
+}
+
+impl std::error::Error for EventError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+/// Returns the validated top-level `event_id` of `event`, borrowed from it
+/// unless the id was written with escapes.
+///
+/// # Errors
+///
+/// An [`EventError`] naming the first rule the event breaks; size is checked
+/// first, then JSON well-formedness, then the id.
+pub fn event_id<'a>(event: &'a [u8], limits: &Limits) -> Result<Cow<'a, str>, EventError> {
+    if event.len() > limits.max_event_bytes {
+        return Err(EventError::over(EventErrorKind::TooLarge, limits.max_event_bytes));
+    }
+    // serde_json skips ignored strings without checking their UTF-8, so the
+    // whole input is checked here once; it is the fast path of the standard library.
+    let text = std::str::from_utf8(event).map_err(|_| EventError::new(EventErrorKind::NotJson))?;
+    let top: TopLevel<'a> = serde_json::from_str(text).map_err(|e| EventError {
+        kind: EventErrorKind::NotJson,
+        limit: 0,
+        source: Some(e),
+    })?;
+    let id = match top {
+        TopLevel::NotObject => return Err(EventError::new(EventErrorKind::NotObject)),
+        TopLevel::Object { ids: 0, .. } => return Err(EventError::new(EventErrorKind::MissingId)),
+        TopLevel::Object { ids: 2.., .. } => {
+            return Err(EventError::new(EventErrorKind::IdDuplicated));
+        }
+        TopLevel::Object { id: IdValue::NotString, .. } => {
+            return Err(EventError::new(EventErrorKind::IdNotString));
+        }
+        TopLevel::Object { id: IdValue::Text(id), .. } => id,
+    };
+    validate_id(&id, limits)?;
+    Ok(id)
+}
+
+/// Checks an already decoded id against the id rules.
+///
+/// # Errors
+///
+/// [`EventErrorKind::IdEmpty`], [`EventErrorKind::IdTooLong`] or
+/// [`EventErrorKind::IdInvalidChars`].
+pub fn validate_id(id: &str, limits: &Limits) -> Result<(), EventError> {
+    if id.is_empty() {
+        return Err(EventError::new(EventErrorKind::IdEmpty));
+    }
+    if id.len() > limits.max_id_bytes {
+        return Err(EventError::over(EventErrorKind::IdTooLong, limits.max_id_bytes));
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(EventError::new(EventErrorKind::IdInvalidChars));
+    }
+    Ok(())
+}
+
+/// What the top level of the document turned out to be.
+enum TopLevel<'a> {
+    NotObject,
+    /// `ids` counts the top-level `event_id` keys; `id` is the first one's value.
+    Object { ids: u32, id: IdValue<'a> },
+}
+
+enum IdValue<'a> {
+    NotString,
+    Text(Cow<'a, str>),
+}
+
+impl<'de> de::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TopVisitor)
+    }
+}
+
+struct TopVisitor;
+
+/// Implements the scalar `visit_*` methods of a visitor as "consume, answer `$v`".
+macro_rules! answer_scalars {
+    ($v:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($v)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($v)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($v)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($v)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($v)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            IgnoredAny.visit_seq(seq).map(|_| $v)
+        }
+    };
+}
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = TopLevel<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    answer_scalars!(TopLevel::NotObject);
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(TopLevel::NotObject)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut ids = 0u32;
+        let mut id = IdValue::NotString;
+        while let Some(is_id) = map.next_key_seed(KeyIsEventId)? {
+            if !is_id {
+                map.next_value::<IgnoredAny>()?;
+            } else if ids == 0 {
+                ids = 1;
+                id = map.next_value::<IdValue<'de>>()?;
+            } else {
+                ids = ids.saturating_add(1);
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(TopLevel::Object { ids, id })
+    }
+}
+
+/// Deserializes a key to "is it `event_id`?", without allocating.
+struct KeyIsEventId;
+
+impl<'de> DeserializeSeed<'de> for KeyIsEventId {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIsEventId {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
+        Ok(key == "event_id")
+    }
+}
+
+impl<'de> de::Deserialize<'de> for IdValue<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(IdVisitor)
+    }
+}
+
+struct IdVisitor;
+
+impl<'de> Visitor<'de> for IdVisitor {
+    type Value = IdValue<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    answer_scalars!(IdValue::NotString);
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(IdValue::Text(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(IdValue::Text(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_map(map).map(|_| IdValue::NotString)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id(s: &str) -> Result<String, EventErrorKind> {
+        event_id(s.as_bytes(), &Limits::default())
+            .map(|c| c.into_owned())
+            .map_err(|e| e.kind())
+    }
+
+    use EventErrorKind::*;
+
+    #[test]
+    fn finds_the_top_level_id() {
+        assert_eq!(id(r#"{"event_id":"abc"}"#), Ok("abc".into()));
+        assert_eq!(id(r#" { "a": 1, "event_id" : "X9", "b": [1,2,{"c":null}] } "#), Ok("X9".into()));
+    }
+
+    #[test]
+    fn borrows_unless_escaped() {
+        let plain = br#"{"event_id":"abc"}"#;
+        assert!(matches!(event_id(plain, &Limits::default()), Ok(Cow::Borrowed("abc"))));
+        let escaped = br#"{"event_id":"\u0041b"}"#;
+        assert!(matches!(event_id(escaped, &Limits::default()), Ok(Cow::Owned(s)) if s == "Ab"));
+    }
+
+    #[test]
+    fn escapes_are_decoded_before_validation() {
+        assert_eq!(id(r#"{"event_id":"\u0041"}"#), Ok("A".into()));
+        assert_eq!(id(r#"{"event\u005fid":"k1"}"#), Ok("k1".into()));
+        assert_eq!(id(r#"{"event_id":"a\nb"}"#), Err(IdInvalidChars));
+        assert_eq!(id(r#"{"event_id":"a\u0020b"}"#), Err(IdInvalidChars));
+        assert_eq!(id(r#"{"event_id":"\ud800"}"#), Err(NotJson));
+    }
+
+    #[test]
+    fn nested_event_ids_are_data() {
+        assert_eq!(id(r#"{"x":{"event_id":"inner"}}"#), Err(MissingId));
+        assert_eq!(id(r#"{"x":[{"event_id":"inner"}],"event_id":"outer"}"#), Ok("outer".into()));
+        assert_eq!(id(r#"[{"event_id":"a"}]"#), Err(NotObject));
+    }
+
+    #[test]
+    fn each_rule_has_its_own_error() {
+        assert_eq!(id(""), Err(NotJson));
+        assert_eq!(id("{"), Err(NotJson));
+        assert_eq!(id(r#"{"event_id":"a"} x"#), Err(NotJson));
+        assert_eq!(id(r#"{"event_id":"a",}"#), Err(NotJson));
+        assert_eq!(id("42"), Err(NotObject));
+        assert_eq!(id(r#""event_id""#), Err(NotObject));
+        assert_eq!(id("null"), Err(NotObject));
+        assert_eq!(id("{}"), Err(MissingId));
+        assert_eq!(id(r#"{"event_id":7}"#), Err(IdNotString));
+        assert_eq!(id(r#"{"event_id":null}"#), Err(IdNotString));
+        assert_eq!(id(r#"{"event_id":{"a":"b"}}"#), Err(IdNotString));
+        assert_eq!(id(r#"{"event_id":["a"]}"#), Err(IdNotString));
+        assert_eq!(id(r#"{"event_id":""}"#), Err(IdEmpty));
+        assert_eq!(id(r#"{"event_id":"a-b"}"#), Err(IdInvalidChars));
+        assert_eq!(id(r#"{"event_id":"é"}"#), Err(IdInvalidChars));
+        assert_eq!(id(r#"{"event_id":"a","event_id":"a"}"#), Err(IdDuplicated));
+        assert_eq!(id(r#"{"event_id":"a","event_id":1}"#), Err(IdDuplicated));
+    }
+
+    #[test]
+    fn limits_apply() {
+        let limits = Limits {
+            max_event_bytes: 40,
+            max_id_bytes: 4,
+        };
+        let kind = |s: &str| event_id(s.as_bytes(), &limits).map(Cow::into_owned).map_err(|e| e.kind());
+        assert_eq!(kind(r#"{"event_id":"abcd"}"#).unwrap(), "abcd");
+        assert_eq!(kind(r#"{"event_id":"abcde"}"#).unwrap_err(), IdTooLong);
+        assert_eq!(kind(r#"{"event_id":"a","pad":"xxxxxxxxxxxxxxxxxxxxxxxx"}"#).unwrap_err(), TooLarge);
+        let err = event_id(br#"{"event_id":"abcde"}"#, &limits).unwrap_err();
+        assert_eq!(err.to_string(), "\"event_id\" is longer than 4 bytes");
+    }
+
+    #[test]
+    fn invalid_utf8_is_not_json() {
+        assert_eq!(event_id(b"{\"event_id\":\"a\",\"x\":\"\xff\"}", &Limits::default()).unwrap_err().kind(), NotJson);
+    }
+
+    #[test]
+    fn deep_nesting_does_not_exhaust_the_stack() {
+        // Skipped values are walked without recursion; only the top level and
+        // the id are visited.
+        let (open, close) = ("[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(id(&format!(r#"{{"event_id":"a","x":{open}{close}}}"#)), Ok("a".into()));
+        assert_eq!(id(&format!(r#"{{"event_id":{open}{close}}}"#)), Err(IdNotString));
+        assert_eq!(id(&format!(r#"{{"event_id":"a","x":{open}}}"#)), Err(NotJson));
+        assert_eq!(id(&format!("{open}{close}")), Err(NotObject));
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+            ".{0,8}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("(event_id|[a-z]{1,6})", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = event_id(&bytes, &Limits::default());
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(v in json_value()) {
+            let text = serde_json::to_string(&v).unwrap();
+            let _ = event_id(text.as_bytes(), &Limits::default());
+        }
+
+        #[test]
+        fn valid_events_yield_their_id(
+            the_id in "[a-zA-Z0-9]{1,256}",
+            others in prop::collection::btree_map("[a-z]{1,6}", json_value(), 0..6),
+            at in 0usize..7,
+        ) {
+            let mut fields: Vec<(String, serde_json::Value)> = others.into_iter().collect();
+            let at = at.min(fields.len());
+            fields.insert(at, ("event_id".into(), serde_json::Value::from(the_id.clone())));
+            let body: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v))
+                .collect();
+            let text = format!("{{{}}}", body.join(","));
+            prop_assert_eq!(id(&text), Ok(the_id));
+        }
+    }
+}

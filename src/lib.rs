@@ -1,0 +1,24 @@
+//! eventsieve: an event-deduplication sidecar for NATS JetStream.
+//!
+//! Producers send JSON events (each with a string `event_id`) as NATS
+//! requests; eventsieve answers whether the id is new within a rolling window
+//! and republishes new events for downstream consumers.
+//!
+//! The crate is a pure core with a thin async shell:
+//!
+//! | module | role |
+//! |---|---|
+//! | [`event`] | find and validate the top-level `event_id`, no DOM |
+//! | [`shard`] | `FNV-1a-32(id) mod n`, the NATS `partition` function |
+//! | [`fingerprint`] | the stable 128-bit hash of an id |
+//! | [`table`] | one shard's hash-to-expiry table: check-and-insert, reclaim |
+//! | [`engine`] | [`Deduplicator`]: the thread-safe library API over all shards |
+
+pub mod engine;
+pub mod event;
+pub mod fingerprint;
+pub mod shard;
+pub mod table;
+
+pub use engine::{Deduplicator, EngineConfig, IngestError};
+pub use table::Verdict;
