@@ -1,1 +1,121 @@
-fn main(){}
+//! Criterion benchmarks of the verdict path.
+//!
+//! - `ingest/<size>`: parse + shard + fingerprint + check-and-insert through
+//!   `Deduplicator` for 50 B, 1 KiB and 8 KiB events (half duplicates).
+//! - `table/check_and_insert`: the table alone holding 10 M live ids, random
+//!   fingerprints, half duplicates.
+//!
+//! `cargo bench --bench engine`
+
+use std::hint::black_box;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use eventsieve::fingerprint::Fingerprint;
+use eventsieve::table::Table;
+use eventsieve::{Deduplicator, EngineConfig};
+
+/// An event of about `size` bytes with id `ev<i>`.
+fn event(i: u64, size: usize) -> String {
+    let head = format!(r#"{{"event_id":"ev{i}","kind":"click","pad":""#);
+    let pad = size.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+fn fp(i: u64) -> Fingerprint {
+    Fingerprint::of(&i.to_le_bytes())
+}
+
+fn ingest(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ingest");
+    for size in [50usize, 1024, 8192] {
+        // 4096 distinct events sent twice each per round: half duplicates.
+        let events: Vec<String> = (0..4096).flat_map(|i| [event(i, size), event(i, size)]).collect();
+        group.throughput(Throughput::Elements(events.len() as u64));
+        group.bench_function(format!("{size}B"), |b| {
+            b.iter_batched_ref(
+                || {
+                    Deduplicator::new(EngineConfig {
+                        shards: 32,
+                        segments_per_shard: 64,
+                        ..EngineConfig::default()
+                    })
+                },
+                |dedup| {
+                    for e in &events {
+                        black_box(dedup.ingest_event(e).unwrap());
+                    }
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+const PER_TICK: u64 = 50_000;
+const TICKS: u64 = 200;
+
+/// Steady state at 10 M live ids: the window is `TICKS` time units, each
+/// unit admits `PER_TICK` fresh ids, and every round advances the clock one
+/// unit, so as many ids expire as arrive. A round is `PER_TICK` fresh ids
+/// interleaved with `PER_TICK` ids that are alive (duplicates): half new.
+struct Steady {
+    now: u64,
+}
+
+impl Steady {
+    fn round(&mut self) -> (Vec<Fingerprint>, u64) {
+        let now = self.now;
+        self.now += 1;
+        // Alive at `now`: ids born in the last TICKS - 1 units.
+        let (oldest, next) = ((now - TICKS + 1) * PER_TICK, now * PER_TICK);
+        let ids = (0..PER_TICK)
+            .flat_map(|k| {
+                let dup = oldest + k.wrapping_mul(0x9E37_79B9_7F4A_7C15) % (next - oldest);
+                [fp(dup), fp(next + k)]
+            })
+            .collect();
+        (ids, now)
+    }
+}
+
+fn table(c: &mut Criterion) {
+    let mut table = Table::new(TICKS, 2048);
+    for i in 0..PER_TICK * TICKS {
+        let _ = table.check_and_insert(fp(i), i / PER_TICK);
+    }
+    let mut steady = Steady { now: TICKS };
+    let mut group = c.benchmark_group("table");
+    group.throughput(Throughput::Elements(2 * PER_TICK));
+    group.sample_size(30);
+    group.bench_function("check_and_insert/10M_live", |b| {
+        b.iter_batched(
+            || steady.round(),
+            |(ids, now)| {
+                for f in ids {
+                    black_box(table.check_and_insert(f, now).is_new());
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    let mut out = Vec::with_capacity(2 * PER_TICK as usize);
+    group.bench_function("check_and_insert_batch/10M_live", |b| {
+        b.iter_batched(
+            || steady.round(),
+            |(ids, now)| {
+                out.clear();
+                table.check_and_insert_batch(&ids, now, &mut out);
+                black_box(&out);
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+    let live = table.live(steady.now - 1);
+    let per_id = table.memory_bytes() as f64 / live as f64;
+    println!("table after the runs: {live} live ids, {per_id:.2} bytes per live id");
+}
+
+criterion_group!(benches, ingest, table);
+criterion_main!(benches);

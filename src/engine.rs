@@ -96,7 +96,9 @@ pub struct Deduplicator {
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Deduplicator {
@@ -173,7 +175,10 @@ impl Deduplicator {
     ///
     /// If `shard` is not below the shard count.
     pub fn table(&self, shard: u32) -> MutexGuard<'_, Table> {
-        self.shards[shard as usize].table.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[shard as usize]
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Changes the window of every shard (a smaller one applies at once).
@@ -190,7 +195,9 @@ impl Deduplicator {
     /// Reclaims up to `segments` segments in every shard; returns the count
     /// of entries reclaimed.
     pub fn sweep(&self, now_ms: u64, segments: usize) -> usize {
-        (0..self.config.shards).map(|s| self.table(s).sweep(now_ms, segments)).sum()
+        (0..self.config.shards)
+            .map(|s| self.table(s).sweep(now_ms, segments))
+            .sum()
     }
 
     /// Slots in use across shards (live entries plus unreclaimed dead ones).
@@ -204,7 +211,9 @@ impl Deduplicator {
 
     /// Heap bytes held by the tables.
     pub fn memory_bytes(&self) -> usize {
-        (0..self.config.shards).map(|s| self.table(s).memory_bytes()).sum()
+        (0..self.config.shards)
+            .map(|s| self.table(s).memory_bytes())
+            .sum()
     }
 }
 
@@ -226,7 +235,10 @@ mod tests {
         let d = small();
         assert!(d.ingest_event(r#"{"event_id":"a1","v":1}"#).unwrap());
         assert!(!d.ingest_event(r#"{"v":2,"event_id":"a1"}"#).unwrap());
-        assert!(!d.ingest_event(r#"{"event_id":"\u0061\u0031"}"#).unwrap(), "escaped form is the same id");
+        assert!(
+            !d.ingest_event(r#"{"event_id":"\u0061\u0031"}"#).unwrap(),
+            "escaped form is the same id"
+        );
         assert!(d.ingest_event(r#"{"event_id":"a2"}"#).unwrap());
     }
 
@@ -267,7 +279,10 @@ mod tests {
                 });
             }
         });
-        assert!(per_id.iter().all(|n| n.load(Ordering::Relaxed) == 1), "an id accepted twice or never");
+        assert!(
+            per_id.iter().all(|n| n.load(Ordering::Relaxed) == 1),
+            "an id accepted twice or never"
+        );
         assert_eq!(accepted.load(Ordering::Relaxed), distinct);
         assert_eq!(d.len(), distinct);
     }

@@ -177,10 +177,16 @@ pub fn event_id<'a>(event: &'a [u8], limits: &Limits) -> Result<Cow<'a, str>, Ev
         TopLevel::Object { ids: 2.., .. } => {
             return Err(EventError::new(EventErrorKind::IdDuplicated));
         }
-        TopLevel::Object { id: IdValue::NotString, .. } => {
+        TopLevel::Object {
+            id: IdValue::NotString,
+            ..
+        } => {
             return Err(EventError::new(EventErrorKind::IdNotString));
         }
-        TopLevel::Object { id: IdValue::Text(id), .. } => id,
+        TopLevel::Object {
+            id: IdValue::Text(id),
+            ..
+        } => id,
     };
     validate_id(&id, limits)?;
     Ok(id)
@@ -209,7 +215,10 @@ pub fn validate_id(id: &str, limits: &Limits) -> Result<(), EventError> {
 enum TopLevel<'a> {
     NotObject,
     /// `ids` counts the top-level `event_id` keys; `id` is the first one's value.
-    Object { ids: u32, id: IdValue<'a> },
+    Object {
+        ids: u32,
+        id: IdValue<'a>,
+    },
 }
 
 enum IdValue<'a> {
@@ -349,13 +358,19 @@ mod tests {
     #[test]
     fn finds_the_top_level_id() {
         assert_eq!(id(r#"{"event_id":"abc"}"#), Ok("abc".into()));
-        assert_eq!(id(r#" { "a": 1, "event_id" : "X9", "b": [1,2,{"c":null}] } "#), Ok("X9".into()));
+        assert_eq!(
+            id(r#" { "a": 1, "event_id" : "X9", "b": [1,2,{"c":null}] } "#),
+            Ok("X9".into())
+        );
     }
 
     #[test]
     fn borrows_unless_escaped() {
         let plain = br#"{"event_id":"abc"}"#;
-        assert!(matches!(event_id(plain, &Limits::default()), Ok(Cow::Borrowed("abc"))));
+        assert!(matches!(
+            event_id(plain, &Limits::default()),
+            Ok(Cow::Borrowed("abc"))
+        ));
         let escaped = br#"{"event_id":"\u0041b"}"#;
         assert!(matches!(event_id(escaped, &Limits::default()), Ok(Cow::Owned(s)) if s == "Ab"));
     }
@@ -372,7 +387,10 @@ mod tests {
     #[test]
     fn nested_event_ids_are_data() {
         assert_eq!(id(r#"{"x":{"event_id":"inner"}}"#), Err(MissingId));
-        assert_eq!(id(r#"{"x":[{"event_id":"inner"}],"event_id":"outer"}"#), Ok("outer".into()));
+        assert_eq!(
+            id(r#"{"x":[{"event_id":"inner"}],"event_id":"outer"}"#),
+            Ok("outer".into())
+        );
         assert_eq!(id(r#"[{"event_id":"a"}]"#), Err(NotObject));
     }
 
@@ -403,17 +421,29 @@ mod tests {
             max_event_bytes: 40,
             max_id_bytes: 4,
         };
-        let kind = |s: &str| event_id(s.as_bytes(), &limits).map(Cow::into_owned).map_err(|e| e.kind());
+        let kind = |s: &str| {
+            event_id(s.as_bytes(), &limits)
+                .map(Cow::into_owned)
+                .map_err(|e| e.kind())
+        };
         assert_eq!(kind(r#"{"event_id":"abcd"}"#).unwrap(), "abcd");
         assert_eq!(kind(r#"{"event_id":"abcde"}"#).unwrap_err(), IdTooLong);
-        assert_eq!(kind(r#"{"event_id":"a","pad":"xxxxxxxxxxxxxxxxxxxxxxxx"}"#).unwrap_err(), TooLarge);
+        assert_eq!(
+            kind(r#"{"event_id":"a","pad":"xxxxxxxxxxxxxxxxxxxxxxxx"}"#).unwrap_err(),
+            TooLarge
+        );
         let err = event_id(br#"{"event_id":"abcde"}"#, &limits).unwrap_err();
         assert_eq!(err.to_string(), "\"event_id\" is longer than 4 bytes");
     }
 
     #[test]
     fn invalid_utf8_is_not_json() {
-        assert_eq!(event_id(b"{\"event_id\":\"a\",\"x\":\"\xff\"}", &Limits::default()).unwrap_err().kind(), NotJson);
+        assert_eq!(
+            event_id(b"{\"event_id\":\"a\",\"x\":\"\xff\"}", &Limits::default())
+                .unwrap_err()
+                .kind(),
+            NotJson
+        );
     }
 
     #[test]
@@ -421,7 +451,10 @@ mod tests {
         // Skipped values are walked without recursion; only the top level and
         // the id are visited.
         let (open, close) = ("[".repeat(100_000), "]".repeat(100_000));
-        assert_eq!(id(&format!(r#"{{"event_id":"a","x":{open}{close}}}"#)), Ok("a".into()));
+        assert_eq!(
+            id(&format!(r#"{{"event_id":"a","x":{open}{close}}}"#)),
+            Ok("a".into())
+        );
         assert_eq!(id(&format!(r#"{{"event_id":{open}{close}}}"#)), Err(IdNotString));
         assert_eq!(id(&format!(r#"{{"event_id":"a","x":{open}}}"#)), Err(NotJson));
         assert_eq!(id(&format!("{open}{close}")), Err(NotObject));
@@ -432,7 +465,9 @@ mod tests {
             Just(serde_json::Value::Null),
             any::<bool>().prop_map(serde_json::Value::from),
             any::<i64>().prop_map(serde_json::Value::from),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
             ".{0,8}".prop_map(serde_json::Value::from),
         ];
         leaf.prop_recursive(4, 32, 6, |inner| {

@@ -72,7 +72,10 @@ mod tests {
         assert_eq!(Fingerprint::of(b"abc").to_bytes(), xxh3_128(b"abc").to_be_bytes());
         assert_eq!(
             Fingerprint::of(b"abc"),
-            Fingerprint { hi: 0x06b0_5ab6_733a_6185, lo: 0x78af_5f94_892f_3950 }
+            Fingerprint {
+                hi: 0x06b0_5ab6_733a_6185,
+                lo: 0x78af_5f94_892f_3950
+            }
         );
     }
 

@@ -38,7 +38,13 @@ mod tests {
     #[test]
     fn matches_nats_partition_vectors() {
         // The same vectors are checked against a real nats-server mapping in tests/.
-        for (id, want) in [("abc", 11), ("evt123", 22), ("X9", 26), ("0", 15), ("zzzzzzzzzzzzzzzz", 5)] {
+        for (id, want) in [
+            ("abc", 11),
+            ("evt123", 22),
+            ("X9", 26),
+            ("0", 15),
+            ("zzzzzzzzzzzzzzzz", 5),
+        ] {
             assert_eq!(shard_of(id, 32), want, "{id}");
         }
     }
