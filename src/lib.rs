@@ -14,10 +14,12 @@
 //! | [`table`] | one shard's hash-to-expiry table: check-and-insert, reclaim |
 //! | [`engine`] | [`Deduplicator`]: the thread-safe library API over all shards |
 
+pub mod config;
 pub mod engine;
 pub mod event;
 pub mod fingerprint;
 pub mod shard;
+pub mod store;
 pub mod table;
 
 pub use engine::{Deduplicator, EngineConfig, IngestError};

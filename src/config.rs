@@ -1,0 +1,437 @@
+//! Configuration: built-in defaults < a TOML file < `EVENTSIEVE_*`
+//! environment variables (`__` separates nesting: `EVENTSIEVE_NATS__URL`).
+//!
+//! Every field, its default and its unit is documented here and in
+//! `config/eventsieve.toml`. [`Config::load`] fails with a message naming the
+//! field and the accepted values; the binary exits with status 2 then.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+use crate::event::Limits;
+use crate::table::MAX_WINDOW_MS;
+
+/// Where the TOML file is looked for when no `--config` is given.
+pub const DEFAULT_PATH: &str = "config/eventsieve.toml";
+
+/// How far a `true` verdict is guaranteed to be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Recorded in memory only: lost with the process. Fastest.
+    Memory,
+    /// Committed to the local LMDB store before the reply.
+    Local,
+}
+
+/// NATS connection settings (`[nats]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Client name shown by the server. Default `eventsieve`.
+    pub name: String,
+    /// User and password authentication. Default none.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Token authentication. Default none.
+    pub token: Option<String>,
+    /// Path of a `.creds` file (JWT + nkey). Default none.
+    pub credentials: Option<PathBuf>,
+    /// TLS: CA certificate (PEM) to trust, and a client certificate and key
+    /// for mutual TLS. Default none.
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Messages buffered per subscription before the client reports a slow
+    /// consumer and drops. Default 65536.
+    pub subscription_capacity: usize,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            name: "eventsieve".into(),
+            user: None,
+            password: None,
+            token: None,
+            credentials: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            subscription_capacity: 65_536,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    /// Subject prefix. Default `dedup`.
+    pub subject_prefix: String,
+    /// Shard count; must match the server mapping `partition(N,1)`. Default 32.
+    pub shards: u32,
+    /// Shards this node serves: `"all"` or a list like `"0-15,20"`. Default `all`.
+    pub owned_shards: String,
+    /// Rolling window: a number with unit `ms`, `s`, `m`, `h` or `d`, at most `7d`. Default `7d`.
+    pub window: String,
+    /// Largest event in bytes. Default 1048576 (nats-server's `max_payload`).
+    pub max_event_bytes: usize,
+    /// Largest `event_id` in bytes. Default 256.
+    pub max_id_bytes: usize,
+    /// `memory` or `local`. Default `local`.
+    pub durability: Durability,
+    /// Longest time a request waits to be covered by a group commit. Default `1ms`.
+    pub commit_interval: String,
+    /// Flush every commit to disk (survives a machine crash, costs latency). Default false.
+    pub fsync: bool,
+    /// Directory of the LMDB store. Default `data`.
+    pub data_dir: PathBuf,
+    /// Subject for new events; `{shard}` is replaced by the shard number.
+    /// Default `events.unique.{shard}`.
+    pub output_subject: String,
+    /// Address of the Prometheus endpoint, or empty to disable. Default `127.0.0.1:9464`.
+    pub metrics_addr: String,
+    /// Requests waiting for a commit before new ones wait (backpressure). Default 65536.
+    pub max_pending: usize,
+    /// Log filter, `tracing` syntax (`RUST_LOG` overrides). Default `info`.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: NatsConfig::default(),
+            subject_prefix: "dedup".into(),
+            shards: 32,
+            owned_shards: "all".into(),
+            window: "7d".into(),
+            max_event_bytes: 1024 * 1024,
+            max_id_bytes: 256,
+            durability: Durability::Local,
+            commit_interval: "1ms".into(),
+            fsync: false,
+            data_dir: "data".into(),
+            output_subject: "events.unique.{shard}".into(),
+            metrics_addr: "127.0.0.1:9464".into(),
+            max_pending: 65_536,
+            log: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used; the message names the field.
+#[derive(Debug)]
+pub struct ConfigError {
+    message: String,
+}
+
+impl ConfigError {
+    fn field(field: &str, value: &str, accepted: &str) -> Self {
+        Self {
+            message: format!("invalid `{field}` = {value:?}: accepted values are {accepted}"),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        // figment's message already names the key path and the source.
+        let errors: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+        Self {
+            message: format!("invalid configuration: {}", errors.join("; ")),
+        }
+    }
+}
+
+/// Parses `"7d"`, `"5m"`, `"30s"`, `"1500ms"`, `"2h"` into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let scale = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(scale)
+}
+
+/// Parses `"all"` or `"0-15,20"` into a sorted list of shards below `shards`.
+pub fn parse_shard_set(text: &str, shards: u32) -> Option<Vec<u32>> {
+    if text.trim() == "all" {
+        return Some((0..shards).collect());
+    }
+    let mut out = Vec::new();
+    for part in text.split(',') {
+        let (lo, hi): (u32, u32) = match part.trim().split_once('-') {
+            Some((lo, hi)) => (lo.trim().parse().ok()?, hi.trim().parse().ok()?),
+            None => {
+                let n = part.trim().parse().ok()?;
+                (n, n)
+            }
+        };
+        if lo > hi || hi >= shards {
+            return None;
+        }
+        out.extend(lo..=hi);
+    }
+    out.sort_unstable();
+    out.dedup();
+    (!out.is_empty()).then_some(out)
+}
+
+/// A configuration with every field checked and converted.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub window_ms: u64,
+    pub commit_interval_ms: u64,
+    pub owned: Vec<u32>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Settings {
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            window_ms: self.window_ms,
+            shards: self.config.shards,
+            limits: Limits {
+                max_event_bytes: self.config.max_event_bytes,
+                max_id_bytes: self.config.max_id_bytes,
+            },
+            ..EngineConfig::default()
+        }
+    }
+
+    /// The output subject of `shard`.
+    pub fn output_subject(&self, shard: u32) -> String {
+        self.config.output_subject.replace("{shard}", &shard.to_string())
+    }
+}
+
+impl Config {
+    /// Defaults, then the TOML file at `path` (or [`DEFAULT_PATH`] if it
+    /// exists), then `EVENTSIEVE_*` variables, then validation.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field when a value cannot be used, or
+    /// when an explicitly given file does not exist.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) if !p.exists() => {
+                return Err(ConfigError {
+                    message: format!("configuration file {} does not exist", p.display()),
+                });
+            }
+            Some(p) => figment = figment.merge(Toml::file_exact(p)),
+            None => figment = figment.merge(Toml::file(DEFAULT_PATH)),
+        }
+        let config: Config = figment.merge(Env::prefixed("EVENTSIEVE_").split("__")).extract()?;
+        config.validate()
+    }
+
+    /// Checks every field and converts the ones with units.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first field that cannot be used.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let window_ms = parse_duration_ms(&self.window)
+            .filter(|ms| (1..=MAX_WINDOW_MS).contains(ms))
+            .ok_or_else(|| ConfigError::field("window", &self.window, "1ms to 7d, e.g. \"7d\", \"5m\", \"1500ms\""))?;
+        let commit_interval_ms = parse_duration_ms(&self.commit_interval)
+            .filter(|ms| *ms <= 1000)
+            .ok_or_else(|| {
+                ConfigError::field("commit_interval", &self.commit_interval, "0ms to 1s, e.g. \"1ms\"")
+            })?;
+        if !(1..=65_536).contains(&self.shards) {
+            return Err(ConfigError::field("shards", &self.shards.to_string(), "1 to 65536"));
+        }
+        let owned = parse_shard_set(&self.owned_shards, self.shards).ok_or_else(|| {
+            ConfigError::field("owned_shards", &self.owned_shards, "\"all\" or a list of shards below `shards`, e.g. \"0-15,20\"")
+        })?;
+        let token_ok = |s: &str| !s.is_empty() && !s.contains(['*', '>', ' ', '.']);
+        if !self.subject_prefix.split('.').all(token_ok) {
+            return Err(ConfigError::field(
+                "subject_prefix",
+                &self.subject_prefix,
+                "dot-separated NATS tokens without wildcards or spaces, e.g. \"dedup\"",
+            ));
+        }
+        let output_ok = self.output_subject.split('.').all(|t| !t.is_empty() && !t.contains(['*', '>', ' ']));
+        if !output_ok {
+            return Err(ConfigError::field(
+                "output_subject",
+                &self.output_subject,
+                "a NATS subject without wildcards, may contain {shard}",
+            ));
+        }
+        if !(64..=64 * 1024 * 1024).contains(&self.max_event_bytes) {
+            return Err(ConfigError::field("max_event_bytes", &self.max_event_bytes.to_string(), "64 to 67108864"));
+        }
+        if !(1..=4096).contains(&self.max_id_bytes) {
+            return Err(ConfigError::field("max_id_bytes", &self.max_id_bytes.to_string(), "1 to 4096"));
+        }
+        if self.max_pending == 0 {
+            return Err(ConfigError::field("max_pending", "0", "1 or more"));
+        }
+        if self.nats.subscription_capacity == 0 {
+            return Err(ConfigError::field("nats.subscription_capacity", "0", "1 or more"));
+        }
+        if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
+            return Err(ConfigError::field("nats.tls_cert", "(one of tls_cert / tls_key)", "both tls_cert and tls_key, or neither"));
+        }
+        let metrics_addr = match self.metrics_addr.trim() {
+            "" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                ConfigError::field("metrics_addr", addr, "an IP:port such as \"127.0.0.1:9464\", or \"\" to disable")
+            })?),
+        };
+        Ok(Settings {
+            window_ms,
+            commit_interval_ms,
+            owned,
+            metrics_addr,
+            config: self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_err(jail_setup: impl FnOnce(&mut Jail) -> figment::error::Result<()>) -> String {
+        let mut message = String::new();
+        Jail::expect_with(|jail| {
+            jail_setup(jail)?;
+            message = Config::load(None).unwrap_err().to_string();
+            Ok(())
+        });
+        message
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("7d"), Some(604_800_000));
+        assert_eq!(parse_duration_ms("5m"), Some(300_000));
+        assert_eq!(parse_duration_ms("1500ms"), Some(1500));
+        assert_eq!(parse_duration_ms("2 h"), Some(7_200_000));
+        assert_eq!(parse_duration_ms("5"), None);
+        assert_eq!(parse_duration_ms("m"), None);
+        assert_eq!(parse_duration_ms("3w"), None);
+    }
+
+    #[test]
+    fn shard_sets() {
+        assert_eq!(parse_shard_set("all", 3), Some(vec![0, 1, 2]));
+        assert_eq!(parse_shard_set("0-2, 5,1", 8), Some(vec![0, 1, 2, 5]));
+        assert_eq!(parse_shard_set("8", 8), None);
+        assert_eq!(parse_shard_set("3-1", 8), None);
+        assert_eq!(parse_shard_set("", 8), None);
+    }
+
+    #[test]
+    fn defaults_without_file_or_env() {
+        Jail::expect_with(|_| {
+            let s = Config::load(None).unwrap();
+            assert_eq!(s.config, Config::default());
+            assert_eq!(s.window_ms, MAX_WINDOW_MS);
+            assert_eq!(s.owned.len(), 32);
+            assert_eq!(s.output_subject(7), "events.unique.7");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_dir("config")?;
+            jail.create_file(
+                DEFAULT_PATH,
+                r#"
+                    window = "5m"
+                    shards = 16
+                    [nats]
+                    url = "nats://file:4222"
+                    user = "fileuser"
+                "#,
+            )?;
+            jail.set_env("EVENTSIEVE_NATS__URL", "nats://env:4222");
+            jail.set_env("EVENTSIEVE_DURABILITY", "memory");
+            let s = Config::load(None).unwrap();
+            assert_eq!(s.config.nats.url, "nats://env:4222");
+            assert_eq!(s.config.nats.user.as_deref(), Some("fileuser"));
+            assert_eq!(s.config.shards, 16);
+            assert_eq!(s.window_ms, 300_000);
+            assert_eq!(s.config.durability, Durability::Memory);
+            assert_eq!(s.config.subject_prefix, "dedup", "default kept");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_explicit_path_is_used_and_must_exist() {
+        Jail::expect_with(|jail| {
+            jail.create_file("other.toml", "shards = 4")?;
+            assert_eq!(Config::load(Some(Path::new("other.toml"))).unwrap().config.shards, 4);
+            let err = Config::load(Some(Path::new("missing.toml"))).unwrap_err();
+            assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn each_invalid_value_names_its_field() {
+        let cases: [(&str, &str, &str); 10] = [
+            ("EVENTSIEVE_WINDOW", "8d", "`window`"),
+            ("EVENTSIEVE_WINDOW", "soon", "`window`"),
+            ("EVENTSIEVE_SHARDS", "0", "`shards`"),
+            ("EVENTSIEVE_DURABILITY", "disk", "durability"),
+            ("EVENTSIEVE_COMMIT_INTERVAL", "5s", "`commit_interval`"),
+            ("EVENTSIEVE_OWNED_SHARDS", "40", "`owned_shards`"),
+            ("EVENTSIEVE_SUBJECT_PREFIX", "a.*", "`subject_prefix`"),
+            ("EVENTSIEVE_METRICS_ADDR", "nowhere", "`metrics_addr`"),
+            ("EVENTSIEVE_MAX_ID_BYTES", "0", "`max_id_bytes`"),
+            ("EVENTSIEVE_NATS__SUBSCRIPTION_CAPACITY", "many", "subscription_capacity"),
+        ];
+        for (var, value, field) in cases {
+            let message = load_err(|jail| {
+                jail.set_env(var, value);
+                Ok(())
+            });
+            assert!(message.to_lowercase().contains(field), "{var}={value}: {message}");
+        }
+        let message = load_err(|jail| {
+            jail.create_dir("config")?;
+            jail.create_file(DEFAULT_PATH, "windw = \"5m\"").map(drop)
+        });
+        assert!(message.contains("windw"), "{message}");
+    }
+}
