@@ -82,6 +82,7 @@ pub struct Config {
     /// Shard count; must match the server mapping `partition(N,1)`. Default 32.
     pub shards: u32,
     /// Shards this node serves: `"all"` or a list like `"0-15,20"`. Default `all`.
+    #[serde(deserialize_with = "text_or_number")]
     pub owned_shards: String,
     /// Rolling window: a number with unit `ms`, `s`, `m`, `h` or `d`, at most `7d`. Default `7d`.
     pub window: String,
@@ -160,6 +161,21 @@ impl From<figment::Error> for ConfigError {
             message: format!("invalid configuration: {}", errors.join("; ")),
         }
     }
+}
+
+/// Accepts `5` as well as `"5"` (an environment variable holding a number
+/// arrives as one).
+fn text_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TextOrNumber {
+        Text(String),
+        Number(u64),
+    }
+    Ok(match TextOrNumber::deserialize(d)? {
+        TextOrNumber::Text(s) => s,
+        TextOrNumber::Number(n) => n.to_string(),
+    })
 }
 
 /// Parses `"7d"`, `"5m"`, `"30s"`, `"1500ms"`, `"2h"` into milliseconds.
