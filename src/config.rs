@@ -267,7 +267,9 @@ impl Config {
             Some(p) => figment = figment.merge(Toml::file_exact(p)),
             None => figment = figment.merge(Toml::file(DEFAULT_PATH)),
         }
-        let config: Config = figment.merge(Env::prefixed("EVENTSIEVE_").split("__")).extract()?;
+        let config: Config = figment
+            .merge(Env::prefixed("EVENTSIEVE_").split("__"))
+            .extract()?;
         config.validate()
     }
 
@@ -279,17 +281,35 @@ impl Config {
     pub fn validate(self) -> Result<Settings, ConfigError> {
         let window_ms = parse_duration_ms(&self.window)
             .filter(|ms| (1..=MAX_WINDOW_MS).contains(ms))
-            .ok_or_else(|| ConfigError::field("window", &self.window, "1ms to 7d, e.g. \"7d\", \"5m\", \"1500ms\""))?;
+            .ok_or_else(|| {
+                ConfigError::field(
+                    "window",
+                    &self.window,
+                    "1ms to 7d, e.g. \"7d\", \"5m\", \"1500ms\"",
+                )
+            })?;
         let commit_interval_ms = parse_duration_ms(&self.commit_interval)
             .filter(|ms| *ms <= 1000)
             .ok_or_else(|| {
-                ConfigError::field("commit_interval", &self.commit_interval, "0ms to 1s, e.g. \"1ms\"")
+                ConfigError::field(
+                    "commit_interval",
+                    &self.commit_interval,
+                    "0ms to 1s, e.g. \"1ms\"",
+                )
             })?;
         if !(1..=65_536).contains(&self.shards) {
-            return Err(ConfigError::field("shards", &self.shards.to_string(), "1 to 65536"));
+            return Err(ConfigError::field(
+                "shards",
+                &self.shards.to_string(),
+                "1 to 65536",
+            ));
         }
         let owned = parse_shard_set(&self.owned_shards, self.shards).ok_or_else(|| {
-            ConfigError::field("owned_shards", &self.owned_shards, "\"all\" or a list of shards below `shards`, e.g. \"0-15,20\"")
+            ConfigError::field(
+                "owned_shards",
+                &self.owned_shards,
+                "\"all\" or a list of shards below `shards`, e.g. \"0-15,20\"",
+            )
         })?;
         let token_ok = |s: &str| !s.is_empty() && !s.contains(['*', '>', ' ', '.']);
         if !self.subject_prefix.split('.').all(token_ok) {
@@ -299,7 +319,10 @@ impl Config {
                 "dot-separated NATS tokens without wildcards or spaces, e.g. \"dedup\"",
             ));
         }
-        let output_ok = self.output_subject.split('.').all(|t| !t.is_empty() && !t.contains(['*', '>', ' ']));
+        let output_ok = self
+            .output_subject
+            .split('.')
+            .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ']));
         if !output_ok {
             return Err(ConfigError::field(
                 "output_subject",
@@ -308,10 +331,18 @@ impl Config {
             ));
         }
         if !(64..=64 * 1024 * 1024).contains(&self.max_event_bytes) {
-            return Err(ConfigError::field("max_event_bytes", &self.max_event_bytes.to_string(), "64 to 67108864"));
+            return Err(ConfigError::field(
+                "max_event_bytes",
+                &self.max_event_bytes.to_string(),
+                "64 to 67108864",
+            ));
         }
         if !(1..=4096).contains(&self.max_id_bytes) {
-            return Err(ConfigError::field("max_id_bytes", &self.max_id_bytes.to_string(), "1 to 4096"));
+            return Err(ConfigError::field(
+                "max_id_bytes",
+                &self.max_id_bytes.to_string(),
+                "1 to 4096",
+            ));
         }
         if self.max_pending == 0 {
             return Err(ConfigError::field("max_pending", "0", "1 or more"));
@@ -320,12 +351,20 @@ impl Config {
             return Err(ConfigError::field("nats.subscription_capacity", "0", "1 or more"));
         }
         if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
-            return Err(ConfigError::field("nats.tls_cert", "(one of tls_cert / tls_key)", "both tls_cert and tls_key, or neither"));
+            return Err(ConfigError::field(
+                "nats.tls_cert",
+                "(one of tls_cert / tls_key)",
+                "both tls_cert and tls_key, or neither",
+            ));
         }
         let metrics_addr = match self.metrics_addr.trim() {
             "" => None,
             addr => Some(addr.parse().map_err(|_| {
-                ConfigError::field("metrics_addr", addr, "an IP:port such as \"127.0.0.1:9464\", or \"\" to disable")
+                ConfigError::field(
+                    "metrics_addr",
+                    addr,
+                    "an IP:port such as \"127.0.0.1:9464\", or \"\" to disable",
+                )
             })?),
         };
         Ok(Settings {
@@ -416,7 +455,10 @@ mod tests {
     fn an_explicit_path_is_used_and_must_exist() {
         Jail::expect_with(|jail| {
             jail.create_file("other.toml", "shards = 4")?;
-            assert_eq!(Config::load(Some(Path::new("other.toml"))).unwrap().config.shards, 4);
+            assert_eq!(
+                Config::load(Some(Path::new("other.toml"))).unwrap().config.shards,
+                4
+            );
             let err = Config::load(Some(Path::new("missing.toml"))).unwrap_err();
             assert!(err.to_string().contains("missing.toml"), "{err}");
             Ok(())
@@ -435,7 +477,11 @@ mod tests {
             ("EVENTSIEVE_SUBJECT_PREFIX", "a.*", "`subject_prefix`"),
             ("EVENTSIEVE_METRICS_ADDR", "nowhere", "`metrics_addr`"),
             ("EVENTSIEVE_MAX_ID_BYTES", "0", "`max_id_bytes`"),
-            ("EVENTSIEVE_NATS__SUBSCRIPTION_CAPACITY", "many", "subscription_capacity"),
+            (
+                "EVENTSIEVE_NATS__SUBSCRIPTION_CAPACITY",
+                "many",
+                "subscription_capacity",
+            ),
         ];
         for (var, value, field) in cases {
             let message = load_err(|jail| {

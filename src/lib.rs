@@ -13,14 +13,26 @@
 //! | [`fingerprint`] | the stable 128-bit hash of an id |
 //! | [`table`] | one shard's hash-to-expiry table: check-and-insert, reclaim |
 //! | [`engine`] | [`Deduplicator`]: the thread-safe library API over all shards |
+//! | [`store`] | LMDB durable log of accepted ids: group commit, range expiry |
+//! | [`config`] | figment: defaults < TOML file < `EVENTSIEVE_*` variables |
+//! | [`service`] | the NATS sidecar: subscriptions, replies, republish, commit task |
+//! | [`discovery`] | `$SRV.PING/INFO/STATS` answers for `nats micro` |
+//! | [`metrics`] | counters and the Prometheus endpoint |
+//! | [`telemetry`] | logging and the shutdown signal |
+//! | [`cli`] | the `eventsieve` command line |
 
+pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod engine;
 pub mod event;
 pub mod fingerprint;
+pub mod metrics;
+pub mod service;
 pub mod shard;
 pub mod store;
 pub mod table;
+pub mod telemetry;
 
 pub use engine::{Deduplicator, EngineConfig, IngestError};
 pub use table::Verdict;

@@ -135,11 +135,17 @@ impl Store {
             message,
             source,
         };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| open_err(format!("cannot create data directory {}: {e}", dir.display()), None))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            open_err(
+                format!("cannot create data directory {}: {e}", dir.display()),
+                None,
+            )
+        })?;
         let existing = std::fs::metadata(dir.join("data.mdb")).map_or(0, |m| m.len() as usize);
         let mut options = EnvOpenOptions::new();
-        options.map_size(INITIAL_MAP_BYTES.max(existing.next_power_of_two())).max_dbs(2);
+        options
+            .map_size(INITIAL_MAP_BYTES.max(existing.next_power_of_two()))
+            .max_dbs(2);
         // SAFETY (flags): NO_SYNC only changes when data reaches the disk.
         // SAFETY (open): LMDB requires that one process does not open the
         // same environment twice and that the files are not modified by
@@ -169,7 +175,10 @@ impl Store {
             ("fingerprint", format!("xxh3-128/v{}", fingerprint::VERSION)),
         ];
         for (field, value) in &want {
-            match meta_db.get(&wtxn, field).map_err(|e| StoreError::io("read meta", e))? {
+            match meta_db
+                .get(&wtxn, field)
+                .map_err(|e| StoreError::io("read meta", e))?
+            {
                 Some(found) if found != value => {
                     return Err(StoreError {
                         kind: StoreErrorKind::Mismatch,
@@ -182,11 +191,15 @@ impl Store {
                     });
                 }
                 Some(_) => {}
-                None => meta_db.put(&mut wtxn, field, value).map_err(|e| StoreError::io("write meta", e))?,
+                None => meta_db
+                    .put(&mut wtxn, field, value)
+                    .map_err(|e| StoreError::io("write meta", e))?,
             }
         }
         let window = meta.window_ms.to_string();
-        if let Some(old) = meta_db.get(&wtxn, "window_ms").map_err(|e| StoreError::io("read meta", e))?
+        if let Some(old) = meta_db
+            .get(&wtxn, "window_ms")
+            .map_err(|e| StoreError::io("read meta", e))?
             && old != window
         {
             tracing::info!(message = "Window changed since the store was written.", old_ms = old, new_ms = %window);
@@ -217,7 +230,11 @@ impl Store {
         self.with_growth(|env, log| {
             let mut wtxn = env.write_txn()?;
             for r in records {
-                log.put(&mut wtxn, &key(r.shard, r.born_ms, &r.fingerprint.to_bytes()), &())?;
+                log.put(
+                    &mut wtxn,
+                    &key(r.shard, r.born_ms, &r.fingerprint.to_bytes()),
+                    &(),
+                )?;
             }
             wtxn.commit()
         })
@@ -247,7 +264,12 @@ impl Store {
     /// # Errors
     ///
     /// [`StoreErrorKind::Io`] if the read fails.
-    pub fn scan(&self, shard: u32, since_ms: u64, mut f: impl FnMut(Fingerprint, u64)) -> Result<usize, StoreError> {
+    pub fn scan(
+        &self,
+        shard: u32,
+        since_ms: u64,
+        mut f: impl FnMut(Fingerprint, u64),
+    ) -> Result<usize, StoreError> {
         let mut read = || -> heed::Result<usize> {
             let rtxn = self.env.read_txn()?;
             let (lo, hi) = (key(shard, since_ms, &[0; 16]), key(shard + 1, 0, &[0; 16]));
@@ -325,10 +347,15 @@ mod tests {
     fn append_scan_expire_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path(), META, false).unwrap();
-        store.append(&[rec(1, 10, 1), rec(1, 20, 2), rec(2, 15, 3), rec(1, 30, 4)]).unwrap();
+        store
+            .append(&[rec(1, 10, 1), rec(1, 20, 2), rec(2, 15, 3), rec(1, 30, 4)])
+            .unwrap();
         let mut seen = vec![];
         store.scan(1, 20, |fp, born| seen.push((fp, born))).unwrap();
-        assert_eq!(seen, vec![(rec(1, 20, 2).fingerprint, 20), (rec(1, 30, 4).fingerprint, 30)]);
+        assert_eq!(
+            seen,
+            vec![(rec(1, 20, 2).fingerprint, 20), (rec(1, 30, 4).fingerprint, 30)]
+        );
         assert_eq!(store.expire(1, 25).unwrap(), 2);
         drop(store);
         let store = Store::open(dir.path(), META, true).unwrap();
@@ -339,7 +366,9 @@ mod tests {
     fn mismatched_shards_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), META, false).unwrap());
-        let err = Store::open(dir.path(), StoreMeta { shards: 8, ..META }, false).err().unwrap();
+        let err = Store::open(dir.path(), StoreMeta { shards: 8, ..META }, false)
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), StoreErrorKind::Mismatch);
         assert!(err.to_string().contains("shards = 4"), "{err}");
         assert!(Store::open(dir.path(), StoreMeta { window_ms: 5, ..META }, false).is_ok());
@@ -352,7 +381,10 @@ mod tests {
         // 256 MiB initial map; 4 M keys of 26 bytes need more than that.
         let batch: Vec<Record> = (0..500_000).map(|i| rec(0, i, i)).collect();
         for round in 0..8u64 {
-            let shifted: Vec<Record> = batch.iter().map(|r| rec(0, r.born_ms + round * 1_000_000, r.born_ms + round * 1_000_000)).collect();
+            let shifted: Vec<Record> = batch
+                .iter()
+                .map(|r| rec(0, r.born_ms + round * 1_000_000, r.born_ms + round * 1_000_000))
+                .collect();
             store.append(&shifted).unwrap();
         }
         assert_eq!(store.len().unwrap(), 4_000_000);

@@ -1,0 +1,98 @@
+//! Command-line interface: parse arguments, load configuration, run.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::shard::shard_of;
+
+/// eventsieve: event-deduplication sidecar for NATS JetStream.
+///
+/// Answers NATS requests carrying JSON events with whether their `event_id`
+/// is new within a rolling window, and republishes new events.
+#[derive(Debug, Parser)]
+#[command(name = "eventsieve", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar until SIGINT or SIGTERM.
+    Run {
+        /// TOML configuration file (default: config/eventsieve.toml if present).
+        /// EVENTSIEVE_* environment variables override it.
+        #[arg(long, short, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Load and validate the configuration, print the effective settings, exit.
+    Config {
+        /// TOML configuration file, as for `run`.
+        #[arg(long, short, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Print the shard that owns an event_id (FNV-1a-32 mod shards, as
+    /// nats-server's partition mapping computes it).
+    Shard {
+        /// The event_id.
+        event_id: String,
+        /// Shard count.
+        #[arg(long, default_value_t = 32)]
+        shards: u32,
+    },
+}
+
+/// Exit status for a configuration that cannot be used.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Runs the parsed command.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config } => {
+            let settings = match Config::load(config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => return config_error(&e),
+            };
+            crate::telemetry::init(&settings.config.log);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("eventsieve: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(crate::service::run(settings, crate::telemetry::shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(message = "Stopped with an error.", error = %e);
+                    eprintln!("eventsieve: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Config { config } => match Config::load(config.as_deref()) {
+            Ok(s) => {
+                let _ = writeln!(std::io::stdout(), "{s:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        Command::Shard { event_id, shards } => {
+            if shards == 0 {
+                eprintln!("eventsieve: --shards must be at least 1");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let _ = writeln!(std::io::stdout(), "{}", shard_of(&event_id, shards));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn config_error(e: &crate::config::ConfigError) -> ExitCode {
+    eprintln!("eventsieve: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}

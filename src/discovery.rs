@@ -1,0 +1,177 @@
+//! NATS micro service discovery: answers `$SRV.PING`, `$SRV.INFO` and
+//! `$SRV.STATS` (plain, `.eventsieve` and `.eventsieve.<id>`) with the
+//! `io.nats.micro.v1` schemas, so `nats micro ls` and `nats micro stats`
+//! find the sidecar.
+//!
+//! async-nats's `service` module would wrap every endpoint request in its own
+//! stats bookkeeping (a lock per request); the verdict path stays plain
+//! subscriptions, and these responses are built from the service's own
+//! counters instead.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_nats::Client;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+
+pub const NAME: &str = "eventsieve";
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Subscribes and answers discovery requests until the task is aborted.
+///
+/// # Errors
+///
+/// If a subscription cannot be made.
+pub async fn spawn(
+    client: Client,
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
+    let id = instance_id();
+    let prefix = settings.config.subject_prefix.clone();
+    let mut subs = Vec::new();
+    for subject in [
+        "$SRV.*".to_string(),
+        format!("$SRV.*.{NAME}"),
+        format!("$SRV.*.{NAME}.{id}"),
+    ] {
+        subs.push(client.subscribe(subject).await?);
+    }
+    let mut all = futures_util::stream::select_all(subs);
+    let started = rfc3339(SystemTime::now());
+    let owned = settings.owned.clone();
+    Ok(tokio::spawn(async move {
+        while let Some(message) = all.next().await {
+            let Some(reply) = message.reply else { continue };
+            let verb = message.subject.split('.').nth(1).unwrap_or("");
+            let head = |kind: &str| {
+                json!({
+                    "type": format!("io.nats.micro.v1.{kind}"),
+                    "name": NAME,
+                    "id": id,
+                    "version": VERSION,
+                    "metadata": {},
+                })
+            };
+            let body = match verb {
+                "PING" => head("ping_response"),
+                "INFO" => {
+                    let mut v = head("info_response");
+                    v["description"] = "Deduplicates events by event_id over a rolling window".into();
+                    v["endpoints"] = Value::Array(endpoints(&prefix, &owned));
+                    v
+                }
+                "STATS" => {
+                    let mut v = head("stats_response");
+                    v["started"] = started.clone().into();
+                    v["endpoints"] = Value::Array(stats(&prefix, &metrics));
+                    v
+                }
+                _ => continue,
+            };
+            let _ = client.publish(reply, body.to_string().into()).await;
+        }
+    }))
+}
+
+/// The endpoints for `INFO`: the fallback ingest subject and the shard subjects.
+fn endpoints(prefix: &str, owned: &[u32]) -> Vec<Value> {
+    vec![
+        json!({
+            "name": "ingest",
+            "subject": format!("{prefix}.ingest"),
+            "queue_group": format!("{prefix}.ingest"),
+            "metadata": {},
+        }),
+        json!({
+            "name": "shards",
+            "subject": format!("{prefix}.shard.*.*"),
+            "queue_group": "",
+            "metadata": { "owned": owned.iter().map(u32::to_string).collect::<Vec<_>>().join(",") },
+        }),
+    ]
+}
+
+/// The one endpoint of `STATS`: every verdict request, whichever subject.
+fn stats(prefix: &str, m: &Metrics) -> Vec<Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let errors: u64 = m.invalid.iter().map(|c| c.load(Relaxed)).sum::<u64>() + m.store_errors.load(Relaxed);
+    vec![json!({
+        "name": "verdicts",
+        "subject": format!("{prefix}.>"),
+        "queue_group": "",
+        "num_requests": m.answered() + m.store_errors.load(Relaxed),
+        "num_errors": errors,
+        "last_error": "",
+        "processing_time": 0,
+        "average_processing_time": 0,
+        "data": {
+            "accepted": m.accepted.load(Relaxed),
+            "duplicates": m.duplicates.load(Relaxed),
+            "not_ready": m.not_ready.load(Relaxed),
+        },
+    })]
+}
+
+/// A random-enough instance id: time and process id, base 36.
+fn instance_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut n = nanos ^ (u128::from(std::process::id()) << 64);
+    let mut id = String::new();
+    while n > 0 && id.len() < 22 {
+        id.push(
+            char::from_digit((n % 36) as u32, 36)
+                .unwrap_or('0')
+                .to_ascii_uppercase(),
+        );
+        n /= 36;
+    }
+    id
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a time after the epoch.
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            "2023-11-14T22:13:20Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+    }
+}

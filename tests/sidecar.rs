@@ -1,0 +1,358 @@
+//! The sidecar against a real nats-server: verdicts, bad input, republish,
+//! concurrency, forwarding, discovery, and the NATS partition mapping.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use eventsieve::config::Durability;
+use eventsieve::service;
+use futures_util::StreamExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_partition_mapping_matches_the_shard_function() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let mut sub = client.subscribe("dedup.shard.*.*").await.unwrap();
+    client.flush().await.unwrap();
+    let vectors = [
+        ("abc", 11),
+        ("evt123", 22),
+        ("X9", 26),
+        ("0", 15),
+        ("zzzzzzzzzzzzzzzz", 5),
+    ];
+    for (id, _) in vectors {
+        client
+            .publish(format!("dedup.ingest.{id}"), Bytes::new())
+            .await
+            .unwrap();
+    }
+    for (id, shard) in vectors {
+        let message = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(message.subject.as_str(), format!("dedup.shard.{shard}.{id}"));
+        assert_eq!(eventsieve::shard::shard_of(id, 32), shard);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdicts_on_mapped_and_fallback_subjects_and_window_expiry() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let running = service::start(settings(&server, data.path(), "1s", Durability::Local))
+        .await
+        .unwrap();
+    let client = server.client().await;
+
+    assert_eq!(
+        ask(&client, "dedup.ingest.a1", event("a1")).await,
+        Answer::Verdict(true)
+    );
+    assert_eq!(
+        ask(&client, "dedup.ingest.a1", event("a1")).await,
+        Answer::Verdict(false)
+    );
+    assert_eq!(
+        ask(&client, "dedup.ingest", event("a1")).await,
+        Answer::Verdict(false),
+        "fallback sees the same state"
+    );
+    assert_eq!(
+        ask(&client, "dedup.ingest", event("b2")).await,
+        Answer::Verdict(true)
+    );
+    assert_eq!(
+        ask(&client, "dedup.ingest.b2", event("b2")).await,
+        Answer::Verdict(false)
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        ask(&client, "dedup.ingest.a1", event("a1")).await,
+        Answer::Verdict(true),
+        "forgotten after the window"
+    );
+    assert_eq!(
+        ask(&client, "dedup.ingest", event("b2")).await,
+        Answer::Verdict(true)
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_400_with_its_reason_and_changes_nothing() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(&server, data.path(), "1h", Durability::Local);
+    s.config.max_event_bytes = 300;
+    let running = service::start(s).await.unwrap();
+    let client = server.client().await;
+    let mut out = client.subscribe("events.unique.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    let big = format!(r#"{{"event_id":"k1","pad":"{}"}}"#, "x".repeat(300));
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"not json".to_vec(), "not valid JSON"),
+        (b"\xff\xfe".to_vec(), "not valid UTF-8 JSON"),
+        (b"[1,2]".to_vec(), "not a JSON object"),
+        (br#"{"id":"k1"}"#.to_vec(), "no top-level"),
+        (br#"{"event_id":42}"#.to_vec(), "not a string"),
+        (br#"{"event_id":""}"#.to_vec(), "is empty"),
+        (br#"{"event_id":"k-1"}"#.to_vec(), "a-z, A-Z and 0-9"),
+        (
+            format!(r#"{{"event_id":"{}"}}"#, "k".repeat(257)).into_bytes(),
+            "longer than 256 bytes",
+        ),
+        (br#"{"event_id":"k1","event_id":"k2"}"#.to_vec(), "more than once"),
+        (big.into_bytes(), "larger than 300 bytes"),
+        (br#"{"inner":{"event_id":"k1"}}"#.to_vec(), "no top-level"),
+    ];
+    for (body, reason) in cases {
+        for subject in ["dedup.ingest", "dedup.ingest.k1"] {
+            match ask(&client, subject, body.clone()).await {
+                Answer::Error(400, got) => assert!(got.contains(reason), "{subject} {body:?}: {got}"),
+                other => panic!("{subject} {body:?}: expected 400, got {other:?}"),
+            }
+        }
+    }
+    assert!(running.metrics().answered() >= 22);
+    // Nothing was stored or republished: k1 is still new, and the only
+    // event on the output is the valid one.
+    assert_eq!(
+        ask(&client, "dedup.ingest.k1", event("k1")).await,
+        Answer::Verdict(true)
+    );
+    let first = tokio::time::timeout(Duration::from_secs(5), out.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.payload, event("k1"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), out.next())
+            .await
+            .is_err()
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_accepted_event_is_republished_once_unchanged() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let running = service::start(settings(&server, data.path(), "1h", Durability::Local))
+        .await
+        .unwrap();
+    let client = server.client().await;
+    let mut out = client.subscribe("events.unique.*").await.unwrap();
+    client.flush().await.unwrap();
+
+    let mut sent = HashMap::new();
+    for i in 0..300u32 {
+        let id = format!("r{}", i % 200);
+        // Odd spacing and key order: the output must be these exact bytes.
+        let body = Bytes::from(format!("{{ \"n\" : {i},\"event_id\":\"{id}\" }}"));
+        if let Answer::Verdict(true) = ask(&client, &format!("dedup.ingest.{id}"), body.clone()).await {
+            assert!(sent.insert(id, body).is_none(), "accepted twice");
+        }
+    }
+    assert_eq!(sent.len(), 200);
+    let mut seen = HashSet::new();
+    while seen.len() < 200 {
+        let m = tokio::time::timeout(Duration::from_secs(5), out.next())
+            .await
+            .expect("all republished")
+            .unwrap();
+        let id = String::from_utf8_lossy(&m.payload)
+            .split('"')
+            .nth(5)
+            .unwrap()
+            .to_string();
+        assert_eq!(m.payload, sent[&id], "republished byte for byte");
+        let shard = eventsieve::shard::shard_of(&id, 32);
+        assert_eq!(m.subject.as_str(), format!("events.unique.{shard}"));
+        assert!(seen.insert(id), "republished twice");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), out.next())
+            .await
+            .is_err(),
+        "no duplicate republished"
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_accept_each_id_exactly_once() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let running = service::start(settings(&server, data.path(), "1h", Durability::Local))
+        .await
+        .unwrap();
+    let checker = server.client().await;
+    let mut out = checker.subscribe("events.unique.*").await.unwrap();
+    checker.flush().await.unwrap();
+
+    // 8 producers × 10 000 events; producer p sends ids [p*2500, p*2500 + 10000).
+    let mut producers = Vec::new();
+    for p in 0..8u32 {
+        let client = server.client().await;
+        producers.push(tokio::spawn(async move {
+            let ids: Vec<u32> = (p * 2_500..p * 2_500 + 10_000).collect();
+            let answers: Vec<(u32, Answer)> = futures_util::stream::iter(ids)
+                .map(|i| {
+                    let client = client.clone();
+                    async move {
+                        let subject = if i % 2 == 0 {
+                            format!("dedup.ingest.c{i}")
+                        } else {
+                            "dedup.ingest".into()
+                        };
+                        (i, ask(&client, &subject, event(&format!("c{i}"))).await)
+                    }
+                })
+                .buffer_unordered(64)
+                .collect()
+                .await;
+            answers
+        }));
+    }
+    let mut accepted: HashMap<u32, u32> = HashMap::new();
+    for p in producers {
+        for (i, answer) in p.await.unwrap() {
+            match answer {
+                Answer::Verdict(true) => *accepted.entry(i).or_default() += 1,
+                Answer::Verdict(false) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let distinct = 7 * 2_500 + 10_000;
+    assert_eq!(accepted.len(), distinct, "every id accepted");
+    assert!(accepted.values().all(|&n| n == 1), "no id accepted twice");
+    let mut republished = 0;
+    while republished < distinct {
+        tokio::time::timeout(Duration::from_secs(10), out.next())
+            .await
+            .expect("republished")
+            .unwrap();
+        republished += 1;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), out.next())
+            .await
+            .is_err(),
+        "output count = distinct ids"
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_durability_answers_without_a_store() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let running = service::start(settings(&server, data.path(), "1h", Durability::Memory))
+        .await
+        .unwrap();
+    let client = server.client().await;
+    assert_eq!(
+        ask(&client, "dedup.ingest.m1", event("m1")).await,
+        Answer::Verdict(true)
+    );
+    assert_eq!(
+        ask(&client, "dedup.ingest.m1", event("m1")).await,
+        Answer::Verdict(false)
+    );
+    running.shutdown().await.unwrap();
+    assert!(
+        !data.path().join("data.mdb").exists(),
+        "memory mode writes no store"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_split_over_two_sidecars_forward_and_unowned_shards_get_503() {
+    let server = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut low = settings(&server, d1.path(), "1h", Durability::Local);
+    low.owned = (0..16).collect();
+    let first = service::start(low.clone()).await.unwrap();
+    let client = server.client().await;
+    // Only shards 0-15 have an owner: an id of shard 26 ("X9") has none.
+    assert_eq!(eventsieve::shard::shard_of("X9", 32), 26);
+    match ask(&client, "dedup.ingest", event("X9")).await {
+        Answer::Error(503, reason) => assert!(reason.contains("dedup.shard.26.X9"), "{reason}"),
+        other => panic!("expected 503, got {other:?}"),
+    }
+    let mut high = settings(&server, d2.path(), "1h", Durability::Local);
+    high.owned = (16..32).collect();
+    let second = service::start(high).await.unwrap();
+    // Through the fallback subject, whichever sidecar takes it, the owner decides.
+    for _ in 0..3 {
+        for id in ["X9", "abc", "evt123", "0"] {
+            let _ = ask(&client, "dedup.ingest", event(id)).await;
+        }
+    }
+    for id in ["X9", "abc", "evt123", "0", "zzzzzzzzzzzzzzzz"] {
+        let want = id == "zzzzzzzzzzzzzzzz";
+        assert_eq!(
+            ask(&client, "dedup.ingest", event(id)).await,
+            Answer::Verdict(want),
+            "{id}"
+        );
+        assert_eq!(
+            ask(&client, &format!("dedup.ingest.{id}"), event(id)).await,
+            Answer::Verdict(false),
+            "{id}"
+        );
+    }
+    assert!(
+        first
+            .metrics()
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+            || second
+                .metrics()
+                .forwarded
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+    );
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_nats_micro_discovery() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let running = service::start(settings(&server, data.path(), "1h", Durability::Local))
+        .await
+        .unwrap();
+    let client = server.client().await;
+    let _ = ask(&client, "dedup.ingest.d1", event("d1")).await;
+    let ping = client.request("$SRV.PING", Bytes::new()).await.unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
+    assert_eq!(ping["name"], "eventsieve");
+    let id = ping["id"].as_str().unwrap().to_string();
+    let info = client
+        .request(format!("$SRV.INFO.eventsieve.{id}"), Bytes::new())
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["type"], "io.nats.micro.v1.info_response");
+    assert_eq!(info["endpoints"][0]["subject"], "dedup.ingest");
+    let stats = client
+        .request("$SRV.STATS.eventsieve", Bytes::new())
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
+    assert_eq!(stats["endpoints"][0]["data"]["accepted"], 1);
+    running.shutdown().await.unwrap();
+}
