@@ -1,0 +1,173 @@
+//! The built `eventsieve` binary as a real process: crash safety under
+//! SIGKILL, clean shutdown under SIGTERM, and configuration errors.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, RequestErrorKind};
+use common::*;
+use futures_util::StreamExt;
+use tokio::sync::Mutex;
+
+/// What happened to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Answered(Answer),
+    /// The subscription was gone (after drain or crash): no responder.
+    NoResponders,
+    /// Sent, never answered.
+    TimedOut,
+}
+
+async fn send(client: &Client, id: &str) -> Outcome {
+    let request = client.request(format!("dedup.ingest.{id}"), event(id));
+    match tokio::time::timeout(Duration::from_secs(5), request).await {
+        Ok(Ok(reply)) => Outcome::Answered(parse_answer(&reply)),
+        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Outcome::NoResponders,
+        Ok(Err(_)) | Err(_) => Outcome::TimedOut,
+    }
+}
+
+/// Sends fresh ids `p<n>` with 64 in flight until `stop` is set or `max`
+/// ids were sent; returns every outcome.
+async fn load(client: Client, stop: Arc<AtomicBool>, max: usize) -> Vec<(String, Outcome)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    futures_util::stream::iter(0..64)
+        .for_each_concurrent(64, |_| {
+            let (client, stop, next, results) = (client.clone(), stop.clone(), next.clone(), results.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= max {
+                        break;
+                    }
+                    let id = format!("p{n}");
+                    let outcome = send(&client, &id).await;
+                    results.lock().await.push((id, outcome));
+                }
+            }
+        })
+        .await;
+    Arc::try_unwrap(results).unwrap().into_inner()
+}
+
+async fn wait_accepted(results_hint: &AtomicUsize, at_least: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while results_hint.load(Ordering::Relaxed) < at_least {
+        assert!(Instant::now() < deadline, "load made no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every id that got `true` must now be a duplicate.
+async fn assert_all_remembered(client: &Client, accepted: &[String]) {
+    assert!(!accepted.is_empty());
+    let answers: Vec<(String, Outcome)> = futures_util::stream::iter(accepted.iter().cloned())
+        .map(|id| async move {
+            let o = send(client, &id).await;
+            (id, o)
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    for (id, outcome) in answers {
+        assert_eq!(outcome, Outcome::Answered(Answer::Verdict(false)), "{id} was accepted before and must be a duplicate");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_accepted_id() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let sidecar = SidecarProcess::spawn(&server, data.path(), &[]);
+    let client = server.client().await;
+    wait_for_sidecar(&client).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = server.client().await;
+    let load_task = tokio::spawn(load(client.clone(), stop.clone(), 200_000));
+    // Let some thousands be accepted, then crash mid-stream.
+    let accepted_so_far = Arc::new(AtomicUsize::new(0));
+    {
+        let counter = accepted_so_far.clone();
+        let mut out = progress.subscribe("events.unique.*").await.unwrap();
+        tokio::spawn(async move {
+            while out.next().await.is_some() {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    wait_accepted(&accepted_so_far, 3_000).await;
+    sidecar.kill();
+    stop.store(true, Ordering::Relaxed);
+    let results = load_task.await.unwrap();
+    let accepted: Vec<String> = results
+        .iter()
+        .filter(|(_, o)| *o == Outcome::Answered(Answer::Verdict(true)))
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert!(accepted.len() >= 3_000, "{} accepted", accepted.len());
+
+    let restarted = SidecarProcess::spawn(&server, data.path(), &[]);
+    wait_for_sidecar(&client).await;
+    assert_all_remembered(&client, &accepted).await;
+    assert_eq!(restarted.terminate().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_answers_everything_in_flight_and_exits_0() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let sidecar = SidecarProcess::spawn(&server, data.path(), &[]);
+    let client = server.client().await;
+    wait_for_sidecar(&client).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load_task = tokio::spawn(load(client.clone(), stop.clone(), 200_000));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = tokio::task::spawn_blocking(move || sidecar.terminate()).await.unwrap();
+    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+    stop.store(true, Ordering::Relaxed);
+    let results = load_task.await.unwrap();
+    let timed_out = results.iter().filter(|(_, o)| *o == Outcome::TimedOut).count();
+    assert_eq!(timed_out, 0, "every request taken before the drain got a reply");
+    let accepted: Vec<String> = results
+        .iter()
+        .filter(|(_, o)| *o == Outcome::Answered(Answer::Verdict(true)))
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert!(accepted.len() > 100, "{} accepted", accepted.len());
+
+    let restarted = SidecarProcess::spawn(&server, data.path(), &[]);
+    wait_for_sidecar(&client).await;
+    assert_all_remembered(&client, &accepted).await;
+    assert_eq!(restarted.terminate().code(), Some(0));
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_field() {
+    let cases = [
+        ("EVENTSIEVE_WINDOW", "8d", "window"),
+        ("EVENTSIEVE_DURABILITY", "disk", "durability"),
+        ("EVENTSIEVE_SHARDS", "0", "shards"),
+    ];
+    for (var, value, field) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
+            .arg("run")
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(stderr.contains(field), "{var}={value}: {stderr}");
+    }
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for sub in ["run", "config", "shard"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}
