@@ -75,7 +75,11 @@ async fn assert_all_remembered(client: &Client, accepted: &[String]) {
         .collect()
         .await;
     for (id, outcome) in answers {
-        assert_eq!(outcome, Outcome::Answered(Answer::Verdict(false)), "{id} was accepted before and must be a duplicate");
+        assert_eq!(
+            outcome,
+            Outcome::Answered(Answer::Verdict(false)),
+            "{id} was accepted before and must be a duplicate"
+        );
     }
 }
 
@@ -129,7 +133,9 @@ async fn sigterm_under_load_answers_everything_in_flight_and_exits_0() {
     let stop = Arc::new(AtomicBool::new(false));
     let load_task = tokio::spawn(load(client.clone(), stop.clone(), 200_000));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let status = tokio::task::spawn_blocking(move || sidecar.terminate()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || sidecar.terminate())
+        .await
+        .unwrap();
     assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
     stop.store(true, Ordering::Relaxed);
     let results = load_task.await.unwrap();
@@ -165,7 +171,10 @@ fn invalid_configuration_exits_2_naming_the_field() {
         let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
         assert!(stderr.contains(field), "{var}={value}: {stderr}");
     }
-    let help = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve")).arg("--help").output().unwrap();
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
+        .arg("--help")
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for sub in ["run", "config", "shard"] {
         assert!(help.contains(sub), "{help}");
