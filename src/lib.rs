@@ -20,6 +20,17 @@
 //! | [`metrics`] | counters and the Prometheus endpoint |
 //! | [`telemetry`] | logging and the shutdown signal |
 //! | [`cli`] | the `eventsieve` command line |
+//!
+//! The engine alone, without NATS:
+//!
+//! ```
+//! use eventsieve::{Deduplicator, EngineConfig};
+//!
+//! let dedup = Deduplicator::new(EngineConfig::default());
+//! assert!(dedup.ingest_event(r#"{"event_id":"a1","n":1}"#).unwrap());
+//! assert!(!dedup.ingest_event(r#"{"n":2,"event_id":"a1"}"#).unwrap());
+//! assert!(dedup.ingest_event(r#"{"event_id":"a-1"}"#).is_err());
+//! ```
 
 pub mod cli;
 pub mod config;
