@@ -63,6 +63,22 @@ async fn wait_accepted(results_hint: &AtomicUsize, at_least: usize) {
     }
 }
 
+/// The ids that got `true`.
+fn accepted(results: &[(String, Outcome)]) -> Vec<String> {
+    results
+        .iter()
+        .filter(|(_, o)| *o == Outcome::Answered(Answer::Verdict(true)))
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// A sidecar binary on `server` with its store in `data`, answering.
+async fn spawn_ready(server: &NatsServer, data: &std::path::Path, client: &Client) -> SidecarProcess {
+    let sidecar = SidecarProcess::spawn(server, data, &[]);
+    wait_for_sidecar(client).await;
+    sidecar
+}
+
 /// Every id that got `true` must now be a duplicate.
 async fn assert_all_remembered(client: &Client, accepted: &[String]) {
     assert!(!accepted.is_empty());
@@ -87,9 +103,8 @@ async fn assert_all_remembered(client: &Client, accepted: &[String]) {
 async fn sigkill_under_load_loses_no_accepted_id() {
     let server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let sidecar = SidecarProcess::spawn(&server, data.path(), &[]);
     let client = server.client().await;
-    wait_for_sidecar(&client).await;
+    let sidecar = spawn_ready(&server, data.path(), &client).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let progress = server.client().await;
@@ -109,15 +124,10 @@ async fn sigkill_under_load_loses_no_accepted_id() {
     sidecar.kill();
     stop.store(true, Ordering::Relaxed);
     let results = load_task.await.unwrap();
-    let accepted: Vec<String> = results
-        .iter()
-        .filter(|(_, o)| *o == Outcome::Answered(Answer::Verdict(true)))
-        .map(|(id, _)| id.clone())
-        .collect();
+    let accepted = accepted(&results);
     assert!(accepted.len() >= 3_000, "{} accepted", accepted.len());
 
-    let restarted = SidecarProcess::spawn(&server, data.path(), &[]);
-    wait_for_sidecar(&client).await;
+    let restarted = spawn_ready(&server, data.path(), &client).await;
     assert_all_remembered(&client, &accepted).await;
     assert_eq!(restarted.terminate().code(), Some(0));
 }
@@ -126,9 +136,8 @@ async fn sigkill_under_load_loses_no_accepted_id() {
 async fn sigterm_under_load_answers_everything_in_flight_and_exits_0() {
     let server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let sidecar = SidecarProcess::spawn(&server, data.path(), &[]);
     let client = server.client().await;
-    wait_for_sidecar(&client).await;
+    let sidecar = spawn_ready(&server, data.path(), &client).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let load_task = tokio::spawn(load(client.clone(), stop.clone(), 200_000));
@@ -141,15 +150,10 @@ async fn sigterm_under_load_answers_everything_in_flight_and_exits_0() {
     let results = load_task.await.unwrap();
     let timed_out = results.iter().filter(|(_, o)| *o == Outcome::TimedOut).count();
     assert_eq!(timed_out, 0, "every request taken before the drain got a reply");
-    let accepted: Vec<String> = results
-        .iter()
-        .filter(|(_, o)| *o == Outcome::Answered(Answer::Verdict(true)))
-        .map(|(id, _)| id.clone())
-        .collect();
+    let accepted = accepted(&results);
     assert!(accepted.len() > 100, "{} accepted", accepted.len());
 
-    let restarted = SidecarProcess::spawn(&server, data.path(), &[]);
-    wait_for_sidecar(&client).await;
+    let restarted = spawn_ready(&server, data.path(), &client).await;
     assert_all_remembered(&client, &accepted).await;
     assert_eq!(restarted.terminate().code(), Some(0));
 }

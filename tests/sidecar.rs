@@ -44,10 +44,7 @@ async fn server_partition_mapping_matches_the_shard_function() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verdicts_on_mapped_and_fallback_subjects_and_window_expiry() {
     let server = NatsServer::start();
-    let data = tempfile::tempdir().unwrap();
-    let running = service::start(settings(&server, data.path(), "1s", Durability::Local))
-        .await
-        .unwrap();
+    let (_data, running) = start_sidecar(&server, "1s", Durability::Local).await;
     let client = server.client().await;
 
     assert_eq!(
@@ -143,10 +140,7 @@ async fn bad_input_gets_400_with_its_reason_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_accepted_event_is_republished_once_unchanged() {
     let server = NatsServer::start();
-    let data = tempfile::tempdir().unwrap();
-    let running = service::start(settings(&server, data.path(), "1h", Durability::Local))
-        .await
-        .unwrap();
+    let (_data, running) = start_sidecar(&server, "1h", Durability::Local).await;
     let client = server.client().await;
     let mut out = client.subscribe("events.unique.*").await.unwrap();
     client.flush().await.unwrap();
@@ -177,22 +171,14 @@ async fn each_accepted_event_is_republished_once_unchanged() {
         assert_eq!(m.subject.as_str(), format!("events.unique.{shard}"));
         assert!(seen.insert(id), "republished twice");
     }
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), out.next())
-            .await
-            .is_err(),
-        "no duplicate republished"
-    );
+    assert_silent(&mut out, "no duplicate republished").await;
     running.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_producers_accept_each_id_exactly_once() {
     let server = NatsServer::start();
-    let data = tempfile::tempdir().unwrap();
-    let running = service::start(settings(&server, data.path(), "1h", Durability::Local))
-        .await
-        .unwrap();
+    let (_data, running) = start_sidecar(&server, "1h", Durability::Local).await;
     let checker = server.client().await;
     let mut out = checker.subscribe("events.unique.*").await.unwrap();
     checker.flush().await.unwrap();
@@ -242,22 +228,14 @@ async fn concurrent_producers_accept_each_id_exactly_once() {
             .unwrap();
         republished += 1;
     }
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), out.next())
-            .await
-            .is_err(),
-        "output count = distinct ids"
-    );
+    assert_silent(&mut out, "output count = distinct ids").await;
     running.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_durability_answers_without_a_store() {
     let server = NatsServer::start();
-    let data = tempfile::tempdir().unwrap();
-    let running = service::start(settings(&server, data.path(), "1h", Durability::Memory))
-        .await
-        .unwrap();
+    let (data, running) = start_sidecar(&server, "1h", Durability::Memory).await;
     let client = server.client().await;
     assert_eq!(
         ask(&client, "dedup.ingest.m1", event("m1")).await,
@@ -329,10 +307,7 @@ async fn shards_split_over_two_sidecars_forward_and_unowned_shards_get_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_nats_micro_discovery() {
     let server = NatsServer::start();
-    let data = tempfile::tempdir().unwrap();
-    let running = service::start(settings(&server, data.path(), "1h", Durability::Local))
-        .await
-        .unwrap();
+    let (_data, running) = start_sidecar(&server, "1h", Durability::Local).await;
     let client = server.client().await;
     let _ = ask(&client, "dedup.ingest.d1", event("d1")).await;
     let ping = client.request("$SRV.PING", Bytes::new()).await.unwrap();

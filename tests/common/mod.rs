@@ -110,6 +110,27 @@ pub fn settings(server: &NatsServer, data_dir: &Path, window: &str, durability: 
     config.validate().expect("test settings are valid")
 }
 
+/// A sidecar running in this process on `server`, with its store in a
+/// fresh temporary directory (returned so it lives as long as the test).
+pub async fn start_sidecar(
+    server: &NatsServer,
+    window: &str,
+    durability: Durability,
+) -> (TempDir, eventsieve::service::Running) {
+    let data = tempfile::tempdir().unwrap();
+    let running = eventsieve::service::start(settings(server, data.path(), window, durability))
+        .await
+        .expect("sidecar starts");
+    (data, running)
+}
+
+/// Asserts that `sub` receives nothing more within 300 ms.
+pub async fn assert_silent(sub: &mut async_nats::Subscriber, what: &str) {
+    use futures_util::StreamExt;
+    let next = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(next.is_err(), "{what}");
+}
+
 /// The verdict in a reply, or the service error code and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
