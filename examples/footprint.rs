@@ -1,7 +1,7 @@
 //! Inserts N distinct ids through `Deduplicator::ingest_event` and reports the
 //! memory per live id from the process's own RSS, and the insert rate.
 //!
-//! `cargo run --release --example footprint -- 10000000`
+//! `cargo run --release --example footprint -- 10000000 [SEGMENTS_PER_SHARD]`
 //!
 //! The last line is `bytes_per_id=<f> peak_bytes_per_id=<f> inserts_per_s=<f>`,
 //! where the per-id figures are (RSS − RSS before the engine existed) / N,
@@ -32,7 +32,11 @@ fn main() {
         .nth(1)
         .map_or(10_000_000, |a| a.parse().expect("N must be a number"));
     let base_rss = status_kib("VmRSS:") * 1024;
-    let dedup = Deduplicator::new(EngineConfig::default());
+    let mut config = EngineConfig::default();
+    if let Some(segments) = std::env::args().nth(2) {
+        config.segments_per_shard = segments.parse().expect("segments per shard: a number");
+    }
+    let dedup = Deduplicator::new(config);
     let mut event = String::with_capacity(64);
     let start = Instant::now();
     for i in 0..n {
