@@ -186,9 +186,6 @@ pub async fn start(settings: Settings) -> Result<Running, ServiceError> {
         .map_err(|e| ServiceError::Subscribe(format!("{subject}: {e}")))?;
         subscriptions.spawn(serve_subscription(shared.clone(), sub, stop_rx.clone()));
     }
-    let discovery = crate::discovery::spawn(shared.client.clone(), &shared.settings, metrics.clone())
-        .await
-        .map_err(|e| ServiceError::Subscribe(format!("$SRV: {e}")))?;
     shared
         .client
         .flush()
@@ -202,6 +199,10 @@ pub async fn start(settings: Settings) -> Result<Running, ServiceError> {
     for &s in &shared.settings.owned {
         shared.ready[s as usize].store(true, Relaxed);
     }
+    // Discoverable only once every owned shard answers.
+    let discovery = crate::discovery::spawn(shared.client.clone(), &shared.settings, metrics.clone())
+        .await
+        .map_err(|e| ServiceError::Subscribe(format!("$SRV: {e}")))?;
 
     let started = Instant::now();
     let metrics_task = match shared.settings.metrics_addr {
