@@ -526,7 +526,12 @@ async fn commit_loop(shared: Arc<Shared>, store: Store, mut rx: mpsc::Receiver<T
             continue;
         }
         let records: Vec<Record> = group.iter().map(|p| p.record).collect();
-        let owned = shared.settings.owned.clone();
+        // Only an expiry pass needs the shard list.
+        let owned = if expire {
+            shared.settings.owned.clone()
+        } else {
+            Vec::new()
+        };
         let window_ms = shared.settings.window_ms;
         let mut st = store.take().expect("store is put back after every commit");
         let started = Instant::now();
