@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::{Client, HeaderMap, Message, Subject};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -170,21 +170,33 @@ pub async fn start(settings: Settings) -> Result<Running, ServiceError> {
     // Subscribe first, so that requests during recovery get 503, not silence.
     let (stop_tx, stop_rx) = watch::channel(false);
     let prefix = shared.settings.config.subject_prefix.clone();
-    let mut subjects: Vec<(String, Option<String>)> = shared
+    // (subject, queue group, fence subject)
+    let mut subjects: Vec<(String, Option<String>, String)> = shared
         .settings
         .owned
         .iter()
-        .map(|s| (format!("{prefix}.shard.{s}.*"), None))
+        .map(|s| {
+            (
+                format!("{prefix}.shard.{s}.*"),
+                None,
+                format!("{prefix}.shard.{s}._fence"),
+            )
+        })
         .collect();
-    subjects.push((format!("{prefix}.ingest"), Some(format!("{prefix}.ingest"))));
+    let ingest = format!("{prefix}.ingest");
+    subjects.push((ingest.clone(), Some(ingest.clone()), ingest));
     let mut subscriptions = JoinSet::new();
-    for (subject, queue) in subjects {
+    for (subject, queue, fence_subject) in subjects {
         let sub = match queue {
             Some(q) => shared.client.queue_subscribe(subject.clone(), q).await,
             None => shared.client.subscribe(subject.clone()).await,
         }
         .map_err(|e| ServiceError::Subscribe(format!("{subject}: {e}")))?;
-        subscriptions.spawn(serve_subscription(shared.clone(), sub, stop_rx.clone()));
+        let served = Served {
+            sub,
+            fence_subject: Subject::from(fence_subject),
+        };
+        subscriptions.spawn(serve_subscription(shared.clone(), served, stop_rx.clone()));
     }
     shared
         .client
@@ -329,27 +341,33 @@ async fn recover(shared: &Arc<Shared>, store: Store) -> Result<Store, ServiceErr
     .expect("recovery task panicked")
 }
 
-async fn serve_subscription(
-    shared: Arc<Shared>,
-    mut sub: async_nats::Subscriber,
-    mut stop: watch::Receiver<bool>,
-) {
+/// A subscription and the subject its shutdown fence is published on.
+struct Served {
+    sub: async_nats::Subscriber,
+    /// Reaches this subscription only (or other members of its queue group,
+    /// which ignore it): `<prefix>.shard.<n>._fence` or `<prefix>.ingest`.
+    fence_subject: Subject,
+}
+
+async fn serve_subscription(shared: Arc<Shared>, served: Served, mut stop: watch::Receiver<bool>) {
+    let Served {
+        mut sub,
+        fence_subject,
+    } = served;
     let mut forwards = JoinSet::new();
+    let mut received = 0u64;
     loop {
         tokio::select! {
             biased;
             message = sub.next() => match message {
-                Some(message) => handle(&shared, message, &mut forwards).await,
+                Some(message) => {
+                    received += 1;
+                    handle(&shared, message, &mut forwards).await;
+                }
                 None => break,
             },
             _ = stop.changed() => {
-                // Unsubscribe, then answer what the client already buffered.
-                if let Err(e) = sub.drain().await {
-                    tracing::warn!(message = "Drain failed.", error = %e);
-                }
-                while let Some(message) = sub.next().await {
-                    handle(&shared, message, &mut forwards).await;
-                }
+                fence(&shared, &mut sub, &fence_subject, received, &mut forwards).await;
                 break;
             }
         }
@@ -359,7 +377,84 @@ async fn serve_subscription(
     while forwards.join_next().await.is_some() {}
 }
 
+/// How many messages past those already read the server may still send
+/// after the fence's UNSUB; each one not used by requests costs one empty
+/// fence message.
+const FENCE_SLACK: u64 = 4096;
+/// How long a fence waits before giving up and unsubscribing outright.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Unsubscribes without dropping a request the server already routed here.
+///
+/// async-nats's `drain` forgets a subscription as soon as its UNSUB is
+/// written, so a request the server sent before it read that UNSUB is
+/// dropped inside the client (nats-io/nats.rs#1325). Instead, both ends are
+/// told to stop after the same message: `UNSUB <sid> <limit>` with `limit`
+/// past what the server can have sent, a flush to know the server read it,
+/// then empty fence messages on the subscription's own subject make up the
+/// difference. Requests keep being answered until the `limit`-th message,
+/// after which the server routes nothing here; fences beyond it reach no one.
+async fn fence(
+    shared: &Arc<Shared>,
+    sub: &mut async_nats::Subscriber,
+    fence_subject: &Subject,
+    mut received: u64,
+    forwards: &mut JoinSet<()>,
+) {
+    // Empty the client's buffer first, so the slack covers only what is in
+    // transit.
+    while let Some(Some(message)) = sub.next().now_or_never() {
+        received += 1;
+        handle(shared, message, forwards).await;
+    }
+    let limit = received + FENCE_SLACK;
+    let fenced = sub.unsubscribe_after(limit).await.is_ok() && shared.client.flush().await.is_ok();
+    if !fenced {
+        tracing::warn!(message = "Fence could not be set; unsubscribing outright.", subject = %fence_subject);
+        let _ = sub.unsubscribe().await;
+    }
+    let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
+    let mut refill = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            biased;
+            message = sub.next() => match message {
+                Some(message) => {
+                    received += 1;
+                    handle(shared, message, forwards).await;
+                }
+                None => return,
+            },
+            // Top up: requests and queue-group peers may have taken some.
+            _ = refill.tick(), if fenced => {
+                for _ in received..limit {
+                    if shared.client.publish(fence_subject.clone(), Bytes::new()).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = shared.client.flush().await;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(message = "Fence timed out; unsubscribing outright.", subject = %fence_subject);
+                let _ = sub.unsubscribe().await;
+                while let Some(message) = sub.next().await {
+                    handle(shared, message, forwards).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// An empty message with nowhere to reply: a shutdown fence, never an event.
+fn is_fence(message: &Message) -> bool {
+    message.reply.is_none() && message.payload.is_empty()
+}
+
 async fn handle(shared: &Arc<Shared>, message: Message, forwards: &mut JoinSet<()>) {
+    if is_fence(&message) {
+        return;
+    }
     let payload = message.payload.clone();
     let keyed = match shared.dedup.key(&payload) {
         Ok(keyed) => keyed,
