@@ -162,10 +162,27 @@ impl Deduplicator {
         let mut table = self.table(shard);
         let verdict = table.check_and_insert(fp, now_ms);
         // The low bits of the tag are uniform: sweep on about 1 in SWEEP_EVERY calls.
-        if fp.lo as u32 % SWEEP_EVERY == 0 {
+        if (fp.lo as u32).is_multiple_of(SWEEP_EVERY) {
             table.sweep(now_ms, 1);
         }
         verdict
+    }
+
+    /// The verdicts for many fingerprints of one shard, in order, under one
+    /// lock (with prefetch); sweeps as [`Self::check_and_insert_fp`] would.
+    pub fn check_and_insert_many(
+        &self,
+        shard: u32,
+        fps: &[Fingerprint],
+        now_ms: u64,
+        out: &mut Vec<Verdict>,
+    ) {
+        let mut table = self.table(shard);
+        table.check_and_insert_batch(fps, now_ms, out);
+        let sweeps = fps.iter().filter(|fp| (fp.lo as u32).is_multiple_of(SWEEP_EVERY)).count();
+        if sweeps > 0 {
+            table.sweep(now_ms, sweeps);
+        }
     }
 
     /// Locks one shard's table (recovering it if a panicking thread held it:

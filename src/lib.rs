@@ -12,6 +12,7 @@
 //! | [`shard`] | `FNV-1a-32(id) mod n`, the NATS `partition` function |
 //! | [`fingerprint`] | the stable 128-bit hash of an id |
 //! | [`table`] | one shard's hash-to-expiry table: check-and-insert, reclaim |
+//! | [`batch`] | the newline-delimited batch request and its verdict-per-line reply |
 //! | [`engine`] | [`Deduplicator`]: the thread-safe library API over all shards |
 //! | [`store`] | LMDB durable log of accepted ids: group commit, range expiry |
 //! | [`config`] | figment: defaults < TOML file < `EVENTSIEVE_*` variables |
@@ -32,6 +33,7 @@
 //! assert!(dedup.ingest_event(r#"{"event_id":"a-1"}"#).is_err());
 //! ```
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod discovery;

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub duplicates: AtomicU64,
     pub invalid: [AtomicU64; EventErrorKind::ALL.len()],
     pub not_ready: AtomicU64,
+    pub batches: AtomicU64,
     pub forwarded: AtomicU64,
     pub forward_failures: AtomicU64,
     pub store_errors: AtomicU64,
@@ -87,6 +88,12 @@ impl Metrics {
             "counter",
             "Requests answered 503 (shard not ready or no owner).",
             &[("", get(&self.not_ready))],
+        );
+        metric(
+            "batches_total",
+            "counter",
+            "Batch requests (and forwarded sub-batches) decided.",
+            &[("", get(&self.batches))],
         );
         metric(
             "forwarded_total",

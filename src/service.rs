@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 use async_nats::{Client, HeaderMap, Message, Subject};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
+use crate::batch::{self, Entry};
 use crate::config::{Durability, Settings};
 use crate::engine::{Deduplicator, Keyed, unix_ms};
+use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
 use crate::store::{Record, Store, StoreError, StoreMeta};
 use crate::table::Verdict;
@@ -33,6 +35,8 @@ const ACCEPTED: &[u8] = br#"{"accepted":true}"#;
 const DUPLICATE: &[u8] = br#"{"accepted":false}"#;
 /// Most ids in one group commit.
 const MAX_GROUP: usize = 8192;
+/// Most batches and forwards one subscription has in progress.
+const MAX_TASKS: usize = 256;
 /// How often expired ids are deleted from the store and tables swept.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 
@@ -71,6 +75,11 @@ struct Pending {
 
 enum ToCommit {
     Id(Pending),
+    /// A batch's new ids; whether their commit succeeded is sent back.
+    Batch {
+        records: Vec<Record>,
+        done: oneshot::Sender<bool>,
+    },
     /// Commit what came before, then stop.
     Stop,
 }
@@ -84,6 +93,8 @@ struct Shared {
     owned: Vec<bool>,
     ready: Vec<AtomicBool>,
     output: Vec<Subject>,
+    /// `<prefix>.batch`.
+    batch_subject: Subject,
     commits: Option<mpsc::Sender<ToCommit>>,
 }
 
@@ -159,6 +170,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServiceError> {
             .map(|s| Subject::from(settings.output_subject(s)))
             .collect(),
         ready: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+        batch_subject: Subject::from(format!("{}.batch", settings.config.subject_prefix)),
         commits: store.is_some().then_some(commit_tx),
         settings,
         dedup,
@@ -183,8 +195,9 @@ pub async fn start(settings: Settings) -> Result<Running, ServiceError> {
             )
         })
         .collect();
-    let ingest = format!("{prefix}.ingest");
-    subjects.push((ingest.clone(), Some(ingest.clone()), ingest));
+    for fallback in [format!("{prefix}.ingest"), format!("{prefix}.batch")] {
+        subjects.push((fallback.clone(), Some(fallback.clone()), fallback));
+    }
     let mut subscriptions = JoinSet::new();
     for (subject, queue, fence_subject) in subjects {
         let sub = match queue {
@@ -354,7 +367,7 @@ async fn serve_subscription(shared: Arc<Shared>, served: Served, mut stop: watch
         mut sub,
         fence_subject,
     } = served;
-    let mut forwards = JoinSet::new();
+    let mut tasks = JoinSet::new();
     let mut received = 0u64;
     loop {
         tokio::select! {
@@ -362,19 +375,19 @@ async fn serve_subscription(shared: Arc<Shared>, served: Served, mut stop: watch
             message = sub.next() => match message {
                 Some(message) => {
                     received += 1;
-                    handle(&shared, message, &mut forwards).await;
+                    handle(&shared, message, &mut tasks).await;
                 }
                 None => break,
             },
             _ = stop.changed() => {
-                fence(&shared, &mut sub, &fence_subject, received, &mut forwards).await;
+                fence(&shared, &mut sub, &fence_subject, received, &mut tasks).await;
                 break;
             }
         }
-        // Reap finished forwards so the set stays small.
-        while forwards.try_join_next().is_some() {}
+        // Reap finished tasks so the set stays small.
+        while tasks.try_join_next().is_some() {}
     }
-    while forwards.join_next().await.is_some() {}
+    while tasks.join_next().await.is_some() {}
 }
 
 /// How many messages past those already read the server may still send
@@ -399,13 +412,13 @@ async fn fence(
     sub: &mut async_nats::Subscriber,
     fence_subject: &Subject,
     mut received: u64,
-    forwards: &mut JoinSet<()>,
+    tasks: &mut JoinSet<()>,
 ) {
     // Empty the client's buffer first, so the slack covers only what is in
     // transit.
     while let Some(Some(message)) = sub.next().now_or_never() {
         received += 1;
-        handle(shared, message, forwards).await;
+        handle(shared, message, tasks).await;
     }
     let limit = received + FENCE_SLACK;
     let fenced = sub.unsubscribe_after(limit).await.is_ok() && shared.client.flush().await.is_ok();
@@ -421,7 +434,7 @@ async fn fence(
             message = sub.next() => match message {
                 Some(message) => {
                     received += 1;
-                    handle(shared, message, forwards).await;
+                    handle(shared, message, tasks).await;
                 }
                 None => return,
             },
@@ -438,7 +451,7 @@ async fn fence(
                 tracing::warn!(message = "Fence timed out; unsubscribing outright.", subject = %fence_subject);
                 let _ = sub.unsubscribe().await;
                 while let Some(message) = sub.next().await {
-                    handle(shared, message, forwards).await;
+                    handle(shared, message, tasks).await;
                 }
                 return;
             }
@@ -451,8 +464,17 @@ fn is_fence(message: &Message) -> bool {
     message.reply.is_none() && message.payload.is_empty()
 }
 
-async fn handle(shared: &Arc<Shared>, message: Message, forwards: &mut JoinSet<()>) {
+async fn handle(shared: &Arc<Shared>, message: Message, tasks: &mut JoinSet<()>) {
     if is_fence(&message) {
+        return;
+    }
+    let forwarded_batch = message.subject.ends_with("._batch");
+    if forwarded_batch || message.subject == shared.batch_subject {
+        // Backpressure: at most MAX_TASKS batches and forwards per subscription.
+        while tasks.len() >= MAX_TASKS {
+            tasks.join_next().await;
+        }
+        tasks.spawn(handle_batch(shared.clone(), message, forwarded_batch));
         return;
     }
     let payload = message.payload.clone();
@@ -470,7 +492,10 @@ async fn handle(shared: &Arc<Shared>, message: Message, forwards: &mut JoinSet<(
             "{}.shard.{}.{}",
             shared.settings.config.subject_prefix, keyed.shard, keyed.id
         ));
-        forwards.spawn(forward(shared.clone(), target, message));
+        while tasks.len() >= MAX_TASKS {
+            tasks.join_next().await;
+        }
+        tasks.spawn(forward(shared.clone(), target, message));
         return;
     }
     if !shared.ready[shard].load(Relaxed) {
@@ -518,6 +543,170 @@ async fn decide(shared: &Shared, keyed: &Keyed<'_>, message: Message) {
             }
         },
     }
+}
+
+/// Decides a batch (see [`crate::batch`]): lines of owned shards under one
+/// lock per shard and one group commit, lines of other shards forwarded to
+/// their owners as sub-batches (`<prefix>.shard.<n>._batch`) at the same
+/// time; then one reply with a verdict per line. A forwarded sub-batch is
+/// never forwarded again, so nodes that disagree cannot loop.
+async fn handle_batch(shared: Arc<Shared>, message: Message, forwarded: bool) {
+    Metrics::inc(&shared.metrics.batches);
+    let body = message.payload;
+    let ranges = batch::lines(&body);
+    let mut entries: Vec<Option<Entry>> = vec![None; ranges.len()];
+    // Per owned shard: (line, fingerprint); per other shard: (lines, sub-batch).
+    let mut local: Vec<Vec<(usize, Fingerprint)>> = vec![Vec::new(); shared.owned.len()];
+    let mut remote: std::collections::BTreeMap<u32, (Vec<usize>, Vec<u8>)> = Default::default();
+    for (i, range) in ranges.iter().enumerate() {
+        let line = &body[range.clone()];
+        let keyed = match shared.dedup.key(line) {
+            Ok(keyed) => keyed,
+            Err(e) => {
+                Metrics::inc(shared.metrics.invalid(e.kind()));
+                entries[i] = Some(Entry::error(400, e.to_string()));
+                continue;
+            }
+        };
+        let shard = keyed.shard as usize;
+        if shared.owned[shard] {
+            if shared.ready[shard].load(Relaxed) {
+                local[shard].push((i, keyed.fingerprint));
+            } else {
+                Metrics::inc(&shared.metrics.not_ready);
+                entries[i] = Some(Entry::error(
+                    503,
+                    format!("shard {shard} is not ready (recovering)"),
+                ));
+            }
+        } else if forwarded {
+            Metrics::inc(&shared.metrics.not_ready);
+            entries[i] = Some(Entry::error(
+                503,
+                format!("shard {shard} is not owned by the node this sub-batch was forwarded to"),
+            ));
+        } else {
+            let (lines, sub) = remote.entry(keyed.shard).or_default();
+            lines.push(i);
+            sub.extend_from_slice(line);
+            sub.push(b'\n');
+        }
+    }
+
+    let now = unix_ms();
+    let mut new: Vec<(usize, Record)> = Vec::new();
+    let (mut fps, mut verdicts) = (Vec::new(), Vec::new());
+    for (shard, items) in local.iter().enumerate().filter(|(_, items)| !items.is_empty()) {
+        fps.clear();
+        fps.extend(items.iter().map(|&(_, fp)| fp));
+        verdicts.clear();
+        shared
+            .dedup
+            .check_and_insert_many(shard as u32, &fps, now, &mut verdicts);
+        for (&(i, fingerprint), verdict) in items.iter().zip(&verdicts) {
+            if verdict.is_new() {
+                let shard = shard as u32;
+                new.push((
+                    i,
+                    Record {
+                        shard,
+                        born_ms: now,
+                        fingerprint,
+                    },
+                ));
+                entries[i] = Some(Entry::New);
+            } else {
+                Metrics::inc(&shared.metrics.duplicates);
+                entries[i] = Some(Entry::Duplicate);
+            }
+        }
+    }
+
+    let records: Vec<Record> = new.iter().map(|(_, r)| *r).collect();
+    let forwards = futures_util::future::join_all(
+        remote
+            .into_iter()
+            .map(|(shard, (lines, sub))| forward_batch(&shared, shard, lines, sub)),
+    );
+    let (committed, forwarded) = tokio::join!(commit_batch(&shared, records), forwards);
+    match committed {
+        Ok(()) => {
+            shared.metrics.accepted.fetch_add(new.len() as u64, Relaxed);
+            for (i, record) in &new {
+                republish(&shared, record.shard, body.slice(ranges[*i].clone())).await;
+            }
+        }
+        Err(failed) => {
+            for (i, record) in &new {
+                shared.dedup.table(record.shard).remove(record.fingerprint);
+                entries[*i] = Some(failed.clone());
+            }
+        }
+    }
+    for (lines, answers) in forwarded {
+        for (i, entry) in lines.into_iter().zip(answers) {
+            entries[i] = Some(entry);
+        }
+    }
+
+    let Some(to) = message.reply else { return };
+    let mut out = Vec::with_capacity(entries.len() * 2);
+    for entry in &entries {
+        let entry = entry.as_ref().expect("every line of a batch gets an entry");
+        batch::push(&mut out, entry);
+    }
+    if shared.client.publish(to, out.into()).await.is_err() {
+        Metrics::inc(&shared.metrics.publish_errors);
+    }
+}
+
+/// Commits a batch's new ids in the next group commit; the entry to give
+/// them if that fails.
+async fn commit_batch(shared: &Shared, records: Vec<Record>) -> Result<(), Entry> {
+    let Some(commits) = shared.commits.as_ref().filter(|_| !records.is_empty()) else {
+        return Ok(());
+    };
+    let count = records.len() as u64;
+    let (done, committed) = oneshot::channel();
+    shared.metrics.pending.fetch_add(count, Relaxed);
+    if commits.send(ToCommit::Batch { records, done }).await.is_err() {
+        shared.metrics.pending.fetch_sub(count, Relaxed);
+        return Err(Entry::error(503, "shutting down; retry"));
+    }
+    match committed.await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Entry::error(500, STORE_FAILED)),
+        Err(_) => Err(Entry::error(503, "shutting down; retry")),
+    }
+}
+
+/// Sends one shard's lines to its owner; returns the lines and their entries
+/// (503 for each if the owner did not answer with one entry per line).
+async fn forward_batch(
+    shared: &Shared,
+    shard: u32,
+    lines: Vec<usize>,
+    sub: Vec<u8>,
+) -> (Vec<usize>, Vec<Entry>) {
+    shared.metrics.forwarded.fetch_add(lines.len() as u64, Relaxed);
+    let target = format!("{}.shard.{shard}._batch", shared.settings.config.subject_prefix);
+    let failure = match shared.client.request(target.clone(), sub.into()).await {
+        Ok(answer) => match batch::decode(&answer.payload) {
+            Ok(entries) if entries.len() == lines.len() => return (lines, entries),
+            Ok(entries) => format!(
+                "owner of shard {shard} answered {} entries for {} lines",
+                entries.len(),
+                lines.len()
+            ),
+            Err(e) => format!("owner of shard {shard}: {e}"),
+        },
+        Err(e) => format!("no owner answered on {target}: {e}"),
+    };
+    Metrics::inc(&shared.metrics.forward_failures);
+    shared.metrics.not_ready.fetch_add(lines.len() as u64, Relaxed);
+    tracing::debug!(message = "Batch forward failed.", shard, reason = %failure);
+    let entries = vec![Entry::error(503, failure); lines.len()];
+    (lines, entries)
 }
 
 async fn forward(shared: Arc<Shared>, target: Subject, message: Message) {
@@ -589,6 +778,31 @@ async fn republish(shared: &Shared, shard: u32, event: Bytes) {
     }
 }
 
+/// What one group commit covers.
+#[derive(Default)]
+struct Group {
+    records: Vec<Record>,
+    singles: Vec<Pending>,
+    batches: Vec<oneshot::Sender<bool>>,
+}
+
+impl Group {
+    fn add(&mut self, item: ToCommit) -> bool {
+        match item {
+            ToCommit::Id(p) => {
+                self.records.push(p.record);
+                self.singles.push(p);
+            }
+            ToCommit::Batch { records, done } => {
+                self.records.extend(records);
+                self.batches.push(done);
+            }
+            ToCommit::Stop => return false,
+        }
+        true
+    }
+}
+
 /// The single writer: gathers ids into groups, commits each group in one
 /// transaction off the runtime, then republishes and replies for it.
 async fn commit_loop(shared: Arc<Shared>, store: Store, mut rx: mpsc::Receiver<ToCommit>) {
@@ -597,19 +811,21 @@ async fn commit_loop(shared: Arc<Shared>, store: Store, mut rx: mpsc::Receiver<T
     let mut expire_at = Instant::now() + EXPIRE_EVERY;
     let mut stopping = false;
     while !stopping {
-        let mut group = Vec::new();
-        let first = tokio::time::timeout_at(expire_at.into(), rx.recv()).await;
-        match first {
-            Ok(Some(ToCommit::Id(p))) => group.push(p),
-            Ok(Some(ToCommit::Stop)) | Ok(None) => stopping = true,
+        let mut group = Group::default();
+        match tokio::time::timeout_at(expire_at.into(), rx.recv()).await {
+            Ok(Some(item)) => stopping = !group.add(item),
+            Ok(None) => stopping = true,
             Err(_) => {}
         }
         // Take what is queued, for at most `commit_interval`.
         let deadline = Instant::now() + interval;
-        while !stopping && !group.is_empty() && group.len() < MAX_GROUP && Instant::now() <= deadline {
+        while !stopping
+            && !group.records.is_empty()
+            && group.records.len() < MAX_GROUP
+            && Instant::now() <= deadline
+        {
             match rx.try_recv() {
-                Ok(ToCommit::Id(p)) => group.push(p),
-                Ok(ToCommit::Stop) => stopping = true,
+                Ok(item) => stopping = !group.add(item),
                 Err(_) => break,
             }
         }
@@ -617,10 +833,11 @@ async fn commit_loop(shared: Arc<Shared>, store: Store, mut rx: mpsc::Receiver<T
         if expire {
             expire_at = Instant::now() + EXPIRE_EVERY;
         }
-        if group.is_empty() && !expire {
+        if group.records.is_empty() && !expire {
             continue;
         }
-        let records: Vec<Record> = group.iter().map(|p| p.record).collect();
+        let records = std::mem::take(&mut group.records);
+        let count = records.len();
         // Only an expiry pass needs the shard list.
         let owned = if expire {
             shared.settings.owned.clone()
@@ -652,44 +869,42 @@ async fn commit_loop(shared: Arc<Shared>, store: Store, mut rx: mpsc::Receiver<T
         .expect("commit task panicked");
         store = Some(st);
         shared.metrics.expired_ids.fetch_add(expired as u64, Relaxed);
-        if group.is_empty() {
+        if count == 0 {
             continue;
         }
-        shared.metrics.pending.fetch_sub(group.len() as u64, Relaxed);
+        shared.metrics.pending.fetch_sub(count as u64, Relaxed);
+        let ok = result.is_ok();
         match result {
             Ok(()) => {
                 Metrics::inc(&shared.metrics.commits);
-                shared
-                    .metrics
-                    .committed_ids
-                    .fetch_add(group.len() as u64, Relaxed);
+                shared.metrics.committed_ids.fetch_add(count as u64, Relaxed);
                 shared
                     .metrics
                     .commit_micros
                     .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
-                for p in group {
-                    Metrics::inc(&shared.metrics.accepted);
-                    republish(&shared, p.record.shard, p.event).await;
-                    reply(&shared, p.reply, ACCEPTED).await;
-                }
             }
             Err(e) => {
                 Metrics::inc(&shared.metrics.store_errors);
-                tracing::error!(message = "Commit failed; its requests get 500.", ids = group.len(), error = %e);
-                for p in group {
-                    shared.dedup.table(p.record.shard).remove(p.record.fingerprint);
-                    reply_error(
-                        &shared,
-                        p.reply,
-                        500,
-                        "the store could not commit this event; retry",
-                    )
-                    .await;
-                }
+                tracing::error!(message = "Commit failed; its events get 500.", ids = count, error = %e);
+            }
+        }
+        for done in group.batches {
+            let _ = done.send(ok);
+        }
+        for p in group.singles {
+            if ok {
+                Metrics::inc(&shared.metrics.accepted);
+                republish(&shared, p.record.shard, p.event).await;
+                reply(&shared, p.reply, ACCEPTED).await;
+            } else {
+                shared.dedup.table(p.record.shard).remove(p.record.fingerprint);
+                reply_error(&shared, p.reply, 500, STORE_FAILED).await;
             }
         }
     }
 }
+
+const STORE_FAILED: &str = "the store could not commit this event; retry";
 
 /// Reclaims expired table entries a few segments at a time.
 async fn sweep_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {

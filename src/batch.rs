@@ -1,0 +1,210 @@
+//! The batch format of `<prefix>.batch`: a request carries newline-delimited
+//! events, the reply one verdict line per request line, in order.
+//!
+//! Request: events separated by `\n` (a `\r` before it is ignored; one final
+//! newline does not start another line). Every line gets exactly one entry,
+//! so entry `i` of the reply is the verdict on line `i`, blank lines
+//! included.
+//!
+//! Reply lines:
+//!
+//! | line | meaning |
+//! |---|---|
+//! | `1` | new: accepted and republished |
+//! | `0` | duplicate within the window |
+//! | `!<code> <reason>` | not decided: `400` bad event (reason as for single requests), `503` shard not ready or no owner, `500` the store failed; retry the line |
+//!
+//! A bad line never fails the others. Within one batch a repeated id is new
+//! on its first line and a duplicate after.
+//!
+//! ```
+//! use eventsieve::batch::{Entry, decode, encode};
+//!
+//! let reply = encode(&[Entry::New, Entry::Duplicate, Entry::error(400, "no event_id")]);
+//! assert_eq!(reply, b"1\n0\n!400 no event_id\n");
+//! assert_eq!(decode(&reply).unwrap()[2], Entry::error(400, "no event_id"));
+//! ```
+
+use std::fmt;
+
+/// The verdict on one line of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    New,
+    Duplicate,
+    /// Not decided; `code` is `400`, `500` or `503` as for single requests.
+    Error {
+        code: u16,
+        reason: String,
+    },
+}
+
+impl Entry {
+    pub fn error(code: u16, reason: impl Into<String>) -> Self {
+        Entry::Error {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The byte ranges of a batch's lines: `\n`-separated, a trailing `\r`
+/// stripped, one final newline not starting another line. An empty body has
+/// no lines.
+pub fn lines(body: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::with_capacity(body.len() / 128 + 1);
+    let mut start = 0;
+    while start < body.len() {
+        let end = body[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(body.len(), |i| start + i);
+        let trimmed = if end > start && body[end - 1] == b'\r' {
+            end - 1
+        } else {
+            end
+        };
+        out.push(start..trimmed);
+        start = end + 1;
+    }
+    out
+}
+
+/// Appends one entry's reply line to `out`.
+pub fn push(out: &mut Vec<u8>, entry: &Entry) {
+    match entry {
+        Entry::New => out.extend_from_slice(b"1\n"),
+        Entry::Duplicate => out.extend_from_slice(b"0\n"),
+        Entry::Error { code, reason } => {
+            out.push(b'!');
+            out.extend_from_slice(code.to_string().as_bytes());
+            out.push(b' ');
+            // A reason is one line.
+            out.extend(
+                reason
+                    .bytes()
+                    .map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+            );
+            out.push(b'\n');
+        }
+    }
+}
+
+/// The reply body for `entries`.
+pub fn encode(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * 2);
+    for e in entries {
+        push(&mut out, e);
+    }
+    out
+}
+
+/// A reply body that does not follow the format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    /// 0-based line of the reply.
+    pub line: usize,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "batch reply line {} is not `1`, `0` or `!<code> <reason>`",
+            self.line
+        )
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Reads a batch reply.
+///
+/// # Errors
+///
+/// [`DecodeError`] with the first line that is not an entry.
+pub fn decode(reply: &[u8]) -> Result<Vec<Entry>, DecodeError> {
+    lines(reply)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| decode_line(&reply[r]).ok_or(DecodeError { line: i }))
+        .collect()
+}
+
+fn decode_line(line: &[u8]) -> Option<Entry> {
+    match line {
+        b"1" => Some(Entry::New),
+        b"0" => Some(Entry::Duplicate),
+        [b'!', rest @ ..] => {
+            let text = std::str::from_utf8(rest).ok()?;
+            let (code, reason) = text.split_once(' ').unwrap_or((text, ""));
+            Some(Entry::error(code.parse().ok()?, reason))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn texts(body: &[u8]) -> Vec<&[u8]> {
+        lines(body).into_iter().map(|r| &body[r]).collect()
+    }
+
+    #[test]
+    fn lines_follow_ndjson_conventions() {
+        assert!(texts(b"").is_empty());
+        assert_eq!(texts(b"a"), [b"a"]);
+        assert_eq!(texts(b"a\n"), [b"a"]);
+        assert_eq!(texts(b"a\r\nb"), [&b"a"[..], b"b"]);
+        assert_eq!(texts(b"a\n\nb\n"), [&b"a"[..], b"", b"b"]);
+        assert_eq!(texts(b"\n"), [b""]);
+        assert_eq!(texts(b"a\n\n"), [&b"a"[..], b""]);
+    }
+
+    #[test]
+    fn a_reason_stays_on_its_line() {
+        let reply = encode(&[Entry::error(400, "two\nlines"), Entry::New]);
+        assert_eq!(
+            decode(&reply).unwrap(),
+            [Entry::error(400, "two lines"), Entry::New]
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_errors() {
+        assert_eq!(decode(b"1\nx\n"), Err(DecodeError { line: 1 }));
+        assert_eq!(decode(b"!abc reason\n"), Err(DecodeError { line: 0 }));
+        assert_eq!(decode(b"").unwrap(), []);
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        prop_oneof![
+            Just(Entry::New),
+            Just(Entry::Duplicate),
+            (100u16..600, "[ -~]{0,40}").prop_map(|(c, r)| Entry::error(c, r)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn encode_then_decode_is_identity(entries in proptest::collection::vec(entry(), 0..50)) {
+            prop_assert_eq!(decode(&encode(&entries)).unwrap(), entries);
+        }
+
+        #[test]
+        fn lines_rejoin_to_the_body(body in proptest::collection::vec(
+            prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'a'), Just(b'{')], 0..64)) {
+            // Every byte is in a line or is a separator (newline or the `\r` before one).
+            let ranges = lines(&body);
+            let covered: usize = ranges.iter().map(|r| r.len()).sum();
+            let separators = body.len() - covered;
+            prop_assert!(separators <= 2 * ranges.len());
+            for r in &ranges {
+                prop_assert!(!body[r.clone()].contains(&b'\n'));
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! `dedup.batch` against a real nats-server: a verdict per line in order,
+//! bad lines isolated, republish, and sub-batches forwarded between two
+//! sidecars that split the shards.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use async_nats::Client;
+use common::*;
+use eventsieve::batch::{self, Entry};
+use eventsieve::config::Durability;
+use eventsieve::service;
+use futures_util::StreamExt;
+
+async fn ask_batch(client: &Client, subject: &str, lines: &[Vec<u8>]) -> Vec<Entry> {
+    let body = lines.join(&b'\n');
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(subject.to_string(), body.into()),
+    )
+    .await
+    .expect("reply within 10 s")
+    .expect("request");
+    assert!(reply.headers.is_none(), "a batch reply has no error headers");
+    batch::decode(&reply.payload).expect("reply in the batch format")
+}
+
+fn line(id: &str) -> Vec<u8> {
+    event(id).to_vec()
+}
+
+fn assert_error(entry: &Entry, code: u16, reason: &str) {
+    match entry {
+        Entry::Error { code: c, reason: r } => {
+            assert_eq!(*c, code, "{r}");
+            assert!(r.contains(reason), "{r:?} should mention {reason:?}");
+        }
+        other => panic!("expected {code} error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_gets_one_verdict_per_line_in_order_and_bad_lines_change_nothing() {
+    let server = NatsServer::start();
+    let (_data, running) = start_sidecar(&server, "1h", Durability::Local).await;
+    let client = server.client().await;
+    let mut out = client.subscribe("events.unique.*").await.unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(
+        ask(&client, "dedup.ingest.b0", event("b0")).await,
+        Answer::Verdict(true)
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), out.next())
+        .await
+        .unwrap();
+
+    let lines = vec![
+        line("b1"),
+        line("b2"),
+        line("b1"),
+        b"not json".to_vec(),
+        Vec::new(),
+        line("b0"),
+        br#"{"event_id":"b-3"}"#.to_vec(),
+        br#"{"event_id":"b3","x":[1,2,3]}"#.to_vec(),
+    ];
+    let entries = ask_batch(&client, "dedup.batch", &lines).await;
+    assert_eq!(entries.len(), lines.len());
+    assert_eq!(entries[0], Entry::New);
+    assert_eq!(entries[1], Entry::New);
+    assert_eq!(entries[2], Entry::Duplicate, "a repeat within the batch");
+    assert_error(&entries[3], 400, "not valid JSON");
+    assert_error(&entries[4], 400, "");
+    assert_eq!(
+        entries[5],
+        Entry::Duplicate,
+        "accepted earlier by a single request"
+    );
+    assert_error(&entries[6], 400, "a-z, A-Z and 0-9");
+    assert_eq!(entries[7], Entry::New);
+
+    // Exactly the three new lines are republished, byte for byte.
+    let mut seen = HashSet::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), out.next())
+            .await
+            .expect("republished")
+            .unwrap();
+        assert!(seen.insert(m.payload.to_vec()));
+    }
+    let want: HashSet<Vec<u8>> = [0, 1, 7].iter().map(|&i| lines[i].clone()).collect();
+    assert_eq!(seen, want);
+    assert_silent(&mut out, "nothing else republished").await;
+
+    // Single requests agree with the batch; the bad line's id stayed new.
+    for (id, want) in [("b1", false), ("b2", false), ("b3", false), ("b", true)] {
+        assert_eq!(
+            ask(&client, &format!("dedup.ingest.{id}"), event(id)).await,
+            Answer::Verdict(want),
+            "{id}"
+        );
+    }
+    // A trailing newline adds no entry; a lone newline is one empty line;
+    // an empty batch gets an empty reply.
+    let reply = client
+        .request("dedup.batch", "{\"event_id\":\"b4\"}\n".into())
+        .await
+        .unwrap();
+    assert_eq!(batch::decode(&reply.payload).unwrap(), [Entry::New]);
+    let reply = client.request("dedup.batch", "\n".into()).await.unwrap();
+    let entries = batch::decode(&reply.payload).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_error(&entries[0], 400, "");
+    let reply = client.request("dedup.batch", "".into()).await.unwrap();
+    assert!(reply.payload.is_empty());
+    assert_eq!(running.metrics().batches.load(Relaxed), 4);
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_verdicts_survive_a_restart() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let s = settings(&server, data.path(), "1h", Durability::Local);
+    let running = service::start(s.clone()).await.unwrap();
+    let client = server.client().await;
+    let lines: Vec<Vec<u8>> = (0..2000).map(|i| line(&format!("d{i}"))).collect();
+    let entries = ask_batch(&client, "dedup.batch", &lines).await;
+    assert!(entries.iter().all(|e| *e == Entry::New));
+    running.shutdown().await.unwrap();
+
+    let running = service::start(s).await.unwrap();
+    let entries = ask_batch(&client, "dedup.batch", &lines).await;
+    assert!(entries.iter().all(|e| *e == Entry::Duplicate), "{entries:?}");
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecars_forward_sub_batches_and_merge_verdicts_in_order() {
+    let server = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut low = settings(&server, d1.path(), "1h", Durability::Local);
+    low.owned = (0..16).collect();
+    let mut high = settings(&server, d2.path(), "1h", Durability::Local);
+    high.owned = (16..32).collect();
+    let first = service::start(low).await.unwrap();
+    let second = service::start(high).await.unwrap();
+    let client = server.client().await;
+    let mut out = client.subscribe("events.unique.*").await.unwrap();
+    client.flush().await.unwrap();
+
+    // 400 ids over all 32 shards, each twice, interleaved with bad lines.
+    let ids: Vec<String> = (0..400).map(|i| format!("f{i}")).collect();
+    let mut lines = Vec::new();
+    for id in ids.iter().chain(ids.iter()) {
+        lines.push(line(id));
+        if lines.len() % 50 == 0 {
+            lines.push(b"{}".to_vec());
+        }
+    }
+    let entries = ask_batch(&client, "dedup.batch", &lines).await;
+    assert_eq!(entries.len(), lines.len());
+    let mut first_seen = HashSet::new();
+    for (l, e) in lines.iter().zip(&entries) {
+        if l.as_slice() == b"{}" {
+            assert_error(e, 400, "no top-level");
+        } else if first_seen.insert(l.clone()) {
+            assert_eq!(*e, Entry::New, "{}", String::from_utf8_lossy(l));
+        } else {
+            assert_eq!(*e, Entry::Duplicate, "{}", String::from_utf8_lossy(l));
+        }
+    }
+    let forwarded = first.metrics().forwarded.load(Relaxed) + second.metrics().forwarded.load(Relaxed);
+    assert!(
+        forwarded >= 300,
+        "about half the lines are forwarded, got {forwarded}"
+    );
+    let mut republished = 0;
+    while republished < ids.len() {
+        tokio::time::timeout(Duration::from_secs(5), out.next())
+            .await
+            .expect("republished")
+            .unwrap();
+        republished += 1;
+    }
+    assert_silent(&mut out, "each new line republished once").await;
+
+    // A sub-batch reaching a node that does not own its shard is not forwarded again.
+    let shard_of_f0 = eventsieve::shard::shard_of("f0", 32);
+    let wrong = if shard_of_f0 < 16 { 16 } else { 0 };
+    let entries = ask_batch(&client, &format!("dedup.shard.{wrong}._batch"), &[line("f0")]).await;
+    assert_error(&entries[0], 503, "not owned");
+
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+}
