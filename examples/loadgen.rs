@@ -1,238 +1,543 @@
-//! Bounded load generator: single-event verdict requests against a running
-//! sidecar, and in the same run a trivial NATS responder as the baseline.
+//! Bounded load generator: verdict requests (single events or batches)
+//! against a running sidecar and, in the same run on the same server, two
+//! baselines: raw request-reply against a trivial responder with the same
+//! concurrency and payloads, and JetStream's own dedup (`Nats-Msg-Id` on a
+//! stream whose `duplicate_window` is the window).
 //!
 //! ```text
 //! cargo run --release --example loadgen -- [--url nats://127.0.0.1:4222]
-//!     [--seconds 10] [--max-requests 5000000] [--inflight 64]
-//!     [--dup-ratio 0.5] [--size 200] [--no-baseline] [--json]
+//!     [--seconds 10] [--baseline-seconds S] [--max-events 50000000]
+//!     [--inflight 64] [--batch 0] [--dup-ratio 0.5] [--id-space N]
+//!     [--size 200 | --size 20-4096] [--window 7d]
+//!     [--baselines raw,jetstream | --no-baseline]
+//!     [--metrics 127.0.0.1:9464] [--json]
 //! ```
 //!
-//! Each worker keeps one request in flight. A fresh id must come back `true`;
-//! a duplicate (an id this worker already saw accepted) must come back
-//! `false`; any other answer is counted as a mismatch.
+//! - `--batch N` sends N events per request to `dedup.batch` (0: one event
+//!   per request to `dedup.ingest.<id>`).
+//! - `--size A-B` draws sizes log-uniformly between A and B bytes.
+//! - `--id-space N` caps the distinct ids each run sends; once spent, every
+//!   event is a duplicate.
+//!
+//! Every answer is checked: an id this worker has not sent must come back
+//! new, one it saw accepted must come back a duplicate; anything else is
+//! counted as wrong. The sidecar's memory (`RssAnon`, `RssFile`) and live
+//! ids are read from its metrics endpoint after its run.
 
 use std::time::{Duration, Instant};
 
-use async_nats::Client;
+use async_nats::{Client, HeaderMap, jetstream};
 use bytes::Bytes;
+use eventsieve::batch::{self, Entry};
+use futures_util::StreamExt;
 
+#[derive(Clone)]
 struct Args {
     url: String,
     seconds: u64,
-    max_requests: u64,
+    baseline_seconds: u64,
+    max_events: u64,
     inflight: usize,
+    batch: usize,
     dup_ratio: f64,
-    size: usize,
-    baseline: bool,
+    id_space: u64,
+    size: (usize, usize),
+    window: Duration,
+    raw: bool,
+    jetstream: bool,
+    metrics: String,
     json: bool,
+}
+
+fn usage(problem: &str) -> ! {
+    eprintln!("loadgen: {problem}; see the header of examples/loadgen.rs");
+    std::process::exit(2)
 }
 
 fn args() -> Args {
     let mut a = Args {
         url: "nats://127.0.0.1:4222".into(),
         seconds: 10,
-        max_requests: 5_000_000,
+        baseline_seconds: 0,
+        max_events: 50_000_000,
         inflight: 64,
+        batch: 0,
         dup_ratio: 0.5,
-        size: 200,
-        baseline: true,
+        id_space: u64::MAX,
+        size: (200, 200),
+        window: Duration::from_secs(7 * 86_400),
+        raw: true,
+        jetstream: true,
+        metrics: "127.0.0.1:9464".into(),
         json: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
+        };
+        fn num<T: std::str::FromStr>(flag: &str, v: String) -> T {
+            v.parse()
+                .unwrap_or_else(|_| usage(&format!("{flag}: {v:?} is not a number")))
+        }
         match flag.as_str() {
             "--url" => a.url = value(),
-            "--seconds" => a.seconds = value().parse().expect("--seconds: a number"),
-            "--max-requests" => a.max_requests = value().parse().expect("--max-requests: a number"),
-            "--inflight" => a.inflight = value().parse().expect("--inflight: a number"),
-            "--dup-ratio" => a.dup_ratio = value().parse().expect("--dup-ratio: 0..1"),
-            "--size" => a.size = value().parse().expect("--size: bytes"),
-            "--no-baseline" => a.baseline = false,
+            "--seconds" => a.seconds = num(&flag, value()),
+            "--baseline-seconds" => a.baseline_seconds = num(&flag, value()),
+            "--max-events" => a.max_events = num(&flag, value()),
+            "--inflight" => a.inflight = num(&flag, value()),
+            "--batch" => a.batch = num(&flag, value()),
+            "--dup-ratio" => a.dup_ratio = num(&flag, value()),
+            "--id-space" => a.id_space = num(&flag, value()),
+            "--size" => {
+                let v = value();
+                a.size = match v.split_once('-') {
+                    Some((lo, hi)) => (num(&flag, lo.into()), num(&flag, hi.into())),
+                    None => {
+                        let n = num(&flag, v);
+                        (n, n)
+                    }
+                };
+            }
+            "--window" => {
+                let v = value();
+                a.window = Duration::from_millis(
+                    eventsieve::config::parse_duration_ms(&v)
+                        .unwrap_or_else(|| usage(&format!("--window: {v:?} is not like 90s, 5m, 7d"))),
+                );
+            }
+            "--baselines" => {
+                let v = value();
+                a.raw = v.split(',').any(|b| b == "raw");
+                a.jetstream = v.split(',').any(|b| b == "jetstream");
+            }
+            "--no-baseline" => (a.raw, a.jetstream) = (false, false),
+            "--metrics" => a.metrics = value(),
             "--json" => a.json = true,
-            other => panic!("unknown flag {other}; see the header of examples/loadgen.rs"),
+            other => usage(&format!("unknown flag {other}")),
         }
+    }
+    if a.inflight == 0 || a.size.0 == 0 || a.size.0 > a.size.1 || !(0.0..=1.0).contains(&a.dup_ratio) {
+        usage("--inflight must be positive, --size A-B with 0 < A <= B, --dup-ratio in 0..1");
+    }
+    if a.baseline_seconds == 0 {
+        a.baseline_seconds = a.seconds;
     }
     a
 }
 
+/// Where a run sends its events.
+#[derive(Clone)]
+enum Target {
+    /// A responder that answers every request `ok`.
+    Raw,
+    /// The sidecar.
+    Sidecar,
+    /// `Nats-Msg-Id` publishes to a stream that deduplicates.
+    JetStream(jetstream::Context),
+}
+
+/// What one run counted.
 #[derive(Default)]
 struct Tally {
+    requests: u64,
+    events: u64,
     latencies_us: Vec<u32>,
-    fresh_true: u64,
-    dup_false: u64,
-    mismatches: u64,
+    fresh_new: u64,
+    dup_dup: u64,
+    wrong: u64,
     errors: u64,
 }
 
-/// A `size`-byte event with this id (padding in a field).
-fn event(id: &str, size: usize) -> Bytes {
-    let head = format!(r#"{{"event_id":"{id}","kind":"load","pad":""#);
-    let pad = size.saturating_sub(head.len() + 2);
-    Bytes::from(format!("{head}{}\"}}", "x".repeat(pad)))
+impl Tally {
+    fn merge(&mut self, t: Tally) {
+        self.requests += t.requests;
+        self.events += t.events;
+        self.latencies_us.extend(t.latencies_us);
+        self.fresh_new += t.fresh_new;
+        self.dup_dup += t.dup_dup;
+        self.wrong += t.wrong;
+        self.errors += t.errors;
+    }
 }
 
-/// Runs `inflight` workers until the deadline or the request budget.
-async fn drive(client: &Client, a: &Args, subject_of: fn(&str) -> String, run: &str) -> (Tally, Duration) {
-    let deadline = Instant::now() + Duration::from_secs(a.seconds);
-    let per_worker = a.max_requests / a.inflight as u64;
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for w in 0..a.inflight {
-        let (client, size, dup_ratio, run) = (client.clone(), a.size, a.dup_ratio, run.to_string());
-        workers.push(tokio::spawn(async move {
-            let mut t = Tally::default();
-            let mut accepted: Vec<u64> = Vec::new();
-            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ w as u64;
-            for n in 0..per_worker {
-                if Instant::now() >= deadline {
-                    break;
-                }
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let dup = !accepted.is_empty() && (rng % 1000) < (dup_ratio * 1000.0) as u64;
-                let k = if dup {
-                    accepted[(rng >> 20) as usize % accepted.len()]
-                } else {
-                    n
-                };
-                let id = format!("{run}w{w}n{k}");
-                let sent = Instant::now();
-                let reply = client.request(subject_of(&id), event(&id, size)).await;
-                t.latencies_us.push(sent.elapsed().as_micros() as u32);
-                match reply.as_ref().map(|r| &r.payload[..]) {
-                    Ok(br#"{"accepted":true}"#) if !dup => {
-                        t.fresh_true += 1;
-                        accepted.push(k);
-                    }
-                    Ok(br#"{"accepted":false}"#) if dup => t.dup_false += 1,
-                    Ok(b"ok") => t.fresh_true += 1,
-                    Ok(_) => t.mismatches += 1,
-                    Err(_) => t.errors += 1,
+/// xorshift64: cheap, deterministic per worker.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() % 1_000_000) < (p * 1_000_000.0) as u64
+    }
+
+    /// Log-uniform in `lo..=hi`.
+    fn size(&mut self, (lo, hi): (usize, usize)) -> usize {
+        if lo == hi {
+            return lo;
+        }
+        let f = (self.next() % 1_000_000) as f64 / 1_000_000.0;
+        ((lo as f64).ln() + f * ((hi as f64).ln() - (lo as f64).ln())).exp() as usize
+    }
+}
+
+/// An event of about `size` bytes with this id (padding in a field; never
+/// shorter than the id needs).
+fn event(out: &mut Vec<u8>, id: &str, size: usize) {
+    const PAD: &[u8] = &[b'x'; 8192];
+    let head = format!(r#"{{"event_id":"{id}","kind":"load","pad":""#);
+    out.extend_from_slice(head.as_bytes());
+    let mut pad = size.saturating_sub(head.len() + 2);
+    while pad > 0 {
+        let n = pad.min(PAD.len());
+        out.extend_from_slice(&PAD[..n]);
+        pad -= n;
+    }
+    out.extend_from_slice(b"\"}");
+}
+
+/// One worker: keeps one request in flight until the deadline or its share
+/// of the event budget.
+async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, seconds: u64) -> Tally {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    // JetStream takes one event per message.
+    let per_request = match target {
+        Target::JetStream(_) => 1,
+        _ => a.batch.max(1),
+    };
+    let budget = a.max_events / a.inflight as u64;
+    let id_budget = a.id_space / a.inflight as u64;
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let mut t = Tally::default();
+    let mut accepted: Vec<u64> = Vec::new();
+    let mut fresh = 0u64;
+    let mut ids: Vec<(u64, bool)> = Vec::with_capacity(per_request);
+    let mut body = Vec::new();
+    while t.events < budget && Instant::now() < deadline {
+        ids.clear();
+        for _ in 0..per_request {
+            let dup = !accepted.is_empty() && (fresh >= id_budget || rng.chance(a.dup_ratio));
+            if dup {
+                ids.push((accepted[(rng.next() >> 16) as usize % accepted.len()], true));
+            } else {
+                ids.push((fresh, false));
+                fresh += 1;
+            }
+        }
+        let id = |k: u64| format!("{tag}w{w}n{k}");
+        let sent = Instant::now();
+        // Per event: Some(true) new, Some(false) duplicate, None no verdict (raw).
+        let verdicts: Result<Vec<Option<bool>>, String> = match &target {
+            Target::JetStream(js) => {
+                let (k, _) = ids[0];
+                body.clear();
+                event(&mut body, &id(k), rng.size(a.size));
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Msg-Id", id(k).as_str());
+                let subject = format!("loadgen.js.{tag}.{w}");
+                match js
+                    .publish_with_headers(subject, headers, body.clone().into())
+                    .await
+                {
+                    Ok(ack) => ack
+                        .await
+                        .map(|ack| vec![Some(!ack.duplicate)])
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
                 }
             }
-            t
-        }));
+            Target::Raw | Target::Sidecar => {
+                body.clear();
+                for (i, &(k, _)) in ids.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b'\n');
+                    }
+                    event(&mut body, &id(k), rng.size(a.size));
+                }
+                let subject = match (&target, a.batch) {
+                    (Target::Raw, _) => format!("loadgen.echo.{tag}"),
+                    (_, 0) => format!("dedup.ingest.{}", id(ids[0].0)),
+                    _ => "dedup.batch".to_string(),
+                };
+                match client.request(subject, body.clone().into()).await {
+                    Err(e) => Err(e.to_string()),
+                    Ok(reply) => match (&target, a.batch) {
+                        (Target::Raw, _) => Ok(vec![None; ids.len()]),
+                        (_, 0) => match &reply.payload[..] {
+                            br#"{"accepted":true}"# => Ok(vec![Some(true)]),
+                            br#"{"accepted":false}"# => Ok(vec![Some(false)]),
+                            other => Err(String::from_utf8_lossy(other).into_owned()),
+                        },
+                        _ => batch::decode(&reply.payload)
+                            .map_err(|e| e.to_string())
+                            .map(|entries| {
+                                entries
+                                    .into_iter()
+                                    .map(|e| match e {
+                                        Entry::New => Some(true),
+                                        Entry::Duplicate => Some(false),
+                                        Entry::Error { .. } => None,
+                                    })
+                                    .collect()
+                            }),
+                    },
+                }
+            }
+        };
+        t.latencies_us.push(sent.elapsed().as_micros() as u32);
+        t.requests += 1;
+        t.events += ids.len() as u64;
+        match verdicts {
+            Err(_) => t.errors += ids.len() as u64,
+            Ok(v) if v.len() != ids.len() => t.wrong += ids.len() as u64,
+            Ok(v) => {
+                for (&(k, dup), verdict) in ids.iter().zip(v) {
+                    match (verdict, dup, &target) {
+                        (None, true, Target::Raw) => t.dup_dup += 1,
+                        (None, false, Target::Raw) => t.fresh_new += 1,
+                        (Some(true), false, _) => {
+                            t.fresh_new += 1;
+                            accepted.push(k);
+                        }
+                        (Some(false), true, _) => t.dup_dup += 1,
+                        (Some(false), false, _) | (Some(true), true, _) | (None, _, _) => t.wrong += 1,
+                    }
+                }
+                if let Target::Raw = target {
+                    // The responder accepts everything; remember fresh ids so
+                    // duplicates are drawn as in the other runs.
+                    accepted.extend(ids.iter().filter(|(_, d)| !d).map(|(k, _)| *k));
+                }
+            }
+        }
     }
+    t
+}
+
+/// Runs `inflight` workers against `target` and returns the merged tally.
+async fn drive(client: &Client, target: Target, a: &Args, tag: &str, seconds: u64) -> (Tally, Duration) {
+    let started = Instant::now();
+    let workers: Vec<_> = (0..a.inflight)
+        .map(|w| {
+            tokio::spawn(worker(
+                client.clone(),
+                target.clone(),
+                a.clone(),
+                tag.to_string(),
+                w,
+                seconds,
+            ))
+        })
+        .collect();
     let mut all = Tally::default();
     for w in workers {
-        let t = w.await.expect("worker");
-        all.latencies_us.extend(t.latencies_us);
-        all.fresh_true += t.fresh_true;
-        all.dup_false += t.dup_false;
-        all.mismatches += t.mismatches;
-        all.errors += t.errors;
+        all.merge(w.await.expect("worker panicked"));
     }
     (all, started.elapsed())
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
-}
-
 struct Row {
-    name: &'static str,
-    rate: f64,
+    name: String,
+    events_per_s: f64,
+    requests_per_s: f64,
     p50: f64,
     p99: f64,
     p999: f64,
     tally: Tally,
 }
 
-fn row(name: &'static str, mut tally: Tally, elapsed: Duration) -> Row {
+fn row(name: String, mut tally: Tally, elapsed: Duration) -> Row {
     tally.latencies_us.sort_unstable();
     let l = &tally.latencies_us;
+    let pct = |p: f64| {
+        l.get(((l.len().max(1) - 1) as f64 * p).round() as usize)
+            .map_or(0.0, |&us| us as f64 / 1000.0)
+    };
     Row {
         name,
-        rate: l.len() as f64 / elapsed.as_secs_f64(),
-        p50: percentile(l, 0.5),
-        p99: percentile(l, 0.99),
-        p999: percentile(l, 0.999),
+        events_per_s: tally.events as f64 / elapsed.as_secs_f64(),
+        requests_per_s: tally.requests as f64 / elapsed.as_secs_f64(),
+        p50: pct(0.5),
+        p99: pct(0.99),
+        p999: pct(0.999),
         tally,
     }
+}
+
+/// The sidecar's memory and live ids from its Prometheus endpoint.
+#[derive(Debug, Clone, Copy, Default)]
+struct Memory {
+    rss_anon: f64,
+    rss_file: f64,
+    live_ids: f64,
+    table_bytes: f64,
+}
+
+fn scrape(addr: &str) -> Result<Memory, String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let get = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .ok_or_else(|| format!("{name} missing from {addr}"))
+    };
+    Ok(Memory {
+        rss_anon: get("eventsieve_rss_anon_bytes")?,
+        rss_file: get("eventsieve_rss_file_bytes")?,
+        live_ids: get("eventsieve_table_live_ids")?,
+        table_bytes: get("eventsieve_table_bytes")?,
+    })
 }
 
 #[tokio::main]
 async fn main() -> Result<(), async_nats::Error> {
     let a = args();
-    let client = async_nats::connect(&a.url).await?;
-    let run = format!(
+    let client = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 16)
+        .connect(&a.url)
+        .await?;
+    let tag = format!(
         "{:x}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis()
     );
+    let mode = if a.batch == 0 {
+        "single".to_string()
+    } else {
+        format!("batch of {}", a.batch)
+    };
     let mut rows = Vec::new();
 
-    if a.baseline {
-        // Trivial responder: answers every request with "ok", nothing else.
+    if a.raw {
         let responder = async_nats::connect(&a.url).await?;
-        let mut sub = responder.subscribe("loadgen.echo.*").await?;
+        let mut sub = responder.subscribe(format!("loadgen.echo.{tag}")).await?;
         responder.flush().await?;
         let echo = tokio::spawn(async move {
-            use futures_util::StreamExt;
             while let Some(m) = sub.next().await {
                 if let Some(reply) = m.reply {
                     let _ = responder.publish(reply, Bytes::from_static(b"ok")).await;
                 }
             }
         });
-        let (t, elapsed) = drive(&client, &a, |id| format!("loadgen.echo.{id}"), &run).await;
-        rows.push(row("raw request-reply (trivial responder)", t, elapsed));
+        let (t, elapsed) = drive(&client, Target::Raw, &a, &tag, a.baseline_seconds).await;
+        rows.push(row(format!("raw request-reply ({mode})"), t, elapsed));
         echo.abort();
     }
-    let (t, elapsed) = drive(&client, &a, |id| format!("dedup.ingest.{id}"), &run).await;
-    rows.push(row("eventsieve single-event verdicts", t, elapsed));
+    if a.jetstream {
+        let js = jetstream::new(client.clone());
+        let name = format!("LOADGEN_{tag}");
+        js.create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("loadgen.js.{tag}.>")],
+            duplicate_window: a.window,
+            max_age: a.window,
+            ..Default::default()
+        })
+        .await?;
+        let (t, elapsed) = drive(
+            &client,
+            Target::JetStream(js.clone()),
+            &a,
+            &tag,
+            a.baseline_seconds,
+        )
+        .await;
+        rows.push(row("JetStream Nats-Msg-Id dedup (single)".into(), t, elapsed));
+        js.delete_stream(&name).await?;
+    }
+    let (t, elapsed) = drive(&client, Target::Sidecar, &a, &tag, a.seconds).await;
+    rows.push(row(format!("eventsieve ({mode})"), t, elapsed));
+    let memory = scrape(&a.metrics);
 
+    let ours = rows.last().expect("the sidecar run");
+    let ratio = |name: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(name))
+            .map(|b| (ours.events_per_s / b.events_per_s, ours.p99 / b.p99))
+    };
     if a.json {
         let list: Vec<serde_json::Value> = rows
             .iter()
             .map(|r| {
                 serde_json::json!({
-                    "name": r.name, "requests_per_s": r.rate, "p50_ms": r.p50, "p99_ms": r.p99,
-                    "p999_ms": r.p999, "requests": r.tally.latencies_us.len(),
-                    "fresh_true": r.tally.fresh_true, "dup_false": r.tally.dup_false,
-                    "mismatches": r.tally.mismatches, "errors": r.tally.errors,
+                    "name": r.name, "events_per_s": r.events_per_s, "requests_per_s": r.requests_per_s,
+                    "p50_ms": r.p50, "p99_ms": r.p99, "p999_ms": r.p999,
+                    "requests": r.tally.requests, "events": r.tally.events,
+                    "fresh_new": r.tally.fresh_new, "dup_duplicate": r.tally.dup_dup,
+                    "wrong": r.tally.wrong, "errors": r.tally.errors,
                 })
             })
             .collect();
+        let memory = match &memory {
+            Ok(m) => serde_json::json!({
+                "rss_anon_bytes": m.rss_anon, "rss_file_bytes": m.rss_file, "live_ids": m.live_ids,
+                "table_bytes": m.table_bytes,
+                "anon_bytes_per_live_id": m.rss_anon / m.live_ids.max(1.0),
+            }),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
         println!(
             "{}",
-            serde_json::json!({ "inflight": a.inflight, "size": a.size, "dup_ratio": a.dup_ratio, "runs": list })
+            serde_json::json!({
+                "inflight": a.inflight, "batch": a.batch, "size": [a.size.0, a.size.1],
+                "dup_ratio": a.dup_ratio, "runs": list, "sidecar_memory": memory,
+                "ratio_to_raw": ratio("raw").map(|r| r.0), "p99_ratio_to_raw": ratio("raw").map(|r| r.1),
+                "ratio_to_jetstream": ratio("JetStream").map(|r| r.0),
+            })
         );
         return Ok(());
     }
     println!(
-        "inflight={} size={}B dup_ratio={} seconds<={} max_requests={}",
-        a.inflight, a.size, a.dup_ratio, a.seconds, a.max_requests
+        "mode={mode} inflight={} size={}-{}B dup_ratio={} seconds={} (baselines {}) max_events={}",
+        a.inflight, a.size.0, a.size.1, a.dup_ratio, a.seconds, a.baseline_seconds, a.max_events
     );
     println!(
-        "{:<40} {:>12} {:>8} {:>8} {:>9} {:>10} {:>10} {:>6}",
-        "run", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "new=true", "dup=false", "wrong"
+        "{:<40} {:>11} {:>10} {:>8} {:>8} {:>9} {:>10} {:>10} {:>6} {:>6}",
+        "run", "events/s", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "new=new", "dup=dup", "wrong", "errors"
     );
     for r in &rows {
         println!(
-            "{:<40} {:>12.0} {:>8.3} {:>8.3} {:>9.3} {:>10} {:>10} {:>6}",
+            "{:<40} {:>11.0} {:>10.0} {:>8.3} {:>8.3} {:>9.3} {:>10} {:>10} {:>6} {:>6}",
             r.name,
-            r.rate,
+            r.events_per_s,
+            r.requests_per_s,
             r.p50,
             r.p99,
             r.p999,
-            r.tally.fresh_true,
-            r.tally.dup_false,
-            r.tally.mismatches + r.tally.errors
+            r.tally.fresh_new,
+            r.tally.dup_dup,
+            r.tally.wrong,
+            r.tally.errors
         );
     }
-    if let [base, ours] = &rows[..] {
-        println!(
-            "ratio eventsieve/raw: rate {:.2}x, p99 {:.2}x",
-            ours.rate / base.rate,
-            ours.p99 / base.p99
-        );
+    if let Some((rate, p99)) = ratio("raw") {
+        println!("eventsieve / raw request-reply: events/s {rate:.2}x, p99 {p99:.2}x");
+    }
+    if let Some((rate, p99)) = ratio("JetStream") {
+        println!("eventsieve / JetStream dedup:   events/s {rate:.2}x, p99 {p99:.2}x");
+    }
+    match memory {
+        Ok(m) => println!(
+            "sidecar memory: RssAnon {:.1} MiB, RssFile {:.1} MiB, live ids {:.0}: {:.1} anon bytes per live id (tables {:.1})",
+            m.rss_anon / 1048576.0,
+            m.rss_file / 1048576.0,
+            m.live_ids,
+            m.rss_anon / m.live_ids.max(1.0),
+            m.table_bytes / m.live_ids.max(1.0),
+        ),
+        Err(e) => println!("sidecar memory: metrics endpoint not readable ({e})"),
     }
     Ok(())
 }

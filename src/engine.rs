@@ -179,7 +179,10 @@ impl Deduplicator {
     ) {
         let mut table = self.table(shard);
         table.check_and_insert_batch(fps, now_ms, out);
-        let sweeps = fps.iter().filter(|fp| (fp.lo as u32).is_multiple_of(SWEEP_EVERY)).count();
+        let sweeps = fps
+            .iter()
+            .filter(|fp| (fp.lo as u32).is_multiple_of(SWEEP_EVERY))
+            .count();
         if sweeps > 0 {
             table.sweep(now_ms, sweeps);
         }
@@ -224,6 +227,11 @@ impl Deduplicator {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Ids alive at `now_ms` across shards (a scan of every table).
+    pub fn live(&self, now_ms: u64) -> usize {
+        (0..self.config.shards).map(|s| self.table(s).live(now_ms)).sum()
     }
 
     /// Heap bytes held by the tables.

@@ -168,6 +168,25 @@ impl Metrics {
             &[("", dedup.memory_bytes() as f64)],
         );
         metric(
+            "table_live_ids",
+            "gauge",
+            "Ids remembered within the window.",
+            &[("", dedup.live(crate::engine::unix_ms()) as f64)],
+        );
+        let (anon, file) = rss_bytes();
+        metric(
+            "rss_anon_bytes",
+            "gauge",
+            "Resident anonymous memory of the process (RssAnon): tables, buffers, heap.",
+            &[("", anon as f64)],
+        );
+        metric(
+            "rss_file_bytes",
+            "gauge",
+            "Resident file-backed memory (RssFile): mostly LMDB pages, reclaimable page cache.",
+            &[("", file as f64)],
+        );
+        metric(
             "uptime_seconds",
             "gauge",
             "Seconds since start.",
@@ -175,6 +194,20 @@ impl Metrics {
         );
         out
     }
+}
+
+/// `RssAnon` and `RssFile` of this process in bytes (0 where
+/// `/proc/self/status` does not say).
+pub fn rss_bytes() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("RssAnon:"), field("RssFile:"))
 }
 
 /// Serves the metrics until the task is dropped.
@@ -198,5 +231,39 @@ pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + S
             let _ = conn.write_all(body.as_bytes()).await;
             let _ = conn.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EngineConfig, unix_ms};
+
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn render_reports_live_ids_and_resident_memory() {
+        let dedup = Deduplicator::new(EngineConfig::default());
+        for i in 0..1000 {
+            let event = format!(r#"{{"event_id":"m{}"}}"#, i % 700);
+            let keyed = dedup.key(event.as_bytes()).unwrap();
+            dedup.check_and_insert(&keyed, unix_ms());
+        }
+        let metrics = Metrics::default();
+        metrics.accepted.store(700, Relaxed);
+        let text = metrics.render(&dedup, Instant::now());
+        assert_eq!(sample(&text, "eventsieve_table_live_ids"), 700.0);
+        assert_eq!(
+            sample(&text, "eventsieve_verdicts_total{verdict=\"accepted\"}"),
+            700.0
+        );
+        assert!(sample(&text, "eventsieve_rss_anon_bytes") > 0.0);
+        assert!(text.contains("# TYPE eventsieve_rss_file_bytes gauge"));
     }
 }
