@@ -187,13 +187,14 @@ impl Rng {
     }
 }
 
-/// An event of about `size` bytes with this id (padding in a field; never
-/// shorter than the id needs).
-fn event(out: &mut Vec<u8>, id: &str, size: usize) {
+/// Appends an event of about `size` bytes with id `<tag>w<w>n<k>` (padding
+/// in a field; never shorter than the id needs).
+fn event(out: &mut Vec<u8>, (tag, w, k): (&str, usize, u64), size: usize) {
+    use std::io::Write;
     const PAD: &[u8] = &[b'x'; 8192];
-    let head = format!(r#"{{"event_id":"{id}","kind":"load","pad":""#);
-    out.extend_from_slice(head.as_bytes());
-    let mut pad = size.saturating_sub(head.len() + 2);
+    let start = out.len();
+    write!(out, r#"{{"event_id":"{tag}w{w}n{k}","kind":"load","pad":""#).expect("write to a Vec");
+    let mut pad = size.saturating_sub(out.len() - start + 2);
     while pad > 0 {
         let n = pad.min(PAD.len());
         out.extend_from_slice(&PAD[..n]);
@@ -237,7 +238,7 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
             Target::JetStream(js) => {
                 let (k, _) = ids[0];
                 body.clear();
-                event(&mut body, &id(k), rng.size(a.size));
+                event(&mut body, (&tag, w, k), rng.size(a.size));
                 let mut headers = HeaderMap::new();
                 headers.insert("Nats-Msg-Id", id(k).as_str());
                 let subject = format!("loadgen.js.{tag}.{w}");
@@ -258,7 +259,7 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
                     if i > 0 {
                         body.push(b'\n');
                     }
-                    event(&mut body, &id(k), rng.size(a.size));
+                    event(&mut body, (&tag, w, k), rng.size(a.size));
                 }
                 let subject = match (&target, a.batch) {
                     (Target::Raw, _) => format!("loadgen.echo.{tag}"),

@@ -54,11 +54,9 @@ impl Entry {
 pub fn lines(body: &[u8]) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::with_capacity(body.len() / 128 + 1);
     let mut start = 0;
-    while start < body.len() {
-        let end = body[start..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(body.len(), |i| start + i);
+    // A last line without its newline ends at the end of the body.
+    let unterminated = !body.is_empty() && body.last() != Some(&b'\n');
+    for end in memchr::memchr_iter(b'\n', body).chain(unterminated.then_some(body.len())) {
         let trimmed = if end > start && body[end - 1] == b'\r' {
             end - 1
         } else {

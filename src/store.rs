@@ -1,13 +1,20 @@
 //! The durable log of accepted ids in LMDB (through heed).
 //!
-//! One database, `log`, holds one key per accepted id and no value:
-//! `shard (u16 BE) ‖ arrival ms (u64 BE) ‖ fingerprint (16 bytes)`. Keys are
-//! ordered by shard, then time, so rebuilding a shard's table is one range
-//! scan and expiring it is one range delete. A second database, `meta`,
-//! records what the keys mean: store format, shard count, fingerprint
-//! version and the window; opening a store written under a different format,
-//! shard count or fingerprint is an error (the window may change: a larger
-//! one reaches back as far as entries were retained).
+//! One database, `log`, holds the ids a group commit accepted for one shard
+//! as one chunk:
+//!
+//! - key: `shard (u16 BE) ‖ newest arrival ms (u64 BE) ‖ sequence (u32 BE)`
+//! - value: for each id, `fingerprint (16 bytes) ‖ age (u32 BE, ms before
+//!   the newest arrival)`
+//!
+//! Keys are ordered by shard, then time, so rebuilding a shard's table is
+//! one range scan and expiring it one range delete (a chunk goes once its
+//! newest id has expired). One B-tree insert per shard per commit, instead of
+//! one per id, keeps the writer cheap at millions of ids per second. A second
+//! database, `meta`, records what the keys mean: store format, shard count,
+//! fingerprint version and the window; opening a store written under a
+//! different format, shard count or fingerprint is an error (the window may
+//! change: a larger one reaches back as far as entries were retained).
 //!
 //! Only one writer (the service's commit thread) writes; every commit is
 //! one transaction covering a whole group of ids (group commit).
@@ -20,14 +27,15 @@ use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
-use heed::types::{Bytes, Str, Unit};
-use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, MdbError};
+use heed::types::{Bytes, Str};
+use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, MdbError, PutFlags};
 
 use crate::fingerprint::{self, Fingerprint};
 
-/// Version of the key layout.
-pub const FORMAT: u32 = 1;
-const KEY_LEN: usize = 2 + 8 + 16;
+/// Version of the key and value layout.
+pub const FORMAT: u32 = 2;
+const KEY_LEN: usize = 2 + 8 + 4;
+const ENTRY_LEN: usize = 16 + 4;
 const INITIAL_MAP_BYTES: usize = 256 << 20;
 
 /// What a store is for; recorded at creation and checked at every open.
@@ -92,21 +100,28 @@ pub struct Record {
     pub fingerprint: Fingerprint,
 }
 
-fn key(shard: u32, born_ms: u64, fp: &[u8; 16]) -> [u8; KEY_LEN] {
+fn key(shard: u32, newest_ms: u64, seq: u32) -> [u8; KEY_LEN] {
     let mut k = [0u8; KEY_LEN];
     k[..2].copy_from_slice(&(shard as u16).to_be_bytes());
-    k[2..10].copy_from_slice(&born_ms.to_be_bytes());
-    k[10..].copy_from_slice(fp);
+    k[2..10].copy_from_slice(&newest_ms.to_be_bytes());
+    k[10..].copy_from_slice(&seq.to_be_bytes());
     k
 }
 
-fn decode(k: &[u8]) -> Option<(u64, Fingerprint)> {
-    let born = u64::from_be_bytes(k.get(2..10)?.try_into().ok()?);
-    let fp = Fingerprint::from_bytes(k.get(10..KEY_LEN)?.try_into().ok()?);
-    Some((born, fp))
+fn newest_of(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.get(2..10)?.try_into().ok()?))
 }
 
-type Log = Database<'static, Bytes, Unit>;
+/// A chunk's ids as `(fingerprint, arrival ms)`.
+fn entries(newest_ms: u64, value: &[u8]) -> impl Iterator<Item = (Fingerprint, u64)> + '_ {
+    value.chunks_exact(ENTRY_LEN).map(move |e| {
+        let fp = Fingerprint::from_bytes(e[..16].try_into().expect("16 bytes"));
+        let age = u32::from_be_bytes(e[16..].try_into().expect("4 bytes"));
+        (fp, newest_ms.saturating_sub(u64::from(age)))
+    })
+}
+
+type Log = Database<'static, Bytes, Bytes>;
 type Meta = Database<'static, Str, Str>;
 
 /// The key range `[lo, hi)` in the form heed's range methods take.
@@ -119,6 +134,8 @@ pub struct Store {
     env: Env,
     log: Log,
     path: PathBuf,
+    /// Tells apart chunks of one shard with the same newest arrival.
+    seq: u32,
 }
 
 impl Store {
@@ -130,6 +147,10 @@ impl Store {
     /// opened, [`StoreErrorKind::Mismatch`] if it was written for another
     /// format, shard count or fingerprint version.
     pub fn open(dir: &Path, meta: StoreMeta, fsync: bool) -> Result<Self, StoreError> {
+        Self::open_with_map(dir, meta, fsync, INITIAL_MAP_BYTES)
+    }
+
+    fn open_with_map(dir: &Path, meta: StoreMeta, fsync: bool, map_bytes: usize) -> Result<Self, StoreError> {
         let open_err = |message: String, source: Option<heed::Error>| StoreError {
             kind: StoreErrorKind::Open,
             message,
@@ -144,7 +165,7 @@ impl Store {
         let existing = std::fs::metadata(dir.join("data.mdb")).map_or(0, |m| m.len() as usize);
         let mut options = EnvOpenOptions::new();
         options
-            .map_size(INITIAL_MAP_BYTES.max(existing.next_power_of_two()))
+            .map_size(map_bytes.max(existing.next_power_of_two()))
             .max_dbs(2);
         // SAFETY (flags): NO_SYNC only changes when data reaches the disk.
         // SAFETY (open): LMDB requires that one process does not open the
@@ -161,7 +182,7 @@ impl Store {
         let create = || -> heed::Result<(Log, Meta)> {
             let wtxn = env.write_txn()?;
             let dbs = env.create_databases_and_commit(wtxn, |dbo, wtxn| -> heed::Result<_> {
-                let log: Database<Bytes, Unit> = dbo.create_database(wtxn, Some("log"))?;
+                let log: Database<Bytes, Bytes> = dbo.create_database(wtxn, Some("log"))?;
                 let meta: Database<Str, Str> = dbo.create_database(wtxn, Some("meta"))?;
                 Ok(CommitOrAbort::<_, ()>::Commit((log, meta)))
             })?;
@@ -212,6 +233,7 @@ impl Store {
             env,
             log,
             path: dir.to_owned(),
+            seq: 0,
         })
     }
 
@@ -219,47 +241,70 @@ impl Store {
         &self.path
     }
 
-    /// Appends `records` in one transaction; a full map is grown and the
-    /// transaction retried.
+    /// Appends `records` in one transaction, one chunk per shard; a full
+    /// map is grown and the transaction retried.
     ///
     /// # Errors
     ///
     /// [`StoreErrorKind::Io`] if the transaction fails for another reason;
     /// nothing of it is stored then.
     pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
-        self.with_growth(|env, log| {
+        let mut sorted: Vec<&Record> = records.iter().collect();
+        sorted.sort_unstable_by_key(|r| r.shard);
+        let mut chunks: Vec<([u8; KEY_LEN], Vec<u8>)> = Vec::new();
+        for group in sorted.chunk_by(|a, b| a.shard == b.shard) {
+            let newest = group.iter().map(|r| r.born_ms).max().unwrap_or(0);
+            let mut value = Vec::with_capacity(group.len() * ENTRY_LEN);
+            for r in group {
+                value.extend_from_slice(&r.fingerprint.to_bytes());
+                let age = u32::try_from(newest - r.born_ms).unwrap_or(u32::MAX);
+                value.extend_from_slice(&age.to_be_bytes());
+            }
+            chunks.push((key(group[0].shard, newest, 0), value));
+        }
+        let seq = &mut self.seq;
+        let (env, log) = (&self.env, self.log);
+        let result = with_growth(env, || {
             let mut wtxn = env.write_txn()?;
-            for r in records {
-                log.put(
-                    &mut wtxn,
-                    &key(r.shard, r.born_ms, &r.fingerprint.to_bytes()),
-                    &(),
-                )?;
+            for (k, value) in &mut chunks {
+                loop {
+                    *seq = seq.wrapping_add(1);
+                    k[10..].copy_from_slice(&seq.to_be_bytes());
+                    match log.put_with_flags(&mut wtxn, PutFlags::NO_OVERWRITE, &k[..], value) {
+                        Err(heed::Error::Mdb(MdbError::KeyExist)) => continue,
+                        other => break other?,
+                    }
+                }
             }
             wtxn.commit()
-        })
-        .map_err(|e| StoreError::io("append to the log", e))
+        });
+        result.map_err(|e| StoreError::io("append to the log", e))
     }
 
-    /// Deletes the entries of `shard` that arrived before `before_ms`;
-    /// returns how many.
+    /// Deletes the chunks of `shard` whose ids all arrived before
+    /// `before_ms`; returns how many ids they held.
     ///
     /// # Errors
     ///
     /// [`StoreErrorKind::Io`] if the transaction fails.
     pub fn expire(&mut self, shard: u32, before_ms: u64) -> Result<usize, StoreError> {
-        let (lo, hi) = (key(shard, 0, &[0; 16]), key(shard, before_ms, &[0; 16]));
-        self.with_growth(|env, log| {
+        let (lo, hi) = (key(shard, 0, 0), key(shard, before_ms, 0));
+        let (env, log) = (&self.env, self.log);
+        with_growth(env, || {
             let mut wtxn = env.write_txn()?;
-            let n = log.delete_range(&mut wtxn, &between(&lo, &hi))?;
+            let mut ids = 0;
+            for entry in log.range(&wtxn, &between(&lo, &hi))? {
+                ids += entry?.1.len() / ENTRY_LEN;
+            }
+            log.delete_range(&mut wtxn, &between(&lo, &hi))?;
             wtxn.commit()?;
-            Ok(n)
+            Ok(ids)
         })
         .map_err(|e| StoreError::io("expire old entries", e))
     }
 
-    /// Calls `f(fingerprint, arrival_ms)` for each entry of `shard` that
-    /// arrived at or after `since_ms`, in arrival order; returns the count.
+    /// Calls `f(fingerprint, arrival_ms)` for each id of `shard` that
+    /// arrived at or after `since_ms`; returns the count.
     ///
     /// # Errors
     ///
@@ -272,11 +317,12 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let mut read = || -> heed::Result<usize> {
             let rtxn = self.env.read_txn()?;
-            let (lo, hi) = (key(shard, since_ms, &[0; 16]), key(shard + 1, 0, &[0; 16]));
+            let (lo, hi) = (key(shard, since_ms, 0), key(shard + 1, 0, 0));
             let mut n = 0;
             for entry in self.log.range(&rtxn, &between(&lo, &hi))? {
-                let (k, ()) = entry?;
-                if let Some((born, fp)) = decode(k) {
+                let (k, value) = entry?;
+                let Some(newest) = newest_of(k) else { continue };
+                for (fp, born) in entries(newest, value).filter(|&(_, born)| born >= since_ms) {
                     f(fp, born);
                     n += 1;
                 }
@@ -286,7 +332,7 @@ impl Store {
         read().map_err(|e| StoreError::io("scan the log", e))
     }
 
-    /// Number of entries in the log.
+    /// Number of ids in the log.
     ///
     /// # Errors
     ///
@@ -294,9 +340,17 @@ impl Store {
     pub fn len(&self) -> Result<u64, StoreError> {
         let read = || -> heed::Result<u64> {
             let rtxn = self.env.read_txn()?;
-            self.log.len(&rtxn)
+            let mut ids = 0;
+            for entry in self.log.iter(&rtxn)? {
+                ids += (entry?.1.len() / ENTRY_LEN) as u64;
+            }
+            Ok(ids)
         };
         read().map_err(|e| StoreError::io("count the log", e))
+    }
+
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
     }
 
     /// Forces buffered commits to disk.
@@ -307,21 +361,21 @@ impl Store {
     pub fn sync(&self) -> Result<(), StoreError> {
         self.env.force_sync().map_err(|e| StoreError::io("sync", e))
     }
+}
 
-    /// Runs `op`; on `MapFull`, doubles the map and runs it again.
-    fn with_growth<T>(&mut self, mut op: impl FnMut(&Env, Log) -> heed::Result<T>) -> heed::Result<T> {
-        loop {
-            match op(&self.env, self.log) {
-                Err(heed::Error::Mdb(MdbError::MapFull)) => {
-                    let size = self.env.info().map_size * 2;
-                    tracing::info!(message = "LMDB map full; growing it.", new_map_bytes = size);
-                    // SAFETY: no transaction of this environment is open: this
-                    // thread's has just ended and the store has one writer;
-                    // readers (`scan`, `len`) run on the same thread.
-                    unsafe { self.env.resize(size)? };
-                }
-                other => return other,
+/// Runs `op`; on `MapFull`, doubles the map and runs it again.
+fn with_growth<T>(env: &Env, mut op: impl FnMut() -> heed::Result<T>) -> heed::Result<T> {
+    loop {
+        match op() {
+            Err(heed::Error::Mdb(MdbError::MapFull)) => {
+                let size = env.info().map_size * 2;
+                tracing::info!(message = "LMDB map full; growing it.", new_map_bytes = size);
+                // SAFETY: no transaction of this environment is open: `op`'s
+                // has just ended and the store has one writer; readers
+                // (`scan`, `len`) run on the same thread.
+                unsafe { env.resize(size)? };
             }
+            other => return other,
         }
     }
 }
@@ -347,19 +401,22 @@ mod tests {
     fn append_scan_expire_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path(), META, false).unwrap();
-        store
-            .append(&[rec(1, 10, 1), rec(1, 20, 2), rec(2, 15, 3), rec(1, 30, 4)])
-            .unwrap();
+        store.append(&[rec(1, 10, 1), rec(2, 15, 3)]).unwrap();
+        store.append(&[rec(1, 20, 2), rec(1, 30, 4)]).unwrap();
         let mut seen = vec![];
         store.scan(1, 20, |fp, born| seen.push((fp, born))).unwrap();
         assert_eq!(
             seen,
             vec![(rec(1, 20, 2).fingerprint, 20), (rec(1, 30, 4).fingerprint, 30)]
         );
-        assert_eq!(store.expire(1, 25).unwrap(), 2);
+        assert_eq!(
+            store.expire(1, 25).unwrap(),
+            1,
+            "the first commit's chunk of shard 1"
+        );
         drop(store);
         let store = Store::open(dir.path(), META, true).unwrap();
-        assert_eq!(store.len().unwrap(), 2);
+        assert_eq!(store.len().unwrap(), 3);
     }
 
     #[test]
@@ -377,16 +434,33 @@ mod tests {
     #[test]
     fn a_full_map_grows() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path(), META, false).unwrap();
-        // 256 MiB initial map; 4 M keys of 26 bytes need more than that.
-        let batch: Vec<Record> = (0..500_000).map(|i| rec(0, i, i)).collect();
-        for round in 0..8u64 {
-            let shifted: Vec<Record> = batch
-                .iter()
-                .map(|r| rec(0, r.born_ms + round * 1_000_000, r.born_ms + round * 1_000_000))
+        let mut store = Store::open_with_map(dir.path(), META, false, 1 << 20).unwrap();
+        // 2 M ids of 20 bytes in chunks of 100 000: far past the 1 MiB map.
+        for round in 0..20u64 {
+            let chunk: Vec<Record> = (0..100_000)
+                .map(|i| rec((i % 4) as u32, round, round * 100_000 + i))
                 .collect();
-            store.append(&shifted).unwrap();
+            store.append(&chunk).unwrap();
         }
-        assert_eq!(store.len().unwrap(), 4_000_000);
+        assert_eq!(store.len().unwrap(), 2_000_000);
+        assert!(store.env.info().map_size > 32 << 20);
+    }
+
+    #[test]
+    fn chunks_with_the_same_newest_arrival_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), META, false).unwrap();
+        store.append(&[rec(3, 50, 1), rec(3, 40, 2)]).unwrap();
+        store.append(&[rec(3, 50, 3)]).unwrap();
+        let mut seen = vec![];
+        store.scan(3, 45, |fp, born| seen.push((fp, born))).unwrap();
+        seen.sort_by_key(|&(fp, _)| fp.to_bytes());
+        let mut want = vec![(rec(3, 50, 1).fingerprint, 50), (rec(3, 50, 3).fingerprint, 50)];
+        want.sort_by_key(|&(fp, _)| fp.to_bytes());
+        assert_eq!(seen, want, "the id born at 40 is before `since`");
+        // A chunk expires once its newest id has.
+        assert_eq!(store.expire(3, 50).unwrap(), 0);
+        assert_eq!(store.expire(3, 51).unwrap(), 3);
+        assert!(store.is_empty().unwrap());
     }
 }
