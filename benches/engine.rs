@@ -5,11 +5,18 @@
 //! - `table/check_and_insert`: the table alone holding 10 M live ids, random
 //!   fingerprints, half duplicates.
 //!
+//! - `batch/lines+key/<n>x200B`: splitting a batch body and keying each line
+//!   (the parsing a batch costs before any table work).
+//! - `batch/decide/<n>x200B`: [`batch::decide`] on a whole batch (half of
+//!   its lines seen before) plus encoding the reply: the sidecar's batch
+//!   path without NATS and the store.
+//!
 //! `cargo bench --bench engine`
 
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use eventsieve::batch::{self, Route};
 use eventsieve::fingerprint::Fingerprint;
 use eventsieve::table::Table;
 use eventsieve::{Deduplicator, EngineConfig};
@@ -117,5 +124,54 @@ fn table(c: &mut Criterion) {
     println!("table after the runs: {live} live ids, {per_id:.2} bytes per live id");
 }
 
-criterion_group!(benches, ingest, table);
+fn batches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("batch");
+    for n in [100usize, 1000] {
+        group.throughput(Throughput::Elements(n as u64));
+        let body = |round: u64| -> Vec<u8> {
+            // Half the lines repeat ids of the previous round.
+            let ids = (0..n as u64).map(|k| {
+                if k % 2 == 0 {
+                    round * n as u64 + k
+                } else {
+                    (round.max(1) - 1) * n as u64 + k
+                }
+            });
+            ids.map(|i| event(i, 200))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into_bytes()
+        };
+        let sample = body(1);
+        let dedup = Deduplicator::new(EngineConfig::default());
+        group.bench_function(format!("lines+key/{n}x200B"), |b| {
+            b.iter(|| {
+                for range in batch::lines(&sample) {
+                    black_box(dedup.key(&sample[range]).unwrap().fingerprint);
+                }
+            })
+        });
+        let mut round = 0;
+        group.bench_function(format!("decide/{n}x200B"), |b| {
+            b.iter_batched(
+                || {
+                    round += 1;
+                    body(round)
+                },
+                |body| {
+                    let d = batch::decide(&dedup, &body, 1_000, |_| Route::Here);
+                    let mut out = Vec::with_capacity(2 * n);
+                    for e in d.entries.iter().flatten() {
+                        batch::push(&mut out, e);
+                    }
+                    black_box((out, d.new.len()))
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, ingest, table, batches);
 criterion_main!(benches);

@@ -25,7 +25,13 @@
 //! assert_eq!(decode(&reply).unwrap()[2], Entry::error(400, "no event_id"));
 //! ```
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
+
+use crate::engine::Deduplicator;
+use crate::event::EventErrorKind;
+use crate::store::Record;
 
 /// The verdict on one line of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +57,7 @@ impl Entry {
 /// The byte ranges of a batch's lines: `\n`-separated, a trailing `\r`
 /// stripped, one final newline not starting another line. An empty body has
 /// no lines.
-pub fn lines(body: &[u8]) -> Vec<std::ops::Range<usize>> {
+pub fn lines(body: &[u8]) -> Vec<Range<usize>> {
     let mut out = Vec::with_capacity(body.len() / 128 + 1);
     let mut start = 0;
     // A last line without its newline ends at the end of the body.
@@ -66,6 +72,110 @@ pub fn lines(body: &[u8]) -> Vec<std::ops::Range<usize>> {
         start = end + 1;
     }
     out
+}
+
+/// Where the node deciding a batch finds a line's shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Owned and ready: decided here.
+    Here,
+    /// Owned, still recovering: 503.
+    NotReady,
+    /// Owned elsewhere: sent on in a sub-batch.
+    Forward,
+    /// Owned elsewhere, but this batch was itself forwarded: 503, so that
+    /// nodes that disagree on ownership cannot forward in a loop.
+    Refuse,
+}
+
+/// A batch once this node has decided the lines it owns.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// Byte ranges of the lines in the body.
+    pub lines: Vec<Range<usize>>,
+    /// An entry per line; `None` for lines to forward.
+    pub entries: Vec<Option<Entry>>,
+    /// Lines that are new here and the records that make them durable.
+    pub new: Vec<(usize, Record)>,
+    /// Per shard owned elsewhere: its lines and their sub-batch body.
+    pub forward: BTreeMap<u32, (Vec<usize>, Vec<u8>)>,
+    /// The reason of each rejected line.
+    pub invalid: Vec<EventErrorKind>,
+    pub not_ready: u64,
+    pub duplicates: u64,
+}
+
+/// Splits `body` into lines, keys each, and decides the lines of shards
+/// routed [`Route::Here`]: one table lock per shard, in line order, so a
+/// repeat within the batch is a duplicate of its first line.
+pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32) -> Route) -> Decision {
+    let lines = lines(body);
+    let mut d = Decision {
+        entries: vec![None; lines.len()],
+        ..Decision::default()
+    };
+    // Per shard decided here: (line, fingerprint).
+    let mut local: Vec<Vec<(usize, crate::fingerprint::Fingerprint)>> =
+        vec![Vec::new(); dedup.shard_count() as usize];
+    for (i, range) in lines.iter().enumerate() {
+        let line = &body[range.clone()];
+        let keyed = match dedup.key(line) {
+            Ok(keyed) => keyed,
+            Err(e) => {
+                d.invalid.push(e.kind());
+                d.entries[i] = Some(Entry::error(400, e.to_string()));
+                continue;
+            }
+        };
+        let shard = keyed.shard;
+        match route(shard) {
+            Route::Here => local[shard as usize].push((i, keyed.fingerprint)),
+            Route::NotReady => {
+                d.not_ready += 1;
+                d.entries[i] = Some(Entry::error(
+                    503,
+                    format!("shard {shard} is not ready (recovering)"),
+                ));
+            }
+            Route::Refuse => {
+                d.not_ready += 1;
+                d.entries[i] = Some(Entry::error(
+                    503,
+                    format!("shard {shard} is not owned by the node this sub-batch was forwarded to"),
+                ));
+            }
+            Route::Forward => {
+                let (lines, sub) = d.forward.entry(shard).or_default();
+                lines.push(i);
+                sub.extend_from_slice(line);
+                sub.push(b'\n');
+            }
+        }
+    }
+    let (mut fps, mut verdicts) = (Vec::new(), Vec::new());
+    for (shard, items) in local.iter().enumerate().filter(|(_, items)| !items.is_empty()) {
+        let shard = shard as u32;
+        fps.clear();
+        fps.extend(items.iter().map(|&(_, fp)| fp));
+        verdicts.clear();
+        dedup.check_and_insert_many(shard, &fps, now_ms, &mut verdicts);
+        for (&(i, fingerprint), verdict) in items.iter().zip(&verdicts) {
+            if verdict.is_new() {
+                let record = Record {
+                    shard,
+                    born_ms: now_ms,
+                    fingerprint,
+                };
+                d.new.push((i, record));
+                d.entries[i] = Some(Entry::New);
+            } else {
+                d.duplicates += 1;
+                d.entries[i] = Some(Entry::Duplicate);
+            }
+        }
+    }
+    d.lines = lines;
+    d
 }
 
 /// Appends one entry's reply line to `out`.
@@ -176,6 +286,39 @@ mod tests {
         assert_eq!(decode(b"1\nx\n"), Err(DecodeError { line: 1 }));
         assert_eq!(decode(b"!abc reason\n"), Err(DecodeError { line: 0 }));
         assert_eq!(decode(b"").unwrap(), []);
+    }
+
+    #[test]
+    fn decide_routes_each_line_and_keeps_line_order_within_a_shard() {
+        use crate::engine::EngineConfig;
+        let dedup = Deduplicator::new(EngineConfig::default());
+        let shard = |id: &str| crate::shard::shard_of(id, 32);
+        // "abc" is shard 11, "X9" shard 26, "0" shard 15.
+        let body = b"{\"event_id\":\"abc\"}\n{\"event_id\":\"X9\"}\nnope\n{\"event_id\":\"abc\"}\n{\"event_id\":\"0\"}";
+        let route = |s: u32| match s {
+            11 => Route::Here,
+            26 => Route::Forward,
+            _ => Route::NotReady,
+        };
+        let d = decide(&dedup, body, 1_000, route);
+        assert_eq!(d.lines.len(), 5);
+        assert_eq!(d.entries[0], Some(Entry::New));
+        assert_eq!(d.entries[1], None, "forwarded");
+        assert!(matches!(d.entries[2], Some(Entry::Error { code: 400, .. })));
+        assert_eq!(d.entries[3], Some(Entry::Duplicate));
+        assert!(matches!(d.entries[4], Some(Entry::Error { code: 503, .. })));
+        assert_eq!(d.new.len(), 1);
+        assert_eq!(d.new[0].1.shard, shard("abc"));
+        assert_eq!(
+            d.forward[&shard("X9")],
+            (vec![1], b"{\"event_id\":\"X9\"}\n".to_vec())
+        );
+        assert_eq!((d.invalid.len(), d.not_ready, d.duplicates), (1, 1, 1));
+        // Nothing outside Route::Here was remembered.
+        let again = decide(&dedup, body, 1_001, |_| Route::Here);
+        assert_eq!(again.entries[1], Some(Entry::New));
+        assert_eq!(again.entries[4], Some(Entry::New));
+        assert_eq!(again.entries[0], Some(Entry::Duplicate));
     }
 
     fn entry() -> impl Strategy<Value = Entry> {

@@ -23,10 +23,9 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::batch::{self, Entry};
+use crate::batch::{self, Decision, Entry, Route};
 use crate::config::{Durability, Settings};
 use crate::engine::{Deduplicator, Keyed, unix_ms};
-use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
 use crate::store::{Record, Store, StoreError, StoreMeta};
 use crate::table::Verdict;
@@ -553,74 +552,29 @@ async fn decide(shared: &Shared, keyed: &Keyed<'_>, message: Message) {
 async fn handle_batch(shared: Arc<Shared>, message: Message, forwarded: bool) {
     Metrics::inc(&shared.metrics.batches);
     let body = message.payload;
-    let ranges = batch::lines(&body);
-    let mut entries: Vec<Option<Entry>> = vec![None; ranges.len()];
-    // Per owned shard: (line, fingerprint); per other shard: (lines, sub-batch).
-    let mut local: Vec<Vec<(usize, Fingerprint)>> = vec![Vec::new(); shared.owned.len()];
-    let mut remote: std::collections::BTreeMap<u32, (Vec<usize>, Vec<u8>)> = Default::default();
-    for (i, range) in ranges.iter().enumerate() {
-        let line = &body[range.clone()];
-        let keyed = match shared.dedup.key(line) {
-            Ok(keyed) => keyed,
-            Err(e) => {
-                Metrics::inc(shared.metrics.invalid(e.kind()));
-                entries[i] = Some(Entry::error(400, e.to_string()));
-                continue;
-            }
-        };
-        let shard = keyed.shard as usize;
-        if shared.owned[shard] {
-            if shared.ready[shard].load(Relaxed) {
-                local[shard].push((i, keyed.fingerprint));
-            } else {
-                Metrics::inc(&shared.metrics.not_ready);
-                entries[i] = Some(Entry::error(
-                    503,
-                    format!("shard {shard} is not ready (recovering)"),
-                ));
-            }
-        } else if forwarded {
-            Metrics::inc(&shared.metrics.not_ready);
-            entries[i] = Some(Entry::error(
-                503,
-                format!("shard {shard} is not owned by the node this sub-batch was forwarded to"),
-            ));
-        } else {
-            let (lines, sub) = remote.entry(keyed.shard).or_default();
-            lines.push(i);
-            sub.extend_from_slice(line);
-            sub.push(b'\n');
+    let route = |shard: u32| {
+        let s = shard as usize;
+        match (shared.owned[s], shared.ready[s].load(Relaxed), forwarded) {
+            (true, true, _) => Route::Here,
+            (true, false, _) => Route::NotReady,
+            (false, _, false) => Route::Forward,
+            (false, _, true) => Route::Refuse,
         }
+    };
+    let Decision {
+        lines: ranges,
+        mut entries,
+        new,
+        forward: remote,
+        invalid,
+        not_ready,
+        duplicates,
+    } = batch::decide(&shared.dedup, &body, unix_ms(), route);
+    for kind in invalid {
+        Metrics::inc(shared.metrics.invalid(kind));
     }
-
-    let now = unix_ms();
-    let mut new: Vec<(usize, Record)> = Vec::new();
-    let (mut fps, mut verdicts) = (Vec::new(), Vec::new());
-    for (shard, items) in local.iter().enumerate().filter(|(_, items)| !items.is_empty()) {
-        fps.clear();
-        fps.extend(items.iter().map(|&(_, fp)| fp));
-        verdicts.clear();
-        shared
-            .dedup
-            .check_and_insert_many(shard as u32, &fps, now, &mut verdicts);
-        for (&(i, fingerprint), verdict) in items.iter().zip(&verdicts) {
-            if verdict.is_new() {
-                let shard = shard as u32;
-                new.push((
-                    i,
-                    Record {
-                        shard,
-                        born_ms: now,
-                        fingerprint,
-                    },
-                ));
-                entries[i] = Some(Entry::New);
-            } else {
-                Metrics::inc(&shared.metrics.duplicates);
-                entries[i] = Some(Entry::Duplicate);
-            }
-        }
-    }
+    shared.metrics.not_ready.fetch_add(not_ready, Relaxed);
+    shared.metrics.duplicates.fetch_add(duplicates, Relaxed);
 
     let records: Vec<Record> = new.iter().map(|(_, r)| *r).collect();
     let forwards = futures_util::future::join_all(
