@@ -331,3 +331,59 @@ async fn answers_nats_micro_discovery() {
     assert_eq!(stats["endpoints"][0]["data"]["accepted"], 1);
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_leaving_a_queue_group_under_load_drops_no_request() {
+    let server = NatsServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut low = settings(&server, d1.path(), "1h", Durability::Local);
+    low.owned = (0..16).collect();
+    let mut high = settings(&server, d2.path(), "1h", Durability::Local);
+    high.owned = (16..32).collect();
+    let leaving = service::start(low).await.unwrap();
+    let staying = service::start(high).await.unwrap();
+    let client = server.client().await;
+
+    // 32 producers on the queue-group subject while one member shuts down.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producers: Vec<_> = (0..32)
+        .map(|p| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut answered, mut timed_out, mut no_responders) = (0, 0, 0);
+                for n in 0..20_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let id = format!("q{p}n{n}");
+                    let request = client.request("dedup.ingest", event(&id));
+                    match tokio::time::timeout(Duration::from_secs(5), request).await {
+                        Ok(Ok(_)) => answered += 1,
+                        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                            no_responders += 1
+                        }
+                        Ok(Err(_)) | Err(_) => timed_out += 1,
+                    }
+                }
+                (answered, timed_out, no_responders)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    leaving.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut answered, mut timed_out) = (0, 0);
+    for p in producers {
+        let (a, t, n) = p.await.unwrap();
+        assert_eq!(n, 0, "the staying member is always there");
+        answered += a;
+        timed_out += t;
+    }
+    assert!(answered > 1000, "{answered} answered");
+    assert_eq!(
+        timed_out, 0,
+        "requests routed to the leaving member were all answered"
+    );
+    staying.shutdown().await.unwrap();
+}
