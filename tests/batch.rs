@@ -142,10 +142,7 @@ async fn batch_verdicts_survive_a_restart() {
 async fn two_sidecars_forward_sub_batches_and_merge_verdicts_in_order() {
     let server = NatsServer::start();
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut low = settings(&server, d1.path(), "1h", Durability::Local);
-    low.owned = (0..16).collect();
-    let mut high = settings(&server, d2.path(), "1h", Durability::Local);
-    high.owned = (16..32).collect();
+    let (low, high) = split_settings(&server, d1.path(), d2.path());
     let first = service::start(low).await.unwrap();
     let second = service::start(high).await.unwrap();
     let client = server.client().await;

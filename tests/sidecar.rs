@@ -256,9 +256,8 @@ async fn memory_durability_answers_without_a_store() {
 async fn shards_split_over_two_sidecars_forward_and_unowned_shards_get_503() {
     let server = NatsServer::start();
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut low = settings(&server, d1.path(), "1h", Durability::Local);
-    low.owned = (0..16).collect();
-    let first = service::start(low.clone()).await.unwrap();
+    let (low, high) = split_settings(&server, d1.path(), d2.path());
+    let first = service::start(low).await.unwrap();
     let client = server.client().await;
     // Only shards 0-15 have an owner: an id of shard 26 ("X9") has none.
     assert_eq!(eventsieve::shard::shard_of("X9", 32), 26);
@@ -266,8 +265,6 @@ async fn shards_split_over_two_sidecars_forward_and_unowned_shards_get_503() {
         Answer::Error(503, reason) => assert!(reason.contains("dedup.shard.26.X9"), "{reason}"),
         other => panic!("expected 503, got {other:?}"),
     }
-    let mut high = settings(&server, d2.path(), "1h", Durability::Local);
-    high.owned = (16..32).collect();
     let second = service::start(high).await.unwrap();
     // Through the fallback subject, whichever sidecar takes it, the owner decides.
     for _ in 0..3 {
@@ -336,10 +333,7 @@ async fn answers_nats_micro_discovery() {
 async fn a_sidecar_leaving_a_queue_group_under_load_drops_no_request() {
     let server = NatsServer::start();
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut low = settings(&server, d1.path(), "1h", Durability::Local);
-    low.owned = (0..16).collect();
-    let mut high = settings(&server, d2.path(), "1h", Durability::Local);
-    high.owned = (16..32).collect();
+    let (low, high) = split_settings(&server, d1.path(), d2.path());
     let leaving = service::start(low).await.unwrap();
     let staying = service::start(high).await.unwrap();
     let client = server.client().await;

@@ -110,6 +110,16 @@ pub fn settings(server: &NatsServer, data_dir: &Path, window: &str, durability: 
     config.validate().expect("test settings are valid")
 }
 
+/// Settings for two sidecars on `server` that split the 32 shards: the
+/// first owns 0-15 (store in `low`), the second 16-31 (store in `high`).
+pub fn split_settings(server: &NatsServer, low: &Path, high: &Path) -> (Settings, Settings) {
+    let mut first = settings(server, low, "1h", Durability::Local);
+    first.owned = (0..16).collect();
+    let mut second = settings(server, high, "1h", Durability::Local);
+    second.owned = (16..32).collect();
+    (first, second)
+}
+
 /// A sidecar running in this process on `server`, with its store in a
 /// fresh temporary directory (returned so it lives as long as the test).
 pub async fn start_sidecar(
