@@ -253,7 +253,7 @@ mod tests {
         for i in 0..1000 {
             let event = format!(r#"{{"event_id":"m{}"}}"#, i % 700);
             let keyed = dedup.key(event.as_bytes()).unwrap();
-            dedup.check_and_insert(&keyed, unix_ms());
+            let _ = dedup.check_and_insert(&keyed, unix_ms());
         }
         let metrics = Metrics::default();
         metrics.accepted.store(700, Relaxed);
