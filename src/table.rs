@@ -8,23 +8,31 @@
 //! # Layout
 //!
 //! The table is an array of *segments*, chosen by the fingerprint's `hi`
-//! half. A segment is a bucketised open-addressing table: buckets of 8 slots,
-//! linear probing from bucket to bucket. A slot is 12 bytes: the 64-bit tag
-//! (the fingerprint's `lo` half; 0 marks an empty slot and 1 a removed one)
-//! and the arrival time as 32-bit milliseconds after the segment's *floor*, a
+//! half. A segment is a bucketised cuckoo hash table: buckets of 8 slots,
+//! and every entry has two candidate buckets, one from the high and one from
+//! the low bits of its tag. A slot is 12 bytes: the 64-bit tag (the
+//! fingerprint's `lo` half; 0 marks an empty slot and 1 a removed one) and
+//! the arrival time as 32-bit milliseconds after the segment's *floor*, a
 //! time no later than any entry's arrival. A bucket is 96 bytes.
 //!
+//! A lookup reads at most two buckets, whatever the load. An insert takes a
+//! free slot in either bucket: preferably one whose entry is dead or
+//! removed (so expired entries make room in place), else a never-used one in
+//! the emptier bucket. When both buckets hold live entries only, it moves an
+//! entry to its other bucket, and so on for at most [`MAX_KICKS`] moves;
+//! after that the segment grows.
+//!
 //! An entry is *alive* while `now - born < window`. Expired entries are not
-//! removed at once: a lookup treats them as absent, an insert reuses the
-//! first dead slot on its probe path, and the segment is *rebuilt* (dead
-//! entries dropped, capacity resized) when it fills up or when
-//! [`Table::sweep`] visits it. A rebuild touches one segment only, so its
-//! pause is bounded by the segment size, not the table size (about 5 000
+//! removed at once: a lookup treats them as absent, an insert reuses their
+//! slots, and the segment is *rebuilt* (dead entries dropped, capacity
+//! resized) when its slots in use reach 95 %, when an insert finds no slot,
+//! or when [`Table::sweep`] visits it. A rebuild touches one segment only, so
+//! its pause is bounded by the segment size, not the table size (about 5 000
 //! entries per segment at 10 M live ids with 2048 segments: tens of
 //! microseconds).
 //!
-//! After a rebuild a segment is 80 % full and it is rebuilt again at 92 %, so
-//! a live id costs 13.0–15.0 bytes of slots, growth headroom included.
+//! After a rebuild a segment is 85 % full and it is rebuilt again at 95 %, so
+//! a live id costs 12.6–14.1 bytes of slots, growth headroom included.
 //!
 //! A segment is rebuilt (which moves its floor up to its oldest live entry)
 //! before `now` gets 2^31 ms (24 days) past the floor, so offsets always fit
@@ -39,9 +47,11 @@ const SLOTS: usize = 8;
 const EMPTY: u64 = 0;
 const REMOVED: u64 = 1;
 /// Load (in percent of slots) a rebuilt segment starts at.
-const TARGET_LOAD_PCT: usize = 80;
+const TARGET_LOAD_PCT: usize = 85;
 /// Load (in percent) at which a segment is rebuilt before taking a new slot.
-const MAX_LOAD_PCT: usize = 92;
+const MAX_LOAD_PCT: usize = 95;
+/// Load (in percent) at which a segment is rebuilt before taking a new slot.
+
 /// A segment whose floor is this far behind `now` is rebuilt before use.
 const REBASE_AFTER_MS: u64 = 1 << 31;
 
@@ -62,7 +72,7 @@ impl Verdict {
 }
 
 #[derive(Clone, Copy)]
-#[repr(C, align(32))]
+#[repr(C)]
 struct Bucket {
     tags: [u64; SLOTS],
     born: [u32; SLOTS],
@@ -84,12 +94,40 @@ struct Segment {
     floor_ms: u64,
 }
 
-/// Where a probe ended.
+/// Where a lookup ended.
 enum Probe {
     Found(usize, usize),
-    /// Not present; the slot to insert into and whether it was never used.
-    Absent(usize, usize, bool),
+    Absent,
 }
+
+impl Bucket {
+    /// Slots holding `tag`, as a bit mask (at most one bit is set: a tag is
+    /// stored once per segment).
+    #[inline]
+    fn matches(&self, tag: u64) -> u32 {
+        let mut mask = 0;
+        for s in 0..SLOTS {
+            mask |= u32::from(self.tags[s] == tag) << s;
+        }
+        mask
+    }
+
+    /// Slots never used, and slots that can be reused (removed or dead), as
+    /// two bit masks.
+    #[inline]
+    fn free(&self, now: u64, window: u64) -> (u32, u32) {
+        let (mut empty, mut reusable) = (0, 0);
+        for s in 0..SLOTS {
+            let t = self.tags[s];
+            empty |= u32::from(t == EMPTY) << s;
+            reusable |= u32::from(t == REMOVED || (t > REMOVED && !alive(now, self.born[s], window))) << s;
+        }
+        (empty, reusable)
+    }
+}
+
+/// Longest chain of moves an insert makes before the segment grows instead.
+const MAX_KICKS: usize = 64;
 
 impl Segment {
     fn capacity(&self) -> usize {
@@ -97,7 +135,9 @@ impl Segment {
     }
 
     fn must_rebuild(&self, now_ms: u64) -> bool {
-        (self.used + 1) * 100 > self.capacity() * MAX_LOAD_PCT || now_ms - self.floor_ms >= REBASE_AFTER_MS
+        self.buckets.is_empty()
+            || (self.used + 1) * 100 > self.capacity() * MAX_LOAD_PCT
+            || now_ms - self.floor_ms >= REBASE_AFTER_MS
     }
 
     /// `now` as an offset from the floor (never negative: the table's clock
@@ -129,81 +169,127 @@ impl Segment {
         self.floor_ms = floor_ms;
     }
 
-    /// Looks `tag` up. The bucket array is never full (see `must_rebuild`),
-    /// so the probe meets an empty slot and ends.
-    fn probe(&self, tag: u64, now: u64, window: u64) -> Probe {
-        let n = self.buckets.len();
-        let mut b = bucket_of(tag, n);
-        let mut reuse = None;
-        loop {
-            let bucket = &self.buckets[b];
-            for s in 0..SLOTS {
-                let t = bucket.tags[s];
-                if t == tag {
-                    return Probe::Found(b, s);
-                }
-                if t == EMPTY {
-                    return match reuse {
-                        Some((rb, rs)) => Probe::Absent(rb, rs, false),
-                        None => Probe::Absent(b, s, true),
-                    };
-                }
-                if reuse.is_none() && (t == REMOVED || !alive(now, bucket.born[s], window)) {
-                    reuse = Some((b, s));
-                }
+    /// Looks `tag` up in its two buckets.
+    #[inline]
+    fn probe(&self, tag: u64) -> Probe {
+        if self.buckets.is_empty() {
+            return Probe::Absent;
+        }
+        let (b1, b2) = buckets_of(tag, self.buckets.len());
+        for b in [b1, b2] {
+            let m = self.buckets[b].matches(tag);
+            if m != 0 {
+                return Probe::Found(b, m.trailing_zeros() as usize);
             }
-            b += 1;
-            if b == n {
-                b = 0;
-            }
+        }
+        Probe::Absent
+    }
+
+    /// A free slot in bucket `b` and whether it was never used: a reusable
+    /// one first, so that expired entries make room before fresh slots do.
+    fn free_in(&self, b: usize, now: u64, window: u64) -> Option<(usize, bool)> {
+        let (empty, reusable) = self.buckets[b].free(now, window);
+        if reusable != 0 {
+            Some((reusable.trailing_zeros() as usize, false))
+        } else if empty != 0 {
+            Some((empty.trailing_zeros() as usize, true))
+        } else {
+            None
         }
     }
 
-    fn put(&mut self, (b, s, fresh): (usize, usize, bool), tag: u64, born: u32) {
+    /// [`Segment::insert`], growing the segment when the entry finds no slot.
+    fn insert_or_grow(&mut self, tag: u64, born: u32, now_ms: u64, window: u64) {
+        if let Err(homeless) = self.insert(tag, born, self.offset(now_ms), window) {
+            self.rebuild(now_ms, window, Some(homeless));
+        }
+    }
+
+    fn put(&mut self, b: usize, (s, fresh): (usize, bool), tag: u64, born: u32) {
         self.buckets[b].tags[s] = tag;
         self.buckets[b].born[s] = born;
-        if fresh {
-            self.used += 1;
+        self.used += usize::from(fresh);
+    }
+
+    /// Stores `tag` (known to be absent): in a free slot of one of its two
+    /// buckets, preferring a reusable slot, then the emptier bucket; when
+    /// both are full, by moving entries to their other bucket (cuckoo
+    /// hashing), at most [`MAX_KICKS`] times. On failure the entry left
+    /// without a slot (`tag` itself or one it displaced) is returned.
+    fn insert(&mut self, tag: u64, born: u32, now: u64, window: u64) -> Result<(), (u64, u32)> {
+        let (b1, b2) = buckets_of(tag, self.buckets.len());
+        let (f1, f2) = (
+            self.buckets[b1].free(now, window),
+            self.buckets[b2].free(now, window),
+        );
+        let pick = if f1.1 != 0 {
+            Some((b1, f1.1.trailing_zeros() as usize, false))
+        } else if f2.1 != 0 {
+            Some((b2, f2.1.trailing_zeros() as usize, false))
+        } else if f1.0 != 0 && f1.0.count_ones() >= f2.0.count_ones() {
+            Some((b1, f1.0.trailing_zeros() as usize, true))
+        } else if f2.0 != 0 {
+            Some((b2, f2.0.trailing_zeros() as usize, true))
+        } else {
+            None
+        };
+        if let Some((b, s, fresh)) = pick {
+            self.put(b, (s, fresh), tag, born);
+            return Ok(());
         }
+        // Both buckets hold live entries only: displace one and move it to
+        // its other bucket, and so on. The victim slot varies with the step
+        // and the tag so that the walk does not cycle between two entries.
+        let (mut tag, mut born, mut b) = (tag, born, b1);
+        for step in 0..MAX_KICKS {
+            let s = (tag as usize).wrapping_add(step) % SLOTS;
+            let bucket = &mut self.buckets[b];
+            std::mem::swap(&mut tag, &mut bucket.tags[s]);
+            std::mem::swap(&mut born, &mut bucket.born[s]);
+            let (h1, h2) = buckets_of(tag, self.buckets.len());
+            b = if h1 == b { h2 } else { h1 };
+            if let Some(slot) = self.free_in(b, now, window) {
+                self.put(b, slot, tag, born);
+                return Ok(());
+            }
+        }
+        Err((tag, born))
     }
 
     /// Drops dead and removed entries, resizes to [`TARGET_LOAD_PCT`] and
-    /// moves the floor up to the oldest live entry.
-    fn rebuild(&mut self, now_ms: u64, window: u64) {
+    /// moves the floor up to the oldest live entry. `extra` is an entry to
+    /// add that found no slot (its birth an offset from the current floor).
+    fn rebuild(&mut self, now_ms: u64, window: u64, extra: Option<(u64, u32)>) {
         let now = self.offset(now_ms);
-        let live = self.live_entries(now, window).count();
-        let oldest = self
-            .live_entries(now, window)
-            .map(|(_, born)| born)
-            .min()
-            .map_or(now, u64::from);
-        let buckets = (live * 100).div_ceil(SLOTS * TARGET_LOAD_PCT).max(1);
-        let mut fresh = vec![Bucket::EMPTY; buckets].into_boxed_slice();
-        for (tag, born) in self.live_entries(now, window) {
-            place(&mut fresh, tag, (u64::from(born) - oldest) as u32);
+        let mut entries: Vec<(u64, u32)> = self.live_entries(now, window).chain(extra).collect();
+        let oldest = entries.iter().map(|&(_, born)| born).min().map_or(now, u64::from);
+        for (_, born) in &mut entries {
+            *born = (u64::from(*born) - oldest) as u32;
         }
-        self.buckets = fresh;
-        self.used = live;
+        let mut buckets = (entries.len() * 100).div_ceil(SLOTS * TARGET_LOAD_PCT).max(1);
+        // Placing can fail when an unlucky set of entries crowds a few
+        // buckets; a slightly larger array then takes them.
+        'size: loop {
+            self.buckets = vec![Bucket::EMPTY; buckets].into_boxed_slice();
+            self.used = 0;
+            let now = now - oldest;
+            for &(tag, born) in &entries {
+                if self.insert(tag, born, now, window).is_err() {
+                    buckets += buckets.div_ceil(16);
+                    continue 'size;
+                }
+            }
+            break;
+        }
         self.floor_ms += oldest;
     }
 }
 
-/// Puts `tag` in the first empty slot from its home bucket (rebuild only: no
-/// duplicates, and the array has room).
-fn place(buckets: &mut [Bucket], tag: u64, born: u32) {
-    let n = buckets.len();
-    let mut b = bucket_of(tag, n);
-    loop {
-        if let Some(s) = buckets[b].tags.iter().position(|&t| t == EMPTY) {
-            buckets[b].tags[s] = tag;
-            buckets[b].born[s] = born;
-            return;
-        }
-        b += 1;
-        if b == n {
-            b = 0;
-        }
-    }
+/// The two buckets of `tag` in an array of `n`: one from its high bits, one
+/// from its low bits, so they are independent.
+#[inline]
+fn buckets_of(tag: u64, n: usize) -> (usize, usize) {
+    (reduce(tag, n), reduce(tag.rotate_left(32), n))
 }
 
 /// `now` and `born` are offsets from the same floor, `born <= now`.
@@ -233,10 +319,6 @@ fn prefetch_read(bucket: &Bucket) {
 /// Maps a 64-bit value onto `0..n` by its high bits (Lemire's multiply-shift).
 fn reduce(x: u64, n: usize) -> usize {
     ((u128::from(x) * n as u128) >> 64) as usize
-}
-
-fn bucket_of(tag: u64, n: usize) -> usize {
-    reduce(tag, n)
 }
 
 fn tag_of(fp: Fingerprint) -> u64 {
@@ -324,7 +406,7 @@ impl Table {
         let window = self.window_at(now_ms);
         let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
         if seg.must_rebuild(now_ms) {
-            seg.rebuild(now_ms, window);
+            seg.rebuild(now_ms, window, None);
         }
         seg
     }
@@ -335,7 +417,7 @@ impl Table {
         let (window, tag) = (self.window_at(now_ms), tag_of(fp));
         let seg = self.segment_for(fp, now_ms);
         let now = seg.offset(now_ms);
-        match seg.probe(tag, now, window) {
+        match seg.probe(tag) {
             Probe::Found(b, s) => {
                 let born = &mut seg.buckets[b].born[s];
                 if alive(now, *born, window) {
@@ -343,7 +425,7 @@ impl Table {
                 }
                 *born = now as u32;
             }
-            Probe::Absent(b, s, fresh) => seg.put((b, s, fresh), tag, now as u32),
+            Probe::Absent => seg.insert_or_grow(tag, now as u32, now_ms, window),
         }
         Verdict::New
     }
@@ -366,26 +448,25 @@ impl Table {
         }
     }
 
-    /// Hints the CPU to load the home bucket of `fp`.
+    /// Hints the CPU to load the two buckets of `fp`.
     #[inline]
     fn prefetch(&self, fp: Fingerprint) {
         let seg = &self.segments[reduce(fp.hi, self.segments.len())];
-        if let Some(bucket) = seg.buckets.get(bucket_of(tag_of(fp), seg.buckets.len())) {
-            prefetch_read(bucket);
+        if !seg.buckets.is_empty() {
+            let (b1, b2) = buckets_of(tag_of(fp), seg.buckets.len());
+            prefetch_read(&seg.buckets[b1]);
+            prefetch_read(&seg.buckets[b2]);
         }
     }
 
     /// Whether `fp` is alive at `now_ms`, without changing anything.
     pub fn contains(&self, fp: Fingerprint, now_ms: u64) -> bool {
         let seg = &self.segments[reduce(fp.hi, self.segments.len())];
-        if seg.buckets.is_empty() {
-            return false;
-        }
         let now_ms = now_ms.max(self.last_now_ms);
         let (now, window) = (seg.offset(now_ms), self.window_at(now_ms));
-        match seg.probe(tag_of(fp), now, window) {
+        match seg.probe(tag_of(fp)) {
             Probe::Found(b, s) => alive(now, seg.buckets[b].born[s], window),
-            Probe::Absent(..) => false,
+            Probe::Absent => false,
         }
     }
 
@@ -404,14 +485,14 @@ impl Table {
             seg.lower_floor(born_ms);
         }
         let (now, born) = (seg.offset(now_ms), (born_ms - seg.floor_ms) as u32);
-        match seg.probe(tag, now, window) {
+        match seg.probe(tag) {
             Probe::Found(b, s) => {
                 let old = &mut seg.buckets[b].born[s];
                 if !alive(now, *old, window) || born > *old {
                     *old = born;
                 }
             }
-            Probe::Absent(b, s, fresh) => seg.put((b, s, fresh), tag, born),
+            Probe::Absent => seg.insert_or_grow(tag, born, now_ms, window),
         }
         true
     }
@@ -419,17 +500,13 @@ impl Table {
     /// Forgets `fp` (an insert whose durable commit failed). Returns whether
     /// it was present.
     pub fn remove(&mut self, fp: Fingerprint) -> bool {
-        let (now_ms, window) = (self.last_now_ms, self.window_at(self.last_now_ms));
         let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
-        if seg.buckets.is_empty() {
-            return false;
-        }
-        match seg.probe(tag_of(fp), seg.offset(now_ms), window) {
+        match seg.probe(tag_of(fp)) {
             Probe::Found(b, s) => {
                 seg.buckets[b].tags[s] = REMOVED;
                 true
             }
-            Probe::Absent(..) => false,
+            Probe::Absent => false,
         }
     }
 
@@ -453,7 +530,7 @@ impl Table {
             let dead = seg.used - live;
             let oversized = live * 100 < seg.capacity() * TARGET_LOAD_PCT / 2 && seg.capacity() > SLOTS;
             if dead * 8 >= seg.used || oversized || now_ms - seg.floor_ms >= REBASE_AFTER_MS / 2 {
-                seg.rebuild(now_ms, window);
+                seg.rebuild(now_ms, window, None);
                 reclaimed += dead;
             }
         }
@@ -503,6 +580,36 @@ mod tests {
     #[test]
     fn bucket_is_96_bytes() {
         assert_eq!(size_of::<Bucket>(), 96);
+    }
+
+    #[test]
+    fn a_full_segment_loses_no_entry() {
+        // Four buckets, 32 slots: inserts past that move entries between
+        // buckets and finally hand back the one entry left without a slot.
+        let mut seg = Segment {
+            buckets: vec![Bucket::EMPTY; 4].into_boxed_slice(),
+            used: 0,
+            floor_ms: 0,
+        };
+        let mut sent = Vec::new();
+        let homeless = (0..)
+            .find_map(|i| {
+                let tag = tag_of(fp(i));
+                sent.push(tag);
+                seg.insert(tag, 7, 10, 1000).err()
+            })
+            .unwrap();
+        assert!(sent.len() > 28, "full after {} inserts", sent.len());
+        assert_eq!(homeless.1, 7);
+        let mut kept: Vec<u64> = seg.live_entries(10, 1000).map(|(tag, _)| tag).collect();
+        kept.push(homeless.0);
+        kept.sort_unstable();
+        sent.sort_unstable();
+        assert_eq!(kept, sent);
+        assert!(
+            sent.iter()
+                .all(|&t| t == homeless.0 || matches!(seg.probe(t), Probe::Found(..)))
+        );
     }
 
     #[test]
