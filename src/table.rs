@@ -23,16 +23,19 @@
 //! after that the segment grows.
 //!
 //! An entry is *alive* while `now - born < window`. Expired entries are not
-//! removed at once: a lookup treats them as absent, an insert reuses their
-//! slots, and the segment is *rebuilt* (dead entries dropped, capacity
-//! resized) when its slots in use reach 95 %, when an insert finds no slot,
-//! or when [`Table::sweep`] visits it. A rebuild touches one segment only, so
-//! its pause is bounded by the segment size, not the table size (about 5 000
-//! entries per segment at 10 M live ids with 2048 segments: tens of
-//! microseconds).
+//! removed at once: a lookup treats them as absent and an insert reuses
+//! their slots. When a segment's slots in use (live, dead or removed) reach
+//! 95 %, the slots of dead entries are emptied in place; a lookup never
+//! stops at an empty slot, so nothing moves. Only when its live entries
+//! alone are above 90 % (or an insert finds no slot) is the segment
+//! *rebuilt*: dead entries dropped and the capacity resized to 85 % load.
+//! [`Table::sweep`] does the same for segments that see no inserts. Purges
+//! and rebuilds touch one segment only, so their pause is bounded by the
+//! segment size, not the table size (about 5 000 entries per segment at
+//! 10 M live ids with 2048 segments: tens of microseconds).
 //!
-//! After a rebuild a segment is 85 % full and it is rebuilt again at 95 %, so
-//! a live id costs 12.6–14.1 bytes of slots, growth headroom included.
+//! A growing segment runs between 85 % and 95 % full, so a live id costs
+//! 12.6–14.1 bytes of slots, growth headroom included.
 //!
 //! A segment is rebuilt (which moves its floor up to its oldest live entry)
 //! before `now` gets 2^31 ms (24 days) past the floor, so offsets always fit
@@ -48,8 +51,13 @@ const EMPTY: u64 = 0;
 const REMOVED: u64 = 1;
 /// Load (in percent of slots) a rebuilt segment starts at.
 const TARGET_LOAD_PCT: usize = 85;
-/// Load (in percent) at which a segment is rebuilt before taking a new slot.
+/// Load (in percent, dead entries included) at which a segment is purged of
+/// its dead entries before taking a new slot.
 const MAX_LOAD_PCT: usize = 95;
+/// Load (in percent) above which a purged segment is rebuilt larger: between
+/// the two above, so that a segment with as many ids arriving as expiring
+/// is purged in place, not reallocated each time.
+const PURGED_LOAD_PCT: usize = 90;
 /// Load (in percent) at which a segment is rebuilt before taking a new slot.
 
 /// A segment whose floor is this far behind `now` is rebuilt before use.
@@ -134,10 +142,38 @@ impl Segment {
         self.buckets.len() * SLOTS
     }
 
-    fn must_rebuild(&self, now_ms: u64) -> bool {
-        self.buckets.is_empty()
-            || (self.used + 1) * 100 > self.capacity() * MAX_LOAD_PCT
-            || now_ms - self.floor_ms >= REBASE_AFTER_MS
+    /// Readies the segment for one more entry. A segment whose slots in
+    /// use reach [`MAX_LOAD_PCT`] first empties the slots of its dead
+    /// entries in place (a lookup never stops at an empty slot, so this
+    /// needs no moves); it is rebuilt only when its live entries alone are
+    /// above [`PURGED_LOAD_PCT`], or when its floor is too old.
+    fn make_room(&mut self, now_ms: u64, window: u64) {
+        let full = |seg: &Segment, pct| (seg.used + 1) * 100 > seg.capacity() * pct;
+        if self.buckets.is_empty() || now_ms - self.floor_ms >= REBASE_AFTER_MS {
+            self.rebuild(now_ms, window, None);
+        } else if full(self, MAX_LOAD_PCT) {
+            self.purge(now_ms, window);
+            if full(self, PURGED_LOAD_PCT) {
+                self.rebuild(now_ms, window, None);
+            }
+        }
+    }
+
+    /// Empties the slots of dead and removed entries; returns how many.
+    fn purge(&mut self, now_ms: u64, window: u64) -> usize {
+        let now = self.offset(now_ms);
+        let mut freed = 0;
+        for bucket in self.buckets.iter_mut() {
+            let (_, reusable) = bucket.free(now, window);
+            for s in 0..SLOTS {
+                if reusable & (1 << s) != 0 {
+                    bucket.tags[s] = EMPTY;
+                }
+            }
+            freed += reusable.count_ones() as usize;
+        }
+        self.used -= freed;
+        freed
     }
 
     /// `now` as an offset from the floor (never negative: the table's clock
@@ -405,9 +441,7 @@ impl Table {
     fn segment_for(&mut self, fp: Fingerprint, now_ms: u64) -> &mut Segment {
         let window = self.window_at(now_ms);
         let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
-        if seg.must_rebuild(now_ms) {
-            seg.rebuild(now_ms, window, None);
-        }
+        seg.make_room(now_ms, window);
         seg
     }
 
@@ -511,9 +545,10 @@ impl Table {
     }
 
     /// Reclaims dead entries in up to `segments` segments, continuing where
-    /// the previous call stopped; a segment is rebuilt when at least an
-    /// eighth of it is dead or when it is far larger than its live entries
-    /// need. Returns how many entries were reclaimed.
+    /// the previous call stopped: a segment is purged when at least an
+    /// eighth of it is dead, and rebuilt when it is far larger than its live
+    /// entries need or its floor is getting old. Returns how many entries
+    /// were reclaimed.
     pub fn sweep(&mut self, now_ms: u64, segments: usize) -> usize {
         let now_ms = self.clock(now_ms);
         let window = self.window_at(now_ms);
@@ -529,9 +564,11 @@ impl Table {
             let live = seg.live_entries(seg.offset(now_ms), window).count();
             let dead = seg.used - live;
             let oversized = live * 100 < seg.capacity() * TARGET_LOAD_PCT / 2 && seg.capacity() > SLOTS;
-            if dead * 8 >= seg.used || oversized || now_ms - seg.floor_ms >= REBASE_AFTER_MS / 2 {
+            if oversized || now_ms - seg.floor_ms >= REBASE_AFTER_MS / 2 {
                 seg.rebuild(now_ms, window, None);
                 reclaimed += dead;
+            } else if dead * 8 >= seg.used {
+                reclaimed += seg.purge(now_ms, window);
             }
         }
         reclaimed
@@ -610,6 +647,26 @@ mod tests {
             sent.iter()
                 .all(|&t| t == homeless.0 || matches!(seg.probe(t), Probe::Found(..)))
         );
+    }
+
+    #[test]
+    fn steady_churn_reuses_the_slots_of_expired_entries() {
+        // As many ids arrive as expire: once the segment has its size it is
+        // purged in place, never reallocated.
+        let mut t = Table::new(1000, 1);
+        let mut arrays = Vec::new();
+        for round in 0..40u64 {
+            for i in 0..1000 {
+                assert!(t.check_and_insert(fp(round * 1000 + i), round * 1000).is_new());
+            }
+            assert_eq!(t.live(round * 1000), 1000);
+            arrays.push(t.segments[0].buckets.as_ptr());
+        }
+        assert!(
+            arrays[3..].iter().all(|&a| a == arrays[3]),
+            "reallocated under steady churn"
+        );
+        assert!((39_000..40_000).all(|i| t.contains(fp(i), 39_999)));
     }
 
     #[test]
