@@ -58,8 +58,6 @@ const MAX_LOAD_PCT: usize = 95;
 /// the two above, so that a segment with as many ids arriving as expiring
 /// is purged in place, not reallocated each time.
 const PURGED_LOAD_PCT: usize = 90;
-/// Load (in percent) at which a segment is rebuilt before taking a new slot.
-
 /// A segment whose floor is this far behind `now` is rebuilt before use.
 const REBASE_AFTER_MS: u64 = 1 << 31;
 
