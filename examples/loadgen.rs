@@ -135,7 +135,7 @@ enum Target {
     /// The sidecar.
     Sidecar,
     /// `Nats-Msg-Id` publishes to a stream that deduplicates.
-    JetStream(jetstream::Context),
+    JetStream(Box<jetstream::Context>),
 }
 
 /// What one run counted.
@@ -449,7 +449,7 @@ async fn main() -> Result<(), async_nats::Error> {
         .await?;
         let (t, elapsed) = drive(
             &client,
-            Target::JetStream(js.clone()),
+            Target::JetStream(Box::new(js.clone())),
             &a,
             &tag,
             a.baseline_seconds,
