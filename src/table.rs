@@ -467,7 +467,7 @@ impl Table {
     /// buckets of later fingerprints are prefetched while earlier ones are
     /// decided, so the cache misses of a large table overlap.
     pub fn check_and_insert_batch(&mut self, fps: &[Fingerprint], now_ms: u64, out: &mut Vec<Verdict>) {
-        const AHEAD: usize = 12;
+        const AHEAD: usize = 8;
         out.reserve(fps.len());
         for fp in fps.iter().take(AHEAD) {
             self.prefetch(*fp);
