@@ -181,12 +181,7 @@ impl Segment {
     }
 
     fn live_entries(&self, now: u64, window: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
-        self.buckets.iter().flat_map(move |bucket| {
-            (0..SLOTS).filter_map(move |s| {
-                let t = bucket.tags[s];
-                (t > REMOVED && alive(now, bucket.born[s], window)).then_some((t, bucket.born[s]))
-            })
-        })
+        live_entries(&self.buckets, now, window)
     }
 
     /// Lowers the floor to `floor_ms`, re-expressing every offset.
@@ -295,20 +290,34 @@ impl Segment {
     /// add that found no slot (its birth an offset from the current floor).
     fn rebuild(&mut self, now_ms: u64, window: u64, extra: Option<(u64, u32)>) {
         let now = self.offset(now_ms);
-        let mut entries: Vec<(u64, u32)> = self.live_entries(now, window).chain(extra).collect();
-        let oldest = entries.iter().map(|&(_, born)| born).min().map_or(now, u64::from);
-        for (_, born) in &mut entries {
-            *born = (u64::from(*born) - oldest) as u32;
-        }
-        let mut buckets = (entries.len() * 100).div_ceil(SLOTS * TARGET_LOAD_PCT).max(1);
-        // Placing can fail when an unlucky set of entries crowds a few
-        // buckets; a slightly larger array then takes them.
+        let old = std::mem::take(&mut self.buckets);
+        let entries = || live_entries(&old, now, window).chain(extra);
+        let (count, oldest) = entries().fold((0usize, now), |(n, oldest), (_, born)| {
+            (n + 1, oldest.min(u64::from(born)))
+        });
+        let rebased = |born: u32| (u64::from(born) - oldest) as u32;
+        let mut buckets = (count * 100).div_ceil(SLOTS * TARGET_LOAD_PCT).max(1);
+        // Each entry goes to the emptier of its two buckets, counted in
+        // `fill`; the few that find both full are inserted the usual way
+        // afterwards. If even that fails, a slightly larger array takes them.
         'size: loop {
             self.buckets = vec![Bucket::EMPTY; buckets].into_boxed_slice();
             self.used = 0;
-            let now = now - oldest;
-            for &(tag, born) in &entries {
-                if self.insert(tag, born, now, window).is_err() {
+            let mut fill = vec![0u8; buckets];
+            let mut crowded = Vec::new();
+            for (tag, born) in entries() {
+                let (b1, b2) = buckets_of(tag, buckets);
+                let b = if fill[b1] <= fill[b2] { b1 } else { b2 };
+                let s = usize::from(fill[b]);
+                if s == SLOTS {
+                    crowded.push((tag, rebased(born)));
+                } else {
+                    self.put(b, (s, true), tag, rebased(born));
+                    fill[b] += 1;
+                }
+            }
+            for (tag, born) in crowded {
+                if self.insert(tag, born, now - oldest, window).is_err() {
                     buckets += buckets.div_ceil(16);
                     continue 'size;
                 }
@@ -317,6 +326,16 @@ impl Segment {
         }
         self.floor_ms += oldest;
     }
+}
+
+/// The live entries of `buckets` at `now`: (tag, birth offset).
+fn live_entries(buckets: &[Bucket], now: u64, window: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
+    buckets.iter().flat_map(move |bucket| {
+        (0..SLOTS).filter_map(move |s| {
+            let t = bucket.tags[s];
+            (t > REMOVED && alive(now, bucket.born[s], window)).then_some((t, bucket.born[s]))
+        })
+    })
 }
 
 /// The two buckets of `tag` in an array of `n`: one from its high bits, one
