@@ -32,7 +32,8 @@
 //! [`Table::sweep`] does the same for segments that see no inserts. Purges
 //! and rebuilds touch one segment only, so their pause is bounded by the
 //! segment size, not the table size (about 5 000 entries per segment at
-//! 10 M live ids with 2048 segments: tens of microseconds).
+//! 10 M live ids with 2048 segments: a rebuild costs 15–20 ns per slot,
+//! about 0.1 ms; a chain of moves at most 64 cache misses).
 //!
 //! A growing segment runs between 85 % and 95 % full, so a live id costs
 //! 12.6–14.1 bytes of slots, growth headroom included.
