@@ -10,10 +10,29 @@
 //! The table is an array of *segments*, chosen by the fingerprint's `hi`
 //! half. A segment is a bucketised cuckoo hash table: buckets of 8 slots,
 //! and every entry has two candidate buckets, one from the high and one from
-//! the low bits of its tag. A slot is 12 bytes: the 64-bit tag (the
+//! the low bits of its tag. A slot is 10 bytes: the 64-bit tag (the
 //! fingerprint's `lo` half; 0 marks an empty slot and 1 a removed one) and
-//! the arrival time as 32-bit milliseconds after the segment's *floor*, a
-//! time no later than any entry's arrival. A bucket is 96 bytes.
+//! the arrival time as a 16-bit offset from the segment's *floor*, a time no
+//! later than any entry's arrival. A bucket is 80 bytes.
+//!
+//! # Time units
+//!
+//! Times are counted in units of `u = ceil(window / 30 000)` ms, at least 1:
+//! to the millisecond for windows up to 30 s, 20 160 ms for a week. An
+//! arrival is stored as the unit it falls in, and an entry is alive while
+//! `now_unit - born_unit < ceil((window - 1) / u) + 1`. With 1-ms units that
+//! is exactly `now - born < window`. With longer units an id is remembered
+//! at least the window and forgotten less than `2u + 1` ms after it, which
+//! is within the promised `max(10 ms, window / 10 000)` (for windows of
+//! 30–100 s, `2u + 1 ≤ 9` ms; above, `u ≤ window / 30 000 + 1`). A window
+//! is at most 30 001 units, so the floor is moved up (the segment rebuilt)
+//! before `now` is 60 000 units past it, and offsets fit in 16 bits.
+//!
+//! A window change switches the unit; each segment converts when it is next
+//! rebuilt, taking every birth as the last millisecond its old unit covers,
+//! so a change never shortens a memory. Entries stored before a window
+//! shrinks keep their old precision: they may be remembered up to one old
+//! unit (window / 30 000 of the old window) longer than the new window.
 //!
 //! A lookup reads at most two buckets, whatever the load. An insert takes a
 //! free slot in either bucket: preferably one whose entry is dead or
@@ -36,11 +55,7 @@
 //! about 0.1 ms; a chain of moves at most 64 cache misses).
 //!
 //! A growing segment runs between 85 % and 95 % full, so a live id costs
-//! 12.6–14.1 bytes of slots, growth headroom included.
-//!
-//! A segment is rebuilt (which moves its floor up to its oldest live entry)
-//! before `now` gets 2^31 ms (24 days) past the floor, so offsets always fit
-//! in 32 bits; the window is capped at [`MAX_WINDOW_MS`] to keep that true.
+//! 10.5–11.8 bytes of slots, growth headroom included.
 
 use crate::fingerprint::Fingerprint;
 
@@ -59,8 +74,32 @@ const MAX_LOAD_PCT: usize = 95;
 /// the two above, so that a segment with as many ids arriving as expiring
 /// is purged in place, not reallocated each time.
 const PURGED_LOAD_PCT: usize = 90;
-/// A segment whose floor is this far behind `now` is rebuilt before use.
-const REBASE_AFTER_MS: u64 = 1 << 31;
+/// Arrival times are kept as 16-bit offsets from a segment's floor, in
+/// *units* of [`unit_for`] milliseconds; a segment is rebuilt (rebased)
+/// before `now` is this many units past its floor.
+const REBASE_AFTER: u64 = 60_000;
+/// A window is this many units at most, so offsets up to twice the window
+/// fit in 16 bits.
+const UNITS_PER_WINDOW: u64 = 30_000;
+type Born = u16;
+
+/// The time unit for `window_ms`: 1 ms for windows up to 30 s, else
+/// window / 30 000 rounded up (20 160 ms for a week).
+fn unit_for(window_ms: u64) -> u64 {
+    window_ms.div_ceil(UNITS_PER_WINDOW).max(1)
+}
+
+/// The window in units: an entry born in unit `b` is alive in unit `n`
+/// while `n - b` is below it. Exact for 1-ms units; for longer units every
+/// id is remembered at least the window and forgotten at most two units
+/// after it (see the module docs).
+fn window_units(window_ms: u64, unit: u64) -> u64 {
+    if unit == 1 {
+        window_ms
+    } else {
+        window_ms.saturating_sub(1).div_ceil(unit) + 1
+    }
+}
 
 /// The answer to a check-and-insert.
 #[must_use]
@@ -79,10 +118,10 @@ impl Verdict {
 }
 
 #[derive(Clone, Copy)]
-#[repr(C)]
+#[repr(C, align(16))]
 struct Bucket {
     tags: [u64; SLOTS],
-    born: [u32; SLOTS],
+    born: [Born; SLOTS],
 }
 
 impl Bucket {
@@ -96,9 +135,12 @@ struct Segment {
     buckets: Box<[Bucket]>,
     /// Slots holding a tag, live, dead or removed.
     used: usize,
-    /// No entry of this segment was born before this time; births are
-    /// stored as offsets from it.
-    floor_ms: u64,
+    /// No entry of this segment was born before this time, in units;
+    /// births are stored as offsets from it.
+    floor: u64,
+    /// Milliseconds per unit of this segment's times; it follows the
+    /// table's window when the segment is next rebuilt.
+    unit: u64,
 }
 
 /// Where a lookup ended.
@@ -146,21 +188,20 @@ impl Segment {
     /// entries in place (a lookup never stops at an empty slot, so this
     /// needs no moves); it is rebuilt only when its live entries alone are
     /// above [`PURGED_LOAD_PCT`], or when its floor is too old.
-    fn make_room(&mut self, now_ms: u64, window: u64) {
+    fn make_room(&mut self, now_ms: u64, window_ms: u64, unit: u64) {
         let full = |seg: &Segment, pct| (seg.used + 1) * 100 > seg.capacity() * pct;
-        if self.buckets.is_empty() || now_ms - self.floor_ms >= REBASE_AFTER_MS {
-            self.rebuild(now_ms, window, None);
+        if self.buckets.is_empty() || self.unit != unit || self.now(now_ms) >= REBASE_AFTER {
+            self.rebuild(now_ms, window_ms, unit, None);
         } else if full(self, MAX_LOAD_PCT) {
-            self.purge(now_ms, window);
+            self.purge(self.now(now_ms), self.window(window_ms));
             if full(self, PURGED_LOAD_PCT) {
-                self.rebuild(now_ms, window, None);
+                self.rebuild(now_ms, window_ms, unit, None);
             }
         }
     }
 
     /// Empties the slots of dead and removed entries; returns how many.
-    fn purge(&mut self, now_ms: u64, window: u64) -> usize {
-        let now = self.offset(now_ms);
+    fn purge(&mut self, now: u64, window: u64) -> usize {
         let mut freed = 0;
         for bucket in self.buckets.iter_mut() {
             let (_, reusable) = bucket.free(now, window);
@@ -175,20 +216,25 @@ impl Segment {
         freed
     }
 
-    /// `now` as an offset from the floor (never negative: the table's clock
+    /// `now` in units after the floor (never negative: the table's clock
     /// only moves forward and the floor is at most the latest `now`).
-    fn offset(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.floor_ms)
+    fn now(&self, now_ms: u64) -> u64 {
+        (now_ms / self.unit).saturating_sub(self.floor)
     }
 
-    fn live_entries(&self, now: u64, window: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
+    /// A window in this segment's units.
+    fn window(&self, window_ms: u64) -> u64 {
+        window_units(window_ms, self.unit)
+    }
+
+    fn live_entries(&self, now: u64, window: u64) -> impl Iterator<Item = (u64, Born)> + '_ {
         live_entries(&self.buckets, now, window)
     }
 
-    /// Lowers the floor to `floor_ms`, re-expressing every offset.
-    /// Callers keep `now - floor_ms` below the window, so offsets still fit.
-    fn lower_floor(&mut self, floor_ms: u64) {
-        let delta = (self.floor_ms - floor_ms) as u32;
+    /// Lowers the floor to `floor`, re-expressing every offset. Callers
+    /// keep `now - floor` within the window, so offsets still fit.
+    fn lower_floor(&mut self, floor: u64) {
+        let delta = (self.floor - floor) as Born;
         for bucket in self.buckets.iter_mut() {
             for (t, born) in bucket.tags.iter().zip(bucket.born.iter_mut()) {
                 if *t > REMOVED {
@@ -196,7 +242,7 @@ impl Segment {
                 }
             }
         }
-        self.floor_ms = floor_ms;
+        self.floor = floor;
     }
 
     /// Looks `tag` up in its two buckets.
@@ -229,13 +275,14 @@ impl Segment {
     }
 
     /// [`Segment::insert`], growing the segment when the entry finds no slot.
-    fn insert_or_grow(&mut self, tag: u64, born: u32, now_ms: u64, window: u64) {
-        if let Err(homeless) = self.insert(tag, born, self.offset(now_ms), window) {
-            self.rebuild(now_ms, window, Some(homeless));
+    fn insert_or_grow(&mut self, tag: u64, born: Born, now_ms: u64, window_ms: u64) {
+        let (now, window) = (self.now(now_ms), self.window(window_ms));
+        if let Err(homeless) = self.insert(tag, born, now, window) {
+            self.rebuild(now_ms, window_ms, self.unit, Some(homeless));
         }
     }
 
-    fn put(&mut self, b: usize, (s, fresh): (usize, bool), tag: u64, born: u32) {
+    fn put(&mut self, b: usize, (s, fresh): (usize, bool), tag: u64, born: Born) {
         self.buckets[b].tags[s] = tag;
         self.buckets[b].born[s] = born;
         self.used += usize::from(fresh);
@@ -246,7 +293,7 @@ impl Segment {
     /// both are full, by moving entries to their other bucket (cuckoo
     /// hashing), at most [`MAX_KICKS`] times. On failure the entry left
     /// without a slot (`tag` itself or one it displaced) is returned.
-    fn insert(&mut self, tag: u64, born: u32, now: u64, window: u64) -> Result<(), (u64, u32)> {
+    fn insert(&mut self, tag: u64, born: Born, now: u64, window: u64) -> Result<(), (u64, Born)> {
         let (b1, b2) = buckets_of(tag, self.buckets.len());
         let (f1, f2) = (
             self.buckets[b1].free(now, window),
@@ -286,17 +333,32 @@ impl Segment {
         Err((tag, born))
     }
 
-    /// Drops dead and removed entries, resizes to [`TARGET_LOAD_PCT`] and
-    /// moves the floor up to the oldest live entry. `extra` is an entry to
-    /// add that found no slot (its birth an offset from the current floor).
-    fn rebuild(&mut self, now_ms: u64, window: u64, extra: Option<(u64, u32)>) {
-        let now = self.offset(now_ms);
+    /// Drops dead and removed entries, resizes to [`TARGET_LOAD_PCT`],
+    /// moves the floor up to the oldest live entry and switches to `unit`.
+    /// `extra` is an entry to add that found no slot (its birth an offset
+    /// from the current floor).
+    fn rebuild(&mut self, now_ms: u64, window_ms: u64, unit: u64, extra: Option<(u64, Born)>) {
+        let (now, window) = (self.now(now_ms), self.window(window_ms));
         let old = std::mem::take(&mut self.buckets);
-        let entries = || live_entries(&old, now, window).chain(extra);
-        let (count, oldest) = entries().fold((0usize, now), |(n, oldest), (_, born)| {
-            (n + 1, oldest.min(u64::from(born)))
+        // A birth in the new unit: from the last millisecond the old unit
+        // can stand for, so that a coarser past never shortens a memory.
+        let (old_floor, old_unit, now_new) = (self.floor, self.unit, now_ms / unit);
+        let rebirth =
+            |born: Born| ((old_floor + u64::from(born)) * old_unit + old_unit - 1).min(now_ms) / unit;
+        let entries = || {
+            live_entries(&old, now, window)
+                .chain(extra)
+                .map(|(tag, born)| (tag, rebirth(born)))
+        };
+        let (count, oldest) = entries().fold((0usize, now_new), |(n, oldest), (_, born)| {
+            (n + 1, oldest.min(born))
         });
-        let rebased = |born: u32| (u64::from(born) - oldest) as u32;
+        // Only after a window shrank a thousandfold can a live birth lie
+        // further back than this; such an entry is dead in the new window.
+        let floor = oldest.max(now_new.saturating_sub(REBASE_AFTER));
+        let rebased = |born: u64| born.saturating_sub(floor) as Born;
+        (self.floor, self.unit) = (floor, unit);
+        let (now, window) = (self.now(now_ms), self.window(window_ms));
         let mut buckets = (count * 100).div_ceil(SLOTS * TARGET_LOAD_PCT).max(1);
         // Each entry goes to the emptier of its two buckets, counted in
         // `fill`; the few that find both full are inserted the usual way
@@ -318,19 +380,18 @@ impl Segment {
                 }
             }
             for (tag, born) in crowded {
-                if self.insert(tag, born, now - oldest, window).is_err() {
+                if self.insert(tag, born, now, window).is_err() {
                     buckets += buckets.div_ceil(16);
                     continue 'size;
                 }
             }
             break;
         }
-        self.floor_ms += oldest;
     }
 }
 
 /// The live entries of `buckets` at `now`: (tag, birth offset).
-fn live_entries(buckets: &[Bucket], now: u64, window: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
+fn live_entries(buckets: &[Bucket], now: u64, window: u64) -> impl Iterator<Item = (u64, Born)> + '_ {
     buckets.iter().flat_map(move |bucket| {
         (0..SLOTS).filter_map(move |s| {
             let t = bucket.tags[s];
@@ -348,7 +409,7 @@ fn buckets_of(tag: u64, n: usize) -> (usize, usize) {
 
 /// `now` and `born` are offsets from the same floor, `born <= now`.
 #[inline]
-fn alive(now: u64, born: u32, window: u64) -> bool {
+fn alive(now: u64, born: Born, window: u64) -> bool {
     now - u64::from(born) < window
 }
 
@@ -383,6 +444,8 @@ fn tag_of(fp: Fingerprint) -> u64 {
 pub struct Table {
     segments: Box<[Segment]>,
     window_ms: u64,
+    /// Milliseconds per unit of stored times, from the window.
+    unit: u64,
     /// Entries born before this were forgotten before a window increase and
     /// stay forgotten.
     dead_before_ms: u64,
@@ -406,12 +469,14 @@ impl Table {
             .map(|_| Segment {
                 buckets: Box::new([]),
                 used: 0,
-                floor_ms: 0,
+                floor: 0,
+                unit: unit_for(window_ms),
             })
             .collect();
         Self {
             segments,
             window_ms,
+            unit: unit_for(window_ms),
             dead_before_ms: 0,
             last_now_ms: 0,
             sweep_cursor: 0,
@@ -442,6 +507,7 @@ impl Table {
                 .max((now_ms + 1).saturating_sub(self.window_ms));
         }
         self.window_ms = window_ms;
+        self.unit = unit_for(window_ms);
     }
 
     /// The window as it applies at `now_ms`: an entry is alive while
@@ -457,9 +523,9 @@ impl Table {
     }
 
     fn segment_for(&mut self, fp: Fingerprint, now_ms: u64) -> &mut Segment {
-        let window = self.window_at(now_ms);
+        let (window, unit) = (self.window_at(now_ms), self.unit);
         let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
-        seg.make_room(now_ms, window);
+        seg.make_room(now_ms, window, unit);
         seg
     }
 
@@ -468,16 +534,16 @@ impl Table {
         let now_ms = self.clock(now_ms);
         let (window, tag) = (self.window_at(now_ms), tag_of(fp));
         let seg = self.segment_for(fp, now_ms);
-        let now = seg.offset(now_ms);
+        let (now, units) = (seg.now(now_ms), seg.window(window));
         match seg.probe(tag) {
             Probe::Found(b, s) => {
                 let born = &mut seg.buckets[b].born[s];
-                if alive(now, *born, window) {
+                if alive(now, *born, units) {
                     return Verdict::Duplicate;
                 }
-                *born = now as u32;
+                *born = now as Born;
             }
-            Probe::Absent => seg.insert_or_grow(tag, now as u32, now_ms, window),
+            Probe::Absent => seg.insert_or_grow(tag, now as Born, now_ms, window),
         }
         Verdict::New
     }
@@ -515,7 +581,7 @@ impl Table {
     pub fn contains(&self, fp: Fingerprint, now_ms: u64) -> bool {
         let seg = &self.segments[reduce(fp.hi, self.segments.len())];
         let now_ms = now_ms.max(self.last_now_ms);
-        let (now, window) = (seg.offset(now_ms), self.window_at(now_ms));
+        let (now, window) = (seg.now(now_ms), seg.window(self.window_at(now_ms)));
         match seg.probe(tag_of(fp)) {
             Probe::Found(b, s) => alive(now, seg.buckets[b].born[s], window),
             Probe::Absent => false,
@@ -533,14 +599,15 @@ impl Table {
             return false;
         }
         let seg = self.segment_for(fp, now_ms);
-        if born_ms < seg.floor_ms {
-            seg.lower_floor(born_ms);
+        let born = born_ms / seg.unit;
+        if born < seg.floor {
+            seg.lower_floor(born);
         }
-        let (now, born) = (seg.offset(now_ms), (born_ms - seg.floor_ms) as u32);
+        let (now, born, units) = (seg.now(now_ms), (born - seg.floor) as Born, seg.window(window));
         match seg.probe(tag) {
             Probe::Found(b, s) => {
                 let old = &mut seg.buckets[b].born[s];
-                if !alive(now, *old, window) || born > *old {
+                if !alive(now, *old, units) || born > *old {
                     *old = born;
                 }
             }
@@ -569,24 +636,25 @@ impl Table {
     /// were reclaimed.
     pub fn sweep(&mut self, now_ms: u64, segments: usize) -> usize {
         let now_ms = self.clock(now_ms);
-        let window = self.window_at(now_ms);
+        let (window_ms, unit) = (self.window_at(now_ms), self.unit);
         let mut reclaimed = 0;
         let count = self.segments.len();
         for _ in 0..segments.min(count) {
             let seg = &mut self.segments[self.sweep_cursor];
             self.sweep_cursor = (self.sweep_cursor + 1) % count;
             if seg.used == 0 {
-                seg.floor_ms = now_ms;
+                (seg.floor, seg.unit) = (now_ms / unit, unit);
                 continue;
             }
-            let live = seg.live_entries(seg.offset(now_ms), window).count();
+            let (now, window) = (seg.now(now_ms), seg.window(window_ms));
+            let live = seg.live_entries(now, window).count();
             let dead = seg.used - live;
             let oversized = live * 100 < seg.capacity() * TARGET_LOAD_PCT / 2 && seg.capacity() > SLOTS;
-            if oversized || now_ms - seg.floor_ms >= REBASE_AFTER_MS / 2 {
-                seg.rebuild(now_ms, window, None);
+            if oversized || seg.unit != unit || now >= REBASE_AFTER / 2 {
+                seg.rebuild(now_ms, window_ms, unit, None);
                 reclaimed += dead;
             } else if dead * 8 >= seg.used {
-                reclaimed += seg.purge(now_ms, window);
+                reclaimed += seg.purge(now, window);
             }
         }
         reclaimed
@@ -606,7 +674,10 @@ impl Table {
         let now_ms = now_ms.max(self.last_now_ms);
         self.segments
             .iter()
-            .map(|s| s.live_entries(s.offset(now_ms), self.window_at(now_ms)).count())
+            .map(|s| {
+                s.live_entries(s.now(now_ms), s.window(self.window_at(now_ms)))
+                    .count()
+            })
             .sum()
     }
 
@@ -633,8 +704,8 @@ mod tests {
     }
 
     #[test]
-    fn bucket_is_96_bytes() {
-        assert_eq!(size_of::<Bucket>(), 96);
+    fn bucket_is_80_bytes() {
+        assert_eq!(size_of::<Bucket>(), 80);
     }
 
     #[test]
@@ -644,7 +715,8 @@ mod tests {
         let mut seg = Segment {
             buckets: vec![Bucket::EMPTY; 4].into_boxed_slice(),
             used: 0,
-            floor_ms: 0,
+            floor: 0,
+            unit: 1,
         };
         let mut sent = Vec::new();
         let homeless = (0..)
@@ -685,6 +757,36 @@ mod tests {
             "reallocated under steady churn"
         );
         assert!((39_000..40_000).all(|i| t.contains(fp(i), 39_999)));
+    }
+
+    #[test]
+    fn a_window_change_never_shortens_a_memory() {
+        // One segment, so the inserts after the change rebuild it in the
+        // new unit (20 160 ms for a week, 1 ms for 10 s).
+        let (week, ten_s) = (MAX_WINDOW_MS, 10_000);
+        let mut t = Table::new(week, 1);
+        let born = 5_000_000_017;
+        let _ = t.check_and_insert(fp(1), born);
+        t.set_window(ten_s, born + 3);
+        for i in 2..200 {
+            let _ = t.check_and_insert(fp(i), born + 4);
+        }
+        assert_eq!(t.segments[0].unit, 1);
+        assert!(t.contains(fp(1), born + ten_s - 1));
+        // Stored to a week's precision, it may be remembered up to one old
+        // unit longer, never less.
+        assert!(!t.contains(fp(1), born + ten_s + 20_160));
+        t.set_window(week, born + 5);
+        for i in 200..400 {
+            let _ = t.check_and_insert(fp(i), born + 6);
+        }
+        assert_eq!(t.segments[0].unit, 20_160);
+        assert!(
+            t.contains(fp(1), born + week - 1),
+            "alive entries get the larger window"
+        );
+        assert!(t.contains(fp(300), born + 6 + week - 1));
+        assert!(!t.contains(fp(300), born + 6 + week + week / 10_000));
     }
 
     #[test]
@@ -735,7 +837,7 @@ mod tests {
         let reclaimed = t.sweep(1000, 16);
         assert_eq!(reclaimed, 100_000);
         assert_eq!(t.len(), 0);
-        assert!(t.memory_bytes() < 16 * 96 + 4096);
+        assert!(t.memory_bytes() < 16 * size_of::<Bucket>() + 4096);
     }
 
     #[test]
@@ -809,6 +911,53 @@ mod tests {
 
         fn alive(&self, k: u8, now: u64) -> bool {
             self.born.get(&k).is_some_and(|&b| self.alive_at(b, now))
+        }
+    }
+
+    proptest! {
+        /// Windows above 30 s keep times in coarser units: an id is still
+        /// remembered for at least the window and forgotten no later than
+        /// max(10 ms, window / 10 000) after it, through growth, purges and
+        /// rebases.
+        #[test]
+        fn long_windows_stay_within_the_tolerance(
+            window in 30_001u64..=MAX_WINDOW_MS,
+            start in 0u64..1 << 45,
+            steps in prop::collection::vec((0u64..1000, any::<bool>()), 1..300),
+            segments in 1usize..3,
+        ) {
+            let tolerance = (window / 10_000).max(10);
+            let mut t = Table::new(window, segments);
+            let mut born: HashMap<u64, u64> = HashMap::new();
+            let mut now = start;
+            for (i, (advance, query)) in steps.into_iter().enumerate() {
+                now += advance * window / 400;
+                if query {
+                    for (&k, &b) in &born {
+                        let age = now - b;
+                        if age < window {
+                            prop_assert!(t.contains(fp(k), now), "forgotten at age {} of {}", age, window);
+                            // The edges, looked at from now.
+                            prop_assert!(t.contains(fp(k), b + window - 1), "forgotten before {}", window);
+                            prop_assert!(!t.contains(fp(k), b + window + tolerance), "remembered past {}", window);
+                        } else if age >= window + tolerance {
+                            prop_assert!(!t.contains(fp(k), now), "remembered at age {} of {}", age, window);
+                        }
+                    }
+                } else {
+                    let k = i as u64 % 40;
+                    let alive = born.get(&k).map(|&b| now - b);
+                    let verdict = t.check_and_insert(fp(k), now);
+                    match alive {
+                        Some(age) if age < window => prop_assert_eq!(verdict, Verdict::Duplicate),
+                        Some(age) if age < window + tolerance => {}
+                        _ => prop_assert_eq!(verdict, Verdict::New),
+                    }
+                    if verdict.is_new() {
+                        born.insert(k, now);
+                    }
+                }
+            }
         }
     }
 
