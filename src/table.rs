@@ -532,8 +532,36 @@ impl Table {
     /// Remembers `fp` from `now_ms` unless it is alive already: one operation.
     pub fn check_and_insert(&mut self, fp: Fingerprint, now_ms: u64) -> Verdict {
         let now_ms = self.clock(now_ms);
-        let (window, tag) = (self.window_at(now_ms), tag_of(fp));
-        let seg = self.segment_for(fp, now_ms);
+        self.decide(fp, now_ms, self.window_at(now_ms))
+    }
+
+    /// [`Table::check_and_insert`] for each fingerprint in order, appending
+    /// the verdicts to `out`. Equivalent to calling it in a loop, but the
+    /// buckets of later fingerprints are prefetched while earlier ones are
+    /// decided, so the cache misses of a large table overlap.
+    pub fn check_and_insert_batch(&mut self, fps: &[Fingerprint], now_ms: u64, out: &mut Vec<Verdict>) {
+        const AHEAD: usize = 8;
+        let now_ms = self.clock(now_ms);
+        let window = self.window_at(now_ms);
+        out.reserve(fps.len());
+        for fp in fps.iter().take(AHEAD) {
+            self.prefetch(*fp);
+        }
+        for (i, fp) in fps.iter().enumerate() {
+            if let Some(later) = fps.get(i + AHEAD) {
+                self.prefetch(*later);
+            }
+            out.push(self.decide(*fp, now_ms, window));
+        }
+    }
+
+    /// The check-and-insert itself, at a `now_ms` already through
+    /// [`Table::clock`] and the window that applies then.
+    #[inline]
+    fn decide(&mut self, fp: Fingerprint, now_ms: u64, window: u64) -> Verdict {
+        let (tag, unit) = (tag_of(fp), self.unit);
+        let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
+        seg.make_room(now_ms, window, unit);
         let (now, units) = (seg.now(now_ms), seg.window(window));
         match seg.probe(tag) {
             Probe::Found(b, s) => {
@@ -546,24 +574,6 @@ impl Table {
             Probe::Absent => seg.insert_or_grow(tag, now as Born, now_ms, window),
         }
         Verdict::New
-    }
-
-    /// [`Table::check_and_insert`] for each fingerprint in order, appending
-    /// the verdicts to `out`. Equivalent to calling it in a loop, but the
-    /// buckets of later fingerprints are prefetched while earlier ones are
-    /// decided, so the cache misses of a large table overlap.
-    pub fn check_and_insert_batch(&mut self, fps: &[Fingerprint], now_ms: u64, out: &mut Vec<Verdict>) {
-        const AHEAD: usize = 8;
-        out.reserve(fps.len());
-        for fp in fps.iter().take(AHEAD) {
-            self.prefetch(*fp);
-        }
-        for (i, fp) in fps.iter().enumerate() {
-            if let Some(later) = fps.get(i + AHEAD) {
-                self.prefetch(*later);
-            }
-            out.push(self.check_and_insert(*fp, now_ms));
-        }
     }
 
     /// Hints the CPU to load the two buckets of `fp`.
