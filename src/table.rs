@@ -44,18 +44,18 @@
 //! An entry is *alive* while `now - born < window`. Expired entries are not
 //! removed at once: a lookup treats them as absent and an insert reuses
 //! their slots. When a segment's slots in use (live, dead or removed) reach
-//! 95 %, the slots of dead entries are emptied in place; a lookup never
+//! 93 %, the slots of dead entries are emptied in place; a lookup never
 //! stops at an empty slot, so nothing moves. Only when its live entries
-//! alone are above 90 % (or an insert finds no slot) is the segment
-//! *rebuilt*: dead entries dropped and the capacity resized to 85 % load.
+//! alone are above 87 % (or an insert finds no slot) is the segment
+//! *rebuilt*: dead entries dropped and the capacity resized to 80 % load.
 //! [`Table::sweep`] does the same for segments that see no inserts. Purges
 //! and rebuilds touch one segment only, so their pause is bounded by the
 //! segment size, not the table size (about 5 000 entries per segment at
 //! 10 M live ids with 2048 segments: a rebuild costs 15–20 ns per slot,
 //! about 0.1 ms; a chain of moves at most 64 cache misses).
 //!
-//! A growing segment runs between 85 % and 95 % full, so a live id costs
-//! 10.5–11.8 bytes of slots, growth headroom included.
+//! A growing segment runs between 80 % and 93 % full, so a live id costs
+//! 10.8–12.5 bytes of slots, growth headroom included.
 
 use crate::fingerprint::Fingerprint;
 
@@ -66,14 +66,14 @@ const SLOTS: usize = 8;
 const EMPTY: u64 = 0;
 const REMOVED: u64 = 1;
 /// Load (in percent of slots) a rebuilt segment starts at.
-const TARGET_LOAD_PCT: usize = 85;
+const TARGET_LOAD_PCT: usize = 80;
 /// Load (in percent, dead entries included) at which a segment is purged of
 /// its dead entries before taking a new slot.
-const MAX_LOAD_PCT: usize = 95;
+const MAX_LOAD_PCT: usize = 93;
 /// Load (in percent) above which a purged segment is rebuilt larger: between
 /// the two above, so that a segment with as many ids arriving as expiring
 /// is purged in place, not reallocated each time.
-const PURGED_LOAD_PCT: usize = 90;
+const PURGED_LOAD_PCT: usize = 87;
 /// Arrival times are kept as 16-bit offsets from a segment's floor, in
 /// *units* of [`unit_for`] milliseconds; a segment is rebuilt (rebased)
 /// before `now` is this many units past its floor.
