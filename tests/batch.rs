@@ -16,14 +16,7 @@ use eventsieve::service;
 use futures_util::StreamExt;
 
 async fn ask_batch(client: &Client, subject: &str, lines: &[Vec<u8>]) -> Vec<Entry> {
-    let body = lines.join(&b'\n');
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(subject.to_string(), body.into()),
-    )
-    .await
-    .expect("reply within 10 s")
-    .expect("request");
+    let reply = request(client, subject, lines.join(&b'\n')).await;
     assert!(reply.headers.is_none(), "a batch reply has no error headers");
     batch::decode(&reply.payload).expect("reply in the batch format")
 }

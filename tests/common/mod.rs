@@ -165,15 +165,19 @@ pub fn parse_answer(message: &async_nats::Message) -> Answer {
     }
 }
 
-pub async fn ask(client: &Client, subject: &str, event: impl Into<Bytes>) -> Answer {
-    let reply = tokio::time::timeout(
+/// A request that must be answered within 10 s.
+pub async fn request(client: &Client, subject: &str, body: impl Into<Bytes>) -> async_nats::Message {
+    tokio::time::timeout(
         Duration::from_secs(10),
-        client.request(subject.to_string(), event.into()),
+        client.request(subject.to_string(), body.into()),
     )
     .await
     .expect("reply within 10 s")
-    .expect("request");
-    parse_answer(&reply)
+    .expect("request")
+}
+
+pub async fn ask(client: &Client, subject: &str, event: impl Into<Bytes>) -> Answer {
+    parse_answer(&request(client, subject, event).await)
 }
 
 pub fn event(id: &str) -> Bytes {
