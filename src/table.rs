@@ -101,6 +101,32 @@ fn window_units(window_ms: u64, unit: u64) -> u64 {
     }
 }
 
+/// The moment an operation runs at, as the table counts it: worked out
+/// once per operation or batch, so that deciding an id divides nothing.
+#[derive(Clone, Copy)]
+struct At {
+    /// The table's clock, in milliseconds.
+    ms: u64,
+    /// The window that applies at `ms`, in milliseconds.
+    window_ms: u64,
+    /// The table's unit, and `ms` and the window in it.
+    unit: u64,
+    units: u64,
+    window: u64,
+}
+
+impl At {
+    fn new(ms: u64, window_ms: u64, unit: u64) -> Self {
+        Self {
+            ms,
+            window_ms,
+            unit,
+            units: ms / unit,
+            window: window_units(window_ms, unit),
+        }
+    }
+}
+
 /// The answer to a check-and-insert.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,14 +214,17 @@ impl Segment {
     /// entries in place (a lookup never stops at an empty slot, so this
     /// needs no moves); it is rebuilt only when its live entries alone are
     /// above [`PURGED_LOAD_PCT`], or when its floor is too old.
-    fn make_room(&mut self, now_ms: u64, window_ms: u64, unit: u64) {
+    ///
+    /// Afterwards the segment counts in the table's unit, `at.unit`.
+    #[inline]
+    fn make_room(&mut self, at: &At) {
         let full = |seg: &Segment, pct| (seg.used + 1) * 100 > seg.capacity() * pct;
-        if self.buckets.is_empty() || self.unit != unit || self.now(now_ms) >= REBASE_AFTER {
-            self.rebuild(now_ms, window_ms, unit, None);
+        if self.buckets.is_empty() || self.unit != at.unit || self.now(at) >= REBASE_AFTER {
+            self.rebuild(at, None);
         } else if full(self, MAX_LOAD_PCT) {
-            self.purge(self.now(now_ms), self.window(window_ms));
+            self.purge(self.now(at), at.window);
             if full(self, PURGED_LOAD_PCT) {
-                self.rebuild(now_ms, window_ms, unit, None);
+                self.rebuild(at, None);
             }
         }
     }
@@ -216,15 +245,27 @@ impl Segment {
         freed
     }
 
-    /// `now` in units after the floor (never negative: the table's clock
-    /// only moves forward and the floor is at most the latest `now`).
-    fn now(&self, now_ms: u64) -> u64 {
-        (now_ms / self.unit).saturating_sub(self.floor)
+    /// `at` in this segment's units after its floor (never negative: the
+    /// table's clock only moves forward and the floor is at most the latest
+    /// `now`).
+    #[inline]
+    fn now(&self, at: &At) -> u64 {
+        let units = if self.unit == at.unit {
+            at.units
+        } else {
+            at.ms / self.unit
+        };
+        units.saturating_sub(self.floor)
     }
 
-    /// A window in this segment's units.
-    fn window(&self, window_ms: u64) -> u64 {
-        window_units(window_ms, self.unit)
+    /// The window at `at` in this segment's units.
+    #[inline]
+    fn window(&self, at: &At) -> u64 {
+        if self.unit == at.unit {
+            at.window
+        } else {
+            window_units(at.window_ms, self.unit)
+        }
     }
 
     fn live_entries(&self, now: u64, window: u64) -> impl Iterator<Item = (u64, Born)> + '_ {
@@ -275,10 +316,10 @@ impl Segment {
     }
 
     /// [`Segment::insert`], growing the segment when the entry finds no slot.
-    fn insert_or_grow(&mut self, tag: u64, born: Born, now_ms: u64, window_ms: u64) {
-        let (now, window) = (self.now(now_ms), self.window(window_ms));
-        if let Err(homeless) = self.insert(tag, born, now, window) {
-            self.rebuild(now_ms, window_ms, self.unit, Some(homeless));
+    /// The segment counts in `at.unit` (after [`Segment::make_room`]).
+    fn insert_or_grow(&mut self, tag: u64, born: Born, at: &At) {
+        if let Err(homeless) = self.insert(tag, born, self.now(at), at.window) {
+            self.rebuild(at, Some(homeless));
         }
     }
 
@@ -334,11 +375,12 @@ impl Segment {
     }
 
     /// Drops dead and removed entries, resizes to [`TARGET_LOAD_PCT`],
-    /// moves the floor up to the oldest live entry and switches to `unit`.
-    /// `extra` is an entry to add that found no slot (its birth an offset
-    /// from the current floor).
-    fn rebuild(&mut self, now_ms: u64, window_ms: u64, unit: u64, extra: Option<(u64, Born)>) {
-        let (now, window) = (self.now(now_ms), self.window(window_ms));
+    /// moves the floor up to the oldest live entry and switches to the
+    /// table's unit. `extra` is an entry to add that found no slot (its
+    /// birth an offset from the current floor).
+    fn rebuild(&mut self, at: &At, extra: Option<(u64, Born)>) {
+        let (now_ms, unit) = (at.ms, at.unit);
+        let (now, window) = (self.now(at), self.window(at));
         let old = std::mem::take(&mut self.buckets);
         // A birth in the new unit: from the last millisecond the old unit
         // can stand for, so that a coarser past never shortens a memory.
@@ -358,7 +400,7 @@ impl Segment {
         let floor = oldest.max(now_new.saturating_sub(REBASE_AFTER));
         let rebased = |born: u64| born.saturating_sub(floor) as Born;
         (self.floor, self.unit) = (floor, unit);
-        let (now, window) = (self.now(now_ms), self.window(window_ms));
+        let (now, window) = (self.now(at), at.window);
         let mut buckets = (count * 100).div_ceil(SLOTS * TARGET_LOAD_PCT).max(1);
         // Each entry goes to the emptier of its two buckets, counted in
         // `fill`; the few that find both full are inserted the usual way
@@ -522,17 +564,16 @@ impl Table {
         self.last_now_ms
     }
 
-    fn segment_for(&mut self, fp: Fingerprint, now_ms: u64) -> &mut Segment {
-        let (window, unit) = (self.window_at(now_ms), self.unit);
-        let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
-        seg.make_room(now_ms, window, unit);
-        seg
+    /// `now_ms` (already through [`Table::clock`]) as an [`At`].
+    fn at(&self, now_ms: u64) -> At {
+        At::new(now_ms, self.window_at(now_ms), self.unit)
     }
 
     /// Remembers `fp` from `now_ms` unless it is alive already: one operation.
     pub fn check_and_insert(&mut self, fp: Fingerprint, now_ms: u64) -> Verdict {
         let now_ms = self.clock(now_ms);
-        self.decide(fp, now_ms, self.window_at(now_ms))
+        let at = self.at(now_ms);
+        self.decide(fp, &at)
     }
 
     /// [`Table::check_and_insert`] for each fingerprint in order, appending
@@ -542,7 +583,7 @@ impl Table {
     pub fn check_and_insert_batch(&mut self, fps: &[Fingerprint], now_ms: u64, out: &mut Vec<Verdict>) {
         const AHEAD: usize = 8;
         let now_ms = self.clock(now_ms);
-        let window = self.window_at(now_ms);
+        let at = self.at(now_ms);
         out.reserve(fps.len());
         for fp in fps.iter().take(AHEAD) {
             self.prefetch(*fp);
@@ -551,27 +592,27 @@ impl Table {
             if let Some(later) = fps.get(i + AHEAD) {
                 self.prefetch(*later);
             }
-            out.push(self.decide(*fp, now_ms, window));
+            out.push(self.decide(*fp, &at));
         }
     }
 
-    /// The check-and-insert itself, at a `now_ms` already through
-    /// [`Table::clock`] and the window that applies then.
+    /// The check-and-insert itself, at a time already through
+    /// [`Table::clock`].
     #[inline]
-    fn decide(&mut self, fp: Fingerprint, now_ms: u64, window: u64) -> Verdict {
-        let (tag, unit) = (tag_of(fp), self.unit);
+    fn decide(&mut self, fp: Fingerprint, at: &At) -> Verdict {
+        let tag = tag_of(fp);
         let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
-        seg.make_room(now_ms, window, unit);
-        let (now, units) = (seg.now(now_ms), seg.window(window));
+        seg.make_room(at);
+        let now = seg.now(at);
         match seg.probe(tag) {
             Probe::Found(b, s) => {
                 let born = &mut seg.buckets[b].born[s];
-                if alive(now, *born, units) {
+                if alive(now, *born, at.window) {
                     return Verdict::Duplicate;
                 }
                 *born = now as Born;
             }
-            Probe::Absent => seg.insert_or_grow(tag, now as Born, now_ms, window),
+            Probe::Absent => seg.insert_or_grow(tag, now as Born, at),
         }
         Verdict::New
     }
@@ -590,8 +631,8 @@ impl Table {
     /// Whether `fp` is alive at `now_ms`, without changing anything.
     pub fn contains(&self, fp: Fingerprint, now_ms: u64) -> bool {
         let seg = &self.segments[reduce(fp.hi, self.segments.len())];
-        let now_ms = now_ms.max(self.last_now_ms);
-        let (now, window) = (seg.now(now_ms), seg.window(self.window_at(now_ms)));
+        let at = self.at(now_ms.max(self.last_now_ms));
+        let (now, window) = (seg.now(&at), seg.window(&at));
         match seg.probe(tag_of(fp)) {
             Probe::Found(b, s) => alive(now, seg.buckets[b].born[s], window),
             Probe::Absent => false,
@@ -604,24 +645,25 @@ impl Table {
     pub fn restore(&mut self, fp: Fingerprint, born_ms: u64, now_ms: u64) -> bool {
         let now_ms = self.clock(now_ms);
         let born_ms = born_ms.min(now_ms);
-        let (window, tag) = (self.window_at(now_ms), tag_of(fp));
-        if now_ms - born_ms >= window {
+        let (at, tag) = (self.at(now_ms), tag_of(fp));
+        if now_ms - born_ms >= at.window_ms {
             return false;
         }
-        let seg = self.segment_for(fp, now_ms);
-        let born = born_ms / seg.unit;
+        let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
+        seg.make_room(&at);
+        let born = born_ms / at.unit;
         if born < seg.floor {
             seg.lower_floor(born);
         }
-        let (now, born, units) = (seg.now(now_ms), (born - seg.floor) as Born, seg.window(window));
+        let (now, born) = (seg.now(&at), (born - seg.floor) as Born);
         match seg.probe(tag) {
             Probe::Found(b, s) => {
                 let old = &mut seg.buckets[b].born[s];
-                if !alive(now, *old, units) || born > *old {
+                if !alive(now, *old, at.window) || born > *old {
                     *old = born;
                 }
             }
-            Probe::Absent => seg.insert_or_grow(tag, born, now_ms, window),
+            Probe::Absent => seg.insert_or_grow(tag, born, &at),
         }
         true
     }
@@ -646,22 +688,22 @@ impl Table {
     /// were reclaimed.
     pub fn sweep(&mut self, now_ms: u64, segments: usize) -> usize {
         let now_ms = self.clock(now_ms);
-        let (window_ms, unit) = (self.window_at(now_ms), self.unit);
+        let at = self.at(now_ms);
         let mut reclaimed = 0;
         let count = self.segments.len();
         for _ in 0..segments.min(count) {
             let seg = &mut self.segments[self.sweep_cursor];
             self.sweep_cursor = (self.sweep_cursor + 1) % count;
             if seg.used == 0 {
-                (seg.floor, seg.unit) = (now_ms / unit, unit);
+                (seg.floor, seg.unit) = (at.units, at.unit);
                 continue;
             }
-            let (now, window) = (seg.now(now_ms), seg.window(window_ms));
+            let (now, window) = (seg.now(&at), seg.window(&at));
             let live = seg.live_entries(now, window).count();
             let dead = seg.used - live;
             let oversized = live * 100 < seg.capacity() * TARGET_LOAD_PCT / 2 && seg.capacity() > SLOTS;
-            if oversized || seg.unit != unit || now >= REBASE_AFTER / 2 {
-                seg.rebuild(now_ms, window_ms, unit, None);
+            if oversized || seg.unit != at.unit || now >= REBASE_AFTER / 2 {
+                seg.rebuild(&at, None);
                 reclaimed += dead;
             } else if dead * 8 >= seg.used {
                 reclaimed += seg.purge(now, window);
@@ -681,13 +723,10 @@ impl Table {
 
     /// Live entries at `now_ms`; walks the whole table.
     pub fn live(&self, now_ms: u64) -> usize {
-        let now_ms = now_ms.max(self.last_now_ms);
+        let at = self.at(now_ms.max(self.last_now_ms));
         self.segments
             .iter()
-            .map(|s| {
-                s.live_entries(s.now(now_ms), s.window(self.window_at(now_ms)))
-                    .count()
-            })
+            .map(|s| s.live_entries(s.now(&at), s.window(&at)).count())
             .sum()
     }
 
