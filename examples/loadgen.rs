@@ -1,15 +1,24 @@
 //! Bounded load generator: verdict requests (single events or batches)
-//! against a running sidecar and, in the same run on the same server, two
-//! baselines: raw request-reply against a trivial responder with the same
-//! concurrency and payloads, and JetStream's own dedup (`Nats-Msg-Id` on a
-//! stream whose `duplicate_window` is the window).
+//! against a running sidecar and, in the same run on the same server, three
+//! baselines with the same concurrency and payloads:
+//!
+//! - `raw`: request-reply against a trivial responder that answers `ok`;
+//! - `relay`: a responder that makes the NATS server carry what the sidecar
+//!   makes it carry, without deduplicating: the request on a subject the
+//!   server maps by partition (`loadgen.ingest.<id>`, when `nats/server.conf`
+//!   maps it; a batch on one plain subject), a reply of the sidecar's size,
+//!   and each new event republished as its own message (a `1 - dup-ratio`
+//!   share of events). The sidecar can at best match it: the gap between
+//!   the two is the sidecar's own cost, the gap to `raw` is the server's;
+//! - `jetstream`: JetStream's own dedup (`Nats-Msg-Id` on a stream whose
+//!   `duplicate_window` is the window).
 //!
 //! ```text
 //! cargo run --release --example loadgen -- [--url nats://127.0.0.1:4222]
 //!     [--seconds 10] [--baseline-seconds S] [--max-events 50000000]
 //!     [--inflight 64] [--batch 0] [--dup-ratio 0.5] [--id-space N]
 //!     [--size 200 | --size 20-4096] [--window 7d]
-//!     [--baselines raw,jetstream | --no-baseline]
+//!     [--baselines raw,relay,jetstream | --no-baseline]
 //!     [--metrics 127.0.0.1:9464] [--json]
 //! ```
 //!
@@ -24,12 +33,15 @@
 //! counted as wrong. The sidecar's memory (`RssAnon`, `RssFile`) and live
 //! ids are read from its metrics endpoint after its run.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, HeaderMap, jetstream};
 use bytes::Bytes;
 use eventsieve::batch::{self, Entry};
 use futures_util::StreamExt;
+use tokio::task::JoinHandle;
 
 #[derive(Clone)]
 struct Args {
@@ -44,6 +56,7 @@ struct Args {
     size: (usize, usize),
     window: Duration,
     raw: bool,
+    relay: bool,
     jetstream: bool,
     metrics: String,
     json: bool,
@@ -67,6 +80,7 @@ fn args() -> Args {
         size: (200, 200),
         window: Duration::from_secs(7 * 86_400),
         raw: true,
+        relay: true,
         jetstream: true,
         metrics: "127.0.0.1:9464".into(),
         json: false,
@@ -109,10 +123,15 @@ fn args() -> Args {
             }
             "--baselines" => {
                 let v = value();
-                a.raw = v.split(',').any(|b| b == "raw");
-                a.jetstream = v.split(',').any(|b| b == "jetstream");
+                let names: Vec<&str> = v.split(',').collect();
+                if let Some(bad) = names.iter().find(|b| !["raw", "relay", "jetstream"].contains(b)) {
+                    usage(&format!("--baselines: {bad:?} is not raw, relay or jetstream"));
+                }
+                a.raw = names.contains(&"raw");
+                a.relay = names.contains(&"relay");
+                a.jetstream = names.contains(&"jetstream");
             }
-            "--no-baseline" => (a.raw, a.jetstream) = (false, false),
+            "--no-baseline" => (a.raw, a.relay, a.jetstream) = (false, false, false),
             "--metrics" => a.metrics = value(),
             "--json" => a.json = true,
             other => usage(&format!("unknown flag {other}")),
@@ -132,6 +151,8 @@ fn args() -> Args {
 enum Target {
     /// A responder that answers every request `ok`.
     Raw,
+    /// A responder that costs the server what the sidecar does (module docs).
+    Relay,
     /// The sidecar.
     Sidecar,
     /// `Nats-Msg-Id` publishes to a stream that deduplicates.
@@ -253,7 +274,7 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
                     Err(e) => Err(e.to_string()),
                 }
             }
-            Target::Raw | Target::Sidecar => {
+            Target::Raw | Target::Relay | Target::Sidecar => {
                 body.clear();
                 for (i, &(k, _)) in ids.iter().enumerate() {
                     if i > 0 {
@@ -263,13 +284,15 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
                 }
                 let subject = match (&target, a.batch) {
                     (Target::Raw, _) => format!("loadgen.echo.{tag}"),
+                    (Target::Relay, 0) => format!("loadgen.ingest.{}", id(ids[0].0)),
+                    (Target::Relay, _) => format!("loadgen.batch.{tag}"),
                     (_, 0) => format!("dedup.ingest.{}", id(ids[0].0)),
                     _ => "dedup.batch".to_string(),
                 };
                 match client.request(subject, body.clone().into()).await {
                     Err(e) => Err(e.to_string()),
                     Ok(reply) => match (&target, a.batch) {
-                        (Target::Raw, _) => Ok(vec![None; ids.len()]),
+                        (Target::Raw | Target::Relay, _) => Ok(vec![None; ids.len()]),
                         (_, 0) => match &reply.payload[..] {
                             br#"{"accepted":true}"# => Ok(vec![Some(true)]),
                             br#"{"accepted":false}"# => Ok(vec![Some(false)]),
@@ -300,8 +323,8 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
             Ok(v) => {
                 for (&(k, dup), verdict) in ids.iter().zip(v) {
                     match (verdict, dup, &target) {
-                        (None, true, Target::Raw) => t.dup_dup += 1,
-                        (None, false, Target::Raw) => t.fresh_new += 1,
+                        (None, true, Target::Raw | Target::Relay) => t.dup_dup += 1,
+                        (None, false, Target::Raw | Target::Relay) => t.fresh_new += 1,
                         (Some(true), false, _) => {
                             t.fresh_new += 1;
                             accepted.push(k);
@@ -310,7 +333,7 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
                         (Some(false), false, _) | (Some(true), true, _) | (None, _, _) => t.wrong += 1,
                     }
                 }
-                if let Target::Raw = target {
+                if let Target::Raw | Target::Relay = target {
                     // The responder accepts everything; remember fresh ids so
                     // duplicates are drawn as in the other runs.
                     accepted.extend(ids.iter().filter(|(_, d)| !d).map(|(k, _)| *k));
@@ -371,6 +394,85 @@ fn row(name: String, mut tally: Tally, elapsed: Duration) -> Row {
     }
 }
 
+/// Starts a baseline responder on a connection of its own: `answer` turns
+/// a request's subject and payload into its reply and the messages to
+/// publish to `loadgen.unique` alongside it. Subscriptions share a queue
+/// group, so that each request has one answer.
+async fn respond<F>(
+    url: &str,
+    subjects: Vec<String>,
+    mut answer: F,
+) -> Result<JoinHandle<()>, async_nats::Error>
+where
+    F: FnMut(&str, &Bytes) -> (Bytes, Vec<Bytes>) + Send + 'static,
+{
+    let conn = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 16)
+        .connect(url)
+        .await?;
+    let mut subs = Vec::new();
+    for subject in subjects {
+        subs.push(conn.queue_subscribe(subject, "loadgen".into()).await?);
+    }
+    conn.flush().await?;
+    let mut requests = futures_util::stream::select_all(subs);
+    Ok(tokio::spawn(async move {
+        while let Some(m) = requests.next().await {
+            let Some(reply) = m.reply else { continue };
+            let (body, republish) = answer(m.subject.as_str(), &m.payload);
+            for event in republish {
+                let _ = conn.publish("loadgen.unique", event).await;
+            }
+            let _ = conn.publish(reply, body).await;
+        }
+    }))
+}
+
+/// The `relay` baseline's responder (module docs), and whether the server
+/// mapped its single-event subject.
+struct Relay {
+    task: JoinHandle<()>,
+    mapped: Arc<AtomicBool>,
+}
+
+async fn relay(a: &Args, tag: &str) -> Result<Relay, async_nats::Error> {
+    let mapped = Arc::new(AtomicBool::new(false));
+    let seen = mapped.clone();
+    // New events are spread evenly: every time `credit` reaches one.
+    let (share, mut credit) = (1.0 - a.dup_ratio, 0.0);
+    let mut is_new = move || {
+        credit += share;
+        (credit >= 1.0).then(|| credit -= 1.0).is_some()
+    };
+    let subjects = if a.batch == 0 {
+        vec!["loadgen.shard.*.*".to_string(), "loadgen.ingest.*".to_string()]
+    } else {
+        vec![format!("loadgen.batch.{tag}")]
+    };
+    let batch = a.batch > 0;
+    let task = respond(&a.url, subjects, move |subject, payload| {
+        if !batch {
+            seen.store(subject.starts_with("loadgen.shard."), Ordering::Relaxed);
+            return match is_new() {
+                true => (Bytes::from_static(br#"{"accepted":true}"#), vec![payload.clone()]),
+                false => (Bytes::from_static(br#"{"accepted":false}"#), Vec::new()),
+            };
+        }
+        let (mut verdicts, mut republish) = (Vec::new(), Vec::new());
+        for range in batch::lines(payload) {
+            if is_new() {
+                verdicts.push(Entry::New);
+                republish.push(payload.slice(range));
+            } else {
+                verdicts.push(Entry::Duplicate);
+            }
+        }
+        (batch::encode(&verdicts).into(), republish)
+    })
+    .await?;
+    Ok(Relay { task, mapped })
+}
+
 /// The sidecar's memory and live ids from its Prometheus endpoint.
 #[derive(Debug, Clone, Copy, Default)]
 struct Memory {
@@ -422,19 +524,24 @@ async fn main() -> Result<(), async_nats::Error> {
     let mut rows = Vec::new();
 
     if a.raw {
-        let responder = async_nats::connect(&a.url).await?;
-        let mut sub = responder.subscribe(format!("loadgen.echo.{tag}")).await?;
-        responder.flush().await?;
-        let echo = tokio::spawn(async move {
-            while let Some(m) = sub.next().await {
-                if let Some(reply) = m.reply {
-                    let _ = responder.publish(reply, Bytes::from_static(b"ok")).await;
-                }
-            }
-        });
+        let echo = respond(&a.url, vec![format!("loadgen.echo.{tag}")], |_, _| {
+            (Bytes::from_static(b"ok"), Vec::new())
+        })
+        .await?;
         let (t, elapsed) = drive(&client, Target::Raw, &a, &tag, a.baseline_seconds).await;
         rows.push(row(format!("raw request-reply ({mode})"), t, elapsed));
         echo.abort();
+    }
+    if a.relay {
+        let relay = relay(&a, &tag).await?;
+        let (t, elapsed) = drive(&client, Target::Relay, &a, &tag, a.baseline_seconds).await;
+        let how = match (a.batch, relay.mapped.load(Ordering::Relaxed)) {
+            (0, true) => "mapped",
+            (0, false) => "NOT mapped",
+            _ => "batch",
+        };
+        rows.push(row(format!("relay, no dedup ({mode}, {how})"), t, elapsed));
+        relay.task.abort();
     }
     if a.jetstream {
         let js = jetstream::new(client.clone());
@@ -495,6 +602,7 @@ async fn main() -> Result<(), async_nats::Error> {
                 "inflight": a.inflight, "batch": a.batch, "size": [a.size.0, a.size.1],
                 "dup_ratio": a.dup_ratio, "runs": list, "sidecar_memory": memory,
                 "ratio_to_raw": ratio("raw").map(|r| r.0), "p99_ratio_to_raw": ratio("raw").map(|r| r.1),
+                "ratio_to_relay": ratio("relay").map(|r| r.0), "p99_ratio_to_relay": ratio("relay").map(|r| r.1),
                 "ratio_to_jetstream": ratio("JetStream").map(|r| r.0),
             })
         );
@@ -524,10 +632,13 @@ async fn main() -> Result<(), async_nats::Error> {
         );
     }
     if let Some((rate, p99)) = ratio("raw") {
-        println!("eventsieve / raw request-reply: events/s {rate:.2}x, p99 {p99:.2}x");
+        println!("eventsieve / raw request-reply:  events/s {rate:.2}x, p99 {p99:.2}x");
+    }
+    if let Some((rate, p99)) = ratio("relay") {
+        println!("eventsieve / relay, no dedup:   events/s {rate:.2}x, p99 {p99:.2}x");
     }
     if let Some((rate, p99)) = ratio("JetStream") {
-        println!("eventsieve / JetStream dedup:   events/s {rate:.2}x, p99 {p99:.2}x");
+        println!("eventsieve / JetStream dedup:    events/s {rate:.2}x, p99 {p99:.2}x");
     }
     match memory {
         Ok(m) => println!(

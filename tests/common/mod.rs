@@ -39,14 +39,15 @@ fn nats_server_binary() -> PathBuf {
 }
 
 impl NatsServer {
-    /// Starts a server with the mapping for `shards` shards.
+    /// Starts a server with the mapping for `shards` shards (and the same
+    /// for the load generator's `relay` baseline, as in `nats/server.conf`).
     pub fn start_with_shards(shards: u32) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let conf = dir.path().join("server.conf");
         std::fs::write(
             &conf,
             format!(
-                "jetstream {{ store_dir: {:?} }}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
+                "jetstream {{ store_dir: {:?} }}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n  \"loadgen.ingest.*\": \"loadgen.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
                 dir.path().join("js")
             ),
         )
