@@ -169,6 +169,8 @@ struct Tally {
     dup_dup: u64,
     wrong: u64,
     errors: u64,
+    /// The first error's message, to say what the errors were.
+    first_error: Option<String>,
 }
 
 impl Tally {
@@ -180,6 +182,7 @@ impl Tally {
         self.dup_dup += t.dup_dup;
         self.wrong += t.wrong;
         self.errors += t.errors;
+        self.first_error = self.first_error.take().or(t.first_error);
     }
 }
 
@@ -318,7 +321,10 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
         t.requests += 1;
         t.events += ids.len() as u64;
         match verdicts {
-            Err(_) => t.errors += ids.len() as u64,
+            Err(e) => {
+                t.errors += ids.len() as u64;
+                t.first_error.get_or_insert(e);
+            }
             Ok(v) if v.len() != ids.len() => t.wrong += ids.len() as u64,
             Ok(v) => {
                 for (&(k, dup), verdict) in ids.iter().zip(v) {
@@ -584,7 +590,7 @@ async fn main() -> Result<(), async_nats::Error> {
                     "p50_ms": r.p50, "p99_ms": r.p99, "p999_ms": r.p999,
                     "requests": r.tally.requests, "events": r.tally.events,
                     "fresh_new": r.tally.fresh_new, "dup_duplicate": r.tally.dup_dup,
-                    "wrong": r.tally.wrong, "errors": r.tally.errors,
+                    "wrong": r.tally.wrong, "errors": r.tally.errors, "first_error": r.tally.first_error,
                 })
             })
             .collect();
@@ -631,11 +637,18 @@ async fn main() -> Result<(), async_nats::Error> {
             r.tally.errors
         );
     }
+    for r in rows.iter().filter(|r| r.tally.errors > 0) {
+        let first = r.tally.first_error.as_deref().unwrap_or("?");
+        println!(
+            "{}: {} events without a verdict; the first error: {first}",
+            r.name, r.tally.errors
+        );
+    }
     if let Some((rate, p99)) = ratio("raw") {
         println!("eventsieve / raw request-reply:  events/s {rate:.2}x, p99 {p99:.2}x");
     }
     if let Some((rate, p99)) = ratio("relay") {
-        println!("eventsieve / relay, no dedup:   events/s {rate:.2}x, p99 {p99:.2}x");
+        println!("eventsieve / relay, no dedup:    events/s {rate:.2}x, p99 {p99:.2}x");
     }
     if let Some((rate, p99)) = ratio("JetStream") {
         println!("eventsieve / JetStream dedup:    events/s {rate:.2}x, p99 {p99:.2}x");
