@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
@@ -52,9 +52,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Runs the load generator with `args` and returns its `--json` report.
-fn run(server: &NatsServer, metrics: &str, args: &[&str]) -> Value {
-    let out = Command::new(loadgen_binary())
+/// Runs the load generator at `bin` with `args` and returns its `--json`
+/// report.
+fn run(bin: &Path, server: &NatsServer, metrics: &str, args: &[&str]) -> Value {
+    let out = Command::new(bin)
         .args(["--url", &server.url(), "--metrics", metrics, "--json"])
         .args(args)
         .output()
@@ -136,6 +137,7 @@ async fn loadgen_checks_every_verdict_in_single_and_batch_mode() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let _sidecar = SidecarProcess::spawn(&server, data.path(), &[("EVENTSIEVE_METRICS_ADDR", &metrics)]);
     wait_for_sidecar(&client).await;
+    let loadgen = loadgen_binary();
 
     let bounded = [
         "--seconds",
@@ -149,6 +151,7 @@ async fn loadgen_checks_every_verdict_in_single_and_batch_mode() {
     ];
     let single = tokio::task::block_in_place(|| {
         run(
+            &loadgen,
             &server,
             &metrics,
             &[&bounded[..], &["--max-events", "400"]].concat(),
@@ -157,6 +160,7 @@ async fn loadgen_checks_every_verdict_in_single_and_batch_mode() {
     let accepted = check(&single, "(single, mapped)", 0);
     let batch = tokio::task::block_in_place(|| {
         run(
+            &loadgen,
             &server,
             &metrics,
             &[&bounded[..], &["--max-events", "4000", "--batch", "100"]].concat(),
