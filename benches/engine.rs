@@ -16,9 +16,9 @@
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use eventsieve::batch::{self, Route};
-use eventsieve::fingerprint::Fingerprint;
-use eventsieve::table::Table;
+use eventsieve::engine::batch::{self, Route};
+use eventsieve::engine::fingerprint::Fingerprint;
+use eventsieve::engine::table::Table;
 use eventsieve::{Deduplicator, EngineConfig};
 
 /// An event of about `size` bytes with id `ev<i>`.

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::{Client, HeaderMap, jetstream};
 use bytes::Bytes;
-use eventsieve::batch::{self, Entry};
+use eventsieve::engine::batch::{self, Entry};
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::shard::shard_of;
+use crate::engine::shard::shard_of;
+use crate::observe::telemetry;
 
 /// eventsieve: event-deduplication sidecar for NATS JetStream.
 ///
@@ -58,7 +59,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return config_error(&e),
             };
-            crate::telemetry::init(&settings.config.log);
+            telemetry::init(&settings.config.log);
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -66,7 +67,16 @@ pub fn main(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(crate::service::run(settings, crate::telemetry::shutdown_signal())) {
+            let stopped = runtime.block_on(crate::service::run(
+                settings,
+                telemetry::shutdown_signal(),
+                telemetry::shutdown_signal(),
+            ));
+            // Every task that had to finish has finished; any left (a
+            // connection retrying, or all of them after a second signal)
+            // must not hold up the exit.
+            runtime.shutdown_background();
+            match stopped {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(message = "Stopped with an error.", error = %e);

@@ -14,8 +14,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
-use crate::event::Limits;
-use crate::table::MAX_WINDOW_MS;
+use crate::engine::event::Limits;
+use crate::engine::table::MAX_WINDOW_MS;
 
 /// Where the TOML file is looked for when no `--config` is given.
 pub const DEFAULT_PATH: &str = "config/eventsieve.toml";
@@ -105,6 +105,10 @@ pub struct Config {
     pub metrics_addr: String,
     /// Requests waiting for a commit before new ones wait (backpressure). Default 65536.
     pub max_pending: usize,
+    /// Longest a graceful shutdown waits to answer requests in flight (on
+    /// SIGINT/SIGTERM) before it commits what is pending and exits non-zero.
+    /// A second signal exits at once. Default `10s`.
+    pub shutdown_timeout: String,
     /// Log filter, `tracing` syntax (`RUST_LOG` overrides). Default `info`.
     pub log: String,
 }
@@ -126,6 +130,7 @@ impl Default for Config {
             output_subject: "events.unique.{shard}".into(),
             metrics_addr: "127.0.0.1:9464".into(),
             max_pending: 65_536,
+            shutdown_timeout: "10s".into(),
             log: "info".into(),
         }
     }
@@ -225,6 +230,8 @@ pub struct Settings {
     pub config: Config,
     pub window_ms: u64,
     pub commit_interval_ms: u64,
+    pub shutdown_timeout_ms: u64,
+    /// The shards this node serves from the start.
     pub owned: Vec<u32>,
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -240,11 +247,6 @@ impl Settings {
             },
             ..EngineConfig::default()
         }
-    }
-
-    /// The output subject of `shard`.
-    pub fn output_subject(&self, shard: u32) -> String {
-        self.config.output_subject.replace("{shard}", &shard.to_string())
     }
 }
 
@@ -295,6 +297,15 @@ impl Config {
                     "commit_interval",
                     &self.commit_interval,
                     "0ms to 1s, e.g. \"1ms\"",
+                )
+            })?;
+        let shutdown_timeout_ms = parse_duration_ms(&self.shutdown_timeout)
+            .filter(|ms| (1..=3_600_000).contains(ms))
+            .ok_or_else(|| {
+                ConfigError::field(
+                    "shutdown_timeout",
+                    &self.shutdown_timeout,
+                    "1ms to 1h, e.g. \"10s\"",
                 )
             })?;
         if !(1..=65_536).contains(&self.shards) {
@@ -370,6 +381,7 @@ impl Config {
         Ok(Settings {
             window_ms,
             commit_interval_ms,
+            shutdown_timeout_ms,
             owned,
             metrics_addr,
             config: self,
@@ -421,7 +433,7 @@ mod tests {
             assert_eq!(s.config, Config::default());
             assert_eq!(s.window_ms, MAX_WINDOW_MS);
             assert_eq!(s.owned.len(), 32);
-            assert_eq!(s.output_subject(7), "events.unique.7");
+            assert_eq!(s.shutdown_timeout_ms, 10_000);
             Ok(())
         });
     }
@@ -469,7 +481,8 @@ mod tests {
 
     #[test]
     fn each_invalid_value_names_its_field() {
-        let cases: [(&str, &str, &str); 10] = [
+        let cases: [(&str, &str, &str); 11] = [
+            ("EVENTSIEVE_SHUTDOWN_TIMEOUT", "forever", "`shutdown_timeout`"),
             ("EVENTSIEVE_WINDOW", "8d", "`window`"),
             ("EVENTSIEVE_WINDOW", "soon", "`window`"),
             ("EVENTSIEVE_SHARDS", "0", "`shards`"),

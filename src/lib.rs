@@ -4,23 +4,25 @@
 //! requests; eventsieve answers whether the id is new within a rolling window
 //! and republishes new events for downstream consumers.
 //!
-//! The crate is a pure core with a thin async shell:
+//! The layers, each importing only those below it:
 //!
 //! | module | role |
 //! |---|---|
-//! | [`event`] | find and validate the top-level `event_id`, no DOM |
-//! | [`shard`] | `FNV-1a-32(id) mod n`, the NATS `partition` function |
-//! | [`fingerprint`] | the stable 128-bit hash of an id |
-//! | [`table`] | one shard's hash-to-expiry table: check-and-insert, reclaim |
-//! | [`batch`] | the newline-delimited batch request and its verdict-per-line reply |
-//! | [`engine`] | [`Deduplicator`]: the thread-safe library API over all shards |
-//! | [`store`] | LMDB durable log of accepted ids: group commit, range expiry |
+//! | [`engine`] | the pure core: event parsing, shard, fingerprint, table, batch format, [`Deduplicator`] |
+//! | [`journal`] | the durable log of accepted ids (trait, LMDB, in-memory) and its group-commit writer |
+//! | [`pipeline`] | the verdict path without transport: ownership → check-and-insert → commit → accepted hook |
+//! | [`transport`] | NATS subscriptions, replies, forwarding, republish, fences, discovery |
+//! | [`service`] | the composition root: start in order, stop in order |
 //! | [`config`] | figment: defaults < TOML file < `EVENTSIEVE_*` variables |
-//! | [`service`] | the NATS sidecar: subscriptions, replies, republish, commit task |
-//! | [`discovery`] | `$SRV.PING/INFO/STATS` answers for `nats micro` |
-//! | [`metrics`] | counters and the Prometheus endpoint |
-//! | [`telemetry`] | logging and the shutdown signal |
+//! | [`observe`] | counters, the Prometheus endpoint, logging (used by every layer) |
 //! | [`cli`] | the `eventsieve` command line |
+//!
+//! A request's way: `transport::nats::subscription` receives it →
+//! `pipeline::Pipeline::decide` keys it (`engine::event`), checks ownership
+//! (`pipeline::ownership`) and the table (`engine::table`) → the writer
+//! (`journal::writer`) commits it to the journal (`journal::lmdb`) →
+//! `pipeline::Pipeline::finish` calls the hook (republish) → the
+//! subscription replies.
 //!
 //! The engine alone, without NATS:
 //!
@@ -33,19 +35,13 @@
 //! assert!(dedup.ingest_event(r#"{"event_id":"a-1"}"#).is_err());
 //! ```
 
-pub mod batch;
 pub mod cli;
 pub mod config;
-pub mod discovery;
 pub mod engine;
-pub mod event;
-pub mod fingerprint;
-pub mod metrics;
+pub mod journal;
+pub mod observe;
+pub mod pipeline;
 pub mod service;
-pub mod shard;
-pub mod store;
-pub mod table;
-pub mod telemetry;
+pub mod transport;
 
-pub use engine::{Deduplicator, EngineConfig, IngestError};
-pub use table::Verdict;
+pub use engine::{Deduplicator, EngineConfig, IngestError, Verdict};

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_nats::Client;
 use common::*;
-use eventsieve::batch::{self, Entry};
 use eventsieve::config::Durability;
+use eventsieve::engine::batch::{self, Entry};
 use eventsieve::service;
 use futures_util::StreamExt;
 
@@ -179,11 +179,54 @@ async fn two_sidecars_forward_sub_batches_and_merge_verdicts_in_order() {
     assert_silent(&mut out, "each new line republished once").await;
 
     // A sub-batch reaching a node that does not own its shard is not forwarded again.
-    let shard_of_f0 = eventsieve::shard::shard_of("f0", 32);
+    let shard_of_f0 = eventsieve::engine::shard::shard_of("f0", 32);
     let wrong = if shard_of_f0 < 16 { 16 } else { 0 };
-    let entries = ask_batch(&client, &format!("dedup.shard.{wrong}._batch"), &[line("f0")]).await;
+    let entries = ask_batch(&client, &format!("dedup.internal.batch.{wrong}"), &[line("f0")]).await;
     assert_error(&entries[0], 503, "not owned");
 
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
+}
+
+/// Fault: `dedup.ingest._batch` was mapped by the server to
+/// `dedup.shard.<n>._batch`, handled as a forwarded sub-batch and answered
+/// `1\n1\n`. Public subjects carry single events only, whatever their last
+/// token; sub-batches travel on `<prefix>.internal.batch.<n>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_subjects_never_reach_internal_handling() {
+    let server = NatsServer::start();
+    let (_data, running) = start_sidecar(&server, "1h", Durability::Local).await;
+    let client = server.client().await;
+    let mut out = client.subscribe("events.unique.*").await.unwrap();
+    client.flush().await.unwrap();
+
+    let two_lines = [line("m1"), line("m2")].concat();
+    for subject in [
+        "dedup.ingest._batch",
+        "dedup.shard.3._batch",
+        "dedup.ingest._fence",
+        "dedup.shard.3._fence",
+        "dedup.ingest.internal",
+    ] {
+        let reply = request(&client, subject, two_lines.clone()).await;
+        match parse_answer(&reply) {
+            Answer::Error(400, reason) => assert!(reason.contains("JSON"), "{subject}: {reason}"),
+            other => panic!("{subject}: expected 400, got {other:?}"),
+        }
+        // A request carrying the fence payload is still a request: answered.
+        let reply = request(&client, subject, &b"eventsieve-fence"[..]).await;
+        assert!(
+            matches!(parse_answer(&reply), Answer::Error(400, _)),
+            "{subject}: a fence-like request must get its 400"
+        );
+    }
+    assert_silent(&mut out, "nothing accepted through internal handling").await;
+    for id in ["m1", "m2"] {
+        assert_eq!(
+            ask(&client, &format!("dedup.ingest.{id}"), event(id)).await,
+            Answer::Verdict(true),
+            "{id} was never accepted"
+        );
+    }
+    running.shutdown().await.unwrap();
 }

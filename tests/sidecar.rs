@@ -37,7 +37,7 @@ async fn server_partition_mapping_matches_the_shard_function() {
             .unwrap()
             .unwrap();
         assert_eq!(message.subject.as_str(), format!("dedup.shard.{shard}.{id}"));
-        assert_eq!(eventsieve::shard::shard_of(id, 32), shard);
+        assert_eq!(eventsieve::engine::shard::shard_of(id, 32), shard);
     }
 }
 
@@ -167,7 +167,7 @@ async fn each_accepted_event_is_republished_once_unchanged() {
             .unwrap()
             .to_string();
         assert_eq!(m.payload, sent[&id], "republished byte for byte");
-        let shard = eventsieve::shard::shard_of(&id, 32);
+        let shard = eventsieve::engine::shard::shard_of(&id, 32);
         assert_eq!(m.subject.as_str(), format!("events.unique.{shard}"));
         assert!(seen.insert(id), "republished twice");
     }
@@ -260,7 +260,7 @@ async fn shards_split_over_two_sidecars_forward_and_unowned_shards_get_503() {
     let first = service::start(low).await.unwrap();
     let client = server.client().await;
     // Only shards 0-15 have an owner: an id of shard 26 ("X9") has none.
-    assert_eq!(eventsieve::shard::shard_of("X9", 32), 26);
+    assert_eq!(eventsieve::engine::shard::shard_of("X9", 32), 26);
     match ask(&client, "dedup.ingest", event("X9")).await {
         Answer::Error(503, reason) => assert!(reason.contains("dedup.shard.26.X9"), "{reason}"),
         other => panic!("expected 503, got {other:?}"),

@@ -57,7 +57,7 @@
 //! A growing segment runs between 80 % and 93 % full, so a live id costs
 //! 10.8–12.5 bytes of slots, growth headroom included.
 
-use crate::fingerprint::Fingerprint;
+use crate::engine::fingerprint::Fingerprint;
 
 /// Longest supported window: one week.
 pub const MAX_WINDOW_MS: u64 = 7 * 24 * 3600 * 1000;

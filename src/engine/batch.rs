@@ -29,9 +29,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
-use crate::engine::Deduplicator;
-use crate::event::EventErrorKind;
-use crate::store::Record;
+use crate::engine::dedup::{Deduplicator, Record};
+use crate::engine::event::EventErrorKind;
 
 /// The verdict on one line of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +114,7 @@ pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32
         ..Decision::default()
     };
     // Per shard decided here: (line, fingerprint).
-    let mut local: Vec<Vec<(usize, crate::fingerprint::Fingerprint)>> =
+    let mut local: Vec<Vec<(usize, crate::engine::fingerprint::Fingerprint)>> =
         vec![Vec::new(); dedup.shard_count() as usize];
     for (i, range) in lines.iter().enumerate() {
         let line = &body[range.clone()];
@@ -292,7 +291,7 @@ mod tests {
     fn decide_routes_each_line_and_keeps_line_order_within_a_shard() {
         use crate::engine::EngineConfig;
         let dedup = Deduplicator::new(EngineConfig::default());
-        let shard = |id: &str| crate::shard::shard_of(id, 32);
+        let shard = |id: &str| crate::engine::shard::shard_of(id, 32);
         // "abc" is shard 11, "X9" shard 26, "0" shard 15.
         let body = b"{\"event_id\":\"abc\"}\n{\"event_id\":\"X9\"}\nnope\n{\"event_id\":\"abc\"}\n{\"event_id\":\"0\"}";
         let route = |s: u32| match s {

@@ -20,17 +20,22 @@
 //! one transaction covering a whole group of ids (group commit).
 //!
 //! Durability: by default the environment is opened with `NO_SYNC`, so a
-//! commit reaches the operating system (surviving a crash of the process,
-//! not of the machine); with `fsync = true` each commit is flushed to disk.
+//! commit reaches the operating system's page cache but not the disk. LMDB's
+//! documentation says what that costs: a crash of the *system* (power, kernel)
+//! can lose the last commits and may leave the database corrupted; a crash of
+//! the *process* cannot, because the pages are already in the kernel. With
+//! `fsync = true` each commit is flushed to disk before it counts. A clean
+//! shutdown calls [`Journal::sync`] either way.
 
-use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
 use heed::types::{Bytes, Str};
 use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, MdbError, PutFlags};
 
-use crate::fingerprint::{self, Fingerprint};
+use crate::engine::Record;
+use crate::engine::fingerprint::{self, Fingerprint};
+use crate::journal::{Journal, JournalError, JournalErrorKind};
 
 /// Version of the key and value layout.
 pub const FORMAT: u32 = 2;
@@ -45,67 +50,19 @@ pub struct StoreMeta {
     pub window_ms: u64,
 }
 
-/// What went wrong with the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreErrorKind {
-    /// The directory or LMDB environment could not be opened.
-    Open,
-    /// The store was written with another format, shard count or fingerprint.
-    Mismatch,
-    /// A read or write failed.
-    Io,
-}
-
-#[derive(Debug)]
-pub struct StoreError {
-    kind: StoreErrorKind,
-    message: String,
-    source: Option<heed::Error>,
-}
-
-impl StoreError {
-    pub fn kind(&self) -> StoreErrorKind {
-        self.kind
-    }
-
-    fn io(context: &str, source: heed::Error) -> Self {
-        Self {
-            kind: StoreErrorKind::Io,
-            message: context.to_owned(),
-            source: Some(source),
-        }
-    }
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(source) => write!(f, "{}: {source}", self.message),
-            None => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|e| e as _)
-    }
-}
-
-/// One accepted id to persist.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Record {
-    pub shard: u32,
-    pub born_ms: u64,
-    pub fingerprint: Fingerprint,
-}
-
 fn key(shard: u32, newest_ms: u64, seq: u32) -> [u8; KEY_LEN] {
     let mut k = [0u8; KEY_LEN];
     k[..2].copy_from_slice(&(shard as u16).to_be_bytes());
     k[2..10].copy_from_slice(&newest_ms.to_be_bytes());
     k[10..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// The highest shard a key can hold.
+const MAX_SHARD: u32 = u16::MAX as u32;
+
+fn shard_of_key(k: &[u8]) -> Option<u32> {
+    Some(u32::from(u16::from_be_bytes(k.get(..2)?.try_into().ok()?)))
 }
 
 fn newest_of(k: &[u8]) -> Option<u64> {
@@ -130,7 +87,7 @@ fn between<'k>(lo: &'k [u8; KEY_LEN], hi: &'k [u8; KEY_LEN]) -> (Bound<&'k [u8]>
 }
 
 /// The LMDB store of one node.
-pub struct Store {
+pub struct LmdbStore {
     env: Env,
     log: Log,
     path: PathBuf,
@@ -138,23 +95,30 @@ pub struct Store {
     seq: u32,
 }
 
-impl Store {
+impl LmdbStore {
     /// Opens or creates the store in `dir`.
     ///
     /// # Errors
     ///
-    /// [`StoreErrorKind::Open`] if the directory or environment cannot be
-    /// opened, [`StoreErrorKind::Mismatch`] if it was written for another
+    /// [`JournalErrorKind::Open`] if the directory or environment cannot be
+    /// opened, [`JournalErrorKind::Mismatch`] if it was written for another
     /// format, shard count or fingerprint version.
-    pub fn open(dir: &Path, meta: StoreMeta, fsync: bool) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path, meta: StoreMeta, fsync: bool) -> Result<Self, JournalError> {
         Self::open_with_map(dir, meta, fsync, INITIAL_MAP_BYTES)
     }
 
-    fn open_with_map(dir: &Path, meta: StoreMeta, fsync: bool, map_bytes: usize) -> Result<Self, StoreError> {
-        let open_err = |message: String, source: Option<heed::Error>| StoreError {
-            kind: StoreErrorKind::Open,
-            message,
-            source,
+    fn open_with_map(
+        dir: &Path,
+        meta: StoreMeta,
+        fsync: bool,
+        map_bytes: usize,
+    ) -> Result<Self, JournalError> {
+        let open_err = |message: String, source: Option<heed::Error>| {
+            let e = JournalError::new(JournalErrorKind::Open, message);
+            match source {
+                Some(source) => e.with_source(source),
+                None => e,
+            }
         };
         std::fs::create_dir_all(dir).map_err(|e| {
             open_err(
@@ -167,11 +131,17 @@ impl Store {
         options
             .map_size(map_bytes.max(existing.next_power_of_two()))
             .max_dbs(2);
-        // SAFETY (flags): NO_SYNC only changes when data reaches the disk.
+        // SAFETY (flags): with NO_SYNC, LMDB does not flush after a commit;
+        // LMDB's docs: a system crash may then undo the last commits or
+        // corrupt the database, a process crash cannot (see the module docs;
+        // `fsync = true` turns it off).
         // SAFETY (open): LMDB requires that one process does not open the
         // same environment twice and that the files are not modified by
-        // anything but LMDB. The service opens its data directory once, and
-        // LMDB's own lock file serialises writers across processes.
+        // anything but LMDB. The caller must give a directory that is
+        // exclusive to this store and on a local filesystem (LMDB's lock
+        // file does not work over network filesystems). The service opens
+        // its data directory once, and LMDB's own lock file serialises
+        // writers across processes.
         let env = unsafe {
             if !fsync {
                 options.flags(EnvFlags::NO_SYNC);
@@ -188,47 +158,41 @@ impl Store {
             })?;
             Ok(dbs.unwrap_commit())
         };
-        let (log, meta_db) = create().map_err(|e| StoreError::io("create databases", e))?;
-        let mut wtxn = env.write_txn().map_err(|e| StoreError::io("begin", e))?;
+        let (log, meta_db) = create().map_err(|e| io("create databases", e))?;
+        let mut wtxn = env.write_txn().map_err(|e| io("begin", e))?;
         let want = [
             ("format", FORMAT.to_string()),
             ("shards", meta.shards.to_string()),
             ("fingerprint", format!("xxh3-128/v{}", fingerprint::VERSION)),
         ];
         for (field, value) in &want {
-            match meta_db
-                .get(&wtxn, field)
-                .map_err(|e| StoreError::io("read meta", e))?
-            {
+            match meta_db.get(&wtxn, field).map_err(|e| io("read meta", e))? {
                 Some(found) if found != value => {
-                    return Err(StoreError {
-                        kind: StoreErrorKind::Mismatch,
-                        message: format!(
+                    return Err(JournalError::new(
+                        JournalErrorKind::Mismatch,
+                        format!(
                             "store in {} was written with {field} = {found}, this configuration has {value}; \
                              use another data_dir or the original setting",
                             dir.display()
                         ),
-                        source: None,
-                    });
+                    ));
                 }
                 Some(_) => {}
                 None => meta_db
                     .put(&mut wtxn, field, value)
-                    .map_err(|e| StoreError::io("write meta", e))?,
+                    .map_err(|e| io("write meta", e))?,
             }
         }
         let window = meta.window_ms.to_string();
-        if let Some(old) = meta_db
-            .get(&wtxn, "window_ms")
-            .map_err(|e| StoreError::io("read meta", e))?
+        if let Some(old) = meta_db.get(&wtxn, "window_ms").map_err(|e| io("read meta", e))?
             && old != window
         {
             tracing::info!(message = "Window changed since the store was written.", old_ms = old, new_ms = %window);
         }
         meta_db
             .put(&mut wtxn, "window_ms", &window)
-            .map_err(|e| StoreError::io("write meta", e))?;
-        wtxn.commit().map_err(|e| StoreError::io("commit meta", e))?;
+            .map_err(|e| io("write meta", e))?;
+        wtxn.commit().map_err(|e| io("commit meta", e))?;
         Ok(Self {
             env,
             log,
@@ -241,14 +205,32 @@ impl Store {
         &self.path
     }
 
-    /// Appends `records` in one transaction, one chunk per shard; a full
-    /// map is grown and the transaction retried.
+    /// Number of ids in the log.
     ///
     /// # Errors
     ///
-    /// [`StoreErrorKind::Io`] if the transaction fails for another reason;
-    /// nothing of it is stored then.
-    pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
+    /// [`JournalErrorKind::Io`] if the read fails.
+    pub fn len(&self) -> Result<u64, JournalError> {
+        let read = || -> heed::Result<u64> {
+            let rtxn = self.env.read_txn()?;
+            let mut ids = 0;
+            for entry in self.log.iter(&rtxn)? {
+                ids += (entry?.1.len() / ENTRY_LEN) as u64;
+            }
+            Ok(ids)
+        };
+        read().map_err(|e| io("count the log", e))
+    }
+
+    pub fn is_empty(&self) -> Result<bool, JournalError> {
+        Ok(self.len()? == 0)
+    }
+}
+
+impl Journal for LmdbStore {
+    /// Appends `records` in one transaction, one chunk per shard; a full
+    /// map is grown and the transaction retried.
+    fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
         let mut sorted: Vec<&Record> = records.iter().collect();
         sorted.sort_unstable_by_key(|r| r.shard);
         let mut chunks: Vec<([u8; KEY_LEN], Vec<u8>)> = Vec::new();
@@ -278,48 +260,57 @@ impl Store {
             }
             wtxn.commit()
         });
-        result.map_err(|e| StoreError::io("append to the log", e))
+        result.map_err(|e| io("append to the log", e))
     }
 
-    /// Deletes the chunks of `shard` whose ids all arrived before
-    /// `before_ms`; returns how many ids they held.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreErrorKind::Io`] if the transaction fails.
-    pub fn expire(&mut self, shard: u32, before_ms: u64) -> Result<usize, StoreError> {
-        let (lo, hi) = (key(shard, 0, 0), key(shard, before_ms, 0));
+    /// Deletes, shard by shard, the chunks whose ids all arrived before
+    /// `before_ms` (a chunk goes once its newest id has expired): one seek
+    /// per shard that has entries, one range delete each.
+    fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
         let (env, log) = (&self.env, self.log);
         with_growth(env, || {
             let mut wtxn = env.write_txn()?;
             let mut ids = 0;
-            for entry in log.range(&wtxn, &between(&lo, &hi))? {
-                ids += entry?.1.len() / ENTRY_LEN;
+            let mut from = Some(0u32);
+            while let Some(start) = from {
+                let lo = key(start, 0, 0);
+                let first = log
+                    .range(&wtxn, &(Bound::Included(&lo[..]), Bound::Unbounded))?
+                    .next()
+                    .transpose()?
+                    .and_then(|(k, _)| shard_of_key(k));
+                let Some(shard) = first else { break };
+                let (lo, hi) = (key(shard, 0, 0), key(shard, before_ms, 0));
+                for entry in log.range(&wtxn, &between(&lo, &hi))? {
+                    ids += entry?.1.len() / ENTRY_LEN;
+                }
+                log.delete_range(&mut wtxn, &between(&lo, &hi))?;
+                from = (shard < MAX_SHARD).then_some(shard + 1);
             }
-            log.delete_range(&mut wtxn, &between(&lo, &hi))?;
             wtxn.commit()?;
             Ok(ids)
         })
-        .map_err(|e| StoreError::io("expire old entries", e))
+        .map_err(|e| io("expire old entries", e))
     }
 
-    /// Calls `f(fingerprint, arrival_ms)` for each id of `shard` that
-    /// arrived at or after `since_ms`; returns the count.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreErrorKind::Io`] if the read fails.
-    pub fn scan(
+    fn scan(
         &self,
         shard: u32,
         since_ms: u64,
-        mut f: impl FnMut(Fingerprint, u64),
-    ) -> Result<usize, StoreError> {
+        f: &mut dyn FnMut(Fingerprint, u64),
+    ) -> Result<usize, JournalError> {
         let mut read = || -> heed::Result<usize> {
             let rtxn = self.env.read_txn()?;
-            let (lo, hi) = (key(shard, since_ms, 0), key(shard + 1, 0, 0));
+            let lo = key(shard, since_ms, 0);
+            // The last shard's range runs to the end of the keys: `shard + 1`
+            // would not fit the key's 16 bits.
+            let next = (shard < MAX_SHARD).then(|| key(shard + 1, 0, 0));
+            let hi = match &next {
+                Some(k) => Bound::Excluded(&k[..]),
+                None => Bound::Unbounded,
+            };
             let mut n = 0;
-            for entry in self.log.range(&rtxn, &between(&lo, &hi))? {
+            for entry in self.log.range(&rtxn, &(Bound::Included(&lo[..]), hi))? {
                 let (k, value) = entry?;
                 let Some(newest) = newest_of(k) else { continue };
                 for (fp, born) in entries(newest, value).filter(|&(_, born)| born >= since_ms) {
@@ -329,40 +320,22 @@ impl Store {
             }
             Ok(n)
         };
-        read().map_err(|e| StoreError::io("scan the log", e))
+        read().map_err(|e| io("scan the log", e))
     }
 
-    /// Number of ids in the log.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreErrorKind::Io`] if the read fails.
-    pub fn len(&self) -> Result<u64, StoreError> {
-        let read = || -> heed::Result<u64> {
-            let rtxn = self.env.read_txn()?;
-            let mut ids = 0;
-            for entry in self.log.iter(&rtxn)? {
-                ids += (entry?.1.len() / ENTRY_LEN) as u64;
-            }
-            Ok(ids)
-        };
-        read().map_err(|e| StoreError::io("count the log", e))
+    /// Forces commits made under `NO_SYNC` to disk.
+    fn sync(&mut self) -> Result<(), JournalError> {
+        self.env.force_sync().map_err(|e| io("sync", e))
     }
 
-    pub fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.len()? == 0)
-    }
-
-    /// Forces buffered commits to disk.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreErrorKind::Io`] if the flush fails.
-    pub fn sync(&self) -> Result<(), StoreError> {
-        self.env.force_sync().map_err(|e| StoreError::io("sync", e))
+    fn location(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
+fn io(context: &str, source: heed::Error) -> JournalError {
+    JournalError::new(JournalErrorKind::Io, context).with_source(source)
+}
 /// Runs `op`; on `MapFull`, doubles the map and runs it again.
 fn with_growth<T>(env: &Env, mut op: impl FnMut() -> heed::Result<T>) -> heed::Result<T> {
     loop {
@@ -400,41 +373,42 @@ mod tests {
     #[test]
     fn append_scan_expire_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path(), META, false).unwrap();
+        let mut store = LmdbStore::open(dir.path(), META, false).unwrap();
         store.append(&[rec(1, 10, 1), rec(2, 15, 3)]).unwrap();
         store.append(&[rec(1, 20, 2), rec(1, 30, 4)]).unwrap();
         let mut seen = vec![];
-        store.scan(1, 20, |fp, born| seen.push((fp, born))).unwrap();
+        store.scan(1, 20, &mut |fp, born| seen.push((fp, born))).unwrap();
         assert_eq!(
             seen,
             vec![(rec(1, 20, 2).fingerprint, 20), (rec(1, 30, 4).fingerprint, 30)]
         );
         assert_eq!(
-            store.expire(1, 25).unwrap(),
-            1,
-            "the first commit's chunk of shard 1"
+            store.expire(25).unwrap(),
+            2,
+            "the first commit's chunks of shards 1 and 2"
         );
+        store.sync().unwrap();
         drop(store);
-        let store = Store::open(dir.path(), META, true).unwrap();
-        assert_eq!(store.len().unwrap(), 3);
+        let store = LmdbStore::open(dir.path(), META, true).unwrap();
+        assert_eq!(store.len().unwrap(), 2);
     }
 
     #[test]
     fn mismatched_shards_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path(), META, false).unwrap());
-        let err = Store::open(dir.path(), StoreMeta { shards: 8, ..META }, false)
+        drop(LmdbStore::open(dir.path(), META, false).unwrap());
+        let err = LmdbStore::open(dir.path(), StoreMeta { shards: 8, ..META }, false)
             .err()
             .unwrap();
-        assert_eq!(err.kind(), StoreErrorKind::Mismatch);
+        assert_eq!(err.kind(), JournalErrorKind::Mismatch);
         assert!(err.to_string().contains("shards = 4"), "{err}");
-        assert!(Store::open(dir.path(), StoreMeta { window_ms: 5, ..META }, false).is_ok());
+        assert!(LmdbStore::open(dir.path(), StoreMeta { window_ms: 5, ..META }, false).is_ok());
     }
 
     #[test]
     fn a_full_map_grows() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open_with_map(dir.path(), META, false, 1 << 20).unwrap();
+        let mut store = LmdbStore::open_with_map(dir.path(), META, false, 1 << 20).unwrap();
         // 2 M ids of 20 bytes in chunks of 100 000: far past the 1 MiB map.
         for round in 0..20u64 {
             let chunk: Vec<Record> = (0..100_000)
@@ -449,18 +423,40 @@ mod tests {
     #[test]
     fn chunks_with_the_same_newest_arrival_are_all_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path(), META, false).unwrap();
+        let mut store = LmdbStore::open(dir.path(), META, false).unwrap();
         store.append(&[rec(3, 50, 1), rec(3, 40, 2)]).unwrap();
         store.append(&[rec(3, 50, 3)]).unwrap();
         let mut seen = vec![];
-        store.scan(3, 45, |fp, born| seen.push((fp, born))).unwrap();
+        store.scan(3, 45, &mut |fp, born| seen.push((fp, born))).unwrap();
         seen.sort_by_key(|&(fp, _)| fp.to_bytes());
         let mut want = vec![(rec(3, 50, 1).fingerprint, 50), (rec(3, 50, 3).fingerprint, 50)];
         want.sort_by_key(|&(fp, _)| fp.to_bytes());
         assert_eq!(seen, want, "the id born at 40 is before `since`");
         // A chunk expires once its newest id has.
-        assert_eq!(store.expire(3, 50).unwrap(), 0);
-        assert_eq!(store.expire(3, 51).unwrap(), 3);
+        assert_eq!(store.expire(50).unwrap(), 0);
+        assert_eq!(store.expire(51).unwrap(), 3);
         assert!(store.is_empty().unwrap());
+    }
+
+    #[test]
+    fn the_highest_shard_is_recovered_and_expired_like_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = StoreMeta {
+            shards: 65_536,
+            window_ms: 1000,
+        };
+        let mut store = LmdbStore::open(dir.path(), meta, false).unwrap();
+        store
+            .append(&[rec(65_535, 10, 1), rec(65_534, 10, 2), rec(0, 10, 3)])
+            .unwrap();
+        store.append(&[rec(65_535, 20, 4)]).unwrap();
+        drop(store);
+        let mut store = LmdbStore::open(dir.path(), meta, false).unwrap();
+        let count = |store: &LmdbStore, shard| store.scan(shard, 0, &mut |_, _| {}).unwrap();
+        assert_eq!(count(&store, 65_535), 2);
+        assert_eq!(count(&store, 65_534), 1);
+        assert_eq!(count(&store, 0), 1);
+        assert_eq!(store.expire(15).unwrap(), 3, "one chunk in each of three shards");
+        assert_eq!(count(&store, 65_535), 1);
     }
 }

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::engine::Deduplicator;
-use crate::event::EventErrorKind;
+use crate::engine::event::EventErrorKind;
 
 /// Every counter the service keeps. All are monotonic except the gauges
 /// read at scrape time.

@@ -1,4 +1,4 @@
-//! The thread-safe deduplication engine: event → `event_id` → shard →
+//! The thread-safe deduplicator: event → `event_id` → shard →
 //! fingerprint → that shard's [`Table`].
 //!
 //! Each shard's table sits behind its own mutex, padded to its own cache
@@ -10,10 +10,10 @@ use std::borrow::Cow;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::event::{self, EventError, Limits};
-use crate::fingerprint::Fingerprint;
-use crate::shard::shard_of;
-use crate::table::{MAX_WINDOW_MS, Table, Verdict};
+use crate::engine::event::{self, EventError, Limits};
+use crate::engine::fingerprint::Fingerprint;
+use crate::engine::shard::shard_of;
+use crate::engine::table::{MAX_WINDOW_MS, Table, Verdict};
 
 /// Settings of the engine. The sidecar's `config` module fills these from its
 /// configuration file.
@@ -76,6 +76,16 @@ impl From<EventError> for IngestError {
 pub struct Keyed<'a> {
     pub id: Cow<'a, str>,
     pub shard: u32,
+    pub fingerprint: Fingerprint,
+}
+
+/// An accepted id as the journal keeps it: enough to rebuild its shard's
+/// table after a restart or on another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub shard: u32,
+    /// When it was accepted, ms since the Unix epoch.
+    pub born_ms: u64,
     pub fingerprint: Fingerprint,
 }
 
@@ -186,6 +196,11 @@ impl Deduplicator {
         if sweeps > 0 {
             table.sweep(now_ms, sweeps);
         }
+    }
+
+    /// Forgets an id that was inserted but could not be made durable.
+    pub fn remove(&self, shard: u32, fp: Fingerprint) -> bool {
+        self.table(shard).remove(fp)
     }
 
     /// Locks one shard's table (recovering it if a panicking thread held it:

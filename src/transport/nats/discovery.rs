@@ -15,8 +15,8 @@ use async_nats::Client;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::config::Settings;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
+use crate::transport::nats::Subjects;
 
 pub const NAME: &str = "eventsieve";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -28,11 +28,12 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// If a subscription cannot be made.
 pub async fn spawn(
     client: Client,
-    settings: &Settings,
+    subjects: &Subjects,
+    owned: Vec<u32>,
     metrics: Arc<Metrics>,
 ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
     let id = instance_id();
-    let prefix = settings.config.subject_prefix.clone();
+    let prefix = subjects.prefix().to_owned();
     let mut subs = Vec::new();
     for subject in [
         "$SRV.*".to_string(),
@@ -43,7 +44,6 @@ pub async fn spawn(
     }
     let mut all = futures_util::stream::select_all(subs);
     let started = rfc3339(SystemTime::now());
-    let owned = settings.owned.clone();
     Ok(tokio::spawn(async move {
         while let Some(message) = all.next().await {
             let Some(reply) = message.reply else { continue };

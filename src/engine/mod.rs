@@ -1,0 +1,23 @@
+//! The pure core: no I/O, no clock of its own (callers pass `now`).
+//!
+//! | module | role |
+//! |---|---|
+//! | [`event`] | find and validate the top-level `event_id`, no DOM |
+//! | [`shard`] | `FNV-1a-32(id) mod n`, the NATS `partition` function |
+//! | [`fingerprint`] | the stable 128-bit hash of an id |
+//! | [`table`] | one shard's hash-to-expiry table: check-and-insert, reclaim |
+//! | [`dedup`] | [`Deduplicator`]: every shard's table behind its own lock |
+//! | [`batch`] | the newline-delimited batch request and its verdict-per-line reply |
+//!
+//! Nothing here imports from the layers above (journal, pipeline,
+//! transport).
+
+pub mod batch;
+pub mod dedup;
+pub mod event;
+pub mod fingerprint;
+pub mod shard;
+pub mod table;
+
+pub use dedup::{Deduplicator, EngineConfig, IngestError, Keyed, Record, unix_ms};
+pub use table::Verdict;

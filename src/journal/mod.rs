@@ -1,0 +1,126 @@
+//! The durable log of accepted ids: one trait, its implementations, and the
+//! group-commit writer that drives it.
+//!
+//! | module | role |
+//! |---|---|
+//! | [`lmdb`] | [`LmdbStore`]: the node's local log in LMDB (heed) |
+//! | [`memory`] | [`MemoryJournal`]: the same contract in RAM, for tests and embedding |
+//! | [`writer`] | the single writer: gathers ids into group commits off the runtime and signals each submitter |
+//!
+//! A journal is written by one writer only ([`writer`]) and read at
+//! recovery ([`Journal::scan`]), before the writer starts. A replicated
+//! (JetStream) journal fits behind the same trait: the pipeline above sees
+//! only "committed" or "failed".
+
+pub mod lmdb;
+pub mod memory;
+pub mod writer;
+
+use std::fmt;
+
+use crate::engine::Record;
+use crate::engine::fingerprint::Fingerprint;
+
+pub use lmdb::{LmdbStore, StoreMeta};
+pub use memory::MemoryJournal;
+pub use writer::{CommitFailed, Writer, WriterError};
+
+/// A durable log of accepted ids.
+///
+/// Blocking: the writer calls it from a blocking thread, never on the async
+/// runtime's workers.
+pub trait Journal: Send + 'static {
+    /// Makes `records` durable: all of them, or none and an error.
+    ///
+    /// # Errors
+    ///
+    /// A [`JournalError`] if the records could not be made durable; nothing
+    /// of them is kept then.
+    fn append(&mut self, records: &[Record]) -> Result<(), JournalError>;
+
+    /// Calls `f(fingerprint, arrival_ms)` for each id of `shard` accepted at
+    /// or after `since_ms`; returns the count.
+    ///
+    /// # Errors
+    ///
+    /// A [`JournalError`] if the log cannot be read.
+    fn scan(
+        &self,
+        shard: u32,
+        since_ms: u64,
+        f: &mut dyn FnMut(Fingerprint, u64),
+    ) -> Result<usize, JournalError>;
+
+    /// Forgets every id, of any shard, that was accepted before
+    /// `before_ms`; returns how many ids that removed (an implementation
+    /// may keep some a little longer, never shorter).
+    ///
+    /// # Errors
+    ///
+    /// A [`JournalError`] if the deletion fails.
+    fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError>;
+
+    /// Pushes what was appended to stable storage (for a clean shutdown of
+    /// a log that does not do so on every append).
+    ///
+    /// # Errors
+    ///
+    /// A [`JournalError`] if the flush fails.
+    fn sync(&mut self) -> Result<(), JournalError>;
+
+    /// Where the log lives, for logs and error messages.
+    fn location(&self) -> String;
+}
+
+/// What went wrong with a journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalErrorKind {
+    /// The directory or LMDB environment could not be opened.
+    Open,
+    /// The store was written with another format, shard count or fingerprint.
+    Mismatch,
+    /// A read or write failed.
+    Io,
+}
+
+/// A journal failure: its kind, what was being done, and the cause.
+#[derive(Debug)]
+pub struct JournalError {
+    kind: JournalErrorKind,
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl JournalError {
+    pub fn new(kind: JournalErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    pub fn kind(&self) -> JournalErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for JournalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for JournalError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}

@@ -1,0 +1,373 @@
+//! The single writer: gathers submitted ids into group commits, runs each
+//! commit (and the periodic expiry) on a blocking thread, and signals every
+//! submitter whether its ids are durable. It writes and signals, nothing
+//! more: replies, republish and undo happen on the request side (the
+//! pipeline).
+//!
+//! A submission waits at most `commit_interval` for the commit that covers
+//! it; a group holds at most [`MAX_GROUP`] ids. The channel to the writer is
+//! bounded (`max_pending`), so a slow disk slows producers instead of
+//! growing memory.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{Record, unix_ms};
+use crate::journal::{Journal, JournalError};
+use crate::observe::metrics::Metrics;
+
+/// Most ids in one group commit.
+pub const MAX_GROUP: usize = 8192;
+
+/// Why submitted ids were not made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitFailed {
+    /// The journal refused the commit (disk full, I/O error): retry later.
+    Journal,
+    /// The writer has stopped (shutdown) or died: retry elsewhere or later.
+    Stopped,
+}
+
+/// Completes when the submitted ids are durable, or with why not.
+pub type Committed = oneshot::Receiver<Result<(), CommitFailed>>;
+
+/// Why the writer ended other than by [`Writer::stop`].
+#[derive(Debug)]
+pub enum WriterError {
+    /// The journal panicked during a commit; its group got `Stopped` and
+    /// nothing more was written.
+    Panicked(String),
+    /// The final flush at shutdown failed.
+    Sync(JournalError),
+}
+
+impl std::fmt::Display for WriterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Panicked(why) => write!(f, "the commit writer panicked: {why}"),
+            Self::Sync(e) => write!(f, "the final flush of the journal failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for WriterError {}
+
+enum Ids {
+    One(Record),
+    Many(Vec<Record>),
+}
+
+enum Inbound {
+    Commit {
+        ids: Ids,
+        done: oneshot::Sender<Result<(), CommitFailed>>,
+    },
+    /// Commit what came before, flush, then end.
+    Stop,
+}
+
+/// The handle submitters use; cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Inbound>,
+    metrics: Arc<Metrics>,
+}
+
+/// The writer's end of the channel, until [`spawn`] runs it.
+pub struct Inbox {
+    rx: mpsc::Receiver<Inbound>,
+}
+
+/// A handle and its inbox, with room for `capacity` waiting submissions.
+pub fn channel(capacity: usize, metrics: Arc<Metrics>) -> (Writer, Inbox) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (Writer { tx, metrics }, Inbox { rx })
+}
+
+/// How the writer runs.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Longest a submission waits for the commit that covers it.
+    pub commit_interval: Duration,
+    /// How often ids older than the window are deleted.
+    pub expire_every: Duration,
+    /// The window: ids older than this are expired.
+    pub window_ms: u64,
+}
+
+impl Writer {
+    /// Queues one id for the next group commit (waiting while the queue is
+    /// full).
+    ///
+    /// # Errors
+    ///
+    /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
+    pub async fn submit_one(&self, record: Record) -> Result<Committed, CommitFailed> {
+        self.send(Ids::One(record), 1).await
+    }
+
+    /// Queues ids for the next group commit, all in the same one.
+    ///
+    /// # Errors
+    ///
+    /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
+    pub async fn submit(&self, records: Vec<Record>) -> Result<Committed, CommitFailed> {
+        let n = records.len() as u64;
+        self.send(Ids::Many(records), n).await
+    }
+
+    async fn send(&self, ids: Ids, count: u64) -> Result<Committed, CommitFailed> {
+        let (done, committed) = oneshot::channel();
+        self.metrics.pending.fetch_add(count, Relaxed);
+        if self.tx.send(Inbound::Commit { ids, done }).await.is_err() {
+            self.metrics.pending.fetch_sub(count, Relaxed);
+            return Err(CommitFailed::Stopped);
+        }
+        Ok(committed)
+    }
+
+    /// Asks the writer to commit what it was given, flush and end; its task
+    /// then completes. Submissions after this fail with `Stopped`.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Inbound::Stop).await;
+    }
+}
+
+/// Runs the writer on `journal` until [`Writer::stop`] or until every
+/// handle is dropped.
+///
+/// # Errors
+///
+/// The task ends with a [`WriterError`] if the journal panicked or the
+/// final flush failed.
+pub fn spawn(
+    inbox: Inbox,
+    journal: Box<dyn Journal>,
+    config: WriterConfig,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<Result<(), WriterError>> {
+    tokio::spawn(run(inbox.rx, journal, config, metrics))
+}
+
+/// What one group commit covers.
+#[derive(Default)]
+struct Group {
+    records: Vec<Record>,
+    done: Vec<oneshot::Sender<Result<(), CommitFailed>>>,
+}
+
+impl Group {
+    /// Adds a submission; `false` for the stop request.
+    fn add(&mut self, item: Inbound) -> bool {
+        match item {
+            Inbound::Commit { ids, done } => {
+                match ids {
+                    Ids::One(r) => self.records.push(r),
+                    Ids::Many(rs) => self.records.extend(rs),
+                }
+                self.done.push(done);
+                true
+            }
+            Inbound::Stop => false,
+        }
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Inbound>,
+    journal: Box<dyn Journal>,
+    config: WriterConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(), WriterError> {
+    let mut journal = Some(journal);
+    let mut expire_at = Instant::now() + config.expire_every;
+    let mut stopping = false;
+    while !stopping {
+        let mut group = Group::default();
+        match tokio::time::timeout_at(expire_at.into(), rx.recv()).await {
+            Ok(Some(item)) => stopping = !group.add(item),
+            Ok(None) => stopping = true,
+            Err(_) => {}
+        }
+        // Take what is queued, for at most `commit_interval`.
+        let deadline = Instant::now() + config.commit_interval;
+        while !stopping
+            && !group.records.is_empty()
+            && group.records.len() < MAX_GROUP
+            && Instant::now() <= deadline
+        {
+            match rx.try_recv() {
+                Ok(item) => stopping = !group.add(item),
+                Err(_) => break,
+            }
+        }
+        let expire = Instant::now() >= expire_at;
+        if expire {
+            expire_at = Instant::now() + config.expire_every;
+        }
+        if group.records.is_empty() && !expire {
+            continue;
+        }
+        let records = std::mem::take(&mut group.records);
+        let count = records.len();
+        let mut j = journal
+            .take()
+            .expect("the journal is put back after every commit");
+        let window_ms = config.window_ms;
+        let started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let result = if records.is_empty() {
+                Ok(())
+            } else {
+                j.append(&records)
+            };
+            let expired = if expire {
+                j.expire(unix_ms().saturating_sub(window_ms))
+            } else {
+                Ok(0)
+            };
+            (j, result, expired)
+        })
+        .await;
+        metrics.pending.fetch_sub(count as u64, Relaxed);
+        let (j, result, expired) = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // The group's senders drop here: each submitter sees `Stopped`.
+                let why = panic_message(e);
+                tracing::error!(message = "The commit writer panicked; no more commits.", ids = count, error = %why);
+                return Err(WriterError::Panicked(why));
+            }
+        };
+        journal = Some(j);
+        match expired {
+            Ok(n) => {
+                metrics.expired_ids.fetch_add(n as u64, Relaxed);
+            }
+            Err(e) => tracing::warn!(message = "Expiring old ids failed.", error = %e),
+        }
+        if count == 0 {
+            continue;
+        }
+        let signal = match result {
+            Ok(()) => {
+                Metrics::inc(&metrics.commits);
+                metrics.committed_ids.fetch_add(count as u64, Relaxed);
+                metrics
+                    .commit_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                Metrics::inc(&metrics.store_errors);
+                tracing::error!(message = "Commit failed; its events get 500.", ids = count, error = %e);
+                Err(CommitFailed::Journal)
+            }
+        };
+        for done in group.done {
+            let _ = done.send(signal);
+        }
+    }
+    let mut journal = journal.expect("the journal is back once the loop ends");
+    tokio::task::spawn_blocking(move || journal.sync())
+        .await
+        .map_err(|e| WriterError::Panicked(panic_message(e)))?
+        .map_err(WriterError::Sync)
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::fingerprint::Fingerprint;
+    use crate::journal::MemoryJournal;
+
+    fn config() -> WriterConfig {
+        WriterConfig {
+            commit_interval: Duration::from_millis(1),
+            expire_every: Duration::from_secs(3600),
+            window_ms: 60_000,
+        }
+    }
+
+    fn record(i: u64) -> Record {
+        Record {
+            shard: (i % 4) as u32,
+            born_ms: unix_ms(),
+            fingerprint: Fingerprint::of(&i.to_le_bytes()),
+        }
+    }
+
+    /// Panics on every append.
+    struct Exploding;
+
+    impl Journal for Exploding {
+        fn append(&mut self, _: &[Record]) -> Result<(), JournalError> {
+            panic!("disk on fire");
+        }
+        fn scan(&self, _: u32, _: u64, _: &mut dyn FnMut(Fingerprint, u64)) -> Result<usize, JournalError> {
+            Ok(0)
+        }
+        fn expire(&mut self, _: u64) -> Result<usize, JournalError> {
+            Ok(0)
+        }
+        fn sync(&mut self) -> Result<(), JournalError> {
+            Ok(())
+        }
+        fn location(&self) -> String {
+            "nowhere".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_submission_is_signalled_and_stop_commits_what_came_before() {
+        let metrics = Arc::new(Metrics::default());
+        let (writer, inbox) = channel(16, metrics.clone());
+        let task = spawn(inbox, Box::new(MemoryJournal::new()), config(), metrics.clone());
+        let one = writer.submit_one(record(1)).await.unwrap();
+        let many = writer.submit((2..50).map(record).collect()).await.unwrap();
+        let last = writer.submit_one(record(50)).await.unwrap();
+        writer.stop().await;
+        assert_eq!(one.await.unwrap(), Ok(()));
+        assert_eq!(many.await.unwrap(), Ok(()));
+        assert_eq!(last.await.unwrap(), Ok(()));
+        task.await.unwrap().unwrap();
+        assert_eq!(metrics.committed_ids.load(Relaxed), 50);
+        assert_eq!(metrics.pending.load(Relaxed), 0);
+        assert_eq!(
+            writer.submit_one(record(51)).await.err(),
+            Some(CommitFailed::Stopped),
+            "a stopped writer refuses at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_journal_ends_the_writer_with_an_error_and_fails_its_group() {
+        let metrics = Arc::new(Metrics::default());
+        let (writer, inbox) = channel(16, metrics.clone());
+        let task = spawn(inbox, Box::new(Exploding), config(), metrics);
+        let committed = writer.submit_one(record(1)).await.unwrap();
+        assert!(committed.await.is_err(), "the group is dropped, not committed");
+        match task.await.unwrap() {
+            Err(WriterError::Panicked(why)) => assert!(why.contains("disk on fire"), "{why}"),
+            other => panic!("expected a panic error, got {other:?}"),
+        }
+        assert_eq!(
+            writer.submit_one(record(2)).await.err(),
+            Some(CommitFailed::Stopped)
+        );
+    }
+}

@@ -1,0 +1,340 @@
+//! The verdict path, without any transport: key → ownership →
+//! check-and-insert → durable commit → the one [`Hook`] for accepted events.
+//!
+//! A transport (NATS today, HTTP later) hands an event to
+//! [`Pipeline::decide`], which settles everything that needs no commit at
+//! once (bad input, duplicate, not ready, owned elsewhere) and otherwise
+//! queues the new id for the group-commit [`Writer`]. [`Pipeline::finish`]
+//! then waits for that commit and either calls the hook (republish, later
+//! the stages) and gives the `New` verdict, or forgets the id again and
+//! gives the failure. Accept, hook and undo happen here and nowhere else;
+//! the transport only turns an [`Outcome`] into a reply.
+//!
+//! Batches go the same way through [`Pipeline::decide_batch`] and
+//! [`Pipeline::finish_batch`]: one table lock per shard and one submission
+//! to the writer per batch.
+
+pub mod ownership;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+
+use crate::engine::batch::{self, Entry};
+use crate::engine::event::EventError;
+use crate::engine::fingerprint::Fingerprint;
+use crate::engine::{Deduplicator, Keyed, Record, Verdict, unix_ms};
+use crate::journal::writer::Committed;
+use crate::journal::{CommitFailed, Journal, JournalError, Writer};
+use crate::observe::metrics::Metrics;
+
+pub use ownership::{Ownership, ShardState};
+
+/// Where accepted events go once their ids are durable: the republish, and
+/// later the stages. Called per shard, in the order the events were
+/// accepted.
+pub trait Hook: Send + Sync + 'static {
+    fn accepted(&self, shard: u32, events: &[Bytes]) -> impl Future<Output = ()> + Send;
+}
+
+/// The final answer on one event.
+#[derive(Debug)]
+pub enum Outcome {
+    Verdict(Verdict),
+    /// The event breaks a rule; nothing changed.
+    Invalid(EventError),
+    /// The shard is owned here but still recovering.
+    NotReady(u32),
+    /// New, but its id could not be made durable; it was forgotten again.
+    Failed(CommitFailed),
+}
+
+const STORE_FAILED: &str = "the store could not commit this event; retry";
+const STOPPED: &str = "shutting down; retry";
+
+impl Outcome {
+    /// The status code and reason of an outcome that is not a verdict, as
+    /// both the single-event and the batch replies carry them.
+    pub fn error(&self) -> Option<(u16, String)> {
+        match self {
+            Outcome::Verdict(_) => None,
+            Outcome::Invalid(e) => Some((400, e.to_string())),
+            Outcome::NotReady(shard) => Some((503, format!("shard {shard} is not ready (recovering)"))),
+            Outcome::Failed(CommitFailed::Journal) => Some((500, STORE_FAILED.into())),
+            Outcome::Failed(CommitFailed::Stopped) => Some((503, STOPPED.into())),
+        }
+    }
+}
+
+/// The first step on one event.
+#[derive(Debug)]
+pub enum Step<'a> {
+    /// Settled: no commit needed.
+    Done(Outcome),
+    /// Its shard is owned by another node: the transport forwards it.
+    Elsewhere(Keyed<'a>),
+    /// New and queued: [`Pipeline::finish`] gives the outcome.
+    Commit(Pending),
+}
+
+/// A new id waiting for its commit.
+#[derive(Debug)]
+pub struct Pending {
+    shard: u32,
+    fingerprint: Fingerprint,
+    /// `None` when the pipeline keeps nothing durable (durability `memory`).
+    committed: Option<Committed>,
+}
+
+/// A batch once the lines of this node's shards are decided.
+#[derive(Debug)]
+pub struct BatchPending {
+    lines: Vec<Range<usize>>,
+    entries: Vec<Option<Entry>>,
+    /// Lines new here, grouped by shard in line order, with their records.
+    new: Vec<(usize, Record)>,
+    /// Per shard owned elsewhere: its lines and their sub-batch body.
+    forward: BTreeMap<u32, (Vec<usize>, Vec<u8>)>,
+    committed: Result<Option<Committed>, CommitFailed>,
+}
+
+impl BatchPending {
+    /// The lines the transport must send to other nodes: per shard, the line
+    /// numbers and the sub-batch body. Their entries stay `None` in
+    /// [`Pipeline::finish_batch`]'s answer.
+    pub fn take_forwards(&mut self) -> BTreeMap<u32, (Vec<usize>, Vec<u8>)> {
+        std::mem::take(&mut self.forward)
+    }
+}
+
+/// The verdict path of one node.
+pub struct Pipeline<H> {
+    /// Every shard's table.
+    dedup: Deduplicator,
+    /// Which shards are served here, and which are ready.
+    ownership: Ownership,
+    /// The group-commit writer; `None` for durability `memory`.
+    writer: Option<Writer>,
+    /// Where accepted events go.
+    hook: H,
+    /// Verdict counters.
+    metrics: Arc<Metrics>,
+}
+
+impl<H: Hook> Pipeline<H> {
+    pub fn new(
+        dedup: Deduplicator,
+        ownership: Ownership,
+        writer: Option<Writer>,
+        hook: H,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            dedup,
+            ownership,
+            writer,
+            hook,
+            metrics,
+        }
+    }
+
+    pub fn dedup(&self) -> &Deduplicator {
+        &self.dedup
+    }
+
+    pub fn ownership(&self) -> &Ownership {
+        &self.ownership
+    }
+
+    pub fn hook(&self) -> &H {
+        &self.hook
+    }
+
+    /// Settles `event` if it needs no commit, else inserts its id and
+    /// queues it for the writer (waiting while the writer's queue is full).
+    pub async fn decide<'a>(&self, event: &'a [u8]) -> Step<'a> {
+        let keyed = match self.dedup.key(event) {
+            Ok(keyed) => keyed,
+            Err(e) => {
+                Metrics::inc(self.metrics.invalid(e.kind()));
+                return Step::Done(Outcome::Invalid(e));
+            }
+        };
+        let shard = keyed.shard;
+        match self.ownership.state(shard) {
+            ShardState::Ready => {}
+            ShardState::Recovering => {
+                Metrics::inc(&self.metrics.not_ready);
+                return Step::Done(Outcome::NotReady(shard));
+            }
+            ShardState::Elsewhere => return Step::Elsewhere(keyed),
+        }
+        let now = unix_ms();
+        if self.dedup.check_and_insert(&keyed, now) == Verdict::Duplicate {
+            Metrics::inc(&self.metrics.duplicates);
+            return Step::Done(Outcome::Verdict(Verdict::Duplicate));
+        }
+        let fingerprint = keyed.fingerprint;
+        let committed = match &self.writer {
+            None => None,
+            Some(writer) => {
+                let record = Record {
+                    shard,
+                    born_ms: now,
+                    fingerprint,
+                };
+                match writer.submit_one(record).await {
+                    Ok(committed) => Some(committed),
+                    Err(failed) => return Step::Done(self.undo(shard, fingerprint, failed)),
+                }
+            }
+        };
+        Step::Commit(Pending {
+            shard,
+            fingerprint,
+            committed,
+        })
+    }
+
+    /// Waits for `pending`'s commit; then hands `event` to the hook and
+    /// answers `New`, or forgets the id and answers the failure.
+    pub async fn finish(&self, pending: Pending, event: Bytes) -> Outcome {
+        let Pending {
+            shard,
+            fingerprint,
+            committed,
+        } = pending;
+        match wait(committed).await {
+            Ok(()) => {
+                Metrics::inc(&self.metrics.accepted);
+                self.hook.accepted(shard, std::slice::from_ref(&event)).await;
+                Outcome::Verdict(Verdict::New)
+            }
+            Err(failed) => self.undo(shard, fingerprint, failed),
+        }
+    }
+
+    /// [`Self::decide`] then [`Self::finish`], for callers that can wait in
+    /// place; `Err` with the keyed event when another node owns its shard.
+    ///
+    /// # Errors
+    ///
+    /// The keyed event, when it must be forwarded.
+    pub async fn ingest<'a>(&self, event: &'a Bytes) -> Result<Outcome, Keyed<'a>> {
+        match self.decide(event).await {
+            Step::Done(outcome) => Ok(outcome),
+            Step::Elsewhere(keyed) => Err(keyed),
+            Step::Commit(pending) => Ok(self.finish(pending, event.clone()).await),
+        }
+    }
+
+    /// Decides the lines of `body` whose shards are ready here, queues the
+    /// new ids as one submission, and sets aside the lines of other nodes'
+    /// shards (refused with 503 when `forwarded`: a sub-batch is never sent
+    /// on again).
+    pub async fn decide_batch(&self, body: &[u8], forwarded: bool) -> BatchPending {
+        Metrics::inc(&self.metrics.batches);
+        let d = batch::decide(&self.dedup, body, unix_ms(), |shard| {
+            self.ownership.route(shard, forwarded)
+        });
+        for kind in &d.invalid {
+            Metrics::inc(self.metrics.invalid(*kind));
+        }
+        self.metrics.not_ready.fetch_add(d.not_ready, Relaxed);
+        self.metrics.duplicates.fetch_add(d.duplicates, Relaxed);
+        let committed = match &self.writer {
+            Some(writer) if !d.new.is_empty() => writer
+                .submit(d.new.iter().map(|(_, r)| *r).collect())
+                .await
+                .map(Some),
+            _ => Ok(None),
+        };
+        BatchPending {
+            lines: d.lines,
+            entries: d.entries,
+            new: d.new,
+            forward: d.forward,
+            committed,
+        }
+    }
+
+    /// Waits for the batch's commit; then hands the new lines to the hook,
+    /// shard by shard, or forgets their ids and gives each the failure.
+    /// Returns an entry per line (`None` for the lines taken by
+    /// [`BatchPending::take_forwards`]).
+    pub async fn finish_batch(&self, pending: BatchPending, body: &Bytes) -> Vec<Option<Entry>> {
+        let BatchPending {
+            lines,
+            mut entries,
+            new,
+            committed,
+            ..
+        } = pending;
+        let result = match committed {
+            Ok(committed) => wait(committed).await,
+            Err(failed) => Err(failed),
+        };
+        match result {
+            Ok(()) => {
+                self.metrics.accepted.fetch_add(new.len() as u64, Relaxed);
+                for group in new.chunk_by(|a, b| a.1.shard == b.1.shard) {
+                    let events: Vec<Bytes> = group
+                        .iter()
+                        .map(|(line, _)| body.slice(lines[*line].clone()))
+                        .collect();
+                    self.hook.accepted(group[0].1.shard, &events).await;
+                }
+            }
+            Err(failed) => {
+                for (line, record) in &new {
+                    let outcome = self.undo(record.shard, record.fingerprint, failed);
+                    entries[*line] = outcome.error().map(|(code, reason)| Entry::error(code, reason));
+                }
+            }
+        }
+        entries
+    }
+
+    /// Rebuilds `shards` from `journal` (ids of the last window) and marks
+    /// them ready; returns how many ids were restored.
+    ///
+    /// # Errors
+    ///
+    /// The journal's error; the shards stay as they were.
+    pub fn recover(&self, journal: &dyn Journal, shards: &[u32]) -> Result<usize, JournalError> {
+        let now = unix_ms();
+        let since = now.saturating_sub(self.dedup.config().window_ms);
+        let mut restored = 0;
+        for &shard in shards {
+            let mut table = self.dedup.table(shard);
+            journal.scan(shard, since, &mut |fp, born| {
+                restored += usize::from(table.restore(fp, born, now));
+            })?;
+        }
+        for &shard in shards {
+            self.ownership.set(shard, ShardState::Ready);
+        }
+        Ok(restored)
+    }
+
+    /// Forgets an id whose commit failed; the outcome to give for it.
+    fn undo(&self, shard: u32, fingerprint: Fingerprint, failed: CommitFailed) -> Outcome {
+        self.dedup.remove(shard, fingerprint);
+        Outcome::Failed(failed)
+    }
+}
+
+/// The commit's result; a writer that went away before signalling counts as
+/// stopped.
+async fn wait(committed: Option<Committed>) -> Result<(), CommitFailed> {
+    match committed {
+        None => Ok(()),
+        Some(committed) => committed.await.unwrap_or(Err(CommitFailed::Stopped)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,359 @@
+//! The pipeline without a server: real tables, the real writer, journals in
+//! RAM (or one that fails, or one that panics).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::*;
+use crate::engine::EngineConfig;
+use crate::engine::shard::shard_of;
+use crate::journal::writer::{self, WriterConfig};
+use crate::journal::{JournalErrorKind, MemoryJournal};
+
+/// Remembers what the hook was given.
+#[derive(Default)]
+struct Collect(Mutex<Vec<(u32, Vec<Bytes>)>>);
+
+impl Hook for Collect {
+    async fn accepted(&self, shard: u32, events: &[Bytes]) {
+        self.0.lock().unwrap().push((shard, events.to_vec()));
+    }
+}
+
+impl Collect {
+    fn taken(&self) -> Vec<(u32, Vec<Bytes>)> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+/// How a test journal behaves on append.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    Keep,
+    Refuse,
+    Panic,
+}
+
+/// A [`MemoryJournal`] that can be told to refuse or panic.
+struct TestJournal {
+    inner: MemoryJournal,
+    behaviour: Behaviour,
+}
+
+impl Journal for TestJournal {
+    fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        match self.behaviour {
+            Behaviour::Keep => self.inner.append(records),
+            Behaviour::Refuse => Err(JournalError::new(JournalErrorKind::Io, "no space left")),
+            Behaviour::Panic => panic!("journal bug"),
+        }
+    }
+    fn scan(
+        &self,
+        shard: u32,
+        since_ms: u64,
+        f: &mut dyn FnMut(Fingerprint, u64),
+    ) -> Result<usize, JournalError> {
+        self.inner.scan(shard, since_ms, f)
+    }
+    fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
+        self.inner.expire(before_ms)
+    }
+    fn sync(&mut self) -> Result<(), JournalError> {
+        Ok(())
+    }
+    fn location(&self) -> String {
+        "test".into()
+    }
+}
+
+struct Fixture {
+    pipeline: Arc<Pipeline<Collect>>,
+    writer: Option<(Writer, tokio::task::JoinHandle<Result<(), writer::WriterError>>)>,
+}
+
+fn engine() -> Deduplicator {
+    Deduplicator::new(EngineConfig {
+        window_ms: 60_000,
+        segments_per_shard: 4,
+        ..EngineConfig::default()
+    })
+}
+
+/// A pipeline owning every shard (ready), with a writer on `journal`.
+fn fixture(journal: Option<Box<dyn Journal>>) -> Fixture {
+    let metrics = Arc::new(Metrics::default());
+    let dedup = engine();
+    let ownership = Ownership::new(dedup.shard_count());
+    for s in 0..dedup.shard_count() {
+        ownership.set(s, ShardState::Ready);
+    }
+    let writer = journal.map(|journal| {
+        let (writer, inbox) = writer::channel(64, metrics.clone());
+        let config = WriterConfig {
+            commit_interval: Duration::from_millis(1),
+            expire_every: Duration::from_secs(3600),
+            window_ms: 60_000,
+        };
+        let task = writer::spawn(inbox, journal, config, metrics.clone());
+        (writer, task)
+    });
+    let pipeline = Pipeline::new(
+        dedup,
+        ownership,
+        writer.as_ref().map(|(w, _)| w.clone()),
+        Collect::default(),
+        metrics,
+    );
+    Fixture {
+        pipeline: Arc::new(pipeline),
+        writer,
+    }
+}
+
+fn journal(behaviour: Behaviour) -> Option<Box<dyn Journal>> {
+    Some(Box::new(TestJournal {
+        inner: MemoryJournal::new(),
+        behaviour,
+    }))
+}
+
+fn event(id: &str) -> Bytes {
+    Bytes::from(format!(r#"{{"event_id":"{id}","v":1}}"#))
+}
+
+async fn verdict(p: &Pipeline<Collect>, event: &Bytes) -> Outcome {
+    p.ingest(event).await.expect("owned here")
+}
+
+fn is(outcome: &Outcome, want: Verdict) -> bool {
+    matches!(outcome, Outcome::Verdict(v) if *v == want)
+}
+
+#[tokio::test]
+async fn new_then_duplicate_and_only_new_events_reach_the_hook() {
+    let f = fixture(journal(Behaviour::Keep));
+    let p = &f.pipeline;
+    let a = event("a1");
+    assert!(is(&verdict(p, &a).await, Verdict::New));
+    assert!(is(&verdict(p, &event("a1")).await, Verdict::Duplicate));
+    assert_eq!(p.hook().taken(), [(shard_of("a1", 32), vec![a])]);
+}
+
+#[tokio::test]
+async fn bad_input_is_answered_400_and_changes_nothing() {
+    let f = fixture(journal(Behaviour::Keep));
+    let p = &f.pipeline;
+    for bad in ["", "{", r#"{"event_id":"a-1"}"#, r#"{"event_id":7}"#] {
+        let outcome = verdict(p, &Bytes::from(bad)).await;
+        assert_eq!(outcome.error().map(|e| e.0), Some(400), "{bad}: {outcome:?}");
+    }
+    assert!(p.dedup().is_empty());
+    assert!(p.hook().taken().is_empty());
+}
+
+#[tokio::test]
+async fn shards_not_ready_answer_503_and_shards_elsewhere_are_handed_back() {
+    let f = fixture(None);
+    let p = &f.pipeline;
+    let shard = shard_of("a1", 32);
+    p.ownership().set(shard, ShardState::Recovering);
+    let outcome = verdict(p, &event("a1")).await;
+    assert_eq!(outcome.error().map(|e| e.0), Some(503), "{outcome:?}");
+    p.ownership().set(shard, ShardState::Elsewhere);
+    let e = event("a1");
+    let keyed = p.ingest(&e).await.expect_err("owned elsewhere");
+    assert_eq!((keyed.shard, &*keyed.id), (shard, "a1"));
+    assert!(p.dedup().is_empty(), "neither was remembered");
+}
+
+/// A journal the test can still read after the writer took it.
+struct Shared(Arc<Mutex<MemoryJournal>>);
+
+impl Journal for Shared {
+    fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.0.lock().unwrap().append(records)
+    }
+    fn scan(
+        &self,
+        shard: u32,
+        since_ms: u64,
+        f: &mut dyn FnMut(Fingerprint, u64),
+    ) -> Result<usize, JournalError> {
+        self.0.lock().unwrap().scan(shard, since_ms, f)
+    }
+    fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
+        self.0.lock().unwrap().expire(before_ms)
+    }
+    fn sync(&mut self) -> Result<(), JournalError> {
+        Ok(())
+    }
+    fn location(&self) -> String {
+        "shared".into()
+    }
+}
+
+#[tokio::test]
+async fn accepted_ids_are_in_the_journal_and_a_new_pipeline_recovers_them() {
+    let memory = Arc::new(Mutex::new(MemoryJournal::new()));
+    let f = fixture(Some(Box::new(Shared(memory.clone()))));
+    for i in 0..100 {
+        assert!(is(
+            &verdict(&f.pipeline, &event(&format!("r{i}"))).await,
+            Verdict::New
+        ));
+    }
+    let body = Bytes::from_static(b"{\"event_id\":\"b1\"}\n{\"event_id\":\"r1\"}\n");
+    let pending = f.pipeline.decide_batch(&body, false).await;
+    assert_eq!(
+        f.pipeline.finish_batch(pending, &body).await,
+        [Some(Entry::New), Some(Entry::Duplicate)]
+    );
+    assert_eq!(
+        memory.lock().unwrap().len(),
+        101,
+        "every true verdict is in the journal"
+    );
+
+    let fresh = fixture(None);
+    let restored = fresh
+        .pipeline
+        .recover(&Shared(memory.clone()), &(0..32).collect::<Vec<_>>())
+        .unwrap();
+    assert_eq!(restored, 101);
+    assert!(is(
+        &verdict(&fresh.pipeline, &event("r7")).await,
+        Verdict::Duplicate
+    ));
+    assert!(is(
+        &verdict(&fresh.pipeline, &event("b1")).await,
+        Verdict::Duplicate
+    ));
+    assert!(is(&verdict(&fresh.pipeline, &event("n1")).await, Verdict::New));
+}
+
+#[tokio::test]
+async fn recovery_marks_shards_ready_only_when_done() {
+    let f = fixture(None);
+    let p = &f.pipeline;
+    for s in 0..32 {
+        p.ownership().set(s, ShardState::Recovering);
+    }
+    let mut journal = MemoryJournal::new();
+    let keyed = p.dedup().key(b"{\"event_id\":\"old1\"}").unwrap();
+    journal
+        .append(&[Record {
+            shard: keyed.shard,
+            born_ms: unix_ms(),
+            fingerprint: keyed.fingerprint,
+        }])
+        .unwrap();
+    p.recover(&journal, &[keyed.shard]).unwrap();
+    assert_eq!(p.ownership().state(keyed.shard), ShardState::Ready);
+    assert!(is(&verdict(p, &event("old1")).await, Verdict::Duplicate));
+}
+
+#[tokio::test]
+async fn a_failed_commit_is_answered_500_and_the_id_is_forgotten() {
+    let f = fixture(journal(Behaviour::Refuse));
+    let p = &f.pipeline;
+    let outcome = verdict(p, &event("f1")).await;
+    assert_eq!(outcome.error().map(|e| e.0), Some(500), "{outcome:?}");
+    assert_eq!(p.dedup().live(unix_ms()), 0, "un-inserted");
+    assert!(p.hook().taken().is_empty(), "nothing republished");
+
+    let body = Bytes::from_static(b"{\"event_id\":\"f1\"}\n{\"event_id\":\"f2\"}\nbad\n");
+    let pending = p.decide_batch(&body, false).await;
+    let entries = p.finish_batch(pending, &body).await;
+    assert!(matches!(entries[0], Some(Entry::Error { code: 500, .. })));
+    assert!(matches!(entries[1], Some(Entry::Error { code: 500, .. })));
+    assert!(matches!(entries[2], Some(Entry::Error { code: 400, .. })));
+    assert_eq!(p.dedup().live(unix_ms()), 0);
+}
+
+/// Fault: a request whose id could not be queued for commit was never
+/// answered. Now the submitter gets 503 and the id is forgotten.
+#[tokio::test]
+async fn a_stopped_writer_gets_503_for_singles_and_batches_never_silence() {
+    let f = fixture(journal(Behaviour::Keep));
+    let (writer, task) = f.writer.unwrap();
+    writer.stop().await;
+    task.await.unwrap().unwrap();
+    let p = &f.pipeline;
+    let outcome = verdict(p, &event("s1")).await;
+    assert_eq!(outcome.error().map(|e| e.0), Some(503), "{outcome:?}");
+    let body = Bytes::from_static(b"{\"event_id\":\"s2\"}\n");
+    let pending = p.decide_batch(&body, false).await;
+    let entries = p.finish_batch(pending, &body).await;
+    assert!(
+        matches!(entries[0], Some(Entry::Error { code: 503, .. })),
+        "{entries:?}"
+    );
+    assert_eq!(p.dedup().live(unix_ms()), 0);
+}
+
+/// Fault: a panic in the commit task was swallowed. Now the waiting request
+/// is answered and the writer's task ends with the panic as its error.
+#[tokio::test]
+async fn a_panicking_journal_answers_waiting_requests_and_surfaces_the_panic() {
+    let f = fixture(journal(Behaviour::Panic));
+    let outcome = tokio::time::timeout(Duration::from_secs(5), verdict(&f.pipeline, &event("p1")))
+        .await
+        .expect("answered, not left waiting");
+    assert_eq!(outcome.error().map(|e| e.0), Some(503), "{outcome:?}");
+    let (_, task) = f.writer.unwrap();
+    let err = task.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("journal bug"), "{err}");
+}
+
+#[tokio::test]
+async fn a_batch_reaches_the_hook_once_per_shard_in_line_order() {
+    let f = fixture(journal(Behaviour::Keep));
+    let p = &f.pipeline;
+    let ids = ["abc", "X9", "abc", "0", "evt123", "X9b"];
+    let body: Vec<u8> = ids
+        .iter()
+        .flat_map(|id| format!("{{\"event_id\":\"{id}\"}}\n").into_bytes())
+        .collect();
+    let body = Bytes::from(body);
+    let pending = p.decide_batch(&body, false).await;
+    let entries = p.finish_batch(pending, &body).await;
+    let want = [
+        Entry::New,
+        Entry::New,
+        Entry::Duplicate,
+        Entry::New,
+        Entry::New,
+        Entry::New,
+    ];
+    assert_eq!(entries, want.map(Some));
+    let mut seen: Vec<(u32, Vec<Bytes>)> = p.hook().taken();
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "one call per shard");
+    let mut lines = Vec::new();
+    for (shard, events) in seen.drain(..) {
+        for e in events {
+            let keyed = p.dedup().key(&e).unwrap();
+            assert_eq!(keyed.shard, shard);
+            lines.push(keyed.id.into_owned());
+        }
+    }
+    lines.sort();
+    let mut want: Vec<String> = ["abc", "X9", "0", "evt123", "X9b"].map(String::from).to_vec();
+    want.sort();
+    assert_eq!(lines, want, "each new line once, the repeat not at all");
+}
+
+#[tokio::test]
+async fn a_forwarded_sub_batch_is_never_sent_on() {
+    let f = fixture(None);
+    let p = &f.pipeline;
+    let shard = shard_of("abc", 32);
+    p.ownership().set(shard, ShardState::Elsewhere);
+    let body = Bytes::from_static(b"{\"event_id\":\"abc\"}\n");
+    let mut pending = p.decide_batch(&body, false).await;
+    assert_eq!(pending.take_forwards()[&shard].0, [0]);
+    let mut pending = p.decide_batch(&body, true).await;
+    assert!(pending.take_forwards().is_empty());
+    let entries = p.finish_batch(pending, &body).await;
+    assert!(matches!(entries[0], Some(Entry::Error { code: 503, .. })));
+}

@@ -1,0 +1,85 @@
+//! Unsubscribing without dropping a request the server already routed here.
+//!
+//! async-nats's `drain` forgets a subscription as soon as its UNSUB is
+//! written, so a request the server sent before it read that UNSUB is
+//! dropped inside the client (nats-io/nats.rs#1325). Instead, both ends are
+//! told to stop after the same message: `UNSUB <sid> <limit>` with `limit`
+//! past what the server can have sent, a flush to know the server read it,
+//! then fence messages on the subscription's own subject make up the
+//! difference. Requests keep being answered until the `limit`-th message,
+//! after which the server routes nothing here; fences beyond it reach no one.
+//!
+//! A fence is a message with no reply subject whose payload is exactly
+//! [`FENCE_PAYLOAD`]: a request (which always has a reply subject) is never
+//! taken for one, so producers cannot reach this handling.
+
+use std::time::Duration;
+
+use async_nats::{Message, Subject};
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+
+use crate::transport::nats::subjects::FENCE_PAYLOAD;
+use crate::transport::nats::subscription::{Served, Work};
+
+/// How many messages past those already read the server may still send
+/// after the fence's UNSUB; each one not used by requests costs one fence
+/// message.
+const FENCE_SLACK: u64 = 4096;
+/// How long a fence waits before giving up and unsubscribing outright.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `message` is a fence (ours or a queue-group peer's).
+pub fn is_fence(message: &Message) -> bool {
+    message.reply.is_none() && message.payload.as_ref() == FENCE_PAYLOAD
+}
+
+/// Fences `served` and answers every request routed to it before the fence.
+pub async fn fence(served: &mut Served, fence_subject: &Subject, work: &mut Work) {
+    let client = served.ctx.client.clone();
+    // Empty the client's buffer first, so the slack covers only what is in
+    // transit.
+    while let Some(Some(message)) = served.sub.next().now_or_never() {
+        served.received += 1;
+        served.handle(message, work).await;
+    }
+    let limit = served.received + FENCE_SLACK;
+    let fenced = served.sub.unsubscribe_after(limit).await.is_ok() && client.flush().await.is_ok();
+    if !fenced {
+        tracing::warn!(message = "Fence could not be set; unsubscribing outright.", subject = %fence_subject);
+        let _ = served.sub.unsubscribe().await;
+    }
+    let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
+    let mut refill = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            biased;
+            () = work.completed(), if work.has_waiting() => {}
+            message = served.sub.next() => match message {
+                Some(message) => {
+                    served.received += 1;
+                    served.handle(message, work).await;
+                }
+                None => return,
+            },
+            // Top up: requests and queue-group peers may have taken some.
+            _ = refill.tick(), if fenced => {
+                for _ in served.received..limit {
+                    let fence = Bytes::from_static(FENCE_PAYLOAD);
+                    if client.publish(fence_subject.clone(), fence).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = client.flush().await;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(message = "Fence timed out; unsubscribing outright.", subject = %fence_subject);
+                let _ = served.sub.unsubscribe().await;
+                while let Some(message) = served.sub.next().await {
+                    served.handle(message, work).await;
+                }
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Every subject the sidecar uses, built in one place from the configured
+//! prefix and output template.
+//!
+//! | subject | kind |
+//! |---|---|
+//! | `<prefix>.shard.<n>.<event_id>` | one event for shard `n` (what the server's `partition` mapping of `<prefix>.ingest.<event_id>` gives) |
+//! | `<prefix>.ingest` | one event, any shard (queue group) |
+//! | `<prefix>.batch` | newline-delimited events (queue group) |
+//! | `<prefix>.internal.batch.<n>` | a sub-batch for shard `n`, forwarded by another sidecar |
+//! | output template, e.g. `events.unique.{shard}` | accepted events |
+//!
+//! Internal subjects live outside `<prefix>.shard.*.*` and
+//! `<prefix>.ingest.*`, so no public subject, mapped or not, reaches them;
+//! the shipped server permissions deny `<prefix>.internal.>` to producers.
+
+use async_nats::Subject;
+
+/// Builds the subjects of one configuration.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+    output: String,
+}
+
+/// The payload of a shutdown fence (see the `fence` module): never a JSON
+/// event, and only ever sent without a reply subject.
+pub const FENCE_PAYLOAD: &[u8] = b"eventsieve-fence";
+
+impl Subjects {
+    /// `output` may contain `{shard}`, replaced by the shard number.
+    pub fn new(prefix: &str, output: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            output: output.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// What the owner of `shard` subscribes to for single events.
+    pub fn shard_events(&self, shard: u32) -> String {
+        format!("{}.shard.{shard}.*", self.prefix)
+    }
+
+    /// Where one event of `shard` goes: the owner's subject.
+    pub fn shard_event(&self, shard: u32, event_id: &str) -> Subject {
+        Subject::from(format!("{}.shard.{shard}.{event_id}", self.prefix))
+    }
+
+    /// Fences of the `shard_events` subscription: matched by it, never an
+    /// event id (ids are alphanumeric).
+    pub fn shard_fence(&self, shard: u32) -> String {
+        format!("{}.shard.{shard}._fence", self.prefix)
+    }
+
+    /// Single events when the server has no mapping; a queue group.
+    pub fn ingest(&self) -> String {
+        format!("{}.ingest", self.prefix)
+    }
+
+    /// Producers' batches; a queue group.
+    pub fn batch(&self) -> String {
+        format!("{}.batch", self.prefix)
+    }
+
+    /// Sub-batches of `shard` forwarded between sidecars.
+    pub fn sub_batch(&self, shard: u32) -> String {
+        format!("{}.internal.batch.{shard}", self.prefix)
+    }
+
+    /// Where accepted events of `shard` are republished.
+    pub fn output(&self, shard: u32) -> Subject {
+        Subject::from(self.output.replace("{shard}", &shard.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_subjects_are_outside_the_public_ones() {
+        let s = Subjects::new("dedup", "events.unique.{shard}");
+        assert_eq!(s.shard_events(3), "dedup.shard.3.*");
+        assert_eq!(s.shard_event(3, "a1").as_str(), "dedup.shard.3.a1");
+        assert_eq!(s.sub_batch(3), "dedup.internal.batch.3");
+        assert_eq!(s.output(7).as_str(), "events.unique.7");
+        let public = |subject: &str| {
+            let t: Vec<&str> = subject.split('.').collect();
+            matches!(
+                t.as_slice(),
+                ["dedup", "shard", _, _] | ["dedup", "ingest", _] | ["dedup", "ingest"] | ["dedup", "batch"]
+            )
+        };
+        assert!(!public(&s.sub_batch(3)));
+        assert!(
+            public(&s.shard_fence(3)),
+            "a fence is recognised by its payload, not its subject"
+        );
+    }
+}
