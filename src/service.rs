@@ -59,7 +59,8 @@ impl std::fmt::Display for ServiceError {
             Self::Writer(e) => e.fmt(f),
             Self::ShutdownTimedOut(t) => write!(
                 f,
-                "requests in flight were not all answered within shutdown_timeout ({} ms); pending ids were committed",
+                "could not fence the subscriptions and answer requests in flight within shutdown_timeout \
+                 ({} ms; is NATS reachable?); ids already accepted were committed",
                 t.as_millis()
             ),
             Self::Interrupted => f.write_str("shutdown interrupted by a second signal"),

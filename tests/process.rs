@@ -162,6 +162,71 @@ async fn sigterm_under_load_answers_everything_in_flight_and_exits_0() {
     assert_eq!(restarted.terminate().code(), Some(0));
 }
 
+/// Fault: with the server gone, SIGTERM logged "Shutting down" and the
+/// sidecar then waited for a reconnection for over 15 minutes. Shutdown is
+/// bounded by `shutdown_timeout`, commits what is pending, and exits
+/// non-zero because it could not confirm its answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nats_gone_exits_within_the_shutdown_timeout_and_keeps_accepted_ids() {
+    let mut server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let client = server.client().await;
+    let mut sidecar = SidecarProcess::spawn(&server, data.path(), &[("EVENTSIEVE_SHUTDOWN_TIMEOUT", "2s")]);
+    wait_for_sidecar(&client).await;
+    let ids: Vec<String> = (0..200).map(|i| format!("g{i}")).collect();
+    for id in &ids {
+        assert_eq!(send(&client, id).await, Outcome::Answered(Answer::Verdict(true)));
+    }
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    sidecar.signal_term();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = sidecar.wait_exit(Duration::from_secs(20));
+        (status, sidecar)
+    })
+    .await
+    .unwrap();
+    let status = status
+        .0
+        .expect("sidecar exited within 20 s of SIGTERM (shutdown_timeout 2 s)");
+    let took = started.elapsed();
+    assert!(
+        !status.success(),
+        "shutdown that could not finish answering is an error: {status:?}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+
+    // Nothing acknowledged was lost: a new server, the same store.
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let restarted = spawn_ready(&server, data.path(), &client).await;
+    assert_all_remembered(&client, &ids).await;
+    assert_eq!(restarted.terminate().code(), Some(0));
+}
+
+/// A second SIGTERM ends a shutdown that is still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once() {
+    let mut server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let client = server.client().await;
+    let mut sidecar = SidecarProcess::spawn(&server, data.path(), &[("EVENTSIEVE_SHUTDOWN_TIMEOUT", "10m")]);
+    wait_for_sidecar(&client).await;
+    server.kill();
+    sidecar.signal_term();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        sidecar.wait_exit(Duration::ZERO).is_none(),
+        "still shutting down (waiting for NATS)"
+    );
+    sidecar.signal_term();
+    let status = sidecar
+        .wait_exit(Duration::from_secs(3))
+        .expect("exited within 3 s of the second SIGTERM");
+    assert!(!status.success(), "{status:?}");
+}
+
 #[test]
 fn invalid_configuration_exits_2_naming_the_field() {
     let cases = [

@@ -381,3 +381,52 @@ async fn a_sidecar_leaving_a_queue_group_under_load_drops_no_request() {
     );
     staying.shutdown().await.unwrap();
 }
+
+/// A journal whose commits panic.
+struct PanickingJournal;
+
+impl eventsieve::journal::Journal for PanickingJournal {
+    fn append(&mut self, _: &[eventsieve::engine::Record]) -> Result<(), eventsieve::journal::JournalError> {
+        panic!("journal bug in append");
+    }
+    fn scan(
+        &self,
+        _: u32,
+        _: u64,
+        _: &mut dyn FnMut(eventsieve::engine::fingerprint::Fingerprint, u64),
+    ) -> Result<usize, eventsieve::journal::JournalError> {
+        Ok(0)
+    }
+    fn expire(&mut self, _: u64) -> Result<usize, eventsieve::journal::JournalError> {
+        Ok(0)
+    }
+    fn sync(&mut self) -> Result<(), eventsieve::journal::JournalError> {
+        Ok(())
+    }
+    fn location(&self) -> String {
+        "test".into()
+    }
+}
+
+/// Fault: a panic in the commit task was swallowed, and the request waiting
+/// for that commit was never answered. Now the request gets 503, the
+/// service stops, and `shutdown` reports the panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_commit_writer_is_answered_and_surfaces_from_shutdown() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let s = settings(&server, data.path(), "1h", Durability::Local);
+    let running = service::start_with(s, Some(Box::new(PanickingJournal)))
+        .await
+        .unwrap();
+    let client = server.client().await;
+    match ask(&client, "dedup.ingest.w1", event("w1")).await {
+        Answer::Error(503, reason) => assert!(reason.contains("retry"), "{reason}"),
+        other => panic!("expected 503, got {other:?}"),
+    }
+    let err = tokio::time::timeout(Duration::from_secs(15), running.shutdown())
+        .await
+        .expect("shutdown completes")
+        .expect_err("the writer's panic is an error");
+    assert!(err.to_string().contains("journal bug in append"), "{err}");
+}

@@ -131,17 +131,16 @@ impl LmdbStore {
         options
             .map_size(map_bytes.max(existing.next_power_of_two()))
             .max_dbs(2);
-        // SAFETY (flags): with NO_SYNC, LMDB does not flush after a commit;
-        // LMDB's docs: a system crash may then undo the last commits or
-        // corrupt the database, a process crash cannot (see the module docs;
-        // `fsync = true` turns it off).
-        // SAFETY (open): LMDB requires that one process does not open the
-        // same environment twice and that the files are not modified by
-        // anything but LMDB. The caller must give a directory that is
-        // exclusive to this store and on a local filesystem (LMDB's lock
-        // file does not work over network filesystems). The service opens
-        // its data directory once, and LMDB's own lock file serialises
-        // writers across processes.
+        // SAFETY: LMDB requires that one process does not open the same
+        // environment twice and that its files are changed by nothing but
+        // LMDB. The caller must give a directory that is exclusive to this
+        // store and on a local filesystem (LMDB's lock file does not work
+        // over network filesystems); the service opens its data directory
+        // once, and LMDB's lock file serialises writers across processes.
+        // NO_SYNC (unless `fsync`) means LMDB does not flush after a
+        // commit: per LMDB's docs a system crash may then undo the last
+        // commits or corrupt the database; a process crash cannot (see the
+        // module docs).
         let env = unsafe {
             if !fsync {
                 options.flags(EnvFlags::NO_SYNC);

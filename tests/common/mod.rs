@@ -82,6 +82,12 @@ impl NatsServer {
         Self::start_with_shards(32)
     }
 
+    /// SIGKILL: the server is gone, as in a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -225,24 +231,35 @@ impl SidecarProcess {
         self.child.id()
     }
 
-    /// Sends SIGTERM to this child (by its PID) and waits for its exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM to this child (by its PID).
+    pub fn signal_term(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
             .unwrap();
         assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(30);
+    }
+
+    /// The exit status, once the process exits within `limit`; `None` if
+    /// it is still running then.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
+                return Some(status);
             }
-            assert!(
-                Instant::now() < deadline,
-                "sidecar did not exit within 30 s of SIGTERM"
-            );
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends SIGTERM to this child (by its PID) and waits for its exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal_term();
+        self.wait_exit(Duration::from_secs(30))
+            .expect("sidecar did not exit within 30 s of SIGTERM")
     }
 
     /// SIGKILL: a crash.
