@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
 use crate::engine::event::Limits;
+use crate::engine::fingerprint::segments_per_shard;
 use crate::engine::table::MAX_WINDOW_MS;
 
 /// Where the TOML file is looked for when no `--config` is given.
@@ -241,11 +242,11 @@ impl Settings {
         EngineConfig {
             window_ms: self.window_ms,
             shards: self.config.shards,
+            segments_per_shard: segments_per_shard(self.config.shards),
             limits: Limits {
                 max_event_bytes: self.config.max_event_bytes,
                 max_id_bytes: self.config.max_id_bytes,
             },
-            ..EngineConfig::default()
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::journal::writer::{self, WriterConfig, WriterError};
 use crate::journal::{Journal, JournalError, LmdbStore, StoreMeta};
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Ownership, Pipeline, ShardState};
-use crate::transport::nats::{self, Context, Kind, NatsError, Republish, Subjects, Transport};
+use crate::transport::nats::{self, Context, NatsError, Republish, Subjects, Transport, subscription};
 
 /// How often expired ids are deleted from the journal and tables swept.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -199,9 +199,7 @@ pub async fn start_with(
     });
 
     // Subscribe first, so that requests during recovery get 503, not silence.
-    let mut kinds: Vec<Kind> = settings.owned.iter().map(|&s| Kind::Shard(s)).collect();
-    kinds.extend(settings.owned.iter().map(|&s| Kind::SubBatch(s)));
-    kinds.extend([Kind::Ingest, Kind::Batch]);
+    let kinds = subscription::kinds(&settings.owned, shards);
     let transport = Transport::start(ctx, &kinds).await?;
 
     let writer = match (journal, writer) {

@@ -18,7 +18,7 @@
 //! on its first line and a duplicate after.
 //!
 //! ```
-//! use eventsieve::batch::{Entry, decode, encode};
+//! use eventsieve::engine::batch::{Entry, decode, encode};
 //!
 //! let reply = encode(&[Entry::New, Entry::Duplicate, Entry::error(400, "no event_id")]);
 //! assert_eq!(reply, b"1\n0\n!400 no event_id\n");

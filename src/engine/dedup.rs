@@ -24,8 +24,9 @@ pub struct EngineConfig {
     /// Shard count, 1 to 65 536. Default 32; must match the server's
     /// `partition(n,1)` mapping and every other sidecar.
     pub shards: u32,
-    /// Table segments per shard. Default 2048 (see the fingerprint module for
-    /// how this bounds the false-duplicate probability).
+    /// Table segments per shard. Default 2048, which with 32 shards makes
+    /// the 65 536 segments the false-duplicate bound needs (see
+    /// [`crate::engine::fingerprint::segments_per_shard`]).
     pub segments_per_shard: usize,
     /// Event and id size limits.
     pub limits: Limits,

@@ -23,8 +23,23 @@
 //! `m ≤ 1.8×10^7`, that is `S × G ≥ ids / 1.8×10^7`. At 10 M live ids per
 //! node with the defaults, `m ≈ 150` and the probability is `≈ 8×10^-18`.
 //! A flat set of 64-bit hashes would give `6×10^11 / 2^64 ≈ 3×10^-8`.
+//!
+//! [`segments_per_shard`] keeps `S × G ≥` [`TOTAL_SEGMENTS`] (65 536) for
+//! any shard count, so the bound above holds whatever `S`: 2048 segments per
+//! shard at 32 shards, 64 at 1 024, one at 65 536. Segments cost nothing
+//! until their shard is first used.
 
 use xxhash_rust::xxh3::xxh3_128;
+
+/// Segments over all shards that keep the false-duplicate probability per
+/// event within `10^-12` at `10^12` live ids (see the module docs).
+pub const TOTAL_SEGMENTS: usize = 65_536;
+
+/// Segments per shard for `shards` shards: at least [`TOTAL_SEGMENTS`] in
+/// all, at least one each.
+pub fn segments_per_shard(shards: u32) -> usize {
+    TOTAL_SEGMENTS.div_ceil(shards.max(1) as usize)
+}
 
 /// Version of the fingerprint function, recorded in every store.
 pub const VERSION: u32 = 1;
@@ -83,5 +98,18 @@ mod tests {
     fn bytes_round_trip() {
         let fp = Fingerprint::of(b"evt123");
         assert_eq!(Fingerprint::from_bytes(fp.to_bytes()), fp);
+    }
+
+    #[test]
+    fn segments_keep_the_false_duplicate_rule_for_any_shard_count() {
+        assert_eq!(segments_per_shard(32), 2048);
+        assert_eq!(segments_per_shard(1024), 64);
+        assert_eq!(segments_per_shard(65_536), 1);
+        for shards in [1, 3, 7, 1000, 40_000, 65_536] {
+            assert!(
+                segments_per_shard(shards) * shards as usize >= TOTAL_SEGMENTS,
+                "{shards}"
+            );
+        }
     }
 }

@@ -484,7 +484,11 @@ fn tag_of(fp: Fingerprint) -> u64 {
 
 /// The hash-to-expiry table of one shard.
 pub struct Table {
-    segments: Box<[Segment]>,
+    /// Empty until the first insert or restore: an idle shard costs only
+    /// this struct.
+    segments: Vec<Segment>,
+    /// How many segments the table has once it is used.
+    segment_count: usize,
     window_ms: u64,
     /// Milliseconds per unit of stored times, from the window.
     unit: u64,
@@ -496,7 +500,8 @@ pub struct Table {
 }
 
 impl Table {
-    /// An empty table with `segments` segments (at least 1) and the given window.
+    /// An empty table with `segments` segments (at least 1) and the given
+    /// window. Nothing is allocated until the first insert or restore.
     ///
     /// # Panics
     ///
@@ -507,16 +512,9 @@ impl Table {
             (1..=MAX_WINDOW_MS).contains(&window_ms),
             "window out of range: {window_ms} ms"
         );
-        let segments = (0..segments.max(1))
-            .map(|_| Segment {
-                buckets: Box::new([]),
-                used: 0,
-                floor: 0,
-                unit: unit_for(window_ms),
-            })
-            .collect();
         Self {
-            segments,
+            segments: Vec::new(),
+            segment_count: segments.max(1),
             window_ms,
             unit: unit_for(window_ms),
             dead_before_ms: 0,
@@ -564,6 +562,26 @@ impl Table {
         self.last_now_ms
     }
 
+    /// Allocates the (empty) segments on first use.
+    #[inline]
+    fn ensure_segments(&mut self) {
+        if self.segments.is_empty() {
+            self.segments = (0..self.segment_count)
+                .map(|_| Segment {
+                    buckets: Box::new([]),
+                    used: 0,
+                    floor: 0,
+                    unit: self.unit,
+                })
+                .collect();
+        }
+    }
+
+    /// The segment of `fp`, if the segments exist yet.
+    fn segment(&self, fp: Fingerprint) -> Option<&Segment> {
+        self.segments.get(reduce(fp.hi, self.segments.len()))
+    }
+
     /// `now_ms` (already through [`Table::clock`]) as an [`At`].
     fn at(&self, now_ms: u64) -> At {
         At::new(now_ms, self.window_at(now_ms), self.unit)
@@ -571,6 +589,7 @@ impl Table {
 
     /// Remembers `fp` from `now_ms` unless it is alive already: one operation.
     pub fn check_and_insert(&mut self, fp: Fingerprint, now_ms: u64) -> Verdict {
+        self.ensure_segments();
         let now_ms = self.clock(now_ms);
         let at = self.at(now_ms);
         self.decide(fp, &at)
@@ -582,6 +601,7 @@ impl Table {
     /// decided, so the cache misses of a large table overlap.
     pub fn check_and_insert_batch(&mut self, fps: &[Fingerprint], now_ms: u64, out: &mut Vec<Verdict>) {
         const AHEAD: usize = 8;
+        self.ensure_segments();
         let now_ms = self.clock(now_ms);
         let at = self.at(now_ms);
         out.reserve(fps.len());
@@ -597,11 +617,12 @@ impl Table {
     }
 
     /// The check-and-insert itself, at a time already through
-    /// [`Table::clock`].
+    /// [`Table::clock`], once the segments exist.
     #[inline]
     fn decide(&mut self, fp: Fingerprint, at: &At) -> Verdict {
         let tag = tag_of(fp);
-        let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
+        let i = reduce(fp.hi, self.segments.len());
+        let seg = &mut self.segments[i];
         seg.make_room(at);
         let now = seg.now(at);
         match seg.probe(tag) {
@@ -620,8 +641,9 @@ impl Table {
     /// Hints the CPU to load the two buckets of `fp`.
     #[inline]
     fn prefetch(&self, fp: Fingerprint) {
-        let seg = &self.segments[reduce(fp.hi, self.segments.len())];
-        if !seg.buckets.is_empty() {
+        if let Some(seg) = self.segment(fp)
+            && !seg.buckets.is_empty()
+        {
             let (b1, b2) = buckets_of(tag_of(fp), seg.buckets.len());
             prefetch_read(&seg.buckets[b1]);
             prefetch_read(&seg.buckets[b2]);
@@ -630,7 +652,9 @@ impl Table {
 
     /// Whether `fp` is alive at `now_ms`, without changing anything.
     pub fn contains(&self, fp: Fingerprint, now_ms: u64) -> bool {
-        let seg = &self.segments[reduce(fp.hi, self.segments.len())];
+        let Some(seg) = self.segment(fp) else {
+            return false;
+        };
         let at = self.at(now_ms.max(self.last_now_ms));
         let (now, window) = (seg.now(&at), seg.window(&at));
         match seg.probe(tag_of(fp)) {
@@ -649,7 +673,9 @@ impl Table {
         if now_ms - born_ms >= at.window_ms {
             return false;
         }
-        let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
+        self.ensure_segments();
+        let i = reduce(fp.hi, self.segments.len());
+        let seg = &mut self.segments[i];
         seg.make_room(&at);
         let born = born_ms / at.unit;
         if born < seg.floor {
@@ -671,7 +697,11 @@ impl Table {
     /// Forgets `fp` (an insert whose durable commit failed). Returns whether
     /// it was present.
     pub fn remove(&mut self, fp: Fingerprint) -> bool {
-        let seg = &mut self.segments[reduce(fp.hi, self.segments.len())];
+        if self.segments.is_empty() {
+            return false;
+        }
+        let i = reduce(fp.hi, self.segments.len());
+        let seg = &mut self.segments[i];
         match seg.probe(tag_of(fp)) {
             Probe::Found(b, s) => {
                 seg.buckets[b].tags[s] = REMOVED;
@@ -786,6 +816,18 @@ mod tests {
             sent.iter()
                 .all(|&t| t == homeless.0 || matches!(seg.probe(t), Probe::Found(..)))
         );
+    }
+
+    #[test]
+    fn an_unused_table_allocates_nothing() {
+        let mut t = Table::new(MAX_WINDOW_MS, 2048);
+        assert_eq!(t.memory_bytes(), size_of::<Table>());
+        assert!(!t.contains(fp(1), 10));
+        assert!(!t.remove(fp(1)));
+        assert_eq!(t.sweep(10, 64), 0);
+        assert!(t.check_and_insert(fp(1), 10).is_new());
+        assert!(t.memory_bytes() >= size_of::<Table>() + 2048 * size_of::<Segment>());
+        assert!(!t.check_and_insert(fp(1), 11).is_new());
     }
 
     #[test]

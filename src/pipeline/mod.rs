@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use crate::engine::batch::{self, Entry};
 use crate::engine::event::EventError;
@@ -85,8 +86,49 @@ pub enum Step<'a> {
 pub struct Pending {
     shard: u32,
     fingerprint: Fingerprint,
-    /// `None` when the pipeline keeps nothing durable (durability `memory`).
+    /// `None` when the pipeline keeps nothing durable (durability `memory`)
+    /// or once the result has been taken into `settled`.
     committed: Option<Committed>,
+    /// The commit's result, once known.
+    settled: Option<Result<(), CommitFailed>>,
+}
+
+impl Pending {
+    fn new(shard: u32, fingerprint: Fingerprint, committed: Option<Committed>) -> Self {
+        let settled = committed.is_none().then_some(Ok(()));
+        Self {
+            shard,
+            fingerprint,
+            committed,
+            settled,
+        }
+    }
+
+    /// Waits until the commit's result is known; [`Pipeline::finish`] then
+    /// completes without waiting. Cancel-safe.
+    pub async fn settle(&mut self) {
+        if self.settled.is_none()
+            && let Some(committed) = &mut self.committed
+        {
+            self.settled = Some(committed.await.unwrap_or(Err(CommitFailed::Stopped)));
+            self.committed = None;
+        }
+    }
+
+    /// Whether the commit's result is known, without waiting.
+    pub fn is_settled(&mut self) -> bool {
+        if self.settled.is_none()
+            && let Some(committed) = &mut self.committed
+        {
+            match committed.try_recv() {
+                Ok(result) => self.settled = Some(result),
+                Err(oneshot::error::TryRecvError::Closed) => self.settled = Some(Err(CommitFailed::Stopped)),
+                Err(oneshot::error::TryRecvError::Empty) => return false,
+            }
+            self.committed = None;
+        }
+        true
+    }
 }
 
 /// A batch once the lines of this node's shards are decided.
@@ -192,22 +234,20 @@ impl<H: Hook> Pipeline<H> {
                 }
             }
         };
-        Step::Commit(Pending {
-            shard,
-            fingerprint,
-            committed,
-        })
+        Step::Commit(Pending::new(shard, fingerprint, committed))
     }
 
     /// Waits for `pending`'s commit; then hands `event` to the hook and
     /// answers `New`, or forgets the id and answers the failure.
-    pub async fn finish(&self, pending: Pending, event: Bytes) -> Outcome {
+    pub async fn finish(&self, mut pending: Pending, event: Bytes) -> Outcome {
+        pending.settle().await;
         let Pending {
             shard,
             fingerprint,
-            committed,
+            settled,
+            ..
         } = pending;
-        match wait(committed).await {
+        match settled.unwrap_or(Err(CommitFailed::Stopped)) {
             Ok(()) => {
                 Metrics::inc(&self.metrics.accepted);
                 self.hook.accepted(shard, std::slice::from_ref(&event)).await;

@@ -54,7 +54,7 @@ pub async fn fence(served: &mut Served, fence_subject: &Subject, work: &mut Work
     loop {
         tokio::select! {
             biased;
-            () = work.completed(), if work.has_waiting() => {}
+            () = work.settled(), if work.has_waiting() => work.answer_settled(&served.ctx).await,
             message = served.sub.next() => match message {
                 Some(message) => {
                     served.received += 1;

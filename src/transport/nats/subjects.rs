@@ -44,6 +44,16 @@ impl Subjects {
         format!("{}.shard.{shard}.*", self.prefix)
     }
 
+    /// What a node owning every shard subscribes to for single events.
+    pub fn all_shard_events(&self) -> String {
+        format!("{}.shard.*.*", self.prefix)
+    }
+
+    /// What a node owning every shard subscribes to for sub-batches.
+    pub fn all_sub_batches(&self) -> String {
+        format!("{}.internal.batch.*", self.prefix)
+    }
+
     /// Where one event of `shard` goes: the owner's subject.
     pub fn shard_event(&self, shard: u32, event_id: &str) -> Subject {
         Subject::from(format!("{}.shard.{shard}.{event_id}", self.prefix))

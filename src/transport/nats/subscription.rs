@@ -3,24 +3,26 @@
 //! as batches, and the outcomes come back as replies.
 //!
 //! Single events are decided in the subscription's task, without a task of
-//! their own; those waiting for their group commit are kept in that task
-//! ([`Work`]) and answered as their commits complete. Batches and forwards
-//! get a task each, at most [`MAX_TASKS`] per subscription.
+//! their own; those waiting for their group commit are queued in that task
+//! ([`Work`]) and answered as their commits complete. The writer signals in
+//! the order it was given ids, so a subscription's waiting events settle in
+//! its queue's order: the task waits on the oldest only, then answers every
+//! event behind it that has settled too. Batches and forwards get a task
+//! each, at most [`MAX_TASKS`] per subscription.
 
-use std::pin::Pin;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use async_nats::{HeaderMap, Message, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::engine::Verdict;
 use crate::engine::batch;
 use crate::observe::metrics::Metrics;
-use crate::pipeline::{Outcome, Step};
+use crate::pipeline::{Outcome, Pending, Step};
 use crate::transport::nats::subjects::Subjects;
 use crate::transport::nats::{Context, fence, forward};
 
@@ -35,6 +37,9 @@ const DUPLICATE: &[u8] = br#"{"accepted":false}"#;
 pub enum Kind {
     /// `<prefix>.shard.<n>.*`: single events for shard `n`, owned here.
     Shard(u32),
+    /// `<prefix>.shard.*.*`: single events of every shard, when this node
+    /// owns them all (one subscription instead of one per shard).
+    AllShards,
     /// `<prefix>.ingest`: single events of any shard (queue group).
     Ingest,
     /// `<prefix>.batch`: producers' batches (queue group).
@@ -42,6 +47,9 @@ pub enum Kind {
     /// `<prefix>.internal.batch.<n>`: sub-batches other sidecars forward
     /// for shard `n`; never forwarded again.
     SubBatch(u32),
+    /// `<prefix>.internal.batch.*`: sub-batches of every shard, when this
+    /// node owns them all.
+    AllSubBatches,
 }
 
 impl Kind {
@@ -49,9 +57,11 @@ impl Kind {
     pub fn subjects(self, s: &Subjects) -> (String, Option<String>, Subject) {
         match self {
             Kind::Shard(n) => (s.shard_events(n), None, s.shard_fence(n).into()),
+            Kind::AllShards => (s.all_shard_events(), None, s.shard_fence(0).into()),
             Kind::Ingest => (s.ingest(), Some(s.ingest()), s.ingest().into()),
             Kind::Batch => (s.batch(), Some(s.batch()), s.batch().into()),
             Kind::SubBatch(n) => (s.sub_batch(n), None, s.sub_batch(n).into()),
+            Kind::AllSubBatches => (s.all_sub_batches(), None, s.sub_batch(0).into()),
         }
     }
 }
@@ -65,13 +75,18 @@ pub struct Served {
     pub(crate) received: u64,
 }
 
-type Waiting = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A single event waiting for its commit.
+struct Waiting {
+    pending: Pending,
+    event: Bytes,
+    reply: Option<Subject>,
+}
 
 /// What a subscription's task has in progress.
 #[derive(Default)]
 pub struct Work {
-    /// Single events waiting for their commit, answered when it completes.
-    waiting: FuturesUnordered<Waiting>,
+    /// Single events waiting for their commit, oldest first.
+    waiting: VecDeque<Waiting>,
     /// Batches and forwards.
     tasks: JoinSet<()>,
 }
@@ -81,9 +96,31 @@ impl Work {
         !self.waiting.is_empty()
     }
 
-    /// Completes when one waiting event has been answered.
-    pub async fn completed(&mut self) {
-        self.waiting.next().await;
+    /// Completes when the oldest waiting event's commit has settled.
+    /// Cancel-safe.
+    pub async fn settled(&mut self) {
+        if let Some(front) = self.waiting.front_mut() {
+            front.pending.settle().await;
+        }
+    }
+
+    /// Answers the waiting events whose commits have settled, oldest first.
+    pub async fn answer_settled(&mut self, ctx: &Context) {
+        while let Some(front) = self.waiting.front_mut() {
+            if !front.pending.is_settled() {
+                break;
+            }
+            let Some(Waiting {
+                pending,
+                event,
+                reply,
+            }) = self.waiting.pop_front()
+            else {
+                break;
+            };
+            let outcome = ctx.pipeline.finish(pending, event).await;
+            answer(ctx, reply, &outcome).await;
+        }
     }
 
     /// Runs `task`, first waiting while [`MAX_TASKS`] are running.
@@ -95,10 +132,32 @@ impl Work {
     }
 
     /// Answers everything still in progress.
-    async fn finish(mut self) {
-        while self.waiting.next().await.is_some() {}
+    async fn finish(mut self, ctx: &Context) {
+        while let Some(Waiting {
+            pending,
+            event,
+            reply,
+        }) = self.waiting.pop_front()
+        {
+            let outcome = ctx.pipeline.finish(pending, event).await;
+            answer(ctx, reply, &outcome).await;
+        }
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// The subscriptions of a node that owns `owned` of `shards` shards: one
+/// per owned shard, or one wildcard when it owns them all.
+pub fn kinds(owned: &[u32], shards: u32) -> Vec<Kind> {
+    let mut kinds = if owned.len() == shards as usize {
+        vec![Kind::AllShards, Kind::AllSubBatches]
+    } else {
+        let mut k: Vec<Kind> = owned.iter().map(|&s| Kind::Shard(s)).collect();
+        k.extend(owned.iter().map(|&s| Kind::SubBatch(s)));
+        k
+    };
+    kinds.extend([Kind::Ingest, Kind::Batch]);
+    kinds
 }
 
 /// Serves `served` until `stop` changes; then fences it and answers every
@@ -108,7 +167,7 @@ pub async fn serve(mut served: Served, fence_subject: Subject, mut stop: watch::
     loop {
         tokio::select! {
             biased;
-            () = work.completed(), if work.has_waiting() => {}
+            () = work.settled(), if work.has_waiting() => work.answer_settled(&served.ctx).await,
             message = served.sub.next() => match message {
                 Some(message) => {
                     served.received += 1;
@@ -124,7 +183,7 @@ pub async fn serve(mut served: Served, fence_subject: Subject, mut stop: watch::
         // Reap finished tasks so the set stays small.
         while work.tasks.try_join_next().is_some() {}
     }
-    work.finish().await;
+    work.finish(&served.ctx).await;
 }
 
 impl Served {
@@ -133,9 +192,11 @@ impl Served {
             return;
         }
         match self.kind {
-            Kind::Shard(_) | Kind::Ingest => single(&self.ctx, message, work).await,
+            Kind::Shard(_) | Kind::AllShards | Kind::Ingest => single(&self.ctx, message, work).await,
             Kind::Batch => work.spawn(batch(self.ctx.clone(), message, false)).await,
-            Kind::SubBatch(_) => work.spawn(batch(self.ctx.clone(), message, true)).await,
+            Kind::SubBatch(_) | Kind::AllSubBatches => {
+                work.spawn(batch(self.ctx.clone(), message, true)).await;
+            }
         }
     }
 }
@@ -152,12 +213,14 @@ async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work) {
                 .await;
         }
         Step::Commit(pending) => {
-            let ctx = ctx.clone();
             let event = payload.clone();
-            work.waiting.push(Box::pin(async move {
-                let outcome = ctx.pipeline.finish(pending, event).await;
-                answer(&ctx, reply, &outcome).await;
-            }));
+            work.waiting.push_back(Waiting {
+                pending,
+                event,
+                reply,
+            });
+            // Nothing to wait for without a journal: answer at once.
+            work.answer_settled(ctx).await;
         }
     }
 }
