@@ -430,3 +430,91 @@ async fn a_panic_in_the_commit_writer_is_answered_and_surfaces_from_shutdown() {
         .expect_err("the writer's panic is an error");
     assert!(err.to_string().contains("journal bug in append"), "{err}");
 }
+
+/// One GET of the metrics endpoint; the body.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to metrics");
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    text
+}
+
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .parse()
+        .unwrap()
+}
+
+/// Fault: each scrape walked every table under its shard lock on the
+/// runtime's workers, so 64 scrapers stalled verdicts for seconds. Now the
+/// walk happens at most once a second however many scrape, off the
+/// runtime, and verdicts keep being answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_scrapers_walk_the_tables_at_most_once_a_second() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut s = settings(&server, data.path(), "1h", Durability::Local);
+    s.metrics_addr = Some(addr);
+    let running = service::start(s).await.unwrap();
+    let client = server.client().await;
+    let accepted = 2_000;
+    let ids: Vec<String> = (0..accepted).map(|i| format!("s{i}")).collect();
+    let answers: Vec<Answer> = futures_util::stream::iter(ids.iter())
+        .map(|id| ask(&client, "dedup.ingest", event(id)))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert!(answers.iter().all(|a| *a == Answer::Verdict(true)));
+
+    let started = std::time::Instant::now();
+    let scrapers = futures_util::stream::iter(0..64)
+        .map(|_| async move {
+            for _ in 0..10 {
+                let text = scrape(addr).await;
+                assert!(text.contains("eventsieve_table_live_ids"));
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>();
+    let verdicts = futures_util::stream::iter(0..500)
+        .map(|i| {
+            let client = client.clone();
+            async move { ask(&client, "dedup.ingest", event(&format!("s{}", i % accepted))).await }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<Answer>>();
+    let ((), duplicates) = tokio::join!(
+        async {
+            scrapers.await;
+        },
+        verdicts
+    );
+    assert!(
+        duplicates.iter().all(|a| *a == Answer::Verdict(false)),
+        "verdicts answered during the scrapes"
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let text = scrape(addr).await;
+    let walks = sample(&text, "eventsieve_table_census_walks_total");
+    assert!(
+        walks <= elapsed.ceil() + 2.0,
+        "640 scrapes in {elapsed:.1} s made {walks} table walks"
+    );
+    assert_eq!(sample(&text, "eventsieve_table_live_ids"), accepted as f64);
+    running.shutdown().await.unwrap();
+}

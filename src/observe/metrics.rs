@@ -1,12 +1,22 @@
 //! Counters of the service and their Prometheus text exposition, served on
 //! `metrics_addr` by a minimal HTTP responder (any path answers the metrics).
+//!
+//! Scrapers cannot slow verdicts down: the table figures (entries, bytes,
+//! live ids) come from a census that walks the tables at most once per
+//! [`CENSUS_EVERY`] whatever the number of scrapes, one shard lock at a time;
+//! rendering runs on the blocking pool, not on the runtime's workers; at
+//! most [`MAX_SCRAPES`] connections are served at once (others wait in the
+//! listen backlog); and a failing `accept` (e.g. out of file descriptors)
+//! is logged and retried with a growing pause instead of at once.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::engine::Deduplicator;
 use crate::engine::event::EventErrorKind;
@@ -30,6 +40,53 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     pub publish_errors: AtomicU64,
     pub pending: AtomicU64,
+    /// The last walk over the tables.
+    pub census: Census,
+}
+
+/// How old the table figures in a scrape may be.
+pub const CENSUS_EVERY: Duration = Duration::from_secs(1);
+/// Most metrics connections served at once.
+pub const MAX_SCRAPES: usize = 8;
+
+/// What a walk over every table found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableCensus {
+    /// Slots in use: live ids plus expired ones not yet reclaimed.
+    pub entries: usize,
+    /// Heap bytes of the tables.
+    pub bytes: usize,
+    /// Ids alive now.
+    pub live: usize,
+}
+
+/// The table figures, walked for at most once per [`CENSUS_EVERY`].
+#[derive(Debug, Default)]
+pub struct Census {
+    last: Mutex<Option<(Instant, TableCensus)>>,
+    /// Walks made so far.
+    pub walks: AtomicU64,
+}
+
+impl Census {
+    /// The figures of the last walk if it is recent, else of a new one.
+    /// Concurrent callers wait for one walk and share it.
+    pub fn get(&self, dedup: &Deduplicator) -> TableCensus {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, census)) = *last
+            && at.elapsed() < CENSUS_EVERY
+        {
+            return census;
+        }
+        let census = TableCensus {
+            entries: dedup.len(),
+            bytes: dedup.memory_bytes(),
+            live: dedup.live(crate::engine::unix_ms()),
+        };
+        self.walks.fetch_add(1, Relaxed);
+        *last = Some((Instant::now(), census));
+        census
+    }
 }
 
 impl Metrics {
@@ -50,7 +107,10 @@ impl Metrics {
     }
 
     /// The Prometheus text format of every metric.
+    /// Blocks for a table walk at most once per [`CENSUS_EVERY`]: call it
+    /// off the async runtime.
     pub fn render(&self, dedup: &Deduplicator, started: Instant) -> String {
+        let census = self.census.get(dedup);
         let mut out = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
             let _ = writeln!(
@@ -159,19 +219,25 @@ impl Metrics {
             "table_entries",
             "gauge",
             "Table slots in use (live ids plus unreclaimed expired ones).",
-            &[("", dedup.len() as f64)],
+            &[("", census.entries as f64)],
         );
         metric(
             "table_bytes",
             "gauge",
             "Heap bytes held by the tables.",
-            &[("", dedup.memory_bytes() as f64)],
+            &[("", census.bytes as f64)],
         );
         metric(
             "table_live_ids",
             "gauge",
             "Ids remembered within the window.",
-            &[("", dedup.live(crate::engine::unix_ms()) as f64)],
+            &[("", census.live as f64)],
+        );
+        metric(
+            "table_census_walks_total",
+            "counter",
+            "Walks over the tables for the three figures above (at most one per second).",
+            &[("", get(&self.census.walks))],
         );
         let (anon, file) = rss_bytes();
         metric(
@@ -212,17 +278,39 @@ pub fn rss_bytes() -> (u64, u64) {
 
 /// Serves the metrics until the task is dropped.
 pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
-    let render = std::sync::Arc::new(render);
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    let render = Arc::new(render);
+    let permits = Arc::new(Semaphore::new(MAX_SCRAPES));
+    let mut pause = FIRST_PAUSE;
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => {
+                pause = FIRST_PAUSE;
+                conn
+            }
+            Err(error) => {
+                tracing::warn!(
+                    message = "Metrics endpoint cannot accept a connection; pausing.",
+                    %error,
+                    pause_ms = pause.as_millis() as u64,
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+                continue;
+            }
         };
         let render = render.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = [0u8; 1024];
             // One read is enough to take a scraper's GET; the body is the same for any path.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await;
-            let body = render();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
+            let Ok(body) = tokio::task::spawn_blocking(move || render()).await else {
+                return;
+            };
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
@@ -264,6 +352,19 @@ mod tests {
             700.0
         );
         assert!(sample(&text, "eventsieve_rss_anon_bytes") > 0.0);
+        for i in 0..10 {
+            let _ = dedup.check_and_insert(
+                &dedup.key(format!(r#"{{"event_id":"x{i}"}}"#).as_bytes()).unwrap(),
+                unix_ms(),
+            );
+        }
+        let again = metrics.render(&dedup, Instant::now());
+        assert_eq!(
+            sample(&again, "eventsieve_table_live_ids"),
+            700.0,
+            "one walk per second"
+        );
+        assert_eq!(sample(&again, "eventsieve_table_census_walks_total"), 1.0);
         assert!(text.contains("# TYPE eventsieve_rss_file_bytes gauge"));
     }
 }
