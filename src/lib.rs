@@ -4,18 +4,20 @@
 //! requests; eventsieve answers whether the id is new within a rolling window
 //! and republishes new events for downstream consumers.
 //!
-//! The layers, each importing only those below it:
+//! The layers, from the bottom up; each imports only those listed above it:
 //!
 //! | module | role |
 //! |---|---|
 //! | [`engine`] | the pure core: event parsing, shard, fingerprint, table, batch format, [`Deduplicator`] |
+//! | [`observe`] | counters, the Prometheus endpoint, logging |
 //! | [`journal`] | the durable log of accepted ids (trait, LMDB, in-memory) and its group-commit writer |
 //! | [`pipeline`] | the verdict path without transport: ownership → check-and-insert → commit → accepted hook |
 //! | [`transport`] | NATS subscriptions, replies, forwarding, republish, fences, discovery |
 //! | [`service`] | the composition root: start in order, stop in order |
-//! | [`config`] | figment: defaults < TOML file < `EVENTSIEVE_*` variables |
-//! | [`observe`] | counters, the Prometheus endpoint, logging (used by every layer) |
 //! | [`cli`] | the `eventsieve` command line |
+//!
+//! [`config`] (figment: defaults < TOML file < `EVENTSIEVE_*` variables)
+//! reads only engine types; the transport and the service read it.
 //!
 //! A request's way: `transport::nats::subscription` receives it →
 //! `pipeline::Pipeline::decide` keys it (`engine::event`), checks ownership
