@@ -573,6 +573,9 @@ async fn main() -> Result<(), async_nats::Error> {
     }
     let (t, elapsed) = drive(&client, Target::Sidecar, &a, &tag, a.seconds).await;
     rows.push(row(format!("eventsieve ({mode})"), t, elapsed));
+    // The sidecar's table figures are walked at most once a second: wait
+    // until one walk is sure to follow the run.
+    tokio::time::sleep(eventsieve::observe::metrics::CENSUS_EVERY + Duration::from_millis(100)).await;
     let memory = scrape(&a.metrics);
 
     let ours = rows.last().expect("the sidecar run");
