@@ -36,6 +36,11 @@ pub enum Command {
         #[arg(long, short, value_name = "PATH")]
         config: Option<PathBuf>,
     },
+    /// Inspect the local store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Print the shard that owns an event_id (FNV-1a-32 mod shards, as
     /// nats-server's partition mapping computes it).
     Shard {
@@ -44,6 +49,20 @@ pub enum Command {
         /// Shard count.
         #[arg(long, default_value_t = 32)]
         shards: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Read every chunk of the LMDB store and check its checksum, changing
+    /// nothing. Exits 0 if intact, 1 if damaged or unreadable.
+    Verify {
+        /// TOML configuration file whose `data_dir` to check, as for `run`.
+        #[arg(long, short, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// The store's directory (overrides the configuration's `data_dir`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -60,6 +79,11 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => return config_error(&e),
             };
             telemetry::init(&settings.config.log);
+            if let Err(e) = verify_before_start(&settings) {
+                tracing::error!(message = "The store failed its check; not starting.", error = %e);
+                eprintln!("eventsieve: {e}");
+                return ExitCode::FAILURE;
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -92,6 +116,33 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             Err(e) => config_error(&e),
         },
+        Command::Store {
+            command: StoreCommand::Verify { config, data_dir },
+        } => {
+            let dir = match data_dir {
+                Some(dir) => dir,
+                None => match Config::load(config.as_deref()) {
+                    Ok(s) => s.config.data_dir,
+                    Err(e) => return config_error(&e),
+                },
+            };
+            match crate::journal::verify(&dir) {
+                Ok(report) => {
+                    let _ = writeln!(
+                        std::io::stdout(),
+                        "store in {}: {} chunks, {} ids, every checksum holds",
+                        dir.display(),
+                        report.chunks,
+                        report.ids
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("eventsieve: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Shard { event_id, shards } => {
             if shards == 0 {
                 eprintln!("eventsieve: --shards must be at least 1");
@@ -101,6 +152,43 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Runs `eventsieve store verify` on the store `run` is about to open, in a
+/// process of its own: LMDB trusts its pages, so a damaged page could crash
+/// whichever process reads it, and it should be the check, with a message,
+/// rather than the service.
+fn verify_before_start(settings: &crate::config::Settings) -> Result<(), String> {
+    use crate::config::Durability;
+    let dir = &settings.config.data_dir;
+    if settings.config.durability != Durability::Local
+        || !settings.config.verify_store_on_start
+        || !dir.join("data.mdb").exists()
+    {
+        return Ok(());
+    }
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find this program to verify the store: {e}"))?;
+    let out = std::process::Command::new(exe)
+        .args(["store", "verify", "--data-dir"])
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("cannot run the store check: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    let said = said.trim().trim_start_matches("eventsieve: ");
+    #[cfg(unix)]
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
+        return Err(format!(
+            "checking the store in {} crashed (signal {signal}): its files are damaged past what LMDB can read. \
+             Restore the directory from a copy or move it aside (its ids would be accepted again); \
+             `verify_store_on_start = false` skips this check",
+            dir.display()
+        ));
+    }
+    Err(said.to_owned())
 }
 
 /// Makes glibc keep one heap for all threads, unless `MALLOC_ARENA_MAX` is

@@ -99,6 +99,11 @@ pub struct Config {
     pub fsync: bool,
     /// Directory of the LMDB store. Default `data`.
     pub data_dir: PathBuf,
+    /// Before `run` opens an existing store, check every chunk's checksum
+    /// in a separate process (`eventsieve store verify`), so that damaged
+    /// files stop the start with a message instead of crashing it or
+    /// forgetting ids. Reads the whole store once more. Default true.
+    pub verify_store_on_start: bool,
     /// Subject for new events; `{shard}` is replaced by the shard number.
     /// Default `events.unique.{shard}`.
     pub output_subject: String,
@@ -128,6 +133,7 @@ impl Default for Config {
             commit_interval: "1ms".into(),
             fsync: false,
             data_dir: "data".into(),
+            verify_store_on_start: true,
             output_subject: "events.unique.{shard}".into(),
             metrics_addr: "127.0.0.1:9464".into(),
             max_pending: 65_536,

@@ -253,3 +253,98 @@ fn invalid_configuration_exits_2_naming_the_field() {
         assert!(help.contains(sub), "{help}");
     }
 }
+
+/// A store of `n` ids accepted now, written through the library in chunks
+/// of 1000 as group commits would; the fingerprint of one id in it.
+fn store_with_ids(dir: &std::path::Path, n: u64) -> [u8; 16] {
+    use eventsieve::engine::{Record, fingerprint::Fingerprint, unix_ms};
+    use eventsieve::journal::{Journal, LmdbStore, StoreMeta};
+    let meta = StoreMeta {
+        shards: 32,
+        window_ms: 7 * 86_400_000,
+    };
+    let mut store = LmdbStore::open(dir, meta, false).unwrap();
+    let now = unix_ms();
+    let fp = |i: u64| Fingerprint::of(format!("c{i}").as_bytes());
+    for start in (0..n).step_by(1000) {
+        let records: Vec<Record> = (start..(start + 1000).min(n))
+            .map(|i| Record {
+                shard: eventsieve::engine::shard::shard_of(&format!("c{i}"), 32),
+                born_ms: now,
+                fingerprint: fp(i),
+            })
+            .collect();
+        store.append(&records).unwrap();
+    }
+    store.sync().unwrap();
+    fp(n / 2).to_bytes()
+}
+
+fn eventsieve(args: &[&str], data: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
+        .args(args)
+        .env("EVENTSIEVE_DATA_DIR", data)
+        .env("EVENTSIEVE_NATS__URL", "nats://127.0.0.1:1")
+        .env("EVENTSIEVE_METRICS_ADDR", "")
+        .output()
+        .unwrap()
+}
+
+/// Fault: bytes changed in `data.mdb` made the next start crash with
+/// SIGSEGV and no message, or start and accept stored ids again. Now each
+/// chunk has a checksum, `eventsieve store verify` checks them in a process
+/// of its own, and `run` does that check before it opens the store.
+#[test]
+fn a_damaged_store_stops_the_start_with_a_message_naming_it() {
+    let data = tempfile::tempdir().unwrap();
+    let inside = store_with_ids(data.path(), 200_000);
+    let dir = data.path().display().to_string();
+
+    let out = eventsieve(&["store", "verify", "--data-dir", &dir], data.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("200000 ids"), "{stdout}");
+
+    // 16 bytes inside a chunk (every copy: LMDB's free pages may hold an
+    // older one): a silent re-accept before.
+    let path = data.path().join("data.mdb");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let copies: Vec<usize> = (0..bytes.len() - 16)
+        .filter(|&i| bytes[i..i + 16] == inside)
+        .collect();
+    assert!(!copies.is_empty(), "a stored fingerprint");
+    for at in copies {
+        for b in &mut bytes[at..at + 16] {
+            *b = !*b;
+        }
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let out = eventsieve(&["store", "verify", "--data-dir", &dir], data.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("damaged") && stderr.contains(&dir), "{stderr}");
+    let out = eventsieve(&["run"], data.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("damaged") && stderr.contains(&dir), "{stderr}");
+
+    // 64 KiB of zeros in the middle of a fresh store: a SIGSEGV before.
+    let data = tempfile::tempdir().unwrap();
+    store_with_ids(data.path(), 200_000);
+    let dir = data.path().display().to_string();
+    let path = data.path().join("data.mdb");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2 / 4096 * 4096;
+    bytes[mid..mid + 65_536].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let out = eventsieve(&["run"], data.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exits with a message, not a signal: {stderr}"
+    );
+    assert!(
+        stderr.contains(&dir) && !stderr.contains("cannot connect"),
+        "{stderr}"
+    );
+}

@@ -5,7 +5,8 @@
 //!
 //! - key: `shard (u16 BE) ‖ newest arrival ms (u64 BE) ‖ sequence (u32 BE)`
 //! - value: for each id, `fingerprint (16 bytes) ‖ age (u32 BE, ms before
-//!   the newest arrival)`
+//!   the newest arrival)`, then a checksum of the chunk (8 bytes: XXH3-64 of
+//!   the entries, seeded with XXH3-64 of the key)
 //!
 //! Keys are ordered by shard, then time, so rebuilding a shard's table is
 //! one range scan and expiring it one range delete (a chunk goes once its
@@ -18,6 +19,19 @@
 //!
 //! Only one writer (the service's commit thread) writes; every commit is
 //! one transaction covering a whole group of ids (group commit).
+//!
+//! # Damage
+//!
+//! LMDB protects against torn writes and crashes of the process (copy-on-
+//! write pages, two meta pages), not against bytes changed under it on disk
+//! (a bad disk, a stray write by another program): it trusts its pages, so a
+//! damaged B-tree page can make a read return garbage or crash the reading
+//! process. The checksum of each chunk turns damaged ids into a clear
+//! [`JournalErrorKind::Corrupt`] error at recovery instead of ids silently
+//! forgotten (and accepted twice); [`verify`] reads every chunk and is what
+//! `eventsieve store verify` runs, in a process of its own, before the
+//! sidecar opens its store, so that a page that crashes LMDB takes down the
+//! check, not the service.
 //!
 //! Durability: by default the environment is opened with `NO_SYNC`, so a
 //! commit reaches the operating system's page cache but not the disk. LMDB's
@@ -32,15 +46,17 @@ use std::path::{Path, PathBuf};
 
 use heed::types::{Bytes, Str};
 use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, MdbError, PutFlags};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::engine::Record;
 use crate::engine::fingerprint::{self, Fingerprint};
 use crate::journal::{Journal, JournalError, JournalErrorKind};
 
 /// Version of the key and value layout.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 const KEY_LEN: usize = 2 + 8 + 4;
 const ENTRY_LEN: usize = 16 + 4;
+const SUM_LEN: usize = 8;
 const INITIAL_MAP_BYTES: usize = 256 << 20;
 
 /// What a store is for; recorded at creation and checked at every open.
@@ -67,6 +83,41 @@ fn shard_of_key(k: &[u8]) -> Option<u32> {
 
 fn newest_of(k: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(k.get(2..10)?.try_into().ok()?))
+}
+
+/// The checksum of a chunk: XXH3-64 of its entries seeded with XXH3-64 of
+/// its key, so that a chunk moved under another key fails too.
+fn checksum(key: &[u8], entries: &[u8]) -> [u8; SUM_LEN] {
+    xxh3_64_with_seed(entries, xxh3_64(key)).to_be_bytes()
+}
+
+/// A chunk's entries, if its key has the right length and its checksum holds.
+fn verified<'v>(key: &[u8], value: &'v [u8]) -> Option<&'v [u8]> {
+    let (entries, sum) = value.split_at(value.len().checked_sub(SUM_LEN)?);
+    let ok = key.len() == KEY_LEN && entries.len().is_multiple_of(ENTRY_LEN) && checksum(key, entries) == sum;
+    ok.then_some(entries)
+}
+
+/// How many ids a chunk holds (whether or not its checksum holds).
+fn ids_in(value: &[u8]) -> usize {
+    value.len().saturating_sub(SUM_LEN) / ENTRY_LEN
+}
+
+/// The error for a chunk whose checksum fails.
+fn corrupt(path: &Path, key: &[u8]) -> JournalError {
+    let at = match (shard_of_key(key), newest_of(key)) {
+        (Some(shard), Some(ms)) => format!("the chunk of shard {shard} written at {ms} ms"),
+        _ => format!("a chunk with a malformed key ({} bytes)", key.len()),
+    };
+    JournalError::new(
+        JournalErrorKind::Corrupt,
+        format!(
+            "the store in {} is damaged: {at} fails its checksum. Run `eventsieve store verify --data-dir {}`, \
+             then restore the directory from a copy or move it aside (its ids would be accepted again)",
+            path.display(),
+            path.display()
+        ),
+    )
 }
 
 /// A chunk's ids as `(fingerprint, arrival ms)`.
@@ -214,7 +265,7 @@ impl LmdbStore {
             let rtxn = self.env.read_txn()?;
             let mut ids = 0;
             for entry in self.log.iter(&rtxn)? {
-                ids += (entry?.1.len() / ENTRY_LEN) as u64;
+                ids += ids_in(entry?.1) as u64;
             }
             Ok(ids)
         };
@@ -235,12 +286,13 @@ impl Journal for LmdbStore {
         let mut chunks: Vec<([u8; KEY_LEN], Vec<u8>)> = Vec::new();
         for group in sorted.chunk_by(|a, b| a.shard == b.shard) {
             let newest = group.iter().map(|r| r.born_ms).max().unwrap_or(0);
-            let mut value = Vec::with_capacity(group.len() * ENTRY_LEN);
+            let mut value = Vec::with_capacity(group.len() * ENTRY_LEN + SUM_LEN);
             for r in group {
                 value.extend_from_slice(&r.fingerprint.to_bytes());
                 let age = u32::try_from(newest - r.born_ms).unwrap_or(u32::MAX);
                 value.extend_from_slice(&age.to_be_bytes());
             }
+            value.extend_from_slice(&[0; SUM_LEN]);
             chunks.push((key(group[0].shard, newest, 0), value));
         }
         let seq = &mut self.seq;
@@ -251,6 +303,9 @@ impl Journal for LmdbStore {
                 loop {
                     *seq = seq.wrapping_add(1);
                     k[10..].copy_from_slice(&seq.to_be_bytes());
+                    let n = value.len() - SUM_LEN;
+                    let sum = checksum(&k[..], &value[..n]);
+                    value[n..].copy_from_slice(&sum);
                     match log.put_with_flags(&mut wtxn, PutFlags::NO_OVERWRITE, &k[..], value) {
                         Err(heed::Error::Mdb(MdbError::KeyExist)) => continue,
                         other => break other?,
@@ -281,7 +336,7 @@ impl Journal for LmdbStore {
                 let Some(shard) = first else { break };
                 let (lo, hi) = (key(shard, 0, 0), key(shard, before_ms, 0));
                 for entry in log.range(&wtxn, &between(&lo, &hi))? {
-                    ids += entry?.1.len() / ENTRY_LEN;
+                    ids += ids_in(entry?.1);
                 }
                 log.delete_range(&mut wtxn, &between(&lo, &hi))?;
                 from = (shard < MAX_SHARD).then_some(shard + 1);
@@ -298,28 +353,31 @@ impl Journal for LmdbStore {
         since_ms: u64,
         f: &mut dyn FnMut(Fingerprint, u64),
     ) -> Result<usize, JournalError> {
-        let mut read = || -> heed::Result<usize> {
-            let rtxn = self.env.read_txn()?;
-            let lo = key(shard, since_ms, 0);
-            // The last shard's range runs to the end of the keys: `shard + 1`
-            // would not fit the key's 16 bits.
-            let next = (shard < MAX_SHARD).then(|| key(shard + 1, 0, 0));
-            let hi = match &next {
-                Some(k) => Bound::Excluded(&k[..]),
-                None => Bound::Unbounded,
-            };
-            let mut n = 0;
-            for entry in self.log.range(&rtxn, &(Bound::Included(&lo[..]), hi))? {
-                let (k, value) = entry?;
-                let Some(newest) = newest_of(k) else { continue };
-                for (fp, born) in entries(newest, value).filter(|&(_, born)| born >= since_ms) {
-                    f(fp, born);
-                    n += 1;
-                }
-            }
-            Ok(n)
+        let rtxn = self.env.read_txn().map_err(|e| io("scan the log", e))?;
+        let lo = key(shard, since_ms, 0);
+        // The last shard's range runs to the end of the keys: `shard + 1`
+        // would not fit the key's 16 bits.
+        let next = (shard < MAX_SHARD).then(|| key(shard + 1, 0, 0));
+        let hi = match &next {
+            Some(k) => Bound::Excluded(&k[..]),
+            None => Bound::Unbounded,
         };
-        read().map_err(|e| io("scan the log", e))
+        let mut n = 0;
+        let range = self
+            .log
+            .range(&rtxn, &(Bound::Included(&lo[..]), hi))
+            .map_err(|e| io("scan the log", e))?;
+        for entry in range {
+            let (k, value) = entry.map_err(|e| io("scan the log", e))?;
+            let (Some(newest), Some(chunk)) = (newest_of(k), verified(k, value)) else {
+                return Err(corrupt(&self.path, k));
+            };
+            for (fp, born) in entries(newest, chunk).filter(|&(_, born)| born >= since_ms) {
+                f(fp, born);
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Forces commits made under `NO_SYNC` to disk.
@@ -335,6 +393,99 @@ impl Journal for LmdbStore {
 fn io(context: &str, source: heed::Error) -> JournalError {
     JournalError::new(JournalErrorKind::Io, context).with_source(source)
 }
+/// What [`verify`] found in an intact store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub chunks: u64,
+    pub ids: u64,
+}
+
+/// Reads every chunk of the store in `dir`, changing nothing, and checks
+/// its checksum.
+///
+/// A damaged B-tree page can crash the process that reads it (LMDB trusts
+/// its pages): run this in a process of its own (`eventsieve store verify`).
+///
+/// # Errors
+///
+/// [`JournalErrorKind::Open`] if there is no store, [`JournalErrorKind::Mismatch`]
+/// for another format, [`JournalErrorKind::Corrupt`] naming the first damaged
+/// chunk and how many there are, [`JournalErrorKind::Io`] if LMDB reports
+/// an error.
+pub fn verify(dir: &Path) -> Result<VerifyReport, JournalError> {
+    let size = std::fs::metadata(dir.join("data.mdb")).map_err(|e| {
+        JournalError::new(
+            JournalErrorKind::Open,
+            format!("no store in {}: {e}", dir.display()),
+        )
+    })?;
+    let mut options = EnvOpenOptions::new();
+    options
+        .map_size((size.len() as usize).next_power_of_two().max(INITIAL_MAP_BYTES))
+        .max_dbs(2);
+    // SAFETY: as in `LmdbStore::open`: the directory must be a store's own
+    // local directory. READ_ONLY: nothing is written.
+    let env = unsafe {
+        options.flags(EnvFlags::READ_ONLY);
+        options.open(dir)
+    }
+    .map_err(|e| {
+        JournalError::new(
+            JournalErrorKind::Open,
+            format!("cannot open the LMDB store in {}", dir.display()),
+        )
+        .with_source(e)
+    })?;
+    let rtxn = env.read_txn().map_err(|e| io("begin", e))?;
+    let (log, meta) = env
+        .open_databases_and_commit(rtxn, |dbo, rtxn| -> heed::Result<_> {
+            let log: Option<Database<Bytes, Bytes>> = dbo.open_database(rtxn, Some("log"))?;
+            let meta: Option<Database<Str, Str>> = dbo.open_database(rtxn, Some("meta"))?;
+            Ok(CommitOrAbort::<_, ()>::Commit((log, meta)))
+        })
+        .map_err(|e| io("open the databases", e))?
+        .unwrap_commit();
+    let rtxn = env.read_txn().map_err(|e| io("begin", e))?;
+    if let Some(meta) = meta {
+        let format = meta.get(&rtxn, "format").map_err(|e| io("read meta", e))?;
+        if format != Some(FORMAT.to_string().as_str()) {
+            return Err(JournalError::new(
+                JournalErrorKind::Mismatch,
+                format!(
+                    "the store in {} has format {}, this version reads format {FORMAT}",
+                    dir.display(),
+                    format.unwrap_or("(none)")
+                ),
+            ));
+        }
+    }
+    let Some(log) = log else {
+        return Ok(VerifyReport::default());
+    };
+    let mut report = VerifyReport::default();
+    let (mut damaged, mut first) = (0u64, None);
+    for entry in log.iter(&rtxn).map_err(|e| io("read the log", e))? {
+        let (k, value) = entry.map_err(|e| io("read the log", e))?;
+        report.chunks += 1;
+        if newest_of(k).is_some() && verified(k, value).is_some() {
+            report.ids += ids_in(value) as u64;
+        } else {
+            damaged += 1;
+            first.get_or_insert_with(|| k.to_vec());
+        }
+    }
+    match first {
+        None => Ok(report),
+        Some(k) => {
+            let e = corrupt(dir, &k);
+            Err(JournalError::new(
+                JournalErrorKind::Corrupt,
+                format!("{e} ({damaged} of {} chunks damaged)", report.chunks),
+            ))
+        }
+    }
+}
+
 /// Runs `op`; on `MapFull`, doubles the map and runs it again.
 fn with_growth<T>(env: &Env, mut op: impl FnMut() -> heed::Result<T>) -> heed::Result<T> {
     loop {
@@ -435,6 +586,61 @@ mod tests {
         assert_eq!(store.expire(50).unwrap(), 0);
         assert_eq!(store.expire(51).unwrap(), 3);
         assert!(store.is_empty().unwrap());
+    }
+
+    /// Changes the first `len` bytes of every copy of `find` in the store's
+    /// data file (a bad disk, a stray write; free pages may hold old copies).
+    fn damage(dir: &Path, find: &[u8], len: usize) {
+        let path = dir.join("data.mdb");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let copies: Vec<usize> = (0..bytes.len() - find.len())
+            .filter(|&i| bytes[i..i + find.len()] == *find)
+            .collect();
+        assert!(!copies.is_empty(), "the bytes to damage are in the file");
+        for at in copies {
+            for b in &mut bytes[at..at + len] {
+                *b ^= 0x5a;
+            }
+        }
+        std::fs::write(&path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_chunk_is_a_clear_error_at_recovery_and_in_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LmdbStore::open(dir.path(), META, false).unwrap();
+        let records: Vec<Record> = (0..1000).map(|i| rec((i % 4) as u32, 100, i)).collect();
+        store.append(&records).unwrap();
+        store.sync().unwrap();
+        drop(store);
+        assert_eq!(verify(dir.path()).unwrap(), VerifyReport { chunks: 4, ids: 1000 });
+
+        damage(dir.path(), &rec(2, 100, 2).fingerprint.to_bytes(), 16);
+        let err = verify(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), JournalErrorKind::Corrupt);
+        let text = err.to_string();
+        assert!(
+            text.contains("shard 2") && text.contains(&dir.path().display().to_string()),
+            "{text}"
+        );
+        assert!(text.contains("1 of 4 chunks"), "{text}");
+
+        let store = LmdbStore::open(dir.path(), META, false).unwrap();
+        assert_eq!(
+            store.scan(1, 0, &mut |_, _| {}).unwrap(),
+            250,
+            "other shards are intact"
+        );
+        let err = store.scan(2, 0, &mut |_, _| {}).unwrap_err();
+        assert_eq!(err.kind(), JournalErrorKind::Corrupt, "{err}");
+    }
+
+    #[test]
+    fn verify_refuses_another_format_and_a_missing_store() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(verify(dir.path()).unwrap_err().kind(), JournalErrorKind::Open);
+        drop(LmdbStore::open(dir.path(), META, false).unwrap());
+        assert_eq!(verify(dir.path()).unwrap(), VerifyReport::default());
     }
 
     #[test]

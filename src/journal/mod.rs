@@ -21,7 +21,7 @@ use std::fmt;
 use crate::engine::Record;
 use crate::engine::fingerprint::Fingerprint;
 
-pub use lmdb::{LmdbStore, StoreMeta};
+pub use lmdb::{LmdbStore, StoreMeta, VerifyReport, verify};
 pub use memory::MemoryJournal;
 pub use writer::{CommitFailed, Writer, WriterError};
 
@@ -81,6 +81,8 @@ pub enum JournalErrorKind {
     Mismatch,
     /// A read or write failed.
     Io,
+    /// Stored data fails its checksum: the files were changed under LMDB.
+    Corrupt,
 }
 
 /// A journal failure: its kind, what was being done, and the cause.
