@@ -111,6 +111,12 @@ pub struct Config {
     pub metrics_addr: String,
     /// Requests waiting for a commit before new ones wait (backpressure). Default 65536.
     pub max_pending: usize,
+    /// Bytes of requests the sidecar holds at once (received and not yet
+    /// answered). A request that would exceed it is answered 503 at once
+    /// (`overloaded`) and its bytes are freed, so a flood costs a bounded
+    /// amount of memory. At least `max_event_bytes`. Default 268435456
+    /// (256 MiB).
+    pub max_inflight_bytes: usize,
     /// Longest a graceful shutdown waits to answer requests in flight (on
     /// SIGINT/SIGTERM) before it commits what is pending and exits non-zero.
     /// A second signal exits at once. Default `10s`.
@@ -137,6 +143,7 @@ impl Default for Config {
             output_subject: "events.unique.{shard}".into(),
             metrics_addr: "127.0.0.1:9464".into(),
             max_pending: 65_536,
+            max_inflight_bytes: 256 << 20,
             shutdown_timeout: "10s".into(),
             log: "info".into(),
         }
@@ -362,6 +369,13 @@ impl Config {
                 "1 to 4096",
             ));
         }
+        if self.max_inflight_bytes < self.max_event_bytes || self.max_inflight_bytes > u32::MAX as usize {
+            return Err(ConfigError::field(
+                "max_inflight_bytes",
+                &self.max_inflight_bytes.to_string(),
+                "at least max_event_bytes and at most 4294967295",
+            ));
+        }
         if self.max_pending == 0 {
             return Err(ConfigError::field("max_pending", "0", "1 or more"));
         }
@@ -488,7 +502,8 @@ mod tests {
 
     #[test]
     fn each_invalid_value_names_its_field() {
-        let cases: [(&str, &str, &str); 11] = [
+        let cases: [(&str, &str, &str); 12] = [
+            ("EVENTSIEVE_MAX_INFLIGHT_BYTES", "1000", "`max_inflight_bytes`"),
             ("EVENTSIEVE_SHUTDOWN_TIMEOUT", "forever", "`shutdown_timeout`"),
             ("EVENTSIEVE_WINDOW", "8d", "`window`"),
             ("EVENTSIEVE_WINDOW", "soon", "`window`"),

@@ -25,6 +25,7 @@ use crate::journal::writer::{self, WriterConfig, WriterError};
 use crate::journal::{Journal, JournalError, LmdbStore, StoreMeta};
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Ownership, Pipeline, ShardState};
+use crate::transport::budget::Budget;
 use crate::transport::nats::{self, Context, NatsError, Republish, Subjects, Transport, subscription};
 
 /// How often expired ids are deleted from the journal and tables swept.
@@ -193,6 +194,7 @@ pub async fn start_with(
     ));
     let ctx = Arc::new(Context {
         pipeline: pipeline.clone(),
+        budget: Budget::new(settings.config.max_inflight_bytes, metrics.clone()),
         client: client.clone(),
         subjects: subjects.clone(),
         metrics: metrics.clone(),

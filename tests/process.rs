@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, RequestErrorKind};
+use bytes::Bytes;
 use common::*;
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
@@ -347,4 +348,84 @@ fn a_damaged_store_stops_the_start_with_a_message_naming_it() {
         stderr.contains(&dir) && !stderr.contains("cannot connect"),
         "{stderr}"
     );
+}
+
+/// Peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kb * 1024
+}
+
+/// Fault: in-flight requests were bounded in messages (65 536 of up to
+/// 1 MiB), so a flood of large batches grew the sidecar to gigabytes and
+/// the server cut it off. Now the bytes held are bounded
+/// (`max_inflight_bytes`): what does not fit is answered 503 at once, one
+/// entry per line, and every request gets an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_large_batches_is_answered_within_the_byte_budget() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let client = server.client().await;
+    let budget = 8 << 20;
+    let sidecar = SidecarProcess::spawn(
+        &server,
+        data.path(),
+        &[("EVENTSIEVE_MAX_INFLIGHT_BYTES", &budget.to_string())],
+    );
+    wait_for_sidecar(&client).await;
+    let before = peak_rss(sidecar.pid());
+    // 48 batches of 4 500 lines of about 220 bytes: about 1 MB each, all
+    // at once (below nats-server's 64 MB of pending bytes per client, past
+    // which the server itself would cut the sidecar off).
+    let lines = 4_500;
+    let bodies: Vec<Bytes> = (0..48)
+        .map(|b| {
+            let mut body = Vec::with_capacity(lines * 230);
+            for i in 0..lines {
+                body.extend_from_slice(
+                    format!(r#"{{"event_id":"f{b}x{i}","pad":"{}"}}"#, "p".repeat(180)).as_bytes(),
+                );
+                body.push(b'\n');
+            }
+            Bytes::from(body)
+        })
+        .collect();
+    let replies = futures_util::future::join_all(bodies.iter().map(|body| {
+        let client = client.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                client.request("dedup.batch", body.clone()),
+            )
+            .await
+            .expect("answered within 60 s")
+            .expect("answered")
+        }
+    }))
+    .await;
+    let (mut decided, mut refused) = (0, 0);
+    for reply in &replies {
+        let entries = eventsieve::engine::batch::decode(&reply.payload).expect("a batch reply");
+        assert_eq!(entries.len(), lines, "one entry per line");
+        match &entries[0] {
+            eventsieve::engine::batch::Entry::Error { code: 503, reason } => {
+                assert!(reason.contains("overloaded"), "{reason}");
+                refused += 1;
+            }
+            eventsieve::engine::batch::Entry::New => decided += 1,
+            other => panic!("unexpected entry {other:?}"),
+        }
+    }
+    let grew = peak_rss(sidecar.pid()).saturating_sub(before);
+    println!(
+        "flood: {decided} batches decided, {refused} refused, peak RSS grew {} MiB",
+        grew >> 20
+    );
+    assert!(decided > 0 && refused > 0, "{decided} decided, {refused} refused");
+    assert_eq!(sidecar.terminate().code(), Some(0));
 }

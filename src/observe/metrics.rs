@@ -29,6 +29,10 @@ pub struct Metrics {
     pub duplicates: AtomicU64,
     pub invalid: [AtomicU64; EventErrorKind::ALL.len()],
     pub not_ready: AtomicU64,
+    /// Requests answered 503 because `max_inflight_bytes` was reached.
+    pub overloaded: AtomicU64,
+    /// Bytes of requests received and not yet answered.
+    pub inflight_bytes: AtomicU64,
     pub batches: AtomicU64,
     pub forwarded: AtomicU64,
     pub forward_failures: AtomicU64,
@@ -148,6 +152,18 @@ impl Metrics {
             "counter",
             "Requests answered 503 (shard not ready or no owner).",
             &[("", get(&self.not_ready))],
+        );
+        metric(
+            "overloaded_total",
+            "counter",
+            "Requests answered 503 because max_inflight_bytes were already held.",
+            &[("", get(&self.overloaded))],
+        );
+        metric(
+            "inflight_bytes",
+            "gauge",
+            "Bytes of requests received and not yet answered.",
+            &[("", get(&self.inflight_bytes))],
         );
         metric(
             "batches_total",

@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Hook, Pipeline};
+use crate::transport::budget::Budget;
 
 pub use subjects::Subjects;
 pub use subscription::Kind;
@@ -88,6 +89,8 @@ impl Hook for Republish {
 /// What every subscription task shares.
 pub struct Context {
     pub pipeline: Arc<Pipeline<Republish>>,
+    /// Bytes of requests held at once.
+    pub budget: Budget,
     pub client: Client,
     pub subjects: Subjects,
     pub metrics: Arc<Metrics>,

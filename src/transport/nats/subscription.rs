@@ -23,6 +23,7 @@ use crate::engine::Verdict;
 use crate::engine::batch;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Outcome, Pending, Step};
+use crate::transport::budget::Held;
 use crate::transport::nats::subjects::Subjects;
 use crate::transport::nats::{Context, fence, forward};
 
@@ -80,6 +81,8 @@ struct Waiting {
     pending: Pending,
     event: Bytes,
     reply: Option<Subject>,
+    /// The event's bytes in the budget, given back once answered.
+    _held: Held,
 }
 
 /// What a subscription's task has in progress.
@@ -114,6 +117,7 @@ impl Work {
                 pending,
                 event,
                 reply,
+                ..
             }) = self.waiting.pop_front()
             else {
                 break;
@@ -137,6 +141,7 @@ impl Work {
             pending,
             event,
             reply,
+            ..
         }) = self.waiting.pop_front()
         {
             let outcome = ctx.pipeline.finish(pending, event).await;
@@ -191,26 +196,55 @@ impl Served {
         if fence::is_fence(&message) {
             return;
         }
+        let batch_kind = matches!(self.kind, Kind::Batch | Kind::SubBatch(_) | Kind::AllSubBatches);
+        let Some(held) = self.ctx.budget.try_hold(message.payload.len()) else {
+            return overloaded(&self.ctx, message, batch_kind).await;
+        };
         match self.kind {
-            Kind::Shard(_) | Kind::AllShards | Kind::Ingest => single(&self.ctx, message, work).await,
-            Kind::Batch => work.spawn(batch(self.ctx.clone(), message, false)).await,
+            Kind::Shard(_) | Kind::AllShards | Kind::Ingest => single(&self.ctx, message, work, held).await,
+            Kind::Batch => work.spawn(batch(self.ctx.clone(), message, false, held)).await,
             Kind::SubBatch(_) | Kind::AllSubBatches => {
-                work.spawn(batch(self.ctx.clone(), message, true)).await;
+                work.spawn(batch(self.ctx.clone(), message, true, held)).await;
             }
         }
     }
 }
 
+/// A request the budget has no room for: 503 at once (one entry per line
+/// for a batch), so that its bytes are freed.
+async fn overloaded(ctx: &Context, message: Message, batch_kind: bool) {
+    Metrics::inc(&ctx.metrics.overloaded);
+    let Some(to) = message.reply else { return };
+    let reason = format!(
+        "overloaded: max_inflight_bytes ({}) are held by requests in progress; retry",
+        ctx.budget.total()
+    );
+    if batch_kind {
+        let entry = batch::Entry::error(503, reason);
+        let mut out = Vec::new();
+        for _ in batch::lines(&message.payload) {
+            batch::push(&mut out, &entry);
+        }
+        publish(ctx, to, out.into()).await;
+    } else {
+        reply_error(ctx, to, 503, &reason).await;
+    }
+}
+
 /// One event: settled at once, forwarded to its owner, or answered when its
-/// commit completes.
-async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work) {
+/// commit completes; `held` goes back to the budget once it is answered.
+async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work, held: Held) {
     let Message { payload, reply, .. } = message;
     match ctx.pipeline.decide(&payload).await {
         Step::Done(outcome) => answer(ctx, reply, &outcome).await,
         Step::Elsewhere(keyed) => {
             let target = ctx.subjects.shard_event(keyed.shard, &keyed.id);
-            work.spawn(forward::single(ctx.clone(), target, payload.clone(), reply))
-                .await;
+            let (ctx, event) = (ctx.clone(), payload.clone());
+            work.spawn(async move {
+                forward::single(ctx, target, event, reply).await;
+                drop(held);
+            })
+            .await;
         }
         Step::Commit(pending) => {
             let event = payload.clone();
@@ -218,6 +252,7 @@ async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work) {
                 pending,
                 event,
                 reply,
+                _held: held,
             });
             // Nothing to wait for without a journal: answer at once.
             work.answer_settled(ctx).await;
@@ -227,7 +262,7 @@ async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work) {
 
 /// A batch: this node's lines decided and committed while the others are
 /// forwarded to their owners; then one reply with an entry per line.
-async fn batch(ctx: Arc<Context>, message: Message, forwarded: bool) {
+async fn batch(ctx: Arc<Context>, message: Message, forwarded: bool, _held: Held) {
     let body = message.payload;
     let mut pending = ctx.pipeline.decide_batch(&body, forwarded).await;
     let forwards = pending.take_forwards();
