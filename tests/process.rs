@@ -429,3 +429,39 @@ async fn a_flood_of_large_batches_is_answered_within_the_byte_budget() {
     assert!(decided > 0 && refused > 0, "{decided} decided, {refused} refused");
     assert_eq!(sidecar.terminate().code(), Some(0));
 }
+
+/// Fault: with `shards = 65536` the highest shard's ids were not recovered
+/// (the store's range bound wrapped), and an idle sidecar took gigabytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_highest_of_65536_shards_keeps_its_ids_across_a_restart() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let client = server.client().await;
+    let id = (0u64..)
+        .map(|i| format!("h{i}"))
+        .find(|id| eventsieve::engine::shard::shard_of(id, 65_536) == 65_535)
+        .unwrap();
+    let env = [("EVENTSIEVE_SHARDS", "65536")];
+    let sidecar = SidecarProcess::spawn(&server, data.path(), &env);
+    wait_for_sidecar(&client).await;
+    let rss = peak_rss(sidecar.pid());
+    assert!(
+        rss < 256 << 20,
+        "an idle sidecar with 65536 shards peaked at {} MiB",
+        rss >> 20
+    );
+    assert_eq!(
+        ask(&client, "dedup.ingest", event(&id)).await,
+        Answer::Verdict(true)
+    );
+    assert_eq!(sidecar.terminate().code(), Some(0));
+
+    let sidecar = SidecarProcess::spawn(&server, data.path(), &env);
+    wait_for_sidecar(&client).await;
+    assert_eq!(
+        ask(&client, "dedup.ingest", event(&id)).await,
+        Answer::Verdict(false),
+        "{id} (shard 65535) remembered after the restart"
+    );
+    assert_eq!(sidecar.terminate().code(), Some(0));
+}

@@ -17,14 +17,23 @@ EVENTSIEVE_DATA_DIR=$D EVENTSIEVE_LOG=warn target/release/eventsieve run --confi
 SPID=$!
 sleep 1.5
 $LG --seconds 14 --inflight 16 --batch 1000 --no-baseline --json | python3 -c "import json,sys; d=json.load(sys.stdin); print('fill: live ids', d['sidecar_memory'].get('live_ids'))"
-single() { $LG --seconds 8 --inflight 1024 --no-baseline --json | python3 -c "import json,sys; d=json.load(sys.stdin); r=d['runs'][-1]; print('$1: %.0f ev/s p50 %.2f ms p99 %.2f ms errors %d wrong %d' % (r['events_per_s'], r['p50_ms'], r['p99_ms'], r['errors'], r['wrong']))"; }
-single "no scrapers  "
-python3 examples/scripts/scrapers.py 10 0.1 & SC=$!
-single "64 scrapers, each every 100 ms"
-wait $SC
-python3 examples/scripts/scrapers.py 10 0 & SC=$!
-single "64 scrapers, back to back"
-wait $SC
-single "no scrapers  "
+cpu() { awk '{print $14+$15}' /proc/$1/stat; }
+# One single-event run; prints its figures and the sidecar's CPU seconds
+# during it (and the scrapers' process, if $SC is set).
+single() {
+  local c0 c1 s0 s1
+  c0=$(cpu $SPID); s0=$([ -n "${SC:-}" ] && cpu $SC || echo 0)
+  OUT=$($LG --seconds 8 --inflight 1024 --no-baseline --json)
+  c1=$(cpu $SPID); s1=$([ -n "${SC:-}" ] && cpu $SC || echo 0)
+  echo "$OUT" | python3 -c "import json,sys; d=json.load(sys.stdin); r=d['runs'][-1]; print('$1: %.0f ev/s p50 %.2f ms p99 %.2f ms errors %d wrong %d, sidecar cpu %.2f s, scrapers cpu %.2f s' % (r['events_per_s'], r['p50_ms'], r['p99_ms'], r['errors'], r['wrong'], ($c1-$c0)/100, ($s1-$s0)/100))"
+}
+SC=
+single "no scrapers"
+for pause in 1 0.1 0; do
+  python3 examples/scripts/scrapers.py 10 $pause & SC=$!
+  single "64 scrapers, pause $pause s"
+  wait $SC; SC=
+done
+single "no scrapers"
 curl -s 127.0.0.1:9464/metrics | grep -E "census_walks|table_live_ids "
 kill -TERM $SPID; wait $SPID; kill $NPID; wait $NPID 2>/dev/null; rm -rf $D $NS

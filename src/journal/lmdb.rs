@@ -314,7 +314,7 @@ impl Journal for LmdbStore {
             }
             wtxn.commit()
         });
-        result.map_err(|e| io("append to the log", e))
+        result.map_err(|e| write_failed(&self.path, "append to the log", e))
     }
 
     /// Deletes, shard by shard, the chunks whose ids all arrived before
@@ -344,7 +344,7 @@ impl Journal for LmdbStore {
             wtxn.commit()?;
             Ok(ids)
         })
-        .map_err(|e| io("expire old entries", e))
+        .map_err(|e| write_failed(&self.path, "expire old entries", e))
     }
 
     fn scan(
@@ -387,6 +387,66 @@ impl Journal for LmdbStore {
 
     fn location(&self) -> String {
         self.path.display().to_string()
+    }
+}
+
+/// Below this many free bytes, an I/O error on write is taken for a full
+/// disk: LMDB reports a short write (what a full disk gives) as `EIO`.
+const FULL_BELOW: u64 = 16 << 20;
+
+/// The error for a failed write; a full filesystem is named as such, with
+/// the store's place and the free bytes.
+fn write_failed(path: &Path, context: &str, source: heed::Error) -> JournalError {
+    if let heed::Error::Io(e) = &source {
+        let free = free_bytes(path);
+        if is_full(e.raw_os_error(), free) {
+            let free = free.map_or_else(|| "unknown".into(), |b| b.to_string());
+            return JournalError::new(
+                JournalErrorKind::Full,
+                format!(
+                    "the store in {} is full: no space left on its filesystem ({free} bytes free); \
+                     free space or move data_dir elsewhere; commits resume as soon as there is room ({context})",
+                    path.display()
+                ),
+            )
+            .with_source(source);
+        }
+    }
+    io(context, source)
+}
+
+/// Whether a write error with `errno` means the filesystem is full.
+fn is_full(errno: Option<i32>, free: Option<u64>) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    const EIO: i32 = 5;
+    match errno {
+        Some(ENOSPC | EDQUOT) => true,
+        Some(EIO) => free.is_some_and(|f| f < FULL_BELOW),
+        _ => false,
+    }
+}
+
+/// Bytes free for unprivileged writers on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+        // SAFETY: `c` is a NUL-terminated path and `st` points to writable
+        // memory of the size statvfs fills; it is read only on success.
+        let ok = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } == 0;
+        // SAFETY: statvfs returned 0, so it filled `st`.
+        let st = ok.then(|| unsafe { st.assume_init() })?;
+        // The fields are 32 bits wide on some targets.
+        #[allow(clippy::unnecessary_cast)]
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = path;
+        None
     }
 }
 
@@ -633,6 +693,28 @@ mod tests {
         );
         let err = store.scan(2, 0, &mut |_, _| {}).unwrap_err();
         assert_eq!(err.kind(), JournalErrorKind::Corrupt, "{err}");
+    }
+
+    #[test]
+    fn a_full_filesystem_is_named_with_the_store_and_the_free_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let enospc = heed::Error::Io(std::io::Error::from_raw_os_error(28));
+        let err = write_failed(dir.path(), "append to the log", enospc);
+        assert_eq!(err.kind(), JournalErrorKind::Full);
+        let text = err.to_string();
+        assert!(
+            text.contains("is full") && text.contains(&dir.path().display().to_string()),
+            "{text}"
+        );
+        assert!(free_bytes(dir.path()).is_some_and(|b| b > 0));
+        // EIO is a full disk only when the filesystem is nearly full.
+        assert!(is_full(Some(5), Some(1 << 20)));
+        assert!(!is_full(Some(5), Some(1 << 30)));
+        let eio = heed::Error::Io(std::io::Error::from_raw_os_error(5));
+        assert_eq!(
+            write_failed(dir.path(), "append", eio).kind(),
+            JournalErrorKind::Io
+        );
     }
 
     #[test]

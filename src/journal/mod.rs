@@ -83,6 +83,8 @@ pub enum JournalErrorKind {
     Io,
     /// Stored data fails its checksum: the files were changed under LMDB.
     Corrupt,
+    /// No space is left where the store lives; commits resume once there is.
+    Full,
 }
 
 /// A journal failure: its kind, what was being done, and the cause.
