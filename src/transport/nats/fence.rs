@@ -9,6 +9,14 @@
 //! difference. Requests keep being answered until the `limit`-th message,
 //! after which the server routes nothing here; fences beyond it reach no one.
 //!
+//! The slack follows the subscription's traffic: what arrives during one
+//! round trip to the server, times eight, plus 64, at most 4 096. An idle
+//! shard's subscription then costs 64 fence messages instead of 4 096, which
+//! is what lets a node own thousands of shards and still stop in a moment.
+//! A subscription whose traffic jumps by more than that between the
+//! measurement and the UNSUB could see requests past the limit dropped by
+//! the client (their producers time out and retry; nothing was decided).
+//!
 //! A fence is a message with no reply subject whose payload is exactly
 //! [`FENCE_PAYLOAD`]: a request (which always has a reply subject) is never
 //! taken for one, so producers cannot reach this handling.
@@ -22,12 +30,21 @@ use futures_util::{FutureExt, StreamExt};
 use crate::transport::nats::subjects::FENCE_PAYLOAD;
 use crate::transport::nats::subscription::{Served, Work};
 
-/// How many messages past those already read the server may still send
-/// after the fence's UNSUB; each one not used by requests costs one fence
-/// message.
-const FENCE_SLACK: u64 = 4096;
+/// Bounds of how many messages past those already read the server may
+/// still send after the fence's UNSUB; each one not used by requests costs
+/// one fence message.
+const MIN_SLACK: u64 = 64;
+const MAX_SLACK: u64 = 4096;
 /// How long a fence waits before giving up and unsubscribing outright.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handles the messages already in the client's buffer.
+async fn take_buffered(served: &mut Served, work: &mut Work) {
+    while let Some(Some(message)) = served.sub.next().now_or_never() {
+        served.received += 1;
+        served.handle(message, work).await;
+    }
+}
 
 /// Whether `message` is a fence (ours or a queue-group peer's).
 pub fn is_fence(message: &Message) -> bool {
@@ -38,12 +55,14 @@ pub fn is_fence(message: &Message) -> bool {
 pub async fn fence(served: &mut Served, fence_subject: &Subject, work: &mut Work) {
     let client = served.ctx.client.clone();
     // Empty the client's buffer first, so the slack covers only what is in
-    // transit.
-    while let Some(Some(message)) = served.sub.next().now_or_never() {
-        served.received += 1;
-        served.handle(message, work).await;
-    }
-    let limit = served.received + FENCE_SLACK;
+    // transit; then measure what arrives in one round trip.
+    take_buffered(served, work).await;
+    let before = served.received;
+    let _ = client.flush().await;
+    take_buffered(served, work).await;
+    let per_round_trip = served.received - before;
+    let slack = (per_round_trip * 8 + MIN_SLACK).min(MAX_SLACK);
+    let limit = served.received + slack;
     let fenced = served.sub.unsubscribe_after(limit).await.is_ok() && client.flush().await.is_ok();
     if !fenced {
         tracing::warn!(message = "Fence could not be set; unsubscribing outright.", subject = %fence_subject);
