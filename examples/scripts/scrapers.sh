@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Single-event verdict latency with and without 64 concurrent metrics
-# scrapers, at about 5 M live ids. Starts its own nats-server on
+# scrapers, at about 5 M live ids (ROUNDS=5 PAUSES=1 alternates five runs
+# without and five with scrapers pausing 1 s). Starts its own nats-server on
 # 127.0.0.1:4222 and the sidecar (metrics on 127.0.0.1:9464), stops both by
 # PID. Run from the project root: bash examples/scripts/scrapers.sh
 set -u
@@ -27,12 +28,15 @@ single() {
   c1=$(cpu $SPID); s1=$([ -n "${SC:-}" ] && cpu $SC || echo 0)
   echo "$OUT" | python3 -c "import json,sys; d=json.load(sys.stdin); r=d['runs'][-1]; print('$1: %.0f ev/s p50 %.2f ms p99 %.2f ms errors %d wrong %d, sidecar cpu %.2f s, scrapers cpu %.2f s' % (r['events_per_s'], r['p50_ms'], r['p99_ms'], r['errors'], r['wrong'], ($c1-$c0)/100, ($s1-$s0)/100))"
 }
+# ROUNDS alternations of a run without scrapers and one per pause in PAUSES.
 SC=
-single "no scrapers"
-for pause in 1 0.1 0; do
-  python3 examples/scripts/scrapers.py 10 $pause & SC=$!
-  single "64 scrapers, pause $pause s"
-  wait $SC; SC=
+for round in $(seq 1 "${ROUNDS:-1}"); do
+  single "round $round, no scrapers"
+  for pause in ${PAUSES:-1 0.1 0}; do
+    python3 examples/scripts/scrapers.py 10 $pause & SC=$!
+    single "round $round, 64 scrapers, pause $pause s"
+    wait $SC; SC=
+  done
 done
 single "no scrapers"
 curl -s 127.0.0.1:9464/metrics | grep -E "census_walks|table_live_ids "
