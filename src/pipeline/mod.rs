@@ -54,7 +54,7 @@ pub enum Outcome {
 }
 
 const STORE_FAILED: &str = "the store could not commit this event; retry";
-const STOPPED: &str = "shutting down; retry";
+const STOPPED: &str = "the store is not taking ids (shutting down, or its writer failed); retry";
 
 impl Outcome {
     /// The status code and reason of an outcome that is not a verdict, as
