@@ -12,5 +12,5 @@ async def one(end, n):
 async def main():
     end = time.time() + float(sys.argv[1]); n = [0, 0]
     await asyncio.gather(*[one(end, n) for _ in range(64)])
-    print("scrapes", n[0], "failed", n[1])
+    print("scrapes", n[0], "failed", n[1], "scrapers cpu %.2f s" % time.process_time())
 asyncio.run(main())

@@ -20,13 +20,14 @@ sleep 1.5
 $LG --seconds 14 --inflight 16 --batch 1000 --no-baseline --json | python3 -c "import json,sys; d=json.load(sys.stdin); print('fill: live ids', d['sidecar_memory'].get('live_ids'))"
 cpu() { awk '{print $14+$15}' /proc/$1/stat; }
 # One single-event run; prints its figures and the sidecar's CPU seconds
-# during it (and the scrapers' process, if $SC is set).
+# over it (the load generator then waits for the next table walk, which is
+# counted too). The scrapers print their own CPU.
 single() {
-  local c0 c1 s0 s1
-  c0=$(cpu $SPID); s0=$([ -n "${SC:-}" ] && cpu $SC || echo 0)
+  local c0 c1
+  c0=$(cpu $SPID)
   OUT=$($LG --seconds 8 --inflight 1024 --no-baseline --json)
-  c1=$(cpu $SPID); s1=$([ -n "${SC:-}" ] && cpu $SC || echo 0)
-  echo "$OUT" | python3 -c "import json,sys; d=json.load(sys.stdin); r=d['runs'][-1]; print('$1: %.0f ev/s p50 %.2f ms p99 %.2f ms errors %d wrong %d, sidecar cpu %.2f s, scrapers cpu %.2f s' % (r['events_per_s'], r['p50_ms'], r['p99_ms'], r['errors'], r['wrong'], ($c1-$c0)/100, ($s1-$s0)/100))"
+  c1=$(cpu $SPID)
+  echo "$OUT" | python3 -c "import json,sys; d=json.load(sys.stdin); r=d['runs'][-1]; print('$1: %.0f ev/s p50 %.2f ms p99 %.2f ms errors %d wrong %d, sidecar cpu %.2f s' % (r['events_per_s'], r['p50_ms'], r['p99_ms'], r['errors'], r['wrong'], ($c1-$c0)/100))"
 }
 # ROUNDS alternations of a run without scrapers and one per pause in PAUSES.
 SC=

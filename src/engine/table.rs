@@ -753,11 +753,24 @@ impl Table {
 
     /// Live entries at `now_ms`; walks the whole table.
     pub fn live(&self, now_ms: u64) -> usize {
+        self.live_in(now_ms, 0..self.segments.len())
+    }
+
+    /// Live entries at `now_ms` in the segments `range` (clipped to the
+    /// segments there are), so that a caller can walk a large table a few
+    /// segments per lock.
+    pub fn live_in(&self, now_ms: u64, range: std::ops::Range<usize>) -> usize {
         let at = self.at(now_ms.max(self.last_now_ms));
-        self.segments
+        let end = range.end.min(self.segments.len());
+        self.segments[range.start.min(end)..end]
             .iter()
             .map(|s| s.live_entries(s.now(&at), s.window(&at)).count())
             .sum()
+    }
+
+    /// Segments the table has (none until it is first used).
+    pub fn segments(&self) -> usize {
+        self.segments.len()
     }
 
     /// Heap bytes held by the table.
