@@ -34,16 +34,17 @@ enum Behaviour {
     Panic,
 }
 
-/// A [`MemoryJournal`] that can be told to refuse or panic.
+/// A [`MemoryJournal`] that can be told to refuse or panic, and that the
+/// test can still read after the writer took it.
 struct TestJournal {
-    inner: MemoryJournal,
+    records: Arc<Mutex<MemoryJournal>>,
     behaviour: Behaviour,
 }
 
 impl Journal for TestJournal {
     fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
         match self.behaviour {
-            Behaviour::Keep => self.inner.append(records),
+            Behaviour::Keep => self.records.lock().unwrap().append(records),
             Behaviour::Refuse => Err(JournalError::new(JournalErrorKind::Io, "no space left")),
             Behaviour::Panic => panic!("journal bug"),
         }
@@ -54,10 +55,10 @@ impl Journal for TestJournal {
         since_ms: u64,
         f: &mut dyn FnMut(Fingerprint, u64),
     ) -> Result<usize, JournalError> {
-        self.inner.scan(shard, since_ms, f)
+        self.records.lock().unwrap().scan(shard, since_ms, f)
     }
     fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
-        self.inner.expire(before_ms)
+        self.records.lock().unwrap().expire(before_ms)
     }
     fn sync(&mut self) -> Result<(), JournalError> {
         Ok(())
@@ -113,7 +114,7 @@ fn fixture(journal: Option<Box<dyn Journal>>) -> Fixture {
 
 fn journal(behaviour: Behaviour) -> Option<Box<dyn Journal>> {
     Some(Box::new(TestJournal {
-        inner: MemoryJournal::new(),
+        records: Arc::default(),
         behaviour,
     }))
 }
@@ -167,36 +168,14 @@ async fn shards_not_ready_answer_503_and_shards_elsewhere_are_handed_back() {
     assert!(p.dedup().is_empty(), "neither was remembered");
 }
 
-/// A journal the test can still read after the writer took it.
-struct Shared(Arc<Mutex<MemoryJournal>>);
-
-impl Journal for Shared {
-    fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
-        self.0.lock().unwrap().append(records)
-    }
-    fn scan(
-        &self,
-        shard: u32,
-        since_ms: u64,
-        f: &mut dyn FnMut(Fingerprint, u64),
-    ) -> Result<usize, JournalError> {
-        self.0.lock().unwrap().scan(shard, since_ms, f)
-    }
-    fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
-        self.0.lock().unwrap().expire(before_ms)
-    }
-    fn sync(&mut self) -> Result<(), JournalError> {
-        Ok(())
-    }
-    fn location(&self) -> String {
-        "shared".into()
-    }
-}
-
 #[tokio::test]
 async fn accepted_ids_are_in_the_journal_and_a_new_pipeline_recovers_them() {
     let memory = Arc::new(Mutex::new(MemoryJournal::new()));
-    let f = fixture(Some(Box::new(Shared(memory.clone()))));
+    let shared = || TestJournal {
+        records: memory.clone(),
+        behaviour: Behaviour::Keep,
+    };
+    let f = fixture(Some(Box::new(shared())));
     for i in 0..100 {
         assert!(is(
             &verdict(&f.pipeline, &event(&format!("r{i}"))).await,
@@ -218,7 +197,7 @@ async fn accepted_ids_are_in_the_journal_and_a_new_pipeline_recovers_them() {
     let fresh = fixture(None);
     let restored = fresh
         .pipeline
-        .recover(&Shared(memory.clone()), &(0..32).collect::<Vec<_>>())
+        .recover(&shared(), &(0..32).collect::<Vec<_>>())
         .unwrap();
     assert_eq!(restored, 101);
     assert!(is(

@@ -41,7 +41,6 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handles the messages already in the client's buffer.
 async fn take_buffered(served: &mut Served, work: &mut Work) {
     while let Some(Some(message)) = served.sub.next().now_or_never() {
-        served.received += 1;
         served.handle(message, work).await;
     }
 }
@@ -75,10 +74,7 @@ pub async fn fence(served: &mut Served, fence_subject: &Subject, work: &mut Work
             biased;
             () = work.settled(), if work.has_waiting() => work.answer_settled(&served.ctx).await,
             message = served.sub.next() => match message {
-                Some(message) => {
-                    served.received += 1;
-                    served.handle(message, work).await;
-                }
+                Some(message) => served.handle(message, work).await,
                 None => return,
             },
             // Top up: requests and queue-group peers may have taken some.

@@ -174,10 +174,7 @@ pub async fn serve(mut served: Served, fence_subject: Subject, mut stop: watch::
             biased;
             () = work.settled(), if work.has_waiting() => work.answer_settled(&served.ctx).await,
             message = served.sub.next() => match message {
-                Some(message) => {
-                    served.received += 1;
-                    served.handle(message, &mut work).await;
-                }
+                Some(message) => served.handle(message, &mut work).await,
                 None => break,
             },
             _ = stop.changed() => {
@@ -192,7 +189,9 @@ pub async fn serve(mut served: Served, fence_subject: Subject, mut stop: watch::
 }
 
 impl Served {
-    pub(crate) async fn handle(&self, message: Message, work: &mut Work) {
+    /// Counts `message` (the fence relies on the count) and handles it.
+    pub(crate) async fn handle(&mut self, message: Message, work: &mut Work) {
+        self.received += 1;
         if fence::is_fence(&message) {
             return;
         }
