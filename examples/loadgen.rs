@@ -7,9 +7,12 @@
 //!   makes it carry, without deduplicating: the request on a subject the
 //!   server maps by partition (`loadgen.ingest.<id>`, when `nats/server.conf`
 //!   maps it; a batch on one plain subject), a reply of the sidecar's size,
-//!   and each new event republished as its own message (a `1 - dup-ratio`
-//!   share of events). The sidecar can at best match it: the gap between
-//!   the two is the sidecar's own cost, the gap to `raw` is the server's;
+//!   and the new events (a `1 - dup-ratio` share) republished as the
+//!   sidecar does: a single event as its own message; a batch's as one
+//!   message per shard (`--shards`, default 32) with the count header, or
+//!   one per event with `--batch-output per_event`. The sidecar can at
+//!   best match it: the gap between the two is the sidecar's own cost, the
+//!   gap to `raw` is the server's;
 //! - `jetstream`: JetStream's own dedup (`Nats-Msg-Id` on a stream whose
 //!   `duplicate_window` is the window).
 //!
@@ -19,7 +22,8 @@
 //!     [--inflight 64] [--batch 0] [--dup-ratio 0.5] [--id-space N]
 //!     [--size 200 | --size 20-4096] [--window 7d]
 //!     [--baselines raw,relay,jetstream | --no-baseline]
-//!     [--metrics 127.0.0.1:9464] [--json]
+//!     [--shards 32] [--batch-output per_shard|per_event]
+//!     [--metrics 127.0.0.1:9464] [--server-pid PID] [--json]
 //! ```
 //!
 //! - `--batch N` sends N events per request to `dedup.batch` (0: one event
@@ -32,7 +36,13 @@
 //! new, one it saw accepted must come back a duplicate; anything else is
 //! counted as wrong. The sidecar's memory (`RssAnon`, `RssFile`) and live
 //! ids are read from its metrics endpoint after its run.
+//!
+//! Each run also reports CPU per event: the server's (from
+//! `/proc/<pid>/stat`; `--server-pid`, else the one local process named
+//! `nats-server`), the load generator's own (the baselines' responders run
+//! in it), and the sidecar's (its `eventsieve_process_cpu_seconds_total`).
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -40,6 +50,9 @@ use std::time::{Duration, Instant};
 use async_nats::{Client, HeaderMap, jetstream};
 use bytes::Bytes;
 use eventsieve::engine::batch::{self, Entry};
+use eventsieve::engine::shard::shard_of;
+use eventsieve::observe::metrics::cpu_seconds;
+use eventsieve::transport::nats::COUNT_HEADER;
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
@@ -59,6 +72,9 @@ struct Args {
     relay: bool,
     jetstream: bool,
     metrics: String,
+    server_pid: Option<u32>,
+    shards: u32,
+    per_event: bool,
     json: bool,
 }
 
@@ -83,6 +99,9 @@ fn args() -> Args {
         relay: true,
         jetstream: true,
         metrics: "127.0.0.1:9464".into(),
+        server_pid: None,
+        shards: 32,
+        per_event: false,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -133,12 +152,28 @@ fn args() -> Args {
             }
             "--no-baseline" => (a.raw, a.relay, a.jetstream) = (false, false, false),
             "--metrics" => a.metrics = value(),
+            "--server-pid" => a.server_pid = Some(num(&flag, value())),
+            "--shards" => a.shards = num(&flag, value()),
+            "--batch-output" => {
+                a.per_event = match value().as_str() {
+                    "per_shard" => false,
+                    "per_event" => true,
+                    other => usage(&format!(
+                        "--batch-output: {other:?} is not per_shard or per_event"
+                    )),
+                }
+            }
             "--json" => a.json = true,
             other => usage(&format!("unknown flag {other}")),
         }
     }
-    if a.inflight == 0 || a.size.0 == 0 || a.size.0 > a.size.1 || !(0.0..=1.0).contains(&a.dup_ratio) {
-        usage("--inflight must be positive, --size A-B with 0 < A <= B, --dup-ratio in 0..1");
+    if a.inflight == 0
+        || a.shards == 0
+        || a.size.0 == 0
+        || a.size.0 > a.size.1
+        || !(0.0..=1.0).contains(&a.dup_ratio)
+    {
+        usage("--inflight and --shards must be positive, --size A-B with 0 < A <= B, --dup-ratio in 0..1");
     }
     if a.baseline_seconds == 0 {
         a.baseline_seconds = a.seconds;
@@ -351,7 +386,15 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
 }
 
 /// Runs `inflight` workers against `target` and returns the merged tally.
-async fn drive(client: &Client, target: Target, a: &Args, tag: &str, seconds: u64) -> (Tally, Duration) {
+async fn drive(
+    client: &Client,
+    clocks: &Clocks,
+    target: Target,
+    a: &Args,
+    tag: &str,
+    seconds: u64,
+) -> (Tally, (Duration, Cpu)) {
+    let cpu = clocks.now();
     let started = Instant::now();
     let workers: Vec<_> = (0..a.inflight)
         .map(|w| {
@@ -369,11 +412,84 @@ async fn drive(client: &Client, target: Target, a: &Args, tag: &str, seconds: u6
     for w in workers {
         all.merge(w.await.expect("worker panicked"));
     }
-    (all, started.elapsed())
+    let elapsed = started.elapsed();
+    let mut spent = clocks.now() - cpu;
+    if !matches!(target, Target::Sidecar) {
+        // Idle during a baseline: its figure would only say so.
+        spent.sidecar = None;
+    }
+    (all, (elapsed, spent))
+}
+
+/// CPU seconds spent so far by the processes a run involves.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    server: Option<f64>,
+    own: f64,
+    sidecar: Option<f64>,
+}
+
+/// Where to read the CPU time of the server and the sidecar.
+struct Clocks {
+    server_pid: Option<u32>,
+    metrics: String,
+}
+
+impl Clocks {
+    fn new(a: &Args) -> Self {
+        let server_pid = a.server_pid.or_else(|| {
+            let found = find_process("nats-server");
+            if found.len() != 1 {
+                eprintln!(
+                    "loadgen: {} local nats-server processes: pass --server-pid for its CPU column",
+                    found.len()
+                );
+            }
+            (found.len() == 1).then(|| found[0])
+        });
+        Self {
+            server_pid,
+            metrics: a.metrics.clone(),
+        }
+    }
+
+    fn now(&self) -> Cpu {
+        Cpu {
+            server: self.server_pid.and_then(|pid| cpu_seconds(Some(pid))),
+            own: cpu_seconds(None).unwrap_or(0.0),
+            sidecar: scrape_value(&self.metrics, "eventsieve_process_cpu_seconds_total").ok(),
+        }
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, earlier: Cpu) -> Cpu {
+        let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        Cpu {
+            server: diff(self.server, earlier.server),
+            own: self.own - earlier.own,
+            sidecar: diff(self.sidecar, earlier.sidecar),
+        }
+    }
+}
+
+/// The pids of the processes whose command name is `name`.
+fn find_process(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .collect()
 }
 
 struct Row {
     name: String,
+    /// CPU spent during the run.
+    cpu: Cpu,
     events_per_s: f64,
     requests_per_s: f64,
     p50: f64,
@@ -382,7 +498,14 @@ struct Row {
     tally: Tally,
 }
 
-fn row(name: String, mut tally: Tally, elapsed: Duration) -> Row {
+impl Row {
+    /// Microseconds of CPU per event verdicted.
+    fn per_event(&self, seconds: Option<f64>) -> Option<f64> {
+        Some(seconds? * 1e6 / self.tally.events.max(1) as f64)
+    }
+}
+
+fn row(name: String, mut tally: Tally, (elapsed, cpu): (Duration, Cpu)) -> Row {
     tally.latencies_us.sort_unstable();
     let l = &tally.latencies_us;
     let pct = |p: f64| {
@@ -391,6 +514,7 @@ fn row(name: String, mut tally: Tally, elapsed: Duration) -> Row {
     };
     Row {
         name,
+        cpu,
         events_per_s: tally.events as f64 / elapsed.as_secs_f64(),
         requests_per_s: tally.requests as f64 / elapsed.as_secs_f64(),
         p50: pct(0.5),
@@ -400,17 +524,24 @@ fn row(name: String, mut tally: Tally, elapsed: Duration) -> Row {
     }
 }
 
+/// A message a baseline responder publishes besides its reply.
+struct Republish {
+    subject: String,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+}
+
 /// Starts a baseline responder on a connection of its own: `answer` turns
 /// a request's subject and payload into its reply and the messages to
-/// publish to `loadgen.unique` alongside it. Subscriptions share a queue
-/// group, so that each request has one answer.
+/// publish alongside it. Subscriptions share a queue group, so that each
+/// request has one answer.
 async fn respond<F>(
     url: &str,
     subjects: Vec<String>,
     mut answer: F,
 ) -> Result<JoinHandle<()>, async_nats::Error>
 where
-    F: FnMut(&str, &Bytes) -> (Bytes, Vec<Bytes>) + Send + 'static,
+    F: FnMut(&str, &Bytes) -> (Bytes, Vec<Republish>) + Send + 'static,
 {
     let conn = async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 16)
@@ -426,8 +557,11 @@ where
         while let Some(m) = requests.next().await {
             let Some(reply) = m.reply else { continue };
             let (body, republish) = answer(m.subject.as_str(), &m.payload);
-            for event in republish {
-                let _ = conn.publish("loadgen.unique", event).await;
+            for m in republish {
+                let _ = match m.headers {
+                    Some(h) => conn.publish_with_headers(m.subject, h, m.payload).await,
+                    None => conn.publish(m.subject, m.payload).await,
+                };
             }
             let _ = conn.publish(reply, body).await;
         }
@@ -455,28 +589,65 @@ async fn relay(a: &Args, tag: &str) -> Result<Relay, async_nats::Error> {
     } else {
         vec![format!("loadgen.batch.{tag}")]
     };
-    let batch = a.batch > 0;
+    let (batch, shards, per_event) = (a.batch > 0, a.shards, a.per_event);
+    let single = |shard: u32, payload: Bytes| Republish {
+        subject: format!("loadgen.unique.{shard}"),
+        headers: None,
+        payload,
+    };
     let task = respond(&a.url, subjects, move |subject, payload| {
         if !batch {
             seen.store(subject.starts_with("loadgen.shard."), Ordering::Relaxed);
             return match is_new() {
-                true => (Bytes::from_static(br#"{"accepted":true}"#), vec![payload.clone()]),
+                true => (
+                    Bytes::from_static(br#"{"accepted":true}"#),
+                    vec![single(shard(payload, shards), payload.clone())],
+                ),
                 false => (Bytes::from_static(br#"{"accepted":false}"#), Vec::new()),
             };
         }
-        let (mut verdicts, mut republish) = (Vec::new(), Vec::new());
+        let mut verdicts = Vec::new();
+        let mut new: Vec<Vec<Range<usize>>> = vec![Vec::new(); shards as usize];
         for range in batch::lines(payload) {
             if is_new() {
                 verdicts.push(Entry::New);
-                republish.push(payload.slice(range));
+                new[shard(&payload[range.clone()], shards) as usize].push(range);
             } else {
                 verdicts.push(Entry::Duplicate);
+            }
+        }
+        let mut republish = Vec::new();
+        for (shard, lines) in new.iter().enumerate().filter(|(_, l)| !l.is_empty()) {
+            if per_event {
+                republish.extend(
+                    lines
+                        .iter()
+                        .map(|r| single(shard as u32, payload.slice(r.clone()))),
+                );
+                continue;
+            }
+            for (joined, count) in batch::join(payload, lines, usize::MAX) {
+                let mut headers = HeaderMap::new();
+                headers.insert(COUNT_HEADER, count.to_string().as_str());
+                republish.push(Republish {
+                    headers: Some(headers),
+                    ..single(shard as u32, joined.into())
+                });
             }
         }
         (batch::encode(&verdicts).into(), republish)
     })
     .await?;
     Ok(Relay { task, mapped })
+}
+
+/// The shard of one of this generator's events, as the sidecar computes it
+/// (the id is read at its fixed place, not parsed).
+fn shard(event: &[u8], shards: u32) -> u32 {
+    const PREFIX: &[u8] = br#"{"event_id":""#;
+    let id = &event[PREFIX.len()..];
+    let end = memchr::memchr(b'"', id).unwrap_or(id.len());
+    shard_of(std::str::from_utf8(&id[..end]).unwrap_or(""), shards)
 }
 
 /// The sidecar's memory and live ids from its Prometheus endpoint.
@@ -488,7 +659,8 @@ struct Memory {
     table_bytes: f64,
 }
 
-fn scrape(addr: &str) -> Result<Memory, String> {
+/// The sidecar's metrics page.
+fn scrape(addr: &str) -> Result<String, String> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
@@ -496,11 +668,23 @@ fn scrape(addr: &str) -> Result<Memory, String> {
         .map_err(|e| e.to_string())?;
     let mut text = String::new();
     conn.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let get = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-            .ok_or_else(|| format!("{name} missing from {addr}"))
-    };
+    Ok(text)
+}
+
+/// One sample of the sidecar's metrics page.
+fn sample(text: &str, name: &str) -> Result<f64, String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .ok_or_else(|| format!("{name} missing from the metrics"))
+}
+
+fn scrape_value(addr: &str, name: &str) -> Result<f64, String> {
+    sample(&scrape(addr)?, name)
+}
+
+fn memory(addr: &str) -> Result<Memory, String> {
+    let text = scrape(addr)?;
+    let get = |name: &str| sample(&text, name);
     Ok(Memory {
         rss_anon: get("eventsieve_rss_anon_bytes")?,
         rss_file: get("eventsieve_rss_file_bytes")?,
@@ -528,19 +712,20 @@ async fn main() -> Result<(), async_nats::Error> {
         format!("batch of {}", a.batch)
     };
     let mut rows = Vec::new();
+    let clocks = Clocks::new(&a);
 
     if a.raw {
         let echo = respond(&a.url, vec![format!("loadgen.echo.{tag}")], |_, _| {
             (Bytes::from_static(b"ok"), Vec::new())
         })
         .await?;
-        let (t, elapsed) = drive(&client, Target::Raw, &a, &tag, a.baseline_seconds).await;
+        let (t, elapsed) = drive(&client, &clocks, Target::Raw, &a, &tag, a.baseline_seconds).await;
         rows.push(row(format!("raw request-reply ({mode})"), t, elapsed));
         echo.abort();
     }
     if a.relay {
         let relay = relay(&a, &tag).await?;
-        let (t, elapsed) = drive(&client, Target::Relay, &a, &tag, a.baseline_seconds).await;
+        let (t, elapsed) = drive(&client, &clocks, Target::Relay, &a, &tag, a.baseline_seconds).await;
         let how = match (a.batch, relay.mapped.load(Ordering::Relaxed)) {
             (0, true) => "mapped",
             (0, false) => "NOT mapped",
@@ -562,6 +747,7 @@ async fn main() -> Result<(), async_nats::Error> {
         .await?;
         let (t, elapsed) = drive(
             &client,
+            &clocks,
             Target::JetStream(Box::new(js.clone())),
             &a,
             &tag,
@@ -571,12 +757,12 @@ async fn main() -> Result<(), async_nats::Error> {
         rows.push(row("JetStream Nats-Msg-Id dedup (single)".into(), t, elapsed));
         js.delete_stream(&name).await?;
     }
-    let (t, elapsed) = drive(&client, Target::Sidecar, &a, &tag, a.seconds).await;
+    let (t, elapsed) = drive(&client, &clocks, Target::Sidecar, &a, &tag, a.seconds).await;
     rows.push(row(format!("eventsieve ({mode})"), t, elapsed));
     // The sidecar's table figures are walked at most once a second: wait
     // until one walk is sure to follow the run.
     tokio::time::sleep(eventsieve::observe::metrics::CENSUS_EVERY + Duration::from_millis(100)).await;
-    let memory = scrape(&a.metrics);
+    let memory = memory(&a.metrics);
 
     let ours = rows.last().expect("the sidecar run");
     let ratio = |name: &str| {
@@ -594,6 +780,9 @@ async fn main() -> Result<(), async_nats::Error> {
                     "requests": r.tally.requests, "events": r.tally.events,
                     "fresh_new": r.tally.fresh_new, "dup_duplicate": r.tally.dup_dup,
                     "wrong": r.tally.wrong, "errors": r.tally.errors, "first_error": r.tally.first_error,
+                    "server_cpu_us_per_event": r.per_event(r.cpu.server),
+                    "loadgen_cpu_us_per_event": r.per_event(Some(r.cpu.own)),
+                    "sidecar_cpu_us_per_event": r.per_event(r.cpu.sidecar),
                 })
             })
             .collect();
@@ -622,12 +811,25 @@ async fn main() -> Result<(), async_nats::Error> {
         a.inflight, a.size.0, a.size.1, a.dup_ratio, a.seconds, a.baseline_seconds, a.max_events
     );
     println!(
-        "{:<40} {:>11} {:>10} {:>8} {:>8} {:>9} {:>10} {:>10} {:>6} {:>6}",
-        "run", "events/s", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "new=new", "dup=dup", "wrong", "errors"
+        "{:<40} {:>11} {:>10} {:>8} {:>8} {:>9} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8} {:>8}",
+        "run",
+        "events/s",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "new=new",
+        "dup=dup",
+        "wrong",
+        "errors",
+        "srv µs",
+        "gen µs",
+        "side µs"
     );
+    let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for r in &rows {
         println!(
-            "{:<40} {:>11.0} {:>10.0} {:>8.3} {:>8.3} {:>9.3} {:>10} {:>10} {:>6} {:>6}",
+            "{:<40} {:>11.0} {:>10.0} {:>8.3} {:>8.3} {:>9.3} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8} {:>8}",
             r.name,
             r.events_per_s,
             r.requests_per_s,
@@ -637,9 +839,15 @@ async fn main() -> Result<(), async_nats::Error> {
             r.tally.fresh_new,
             r.tally.dup_dup,
             r.tally.wrong,
-            r.tally.errors
+            r.tally.errors,
+            us(r.per_event(r.cpu.server)),
+            us(r.per_event(Some(r.cpu.own))),
+            us(r.per_event(r.cpu.sidecar)),
         );
     }
+    println!(
+        "CPU per event verdicted: srv = nats-server, gen = this load generator (and the baselines' responders), side = the sidecar"
+    );
     for r in rows.iter().filter(|r| r.tally.errors > 0) {
         let first = r.tally.first_error.as_deref().unwrap_or("?");
         println!(

@@ -31,6 +31,17 @@ pub enum Durability {
     Local,
 }
 
+/// How a batch request's new events are republished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchOutput {
+    /// One message per shard of the batch: its new lines, newline-delimited,
+    /// in request order, with the header `Eventsieve-Count`.
+    PerShard,
+    /// One message per new event, as for single-event requests.
+    PerEvent,
+}
+
 /// NATS connection settings (`[nats]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -107,6 +118,11 @@ pub struct Config {
     /// Subject for new events; `{shard}` is replaced by the shard number.
     /// Default `events.unique.{shard}`.
     pub output_subject: String,
+    /// How a batch's new events are republished: `per_shard` (one message
+    /// per shard: the new lines, newline-delimited, in request order, with
+    /// an `Eventsieve-Count` header) or `per_event` (one message each).
+    /// Default `per_shard`.
+    pub batch_output: BatchOutput,
     /// Address of the Prometheus endpoint, or empty to disable. Default `127.0.0.1:9464`.
     pub metrics_addr: String,
     /// Requests waiting for a commit before new ones wait (backpressure). Default 65536.
@@ -141,6 +157,7 @@ impl Default for Config {
             data_dir: "data".into(),
             verify_store_on_start: true,
             output_subject: "events.unique.{shard}".into(),
+            batch_output: BatchOutput::PerShard,
             metrics_addr: "127.0.0.1:9464".into(),
             max_pending: 65_536,
             max_inflight_bytes: 256 << 20,
@@ -475,7 +492,9 @@ mod tests {
             )?;
             jail.set_env("EVENTSIEVE_NATS__URL", "nats://env:4222");
             jail.set_env("EVENTSIEVE_DURABILITY", "memory");
+            jail.set_env("EVENTSIEVE_BATCH_OUTPUT", "per_event");
             let s = Config::load(None).unwrap();
+            assert_eq!(s.config.batch_output, BatchOutput::PerEvent);
             assert_eq!(s.config.nats.url, "nats://env:4222");
             assert_eq!(s.config.nats.user.as_deref(), Some("fileuser"));
             assert_eq!(s.config.shards, 16);
@@ -502,7 +521,8 @@ mod tests {
 
     #[test]
     fn each_invalid_value_names_its_field() {
-        let cases: [(&str, &str, &str); 12] = [
+        let cases: [(&str, &str, &str); 13] = [
+            ("EVENTSIEVE_BATCH_OUTPUT", "per_line", "batch_output"),
             ("EVENTSIEVE_MAX_INFLIGHT_BYTES", "1000", "`max_inflight_bytes`"),
             ("EVENTSIEVE_SHUTDOWN_TIMEOUT", "forever", "`shutdown_timeout`"),
             ("EVENTSIEVE_WINDOW", "8d", "`window`"),

@@ -189,7 +189,13 @@ pub async fn start_with(
         Deduplicator::new(settings.engine()),
         ownership,
         writer.as_ref().map(|(w, _)| w.clone()),
-        Republish::new(client.clone(), &subjects, shards, metrics.clone()),
+        Republish::new(
+            client.clone(),
+            &subjects,
+            shards,
+            settings.config.batch_output,
+            metrics.clone(),
+        ),
         metrics.clone(),
     ));
     let ctx = Arc::new(Context {

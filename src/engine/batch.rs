@@ -73,6 +73,33 @@ pub fn lines(body: &[u8]) -> Vec<Range<usize>> {
     out
 }
 
+/// `lines` of `body` joined by `\n`, in order, cut into as few messages of
+/// at most `limit` bytes each as the lines allow (a line longer than
+/// `limit` alone); each with its number of lines. The per-shard output of
+/// a batch: a consumer splits each message on `\n` and gets the events
+/// byte for byte.
+pub fn join(body: &[u8], lines: &[Range<usize>], limit: usize) -> Vec<(Vec<u8>, usize)> {
+    let mut out: Vec<(Vec<u8>, usize)> = Vec::new();
+    let total: usize = lines.iter().map(|r| r.len() + 1).sum();
+    let mut current = Vec::with_capacity(total.min(limit));
+    let mut count = 0;
+    for r in lines {
+        if count > 0 && current.len() + 1 + r.len() > limit {
+            out.push((std::mem::take(&mut current), count));
+            count = 0;
+        }
+        if count > 0 {
+            current.push(b'\n');
+        }
+        current.extend_from_slice(&body[r.clone()]);
+        count += 1;
+    }
+    if count > 0 {
+        out.push((current, count));
+    }
+    out
+}
+
 /// Where the node deciding a batch finds a line's shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -258,6 +285,52 @@ mod tests {
 
     fn texts(body: &[u8]) -> Vec<&[u8]> {
         lines(body).into_iter().map(|r| &body[r]).collect()
+    }
+
+    #[test]
+    fn join_keeps_lines_byte_for_byte_in_order_within_the_limit() {
+        let body = b"aa\nbbb\r\ncccc\nd";
+        let all = lines(body);
+        assert_eq!(join(body, &all, 1 << 20), [(b"aa\nbbb\ncccc\nd".to_vec(), 4)]);
+        let picked = [all[2].clone(), all[0].clone()];
+        assert_eq!(join(body, &picked, 100), [(b"cccc\naa".to_vec(), 2)]);
+        // 7 bytes fit "aa\nbbb" but not "\ncccc" after it; "cccc" is
+        // longer than 3 and goes alone.
+        assert_eq!(
+            join(body, &all, 7),
+            [(b"aa\nbbb".to_vec(), 2), (b"cccc\nd".to_vec(), 2)]
+        );
+        assert_eq!(
+            join(body, &all, 3),
+            [
+                (b"aa".to_vec(), 1),
+                (b"bbb".to_vec(), 1),
+                (b"cccc".to_vec(), 1),
+                (b"d".to_vec(), 1)
+            ]
+        );
+        assert!(join(body, &[], 10).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn join_then_split_gives_the_lines_back(
+            texts in proptest::collection::vec("[a-z{}\":, ]{0,20}", 0..30),
+            limit in 1usize..80,
+        ) {
+            let body = texts.join("\n");
+            let all = lines(body.as_bytes());
+            let messages = join(body.as_bytes(), &all, limit);
+            let mut back = Vec::new();
+            for (message, count) in &messages {
+                let parts: Vec<&[u8]> = message.split(|&b| b == b'\n').collect();
+                prop_assert_eq!(parts.len(), *count);
+                prop_assert!(message.len() <= limit || *count == 1);
+                back.extend(parts);
+            }
+            let expected: Vec<&[u8]> = all.iter().map(|r| &body.as_bytes()[r.clone()]).collect();
+            prop_assert_eq!(back, expected);
+        }
     }
 
     #[test]

@@ -272,6 +272,12 @@ impl Metrics {
             &[("", file as f64)],
         );
         metric(
+            "process_cpu_seconds_total",
+            "counter",
+            "CPU time of the process, user and system, in seconds (10 ms steps).",
+            &[("", cpu_seconds(None).unwrap_or(0.0))],
+        );
+        metric(
             "uptime_seconds",
             "gauge",
             "Seconds since start.",
@@ -293,6 +299,24 @@ pub fn rss_bytes() -> (u64, u64) {
             .map_or(0, |kb| kb * 1024)
     };
     (field("RssAnon:"), field("RssFile:"))
+}
+
+/// CPU time (user + system) of process `pid`, or of this process, in
+/// seconds, from `/proc/<pid>/stat`; `None` where it cannot be read. The
+/// kernel counts it in `USER_HZ` ticks, 100 per second on Linux.
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    const USER_HZ: f64 = 100.0;
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) may hold spaces; fields after it do not.
+    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+    // utime and stime are fields 14 and 15; the first after the name is 3.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
 }
 
 /// Serves the metrics until the task is dropped.
@@ -355,6 +379,22 @@ mod tests {
     }
 
     #[test]
+    fn cpu_seconds_follows_work_done() {
+        let before = cpu_seconds(None).expect("this process's stat");
+        assert_eq!(
+            cpu_seconds(Some(std::process::id())).map(|s| s >= before),
+            Some(true)
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut spin = 0u64;
+        while cpu_seconds(None).unwrap() < before + 0.05 {
+            assert!(Instant::now() < deadline, "50 ms of CPU not counted in 10 s");
+            spin = std::hint::black_box(spin.wrapping_mul(31).wrapping_add(1));
+        }
+        assert_eq!(cpu_seconds(Some(u32::MAX)), None, "no such process");
+    }
+
+    #[test]
     fn render_reports_live_ids_and_resident_memory() {
         let dedup = Deduplicator::new(EngineConfig::default());
         for i in 0..1000 {
@@ -385,5 +425,6 @@ mod tests {
         );
         assert_eq!(sample(&again, "eventsieve_table_census_walks_total"), 1.0);
         assert!(text.contains("# TYPE eventsieve_rss_file_bytes gauge"));
+        assert!(text.contains("# TYPE eventsieve_process_cpu_seconds_total counter"));
     }
 }

@@ -35,10 +35,45 @@ use crate::observe::metrics::Metrics;
 pub use ownership::{Ownership, ShardState};
 
 /// Where accepted events go once their ids are durable: the republish, and
-/// later the stages. Called per shard, in the order the events were
-/// accepted.
+/// later the stages. Called per request and shard, in the order the events
+/// were accepted.
 pub trait Hook: Send + Sync + 'static {
-    fn accepted(&self, shard: u32, events: &[Bytes]) -> impl Future<Output = ()> + Send;
+    fn accepted(&self, shard: u32, events: Accepted<'_>) -> impl Future<Output = ()> + Send;
+}
+
+/// The new events of one request in one shard, as the [`Hook`] gets them.
+#[derive(Debug, Clone, Copy)]
+pub enum Accepted<'a> {
+    /// The event of a single-event request.
+    One(&'a Bytes),
+    /// The new lines of a batch that fall in this shard: `lines` of `body`,
+    /// in request order.
+    Lines {
+        body: &'a Bytes,
+        lines: &'a [Range<usize>],
+    },
+}
+
+impl Accepted<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Accepted::One(_) => 1,
+            Accepted::Lines { lines, .. } => lines.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each event, byte for byte as received (no copy).
+    pub fn events(&self) -> impl Iterator<Item = Bytes> + '_ {
+        let (one, lines) = match *self {
+            Accepted::One(event) => (Some(event.clone()), None),
+            Accepted::Lines { body, lines } => (None, Some(lines.iter().map(|r| body.slice(r.clone())))),
+        };
+        one.into_iter().chain(lines.into_iter().flatten())
+    }
 }
 
 /// The final answer on one event.
@@ -250,7 +285,7 @@ impl<H: Hook> Pipeline<H> {
         match settled.unwrap_or(Err(CommitFailed::Stopped)) {
             Ok(()) => {
                 Metrics::inc(&self.metrics.accepted);
-                self.hook.accepted(shard, std::slice::from_ref(&event)).await;
+                self.hook.accepted(shard, Accepted::One(&event)).await;
                 Outcome::Verdict(Verdict::New)
             }
             Err(failed) => self.undo(shard, fingerprint, failed),
@@ -320,12 +355,12 @@ impl<H: Hook> Pipeline<H> {
         match result {
             Ok(()) => {
                 self.metrics.accepted.fetch_add(new.len() as u64, Relaxed);
+                let mut ranges = Vec::new();
                 for group in new.chunk_by(|a, b| a.1.shard == b.1.shard) {
-                    let events: Vec<Bytes> = group
-                        .iter()
-                        .map(|(line, _)| body.slice(lines[*line].clone()))
-                        .collect();
-                    self.hook.accepted(group[0].1.shard, &events).await;
+                    ranges.clear();
+                    ranges.extend(group.iter().map(|(line, _)| lines[*line].clone()));
+                    let events = Accepted::Lines { body, lines: &ranges };
+                    self.hook.accepted(group[0].1.shard, events).await;
                 }
             }
             Err(failed) => {

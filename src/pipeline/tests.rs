@@ -15,8 +15,8 @@ use crate::journal::{JournalErrorKind, MemoryJournal};
 struct Collect(Mutex<Vec<(u32, Vec<Bytes>)>>);
 
 impl Hook for Collect {
-    async fn accepted(&self, shard: u32, events: &[Bytes]) {
-        self.0.lock().unwrap().push((shard, events.to_vec()));
+    async fn accepted(&self, shard: u32, events: Accepted<'_>) {
+        self.0.lock().unwrap().push((shard, events.events().collect()));
     }
 }
 
