@@ -391,9 +391,9 @@ impl eventsieve::journal::Journal for PanickingJournal {
     }
     fn scan(
         &self,
-        _: u32,
+        _: &[u32],
         _: u64,
-        _: &mut dyn FnMut(eventsieve::engine::fingerprint::Fingerprint, u64),
+        _: &mut dyn FnMut(eventsieve::engine::Record),
     ) -> Result<usize, eventsieve::journal::JournalError> {
         Ok(0)
     }

@@ -3,7 +3,6 @@
 //! forget.
 
 use crate::engine::Record;
-use crate::engine::fingerprint::Fingerprint;
 use crate::journal::{Journal, JournalError};
 
 /// Every appended record, in order, until it expires.
@@ -33,19 +32,14 @@ impl Journal for MemoryJournal {
         Ok(())
     }
 
-    fn scan(
-        &self,
-        shard: u32,
-        since_ms: u64,
-        f: &mut dyn FnMut(Fingerprint, u64),
-    ) -> Result<usize, JournalError> {
+    fn scan(&self, shards: &[u32], since_ms: u64, f: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
         let mut n = 0;
         for r in self
             .records
             .iter()
-            .filter(|r| r.shard == shard && r.born_ms >= since_ms)
+            .filter(|r| r.born_ms >= since_ms && shards.contains(&r.shard))
         {
-            f(r.fingerprint, r.born_ms);
+            f(*r);
             n += 1;
         }
         Ok(n)

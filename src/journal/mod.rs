@@ -19,7 +19,6 @@ pub mod writer;
 use std::fmt;
 
 use crate::engine::Record;
-use crate::engine::fingerprint::Fingerprint;
 
 pub use lmdb::{LmdbStore, StoreMeta, VerifyReport, verify};
 pub use memory::MemoryJournal;
@@ -38,18 +37,13 @@ pub trait Journal: Send + 'static {
     /// of them is kept then.
     fn append(&mut self, records: &[Record]) -> Result<(), JournalError>;
 
-    /// Calls `f(fingerprint, arrival_ms)` for each id of `shard` accepted at
-    /// or after `since_ms`; returns the count.
+    /// Calls `f` for each id of one of `shards` accepted at or after
+    /// `since_ms` (in no set order across shards); returns the count.
     ///
     /// # Errors
     ///
     /// A [`JournalError`] if the log cannot be read.
-    fn scan(
-        &self,
-        shard: u32,
-        since_ms: u64,
-        f: &mut dyn FnMut(Fingerprint, u64),
-    ) -> Result<usize, JournalError>;
+    fn scan(&self, shards: &[u32], since_ms: u64, f: &mut dyn FnMut(Record)) -> Result<usize, JournalError>;
 
     /// Forgets every id, of any shard, that was accepted before
     /// `before_ms`; returns how many ids that removed (an implementation

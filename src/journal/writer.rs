@@ -318,7 +318,7 @@ mod tests {
         fn append(&mut self, _: &[Record]) -> Result<(), JournalError> {
             panic!("disk on fire");
         }
-        fn scan(&self, _: u32, _: u64, _: &mut dyn FnMut(Fingerprint, u64)) -> Result<usize, JournalError> {
+        fn scan(&self, _: &[u32], _: u64, _: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
             Ok(0)
         }
         fn expire(&mut self, _: u64) -> Result<usize, JournalError> {

@@ -383,12 +383,16 @@ impl<H: Hook> Pipeline<H> {
         let now = unix_ms();
         let since = now.saturating_sub(self.dedup.config().window_ms);
         let mut restored = 0;
-        for &shard in shards {
-            let mut table = self.dedup.table(shard);
-            journal.scan(shard, since, &mut |fp, born| {
-                restored += usize::from(table.restore(fp, born, now));
-            })?;
-        }
+        // A chunk's ids are of one shard: its table stays locked across them.
+        let mut open = None;
+        journal.scan(shards, since, &mut |r| {
+            if open.as_ref().is_none_or(|(shard, _)| *shard != r.shard) {
+                drop(open.take()); // one table lock at a time
+                open = Some((r.shard, self.dedup.table(r.shard)));
+            }
+            let (_, table) = open.as_mut().expect("just opened");
+            restored += usize::from(table.restore(r.fingerprint, r.born_ms, now));
+        })?;
         for &shard in shards {
             self.ownership.set(shard, ShardState::Ready);
         }

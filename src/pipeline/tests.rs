@@ -49,13 +49,8 @@ impl Journal for TestJournal {
             Behaviour::Panic => panic!("journal bug"),
         }
     }
-    fn scan(
-        &self,
-        shard: u32,
-        since_ms: u64,
-        f: &mut dyn FnMut(Fingerprint, u64),
-    ) -> Result<usize, JournalError> {
-        self.records.lock().unwrap().scan(shard, since_ms, f)
+    fn scan(&self, shards: &[u32], since_ms: u64, f: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
+        self.records.lock().unwrap().scan(shards, since_ms, f)
     }
     fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
         self.records.lock().unwrap().expire(before_ms)
