@@ -31,6 +31,7 @@ use std::ops::Range;
 
 use crate::engine::dedup::{Deduplicator, Record};
 use crate::engine::event::EventErrorKind;
+use crate::engine::fingerprint::Fingerprint;
 
 /// The verdict on one line of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,9 +141,9 @@ pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32
         entries: vec![None; lines.len()],
         ..Decision::default()
     };
-    // Per shard decided here: (line, fingerprint).
-    let mut local: Vec<Vec<(usize, crate::engine::fingerprint::Fingerprint)>> =
-        vec![Vec::new(); dedup.shard_count() as usize];
+    // The lines decided here, as (shard << 32 | line, fingerprint): sorted,
+    // they fall into runs of one shard in line order.
+    let mut here: Vec<(u64, Fingerprint)> = Vec::with_capacity(lines.len());
     for (i, range) in lines.iter().enumerate() {
         let line = &body[range.clone()];
         let keyed = match dedup.key(line) {
@@ -155,7 +156,7 @@ pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32
         };
         let shard = keyed.shard;
         match route(shard) {
-            Route::Here => local[shard as usize].push((i, keyed.fingerprint)),
+            Route::Here => here.push(((u64::from(shard) << 32) | i as u64, keyed.fingerprint)),
             Route::NotReady => {
                 d.not_ready += 1;
                 d.entries[i] = Some(Entry::error(
@@ -178,14 +179,17 @@ pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32
             }
         }
     }
-    let (mut fps, mut verdicts) = (Vec::new(), Vec::new());
-    for (shard, items) in local.iter().enumerate().filter(|(_, items)| !items.is_empty()) {
-        let shard = shard as u32;
+    here.sort_unstable_by_key(|&(at, _)| at);
+    let (mut fps, mut verdicts) = (Vec::with_capacity(here.len()), Vec::with_capacity(here.len()));
+    d.new.reserve(here.len());
+    for run in here.chunk_by(|a, b| a.0 >> 32 == b.0 >> 32) {
+        let shard = (run[0].0 >> 32) as u32;
         fps.clear();
-        fps.extend(items.iter().map(|&(_, fp)| fp));
+        fps.extend(run.iter().map(|&(_, fp)| fp));
         verdicts.clear();
         dedup.check_and_insert_many(shard, &fps, now_ms, &mut verdicts);
-        for (&(i, fingerprint), verdict) in items.iter().zip(&verdicts) {
+        for (&(at, fingerprint), verdict) in run.iter().zip(&verdicts) {
+            let i = (at & u64::from(u32::MAX)) as usize;
             if verdict.is_new() {
                 let record = Record {
                     shard,

@@ -20,6 +20,7 @@ pub mod subscription;
 
 use std::sync::Arc;
 
+use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::{Client, HeaderMap, Subject};
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -117,8 +118,9 @@ impl Hook for Republish {
                     // A line too long for a header beside it goes bare: a
                     // message without the header is one event.
                     let headers = (payload.len() <= limit).then(|| {
+                        const NAME: HeaderName = HeaderName::from_static(COUNT_HEADER);
                         let mut headers = HeaderMap::new();
-                        headers.insert(COUNT_HEADER, count.to_string().as_str());
+                        headers.insert(NAME, HeaderValue::from(count));
                         headers
                     });
                     self.publish(subject, headers, payload.into()).await;
