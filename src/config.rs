@@ -65,6 +65,11 @@ pub struct NatsConfig {
     /// Messages buffered per subscription before the client reports a slow
     /// consumer and drops. Default 65536.
     pub subscription_capacity: usize,
+    /// Longest pause between two attempts to reconnect after the server
+    /// went away (the pauses double from 1 ms up to it), so that service
+    /// resumes within about this long once a server is back. The client's
+    /// own default is 4 s. Default `250ms`.
+    pub reconnect_delay_max: String,
 }
 
 impl Default for NatsConfig {
@@ -80,6 +85,7 @@ impl Default for NatsConfig {
             tls_cert: None,
             tls_key: None,
             subscription_capacity: 65_536,
+            reconnect_delay_max: "250ms".into(),
         }
     }
 }
@@ -330,6 +336,15 @@ impl Config {
                     "0ms to 1s, e.g. \"1ms\"",
                 )
             })?;
+        parse_duration_ms(&self.nats.reconnect_delay_max)
+            .filter(|ms| (1..=60_000).contains(ms))
+            .ok_or_else(|| {
+                ConfigError::field(
+                    "nats.reconnect_delay_max",
+                    &self.nats.reconnect_delay_max,
+                    "1ms to 60s, e.g. \"250ms\"",
+                )
+            })?;
         let shutdown_timeout_ms = parse_duration_ms(&self.shutdown_timeout)
             .filter(|ms| (1..=3_600_000).contains(ms))
             .ok_or_else(|| {
@@ -521,8 +536,13 @@ mod tests {
 
     #[test]
     fn each_invalid_value_names_its_field() {
-        let cases: [(&str, &str, &str); 13] = [
+        let cases: [(&str, &str, &str); 14] = [
             ("EVENTSIEVE_BATCH_OUTPUT", "per_line", "batch_output"),
+            (
+                "EVENTSIEVE_NATS__RECONNECT_DELAY_MAX",
+                "0ms",
+                "reconnect_delay_max",
+            ),
             ("EVENTSIEVE_MAX_INFLIGHT_BYTES", "1000", "`max_inflight_bytes`"),
             ("EVENTSIEVE_SHUTDOWN_TIMEOUT", "forever", "`shutdown_timeout`"),
             ("EVENTSIEVE_WINDOW", "8d", "`window`"),

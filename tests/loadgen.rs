@@ -1,6 +1,7 @@
 //! The load generator (`examples/loadgen.rs`) as a real process against a
 //! real nats-server and sidecar binary: a short bounded run of each mode
-//! must check every verdict and report what the sidecar holds.
+//! must check every verdict, report what the sidecar holds, and the CPU per
+//! event of the server, the generator and the sidecar.
 
 mod common;
 
@@ -57,6 +58,7 @@ fn free_port() -> u16 {
 fn run(bin: &Path, server: &NatsServer, metrics: &str, args: &[&str]) -> Value {
     let out = Command::new(bin)
         .args(["--url", &server.url(), "--metrics", metrics, "--json"])
+        .args(["--server-pid", &server.pid().to_string()])
         .args(args)
         .output()
         .expect("run loadgen");
@@ -111,6 +113,17 @@ fn check(report: &Value, relay_label: &str, accepted_before: u64) -> u64 {
         ensure(
             new > 0 && dup > 0,
             format!("{name}: both new and duplicate events expected"),
+        );
+        // A short run may take less than one 10 ms tick of CPU: the figures
+        // must be there, not above zero.
+        for who in ["server", "loadgen"] {
+            let us = r[format!("{who}_cpu_us_per_event")].as_f64();
+            ensure(us >= Some(0.0), format!("{name}: {who} CPU per event reported"));
+        }
+        let sidecar = r["sidecar_cpu_us_per_event"].as_f64();
+        ensure(
+            (sidecar >= Some(0.0)) == name.starts_with("eventsieve"),
+            format!("{name}: the sidecar's CPU per event on its own run only"),
         );
     }
     let new = count(runs[3].1, "fresh_new");

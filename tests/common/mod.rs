@@ -14,6 +14,31 @@ use bytes::Bytes;
 use eventsieve::config::{Config, Durability, Settings};
 use tempfile::TempDir;
 
+/// Starts nats-server with `conf` on `port` (-1: any free port) and
+/// returns it with the port it listens on.
+fn spawn_server(conf: &Path, port: i32) -> (Child, u16) {
+    let mut child = Command::new(nats_server_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-c"])
+        .arg(conf)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn nats-server");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                let _ = tx.send(addr.rsplit(':').next().unwrap().trim().parse::<u16>().unwrap());
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("nats-server did not report its port within 20 s");
+    (child, port)
+}
+
 /// A nats-server process with JetStream and the `partition(32,1)` mapping.
 pub struct NatsServer {
     child: Child,
@@ -52,25 +77,7 @@ impl NatsServer {
             ),
         )
         .unwrap();
-        let mut child = Command::new(nats_server_binary())
-            .args(["-a", "127.0.0.1", "-p", "-1", "-c"])
-            .arg(&conf)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn nats-server");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
-                    let _ = tx.send(addr.rsplit(':').next().unwrap().trim().parse::<u16>().unwrap());
-                }
-            }
-        });
-        let port = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("nats-server did not report its port within 20 s");
+        let (child, port) = spawn_server(&conf, -1);
         Self {
             child,
             port,
@@ -88,8 +95,19 @@ impl NatsServer {
         let _ = self.child.wait();
     }
 
+    /// Starts the server again after [`Self::kill`], on the same port with
+    /// the same store.
+    pub fn restart(&mut self) {
+        let (child, _) = spawn_server(&self._dir.path().join("server.conf"), i32::from(self.port));
+        self.child = child;
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub async fn client(&self) -> Client {
