@@ -42,6 +42,18 @@ pub enum BatchOutput {
     PerEvent,
 }
 
+/// Where new events are republished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Output {
+    /// Core NATS publish after the id is committed: at most once.
+    Core,
+    /// A JetStream stream, each event with `Nats-Msg-Id` = its `event_id`,
+    /// acknowledged before the id is committed: exactly once in the stream
+    /// for a producer that retries.
+    Jetstream,
+}
+
 /// NATS connection settings (`[nats]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -129,6 +141,14 @@ pub struct Config {
     /// an `Eventsieve-Count` header) or `per_event` (one message each).
     /// Default `per_shard`.
     pub batch_output: BatchOutput,
+    /// `core` (publish after the commit, at most once) or `jetstream` (into
+    /// the stream `output_stream`, `Nats-Msg-Id` = `event_id`, acknowledged
+    /// before the commit; one message per event, batches too). Default `core`.
+    pub output: Output,
+    /// The JetStream stream of `output = "jetstream"`; created over
+    /// `output_subject` (with `*` for the shard) if it does not exist.
+    /// Default `EVENTSIEVE_OUTPUT`.
+    pub output_stream: String,
     /// Address of the Prometheus endpoint, or empty to disable. Default `127.0.0.1:9464`.
     pub metrics_addr: String,
     /// Requests waiting for a commit before new ones wait (backpressure). Default 65536.
@@ -164,6 +184,8 @@ impl Default for Config {
             verify_store_on_start: true,
             output_subject: "events.unique.{shard}".into(),
             batch_output: BatchOutput::PerShard,
+            output: Output::Core,
+            output_stream: "EVENTSIEVE_OUTPUT".into(),
             metrics_addr: "127.0.0.1:9464".into(),
             max_pending: 65_536,
             max_inflight_bytes: 256 << 20,
@@ -345,6 +367,17 @@ impl Config {
                     "1ms to 60s, e.g. \"250ms\"",
                 )
             })?;
+        let stream_ok = !self.output_stream.is_empty()
+            && !self
+                .output_stream
+                .contains(|c: char| c.is_whitespace() || ".*>/\\".contains(c));
+        if !stream_ok {
+            return Err(ConfigError::field(
+                "output_stream",
+                &self.output_stream,
+                "a JetStream stream name: not empty, no spaces, '.', '*', '>', '/' or '\\'",
+            ));
+        }
         let shutdown_timeout_ms = parse_duration_ms(&self.shutdown_timeout)
             .filter(|ms| (1..=3_600_000).contains(ms))
             .ok_or_else(|| {
@@ -536,8 +569,10 @@ mod tests {
 
     #[test]
     fn each_invalid_value_names_its_field() {
-        let cases: [(&str, &str, &str); 14] = [
+        let cases: [(&str, &str, &str); 16] = [
             ("EVENTSIEVE_BATCH_OUTPUT", "per_line", "batch_output"),
+            ("EVENTSIEVE_OUTPUT", "kafka", "output"),
+            ("EVENTSIEVE_OUTPUT_STREAM", "a.b", "`output_stream`"),
             (
                 "EVENTSIEVE_NATS__RECONNECT_DELAY_MAX",
                 "0ms",

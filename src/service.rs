@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{Durability, Settings};
+use crate::config::{Durability, Output, Settings};
 use crate::engine::{Deduplicator, unix_ms};
 use crate::journal::writer::{self, WriterConfig, WriterError};
 use crate::journal::{Journal, JournalError, LmdbStore, StoreMeta};
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Ownership, Pipeline, ShardState};
 use crate::transport::budget::Budget;
+use crate::transport::nats::jetstream::JetStreamOutput;
 use crate::transport::nats::{self, Context, NatsError, Republish, Subjects, Transport, subscription};
 
 /// How often expired ids are deleted from the journal and tables swept.
@@ -185,7 +186,8 @@ pub async fn start_with(
     let writer = journal
         .is_some()
         .then(|| writer::channel(settings.config.max_pending, metrics.clone()));
-    let pipeline = Arc::new(Pipeline::new(
+    let core = settings.config.output == Output::Core;
+    let mut pipeline = Pipeline::new(
         Deduplicator::new(settings.engine()),
         ownership,
         writer.as_ref().map(|(w, _)| w.clone()),
@@ -194,10 +196,17 @@ pub async fn start_with(
             &subjects,
             shards,
             settings.config.batch_output,
+            core,
             metrics.clone(),
         ),
         metrics.clone(),
-    ));
+    );
+    if !core {
+        let stream = &settings.config.output_stream;
+        let output = JetStreamOutput::open(client.clone(), stream, &subjects, shards).await?;
+        pipeline = pipeline.with_ahead(Arc::new(output));
+    }
+    let pipeline = Arc::new(pipeline);
     let ctx = Arc::new(Context {
         pipeline: pipeline.clone(),
         budget: Budget::new(settings.config.max_inflight_bytes, metrics.clone()),

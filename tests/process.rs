@@ -465,3 +465,95 @@ async fn the_highest_of_65536_shards_keeps_its_ids_across_a_restart() {
     );
     assert_eq!(sidecar.terminate().code(), Some(0));
 }
+
+/// `output = "jetstream"`: five SIGKILLs of the sidecar while 32 producers
+/// each retry an id (timeout, no responder, 503) until it gets a verdict.
+/// Every id ends up in the output stream exactly once, whether its verdict
+/// was `true` or, after a crash between commit and reply, `false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_output_holds_each_id_exactly_once_across_sigkills() {
+    const IDS: usize = 4_000;
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let client = server.client().await;
+    let env = [("EVENTSIEVE_OUTPUT", "jetstream")];
+    let mut sidecar = SidecarProcess::spawn(&server, data.path(), &env);
+    wait_for_sidecar(&client).await;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let producers = {
+        let (client, next, done) = (client.clone(), next.clone(), done.clone());
+        tokio::spawn(async move {
+            let verdicts = Arc::new(Mutex::new(Vec::new()));
+            futures_util::stream::iter(0..32)
+                .for_each_concurrent(32, |_| {
+                    let (client, next, done, verdicts) =
+                        (client.clone(), next.clone(), done.clone(), verdicts.clone());
+                    async move {
+                        loop {
+                            let n = next.fetch_add(1, Ordering::Relaxed);
+                            if n >= IDS {
+                                break;
+                            }
+                            let id = format!("x{n}");
+                            let deadline = Instant::now() + Duration::from_secs(60);
+                            let verdict = loop {
+                                assert!(Instant::now() < deadline, "{id}: no verdict in 60 s");
+                                let request = client.request(format!("dedup.ingest.{id}"), event(&id));
+                                // No answer (crash, no responder): try again.
+                                if let Ok(Ok(reply)) =
+                                    tokio::time::timeout(Duration::from_secs(1), request).await
+                                {
+                                    match parse_answer(&reply) {
+                                        Answer::Verdict(v) => break v,
+                                        Answer::Error(503, _) => {}
+                                        other => panic!("{id}: {other:?}"),
+                                    }
+                                }
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            };
+                            verdicts.lock().await.push((id, verdict));
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+                .await;
+            Arc::try_unwrap(verdicts).unwrap().into_inner()
+        })
+    };
+    for kill in 1..=5 {
+        wait_accepted(&done, kill * IDS / 7).await;
+        sidecar.kill();
+        sidecar = SidecarProcess::spawn(&server, data.path(), &env);
+        wait_for_sidecar(&client).await;
+    }
+    let verdicts = producers.await.unwrap();
+    sidecar.terminate();
+    assert_eq!(verdicts.len(), IDS);
+    let retried_false = verdicts.iter().filter(|(_, v)| !v).count();
+
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream("EVENTSIEVE_OUTPUT").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut copies: std::collections::HashMap<String, usize> = Default::default();
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let id = m
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .unwrap()
+            .to_string();
+        assert_eq!(m.payload, event(&id), "byte for byte");
+        *copies.entry(id).or_default() += 1;
+    }
+    for (id, _) in &verdicts {
+        assert_eq!(
+            copies.get(id),
+            Some(&1),
+            "{id} must be in the stream exactly once"
+        );
+    }
+    assert_eq!(copies.len(), IDS, "nothing else in the stream");
+    eprintln!("{IDS} ids, 5 SIGKILLs: {retried_false} answered false on a retry, each once in the stream");
+}

@@ -29,6 +29,10 @@ pub enum CommitFailed {
     Journal,
     /// The writer has stopped (shutdown) or died: retry elsewhere or later.
     Stopped,
+    /// An output that must take each new event before its id is committed
+    /// (the pipeline's [`crate::pipeline::Ahead`]) did not acknowledge it;
+    /// nothing was written: retry.
+    Output,
 }
 
 /// Completes when the submitted ids are durable, or with why not.

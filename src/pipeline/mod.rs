@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::engine::batch::{self, Entry};
@@ -39,6 +40,19 @@ pub use ownership::{Ownership, ShardState};
 /// were accepted.
 pub trait Hook: Send + Sync + 'static {
     fn accepted(&self, shard: u32, events: Accepted<'_>) -> impl Future<Output = ()> + Send;
+}
+
+/// An output that takes each new event, and acknowledges it, *before* its
+/// id is committed: a JetStream stream that drops repeats by
+/// `Nats-Msg-Id`. A crash between the acknowledgement and the commit leaves
+/// the id unremembered, so the producer's retry is accepted again and
+/// published again, and the stream drops the second copy: the event
+/// reaches the output exactly once for a producer that retries.
+pub trait Ahead: Send + Sync + 'static {
+    /// Publishes `event` of `shard` under its dedup key `id`; resolves once
+    /// the output has acknowledged it (a repeat it dropped counts as
+    /// acknowledged).
+    fn publish(&self, shard: u32, id: &str, event: Bytes) -> BoxFuture<'static, Result<(), String>>;
 }
 
 /// The new events of one request in one shard, as the [`Hook`] gets them.
@@ -89,6 +103,7 @@ pub enum Outcome {
 }
 
 const STORE_FAILED: &str = "the store could not commit this event; retry";
+const OUTPUT_FAILED: &str = "the output stream did not acknowledge this event; retry";
 const STOPPED: &str = "the store is not taking ids (shutting down, or its writer failed); retry";
 
 impl Outcome {
@@ -101,6 +116,7 @@ impl Outcome {
             Outcome::NotReady(shard) => Some((503, format!("shard {shard} is not ready (recovering)"))),
             Outcome::Failed(CommitFailed::Journal) => Some((500, STORE_FAILED.into())),
             Outcome::Failed(CommitFailed::Stopped) => Some((503, STOPPED.into())),
+            Outcome::Failed(CommitFailed::Output) => Some((503, OUTPUT_FAILED.into())),
         }
     }
 }
@@ -175,6 +191,8 @@ pub struct BatchPending {
     new: Vec<(usize, Record)>,
     /// Per shard owned elsewhere: its lines and their sub-batch body.
     forward: BTreeMap<u32, (Vec<usize>, Vec<u8>)>,
+    /// The commit of `new`; `Ok(None)` while the [`Ahead`] output has yet
+    /// to take them (they are submitted by [`Pipeline::finish_batch`]).
     committed: Result<Option<Committed>, CommitFailed>,
 }
 
@@ -197,6 +215,8 @@ pub struct Pipeline<H> {
     writer: Option<Writer>,
     /// Where accepted events go.
     hook: H,
+    /// The output that must take new events before their commit, if any.
+    ahead: Option<Arc<dyn Ahead>>,
     /// Verdict counters.
     metrics: Arc<Metrics>,
 }
@@ -214,8 +234,16 @@ impl<H: Hook> Pipeline<H> {
             ownership,
             writer,
             hook,
+            ahead: None,
             metrics,
         }
+    }
+
+    /// New events go to `ahead`, and are acknowledged there, before their
+    /// ids are committed.
+    pub fn with_ahead(mut self, ahead: Arc<dyn Ahead>) -> Self {
+        self.ahead = Some(ahead);
+        self
     }
 
     pub fn dedup(&self) -> &Deduplicator {
@@ -232,7 +260,7 @@ impl<H: Hook> Pipeline<H> {
 
     /// Settles `event` if it needs no commit, else inserts its id and
     /// queues it for the writer (waiting while the writer's queue is full).
-    pub async fn decide<'a>(&self, event: &'a [u8]) -> Step<'a> {
+    pub async fn decide<'a>(&self, event: &'a Bytes) -> Step<'a> {
         let keyed = match self.dedup.key(event) {
             Ok(keyed) => keyed,
             Err(e) => {
@@ -255,19 +283,41 @@ impl<H: Hook> Pipeline<H> {
             return Step::Done(Outcome::Verdict(Verdict::Duplicate));
         }
         let fingerprint = keyed.fingerprint;
-        let committed = match &self.writer {
-            None => None,
-            Some(writer) => {
-                let record = Record {
-                    shard,
-                    born_ms: now,
-                    fingerprint,
-                };
-                match writer.submit_one(record).await {
-                    Ok(committed) => Some(committed),
-                    Err(failed) => return Step::Done(self.undo(shard, fingerprint, failed)),
-                }
+        let record = Record {
+            shard,
+            born_ms: now,
+            fingerprint,
+        };
+        let committed = match (&self.ahead, &self.writer) {
+            (Some(ahead), writer) => {
+                // Published and acknowledged first, then committed: in a
+                // task of its own, so that events behind it proceed too.
+                let publish = ahead.publish(shard, &keyed.id, event.clone());
+                let writer = writer.clone();
+                let (done, committed) = oneshot::channel();
+                tokio::spawn(async move {
+                    let result = match publish.await {
+                        Err(e) => {
+                            tracing::warn!(message = "The output did not take an event.", error = %e);
+                            Err(CommitFailed::Output)
+                        }
+                        Ok(()) => match writer {
+                            None => Ok(()),
+                            Some(writer) => match writer.submit_one(record).await {
+                                Ok(committed) => committed.await.unwrap_or(Err(CommitFailed::Stopped)),
+                                Err(failed) => Err(failed),
+                            },
+                        },
+                    };
+                    let _ = done.send(result);
+                });
+                Some(committed)
             }
+            (None, None) => None,
+            (None, Some(writer)) => match writer.submit_one(record).await {
+                Ok(committed) => Some(committed),
+                Err(failed) => return Step::Done(self.undo(shard, fingerprint, failed)),
+            },
         };
         Step::Commit(Pending::new(shard, fingerprint, committed))
     }
@@ -321,7 +371,7 @@ impl<H: Hook> Pipeline<H> {
         self.metrics.not_ready.fetch_add(d.not_ready, Relaxed);
         self.metrics.duplicates.fetch_add(d.duplicates, Relaxed);
         let committed = match &self.writer {
-            Some(writer) if !d.new.is_empty() => writer
+            Some(writer) if !d.new.is_empty() && self.ahead.is_none() => writer
                 .submit(d.new.iter().map(|(_, r)| *r).collect())
                 .await
                 .map(Some),
@@ -344,10 +394,22 @@ impl<H: Hook> Pipeline<H> {
         let BatchPending {
             lines,
             mut entries,
-            new,
-            committed,
+            mut new,
+            mut committed,
             ..
         } = pending;
+        if let Some(ahead) = &self.ahead {
+            new = self
+                .publish_ahead(ahead.as_ref(), new, &lines, &mut entries, body)
+                .await;
+            committed = match &self.writer {
+                Some(writer) if !new.is_empty() => writer
+                    .submit(new.iter().map(|(_, r)| *r).collect())
+                    .await
+                    .map(Some),
+                _ => Ok(None),
+            };
+        }
         let result = match committed {
             Ok(committed) => wait(committed).await,
             Err(failed) => Err(failed),
@@ -397,6 +459,43 @@ impl<H: Hook> Pipeline<H> {
             self.ownership.set(shard, ShardState::Ready);
         }
         Ok(restored)
+    }
+
+    /// Publishes the new lines of a batch to `ahead`, all at once, and
+    /// waits for every acknowledgement; the lines it did not take are
+    /// forgotten and answered 503. Returns the lines it took.
+    async fn publish_ahead(
+        &self,
+        ahead: &dyn Ahead,
+        new: Vec<(usize, Record)>,
+        lines: &[Range<usize>],
+        entries: &mut [Option<Entry>],
+        body: &Bytes,
+    ) -> Vec<(usize, Record)> {
+        let publishes = new.iter().map(|(line, record)| {
+            let event = body.slice(lines[*line].clone());
+            // The line was keyed when it was decided; its id again, for
+            // the output's duplicate detection.
+            let id = self
+                .dedup
+                .key(&event)
+                .map(|k| k.id.into_owned())
+                .unwrap_or_default();
+            ahead.publish(record.shard, &id, event)
+        });
+        let results = futures_util::future::join_all(publishes).await;
+        let mut taken = Vec::with_capacity(new.len());
+        for ((line, record), result) in new.into_iter().zip(results) {
+            match result {
+                Ok(()) => taken.push((line, record)),
+                Err(e) => {
+                    tracing::warn!(message = "The output did not take an event.", error = %e);
+                    let outcome = self.undo(record.shard, record.fingerprint, CommitFailed::Output);
+                    entries[line] = outcome.error().map(|(code, reason)| Entry::error(code, reason));
+                }
+            }
+        }
+        taken
     }
 
     /// Forgets an id whose commit failed; the outcome to give for it.

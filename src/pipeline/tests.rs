@@ -331,3 +331,72 @@ async fn a_forwarded_sub_batch_is_never_sent_on() {
     let entries = p.finish_batch(pending, &body).await;
     assert!(matches!(entries[0], Some(Entry::Error { code: 503, .. })));
 }
+
+/// An output ahead of the journal: notes how many ids the journal held at
+/// each publish, and refuses ids that start with `no`.
+struct Stream {
+    journal: Arc<Mutex<MemoryJournal>>,
+    seen: Mutex<Vec<(String, usize)>>,
+}
+
+impl Ahead for Stream {
+    fn publish(&self, _: u32, id: &str, _: Bytes) -> BoxFuture<'static, Result<(), String>> {
+        let held = self.journal.lock().unwrap().len();
+        self.seen.lock().unwrap().push((id.to_string(), held));
+        let refuse = id.starts_with("no");
+        Box::pin(async move { if refuse { Err("refused".into()) } else { Ok(()) } })
+    }
+}
+
+#[tokio::test]
+async fn an_output_ahead_takes_each_new_event_before_its_commit_or_the_id_is_forgotten() {
+    let records: Arc<Mutex<MemoryJournal>> = Arc::default();
+    let metrics = Arc::new(Metrics::default());
+    let (writer, inbox) = writer::channel(64, metrics.clone());
+    let config = WriterConfig {
+        commit_interval: Duration::from_millis(1),
+        expire_every: Duration::from_secs(3600),
+        window_ms: 60_000,
+    };
+    let journal = TestJournal {
+        records: records.clone(),
+        behaviour: Behaviour::Keep,
+    };
+    let _task = writer::spawn(inbox, Box::new(journal), config, metrics.clone());
+    let dedup = engine();
+    let ownership = Ownership::new(dedup.shard_count());
+    for s in 0..dedup.shard_count() {
+        ownership.set(s, ShardState::Ready);
+    }
+    let stream = Arc::new(Stream {
+        journal: records.clone(),
+        seen: Mutex::default(),
+    });
+    let p =
+        Pipeline::new(dedup, ownership, Some(writer), Collect::default(), metrics).with_ahead(stream.clone());
+
+    assert!(is(&verdict(&p, &event("a1")).await, Verdict::New));
+    assert_eq!(records.lock().unwrap().len(), 1);
+    for _ in 0..2 {
+        let outcome = verdict(&p, &event("no1")).await;
+        assert_eq!(outcome.error().map(|(code, _)| code), Some(503), "{outcome:?}");
+    }
+    assert_eq!(records.lock().unwrap().len(), 1, "a refused id is not committed");
+
+    let body = Bytes::from([event("b1"), event("b1"), event("no2")].join(&b'\n'));
+    let pending = p.decide_batch(&body, false).await;
+    let entries = p.finish_batch(pending, &body).await;
+    assert_eq!(entries[0], Some(Entry::New));
+    assert_eq!(entries[1], Some(Entry::Duplicate));
+    assert!(
+        matches!(&entries[2], Some(Entry::Error { code: 503, .. })),
+        "{entries:?}"
+    );
+    assert_eq!(records.lock().unwrap().len(), 2);
+    // Each published before its commit; a refused id is tried again; a
+    // batch's lines go out together (in shard order), before its commit.
+    let mut seen = stream.seen.lock().unwrap().clone();
+    seen[3..].sort();
+    let want = [("a1", 0), ("no1", 1), ("no1", 1), ("b1", 1), ("no2", 1)].map(|(id, n)| (id.to_string(), n));
+    assert_eq!(seen, want);
+}

@@ -10,10 +10,12 @@
 //! | [`forward`] | events and sub-batches of shards owned elsewhere |
 //! | [`fence`] | unsubscribing without dropping a routed request |
 //! | [`discovery`] | `$SRV.PING/INFO/STATS` for `nats micro` |
+//! | [`jetstream`] | `output = "jetstream"`: new events into a stream, acknowledged before the commit |
 
 pub mod discovery;
 pub mod fence;
 pub mod forward;
+pub mod jetstream;
 pub mod options;
 pub mod subjects;
 pub mod subscription;
@@ -73,6 +75,9 @@ pub struct Republish {
     /// The output subject of each shard.
     output: Box<[Subject]>,
     batch_output: BatchOutput,
+    /// False when new events go to a JetStream stream before their commit
+    /// instead ([`jetstream::JetStreamOutput`]).
+    core: bool,
     /// The largest message the server takes, as it said when connecting.
     max_payload: usize,
     metrics: Arc<Metrics>,
@@ -84,6 +89,7 @@ impl Republish {
         subjects: &Subjects,
         shards: u32,
         batch_output: BatchOutput,
+        core: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
         let max_payload = client.server_info().max_payload;
@@ -91,6 +97,7 @@ impl Republish {
             client,
             output: (0..shards).map(|s| subjects.output(s)).collect(),
             batch_output,
+            core,
             max_payload,
             metrics,
         }
@@ -110,6 +117,9 @@ impl Republish {
 
 impl Hook for Republish {
     async fn accepted(&self, shard: u32, events: Accepted<'_>) {
+        if !self.core {
+            return;
+        }
         let subject = &self.output[shard as usize];
         match (events, self.batch_output) {
             (Accepted::Lines { body, lines }, BatchOutput::PerShard) => {

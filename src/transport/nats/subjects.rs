@@ -84,6 +84,11 @@ impl Subjects {
     pub fn output(&self, shard: u32) -> Subject {
         Subject::from(self.output.replace("{shard}", &shard.to_string()))
     }
+
+    /// The output subjects of every shard, as a wildcard.
+    pub fn all_outputs(&self) -> String {
+        self.output.replace("{shard}", "*")
+    }
 }
 
 #[cfg(test)]
