@@ -54,19 +54,60 @@ pub enum Output {
     Jetstream,
 }
 
+/// A credential: used as given, printed as `<redacted>` (`eventsieve
+/// config`, logs, error messages).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the connection only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `urls` (comma-separated) with the password of any `user:password@`
+/// replaced, so that they can be printed.
+pub fn redact_urls(urls: &str) -> String {
+    let redact = |url: &str| -> String {
+        let url = url.trim();
+        let start = url.find("://").map_or(0, |i| i + 3);
+        let Some(at) = url[start..].rfind('@').map(|i| start + i) else {
+            return url.to_string();
+        };
+        match url[start..at].find(':') {
+            Some(colon) => format!("{}:<redacted>{}", &url[..start + colon], &url[at..]),
+            // A lone token or user before `@`: a credential too.
+            None => format!("{}<redacted>{}", &url[..start], &url[at..]),
+        }
+    };
+    urls.split(',').map(redact).collect::<Vec<_>>().join(",")
+}
+
 /// NATS connection settings (`[nats]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// Server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
     pub url: String,
     /// Client name shown by the server. Default `eventsieve`.
     pub name: String,
-    /// User and password authentication. Default none.
+    /// User and password authentication, both or neither. Default none.
     pub user: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Token authentication. Default none.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Path of a `.creds` file (JWT + nkey). Default none.
     pub credentials: Option<PathBuf>,
     /// TLS: CA certificate (PEM) to trust, and a client certificate and key
@@ -99,6 +140,24 @@ impl Default for NatsConfig {
             subscription_capacity: 65_536,
             reconnect_delay_max: "250ms".into(),
         }
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_urls(&self.url))
+            .field("name", &self.name)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("token", &self.token)
+            .field("credentials", &self.credentials)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("subscription_capacity", &self.subscription_capacity)
+            .field("reconnect_delay_max", &self.reconnect_delay_max)
+            .finish()
     }
 }
 
@@ -447,6 +506,13 @@ impl Config {
         if self.nats.subscription_capacity == 0 {
             return Err(ConfigError::field("nats.subscription_capacity", "0", "1 or more"));
         }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return Err(ConfigError::field(
+                "nats.user",
+                "(one of user / password)",
+                "both user and password, or neither (a token goes in nats.token)",
+            ));
+        }
         if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
             return Err(ConfigError::field(
                 "nats.tls_cert",
@@ -525,6 +591,50 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_redacted_wherever_they_are_printed() {
+        assert_eq!(
+            redact_urls("nats://alice:hunter2@h1:4222, tls://t0ken@h2, nats://h3"),
+            "nats://alice:<redacted>@h1:4222,tls://<redacted>@h2,nats://h3"
+        );
+        let nats = NatsConfig {
+            url: "nats://alice:hunter2@h1:4222".into(),
+            user: Some("bob".into()),
+            password: Some(Secret::new("hunter3")),
+            token: Some(Secret::new("t0ken")),
+            ..NatsConfig::default()
+        };
+        let printed = format!("{nats:?} {nats:#?}");
+        for secret in ["hunter2", "hunter3", "t0ken"] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        assert!(
+            printed.contains("alice") && printed.contains("bob"),
+            "users are not secret"
+        );
+    }
+
+    #[test]
+    fn half_given_credentials_are_refused() {
+        Jail::expect_with(|jail| {
+            jail.set_env("EVENTSIEVE_NATS__USER", "bob");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("nats.user") && err.contains("both user and password"),
+                "{err}"
+            );
+            jail.set_env("EVENTSIEVE_NATS__PASSWORD", "hunter3");
+            assert!(Config::load(None).is_ok());
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("EVENTSIEVE_NATS__PASSWORD", "hunter3");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("nats.user") && !err.contains("hunter3"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn env_overrides_file_overrides_defaults() {
         Jail::expect_with(|jail| {
             jail.create_dir("config")?;
@@ -536,6 +646,7 @@ mod tests {
                     [nats]
                     url = "nats://file:4222"
                     user = "fileuser"
+                    password = "filepass"
                 "#,
             )?;
             jail.set_env("EVENTSIEVE_NATS__URL", "nats://env:4222");

@@ -255,6 +255,52 @@ fn invalid_configuration_exits_2_naming_the_field() {
     }
 }
 
+/// Fault: `eventsieve config` printed the NATS password and token, and a
+/// password in the URL reached the log when the connection failed (the
+/// client logs the servers it tries). Secrets are printed as `<redacted>`,
+/// and credentials leave the URL before the client sees it.
+#[test]
+fn secrets_never_reach_the_output_or_the_log() {
+    let data = tempfile::tempdir().unwrap();
+    let secrets = [
+        ("EVENTSIEVE_NATS__PASSWORD", "hunter3"),
+        ("EVENTSIEVE_NATS__TOKEN", "t0ken3"),
+    ];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
+        .arg("config")
+        .env("EVENTSIEVE_NATS__USER", "bob")
+        .envs(secrets)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && printed.contains("bob"), "{printed}");
+    assert!(
+        printed.contains("<redacted>") && !printed.contains("hunter3") && !printed.contains("t0ken3"),
+        "{printed}"
+    );
+
+    // Debug logging, a server that refuses: every line the process writes.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
+        .arg("run")
+        .env("EVENTSIEVE_NATS__URL", "nats://alice:hunter2@127.0.0.1:1")
+        .env("EVENTSIEVE_DATA_DIR", data.path())
+        .env("EVENTSIEVE_METRICS_ADDR", "")
+        .env("EVENTSIEVE_LOG", "debug")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success());
+    assert!(
+        all.contains("cannot connect") && all.contains("127.0.0.1:1"),
+        "{all}"
+    );
+    assert!(!all.contains("hunter2"), "the password was printed: {all}");
+}
+
 /// A store of `n` ids accepted now, written through the library in chunks
 /// of 1000 as group commits would; the fingerprint of one id in it.
 fn store_with_ids(dir: &std::path::Path, n: u64) -> [u8; 16] {
