@@ -31,6 +31,9 @@ pub struct Metrics {
     pub not_ready: AtomicU64,
     /// Requests answered 503 because `max_inflight_bytes` was reached.
     pub overloaded: AtomicU64,
+    /// Requests dropped unanswered because their reply subject was one of
+    /// the sidecar's own (an output or request subject).
+    pub refused_replies: AtomicU64,
     /// Bytes of requests received and not yet answered.
     pub inflight_bytes: AtomicU64,
     pub batches: AtomicU64,
@@ -155,6 +158,12 @@ impl Metrics {
             "counter",
             "Requests answered 503 (shard not ready or no owner).",
             &[("", get(&self.not_ready))],
+        );
+        metric(
+            "refused_reply_subjects_total",
+            "counter",
+            "Requests dropped unanswered: their reply subject was an output or request subject of the sidecar's.",
+            &[("", get(&self.refused_replies))],
         );
         metric(
             "overloaded_total",

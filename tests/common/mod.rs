@@ -67,16 +67,29 @@ impl NatsServer {
     /// Starts a server with the mapping for `shards` shards (and the same
     /// for the load generator's `relay` baseline, as in `nats/server.conf`).
     pub fn start_with_shards(shards: u32) -> Self {
+        Self::start_configured(shards, false)
+    }
+
+    /// Starts a server with the users and permissions the project ships
+    /// (`nats/permissions.conf`).
+    pub fn start_with_permissions() -> Self {
+        Self::start_configured(32, true)
+    }
+
+    fn start_configured(shards: u32, permissions: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let conf = dir.path().join("server.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "jetstream {{ store_dir: {:?} }}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n  \"loadgen.ingest.*\": \"loadgen.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
-                dir.path().join("js")
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "jetstream {{ store_dir: {:?} }}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n  \"loadgen.ingest.*\": \"loadgen.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
+            dir.path().join("js")
+        );
+        if permissions {
+            // An include is relative to the including file.
+            let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("nats/permissions.conf");
+            std::fs::copy(shipped, dir.path().join("permissions.conf")).expect("nats/permissions.conf");
+            text.push_str("include \"permissions.conf\"\n");
+        }
+        std::fs::write(&conf, text).unwrap();
         let (child, port) = spawn_server(&conf, -1);
         Self {
             child,
@@ -108,6 +121,15 @@ impl NatsServer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// A client of `user` (the shipped permissions' passwords are
+    /// `change-me-<user>`).
+    pub async fn client_as(&self, user: &str) -> Client {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), format!("change-me-{user}"))
+            .connect(self.url())
+            .await
+            .expect("connect with the shipped credentials")
     }
 
     pub async fn client(&self) -> Client {

@@ -81,6 +81,27 @@ impl Subjects {
     }
 
     /// Where accepted events of `shard` are republished.
+    /// Whether a requester's reply subject is one of the sidecar's own: under
+    /// the prefix, or an output subject. A reply sent there would be a
+    /// request, or an event, forged under the sidecar's name.
+    pub fn is_ours(&self, subject: &str) -> bool {
+        if subject == self.prefix || subject.starts_with(&format!("{}.", self.prefix)) {
+            return true;
+        }
+        let (template, tokens): (Vec<&str>, Vec<&str>) =
+            (self.output.split('.').collect(), subject.split('.').collect());
+        template.len() == tokens.len()
+            && template
+                .iter()
+                .zip(&tokens)
+                .all(|(t, s)| match t.split_once("{shard}") {
+                    None => t == s,
+                    Some((before, after)) => {
+                        s.len() >= before.len() + after.len() && s.starts_with(before) && s.ends_with(after)
+                    }
+                })
+    }
+
     pub fn output(&self, shard: u32) -> Subject {
         Subject::from(self.output.replace("{shard}", &shard.to_string()))
     }
@@ -94,6 +115,32 @@ impl Subjects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sidecars_own_subjects_are_recognised_as_reply_subjects() {
+        let s = Subjects::new("dedup", "events.unique.{shard}");
+        for ours in [
+            "events.unique.3",
+            "events.unique.x",
+            "dedup.shard.1.a",
+            "dedup.internal.batch.2",
+            "dedup",
+        ] {
+            assert!(s.is_ours(ours), "{ours}");
+        }
+        for theirs in [
+            "_INBOX.abc.1",
+            "events.unique",
+            "events.unique.3.4",
+            "dedupx.a",
+            "events.other.3",
+        ] {
+            assert!(!s.is_ours(theirs), "{theirs}");
+        }
+        let s = Subjects::new("a.b", "out-{shard}-x.y");
+        assert!(s.is_ours("out-12-x.y") && s.is_ours("a.b.ingest"));
+        assert!(!s.is_ours("out-12.y") && !s.is_ours("a.c"));
+    }
 
     #[test]
     fn internal_subjects_are_outside_the_public_ones() {

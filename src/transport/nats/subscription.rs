@@ -195,6 +195,13 @@ impl Served {
         if fence::is_fence(&message) {
             return;
         }
+        if let Some(reply) = &message.reply
+            && self.ctx.subjects.is_ours(reply)
+        {
+            Metrics::inc(&self.ctx.metrics.refused_replies);
+            tracing::debug!(message = "Request dropped: its reply subject is one of the sidecar's own.", reply = %reply);
+            return;
+        }
         let batch_kind = matches!(self.kind, Kind::Batch | Kind::SubBatch(_) | Kind::AllSubBatches);
         let Some(held) = self.ctx.budget.try_hold(message.payload.len()) else {
             return overloaded(&self.ctx, message, batch_kind).await;
