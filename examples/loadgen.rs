@@ -23,6 +23,7 @@
 //!     [--size 200 | --size 20-4096] [--window 7d]
 //!     [--baselines raw,relay,jetstream | --no-baseline]
 //!     [--shards 32] [--batch-output per_shard|per_event]
+//!     [--serve-relay | --relay-pid PID]
 //!     [--metrics 127.0.0.1:9464] [--server-pid PID] [--json]
 //! ```
 //!
@@ -41,6 +42,13 @@
 //! `/proc/<pid>/stat`; `--server-pid`, else the one local process named
 //! `nats-server`), the load generator's own (the baselines' responders run
 //! in it), and the sidecar's (its `eventsieve_process_cpu_seconds_total`).
+//!
+//! The `relay` responder can run in a process of its own, so that its CPU
+//! per event is measured as the sidecar's is: the floor for the same
+//! messages through the same NATS client. `loadgen --serve-relay [--batch
+//! N] --seconds S` serves only it for S seconds; `loadgen --relay-pid PID`
+//! then drives that process instead of starting a responder, and reports
+//! its CPU per event in the `relay µs` column.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -75,6 +83,8 @@ struct Args {
     server_pid: Option<u32>,
     shards: u32,
     per_event: bool,
+    serve_relay: bool,
+    relay_pid: Option<u32>,
     json: bool,
 }
 
@@ -102,6 +112,8 @@ fn args() -> Args {
         server_pid: None,
         shards: 32,
         per_event: false,
+        serve_relay: false,
+        relay_pid: None,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -154,6 +166,8 @@ fn args() -> Args {
             "--metrics" => a.metrics = value(),
             "--server-pid" => a.server_pid = Some(num(&flag, value())),
             "--shards" => a.shards = num(&flag, value()),
+            "--serve-relay" => a.serve_relay = true,
+            "--relay-pid" => a.relay_pid = Some(num(&flag, value())),
             "--batch-output" => {
                 a.per_event = match value().as_str() {
                     "per_shard" => false,
@@ -323,7 +337,7 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
                 let subject = match (&target, a.batch) {
                     (Target::Raw, _) => format!("loadgen.echo.{tag}"),
                     (Target::Relay, 0) => format!("loadgen.ingest.{}", id(ids[0].0)),
-                    (Target::Relay, _) => format!("loadgen.batch.{tag}"),
+                    (Target::Relay, _) => format!("loadgen.batch.{}", relay_tag(&a, &tag)),
                     (_, 0) => format!("dedup.ingest.{}", id(ids[0].0)),
                     _ => "dedup.batch".to_string(),
                 };
@@ -418,6 +432,9 @@ async fn drive(
         // Idle during a baseline: its figure would only say so.
         spent.sidecar = None;
     }
+    if !matches!(target, Target::Relay) {
+        spent.relay = None;
+    }
     (all, (elapsed, spent))
 }
 
@@ -427,11 +444,14 @@ struct Cpu {
     server: Option<f64>,
     own: f64,
     sidecar: Option<f64>,
+    /// An external `relay` responder (`--relay-pid`).
+    relay: Option<f64>,
 }
 
 /// Where to read the CPU time of the server and the sidecar.
 struct Clocks {
     server_pid: Option<u32>,
+    relay_pid: Option<u32>,
     metrics: String,
 }
 
@@ -449,6 +469,7 @@ impl Clocks {
         });
         Self {
             server_pid,
+            relay_pid: a.relay_pid,
             metrics: a.metrics.clone(),
         }
     }
@@ -458,6 +479,7 @@ impl Clocks {
             server: self.server_pid.and_then(|pid| cpu_seconds(Some(pid))),
             own: cpu_seconds(None).unwrap_or(0.0),
             sidecar: scrape_value(&self.metrics, "eventsieve_process_cpu_seconds_total").ok(),
+            relay: self.relay_pid.and_then(|pid| cpu_seconds(Some(pid))),
         }
     }
 }
@@ -470,6 +492,7 @@ impl std::ops::Sub for Cpu {
             server: diff(self.server, earlier.server),
             own: self.own - earlier.own,
             sidecar: diff(self.sidecar, earlier.sidecar),
+            relay: diff(self.relay, earlier.relay),
         }
     }
 }
@@ -575,6 +598,16 @@ struct Relay {
     mapped: Arc<AtomicBool>,
 }
 
+/// The tag of the relay's batch subject: fixed when the relay runs in a
+/// process of its own.
+fn relay_tag<'a>(a: &Args, tag: &'a str) -> &'a str {
+    if a.serve_relay || a.relay_pid.is_some() {
+        "ext"
+    } else {
+        tag
+    }
+}
+
 async fn relay(a: &Args, tag: &str) -> Result<Relay, async_nats::Error> {
     let mapped = Arc::new(AtomicBool::new(false));
     let seen = mapped.clone();
@@ -587,7 +620,7 @@ async fn relay(a: &Args, tag: &str) -> Result<Relay, async_nats::Error> {
     let subjects = if a.batch == 0 {
         vec!["loadgen.shard.*.*".to_string(), "loadgen.ingest.*".to_string()]
     } else {
-        vec![format!("loadgen.batch.{tag}")]
+        vec![format!("loadgen.batch.{}", relay_tag(a, tag))]
     };
     let (batch, shards, per_event) = (a.batch > 0, a.shards, a.per_event);
     let single = |shard: u32, payload: Bytes| Republish {
@@ -711,6 +744,17 @@ async fn main() -> Result<(), async_nats::Error> {
     } else {
         format!("batch of {}", a.batch)
     };
+    if a.serve_relay {
+        let relay = relay(&a, &tag).await?;
+        eprintln!(
+            "loadgen: serving the relay responder for {} s (pid {})",
+            a.seconds,
+            std::process::id()
+        );
+        tokio::time::sleep(Duration::from_secs(a.seconds)).await;
+        relay.task.abort();
+        return Ok(());
+    }
     let mut rows = Vec::new();
     let clocks = Clocks::new(&a);
 
@@ -723,7 +767,10 @@ async fn main() -> Result<(), async_nats::Error> {
         rows.push(row(format!("raw request-reply ({mode})"), t, elapsed));
         echo.abort();
     }
-    if a.relay {
+    if a.relay && a.relay_pid.is_some() {
+        let (t, elapsed) = drive(&client, &clocks, Target::Relay, &a, &tag, a.baseline_seconds).await;
+        rows.push(row(format!("relay, no dedup ({mode}, external)"), t, elapsed));
+    } else if a.relay {
         let relay = relay(&a, &tag).await?;
         let (t, elapsed) = drive(&client, &clocks, Target::Relay, &a, &tag, a.baseline_seconds).await;
         let how = match (a.batch, relay.mapped.load(Ordering::Relaxed)) {
@@ -783,6 +830,7 @@ async fn main() -> Result<(), async_nats::Error> {
                     "server_cpu_us_per_event": r.per_event(r.cpu.server),
                     "loadgen_cpu_us_per_event": r.per_event(Some(r.cpu.own)),
                     "sidecar_cpu_us_per_event": r.per_event(r.cpu.sidecar),
+                    "relay_cpu_us_per_event": r.per_event(r.cpu.relay),
                 })
             })
             .collect();
@@ -811,7 +859,7 @@ async fn main() -> Result<(), async_nats::Error> {
         a.inflight, a.size.0, a.size.1, a.dup_ratio, a.seconds, a.baseline_seconds, a.max_events
     );
     println!(
-        "{:<40} {:>11} {:>10} {:>8} {:>8} {:>9} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8} {:>8}",
+        "{:<40} {:>11} {:>10} {:>8} {:>8} {:>9} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8}",
         "run",
         "events/s",
         "req/s",
@@ -824,12 +872,13 @@ async fn main() -> Result<(), async_nats::Error> {
         "errors",
         "srv µs",
         "gen µs",
-        "side µs"
+        "side µs",
+        "relay µs"
     );
     let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for r in &rows {
         println!(
-            "{:<40} {:>11.0} {:>10.0} {:>8.3} {:>8.3} {:>9.3} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8} {:>8}",
+            "{:<40} {:>11.0} {:>10.0} {:>8.3} {:>8.3} {:>9.3} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8}",
             r.name,
             r.events_per_s,
             r.requests_per_s,
@@ -843,10 +892,11 @@ async fn main() -> Result<(), async_nats::Error> {
             us(r.per_event(r.cpu.server)),
             us(r.per_event(Some(r.cpu.own))),
             us(r.per_event(r.cpu.sidecar)),
+            us(r.per_event(r.cpu.relay)),
         );
     }
     println!(
-        "CPU per event verdicted: srv = nats-server, gen = this load generator (and the baselines' responders), side = the sidecar"
+        "CPU per event verdicted: srv = nats-server, gen = this load generator (and the baselines' responders), side = the sidecar, relay = an external relay (--relay-pid)"
     );
     for r in rows.iter().filter(|r| r.tally.errors > 0) {
         let first = r.tally.first_error.as_deref().unwrap_or("?");
