@@ -112,10 +112,19 @@ async fn the_shipped_permissions_let_a_producer_ingest_and_nothing_more() {
         "s3 was not taken"
     );
 
-    // A consumer publishes nothing; an operator can discover the service.
+    // A consumer publishes nothing; an operator can discover the service,
+    // look ids up and forget them, a producer cannot.
     unanswered(&consumer, "dedup.ingest.s5", event("s5")).await;
+    unanswered(&producer, "dedup.lookup.s1", Bytes::new()).await;
+    unanswered(&producer, "dedup.forget.s1", Bytes::new()).await;
     let operator = server.client_as("operator").await;
     let ping = request(&operator, "$SRV.PING.eventsieve", Bytes::new()).await;
     assert!(!ping.payload.is_empty());
+    let forgot = request(&operator, "dedup.forget.s1", Bytes::new()).await;
+    assert!(
+        forgot.payload.starts_with(br#"{"forgotten":true"#),
+        "{:?}",
+        forgot.payload
+    );
     running.shutdown().await.unwrap();
 }

@@ -389,6 +389,9 @@ impl eventsieve::journal::Journal for PanickingJournal {
     fn append(&mut self, _: &[eventsieve::engine::Record]) -> Result<(), eventsieve::journal::JournalError> {
         panic!("journal bug in append");
     }
+    fn forget(&mut self, _: &[eventsieve::engine::Record]) -> Result<(), eventsieve::journal::JournalError> {
+        panic!("journal bug in forget");
+    }
     fn scan(
         &self,
         _: &[u32],

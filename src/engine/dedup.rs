@@ -165,6 +165,21 @@ impl Deduplicator {
         })
     }
 
+    /// Validates a bare `event_id` (as in a look-up subject) and computes
+    /// its shard and fingerprint.
+    ///
+    /// # Errors
+    ///
+    /// The [`EventError`] of the id rule it breaks.
+    pub fn key_of_id<'a>(&self, id: &'a str) -> Result<Keyed<'a>, EventError> {
+        event::validate_id(id, &self.config.limits)?;
+        Ok(Keyed {
+            shard: shard_of(id, self.config.shards),
+            fingerprint: Fingerprint::of(id.as_bytes()),
+            id: id.into(),
+        })
+    }
+
     /// The verdict for an already keyed event at `now_ms`.
     pub fn check_and_insert(&self, keyed: &Keyed<'_>, now_ms: u64) -> Verdict {
         self.check_and_insert_fp(keyed.shard, keyed.fingerprint, now_ms)

@@ -663,6 +663,20 @@ impl Table {
         }
     }
 
+    /// When `fp` arrived (to the time unit the table keeps), if it is alive
+    /// at `now_ms`; changes nothing.
+    pub fn born_ms(&self, fp: Fingerprint, now_ms: u64) -> Option<u64> {
+        let seg = self.segment(fp)?;
+        let at = self.at(now_ms.max(self.last_now_ms));
+        let (now, window) = (seg.now(&at), seg.window(&at));
+        match seg.probe(tag_of(fp)) {
+            Probe::Found(b, s) if alive(now, seg.buckets[b].born[s], window) => {
+                Some((seg.floor + u64::from(seg.buckets[b].born[s])) * at.unit)
+            }
+            _ => None,
+        }
+    }
+
     /// Puts back an entry born at `born_ms` (recovery from the durable log).
     /// An entry already dead at `now_ms` is skipped; a later birth of the same
     /// fingerprint wins. Returns whether the entry is alive now.

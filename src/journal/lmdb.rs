@@ -22,6 +22,12 @@
 //! different format, shard count or fingerprint is an error (the window may
 //! change: a larger one reaches back as far as entries were retained).
 //!
+//! A third database, `forgotten`, holds the ids an operator forgot:
+//! key `shard (u16 BE) ‖ fingerprint (16 bytes)`, value `when (u64 BE ms) ‖
+//! checksum (8 bytes, as for chunks)`. A scan skips an id accepted at or
+//! before its forgetting; an entry goes once it is older than the window
+//! (every id it could hide has expired by then).
+//!
 //! Only one writer (the service's commit thread) writes; every commit is
 //! one transaction covering a whole group of ids (group commit).
 //!
@@ -124,6 +130,19 @@ fn corrupt(path: &Path, key: &[u8]) -> JournalError {
     )
 }
 
+/// The error for a `forgotten` entry whose checksum fails.
+fn corrupt_forgotten(path: &Path) -> JournalError {
+    JournalError::new(
+        JournalErrorKind::Corrupt,
+        format!(
+            "the store in {} is damaged: an entry of its forgotten ids fails its checksum. Run `eventsieve store \
+             verify --data-dir {}`, then restore the directory from a copy",
+            path.display(),
+            path.display()
+        ),
+    )
+}
+
 /// A chunk's ids as `(fingerprint, arrival ms)`.
 fn entries(newest_ms: u64, value: &[u8]) -> impl Iterator<Item = (Fingerprint, u64)> + '_ {
     value.chunks_exact(ENTRY_LEN).map(move |e| {
@@ -134,12 +153,27 @@ fn entries(newest_ms: u64, value: &[u8]) -> impl Iterator<Item = (Fingerprint, u
 }
 
 type Log = Database<'static, Bytes, Bytes>;
+type Forgotten = Database<'static, Bytes, Bytes>;
+
+fn forgotten_key(shard: u32, fp: Fingerprint) -> [u8; 18] {
+    let mut k = [0u8; 18];
+    k[..2].copy_from_slice(&(shard as u16).to_be_bytes());
+    k[2..].copy_from_slice(&fp.to_bytes());
+    k
+}
+
+/// When a `forgotten` entry was made, if its checksum holds.
+fn forgotten_at(key: &[u8], value: &[u8]) -> Option<u64> {
+    let (at, sum) = value.split_at_checked(8)?;
+    (key.len() == 18 && checksum(key, at) == sum).then(|| u64::from_be_bytes(at.try_into().expect("8 bytes")))
+}
 type Meta = Database<'static, Str, Str>;
 
 /// The LMDB store of one node.
 pub struct LmdbStore {
     env: Env,
     log: Log,
+    forgotten: Forgotten,
     path: PathBuf,
     /// Tells apart chunks with the same newest arrival.
     seq: u32,
@@ -180,7 +214,7 @@ impl LmdbStore {
         let mut options = EnvOpenOptions::new();
         options
             .map_size(map_bytes.max(existing.next_power_of_two()))
-            .max_dbs(2);
+            .max_dbs(3);
         // SAFETY: LMDB requires that one process does not open the same
         // environment twice and that its files are changed by nothing but
         // LMDB. The caller must give a directory that is exclusive to this
@@ -198,16 +232,17 @@ impl LmdbStore {
             options.open(dir)
         }
         .map_err(|e| open_err(format!("cannot open LMDB store in {}", dir.display()), Some(e)))?;
-        let create = || -> heed::Result<(Log, Meta)> {
+        let create = || -> heed::Result<(Log, Meta, Forgotten)> {
             let wtxn = env.write_txn()?;
             let dbs = env.create_databases_and_commit(wtxn, |dbo, wtxn| -> heed::Result<_> {
                 let log: Database<Bytes, Bytes> = dbo.create_database(wtxn, Some("log"))?;
                 let meta: Database<Str, Str> = dbo.create_database(wtxn, Some("meta"))?;
-                Ok(CommitOrAbort::<_, ()>::Commit((log, meta)))
+                let forgotten: Database<Bytes, Bytes> = dbo.create_database(wtxn, Some("forgotten"))?;
+                Ok(CommitOrAbort::<_, ()>::Commit((log, meta, forgotten)))
             })?;
             Ok(dbs.unwrap_commit())
         };
-        let (log, meta_db) = create().map_err(|e| io("create databases", e))?;
+        let (log, meta_db, forgotten) = create().map_err(|e| io("create databases", e))?;
         let mut wtxn = env.write_txn().map_err(|e| io("begin", e))?;
         let want = [
             ("format", FORMAT.to_string()),
@@ -256,6 +291,7 @@ impl LmdbStore {
         Ok(Self {
             env,
             log,
+            forgotten,
             path: dir.to_owned(),
             seq: 0,
         })
@@ -339,11 +375,29 @@ impl Journal for LmdbStore {
         result.map_err(|e| write_failed(&self.path, "append to the log", e))
     }
 
+    /// Records each forgetting in `forgotten` (the later one when an id is
+    /// forgotten twice), in one transaction.
+    fn forget(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        let (env, forgotten) = (&self.env, self.forgotten);
+        with_growth(env, || {
+            let mut wtxn = env.write_txn()?;
+            for r in records {
+                let k = forgotten_key(r.shard, r.fingerprint);
+                let earlier = forgotten.get(&wtxn, &k[..])?.and_then(|v| forgotten_at(&k, v));
+                let at = earlier.unwrap_or(0).max(r.born_ms).to_be_bytes();
+                let value = [at, checksum(&k, &at)].concat();
+                forgotten.put(&mut wtxn, &k[..], &value)?;
+            }
+            wtxn.commit()
+        })
+        .map_err(|e| write_failed(&self.path, "record forgotten ids", e))
+    }
+
     /// Deletes the chunks whose ids all arrived before `before_ms` (a
     /// chunk goes once its newest id has expired): one range delete at the
-    /// start of the keys.
+    /// start of the keys; and the forgettings older than that.
     fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
-        let (env, log) = (&self.env, self.log);
+        let (env, log, forgotten) = (&self.env, self.log, self.forgotten);
         let hi = key(before_ms, 0, 0);
         let range = (Bound::Unbounded, Bound::Excluded(&hi[..]));
         with_growth(env, || {
@@ -353,6 +407,16 @@ impl Journal for LmdbStore {
                 ids += ids_in(entry?.1);
             }
             log.delete_range(&mut wtxn, &range)?;
+            let mut old = Vec::new();
+            for entry in forgotten.iter(&wtxn)? {
+                let (k, v) = entry?;
+                if forgotten_at(k, v).is_none_or(|at| at < before_ms) {
+                    old.push(k.to_vec());
+                }
+            }
+            for k in old {
+                forgotten.delete(&mut wtxn, &k)?;
+            }
             wtxn.commit()?;
             Ok(ids)
         })
@@ -367,6 +431,16 @@ impl Journal for LmdbStore {
             wanted[shard as usize] = true;
         }
         let rtxn = self.env.read_txn().map_err(|e| io("scan the log", e))?;
+        let mut forgotten = std::collections::HashMap::new();
+        for entry in self
+            .forgotten
+            .iter(&rtxn)
+            .map_err(|e| io("scan forgotten ids", e))?
+        {
+            let (k, v) = entry.map_err(|e| io("scan forgotten ids", e))?;
+            let at = forgotten_at(k, v).ok_or_else(|| corrupt_forgotten(&self.path))?;
+            forgotten.insert(k.to_vec(), at);
+        }
         let lo = key(since_ms, 0, 0);
         let mut n = 0;
         let range = self
@@ -384,6 +458,13 @@ impl Journal for LmdbStore {
                 continue;
             }
             for (fingerprint, born_ms) in entries(newest, chunk).filter(|&(_, born)| born >= since_ms) {
+                let hidden = !forgotten.is_empty()
+                    && forgotten
+                        .get(&forgotten_key(shard, fingerprint)[..])
+                        .is_some_and(|&at| born_ms <= at);
+                if hidden {
+                    continue;
+                }
                 f(Record {
                     shard,
                     born_ms,
@@ -497,7 +578,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, JournalError> {
     let mut options = EnvOpenOptions::new();
     options
         .map_size((size.len() as usize).next_power_of_two().max(INITIAL_MAP_BYTES))
-        .max_dbs(2);
+        .max_dbs(3);
     // SAFETY: as in `LmdbStore::open`: the directory must be a store's own
     // local directory. READ_ONLY: nothing is written.
     let env = unsafe {
@@ -512,11 +593,12 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, JournalError> {
         .with_source(e)
     })?;
     let rtxn = env.read_txn().map_err(|e| io("begin", e))?;
-    let (log, meta) = env
+    let (log, meta, forgotten) = env
         .open_databases_and_commit(rtxn, |dbo, rtxn| -> heed::Result<_> {
             let log: Option<Database<Bytes, Bytes>> = dbo.open_database(rtxn, Some("log"))?;
             let meta: Option<Database<Str, Str>> = dbo.open_database(rtxn, Some("meta"))?;
-            Ok(CommitOrAbort::<_, ()>::Commit((log, meta)))
+            let forgotten: Option<Database<Bytes, Bytes>> = dbo.open_database(rtxn, Some("forgotten"))?;
+            Ok(CommitOrAbort::<_, ()>::Commit((log, meta, forgotten)))
         })
         .map_err(|e| io("open the databases", e))?
         .unwrap_commit();
@@ -532,6 +614,14 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, JournalError> {
                     format.unwrap_or("(none)")
                 ),
             ));
+        }
+    }
+    if let Some(forgotten) = forgotten {
+        for entry in forgotten.iter(&rtxn).map_err(|e| io("read forgotten ids", e))? {
+            let (k, v) = entry.map_err(|e| io("read forgotten ids", e))?;
+            if forgotten_at(k, v).is_none() {
+                return Err(corrupt_forgotten(dir));
+            }
         }
     }
     let Some(log) = log else {
@@ -678,6 +768,38 @@ mod tests {
             "{text}"
         );
         assert_eq!(verify(dir.path()).unwrap_err().kind(), JournalErrorKind::Mismatch);
+    }
+
+    #[test]
+    fn a_forgotten_id_is_hidden_until_accepted_again_and_expires_with_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LmdbStore::open(dir.path(), META, false).unwrap();
+        store
+            .append(&[rec(1, 10, 1), rec(1, 10, 2), rec(2, 10, 1)])
+            .unwrap();
+        // Forget id 1 of shard 1 at 20; accept it again at 30.
+        store.forget(&[rec(1, 20, 1)]).unwrap();
+        let seen = |store: &LmdbStore| {
+            let mut seen = vec![];
+            store.scan(&[1, 2], 0, &mut |r| seen.push(r)).unwrap();
+            seen.sort_by_key(|r| (r.shard, r.born_ms, r.fingerprint.to_bytes()));
+            seen
+        };
+        let mut want = vec![rec(1, 10, 2), rec(2, 10, 1)];
+        want.sort_by_key(|r| (r.shard, r.born_ms, r.fingerprint.to_bytes()));
+        assert_eq!(seen(&store), want, "only shard 1's id 1 is hidden");
+        store.append(&[rec(1, 30, 1)]).unwrap();
+        drop(store);
+        let mut store = LmdbStore::open(dir.path(), META, false).unwrap();
+        assert!(seen(&store).contains(&rec(1, 30, 1)), "accepted after the forget");
+        assert!(!seen(&store).contains(&rec(1, 10, 1)));
+        // The forgetting goes with the window.
+        store.expire(21).unwrap();
+        let rtxn = store.env.read_txn().unwrap();
+        assert_eq!(store.forgotten.len(&rtxn).unwrap(), 0);
+        drop(rtxn);
+        drop(store);
+        assert_eq!(verify(dir.path()).unwrap().ids, 1);
     }
 
     #[test]

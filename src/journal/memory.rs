@@ -9,6 +9,8 @@ use crate::journal::{Journal, JournalError};
 #[derive(Debug, Default)]
 pub struct MemoryJournal {
     records: Vec<Record>,
+    /// Forgotten ids, `born_ms` being when.
+    forgotten: Vec<Record>,
 }
 
 impl MemoryJournal {
@@ -32,12 +34,22 @@ impl Journal for MemoryJournal {
         Ok(())
     }
 
+    fn forget(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.forgotten.extend_from_slice(records);
+        Ok(())
+    }
+
     fn scan(&self, shards: &[u32], since_ms: u64, f: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
+        let forgotten = |r: &Record| {
+            self.forgotten
+                .iter()
+                .any(|t| t.shard == r.shard && t.fingerprint == r.fingerprint && r.born_ms <= t.born_ms)
+        };
         let mut n = 0;
         for r in self
             .records
             .iter()
-            .filter(|r| r.born_ms >= since_ms && shards.contains(&r.shard))
+            .filter(|r| r.born_ms >= since_ms && shards.contains(&r.shard) && !forgotten(r))
         {
             f(*r);
             n += 1;
@@ -48,6 +60,7 @@ impl Journal for MemoryJournal {
     fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
         let before = self.records.len();
         self.records.retain(|r| r.born_ms >= before_ms);
+        self.forgotten.retain(|t| t.born_ms >= before_ms);
         Ok(before - self.records.len())
     }
 

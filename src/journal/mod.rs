@@ -37,6 +37,16 @@ pub trait Journal: Send + 'static {
     /// of them is kept then.
     fn append(&mut self, records: &[Record]) -> Result<(), JournalError>;
 
+    /// Makes the forgetting of ids durable: for each record, its id
+    /// (`shard`, `fingerprint`) accepted at or before `born_ms` (here the
+    /// time of forgetting) is no longer returned by [`Self::scan`]; an
+    /// acceptance after it is.
+    ///
+    /// # Errors
+    ///
+    /// A [`JournalError`] if it could not be made durable.
+    fn forget(&mut self, records: &[Record]) -> Result<(), JournalError>;
+
     /// Calls `f` for each id of one of `shards` accepted at or after
     /// `since_ms` (in no set order across shards); returns the count.
     ///

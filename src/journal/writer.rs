@@ -62,6 +62,8 @@ impl std::error::Error for WriterError {}
 enum Ids {
     One(Record),
     Many(Vec<Record>),
+    /// An id to forget; `born_ms` is when.
+    Forget(Record),
 }
 
 enum Inbound {
@@ -123,6 +125,16 @@ impl Writer {
         self.send(Ids::Many(records), n).await
     }
 
+    /// Queues the forgetting of an id (`record.born_ms`: when) for the next
+    /// group commit.
+    ///
+    /// # Errors
+    ///
+    /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
+    pub async fn forget(&self, record: Record) -> Result<Committed, CommitFailed> {
+        self.send(Ids::Forget(record), 0).await
+    }
+
     async fn send(&self, ids: Ids, count: u64) -> Result<Committed, CommitFailed> {
         let (done, committed) = oneshot::channel();
         self.metrics.pending.fetch_add(count, Relaxed);
@@ -160,7 +172,14 @@ pub fn spawn(
 #[derive(Default)]
 struct Group {
     records: Vec<Record>,
+    forgets: Vec<Record>,
     done: Vec<oneshot::Sender<Result<(), CommitFailed>>>,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.forgets.is_empty()
+    }
 }
 
 impl Group {
@@ -171,6 +190,7 @@ impl Group {
                 match ids {
                     Ids::One(r) => self.records.push(r),
                     Ids::Many(rs) => self.records.extend(rs),
+                    Ids::Forget(r) => self.forgets.push(r),
                 }
                 self.done.push(done);
                 true
@@ -198,10 +218,7 @@ async fn run(
         }
         // Take what is queued, for at most `commit_interval`.
         let deadline = Instant::now() + config.commit_interval;
-        while !stopping
-            && !group.records.is_empty()
-            && group.records.len() < MAX_GROUP
-            && Instant::now() <= deadline
+        while !stopping && !group.is_empty() && group.records.len() < MAX_GROUP && Instant::now() <= deadline
         {
             match rx.try_recv() {
                 Ok(item) => stopping = !group.add(item),
@@ -212,10 +229,11 @@ async fn run(
         if expire {
             expire_at = Instant::now() + config.expire_every;
         }
-        if group.records.is_empty() && !expire {
+        if group.is_empty() && !expire {
             continue;
         }
         let records = std::mem::take(&mut group.records);
+        let forgets = std::mem::take(&mut group.forgets);
         let count = records.len();
         let mut j = journal
             .take()
@@ -223,11 +241,14 @@ async fn run(
         let window_ms = config.window_ms;
         let started = Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = if records.is_empty() {
+            let mut result = if records.is_empty() {
                 Ok(())
             } else {
                 j.append(&records)
             };
+            if result.is_ok() && !forgets.is_empty() {
+                result = j.forget(&forgets);
+            }
             let expired = if expire {
                 j.expire(unix_ms().saturating_sub(window_ms))
             } else {
@@ -253,7 +274,7 @@ async fn run(
             }
             Err(e) => tracing::warn!(message = "Expiring old ids failed.", error = %e),
         }
-        if count == 0 {
+        if group.done.is_empty() {
             continue;
         }
         let signal = match result {
@@ -321,6 +342,9 @@ mod tests {
     impl Journal for Exploding {
         fn append(&mut self, _: &[Record]) -> Result<(), JournalError> {
             panic!("disk on fire");
+        }
+        fn forget(&mut self, _: &[Record]) -> Result<(), JournalError> {
+            Ok(())
         }
         fn scan(&self, _: &[u32], _: u64, _: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
             Ok(0)

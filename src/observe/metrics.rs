@@ -34,6 +34,8 @@ pub struct Metrics {
     /// Requests dropped unanswered because their reply subject was one of
     /// the sidecar's own (an output or request subject).
     pub refused_replies: AtomicU64,
+    /// Ids forgotten on an operator's request.
+    pub forgotten: AtomicU64,
     /// Bytes of requests received and not yet answered.
     pub inflight_bytes: AtomicU64,
     pub batches: AtomicU64,
@@ -158,6 +160,12 @@ impl Metrics {
             "counter",
             "Requests answered 503 (shard not ready or no owner).",
             &[("", get(&self.not_ready))],
+        );
+        metric(
+            "forgotten_total",
+            "counter",
+            "Ids forgotten on request (<prefix>.forget.<id>).",
+            &[("", get(&self.forgotten))],
         );
         metric(
             "refused_reply_subjects_total",

@@ -121,6 +121,19 @@ impl Outcome {
     }
 }
 
+/// The answer to a look-up or a forget of one id.
+#[derive(Debug)]
+pub enum Admin {
+    /// The id's shard is served by another node, which answers.
+    Elsewhere,
+    /// Remembered since this time (ms since the Unix epoch, to the time unit
+    /// the table keeps), or not remembered. For a forget: what it was
+    /// before (and it is forgotten now).
+    Known(Option<u64>),
+    /// Bad id (400), shard not ready (503), or the store failed (500).
+    Failed(Outcome),
+}
+
 /// The first step on one event.
 #[derive(Debug)]
 pub enum Step<'a> {
@@ -459,6 +472,65 @@ impl<H: Hook> Pipeline<H> {
             self.ownership.set(shard, ShardState::Ready);
         }
         Ok(restored)
+    }
+
+    /// Whether `id` is remembered here, and since when; changes nothing.
+    pub fn lookup(&self, id: &str) -> Admin {
+        let keyed = match self.dedup.key_of_id(id) {
+            Ok(keyed) => keyed,
+            Err(e) => return Admin::Failed(Outcome::Invalid(e)),
+        };
+        match self.ownership.state(keyed.shard) {
+            ShardState::Elsewhere => Admin::Elsewhere,
+            ShardState::Recovering => Admin::Failed(Outcome::NotReady(keyed.shard)),
+            ShardState::Ready => Admin::Known(
+                self.dedup
+                    .table(keyed.shard)
+                    .born_ms(keyed.fingerprint, unix_ms()),
+            ),
+        }
+    }
+
+    /// Forgets `id`, durably (journaled like an insert), so that its next
+    /// event is accepted again: for operators who must replay an event on
+    /// purpose. Answers what was remembered before.
+    pub async fn forget(&self, id: &str) -> Admin {
+        let keyed = match self.dedup.key_of_id(id) {
+            Ok(keyed) => keyed,
+            Err(e) => return Admin::Failed(Outcome::Invalid(e)),
+        };
+        let (shard, fingerprint) = (keyed.shard, keyed.fingerprint);
+        match self.ownership.state(shard) {
+            ShardState::Elsewhere => return Admin::Elsewhere,
+            ShardState::Recovering => return Admin::Failed(Outcome::NotReady(shard)),
+            ShardState::Ready => {}
+        }
+        let now = unix_ms();
+        let Some(since) = self.dedup.table(shard).born_ms(fingerprint, now) else {
+            return Admin::Known(None);
+        };
+        if let Some(writer) = &self.writer {
+            let record = Record {
+                shard,
+                born_ms: now,
+                fingerprint,
+            };
+            let committed = match writer.forget(record).await {
+                Ok(committed) => committed.await.unwrap_or(Err(CommitFailed::Stopped)),
+                Err(failed) => Err(failed),
+            };
+            if let Err(failed) = committed {
+                return Admin::Failed(Outcome::Failed(failed));
+            }
+            // The journal hides acceptances up to `now`: one in the same
+            // millisecond, after this forget, must not be hidden.
+            while unix_ms() <= now {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        self.dedup.remove(shard, fingerprint);
+        Metrics::inc(&self.metrics.forgotten);
+        Admin::Known(Some(since))
     }
 
     /// Publishes the new lines of a batch to `ahead`, all at once, and

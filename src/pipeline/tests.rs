@@ -49,6 +49,13 @@ impl Journal for TestJournal {
             Behaviour::Panic => panic!("journal bug"),
         }
     }
+    fn forget(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        match self.behaviour {
+            Behaviour::Keep => self.records.lock().unwrap().forget(records),
+            Behaviour::Refuse => Err(JournalError::new(JournalErrorKind::Io, "no space left")),
+            Behaviour::Panic => panic!("journal bug"),
+        }
+    }
     fn scan(&self, shards: &[u32], since_ms: u64, f: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
         self.records.lock().unwrap().scan(shards, since_ms, f)
     }

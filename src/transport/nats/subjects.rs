@@ -81,6 +81,17 @@ impl Subjects {
     }
 
     /// Where accepted events of `shard` are republished.
+    /// `<prefix>.lookup.*`: whether an id is remembered (every node
+    /// receives it; the owner of the id's shard answers).
+    pub fn lookup(&self) -> String {
+        format!("{}.lookup.*", self.prefix)
+    }
+
+    /// `<prefix>.forget.*`: forget an id (as [`Self::lookup`]).
+    pub fn forget(&self) -> String {
+        format!("{}.forget.*", self.prefix)
+    }
+
     /// Whether a requester's reply subject is one of the sidecar's own: under
     /// the prefix, or an output subject. A reply sent there would be a
     /// request, or an event, forged under the sidecar's name.

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use crate::engine::Verdict;
 use crate::engine::batch;
 use crate::observe::metrics::Metrics;
-use crate::pipeline::{Outcome, Pending, Step};
+use crate::pipeline::{Admin, Outcome, Pending, Step};
 use crate::transport::budget::Held;
 use crate::transport::nats::subjects::Subjects;
 use crate::transport::nats::{Context, fence, forward};
@@ -51,6 +51,20 @@ pub enum Kind {
     /// `<prefix>.internal.batch.*`: sub-batches of every shard, when this
     /// node owns them all.
     AllSubBatches,
+    /// `<prefix>.lookup.<id>` and `<prefix>.forget.<id>`: every node
+    /// receives them (no queue group); the owner of the id's shard answers,
+    /// the others stay silent.
+    Lookup,
+    Forget,
+}
+
+impl Kind {
+    /// Operator requests: not fenced at shutdown (every node receives them,
+    /// so fences would reach the other nodes); one in flight then goes
+    /// unanswered and the operator asks again.
+    fn is_admin(self) -> bool {
+        matches!(self, Kind::Lookup | Kind::Forget)
+    }
 }
 
 impl Kind {
@@ -63,6 +77,8 @@ impl Kind {
             Kind::Batch => (s.batch(), Some(s.batch()), s.batch().into()),
             Kind::SubBatch(n) => (s.sub_batch(n), None, s.sub_batch(n).into()),
             Kind::AllSubBatches => (s.all_sub_batches(), None, s.sub_batch(0).into()),
+            Kind::Lookup => (s.lookup(), None, s.lookup().into()),
+            Kind::Forget => (s.forget(), None, s.forget().into()),
         }
     }
 }
@@ -161,7 +177,7 @@ pub fn kinds(owned: &[u32], shards: u32) -> Vec<Kind> {
         k.extend(owned.iter().map(|&s| Kind::SubBatch(s)));
         k
     };
-    kinds.extend([Kind::Ingest, Kind::Batch]);
+    kinds.extend([Kind::Ingest, Kind::Batch, Kind::Lookup, Kind::Forget]);
     kinds
 }
 
@@ -178,7 +194,11 @@ pub async fn serve(mut served: Served, fence_subject: Subject, mut stop: watch::
                 None => break,
             },
             _ = stop.changed() => {
-                fence::fence(&mut served, &fence_subject, &mut work).await;
+                if served.kind.is_admin() {
+                    let _ = served.sub.unsubscribe().await;
+                } else {
+                    fence::fence(&mut served, &fence_subject, &mut work).await;
+                }
                 break;
             }
         }
@@ -212,8 +232,38 @@ impl Served {
             Kind::SubBatch(_) | Kind::AllSubBatches => {
                 work.spawn(batch(self.ctx.clone(), message, true, held)).await;
             }
+            Kind::Lookup | Kind::Forget => admin(self.ctx.clone(), message, self.kind, work).await,
         }
     }
+}
+
+/// A look-up or a forget: the id is the subject's last token.
+async fn admin(ctx: Arc<Context>, message: Message, kind: Kind, work: &mut Work) {
+    let Some(to) = message.reply else { return };
+    let id = message.subject.rsplit('.').next().unwrap_or_default().to_string();
+    if kind == Kind::Lookup {
+        return admin_reply(&ctx, to, ctx.pipeline.lookup(&id), "remembered").await;
+    }
+    work.spawn(async move {
+        let admin = ctx.pipeline.forget(&id).await;
+        admin_reply(&ctx, to, admin, "forgotten").await;
+    })
+    .await;
+}
+
+/// `{"<what>":true,"since":<ms>}`, `{"<what>":false}`, an error reply, or
+/// silence when another node answers.
+async fn admin_reply(ctx: &Context, to: Subject, admin: Admin, what: &str) {
+    let body = match admin {
+        Admin::Elsewhere => return,
+        Admin::Failed(outcome) => {
+            let (code, reason) = outcome.error().expect("a failure");
+            return reply_error(ctx, to, code, &reason).await;
+        }
+        Admin::Known(Some(since)) => serde_json::json!({ what: true, "since": since }),
+        Admin::Known(None) => serde_json::json!({ what: false }),
+    };
+    publish(ctx, to, body.to_string().into()).await;
 }
 
 /// A request the budget has no room for: 503 at once (one entry per line
