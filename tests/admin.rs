@@ -96,10 +96,7 @@ async fn lookup_changes_nothing_and_forget_is_durable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_sidecars_only_the_owner_answers() {
     let server = NatsServer::start();
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (low, high) = split_settings(&server, d1.path(), d2.path());
-    let first = service::start(low).await.unwrap();
-    let second = service::start(high).await.unwrap();
+    let (_dirs, first, second) = start_two_sidecars(&server).await;
     let client = server.client().await;
     // Spread over both halves of the 32 shards.
     let ids: Vec<String> = (0..16).map(|i| format!("o{i}")).collect();

@@ -275,10 +275,7 @@ async fn batch_verdicts_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sidecars_forward_sub_batches_and_merge_verdicts_in_order() {
     let server = NatsServer::start();
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (low, high) = split_settings(&server, d1.path(), d2.path());
-    let first = service::start(low).await.unwrap();
-    let second = service::start(high).await.unwrap();
+    let (_dirs, first, second) = start_two_sidecars(&server).await;
     let client = server.client().await;
     let mut out = client.subscribe("events.unique.*").await.unwrap();
     client.flush().await.unwrap();

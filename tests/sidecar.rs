@@ -332,10 +332,7 @@ async fn answers_nats_micro_discovery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_leaving_a_queue_group_under_load_drops_no_request() {
     let server = NatsServer::start();
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (low, high) = split_settings(&server, d1.path(), d2.path());
-    let leaving = service::start(low).await.unwrap();
-    let staying = service::start(high).await.unwrap();
+    let (_dirs, leaving, staying) = start_two_sidecars(&server).await;
     let client = server.client().await;
 
     // 32 producers on the queue-group subject while one member shuts down.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::Client;
 use bytes::Bytes;
 use eventsieve::config::{Config, Durability, Settings};
+use eventsieve::service;
 use tempfile::TempDir;
 
 /// Starts nats-server with `conf` on `port` (-1: any free port) and
@@ -167,15 +168,26 @@ pub fn split_settings(server: &NatsServer, low: &Path, high: &Path) -> (Settings
     (first, second)
 }
 
+/// Two sidecars running in this process on `server`, one owning shards
+/// 0-15 and the other 16-31, each with its store in a fresh temporary
+/// directory (returned so they live as long as the test).
+pub async fn start_two_sidecars(server: &NatsServer) -> ([TempDir; 2], service::Running, service::Running) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (low, high) = split_settings(server, dirs[0].path(), dirs[1].path());
+    let first = service::start(low).await.unwrap();
+    let second = service::start(high).await.unwrap();
+    (dirs, first, second)
+}
+
 /// A sidecar running in this process on `server`, with its store in a
 /// fresh temporary directory (returned so it lives as long as the test).
 pub async fn start_sidecar(
     server: &NatsServer,
     window: &str,
     durability: Durability,
-) -> (TempDir, eventsieve::service::Running) {
+) -> (TempDir, service::Running) {
     let data = tempfile::tempdir().unwrap();
-    let running = eventsieve::service::start(settings(server, data.path(), window, durability))
+    let running = service::start(settings(server, data.path(), window, durability))
         .await
         .expect("sidecar starts");
     (data, running)
