@@ -210,6 +210,9 @@ pub struct Config {
     pub output_stream: String,
     /// Address of the Prometheus endpoint, or empty to disable. Default `127.0.0.1:9464`.
     pub metrics_addr: String,
+    /// Address of the HTTP gateway (`POST /api/v1/events` and the rest, see
+    /// the README), or empty to disable. Default empty.
+    pub http_addr: String,
     /// Requests waiting for a commit before new ones wait (backpressure). Default 65536.
     pub max_pending: usize,
     /// Bytes of requests the sidecar holds at once (received and not yet
@@ -246,6 +249,7 @@ impl Default for Config {
             output: Output::Core,
             output_stream: "EVENTSIEVE_OUTPUT".into(),
             metrics_addr: "127.0.0.1:9464".into(),
+            http_addr: String::new(),
             max_pending: 65_536,
             max_inflight_bytes: 256 << 20,
             shutdown_timeout: "10s".into(),
@@ -352,6 +356,7 @@ pub struct Settings {
     /// The shards this node serves from the start.
     pub owned: Vec<u32>,
     pub metrics_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -520,22 +525,25 @@ impl Config {
                 "both tls_cert and tls_key, or neither",
             ));
         }
-        let metrics_addr = match self.metrics_addr.trim() {
-            "" => None,
-            addr => Some(addr.parse().map_err(|_| {
+        let address = |field: &str, value: &str, example: &str| match value.trim() {
+            "" => Ok(None),
+            addr => addr.parse().map(Some).map_err(|_| {
                 ConfigError::field(
-                    "metrics_addr",
+                    field,
                     addr,
-                    "an IP:port such as \"127.0.0.1:9464\", or \"\" to disable",
+                    &format!("an IP:port such as \"{example}\", or \"\" to disable"),
                 )
-            })?),
+            }),
         };
+        let metrics_addr = address("metrics_addr", &self.metrics_addr, "127.0.0.1:9464")?;
+        let http_addr = address("http_addr", &self.http_addr, "127.0.0.1:8080")?;
         Ok(Settings {
             window_ms,
             commit_interval_ms,
             shutdown_timeout_ms,
             owned,
             metrics_addr,
+            http_addr,
             config: self,
         })
     }
@@ -680,7 +688,7 @@ mod tests {
 
     #[test]
     fn each_invalid_value_names_its_field() {
-        let cases: [(&str, &str, &str); 16] = [
+        let cases: [(&str, &str, &str); 17] = [
             ("EVENTSIEVE_BATCH_OUTPUT", "per_line", "batch_output"),
             ("EVENTSIEVE_OUTPUT", "kafka", "output"),
             ("EVENTSIEVE_OUTPUT_STREAM", "a.b", "`output_stream`"),
@@ -699,6 +707,7 @@ mod tests {
             ("EVENTSIEVE_OWNED_SHARDS", "40", "`owned_shards`"),
             ("EVENTSIEVE_SUBJECT_PREFIX", "a.*", "`subject_prefix`"),
             ("EVENTSIEVE_METRICS_ADDR", "nowhere", "`metrics_addr`"),
+            ("EVENTSIEVE_HTTP_ADDR", "port 80", "`http_addr`"),
             ("EVENTSIEVE_MAX_ID_BYTES", "0", "`max_id_bytes`"),
             (
                 "EVENTSIEVE_NATS__SUBSCRIPTION_CAPACITY",

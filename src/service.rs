@@ -41,6 +41,8 @@ pub enum ServiceError {
     Journal(JournalError),
     /// The metrics address could not be bound.
     Metrics(std::io::Error),
+    /// The HTTP gateway's address could not be bound.
+    Http(std::io::Error),
     /// The commit writer failed; what it had not committed got 503.
     Writer(WriterError),
     /// Requests in flight could not be answered within `shutdown_timeout`
@@ -58,6 +60,7 @@ impl std::fmt::Display for ServiceError {
             Self::Nats(e) => e.fmt(f),
             Self::Journal(e) => write!(f, "store: {e}"),
             Self::Metrics(e) => write!(f, "cannot serve metrics: {e}"),
+            Self::Http(e) => write!(f, "cannot serve the HTTP gateway (http_addr): {e}"),
             Self::Writer(e) => e.fmt(f),
             Self::ShutdownTimedOut(t) => write!(
                 f,
@@ -217,7 +220,19 @@ pub async fn start_with(
 
     // Subscribe first, so that requests during recovery get 503, not silence.
     let kinds = subscription::kinds(&settings.owned, shards);
-    let transport = Transport::start(ctx, &kinds).await?;
+    let transport = Transport::start(ctx.clone(), &kinds).await?;
+    // HTTP too, so that /ready says 503 during recovery.
+    let http = match settings.http_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(ServiceError::Http)?;
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(crate::transport::http::serve(listener, ctx, stopped));
+            Some((stop, task))
+        }
+        None => None,
+    };
 
     let writer = match (journal, writer) {
         (Some(journal), Some((handle, inbox))) => {
@@ -268,6 +283,7 @@ pub async fn start_with(
     let (stop, stop_rx) = watch::channel(false);
     let parts = Parts {
         transport,
+        http,
         writer,
         background: [Some(discovery), metrics_task, Some(sweeper)]
             .into_iter()
@@ -306,6 +322,8 @@ async fn recover(
 /// Everything that runs once the service is up, and how it stops.
 struct Parts {
     transport: Transport,
+    /// The HTTP gateway: its stop signal and task.
+    http: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     /// The writer's handle and task; `None` for durability `memory`.
     writer: Option<(writer::Writer, JoinHandle<Result<(), WriterError>>)>,
     /// Discovery, metrics endpoint, sweeper: aborted at stop.
@@ -349,15 +367,27 @@ impl Parts {
 
     async fn stop(mut self) -> Result<(), ServiceError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let answered = tokio::time::timeout_at(deadline, self.transport.drain())
-            .await
-            .is_ok();
+        // HTTP stops taking connections and answers what it holds, while
+        // the NATS subscriptions are fenced.
+        let http = async {
+            if let Some((stop, task)) = &mut self.http {
+                let _ = stop.send(true);
+                let _ = task.await;
+            }
+        };
+        let answered =
+            tokio::time::timeout_at(deadline, async { tokio::join!(self.transport.drain(), http) })
+                .await
+                .is_ok();
         if !answered {
             tracing::error!(
                 message = "Requests in flight not answered within shutdown_timeout; dropping them.",
                 timeout_ms = self.timeout.as_millis() as u64,
             );
             self.transport.abort();
+            if let Some((_, task)) = &self.http {
+                task.abort();
+            }
         }
         for task in &self.background {
             task.abort();

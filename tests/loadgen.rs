@@ -46,13 +46,6 @@ fn loadgen_binary() -> PathBuf {
     profile_dir.join("examples").join("loadgen")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 /// Runs the load generator at `bin` with `args` and returns its `--json`
 /// report.
 fn run(bin: &Path, server: &NatsServer, metrics: &str, args: &[&str]) -> Value {

@@ -1,6 +1,8 @@
 //! Thin adapters between the outside world and the [`crate::pipeline`]:
 //! they receive requests, hand them to the pipeline, and turn its outcomes
-//! into replies. [`nats`] today; HTTP will sit beside it.
+//! into replies: [`nats`], and [`http`] beside it (which reaches other
+//! nodes through NATS).
 
 pub mod budget;
+pub mod http;
 pub mod nats;

@@ -243,6 +243,14 @@ pub fn event(id: &str) -> Bytes {
     Bytes::from(format!(r#"{{"event_id":"{id}","payload":{{"n":1}}}}"#))
 }
 
+/// A loopback port free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// Polls `$SRV.PING.eventsieve` until a sidecar answers (bounded).
 pub async fn wait_for_sidecar(client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -319,25 +319,31 @@ async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work, held: Hel
 /// A batch: this node's lines decided and committed while the others are
 /// forwarded to their owners; then one reply with an entry per line.
 async fn batch(ctx: Arc<Context>, message: Message, forwarded: bool, _held: Held) {
-    let body = message.payload;
-    let mut pending = ctx.pipeline.decide_batch(&body, forwarded).await;
+    let out = batch_reply(&ctx, &message.payload, forwarded).await;
+    let Some(to) = message.reply else { return };
+    publish(&ctx, to, out.into()).await;
+}
+
+/// Decides a batch (this node's lines here, the others' by their owners)
+/// and returns its reply body: an entry per line, in order.
+pub(crate) async fn batch_reply(ctx: &Arc<Context>, body: &Bytes, forwarded: bool) -> Vec<u8> {
+    let mut pending = ctx.pipeline.decide_batch(body, forwarded).await;
     let forwards = pending.take_forwards();
     let (mut entries, answers) = tokio::join!(
-        ctx.pipeline.finish_batch(pending, &body),
-        forward::sub_batches(&ctx, forwards)
+        ctx.pipeline.finish_batch(pending, body),
+        forward::sub_batches(ctx, forwards)
     );
     for (lines, got) in answers {
         for (line, entry) in lines.into_iter().zip(got) {
             entries[line] = Some(entry);
         }
     }
-    let Some(to) = message.reply else { return };
     let mut out = Vec::with_capacity(entries.len() * 2);
     for entry in &entries {
         let entry = entry.as_ref().expect("every line of a batch gets an entry");
         batch::push(&mut out, entry);
     }
-    publish(&ctx, to, out.into()).await;
+    out
 }
 
 /// The reply to a single event.

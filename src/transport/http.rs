@@ -1,0 +1,216 @@
+//! The HTTP gateway (`http_addr`, off by default): producers without a
+//! NATS client reach the same verdict pipeline as over NATS. An event of a
+//! shard this node does not own goes to its owner over NATS, as a
+//! `dedup.ingest` request would.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /api/v1/events` (one JSON event) | `202 {"accepted":true}` new, `409 {"accepted":false}` duplicate, `400 {"error":..}` bad event, `413` too large, `503` not ready or overloaded, `500` store failed |
+//! | `POST /api/v1/events/batch` (newline-delimited events) | `200`, one verdict line per event as the NATS batch reply |
+//! | `GET /api/v1/events/<id>` | `200 {"remembered":true,"since":<ms>}` or `404 {"remembered":false}` |
+//! | `DELETE /api/v1/events/<id>` | `200 {"forgotten":true,"since":<ms>}` or `404 {"forgotten":false}` |
+//! | `POST /api/v1/ddup_service/events`, `GET /api/v1/ddup_service/test` | aliases of the first and of `/health`, for clients of such services |
+//! | `GET /health` | `200` while the process runs |
+//! | `GET /ready` | `200` once every owned shard is ready and NATS is connected, else `503` |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State as Connection;
+use async_nats::{Message, RequestErrorKind};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::engine::Verdict;
+use crate::pipeline::{Admin, Outcome, ShardState};
+use crate::transport::nats::Context;
+use crate::transport::nats::subscription::batch_reply;
+
+/// How long a request forwarded to another node's shard may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the gateway on `listener` until `shutdown` changes; then stops
+/// taking connections and answers the requests in progress.
+pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+    let event_limit = ctx.pipeline.dedup().config().limits.max_event_bytes;
+    // A batch is bounded as over NATS: by the server's largest message.
+    let batch_limit = ctx.client.server_info().max_payload.max(event_limit);
+    let app = Router::new()
+        .route(
+            "/api/v1/events",
+            post(event).layer(DefaultBodyLimit::max(event_limit)),
+        )
+        .route(
+            "/api/v1/ddup_service/events",
+            post(event).layer(DefaultBodyLimit::max(event_limit)),
+        )
+        .route(
+            "/api/v1/events/batch",
+            post(batch).layer(DefaultBodyLimit::max(batch_limit)),
+        )
+        .route("/api/v1/events/{id}", get(lookup).delete(forget))
+        .route("/api/v1/ddup_service/test", get(health))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .with_state(ctx);
+    let stopped = async move {
+        let _ = shutdown.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
+        tracing::error!(message = "The HTTP gateway stopped.", error = %e);
+    }
+}
+
+fn reply(code: StatusCode, body: Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn failure(code: u16, reason: &str) -> Response {
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    reply(code, json!({ "error": reason }))
+}
+
+fn overloaded(ctx: &Context) -> Response {
+    let reason = format!(
+        "overloaded: max_inflight_bytes ({}) are held by requests in progress; retry",
+        ctx.budget.total()
+    );
+    failure(503, &reason)
+}
+
+fn verdict(new: bool) -> Response {
+    match new {
+        true => reply(StatusCode::ACCEPTED, json!({ "accepted": true })),
+        false => reply(StatusCode::CONFLICT, json!({ "accepted": false })),
+    }
+}
+
+async fn event(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
+    let Some(_held) = ctx.budget.try_hold(body.len()) else {
+        return overloaded(&ctx);
+    };
+    match ctx.pipeline.ingest(&body).await {
+        Ok(Outcome::Verdict(v)) => verdict(v == Verdict::New),
+        Ok(other) => {
+            let (code, reason) = other.error().expect("not a verdict");
+            failure(code, &reason)
+        }
+        Err(keyed) => {
+            let subject = ctx.subjects.shard_event(keyed.shard, &keyed.id);
+            match ask(&ctx, subject.to_string(), body.clone()).await {
+                Err(response) => response,
+                Ok(answer) => match &answer.payload[..] {
+                    br#"{"accepted":true}"# => verdict(true),
+                    br#"{"accepted":false}"# => verdict(false),
+                    _ => failure(
+                        502,
+                        "the shard's owner gave an answer this node does not understand",
+                    ),
+                },
+            }
+        }
+    }
+}
+
+async fn batch(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
+    let Some(_held) = ctx.budget.try_hold(body.len()) else {
+        return overloaded(&ctx);
+    };
+    let out = batch_reply(&ctx, &body, false).await;
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], out).into_response()
+}
+
+async fn lookup(State(ctx): State<Arc<Context>>, Path(id): Path<String>) -> Response {
+    let admin = ctx.pipeline.lookup(&id);
+    admin_response(&ctx, admin, "lookup", "remembered", &id).await
+}
+
+async fn forget(State(ctx): State<Arc<Context>>, Path(id): Path<String>) -> Response {
+    let admin = ctx.pipeline.forget(&id).await;
+    admin_response(&ctx, admin, "forget", "forgotten", &id).await
+}
+
+/// `200 {"<what>":true,"since":..}` or `404 {"<what>":false}`; asked of the
+/// owner over NATS when the id's shard is served elsewhere.
+async fn admin_response(ctx: &Context, admin: Admin, verb: &str, what: &str, id: &str) -> Response {
+    let known = match admin {
+        Admin::Known(since) => since,
+        Admin::Failed(outcome) => {
+            let (code, reason) = outcome.error().expect("a failure");
+            return failure(code, &reason);
+        }
+        Admin::Elsewhere => {
+            let subject = format!("{}.{verb}.{id}", ctx.subjects.prefix());
+            let answer = match ask(ctx, subject, Bytes::new()).await {
+                Ok(answer) => answer,
+                Err(response) => return response,
+            };
+            match serde_json::from_slice::<Value>(&answer.payload) {
+                Ok(body) if body[what] == true => return reply(StatusCode::OK, body),
+                Ok(body) if body[what] == false => return reply(StatusCode::NOT_FOUND, body),
+                _ => {
+                    return failure(
+                        502,
+                        "the shard's owner gave an answer this node does not understand",
+                    );
+                }
+            }
+        }
+    };
+    match known {
+        Some(since) => reply(StatusCode::OK, json!({ what: true, "since": since })),
+        None => reply(StatusCode::NOT_FOUND, json!({ what: false })),
+    }
+}
+
+/// A NATS request to another node; its service error, or no answer, as the
+/// HTTP response.
+async fn ask(ctx: &Context, subject: String, body: Bytes) -> Result<Message, Response> {
+    let request = ctx.client.request(subject.clone(), body);
+    let answer = match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {
+            return Err(failure(503, &format!("no node answers on {subject}; retry")));
+        }
+        Ok(Err(_)) | Err(_) => return Err(failure(503, &format!("no answer on {subject} in time; retry"))),
+    };
+    if let Some(headers) = &answer.headers
+        && let Some(code) = headers.get("Nats-Service-Error-Code")
+    {
+        let reason = headers
+            .get("Nats-Service-Error")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        return Err(failure(code.as_str().parse().unwrap_or(500), &reason));
+    }
+    Ok(answer)
+}
+
+async fn health() -> Response {
+    reply(StatusCode::OK, json!({ "status": "up" }))
+}
+
+async fn ready(State(ctx): State<Arc<Context>>) -> Response {
+    let ownership = ctx.pipeline.ownership();
+    let recovering = (0..ownership.shards()).any(|s| ownership.state(s) == ShardState::Recovering);
+    let connected = ctx.client.connection_state() == Connection::Connected;
+    match (recovering, connected) {
+        (false, true) => reply(StatusCode::OK, json!({ "ready": true })),
+        _ => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "ready": false, "recovering": recovering, "nats_connected": connected }),
+        ),
+    }
+}
