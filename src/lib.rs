@@ -1,7 +1,7 @@
 //! eventsieve: an event-deduplication sidecar for NATS JetStream.
 //!
 //! Producers send JSON events (each with a string `event_id`) as NATS
-//! requests; eventsieve answers whether the id is new within a rolling window
+//! requests (or HTTP posts); eventsieve answers whether the id is new within a rolling window
 //! and republishes new events for downstream consumers.
 //!
 //! The layers, from the bottom up; each imports only those listed above it:
@@ -12,7 +12,7 @@
 //! | [`observe`] | counters, the Prometheus endpoint, logging |
 //! | [`journal`] | the durable log of accepted ids (trait, LMDB, in-memory) and its group-commit writer |
 //! | [`pipeline`] | the verdict path without transport: ownership → check-and-insert → commit → accepted hook |
-//! | [`transport`] | NATS subscriptions, replies, forwarding, republish, fences, discovery |
+//! | [`transport`] | NATS subscriptions, replies, forwarding, republish (core or JetStream), fences, discovery; the HTTP gateway |
 //! | [`service`] | the composition root: start in order, stop in order |
 //! | [`cli`] | the `eventsieve` command line |
 //!
