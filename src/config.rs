@@ -213,6 +213,9 @@ pub struct Config {
     /// Address of the HTTP gateway (`POST /api/v1/events` and the rest, see
     /// the README), or empty to disable. Default empty.
     pub http_addr: String,
+    /// Serve `GET /metrics` on the HTTP gateway too (the same text as
+    /// `metrics_addr`). Default false.
+    pub http_metrics: bool,
     /// Requests waiting for a commit before new ones wait (backpressure). Default 65536.
     pub max_pending: usize,
     /// Bytes of requests the sidecar holds at once (received and not yet
@@ -250,6 +253,7 @@ impl Default for Config {
             output_stream: "EVENTSIEVE_OUTPUT".into(),
             metrics_addr: "127.0.0.1:9464".into(),
             http_addr: String::new(),
+            http_metrics: false,
             max_pending: 65_536,
             max_inflight_bytes: 256 << 20,
             shutdown_timeout: "10s".into(),

@@ -26,6 +26,7 @@ use crate::journal::{Journal, JournalError, LmdbStore, StoreMeta};
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Ownership, Pipeline, ShardState};
 use crate::transport::budget::Budget;
+use crate::transport::http::Gateway;
 use crate::transport::nats::jetstream::JetStreamOutput;
 use crate::transport::nats::{self, Context, NatsError, Republish, Subjects, Transport, subscription};
 
@@ -222,13 +223,15 @@ pub async fn start_with(
     let kinds = subscription::kinds(&settings.owned, shards);
     let transport = Transport::start(ctx.clone(), &kinds).await?;
     // HTTP too, so that /ready says 503 during recovery.
+    let started = Instant::now();
     let http = match settings.http_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(ServiceError::Http)?;
             let (stop, stopped) = watch::channel(false);
-            let task = tokio::spawn(crate::transport::http::serve(listener, ctx, stopped));
+            let gateway = Gateway::new(ctx, settings.config.http_metrics, started);
+            let task = tokio::spawn(crate::transport::http::serve(listener, gateway, stopped));
             Some((stop, task))
         }
         None => None,
@@ -256,7 +259,6 @@ pub async fn start_with(
         nats::discovery::spawn(client.clone(), &subjects, settings.owned.clone(), metrics.clone())
             .await
             .map_err(|e| NatsError::Subscribe(format!("$SRV: {e}")))?;
-    let started = Instant::now();
     let metrics_task = match settings.metrics_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)

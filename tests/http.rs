@@ -48,7 +48,14 @@ fn spawn_with_http(
 fn every_endpoint_answers_with_its_status_code() {
     let server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let (sidecar, base) = spawn_with_http(&server, data.path(), &[("EVENTSIEVE_MAX_EVENT_BYTES", "1024")]);
+    let (sidecar, base) = spawn_with_http(
+        &server,
+        data.path(),
+        &[
+            ("EVENTSIEVE_MAX_EVENT_BYTES", "1024"),
+            ("EVENTSIEVE_HTTP_METRICS", "true"),
+        ],
+    );
     let events = format!("{base}/api/v1/events");
 
     assert_eq!(
@@ -115,6 +122,12 @@ fn every_endpoint_answers_with_its_status_code() {
         "forgotten: accepted again"
     );
     assert_eq!(call("GET", &format!("{base}/nowhere"), b"").0, 404);
+    let (code, text) = call("GET", &format!("{base}/metrics"), b"");
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("eventsieve_verdicts_total{verdict=\"accepted\"} 5"),
+        "{text}"
+    );
     sidecar.terminate();
 }
 
@@ -123,6 +136,11 @@ fn an_event_of_a_shard_another_sidecar_owns_is_decided_by_its_owner() {
     let server = NatsServer::start();
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (low, base) = spawn_with_http(&server, d1.path(), &[("EVENTSIEVE_OWNED_SHARDS", "0-15")]);
+    assert_eq!(
+        call("GET", &format!("{base}/metrics"), b"").0,
+        404,
+        "off unless http_metrics"
+    );
     let high = SidecarProcess::spawn(&server, d2.path(), &[("EVENTSIEVE_OWNED_SHARDS", "16-31")]);
     let events = format!("{base}/api/v1/events");
     // Ids of both halves; the gateway's node owns 0-15 only.

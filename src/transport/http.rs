@@ -12,9 +12,10 @@
 //! | `POST /api/v1/ddup_service/events`, `GET /api/v1/ddup_service/test` | aliases of the first and of `/health`, for clients of such services |
 //! | `GET /health` | `200` while the process runs |
 //! | `GET /ready` | `200` once every owned shard is ready and NATS is connected, else `503` |
+//! | `GET /metrics` | the Prometheus metrics, with `http_metrics = true` (else `404`) |
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::connection::State as Connection;
 use async_nats::{Message, RequestErrorKind};
@@ -26,9 +27,10 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::engine::Verdict;
+use crate::observe::metrics::MAX_SCRAPES;
 use crate::pipeline::{Admin, Outcome, ShardState};
 use crate::transport::nats::Context;
 use crate::transport::nats::subscription::batch_reply;
@@ -36,9 +38,32 @@ use crate::transport::nats::subscription::batch_reply;
 /// How long a request forwarded to another node's shard may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the handlers share.
+pub struct Gateway {
+    pub ctx: Arc<Context>,
+    /// Serve `/metrics` too.
+    pub metrics: bool,
+    /// When the service started (the uptime metric).
+    pub started: Instant,
+    /// Renders of `/metrics` at once, as on the metrics endpoint.
+    pub scrapes: Semaphore,
+}
+
+impl Gateway {
+    pub fn new(ctx: Arc<Context>, metrics: bool, started: Instant) -> Self {
+        Self {
+            ctx,
+            metrics,
+            started,
+            scrapes: Semaphore::new(MAX_SCRAPES),
+        }
+    }
+}
+
 /// Serves the gateway on `listener` until `shutdown` changes; then stops
 /// taking connections and answers the requests in progress.
-pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, gateway: Gateway, mut shutdown: watch::Receiver<bool>) {
+    let ctx = &gateway.ctx;
     let event_limit = ctx.pipeline.dedup().config().limits.max_event_bytes;
     // A batch is bounded as over NATS: by the server's largest message.
     let batch_limit = ctx.client.server_info().max_payload.max(event_limit);
@@ -59,7 +84,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut shutdown: watch
         .route("/api/v1/ddup_service/test", get(health))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .with_state(ctx);
+        .route("/metrics", get(metrics))
+        .with_state(Arc::new(gateway));
     let stopped = async move {
         let _ = shutdown.changed().await;
     };
@@ -97,9 +123,10 @@ fn verdict(new: bool) -> Response {
     }
 }
 
-async fn event(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
+async fn event(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
+    let ctx = &g.ctx;
     let Some(_held) = ctx.budget.try_hold(body.len()) else {
-        return overloaded(&ctx);
+        return overloaded(ctx);
     };
     match ctx.pipeline.ingest(&body).await {
         Ok(Outcome::Verdict(v)) => verdict(v == Verdict::New),
@@ -109,7 +136,7 @@ async fn event(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
         }
         Err(keyed) => {
             let subject = ctx.subjects.shard_event(keyed.shard, &keyed.id);
-            match ask(&ctx, subject.to_string(), body.clone()).await {
+            match ask(ctx, subject.to_string(), body.clone()).await {
                 Err(response) => response,
                 Ok(answer) => match &answer.payload[..] {
                     br#"{"accepted":true}"# => verdict(true),
@@ -124,22 +151,25 @@ async fn event(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
     }
 }
 
-async fn batch(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
+async fn batch(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
+    let ctx = &g.ctx;
     let Some(_held) = ctx.budget.try_hold(body.len()) else {
-        return overloaded(&ctx);
+        return overloaded(ctx);
     };
-    let out = batch_reply(&ctx, &body, false).await;
+    let out = batch_reply(ctx, &body, false).await;
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], out).into_response()
 }
 
-async fn lookup(State(ctx): State<Arc<Context>>, Path(id): Path<String>) -> Response {
+async fn lookup(State(g): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    let ctx = &g.ctx;
     let admin = ctx.pipeline.lookup(&id);
-    admin_response(&ctx, admin, "lookup", "remembered", &id).await
+    admin_response(ctx, admin, "lookup", "remembered", &id).await
 }
 
-async fn forget(State(ctx): State<Arc<Context>>, Path(id): Path<String>) -> Response {
+async fn forget(State(g): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    let ctx = &g.ctx;
     let admin = ctx.pipeline.forget(&id).await;
-    admin_response(&ctx, admin, "forget", "forgotten", &id).await
+    admin_response(ctx, admin, "forget", "forgotten", &id).await
 }
 
 /// `200 {"<what>":true,"since":..}` or `404 {"<what>":false}`; asked of the
@@ -198,11 +228,31 @@ async fn ask(ctx: &Context, subject: String, body: Bytes) -> Result<Message, Res
     Ok(answer)
 }
 
+async fn metrics(State(g): State<Arc<Gateway>>) -> Response {
+    if !g.metrics {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let Ok(_permit) = g.scrapes.acquire().await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    let (pipeline, metrics, started) = (g.ctx.pipeline.clone(), g.ctx.metrics.clone(), g.started);
+    match tokio::task::spawn_blocking(move || metrics.render(pipeline.dedup(), started)).await {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 async fn health() -> Response {
     reply(StatusCode::OK, json!({ "status": "up" }))
 }
 
-async fn ready(State(ctx): State<Arc<Context>>) -> Response {
+async fn ready(State(g): State<Arc<Gateway>>) -> Response {
+    let ctx = &g.ctx;
     let ownership = ctx.pipeline.ownership();
     let recovering = (0..ownership.shards()).any(|s| ownership.state(s) == ShardState::Recovering);
     let connected = ctx.client.connection_state() == Connection::Connected;
