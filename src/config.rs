@@ -210,6 +210,15 @@ pub struct Config {
     pub output_stream: String,
     /// Address of the Prometheus endpoint, or empty to disable. Default `127.0.0.1:9464`.
     pub metrics_addr: String,
+    /// Most bytes the tables may take (0: no limit). Above it the window in
+    /// force is halved (oldest ids go first) until they fit, with a warning
+    /// and the metrics `eventsieve_window_in_force_ms` and
+    /// `eventsieve_window_shrinks_total`; below half of it the window grows
+    /// back to `window` as the ids it holds allow. Verdicts stay exact for
+    /// the window in force. The 65 536 table segments take about 7 MiB
+    /// once each has had an id, whatever the window: at least 8 MiB, and
+    /// well above that to be useful. Default 0.
+    pub max_table_bytes: u64,
     /// Address of the HTTP gateway (`POST /api/v1/events` and the rest, see
     /// the README), or empty to disable. Default empty.
     pub http_addr: String,
@@ -252,6 +261,7 @@ impl Default for Config {
             output: Output::Core,
             output_stream: "EVENTSIEVE_OUTPUT".into(),
             metrics_addr: "127.0.0.1:9464".into(),
+            max_table_bytes: 0,
             http_addr: String::new(),
             http_metrics: false,
             max_pending: 65_536,
@@ -509,6 +519,13 @@ impl Config {
                 "at least max_event_bytes and at most 4294967295",
             ));
         }
+        if self.max_table_bytes != 0 && self.max_table_bytes < 8 << 20 {
+            return Err(ConfigError::field(
+                "max_table_bytes",
+                &self.max_table_bytes.to_string(),
+                "0 (no limit) or at least 8388608 (the table segments alone take about 7 MiB)",
+            ));
+        }
         if self.max_pending == 0 {
             return Err(ConfigError::field("max_pending", "0", "1 or more"));
         }
@@ -692,7 +709,7 @@ mod tests {
 
     #[test]
     fn each_invalid_value_names_its_field() {
-        let cases: [(&str, &str, &str); 17] = [
+        let cases: [(&str, &str, &str); 18] = [
             ("EVENTSIEVE_BATCH_OUTPUT", "per_line", "batch_output"),
             ("EVENTSIEVE_OUTPUT", "kafka", "output"),
             ("EVENTSIEVE_OUTPUT_STREAM", "a.b", "`output_stream`"),
@@ -712,6 +729,7 @@ mod tests {
             ("EVENTSIEVE_SUBJECT_PREFIX", "a.*", "`subject_prefix`"),
             ("EVENTSIEVE_METRICS_ADDR", "nowhere", "`metrics_addr`"),
             ("EVENTSIEVE_HTTP_ADDR", "port 80", "`http_addr`"),
+            ("EVENTSIEVE_MAX_TABLE_BYTES", "1000", "`max_table_bytes`"),
             ("EVENTSIEVE_MAX_ID_BYTES", "0", "`max_id_bytes`"),
             (
                 "EVENTSIEVE_NATS__SUBSCRIPTION_CAPACITY",

@@ -90,6 +90,7 @@ pub struct Running {
     /// itself when the writer fails.
     task: JoinHandle<Result<(), ServiceError>>,
     metrics: Arc<Metrics>,
+    pipeline: Arc<Pipeline<Republish>>,
 }
 
 impl Running {
@@ -102,6 +103,11 @@ impl Running {
     pub async fn shutdown(self) -> Result<(), ServiceError> {
         let _ = self.stop.send(true);
         joined(self.task.await)
+    }
+
+    /// The tables, to inspect them.
+    pub fn dedup(&self) -> &Deduplicator {
+        self.pipeline.dedup()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -273,6 +279,15 @@ pub async fn start_with(
         None => None,
     };
     let sweeper = tokio::spawn(sweep_loop(pipeline.clone()));
+    let budget = (settings.config.max_table_bytes > 0).then(|| {
+        let max = usize::try_from(settings.config.max_table_bytes).unwrap_or(usize::MAX);
+        tokio::spawn(budget_loop(
+            pipeline.clone(),
+            max,
+            settings.window_ms,
+            metrics.clone(),
+        ))
+    });
     tracing::info!(
         message = "Serving.",
         shards,
@@ -287,7 +302,7 @@ pub async fn start_with(
         transport,
         http,
         writer,
-        background: [Some(discovery), metrics_task, Some(sweeper)]
+        background: [Some(discovery), metrics_task, Some(sweeper), budget]
             .into_iter()
             .flatten()
             .collect(),
@@ -295,7 +310,12 @@ pub async fn start_with(
         timeout: Duration::from_millis(settings.shutdown_timeout_ms),
     };
     let task = tokio::spawn(parts.serve_until(stop_rx, metrics.clone()));
-    Ok(Running { stop, task, metrics })
+    Ok(Running {
+        stop,
+        task,
+        metrics,
+        pipeline,
+    })
 }
 
 /// Rebuilds the owned shards' tables from the journal, off the runtime.
@@ -416,6 +436,58 @@ impl Parts {
             }
         }
         result
+    }
+}
+
+/// How often the tables' size is held against `max_table_bytes`.
+const BUDGET_EVERY: Duration = Duration::from_millis(250);
+/// The window is not halved below this.
+const MIN_WINDOW_MS: u64 = 1000;
+
+/// Keeps the tables under `max_bytes`: while they are over it the window in
+/// force is halved (the oldest ids go first) and the dead entries are
+/// reclaimed; once they are under half of it the window is set back to
+/// `window_ms`, which the tables let grow only as far as the ids they still
+/// hold reach, so no verdict claims an id they dropped.
+async fn budget_loop(
+    pipeline: Arc<Pipeline<Republish>>,
+    max_bytes: usize,
+    window_ms: u64,
+    metrics: Arc<Metrics>,
+) {
+    let mut tick = tokio::time::interval(BUDGET_EVERY);
+    loop {
+        tick.tick().await;
+        let p = pipeline.clone();
+        let step = tokio::task::spawn_blocking(move || {
+            let dedup = p.dedup();
+            let now = unix_ms();
+            let bytes = dedup.memory_bytes();
+            let in_force = dedup.window_in_force(now);
+            if bytes > max_bytes && in_force > MIN_WINDOW_MS {
+                let to = (in_force / 2).max(MIN_WINDOW_MS);
+                dedup.set_window(to, now);
+                dedup.sweep(now, dedup.config().segments_per_shard);
+                Some((in_force, to, bytes, dedup.memory_bytes()))
+            } else {
+                if bytes < max_bytes / 2 && dedup.window_ms() < window_ms {
+                    dedup.set_window(window_ms, now);
+                }
+                None
+            }
+        })
+        .await;
+        if let Ok(Some((from, to, before, after))) = step {
+            Metrics::inc(&metrics.window_shrinks);
+            tracing::warn!(
+                message = "Tables over max_table_bytes: halved the window in force (oldest ids go first).",
+                from_ms = from,
+                to_ms = to,
+                table_bytes_before = before,
+                table_bytes_after = after,
+                max_table_bytes = max_bytes,
+            );
+        }
     }
 }
 

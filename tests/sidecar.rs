@@ -572,3 +572,69 @@ async fn service_resumes_within_about_a_second_after_the_server_restarts() {
     );
     running.shutdown().await.unwrap();
 }
+
+/// `max_table_bytes`: a million ids of a 1 h window need about 20 MB of
+/// tables (8 MB of them the 65 536 segments' own structures, taken once
+/// every segment has had an id); with a 12 MiB budget the window in force
+/// is halved until they fit, the oldest ids going first, and verdicts stay
+/// exact inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_budget_shrinks_the_window_and_verdicts_stay_exact_inside_it() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(&server, data.path(), "1h", Durability::Memory);
+    s.config.max_table_bytes = 12 << 20;
+    let running = service::start(s).await.unwrap();
+    let client = server.client().await;
+    let batch = |round: usize| -> Vec<u8> {
+        let lines: Vec<Bytes> = (0..1000).map(|i| event(&format!("m{round}x{i}"))).collect();
+        lines.join(&b'\n')
+    };
+    for round in 0..1000 {
+        let reply = request(&client, "dedup.batch", batch(round)).await;
+        assert!(
+            reply.payload.iter().step_by(2).all(|&b| b == b'1'),
+            "round {round}: all new"
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let now = eventsieve::engine::unix_ms;
+    while running.dedup().memory_bytes() > 12 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tables still {} bytes, window in force {} ms, {} shrinks",
+            running.dedup().memory_bytes(),
+            running.dedup().window_in_force(now()),
+            running
+                .metrics()
+                .window_shrinks
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let in_force = running.dedup().window_in_force(now());
+    assert!(in_force < 3_600_000, "window in force {in_force} ms");
+    assert!(
+        running
+            .metrics()
+            .window_shrinks
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    // Inside the window in force: exact. The first ids went first.
+    let fresh = batch(1000);
+    let reply = request(&client, "dedup.batch", fresh.clone()).await;
+    assert!(reply.payload.iter().step_by(2).all(|&b| b == b'1'));
+    let again = request(&client, "dedup.batch", fresh).await;
+    assert!(
+        again.payload.iter().step_by(2).all(|&b| b == b'0'),
+        "duplicates inside the window"
+    );
+    assert_eq!(
+        ask(&client, "dedup.ingest.m0x0", event("m0x0")).await,
+        Answer::Verdict(true),
+        "the oldest id was dropped"
+    );
+    running.shutdown().await.unwrap();
+}

@@ -246,6 +246,16 @@ impl Deduplicator {
         }
     }
 
+    /// The window set for the tables (all shards share it).
+    pub fn window_ms(&self) -> u64 {
+        self.table(0).window_ms()
+    }
+
+    /// The window in force at `now_ms` (see [`Table::window_in_force`]).
+    pub fn window_in_force(&self, now_ms: u64) -> u64 {
+        self.table(0).window_in_force(now_ms)
+    }
+
     /// Reclaims up to `segments` segments in every shard; returns the count
     /// of entries reclaimed.
     pub fn sweep(&self, now_ms: u64, segments: usize) -> usize {

@@ -550,6 +550,12 @@ impl Table {
         self.unit = unit_for(window_ms);
     }
 
+    /// The window in force at `now_ms`: the set window, or less while a
+    /// larger one grows back over ids it no longer holds.
+    pub fn window_in_force(&self, now_ms: u64) -> u64 {
+        self.window_at(now_ms.max(self.last_now_ms))
+    }
+
     /// The window as it applies at `now_ms`: an entry is alive while
     /// `now - born` is below it (this folds in `dead_before_ms`).
     fn window_at(&self, now_ms: u64) -> u64 {

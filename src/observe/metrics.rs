@@ -36,6 +36,9 @@ pub struct Metrics {
     pub refused_replies: AtomicU64,
     /// Ids forgotten on an operator's request.
     pub forgotten: AtomicU64,
+    /// Times the window was halved to keep the tables under
+    /// `max_table_bytes`.
+    pub window_shrinks: AtomicU64,
     /// Bytes of requests received and not yet answered.
     pub inflight_bytes: AtomicU64,
     pub batches: AtomicU64,
@@ -160,6 +163,18 @@ impl Metrics {
             "counter",
             "Requests answered 503 (shard not ready or no owner).",
             &[("", get(&self.not_ready))],
+        );
+        metric(
+            "window_in_force_ms",
+            "gauge",
+            "The window verdicts are given for now, in ms (below the configured window while max_table_bytes holds it down).",
+            &[("", dedup.window_in_force(crate::engine::unix_ms()) as f64)],
+        );
+        metric(
+            "window_shrinks_total",
+            "counter",
+            "Times the window in force was halved to keep the tables under max_table_bytes.",
+            &[("", get(&self.window_shrinks))],
         );
         metric(
             "forgotten_total",
