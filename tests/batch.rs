@@ -59,6 +59,31 @@ async fn receive(out: &mut async_nats::Subscriber, n: usize) -> Vec<(u32, Vec<Ve
     messages
 }
 
+/// A sidecar, a client subscribed to its output, and one single event
+/// accepted through it; returns that event's output message.
+async fn sidecar_with_output(
+    server: &NatsServer,
+    id: &str,
+) -> (
+    tempfile::TempDir,
+    service::Running,
+    Client,
+    async_nats::Subscriber,
+    async_nats::Message,
+) {
+    let (data, running) = start_sidecar(server, "1h", Durability::Local).await;
+    let client = server.client().await;
+    let mut out = client.subscribe("events.unique.*").await.unwrap();
+    client.flush().await.unwrap();
+    let subject = format!("dedup.ingest.{id}");
+    assert_eq!(ask(&client, &subject, event(id)).await, Answer::Verdict(true));
+    let single = tokio::time::timeout(Duration::from_secs(5), out.next())
+        .await
+        .unwrap()
+        .unwrap();
+    (data, running, client, out, single)
+}
+
 fn assert_error(entry: &Entry, code: u16, reason: &str) {
     match entry {
         Entry::Error { code: c, reason: r } => {
@@ -72,17 +97,7 @@ fn assert_error(entry: &Entry, code: u16, reason: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_gets_one_verdict_per_line_in_order_and_bad_lines_change_nothing() {
     let server = NatsServer::start();
-    let (_data, running) = start_sidecar(&server, "1h", Durability::Local).await;
-    let client = server.client().await;
-    let mut out = client.subscribe("events.unique.*").await.unwrap();
-    client.flush().await.unwrap();
-    assert_eq!(
-        ask(&client, "dedup.ingest.b0", event("b0")).await,
-        Answer::Verdict(true)
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(5), out.next())
-        .await
-        .unwrap();
+    let (_data, running, client, mut out, _) = sidecar_with_output(&server, "b0").await;
 
     let lines = vec![
         line("b1"),
@@ -152,18 +167,7 @@ async fn a_batch_gets_one_verdict_per_line_in_order_and_bad_lines_change_nothing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_republished_as_one_message_per_shard_in_request_order() {
     let server = NatsServer::start();
-    let (_data, running) = start_sidecar(&server, "1h", Durability::Local).await;
-    let client = server.client().await;
-    let mut out = client.subscribe("events.unique.*").await.unwrap();
-    client.flush().await.unwrap();
-    assert_eq!(
-        ask(&client, "dedup.ingest.p7", event("p7")).await,
-        Answer::Verdict(true)
-    );
-    let single = tokio::time::timeout(Duration::from_secs(5), out.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let (_data, running, client, mut out, single) = sidecar_with_output(&server, "p7").await;
     assert!(single.headers.is_none(), "a single event: one message, no header");
     assert_eq!(single.payload, event("p7"));
 

@@ -96,21 +96,27 @@ impl Subjects {
     /// the prefix, or an output subject. A reply sent there would be a
     /// request, or an event, forged under the sidecar's name.
     pub fn is_ours(&self, subject: &str) -> bool {
-        if subject == self.prefix || subject.starts_with(&format!("{}.", self.prefix)) {
+        // Per request: no allocation.
+        let under_prefix = subject
+            .strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+        if under_prefix {
             return true;
         }
-        let (template, tokens): (Vec<&str>, Vec<&str>) =
-            (self.output.split('.').collect(), subject.split('.').collect());
-        template.len() == tokens.len()
-            && template
-                .iter()
-                .zip(&tokens)
-                .all(|(t, s)| match t.split_once("{shard}") {
-                    None => t == s,
-                    Some((before, after)) => {
-                        s.len() >= before.len() + after.len() && s.starts_with(before) && s.ends_with(after)
-                    }
-                })
+        let mut tokens = subject.split('.');
+        for t in self.output.split('.') {
+            let Some(s) = tokens.next() else { return false };
+            let same = match t.split_once("{shard}") {
+                None => t == s,
+                Some((before, after)) => {
+                    s.len() >= before.len() + after.len() && s.starts_with(before) && s.ends_with(after)
+                }
+            };
+            if !same {
+                return false;
+            }
+        }
+        tokens.next().is_none()
     }
 
     pub fn output(&self, shard: u32) -> Subject {
