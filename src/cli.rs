@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
+use crate::control::{self, WindowValue};
 use crate::engine::shard::shard_of;
 use crate::observe::telemetry;
 
@@ -41,6 +42,24 @@ pub enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Print every sidecar's window, or change it on all of them while they
+    /// serve (kept in the KV bucket, so a restart keeps it).
+    Window {
+        /// TOML configuration file (for NATS and the bucket), as for `run`.
+        #[arg(long, short, value_name = "PATH", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Option<WindowCommand>,
+    },
+    /// Print every sidecar's shards, window and tables.
+    Status {
+        /// TOML configuration file (for NATS), as for `run`.
+        #[arg(long, short, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Print each node's reply as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the shard that owns an event_id (FNV-1a-32 mod shards, as
     /// nats-server's partition mapping computes it).
     Shard {
@@ -50,6 +69,18 @@ pub enum Command {
         #[arg(long, default_value_t = 32)]
         shards: u32,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WindowCommand {
+    /// Set the window of every sidecar: a smaller one applies at once, a
+    /// larger one as far as the ids held allow.
+    Set {
+        /// 1ms to 7d, e.g. `2h`.
+        window: String,
+    },
+    /// Go back to each sidecar's configured window.
+    Reset,
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +174,23 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Window { config, command } => with_settings(config.as_deref(), |settings| async move {
+            let request = match command {
+                None => None,
+                Some(WindowCommand::Reset) => Some(None),
+                Some(WindowCommand::Set { window }) => match WindowValue::parse(&window) {
+                    Ok(value) => Some(Some(value)),
+                    Err(e) => return Err((EXIT_CONFIG, e)),
+                },
+            };
+            let lines = control::window_command(&settings, request)
+                .await
+                .map_err(|e| (1, e))?;
+            Ok(lines)
+        }),
+        Command::Status { config, json } => with_settings(config.as_deref(), |settings| async move {
+            control::status_command(&settings, json).await.map_err(|e| (1, e))
+        }),
         Command::Shard { event_id, shards } => {
             if shards == 0 {
                 eprintln!("eventsieve: --shards must be at least 1");
@@ -150,6 +198,40 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             let _ = writeln!(std::io::stdout(), "{}", shard_of(&event_id, shards));
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Loads the configuration and runs `command` (an operator's request over
+/// NATS) on a runtime of its own; prints the lines it returns, or its error
+/// with its exit status.
+fn with_settings<F, Fut>(config: Option<&std::path::Path>, command: F) -> ExitCode
+where
+    F: FnOnce(crate::config::Settings) -> Fut,
+    Fut: Future<Output = Result<Vec<String>, (u8, String)>>,
+{
+    let settings = match Config::load(config) {
+        Ok(s) => s,
+        Err(e) => return config_error(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("eventsieve: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command(settings)) {
+        Ok(lines) => {
+            let mut out = std::io::stdout().lock();
+            for line in lines {
+                let _ = writeln!(out, "{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err((code, e)) => {
+            eprintln!("eventsieve: {e}");
+            ExitCode::from(code)
         }
     }
 }

@@ -208,6 +208,11 @@ pub struct Config {
     /// `output_subject` (with `*` for the shard) if it does not exist.
     /// Default `EVENTSIEVE_OUTPUT`.
     pub output_stream: String,
+    /// JetStream KV bucket of the window set at run time (key `window`,
+    /// see `eventsieve window`); created if absent. Empty, or a server
+    /// without JetStream: a window set at run time is kept in
+    /// `<data_dir>/window` by each node. Default `eventsieve`.
+    pub kv_bucket: String,
     /// Address of the Prometheus endpoint, or empty to disable. Default `127.0.0.1:9464`.
     pub metrics_addr: String,
     /// Most bytes the tables may take (0: no limit). Above it the window in
@@ -260,6 +265,7 @@ impl Default for Config {
             batch_output: BatchOutput::PerShard,
             output: Output::Core,
             output_stream: "EVENTSIEVE_OUTPUT".into(),
+            kv_bucket: "eventsieve".into(),
             metrics_addr: "127.0.0.1:9464".into(),
             max_table_bytes: 0,
             http_addr: String::new(),
@@ -454,6 +460,18 @@ impl Config {
                 "output_stream",
                 &self.output_stream,
                 "a JetStream stream name: not empty, no spaces, '.', '*', '>', '/' or '\\'",
+            ));
+        }
+        // KV bucket names: letters, digits, '-' and '_'.
+        if !self
+            .kv_bucket
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::field(
+                "kv_bucket",
+                &self.kv_bucket,
+                "a KV bucket name (letters, digits, '-', '_'), or \"\" for none",
             ));
         }
         let shutdown_timeout_ms = parse_duration_ms(&self.shutdown_timeout)
@@ -709,7 +727,8 @@ mod tests {
 
     #[test]
     fn each_invalid_value_names_its_field() {
-        let cases: [(&str, &str, &str); 18] = [
+        let cases: [(&str, &str, &str); 19] = [
+            ("EVENTSIEVE_KV_BUCKET", "a.b", "`kv_bucket`"),
             ("EVENTSIEVE_BATCH_OUTPUT", "per_line", "batch_output"),
             ("EVENTSIEVE_OUTPUT", "kafka", "output"),
             ("EVENTSIEVE_OUTPUT_STREAM", "a.b", "`output_stream`"),

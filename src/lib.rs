@@ -39,6 +39,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod journal;
 pub mod observe;

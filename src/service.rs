@@ -14,12 +14,14 @@
 //! once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Durability, Output, Settings};
+use crate::control::{self, Window};
 use crate::engine::{Deduplicator, unix_ms};
 use crate::journal::writer::{self, WriterConfig, WriterError};
 use crate::journal::{Journal, JournalError, LmdbStore, StoreMeta};
@@ -182,11 +184,15 @@ async fn open_store(settings: &Settings) -> Result<Box<dyn Journal>, ServiceErro
 ///
 /// A [`ServiceError`] if NATS, the journal or the metrics address fail.
 pub async fn start_with(
-    settings: Settings,
+    mut settings: Settings,
     journal: Option<Box<dyn Journal>>,
 ) -> Result<Running, ServiceError> {
     let metrics = Arc::new(Metrics::default());
     let client = nats::options::connect(&settings.config.nats, metrics.clone()).await?;
+    // A window set at run time holds across restarts: read it before the
+    // tables are built and rebuilt.
+    let window = Arc::new(Window::open(&client, &settings, metrics.clone()).await);
+    settings.window_ms = window.ms();
     let shards = settings.config.shards;
     let subjects = Subjects::new(&settings.config.subject_prefix, &settings.config.output_subject);
     let ownership = Ownership::new(shards);
@@ -236,7 +242,7 @@ pub async fn start_with(
                 .await
                 .map_err(ServiceError::Http)?;
             let (stop, stopped) = watch::channel(false);
-            let gateway = Gateway::new(ctx, settings.config.http_metrics, started);
+            let gateway = Gateway::new(ctx.clone(), settings.config.http_metrics, started);
             let task = tokio::spawn(crate::transport::http::serve(listener, gateway, stopped));
             Some((stop, task))
         }
@@ -249,7 +255,7 @@ pub async fn start_with(
             let config = WriterConfig {
                 commit_interval: Duration::from_millis(settings.commit_interval_ms),
                 expire_every: EXPIRE_EVERY,
-                window_ms: settings.window_ms,
+                window_ms: window.shared(),
             };
             Some((handle, writer::spawn(inbox, journal, config, metrics.clone())))
         }
@@ -260,11 +266,21 @@ pub async fn start_with(
             None
         }
     };
+    let node = nats::discovery::instance_id();
+    let control = control::serve(ctx.clone(), window.clone(), node.clone(), started)
+        .await
+        .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
+    let watch = tokio::spawn(window.clone().watch(ctx.clone()));
     // Discoverable only once every owned shard answers.
-    let discovery =
-        nats::discovery::spawn(client.clone(), &subjects, settings.owned.clone(), metrics.clone())
-            .await
-            .map_err(|e| NatsError::Subscribe(format!("$SRV: {e}")))?;
+    let discovery = nats::discovery::spawn(
+        client.clone(),
+        &subjects,
+        node,
+        settings.owned.clone(),
+        metrics.clone(),
+    )
+    .await
+    .map_err(|e| NatsError::Subscribe(format!("$SRV: {e}")))?;
     let metrics_task = match settings.metrics_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -284,7 +300,7 @@ pub async fn start_with(
         tokio::spawn(budget_loop(
             pipeline.clone(),
             max,
-            settings.window_ms,
+            window.shared(),
             metrics.clone(),
         ))
     });
@@ -302,10 +318,17 @@ pub async fn start_with(
         transport,
         http,
         writer,
-        background: [Some(discovery), metrics_task, Some(sweeper), budget]
-            .into_iter()
-            .flatten()
-            .collect(),
+        background: [
+            Some(discovery),
+            Some(control),
+            Some(watch),
+            metrics_task,
+            Some(sweeper),
+            budget,
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
         client,
         timeout: Duration::from_millis(settings.shutdown_timeout_ms),
     };
@@ -447,18 +470,19 @@ const MIN_WINDOW_MS: u64 = 1000;
 /// Keeps the tables under `max_bytes`: while they are over it the window in
 /// force is halved (the oldest ids go first) and the dead entries are
 /// reclaimed; once they are under half of it the window is set back to
-/// `window_ms`, which the tables let grow only as far as the ids they still
+/// the window set (`window_ms`, which may change at run time), which the tables let grow only as far as the ids they still
 /// hold reach, so no verdict claims an id they dropped.
 async fn budget_loop(
     pipeline: Arc<Pipeline<Republish>>,
     max_bytes: usize,
-    window_ms: u64,
+    window_ms: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 ) {
     let mut tick = tokio::time::interval(BUDGET_EVERY);
     loop {
         tick.tick().await;
         let p = pipeline.clone();
+        let window_ms = window_ms.load(Relaxed);
         let step = tokio::task::spawn_blocking(move || {
             let dedup = p.dedup();
             let now = unix_ms();

@@ -400,6 +400,9 @@ impl eventsieve::journal::Journal for PanickingJournal {
     fn expire(&mut self, _: u64) -> Result<usize, eventsieve::journal::JournalError> {
         Ok(0)
     }
+    fn expired_before(&self) -> u64 {
+        0
+    }
     fn sync(&mut self) -> Result<(), eventsieve::journal::JournalError> {
         Ok(())
     }

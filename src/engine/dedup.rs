@@ -246,6 +246,14 @@ impl Deduplicator {
         }
     }
 
+    /// Records that ids accepted before `ms` are no longer held, in every
+    /// shard (see [`Table::held_since`]).
+    pub fn held_since(&self, ms: u64) {
+        for shard in 0..self.config.shards {
+            self.table(shard).held_since(ms);
+        }
+    }
+
     /// The window set for the tables (all shards share it).
     pub fn window_ms(&self) -> u64 {
         self.table(0).window_ms()

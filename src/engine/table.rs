@@ -550,6 +550,13 @@ impl Table {
         self.unit = unit_for(window_ms);
     }
 
+    /// Records that ids accepted before `ms` are no longer held (the
+    /// journal the table was rebuilt from expired them): the window in
+    /// force reaches back no further, however large the window set.
+    pub fn held_since(&mut self, ms: u64) {
+        self.dead_before_ms = self.dead_before_ms.max(ms);
+    }
+
     /// The window in force at `now_ms`: the set window, or less while a
     /// larger one grows back over ids it no longer holds.
     pub fn window_in_force(&self, now_ms: u64) -> u64 {

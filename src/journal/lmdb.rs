@@ -168,15 +168,20 @@ fn forgotten_at(key: &[u8], value: &[u8]) -> Option<u64> {
     (key.len() == 18 && checksum(key, at) == sum).then(|| u64::from_be_bytes(at.try_into().expect("8 bytes")))
 }
 type Meta = Database<'static, Str, Str>;
+/// The meta key of [`Journal::expired_before`].
+const EXPIRED_BEFORE: &str = "expired_before";
 
 /// The LMDB store of one node.
 pub struct LmdbStore {
     env: Env,
     log: Log,
     forgotten: Forgotten,
+    meta: Meta,
     path: PathBuf,
     /// Tells apart chunks with the same newest arrival.
     seq: u32,
+    /// See [`Journal::expired_before`]; in `meta` as `expired_before`.
+    expired_before: u64,
 }
 
 impl LmdbStore {
@@ -287,13 +292,19 @@ impl LmdbStore {
         meta_db
             .put(&mut wtxn, "window_ms", &window)
             .map_err(|e| io("write meta", e))?;
+        let expired_before = meta_db
+            .get(&wtxn, EXPIRED_BEFORE)
+            .map_err(|e| io("read meta", e))?
+            .map_or(0, |v| v.parse().unwrap_or(0));
         wtxn.commit().map_err(|e| io("commit meta", e))?;
         Ok(Self {
             env,
             log,
             forgotten,
+            meta: meta_db,
             path: dir.to_owned(),
             seq: 0,
+            expired_before,
         })
     }
 
@@ -397,10 +408,11 @@ impl Journal for LmdbStore {
     /// chunk goes once its newest id has expired): one range delete at the
     /// start of the keys; and the forgettings older than that.
     fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
-        let (env, log, forgotten) = (&self.env, self.log, self.forgotten);
+        let (env, log, forgotten, meta) = (&self.env, self.log, self.forgotten, self.meta);
+        let horizon = self.expired_before.max(before_ms);
         let hi = key(before_ms, 0, 0);
         let range = (Bound::Unbounded, Bound::Excluded(&hi[..]));
-        with_growth(env, || {
+        let ids = with_growth(env, || {
             let mut wtxn = env.write_txn()?;
             let mut ids = 0;
             for entry in log.range(&wtxn, &range)? {
@@ -417,10 +429,17 @@ impl Journal for LmdbStore {
             for k in old {
                 forgotten.delete(&mut wtxn, &k)?;
             }
+            meta.put(&mut wtxn, EXPIRED_BEFORE, &horizon.to_string())?;
             wtxn.commit()?;
             Ok(ids)
         })
-        .map_err(|e| write_failed(&self.path, "expire old entries", e))
+        .map_err(|e| write_failed(&self.path, "expire old entries", e))?;
+        self.expired_before = horizon;
+        Ok(ids)
+    }
+
+    fn expired_before(&self) -> u64 {
+        self.expired_before
     }
 
     /// One pass over the chunks that may hold ids since `since_ms`; every

@@ -11,6 +11,7 @@ pub struct MemoryJournal {
     records: Vec<Record>,
     /// Forgotten ids, `born_ms` being when.
     forgotten: Vec<Record>,
+    expired_before: u64,
 }
 
 impl MemoryJournal {
@@ -61,7 +62,12 @@ impl Journal for MemoryJournal {
         let before = self.records.len();
         self.records.retain(|r| r.born_ms >= before_ms);
         self.forgotten.retain(|t| t.born_ms >= before_ms);
+        self.expired_before = self.expired_before.max(before_ms);
         Ok(before - self.records.len())
+    }
+
+    fn expired_before(&self) -> u64 {
+        self.expired_before
     }
 
     fn sync(&mut self) -> Result<(), JournalError> {

@@ -64,6 +64,12 @@ pub trait Journal: Send + 'static {
     /// A [`JournalError`] if the deletion fails.
     fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError>;
 
+    /// Every id accepted at or after this time is held; ids accepted
+    /// before it may have been expired (0: nothing was ever expired). Kept
+    /// across restarts, so that a window larger than the one the journal
+    /// was expired with does not claim ids it no longer has.
+    fn expired_before(&self) -> u64;
+
     /// Pushes what was appended to stable storage (for a clean shutdown of
     /// a log that does not do so on every append).
     ///

@@ -10,7 +10,7 @@
 //! growing memory.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -94,14 +94,15 @@ pub fn channel(capacity: usize, metrics: Arc<Metrics>) -> (Writer, Inbox) {
 }
 
 /// How the writer runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WriterConfig {
     /// Longest a submission waits for the commit that covers it.
     pub commit_interval: Duration,
     /// How often ids older than the window are deleted.
     pub expire_every: Duration,
-    /// The window: ids older than this are expired.
-    pub window_ms: u64,
+    /// The window set, in ms (it may change at run time): ids older than
+    /// this are expired.
+    pub window_ms: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -238,7 +239,7 @@ async fn run(
         let mut j = journal
             .take()
             .expect("the journal is put back after every commit");
-        let window_ms = config.window_ms;
+        let window_ms = config.window_ms.load(Relaxed);
         let started = Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
             let mut result = if records.is_empty() {
@@ -324,7 +325,7 @@ mod tests {
         WriterConfig {
             commit_interval: Duration::from_millis(1),
             expire_every: Duration::from_secs(3600),
-            window_ms: 60_000,
+            window_ms: Arc::new(AtomicU64::new(60_000)),
         }
     }
 
@@ -351,6 +352,9 @@ mod tests {
         }
         fn expire(&mut self, _: u64) -> Result<usize, JournalError> {
             Ok(0)
+        }
+        fn expired_before(&self) -> u64 {
+            0
         }
         fn sync(&mut self) -> Result<(), JournalError> {
             Ok(())

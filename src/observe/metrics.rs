@@ -39,6 +39,12 @@ pub struct Metrics {
     /// Times the window was halved to keep the tables under
     /// `max_table_bytes`.
     pub window_shrinks: AtomicU64,
+    /// The window set (configured, or changed at run time), in ms.
+    pub window_ms: AtomicU64,
+    /// Times the window set was changed at run time.
+    pub window_changes: AtomicU64,
+    /// Values of the window key that were not a window, and were ignored.
+    pub window_rejected: AtomicU64,
     /// Bytes of requests received and not yet answered.
     pub inflight_bytes: AtomicU64,
     pub batches: AtomicU64,
@@ -163,6 +169,24 @@ impl Metrics {
             "counter",
             "Requests answered 503 (shard not ready or no owner).",
             &[("", get(&self.not_ready))],
+        );
+        metric(
+            "window_ms",
+            "gauge",
+            "The window set, in ms: the configured one, or the one set at run time (eventsieve window set).",
+            &[("", get(&self.window_ms))],
+        );
+        metric(
+            "window_changes_total",
+            "counter",
+            "Times the window set was changed at run time.",
+            &[("", get(&self.window_changes))],
+        );
+        metric(
+            "window_rejected_total",
+            "counter",
+            "Values put in the window key that were not a window (ignored).",
+            &[("", get(&self.window_rejected))],
         );
         metric(
             "window_in_force_ms",

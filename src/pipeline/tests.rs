@@ -2,6 +2,7 @@
 //! RAM (or one that fails, or one that panics).
 
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use super::*;
@@ -62,11 +63,22 @@ impl Journal for TestJournal {
     fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
         self.records.lock().unwrap().expire(before_ms)
     }
+    fn expired_before(&self) -> u64 {
+        self.records.lock().unwrap().expired_before()
+    }
     fn sync(&mut self) -> Result<(), JournalError> {
         Ok(())
     }
     fn location(&self) -> String {
         "test".into()
+    }
+}
+
+fn writer_config() -> WriterConfig {
+    WriterConfig {
+        commit_interval: Duration::from_millis(1),
+        expire_every: Duration::from_secs(3600),
+        window_ms: Arc::new(AtomicU64::new(60_000)),
     }
 }
 
@@ -93,11 +105,7 @@ fn fixture(journal: Option<Box<dyn Journal>>) -> Fixture {
     }
     let writer = journal.map(|journal| {
         let (writer, inbox) = writer::channel(64, metrics.clone());
-        let config = WriterConfig {
-            commit_interval: Duration::from_millis(1),
-            expire_every: Duration::from_secs(3600),
-            window_ms: 60_000,
-        };
+        let config = writer_config();
         let task = writer::spawn(inbox, journal, config, metrics.clone());
         (writer, task)
     });
@@ -360,11 +368,7 @@ async fn an_output_ahead_takes_each_new_event_before_its_commit_or_the_id_is_for
     let records: Arc<Mutex<MemoryJournal>> = Arc::default();
     let metrics = Arc::new(Metrics::default());
     let (writer, inbox) = writer::channel(64, metrics.clone());
-    let config = WriterConfig {
-        commit_interval: Duration::from_millis(1),
-        expire_every: Duration::from_secs(3600),
-        window_ms: 60_000,
-    };
+    let config = writer_config();
     let journal = TestJournal {
         records: records.clone(),
         behaviour: Behaviour::Keep,

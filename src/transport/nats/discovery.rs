@@ -29,10 +29,10 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub async fn spawn(
     client: Client,
     subjects: &Subjects,
+    id: String,
     owned: Vec<u32>,
     metrics: Arc<Metrics>,
 ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
-    let id = instance_id();
     let prefix = subjects.prefix().to_owned();
     let mut subs = Vec::new();
     for subject in [
@@ -118,7 +118,7 @@ fn stats(prefix: &str, m: &Metrics) -> Vec<Value> {
 }
 
 /// A random-enough instance id: time and process id, base 36.
-fn instance_id() -> String {
+pub fn instance_id() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());

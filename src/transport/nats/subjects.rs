@@ -7,6 +7,8 @@
 //! | `<prefix>.ingest` | one event, any shard (queue group) |
 //! | `<prefix>.batch` | newline-delimited events (queue group) |
 //! | `<prefix>.internal.batch.<n>` | a sub-batch for shard `n`, forwarded by another sidecar |
+//! | `<prefix>.lookup.<id>`, `<prefix>.forget.<id>` | an operator's look-up or forget of one id (every node) |
+//! | `<prefix>.window`, `<prefix>.status` | an operator's window change or status request (every node) |
 //! | output template, e.g. `events.unique.{shard}` | accepted events |
 //!
 //! Internal subjects live outside `<prefix>.shard.*.*` and
@@ -80,7 +82,6 @@ impl Subjects {
         format!("{}.internal.batch.{shard}", self.prefix)
     }
 
-    /// Where accepted events of `shard` are republished.
     /// `<prefix>.lookup.*`: whether an id is remembered (every node
     /// receives it; the owner of the id's shard answers).
     pub fn lookup(&self) -> String {
@@ -90,6 +91,17 @@ impl Subjects {
     /// `<prefix>.forget.*`: forget an id (as [`Self::lookup`]).
     pub fn forget(&self) -> String {
         format!("{}.forget.*", self.prefix)
+    }
+
+    /// `<prefix>.window`: read, set or reset the window (every node
+    /// receives it).
+    pub fn window(&self) -> String {
+        format!("{}.window", self.prefix)
+    }
+
+    /// `<prefix>.status`: each node's status (every node receives it).
+    pub fn status(&self) -> String {
+        format!("{}.status", self.prefix)
     }
 
     /// Whether a requester's reply subject is one of the sidecar's own: under
@@ -119,6 +131,7 @@ impl Subjects {
         tokens.next().is_none()
     }
 
+    /// Where accepted events of `shard` are republished.
     pub fn output(&self, shard: u32) -> Subject {
         Subject::from(self.output.replace("{shard}", &shard.to_string()))
     }
