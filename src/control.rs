@@ -331,6 +331,10 @@ pub async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
     let windows = ctx.client.subscribe(ctx.subjects.window()).await?;
     let statuses = ctx.client.subscribe(ctx.subjects.status()).await?;
+    // Subscribed at the server before the service says it is up.
+    if let Err(e) = ctx.client.flush().await {
+        tracing::warn!(message = "Flushing the window and status subscriptions failed.", error = %e);
+    }
     let mut both = futures_util::stream::select(windows, statuses);
     Ok(tokio::spawn(async move {
         while let Some(message) = both.next().await {
@@ -416,6 +420,8 @@ pub async fn gather(client: &Client, subject: String, payload: Bytes) -> Result<
             deadline.min(quiet)
         };
         match tokio::time::timeout_at(until, replies.next()).await {
+            // The server's word that nobody is subscribed.
+            Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => return Ok(out),
             Ok(Some(message)) => out.push(message),
             _ => return Ok(out),
         }

@@ -117,6 +117,15 @@ async fn the_shipped_permissions_let_a_producer_ingest_and_nothing_more() {
     unanswered(&consumer, "dedup.ingest.s5", event("s5")).await;
     unanswered(&producer, "dedup.lookup.s1", Bytes::new()).await;
     unanswered(&producer, "dedup.forget.s1", Bytes::new()).await;
+    unanswered(&producer, "dedup.window", Bytes::from_static(b"1s")).await;
+    unanswered(&producer, "dedup.status", Bytes::new()).await;
+    assert!(
+        async_nats::jetstream::new(producer.clone())
+            .get_key_value("eventsieve")
+            .await
+            .is_err(),
+        "a producer cannot reach the bucket"
+    );
     let operator = server.client_as("operator").await;
     let ping = request(&operator, "$SRV.PING.eventsieve", Bytes::new()).await;
     assert!(!ping.payload.is_empty());
@@ -126,5 +135,17 @@ async fn the_shipped_permissions_let_a_producer_ingest_and_nothing_more() {
         "{:?}",
         forgot.payload
     );
+    // The operator changes the window: the sidecar keeps it in the bucket.
+    let set = request(&operator, "dedup.window", Bytes::from_static(b"2h")).await;
+    assert!(set.headers.is_none(), "{set:?}");
+    assert_eq!(running.dedup().window_ms(), 7_200_000);
+    let kv = async_nats::jetstream::new(operator.clone())
+        .get_key_value("eventsieve")
+        .await
+        .unwrap();
+    assert_eq!(kv.get("window").await.unwrap().as_deref(), Some(&b"2h"[..]));
+    let status = request(&operator, "dedup.status", Bytes::new()).await;
+    let status: serde_json::Value = serde_json::from_slice(&status.payload).unwrap();
+    assert_eq!(status["window"]["window_ms"], 7_200_000, "{status}");
     running.shutdown().await.unwrap();
 }

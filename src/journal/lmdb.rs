@@ -790,6 +790,24 @@ mod tests {
     }
 
     #[test]
+    fn how_far_the_log_was_expired_is_kept_across_opens_and_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LmdbStore::open(dir.path(), META, false).unwrap();
+        assert_eq!(store.expired_before(), 0, "a new store has lost nothing");
+        store.append(&[rec(1, 10, 1)]).unwrap();
+        store.append(&[rec(1, 50, 2)]).unwrap();
+        store.expire(40).unwrap();
+        store.expire(30).unwrap();
+        assert_eq!(store.expired_before(), 40);
+        drop(store);
+        let store = LmdbStore::open(dir.path(), META, false).unwrap();
+        assert_eq!(store.expired_before(), 40);
+        let mut seen = vec![];
+        store.scan(&[1], 0, &mut |r| seen.push(r)).unwrap();
+        assert_eq!(seen, vec![rec(1, 50, 2)]);
+    }
+
+    #[test]
     fn a_forgotten_id_is_hidden_until_accepted_again_and_expires_with_the_window() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = LmdbStore::open(dir.path(), META, false).unwrap();

@@ -468,6 +468,7 @@ impl<H: Hook> Pipeline<H> {
             let (_, table) = open.as_mut().expect("just opened");
             restored += usize::from(table.restore(r.fingerprint, r.born_ms, now));
         })?;
+        drop(open);
         // Ids the journal expired under a smaller window are not claimed.
         self.dedup.held_since(journal.expired_before());
         for &shard in shards {
