@@ -45,6 +45,7 @@ pub mod journal;
 pub mod observe;
 pub mod pipeline;
 pub mod service;
+pub mod stages;
 pub mod transport;
 
 pub use engine::{Deduplicator, EngineConfig, IngestError, Verdict};

@@ -27,6 +27,7 @@ use crate::journal::writer::{self, WriterConfig, WriterError};
 use crate::journal::{Journal, JournalError, LmdbStore, StoreMeta};
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Ownership, Pipeline, ShardState};
+use crate::stages::Stages;
 use crate::transport::budget::Budget;
 use crate::transport::http::Gateway;
 use crate::transport::nats::jetstream::JetStreamOutput;
@@ -203,18 +204,23 @@ pub async fn start_with(
         .is_some()
         .then(|| writer::channel(settings.config.max_pending, metrics.clone()));
     let core = settings.config.output == Output::Core;
+    let stages = Arc::new(Stages::new(&settings.aggregates, shards));
+    let mut republish = Republish::new(
+        client.clone(),
+        &subjects,
+        shards,
+        settings.config.batch_output,
+        core,
+        metrics.clone(),
+    );
+    if !stages.is_empty() {
+        republish = republish.with_stages(stages.clone());
+    }
     let mut pipeline = Pipeline::new(
         Deduplicator::new(settings.engine()),
         ownership,
         writer.as_ref().map(|(w, _)| w.clone()),
-        Republish::new(
-            client.clone(),
-            &subjects,
-            shards,
-            settings.config.batch_output,
-            core,
-            metrics.clone(),
-        ),
+        republish,
         metrics.clone(),
     );
     if !core {
@@ -271,6 +277,13 @@ pub async fn start_with(
         .await
         .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
     let watch = tokio::spawn(window.clone().watch(ctx.clone()));
+    let stage_tasks = if stages.is_empty() {
+        Vec::new()
+    } else {
+        crate::stages::query::serve(ctx.clone(), stages.clone())
+            .await
+            .map_err(|e| NatsError::Subscribe(format!("{}.agg.*: {e}", subjects.prefix())))?
+    };
     // Discoverable only once every owned shard answers.
     let discovery = nats::discovery::spawn(
         client.clone(),
@@ -328,6 +341,7 @@ pub async fn start_with(
         ]
         .into_iter()
         .flatten()
+        .chain(stage_tasks)
         .collect(),
         client,
         timeout: Duration::from_millis(settings.shutdown_timeout_ms),

@@ -32,6 +32,7 @@ use crate::config::BatchOutput;
 use crate::engine::batch;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Accepted, Hook, Pipeline};
+use crate::stages::Stages;
 use crate::transport::budget::Budget;
 
 pub use subjects::Subjects;
@@ -81,6 +82,8 @@ pub struct Republish {
     /// The largest message the server takes, as it said when connecting.
     max_payload: usize,
     metrics: Arc<Metrics>,
+    /// Aggregates fed with each accepted event before it is republished.
+    stages: Option<Arc<Stages>>,
 }
 
 impl Republish {
@@ -100,7 +103,14 @@ impl Republish {
             core,
             max_payload,
             metrics,
+            stages: None,
         }
+    }
+
+    /// Feeds `stages` with every accepted event too.
+    pub fn with_stages(mut self, stages: Arc<Stages>) -> Self {
+        self.stages = Some(stages);
+        self
     }
 
     async fn publish(&self, subject: &Subject, headers: Option<HeaderMap>, payload: Bytes) {
@@ -117,6 +127,9 @@ impl Republish {
 
 impl Hook for Republish {
     async fn accepted(&self, shard: u32, events: Accepted<'_>) {
+        if let Some(stages) = &self.stages {
+            stages.observe(shard, &events);
+        }
         if !self.core {
             return;
         }

@@ -1,0 +1,345 @@
+//! Windowed count / sum / min / max and quantile sketches of a numeric
+//! field, per group, in panes of event time, per shard.
+//!
+//! Each accepted event lands in the pane of its event time (or arrival
+//! time). A pane takes events until `lateness` after its end (by the
+//! arrival clock); a later event, or one more than `lateness` ahead of the
+//! clock, is counted as out of time and dropped. Events out of order within
+//! the lateness land in their own pane. Panes older than the longest window
+//! a query may ask for (plus the lateness) are dropped.
+//!
+//! State is kept per shard, so that it follows the shards: a query asks for
+//! the shards a node owns and merges them; nodes merge with each other the
+//! same way (count, sum, min and max exactly, sketches without loss).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, PoisonError};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::stages::fields::{self, Field, Wanted};
+use crate::stages::sketch::Sketch;
+
+/// One `[[aggregate]]` of the configuration, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateSettings {
+    /// How queries name it; the group field unless set.
+    pub name: String,
+    /// The top-level field whose text groups events (e.g. `metric_name`).
+    pub group: String,
+    /// The top-level numeric field aggregated (e.g. `metric_value`).
+    pub value: String,
+    /// The top-level field of event time; empty for arrival time.
+    pub time: String,
+    /// Milliseconds per unit of `time` (1000 for seconds, 1 for ms).
+    pub time_unit_ms: u64,
+    pub pane_ms: u64,
+    /// The longest window a query may ask for.
+    pub max_window_ms: u64,
+    pub lateness_ms: u64,
+    /// Relative accuracy of the quantile sketches.
+    pub alpha: f64,
+    /// Publish each group's median this often (`None`: never) ...
+    pub emit_every_ms: Option<u64>,
+    /// ... over this much of the latest event time.
+    pub emit_window_ms: u64,
+}
+
+/// What a pane holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub sketch: Sketch,
+}
+
+impl Summary {
+    pub fn new(alpha: f64) -> Self {
+        Self {
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            sketch: Sketch::new(alpha),
+        }
+    }
+
+    fn add(&mut self, x: f64) {
+        self.count += 1;
+        self.sum += x;
+        self.min = self.min.min(x);
+        self.max = self.max.max(x);
+        self.sketch.add(x);
+    }
+
+    /// Adds everything `other` holds.
+    pub fn merge(&mut self, other: &Summary) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.sketch.merge(&other.sketch);
+    }
+
+    /// For the partial results nodes exchange.
+    pub fn to_json(&self) -> Value {
+        let finite = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
+        json!({
+            "count": self.count,
+            "sum": self.sum,
+            "min": finite(self.min),
+            "max": finite(self.max),
+            "sketch": self.sketch.to_json(),
+        })
+    }
+
+    /// The inverse of [`Self::to_json`]; `None` if malformed.
+    pub fn from_json(v: &Value) -> Option<Self> {
+        Some(Self {
+            count: v["count"].as_u64()?,
+            sum: v["sum"].as_f64()?,
+            min: v["min"].as_f64().unwrap_or(f64::INFINITY),
+            max: v["max"].as_f64().unwrap_or(f64::NEG_INFINITY),
+            sketch: Sketch::from_json(&v["sketch"])?,
+        })
+    }
+}
+
+/// Panes by index (event time / pane), per group.
+type Groups = HashMap<String, BTreeMap<u64, Summary>>;
+
+/// Events an aggregate took, and why it left others out.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub added: AtomicU64,
+    /// Later than the lateness allows, or too far ahead of the clock.
+    pub out_of_time: AtomicU64,
+    /// No group text, no numeric value, or no numeric time.
+    pub skipped: AtomicU64,
+}
+
+/// One aggregate's state over every shard.
+pub struct Aggregate {
+    pub settings: AggregateSettings,
+    shards: Box<[Mutex<Groups>]>,
+    pub counters: Counters,
+}
+
+impl Aggregate {
+    pub fn new(settings: AggregateSettings, shards: u32) -> Self {
+        Self {
+            settings,
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            counters: Counters::default(),
+        }
+    }
+
+    fn shard(&self, shard: u32) -> std::sync::MutexGuard<'_, Groups> {
+        self.shards[shard as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds the accepted `events` of `shard`, arrived at `now_ms`.
+    pub fn observe(&self, shard: u32, events: impl Iterator<Item = Bytes>, now_ms: u64) {
+        let s = &self.settings;
+        let wanted = Wanted {
+            group: &s.group,
+            value: &s.value,
+            time: &s.time,
+        };
+        let mut read = Vec::new();
+        for event in events {
+            let Some(found) = fields::read(&event, wanted) else {
+                Metrics::bump(&self.counters.skipped);
+                continue;
+            };
+            let time_ms = match (s.time.is_empty(), found.time) {
+                (true, _) => Some(now_ms),
+                (false, Field::Found(t)) if t.is_finite() && t >= 0.0 => {
+                    Some((t * s.time_unit_ms as f64) as u64)
+                }
+                _ => None,
+            };
+            match (found.group, found.value, time_ms) {
+                (Field::Found(group), Field::Found(value), Some(t)) if value.is_finite() => {
+                    read.push((group, value, t));
+                }
+                _ => Metrics::bump(&self.counters.skipped),
+            }
+        }
+        if read.is_empty() {
+            return;
+        }
+        let mut groups = self.shard(shard);
+        for (group, value, t) in read {
+            let pane = t / s.pane_ms;
+            let pane_end = (pane + 1) * s.pane_ms;
+            if pane_end + s.lateness_ms <= now_ms || t > now_ms + s.lateness_ms {
+                Metrics::bump(&self.counters.out_of_time);
+                continue;
+            }
+            groups
+                .entry(group)
+                .or_default()
+                .entry(pane)
+                .or_insert_with(|| Summary::new(s.alpha))
+                .add(value);
+            Metrics::bump(&self.counters.added);
+        }
+    }
+
+    /// Drops panes that no query can reach any more.
+    pub fn evict(&self, now_ms: u64) {
+        let s = &self.settings;
+        let oldest = now_ms.saturating_sub(s.max_window_ms + s.lateness_ms + s.pane_ms) / s.pane_ms;
+        for shard in 0..self.shards.len() as u32 {
+            let mut groups = self.shard(shard);
+            groups.retain(|_, panes| {
+                *panes = panes.split_off(&oldest);
+                !panes.is_empty()
+            });
+        }
+    }
+
+    /// The panes `[start_ms, end_ms)` (aligned to panes) of `group` in
+    /// `shards`, merged.
+    pub fn summary(&self, group: &str, start_ms: u64, end_ms: u64, shards: &[u32]) -> Summary {
+        let p = self.settings.pane_ms;
+        let mut out = Summary::new(self.settings.alpha);
+        for &shard in shards {
+            let groups = self.shard(shard);
+            if let Some(panes) = groups.get(group) {
+                for (_, pane) in panes.range(start_ms / p..end_ms.div_ceil(p)) {
+                    out.merge(pane);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every group with panes in `[start_ms, end_ms)` in `shards`, merged
+    /// per group.
+    pub fn summaries(&self, start_ms: u64, end_ms: u64, shards: &[u32]) -> HashMap<String, Summary> {
+        let p = self.settings.pane_ms;
+        let mut out: HashMap<String, Summary> = HashMap::new();
+        for &shard in shards {
+            let groups = self.shard(shard);
+            for (group, panes) in groups.iter() {
+                for (_, pane) in panes.range(start_ms / p..end_ms.div_ceil(p)) {
+                    out.entry(group.clone())
+                        .or_insert_with(|| Summary::new(self.settings.alpha))
+                        .merge(pane);
+                }
+            }
+        }
+        out
+    }
+
+    /// Panes held, over every shard and group (for memory figures).
+    pub fn panes(&self) -> usize {
+        (0..self.shards.len() as u32)
+            .map(|s| self.shard(s).values().map(BTreeMap::len).sum::<usize>())
+            .sum()
+    }
+
+    /// The pane-aligned bounds of "the last `window_ms`" at `now_ms`: up to
+    /// the end of the current pane.
+    pub fn last(&self, window_ms: u64, now_ms: u64) -> (u64, u64) {
+        let p = self.settings.pane_ms;
+        let end = (now_ms / p + 1) * p;
+        (end.saturating_sub(window_ms.div_ceil(p) * p), end)
+    }
+
+    /// `[start_ms, end_ms)` widened to whole panes.
+    pub fn aligned(&self, start_ms: u64, end_ms: u64) -> (u64, u64) {
+        let p = self.settings.pane_ms;
+        (start_ms / p * p, end_ms.div_ceil(p) * p)
+    }
+}
+
+/// Counter bumps (relaxed: they are statistics).
+struct Metrics;
+
+impl Metrics {
+    fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> AggregateSettings {
+        AggregateSettings {
+            name: "metric_name".into(),
+            group: "metric_name".into(),
+            value: "metric_value".into(),
+            time: "timestamp".into(),
+            time_unit_ms: 1000,
+            pane_ms: 1000,
+            max_window_ms: 3_600_000,
+            lateness_ms: 5000,
+            alpha: 0.01,
+            emit_every_ms: None,
+            emit_window_ms: 5000,
+        }
+    }
+
+    fn event(group: &str, value: f64, t: u64) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"event_id":"e{t}","metric_name":"{group}","metric_value":{value},"timestamp":{t}}}"#
+        ))
+    }
+
+    #[test]
+    fn panes_by_event_time_lateness_and_merging_over_shards() {
+        let agg = Aggregate::new(settings(), 4);
+        let now = 1_000_000_000; // ms
+        let t = now / 1000;
+        agg.observe(
+            0,
+            [event("temp", 10.0, t), event("temp", 40.0, t - 3)].into_iter(),
+            now,
+        );
+        agg.observe(
+            1,
+            [event("temp", 25.0, t - 1), event("hum", 1.0, t)].into_iter(),
+            now,
+        );
+        // 20 s old with 5 s lateness: dropped; not a number: skipped.
+        agg.observe(2, [event("temp", 99.0, t - 20)].into_iter(), now);
+        agg.observe(
+            2,
+            [Bytes::from_static(
+                br#"{"metric_name":"temp","metric_value":"x","timestamp":1}"#,
+            )]
+            .into_iter(),
+            now,
+        );
+        assert_eq!(agg.counters.out_of_time.load(Relaxed), 1);
+        assert_eq!(agg.counters.skipped.load(Relaxed), 1);
+
+        let (start, end) = agg.last(60_000, now);
+        assert_eq!((start, end), (now + 1000 - 60_000, now + 1000));
+        let s = agg.summary("temp", start, end, &[0, 1, 2, 3]);
+        assert_eq!((s.count, s.sum, s.min, s.max), (3, 75.0, 10.0, 40.0));
+        // One shard only, and only the last 2 s of panes.
+        assert_eq!(agg.summary("temp", start, end, &[1]).count, 1);
+        let (start, end) = agg.last(2000, now);
+        assert_eq!(agg.summary("temp", start, end, &[0, 1]).count, 2);
+        assert_eq!(agg.summary("nothing", start, end, &[0, 1]).count, 0);
+        let all = agg.summaries(0, u64::MAX / 2, &[0, 1, 2, 3]);
+        assert_eq!(all.len(), 2);
+        // Eviction keeps what a query can reach.
+        agg.evict(now);
+        assert_eq!(agg.panes(), 4);
+        agg.evict(now + 3_700_000);
+        assert_eq!(agg.panes(), 0);
+    }
+}

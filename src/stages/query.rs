@@ -1,0 +1,438 @@
+//! The aggregates over NATS request-reply, merged across sidecars.
+//!
+//! | subject | who | what |
+//! |---|---|---|
+//! | `<prefix>.agg.query` | anyone, request (queue group) | count, sum, avg, min, max of a group over a window |
+//! | `<prefix>.agg.quantile` | anyone, request (queue group) | quantile `q` of a group over a window |
+//! | `<prefix>.agg.partial` | sidecars, request (every node) | one node's summary of its ready shards |
+//! | `<prefix>.median.<group>` | sidecar, publish | each group's median every `emit_every` |
+//!
+//! The node a query reaches asks every node (itself included) for the
+//! summary of the shards it serves, and merges the replies as they come;
+//! it answers once every shard is covered, or after [`PARTIAL_WAIT`] with
+//! `"partial":true` and the shards missing. A reply whose shards overlap
+//! ones already merged (a shard changing hands) is left out rather than
+//! counted twice. Medians are published by the node that serves shard 0,
+//! from the merge of every node's sketches.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, Message, Subject};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::config::parse_duration_ms;
+use crate::engine::unix_ms;
+use crate::observe::metrics::Metrics;
+use crate::pipeline::ShardState;
+use crate::stages::{Aggregate, Stages, Summary};
+use crate::transport::nats::Context;
+use crate::transport::nats::subscription::{publish, reply_error};
+
+/// Longest a query waits for the other nodes' summaries.
+pub const PARTIAL_WAIT: Duration = Duration::from_millis(500);
+/// How often panes out of every window are dropped.
+const EVICT_EVERY: Duration = Duration::from_secs(1);
+
+fn query_subject(prefix: &str) -> String {
+    format!("{prefix}.agg.query")
+}
+fn quantile_subject(prefix: &str) -> String {
+    format!("{prefix}.agg.quantile")
+}
+fn partial_subject(prefix: &str) -> String {
+    format!("{prefix}.agg.partial")
+}
+
+/// Subscribes to the query subjects and starts the median publishers and
+/// the eviction; the tasks run until aborted.
+///
+/// # Errors
+///
+/// If a subscription cannot be made.
+pub async fn serve(
+    ctx: Arc<Context>,
+    stages: Arc<Stages>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, async_nats::SubscribeError> {
+    let prefix = ctx.subjects.prefix().to_owned();
+    let group = format!("{prefix}.agg");
+    let queries = ctx
+        .client
+        .queue_subscribe(query_subject(&prefix), group.clone())
+        .await?;
+    let quantiles = ctx
+        .client
+        .queue_subscribe(quantile_subject(&prefix), group)
+        .await?;
+    let partials = ctx.client.subscribe(partial_subject(&prefix)).await?;
+    if let Err(e) = ctx.client.flush().await {
+        tracing::warn!(message = "Flushing the aggregate subscriptions failed.", error = %e);
+    }
+    let mut tasks = Vec::new();
+    let (c, s) = (ctx.clone(), stages.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut all = futures_util::stream::select(queries, quantiles);
+        while let Some(message) = all.next().await {
+            let (c, s) = (c.clone(), s.clone());
+            tokio::spawn(async move { query(&c, &s, message).await });
+        }
+    }));
+    let (c, s) = (ctx.clone(), stages.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut partials = partials;
+        while let Some(message) = partials.next().await {
+            partial(&c, &s, message).await;
+        }
+    }));
+    for agg in &stages.aggregates {
+        if let Some(every) = agg.settings.emit_every_ms {
+            let (c, a) = (ctx.clone(), agg.clone());
+            tasks.push(tokio::spawn(emit_medians(c, a, Duration::from_millis(every))));
+        }
+    }
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EVICT_EVERY);
+        loop {
+            tick.tick().await;
+            stages.evict();
+        }
+    }));
+    Ok(tasks)
+}
+
+/// What a query asks: which group, which panes, which quantile.
+struct Asked {
+    group: String,
+    start_ms: u64,
+    end_ms: u64,
+    q: f64,
+}
+
+fn asked(agg: &Aggregate, query: &Value, now_ms: u64) -> Result<Asked, String> {
+    let s = &agg.settings;
+    let group = query[&s.group]
+        .as_str()
+        .ok_or_else(|| format!("{:?} must be the group's name (text)", s.group))?
+        .to_owned();
+    let (start_ms, end_ms) = match (query.get("window"), query.get("start"), query.get("end")) {
+        (Some(w), None, None) => {
+            let ms = w
+                .as_str()
+                .and_then(parse_duration_ms)
+                .filter(|&ms| ms > 0)
+                .ok_or("\"window\" must be a duration such as \"60s\"")?;
+            if ms > s.max_window_ms {
+                return Err(format!(
+                    "window {} ms is longer than this aggregate keeps (max_window {} ms)",
+                    ms, s.max_window_ms
+                ));
+            }
+            agg.last(ms, now_ms)
+        }
+        (None, Some(start), Some(end)) => {
+            let secs = |v: &Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
+            let (Some(start), Some(end)) = (secs(start), secs(end)) else {
+                return Err("\"start\" and \"end\" must be Unix seconds".into());
+            };
+            if start >= end {
+                return Err("\"start\" must be before \"end\"".into());
+            }
+            agg.aligned((start * 1000.0) as u64, (end * 1000.0).ceil() as u64)
+        }
+        _ => return Err("give \"window\" (e.g. \"60s\"), or \"start\" and \"end\" (Unix seconds)".into()),
+    };
+    let q = match query.get("q") {
+        None => 0.5,
+        Some(q) => q
+            .as_f64()
+            .filter(|q| (0.0..=1.0).contains(q))
+            .ok_or("\"q\" must be a number from 0 to 1")?,
+    };
+    Ok(Asked {
+        group,
+        start_ms,
+        end_ms,
+        q,
+    })
+}
+
+/// Unix seconds of `ms`: whole when it is, else with the fraction.
+fn seconds(ms: u64) -> Value {
+    if ms.is_multiple_of(1000) {
+        json!(ms / 1000)
+    } else {
+        json!(ms as f64 / 1000.0)
+    }
+}
+
+fn number(x: f64) -> String {
+    serde_json::to_string(&x).unwrap_or_else(|_| "null".into())
+}
+
+async fn query(ctx: &Context, stages: &Stages, message: Message) {
+    let Some(to) = message.reply.clone() else { return };
+    if ctx.subjects.is_ours(&to) {
+        Metrics::inc(&ctx.metrics.refused_replies);
+        return;
+    }
+    let quantile = message.subject.ends_with(".agg.quantile");
+    let parsed = serde_json::from_slice::<Value>(&message.payload)
+        .map_err(|e| format!("the query is not JSON: {e}"))
+        .and_then(|query| {
+            let agg = stages.find(&query)?.clone();
+            let asked = asked(&agg, &query, unix_ms())?;
+            Ok((agg, asked))
+        });
+    let (agg, asked) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => return reply_error(ctx, to, 400, &e).await,
+    };
+    let request = json!({
+        "aggregate": agg.settings.name,
+        "group": asked.group,
+        "start_ms": asked.start_ms,
+        "end_ms": asked.end_ms,
+    });
+    let (merged, missing) = match gather(ctx, &agg, &request).await {
+        Ok(gathered) => gathered,
+        Err(e) => return reply_error(ctx, to, 503, &e).await,
+    };
+    let summary = merged
+        .get(&asked.group)
+        .cloned()
+        .unwrap_or_else(|| Summary::new(agg.settings.alpha));
+    // The documented reply, field by field in this order.
+    let s = &summary;
+    let mut body = format!(
+        "{{{}:{},\"time_window_start\":{},\"time_window_end\":{}",
+        Value::from(agg.settings.group.as_str()),
+        Value::from(asked.group.as_str()),
+        seconds(asked.start_ms),
+        seconds(asked.end_ms),
+    );
+    let some = s.count > 0;
+    let or_null = |x: f64| if some { number(x) } else { "null".into() };
+    if quantile {
+        body.push_str(&format!(
+            ",\"q\":{},\"count\":{},\"value\":{}",
+            number(asked.q),
+            s.count,
+            s.sketch.quantile(asked.q).map_or("null".into(), number)
+        ));
+    } else {
+        body.push_str(&format!(
+            ",\"count\":{},\"sum\":{},\"avg\":{},\"min\":{},\"max\":{}",
+            s.count,
+            number(s.sum),
+            or_null(s.sum / s.count.max(1) as f64),
+            or_null(s.min),
+            or_null(s.max),
+        ));
+    }
+    if !missing.is_empty() {
+        body.push_str(&format!(
+            ",\"partial\":true,\"missing_shards\":{}",
+            json!(missing)
+        ));
+    }
+    body.push('}');
+    publish(ctx, to, body.into()).await;
+}
+
+/// Asks every node for its summaries of `request` and merges them per
+/// group; returns them with the shards no node covered.
+async fn gather(
+    ctx: &Context,
+    agg: &Aggregate,
+    request: &Value,
+) -> Result<(HashMap<String, Summary>, Vec<u32>), String> {
+    let shards = ctx.pipeline.ownership().shards();
+    let replies = ask_all(
+        &ctx.client,
+        &partial_subject(ctx.subjects.prefix()),
+        request,
+        shards,
+    )
+    .await?;
+    let mut covered = BTreeSet::new();
+    let mut merged: HashMap<String, Summary> = HashMap::new();
+    for reply in replies {
+        let Some(theirs) = reply["shards"].as_array() else {
+            continue;
+        };
+        let theirs: Vec<u32> = theirs
+            .iter()
+            .filter_map(|s| s.as_u64())
+            .map(|s| s as u32)
+            .collect();
+        if theirs.iter().any(|s| covered.contains(s)) {
+            continue;
+        }
+        let Some(groups) = reply["groups"].as_object() else {
+            continue;
+        };
+        let mut summaries = Vec::new();
+        for (group, summary) in groups {
+            match Summary::from_json(summary) {
+                Some(s) if (s.sketch.alpha() - agg.settings.alpha).abs() < f64::EPSILON => {
+                    summaries.push((group, s))
+                }
+                _ => return Err(
+                    "a node sent a summary of another accuracy or shape; are the configurations the same?"
+                        .into(),
+                ),
+            }
+        }
+        covered.extend(theirs);
+        for (group, s) in summaries {
+            merged
+                .entry(group.clone())
+                .or_insert_with(|| Summary::new(agg.settings.alpha))
+                .merge(&s);
+        }
+    }
+    let missing = (0..shards).filter(|s| !covered.contains(s)).collect();
+    Ok((merged, missing))
+}
+
+/// Sends `request` to every node and collects replies until they cover
+/// `shards` shards or [`PARTIAL_WAIT`] passes.
+async fn ask_all(client: &Client, subject: &str, request: &Value, shards: u32) -> Result<Vec<Value>, String> {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
+    client
+        .publish_with_reply(subject.to_owned(), inbox, request.to_string().into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + PARTIAL_WAIT;
+    let mut replies = Vec::new();
+    let mut claimed = 0;
+    while claimed < shards as usize {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => break,
+            Ok(Some(m)) => {
+                if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
+                    claimed += v["shards"].as_array().map_or(0, Vec::len);
+                    replies.push(v);
+                }
+            }
+            _ => break,
+        }
+    }
+    Ok(replies)
+}
+
+/// One node's summaries of its ready shards: of one group, or of every
+/// group when `"group"` is null.
+async fn partial(ctx: &Context, stages: &Stages, message: Message) {
+    let Some(to) = message.reply.clone() else { return };
+    if ctx.subjects.is_ours(&to) {
+        Metrics::inc(&ctx.metrics.refused_replies);
+        return;
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&message.payload) else {
+        return reply_error(ctx, to, 400, "not JSON").await;
+    };
+    let Ok(agg) = stages.find(&json!({"aggregate": request["aggregate"]})) else {
+        return reply_error(ctx, to, 404, "no such aggregate here").await;
+    };
+    let (Some(start), Some(end)) = (request["start_ms"].as_u64(), request["end_ms"].as_u64()) else {
+        return reply_error(ctx, to, 400, "start_ms and end_ms").await;
+    };
+    let ownership = ctx.pipeline.ownership();
+    let ready: Vec<u32> = (0..ownership.shards())
+        .filter(|&s| ownership.state(s) == ShardState::Ready)
+        .collect();
+    let groups: serde_json::Map<String, Value> = match request["group"].as_str() {
+        Some(group) => {
+            let s = agg.summary(group, start, end, &ready);
+            [(group.to_owned(), s.to_json())].into_iter().collect()
+        }
+        None => agg
+            .summaries(start, end, &ready)
+            .into_iter()
+            .map(|(g, s)| (g, s.to_json()))
+            .collect(),
+    };
+    let body = json!({ "shards": ready, "groups": groups });
+    publish(ctx, to, body.to_string().into()).await;
+}
+
+/// Every `every`, on the node serving shard 0: each group's median over
+/// the last `emit_window` of event time, merged over every node, to
+/// `<prefix>.median.<group>`.
+async fn emit_medians(ctx: Arc<Context>, agg: Arc<Aggregate>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        if ctx.pipeline.ownership().state(0) != ShardState::Ready {
+            continue;
+        }
+        let now = unix_ms();
+        let (start, end) = agg.last(agg.settings.emit_window_ms, now);
+        let request = json!({
+            "aggregate": agg.settings.name,
+            "group": null,
+            "start_ms": start,
+            "end_ms": end,
+        });
+        let (merged, missing) = match gather(&ctx, &agg, &request).await {
+            Ok(gathered) => gathered,
+            Err(e) => {
+                tracing::warn!(message = "Cannot gather the sketches for the medians.", error = %e);
+                continue;
+            }
+        };
+        for (group, summary) in merged {
+            let Some(median) = summary.sketch.quantile(0.5) else {
+                continue;
+            };
+            if group.is_empty() || group.contains(|c: char| c.is_whitespace() || ".*>".contains(c)) {
+                // Not a subject token: published under `_` with its name.
+                publish_median(
+                    &ctx,
+                    &agg,
+                    &format!("{}.median._", ctx.subjects.prefix()),
+                    &group,
+                    median,
+                    now,
+                    &missing,
+                )
+                .await;
+                continue;
+            }
+            let subject = format!("{}.median.{group}", ctx.subjects.prefix());
+            publish_median(&ctx, &agg, &subject, &group, median, now, &missing).await;
+        }
+    }
+}
+
+async fn publish_median(
+    ctx: &Context,
+    agg: &Aggregate,
+    subject: &str,
+    group: &str,
+    median: f64,
+    now_ms: u64,
+    missing: &[u32],
+) {
+    let mut body = format!(
+        "{{{}:{},\"median_value\":{},\"timestamp_of_calculation\":{}",
+        Value::from(agg.settings.group.as_str()),
+        Value::from(group),
+        number(median),
+        seconds(now_ms),
+    );
+    if !missing.is_empty() {
+        body.push_str(&format!(
+            ",\"partial\":true,\"missing_shards\":{}",
+            json!(missing)
+        ));
+    }
+    body.push('}');
+    publish(ctx, Subject::from(subject), Bytes::from(body)).await;
+}
