@@ -448,8 +448,13 @@ impl Parts {
                 task.abort();
             }
         }
+        // Ended, not only told to end: their subscriptions are dropped (and
+        // unsubscribed by the final flush) before the stop returns.
         for task in &self.background {
             task.abort();
+        }
+        for task in self.background.drain(..) {
+            let _ = task.await;
         }
         // The writer needs no server: it commits what was queued either way.
         let mut result = if answered {
