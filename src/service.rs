@@ -213,8 +213,20 @@ pub async fn start_with(
         core,
         metrics.clone(),
     );
+    // Aggregates survive a restart through a snapshot in the data dir.
+    let snapshot = (!stages.is_empty() && settings.config.durability == Durability::Local).then(|| {
+        let path = settings.config.data_dir.join(crate::stages::SNAPSHOT_FILE);
+        let panes = stages.load(&path);
+        tracing::info!(message = "Aggregates restored.", panes, path = %path.display());
+        Snapshot {
+            stages: stages.clone(),
+            path,
+            shards: settings.owned.clone(),
+        }
+    });
     if !stages.is_empty() {
         republish = republish.with_stages(stages.clone());
+        let _ = metrics.extra.set(stages.clone());
     }
     let mut pipeline = Pipeline::new(
         Deduplicator::new(settings.engine()),
@@ -277,13 +289,16 @@ pub async fn start_with(
         .await
         .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
     let watch = tokio::spawn(window.clone().watch(ctx.clone()));
-    let stage_tasks = if stages.is_empty() {
+    let mut stage_tasks = if stages.is_empty() {
         Vec::new()
     } else {
         crate::stages::query::serve(ctx.clone(), stages.clone())
             .await
             .map_err(|e| NatsError::Subscribe(format!("{}.agg.*: {e}", subjects.prefix())))?
     };
+    if let Some(snapshot) = &snapshot {
+        stage_tasks.push(tokio::spawn(snapshot.clone().every(SNAPSHOT_EVERY)));
+    }
     // Discoverable only once every owned shard answers.
     let discovery = nats::discovery::spawn(
         client.clone(),
@@ -343,6 +358,7 @@ pub async fn start_with(
         .flatten()
         .chain(stage_tasks)
         .collect(),
+        snapshot,
         client,
         timeout: Duration::from_millis(settings.shutdown_timeout_ms),
     };
@@ -387,6 +403,8 @@ struct Parts {
     writer: Option<(writer::Writer, JoinHandle<Result<(), WriterError>>)>,
     /// Discovery, metrics endpoint, sweeper: aborted at stop.
     background: Vec<JoinHandle<()>>,
+    /// Where the aggregates are saved at stop.
+    snapshot: Option<Snapshot>,
     client: async_nats::Client,
     timeout: Duration,
 }
@@ -471,6 +489,9 @@ impl Parts {
                 Err(e) => result = Err(ServiceError::Panicked(e.to_string())),
             }
         }
+        if let Some(snapshot) = self.snapshot.take() {
+            snapshot.save().await;
+        }
         if answered {
             let flush = tokio::time::timeout_at(deadline, self.client.flush()).await;
             if !matches!(flush, Ok(Ok(()))) {
@@ -478,6 +499,38 @@ impl Parts {
             }
         }
         result
+    }
+}
+
+/// How often the aggregates are saved (and so, at most, how much of their
+/// updates a crash loses).
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
+
+/// The aggregates' snapshot file and the shards it covers.
+#[derive(Clone)]
+struct Snapshot {
+    stages: Arc<Stages>,
+    path: std::path::PathBuf,
+    shards: Vec<u32>,
+}
+
+impl Snapshot {
+    /// Saves off the runtime; a failure is logged (the aggregates go on).
+    async fn save(&self) {
+        let this = self.clone();
+        let saved = tokio::task::spawn_blocking(move || this.stages.save(&this.path, &this.shards)).await;
+        if let Ok(Err(e)) | Err(e) = saved.map_err(std::io::Error::other) {
+            tracing::warn!(message = "Cannot save the aggregates.", path = %self.path.display(), error = %e);
+        }
+    }
+
+    async fn every(self, period: Duration) {
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            self.save().await;
+        }
     }
 }
 

@@ -150,6 +150,27 @@ async fn the_query_reply_is_exact_aligned_to_panes_and_counts_each_event_once() 
             other => panic!("{bad}: {other:?}"),
         }
     }
+    let text = running
+        .metrics()
+        .render(running.dedup(), std::time::Instant::now());
+    for line in [
+        r#"eventsieve_aggregate_events_total{aggregate="metric_name",outcome="added"} 4"#,
+        r#"eventsieve_aggregate_events_total{aggregate="metric_name",outcome="out_of_time"} 1"#,
+        r#"eventsieve_aggregate_events_total{aggregate="metric_name",outcome="skipped"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+
+    // A restart keeps the numbers (saved at stop, restored at start).
+    let q = format!(
+        r#"{{"metric_name":"temperature","start":{start},"end":{}}}"#,
+        now + 30
+    );
+    let before = query(&client, "dedup.agg.query", &q).await;
+    running.shutdown().await.unwrap();
+    let again = with_aggregate(settings(&server, data.path(), "1h", Durability::Local), "");
+    let running = service::start(again).await.unwrap();
+    assert_eq!(query(&client, "dedup.agg.query", &q).await, before);
     running.shutdown().await.unwrap();
 }
 

@@ -60,6 +60,14 @@ pub struct Metrics {
     pub pending: AtomicU64,
     /// The last walk over the tables.
     pub census: Census,
+    /// Metrics of other parts (the stages), appended to every render.
+    pub extra: std::sync::OnceLock<Arc<dyn Render>>,
+}
+
+/// Something that adds its own metrics to the exposition.
+pub trait Render: Send + Sync {
+    /// Appends its metrics, in the Prometheus text format, to `out`.
+    fn render(&self, out: &mut String);
 }
 
 /// How old the table figures in a scrape may be. A walk over 5 M ids is a
@@ -339,6 +347,9 @@ impl Metrics {
             "Seconds since start.",
             &[("", started.elapsed().as_secs_f64().floor())],
         );
+        if let Some(extra) = self.extra.get() {
+            extra.render(&mut out);
+        }
         out
     }
 }

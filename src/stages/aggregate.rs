@@ -240,6 +240,65 @@ impl Aggregate {
         out
     }
 
+    /// Every pane of `shards`, for a snapshot:
+    /// `{"pane_ms", "alpha", "shards": {"<n>": {"<group>": {"<pane>": summary}}}}`.
+    pub fn snapshot(&self, shards: &[u32]) -> Value {
+        let mut out = serde_json::Map::new();
+        for &shard in shards {
+            let groups = self.shard(shard);
+            if groups.is_empty() {
+                continue;
+            }
+            let groups: serde_json::Map<String, Value> = groups
+                .iter()
+                .map(|(g, panes)| {
+                    let panes: serde_json::Map<String, Value> =
+                        panes.iter().map(|(p, s)| (p.to_string(), s.to_json())).collect();
+                    (g.clone(), Value::Object(panes))
+                })
+                .collect();
+            out.insert(shard.to_string(), Value::Object(groups));
+        }
+        json!({ "pane_ms": self.settings.pane_ms, "alpha": self.settings.alpha, "shards": out })
+    }
+
+    /// Puts back the panes of a [`Self::snapshot`] (replacing what the
+    /// shards it holds had); returns how many panes.
+    ///
+    /// # Errors
+    ///
+    /// If it was taken with another pane size or accuracy, or is malformed.
+    pub fn restore(&self, snapshot: &Value) -> Result<usize, String> {
+        let s = &self.settings;
+        if snapshot["pane_ms"].as_u64() != Some(s.pane_ms) || snapshot["alpha"].as_f64() != Some(s.alpha) {
+            return Err("taken with another pane or accuracy".into());
+        }
+        let shards = snapshot["shards"].as_object().ok_or("no shards")?;
+        let mut restored = Vec::new();
+        for (shard, groups) in shards {
+            let shard: u32 = shard.parse().map_err(|_| "bad shard")?;
+            if shard as usize >= self.shards.len() {
+                return Err(format!("shard {shard} beyond the shard count"));
+            }
+            let mut state = Groups::new();
+            for (group, panes) in groups.as_object().ok_or("bad groups")? {
+                let mut out = BTreeMap::new();
+                for (pane, summary) in panes.as_object().ok_or("bad panes")? {
+                    let pane: u64 = pane.parse().map_err(|_| "bad pane")?;
+                    out.insert(pane, Summary::from_json(summary).ok_or("bad summary")?);
+                }
+                state.insert(group.clone(), out);
+            }
+            restored.push((shard, state));
+        }
+        let mut panes = 0;
+        for (shard, state) in restored {
+            panes += state.values().map(BTreeMap::len).sum::<usize>();
+            *self.shard(shard) = state;
+        }
+        Ok(panes)
+    }
+
     /// Panes held, over every shard and group (for memory figures).
     pub fn panes(&self) -> usize {
         (0..self.shards.len() as u32)

@@ -15,6 +15,53 @@ use crate::pipeline::Accepted;
 
 pub use aggregate::{Aggregate, AggregateSettings, Summary};
 
+impl crate::observe::metrics::Render for Stages {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.aggregates.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "# HELP eventsieve_aggregate_events_total Accepted events per aggregate: added to a pane, out of time (later than the lateness allows, or ahead of the clock), or skipped (no group text, numeric value or numeric time).\n# TYPE eventsieve_aggregate_events_total counter"
+        );
+        for a in &self.aggregates {
+            let c = &a.counters;
+            for (outcome, n) in [
+                ("added", &c.added),
+                ("out_of_time", &c.out_of_time),
+                ("skipped", &c.skipped),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "eventsieve_aggregate_events_total{{aggregate=\"{}\",outcome=\"{outcome}\"}} {}",
+                    a.settings.name,
+                    n.load(Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP eventsieve_aggregate_panes Panes held per aggregate (every group and shard).\n# TYPE eventsieve_aggregate_panes gauge"
+        );
+        for a in &self.aggregates {
+            let _ = writeln!(
+                out,
+                "eventsieve_aggregate_panes{{aggregate=\"{}\"}} {}",
+                a.settings.name,
+                a.panes()
+            );
+        }
+    }
+}
+
+/// Version of the snapshot file's layout.
+const SNAPSHOT_VERSION: u64 = 1;
+
+/// The snapshot file of the aggregates, in `data_dir`.
+pub const SNAPSHOT_FILE: &str = "aggregates.json";
+
 /// Every configured stage.
 #[derive(Default)]
 pub struct Stages {
@@ -44,6 +91,55 @@ impl Stages {
         for agg in &self.aggregates {
             agg.observe(shard, events.events(), now);
         }
+    }
+
+    /// Writes the panes of `shards` to `path` (atomically: a temporary file
+    /// renamed over it).
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be written.
+    pub fn save(&self, path: &std::path::Path, shards: &[u32]) -> std::io::Result<()> {
+        let all: serde_json::Map<String, serde_json::Value> = self
+            .aggregates
+            .iter()
+            .map(|a| (a.settings.name.clone(), a.snapshot(shards)))
+            .collect();
+        let text = serde_json::json!({ "version": SNAPSHOT_VERSION, "aggregates": all }).to_string();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, path)
+    }
+
+    /// Puts back what [`Self::save`] wrote to `path`, if it exists; an
+    /// aggregate whose settings changed starts empty (with a warning).
+    /// Returns the panes restored.
+    pub fn load(&self, path: &std::path::Path) -> usize {
+        let Ok(text) = std::fs::read(path) else { return 0 };
+        let snapshot: serde_json::Value = match serde_json::from_slice(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(message = "Ignoring an unreadable aggregate snapshot.", path = %path.display(), error = %e);
+                return 0;
+            }
+        };
+        if snapshot["version"].as_u64() != Some(SNAPSHOT_VERSION) {
+            tracing::warn!(message = "Ignoring an aggregate snapshot of another version.", path = %path.display());
+            return 0;
+        }
+        let mut panes = 0;
+        for a in &self.aggregates {
+            let Some(taken) = snapshot["aggregates"].get(&a.settings.name) else {
+                continue;
+            };
+            match a.restore(taken) {
+                Ok(n) => panes += n,
+                Err(e) => {
+                    tracing::warn!(message = "Aggregate starts empty: its snapshot does not fit.", aggregate = %a.settings.name, error = %e)
+                }
+            }
+        }
+        panes
     }
 
     /// Drops what no query can reach any more.
