@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::EngineConfig;
 use crate::engine::event::Limits;
 use crate::engine::fingerprint::segments_per_shard;
+use crate::engine::key::KeySpec;
 use crate::engine::table::MAX_WINDOW_MS;
 use crate::stages::AggregateSettings;
 
@@ -174,6 +175,11 @@ pub struct Config {
     /// Shards this node serves: `"all"` or a list like `"0-15,20"`. Default `all`.
     #[serde(deserialize_with = "text_or_number")]
     pub owned_shards: String,
+    /// What makes two events the same: `"event_id"` (default) or another
+    /// top-level text field (the id itself); a dotted path, a list of fields
+    /// whose values together are the key, or `"content"` (the event's
+    /// bytes): hashed to a 32-hex-digit id. See the README.
+    pub key: KeyConfig,
     /// Rolling window: a number with unit `ms`, `s`, `m`, `h` or `d`, at most `7d`. Default `7d`.
     pub window: String,
     /// Largest event in bytes. Default 1048576 (nats-server's `max_payload`).
@@ -248,6 +254,23 @@ pub struct Config {
     /// Windowed aggregates over the accepted events (`[[aggregate]]`, any
     /// number; see the README). Default none.
     pub aggregate: Vec<AggregateConfig>,
+}
+
+/// `key`: one name or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum KeyConfig {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl KeyConfig {
+    fn names(&self) -> Vec<String> {
+        match self {
+            Self::One(name) => vec![name.clone()],
+            Self::Many(names) => names.clone(),
+        }
+    }
 }
 
 /// One `[[aggregate]]`: count, sum, min, max and quantiles of a numeric
@@ -376,6 +399,7 @@ impl Default for Config {
             subject_prefix: "dedup".into(),
             shards: 32,
             owned_shards: "all".into(),
+            key: KeyConfig::One("event_id".into()),
             window: "7d".into(),
             max_event_bytes: 1024 * 1024,
             max_id_bytes: 256,
@@ -502,11 +526,13 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
     pub aggregates: Vec<AggregateSettings>,
+    pub key: KeySpec,
 }
 
 impl Settings {
     pub fn engine(&self) -> EngineConfig {
         EngineConfig {
+            key: self.key.clone(),
             window_ms: self.window_ms,
             shards: self.config.shards,
             segments_per_shard: segments_per_shard(self.config.shards),
@@ -716,7 +742,10 @@ impl Config {
                 "a name no other aggregate has",
             ));
         }
+        let names = self.key.names();
+        let key = KeySpec::parse(&names).map_err(|e| ConfigError::field("key", &names.join(","), &e))?;
         Ok(Settings {
+            key,
             aggregates,
             window_ms,
             commit_interval_ms,

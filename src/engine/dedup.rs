@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::engine::event::{self, EventError, Limits};
 use crate::engine::fingerprint::Fingerprint;
+use crate::engine::key::KeySpec;
 use crate::engine::shard::shard_of;
 use crate::engine::table::{MAX_WINDOW_MS, Table, Verdict};
 
@@ -30,6 +31,8 @@ pub struct EngineConfig {
     pub segments_per_shard: usize,
     /// Event and id size limits.
     pub limits: Limits,
+    /// What makes two events the same. Default the top-level `event_id`.
+    pub key: KeySpec,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +42,7 @@ impl Default for EngineConfig {
             shards: 32,
             segments_per_shard: 2048,
             limits: Limits::default(),
+            key: KeySpec::default(),
         }
     }
 }
@@ -157,7 +161,7 @@ impl Deduplicator {
     ///
     /// The [`EventError`] of the first rule the event breaks.
     pub fn key<'a>(&self, event: &'a [u8]) -> Result<Keyed<'a>, EventError> {
-        let id = event::event_id(event, &self.config.limits)?;
+        let id = self.config.key.id_of(event, &self.config.limits)?;
         Ok(Keyed {
             shard: shard_of(&id, self.config.shards),
             fingerprint: Fingerprint::of(id.as_bytes()),

@@ -102,22 +102,49 @@ pub struct EventError {
     kind: EventErrorKind,
     limit: usize,
     source: Option<serde_json::Error>,
+    /// The key the rule is about, when it is not `event_id`.
+    key: Option<Box<str>>,
+    /// The key may be a number as well as a string.
+    numbers_too: bool,
 }
 
 impl EventError {
-    fn new(kind: EventErrorKind) -> Self {
+    pub(crate) fn new(kind: EventErrorKind) -> Self {
         Self {
             kind,
             limit: 0,
             source: None,
+            key: None,
+            numbers_too: false,
         }
     }
 
     fn over(kind: EventErrorKind, limit: usize) -> Self {
         Self {
-            kind,
             limit,
-            source: None,
+            ..Self::new(kind)
+        }
+    }
+
+    /// Says that the key may be a number too.
+    pub(crate) fn or_number(mut self) -> Self {
+        self.numbers_too = true;
+        self
+    }
+
+    /// Names `key` (a field other than `event_id`) in the message.
+    pub(crate) fn about(mut self, key: &str) -> Self {
+        if key != "event_id" {
+            self.key = Some(key.into());
+        }
+        self
+    }
+
+    /// A malformed event, with the parser's reason.
+    pub(crate) fn not_json(source: serde_json::Error) -> Self {
+        Self {
+            source: Some(source),
+            ..Self::new(EventErrorKind::NotJson)
         }
     }
 
@@ -129,6 +156,7 @@ impl EventError {
 impl fmt::Display for EventError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use EventErrorKind::*;
+        let key = self.key.as_deref().unwrap_or("event_id");
         match self.kind {
             TooLarge => write!(f, "event is larger than {} bytes", self.limit),
             NotJson => match &self.source {
@@ -136,12 +164,13 @@ impl fmt::Display for EventError {
                 None => write!(f, "event is not valid UTF-8 JSON"),
             },
             NotObject => write!(f, "event is not a JSON object"),
-            MissingId => write!(f, "event has no top-level \"event_id\""),
-            IdNotString => write!(f, "\"event_id\" is not a string"),
-            IdEmpty => write!(f, "\"event_id\" is empty"),
-            IdInvalidChars => write!(f, "\"event_id\" may only contain a-z, A-Z and 0-9"),
-            IdTooLong => write!(f, "\"event_id\" is longer than {} bytes", self.limit),
-            IdDuplicated => write!(f, "\"event_id\" appears more than once at the top level"),
+            MissingId => write!(f, "event has no top-level \"{key}\""),
+            IdNotString if self.numbers_too => write!(f, "\"{key}\" is not a string or a number"),
+            IdNotString => write!(f, "\"{key}\" is not a string"),
+            IdEmpty => write!(f, "\"{key}\" is empty"),
+            IdInvalidChars => write!(f, "\"{key}\" may only contain a-z, A-Z and 0-9"),
+            IdTooLong => write!(f, "\"{key}\" is longer than {} bytes", self.limit),
+            IdDuplicated => write!(f, "\"{key}\" appears more than once at the top level"),
         }
     }
 }
@@ -160,17 +189,31 @@ impl std::error::Error for EventError {
 /// An [`EventError`] naming the first rule the event breaks; size is checked
 /// first, then JSON well-formedness, then the id.
 pub fn event_id<'a>(event: &'a [u8], limits: &Limits) -> Result<Cow<'a, str>, EventError> {
+    field(event, "event_id", limits)
+}
+
+/// As [`event_id`], for the top-level string field `name` (the same rules;
+/// the errors name the field).
+///
+/// # Errors
+///
+/// As [`event_id`].
+pub fn field<'a>(event: &'a [u8], name: &str, limits: &Limits) -> Result<Cow<'a, str>, EventError> {
+    top_field(event, name, limits).map_err(|e| e.about(name))
+}
+
+fn top_field<'a>(event: &'a [u8], name: &str, limits: &Limits) -> Result<Cow<'a, str>, EventError> {
     if event.len() > limits.max_event_bytes {
         return Err(EventError::over(EventErrorKind::TooLarge, limits.max_event_bytes));
     }
     // serde_json skips ignored strings without checking their UTF-8, so the
     // whole input is checked here once; it is the fast path of the standard library.
     let text = std::str::from_utf8(event).map_err(|_| EventError::new(EventErrorKind::NotJson))?;
-    let top: TopLevel<'a> = serde_json::from_str(text).map_err(|e| EventError {
-        kind: EventErrorKind::NotJson,
-        limit: 0,
-        source: Some(e),
-    })?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let top = TopVisitor(name)
+        .deserialize(&mut de)
+        .and_then(|top| de.end().map(|()| top))
+        .map_err(EventError::not_json)?;
     let id = match top {
         TopLevel::NotObject => return Err(EventError::new(EventErrorKind::NotObject)),
         TopLevel::Object { ids: 0, .. } => return Err(EventError::new(EventErrorKind::MissingId)),
@@ -190,6 +233,11 @@ pub fn event_id<'a>(event: &'a [u8], limits: &Limits) -> Result<Cow<'a, str>, Ev
     };
     validate_id(&id, limits)?;
     Ok(id)
+}
+
+/// The error of an event over `limit` bytes.
+pub(crate) fn too_large(limit: usize) -> EventError {
+    EventError::over(EventErrorKind::TooLarge, limit)
 }
 
 /// Checks an already decoded id against the id rules.
@@ -226,13 +274,16 @@ enum IdValue<'a> {
     Text(Cow<'a, str>),
 }
 
-impl<'de> de::Deserialize<'de> for TopLevel<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(TopVisitor)
+/// Reads the top level, looking for the key it names.
+struct TopVisitor<'n>(&'n str);
+
+impl<'de> DeserializeSeed<'de> for TopVisitor<'_> {
+    type Value = TopLevel<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
     }
 }
-
-struct TopVisitor;
 
 /// Implements the scalar `visit_*` methods of a visitor as "consume, answer `$v`".
 macro_rules! answer_scalars {
@@ -258,7 +309,7 @@ macro_rules! answer_scalars {
     };
 }
 
-impl<'de> Visitor<'de> for TopVisitor {
+impl<'de> Visitor<'de> for TopVisitor<'_> {
     type Value = TopLevel<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -274,7 +325,7 @@ impl<'de> Visitor<'de> for TopVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut ids = 0u32;
         let mut id = IdValue::NotString;
-        while let Some(is_id) = map.next_key_seed(KeyIsEventId)? {
+        while let Some(is_id) = map.next_key_seed(KeyIs(self.0))? {
             if !is_id {
                 map.next_value::<IgnoredAny>()?;
             } else if ids == 0 {
@@ -289,10 +340,10 @@ impl<'de> Visitor<'de> for TopVisitor {
     }
 }
 
-/// Deserializes a key to "is it `event_id`?", without allocating.
-struct KeyIsEventId;
+/// Deserializes a key to "is it the one named?", without allocating.
+struct KeyIs<'n>(&'n str);
 
-impl<'de> DeserializeSeed<'de> for KeyIsEventId {
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
     type Value = bool;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
@@ -300,7 +351,7 @@ impl<'de> DeserializeSeed<'de> for KeyIsEventId {
     }
 }
 
-impl<'de> Visitor<'de> for KeyIsEventId {
+impl<'de> Visitor<'de> for KeyIs<'_> {
     type Value = bool;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -308,7 +359,7 @@ impl<'de> Visitor<'de> for KeyIsEventId {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
-        Ok(key == "event_id")
+        Ok(key == self.0)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod batch;
 pub mod dedup;
 pub mod event;
 pub mod fingerprint;
+pub mod key;
 pub mod shard;
 pub mod table;
 
