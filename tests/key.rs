@@ -97,6 +97,8 @@ async fn events_keyed_by_several_fields_reach_their_owner_and_are_deduplicated()
 }
 
 #[test]
+// `figment::Jail` closures return `figment::Error`, which is large by design.
+#[allow(clippy::result_large_err)]
 fn the_key_is_read_from_the_configuration() {
     figment::Jail::expect_with(|jail| {
         jail.create_file("k.toml", "key = [\"node_id\", \"device.serial\"]\n")?;
