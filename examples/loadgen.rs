@@ -260,13 +260,23 @@ impl Rng {
     }
 }
 
-/// Appends an event of about `size` bytes with id `<tag>w<w>n<k>` (padding
-/// in a field; never shorter than the id needs).
+/// Appends an event of about `size` bytes with id `<tag>w<w>n<k>`, a metric
+/// for aggregates (`metric_name` one of 16, `metric_value`, `timestamp` in
+/// seconds) and padding in a field; never shorter than those need.
 fn event(out: &mut Vec<u8>, (tag, w, k): (&str, usize, u64), size: usize) {
     use std::io::Write;
     const PAD: &[u8] = &[b'x'; 8192];
     let start = out.len();
-    write!(out, r#"{{"event_id":"{tag}w{w}n{k}","kind":"load","pad":""#).expect("write to a Vec");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    write!(
+        out,
+        r#"{{"event_id":"{tag}w{w}n{k}","kind":"load","metric_name":"m{}","metric_value":{},"timestamp":{now},"pad":""#,
+        k % 16,
+        k % 1000
+    )
+    .expect("write to a Vec");
     let mut pad = size.saturating_sub(out.len() - start + 2);
     while pad > 0 {
         let n = pad.min(PAD.len());

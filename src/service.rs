@@ -204,7 +204,7 @@ pub async fn start_with(
         .is_some()
         .then(|| writer::channel(settings.config.max_pending, metrics.clone()));
     let core = settings.config.output == Output::Core;
-    let stages = Arc::new(Stages::new(&settings.aggregates, shards));
+    let stages = Arc::new(Stages::new(&settings.aggregates));
     let mut republish = Republish::new(
         client.clone(),
         &subjects,
@@ -221,7 +221,6 @@ pub async fn start_with(
         Snapshot {
             stages: stages.clone(),
             path,
-            shards: settings.owned.clone(),
         }
     });
     if !stages.is_empty() {
@@ -506,19 +505,18 @@ impl Parts {
 /// updates a crash loses).
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
 
-/// The aggregates' snapshot file and the shards it covers.
+/// The aggregates' snapshot file.
 #[derive(Clone)]
 struct Snapshot {
     stages: Arc<Stages>,
     path: std::path::PathBuf,
-    shards: Vec<u32>,
 }
 
 impl Snapshot {
     /// Saves off the runtime; a failure is logged (the aggregates go on).
     async fn save(&self) {
         let this = self.clone();
-        let saved = tokio::task::spawn_blocking(move || this.stages.save(&this.path, &this.shards)).await;
+        let saved = tokio::task::spawn_blocking(move || this.stages.save(&this.path)).await;
         if let Ok(Err(e)) | Err(e) = saved.map_err(std::io::Error::other) {
             tracing::warn!(message = "Cannot save the aggregates.", path = %self.path.display(), error = %e);
         }

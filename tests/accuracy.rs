@@ -72,7 +72,7 @@ fn published_medians_are_within_the_bound_of_the_exact_ones() {
         emit_window_ms: 5000,
     };
     let shards = 8;
-    let agg = Aggregate::new(settings.clone(), shards);
+    let agg = Aggregate::new(settings.clone());
     let dedup = Deduplicator::new(EngineConfig {
         window_ms: 3_600_000,
         shards,
@@ -135,7 +135,7 @@ fn published_medians_are_within_the_bound_of_the_exact_ones() {
         };
         let keyed = dedup.key(&event).expect("valid event");
         if dedup.check_and_insert(&keyed, arrival).is_new() {
-            agg.observe(keyed.shard, std::iter::once(event), arrival);
+            agg.observe(std::iter::once(event), arrival);
         }
     }
     assert!(repeats > 40_000);
@@ -165,8 +165,7 @@ fn emit(
     worst: &mut f64,
 ) -> u64 {
     let (start, end) = agg.last(s.emit_window_ms, now_ms);
-    let shards: Vec<u32> = (0..8).collect();
-    let published = agg.summaries(start, end, &shards);
+    let published = agg.summaries(start, end);
     let mut checked = 0;
     for (c, seen) in exact.iter_mut().enumerate() {
         // Events too old for any later window are no longer needed.

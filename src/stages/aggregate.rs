@@ -1,5 +1,5 @@
 //! Windowed count / sum / min / max and quantile sketches of a numeric
-//! field, per group, in panes of event time, per shard.
+//! field, per group, in panes of event time.
 //!
 //! Each accepted event lands in the pane of its event time (or arrival
 //! time). A pane takes events until `lateness` after its end (by the
@@ -8,9 +8,10 @@
 //! the lateness land in their own pane. Panes older than the longest window
 //! a query may ask for (plus the lateness) are dropped.
 //!
-//! State is kept per shard, so that it follows the shards: a query asks for
-//! the shards a node owns and merges them; nodes merge with each other the
-//! same way (count, sum, min and max exactly, sketches without loss).
+//! State is kept per node (over the shards it serves), not per shard: a
+//! sketch per shard would multiply the memory of every group's panes by the
+//! shard count (32). Nodes merge with each other: count, sum, min and max
+//! exactly, sketches without loss.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -122,74 +123,91 @@ pub struct Counters {
     pub skipped: AtomicU64,
 }
 
-/// One aggregate's state over every shard.
+/// One aggregate's state: the panes of every group, over the shards this
+/// node serves.
 pub struct Aggregate {
     pub settings: AggregateSettings,
-    shards: Box<[Mutex<Groups>]>,
+    groups: Mutex<Groups>,
     pub counters: Counters,
 }
 
 impl Aggregate {
-    pub fn new(settings: AggregateSettings, shards: u32) -> Self {
+    pub fn new(settings: AggregateSettings) -> Self {
         Self {
             settings,
-            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            groups: Mutex::default(),
             counters: Counters::default(),
         }
     }
 
-    fn shard(&self, shard: u32) -> std::sync::MutexGuard<'_, Groups> {
-        self.shards[shard as usize]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn groups(&self) -> std::sync::MutexGuard<'_, Groups> {
+        self.groups.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds the accepted `events` of `shard`, arrived at `now_ms`.
-    pub fn observe(&self, shard: u32, events: impl Iterator<Item = Bytes>, now_ms: u64) {
+    /// Adds the accepted `events`, arrived at `now_ms`.
+    pub fn observe(&self, events: impl Iterator<Item = Bytes>, now_ms: u64) {
         let s = &self.settings;
         let wanted = Wanted {
             group: &s.group,
             value: &s.value,
             time: &s.time,
         };
-        let mut read = Vec::new();
-        for event in events {
-            let Some(found) = fields::read(&event, wanted) else {
-                Metrics::bump(&self.counters.skipped);
+        let events: Vec<Bytes> = events.collect();
+        let (mut late, mut skipped) = (0, 0);
+        // Read outside the lock; the group names stay borrowed.
+        let mut read = Vec::with_capacity(events.len());
+        for event in &events {
+            let Some(found) = fields::read(event, wanted) else {
+                skipped += 1;
                 continue;
             };
-            let time_ms = match (s.time.is_empty(), found.time) {
+            let time_ms = match (s.time.is_empty(), &found.time) {
                 (true, _) => Some(now_ms),
-                (false, Field::Found(t)) if t.is_finite() && t >= 0.0 => {
+                (false, Field::Found(t)) if t.is_finite() && *t >= 0.0 => {
                     Some((t * s.time_unit_ms as f64) as u64)
                 }
                 _ => None,
             };
-            match (found.group, found.value, time_ms) {
-                (Field::Found(group), Field::Found(value), Some(t)) if value.is_finite() => {
-                    read.push((group, value, t));
-                }
-                _ => Metrics::bump(&self.counters.skipped),
-            }
-        }
-        if read.is_empty() {
-            return;
-        }
-        let mut groups = self.shard(shard);
-        for (group, value, t) in read {
-            let pane = t / s.pane_ms;
-            let pane_end = (pane + 1) * s.pane_ms;
-            if pane_end + s.lateness_ms <= now_ms || t > now_ms + s.lateness_ms {
-                Metrics::bump(&self.counters.out_of_time);
+            let (Field::Found(group), Field::Found(value), Some(t)) = (found.group, found.value, time_ms)
+            else {
+                skipped += 1;
+                continue;
+            };
+            if !value.is_finite() {
+                skipped += 1;
                 continue;
             }
-            groups
-                .entry(group)
-                .or_default()
-                .entry(pane)
-                .or_insert_with(|| Summary::new(s.alpha))
-                .add(value);
-            Metrics::bump(&self.counters.added);
+            let pane = t / s.pane_ms;
+            if (pane + 1) * s.pane_ms + s.lateness_ms <= now_ms || t > now_ms + s.lateness_ms {
+                late += 1;
+                continue;
+            }
+            read.push((group, value, pane));
+        }
+        let added = read.len() as u64;
+        if !read.is_empty() {
+            let mut groups = self.groups();
+            for (group, value, pane) in read {
+                // Looked up borrowed; a new group's name is copied once.
+                let panes = match groups.get_mut(group.as_ref()) {
+                    Some(panes) => panes,
+                    None => groups.entry(group.into_owned()).or_default(),
+                };
+                // Most events fall in the newest pane.
+                match panes.last_entry() {
+                    Some(mut last) if *last.key() == pane => last.get_mut().add(value),
+                    _ => panes
+                        .entry(pane)
+                        .or_insert_with(|| Summary::new(s.alpha))
+                        .add(value),
+                }
+            }
+        }
+        let c = &self.counters;
+        for (counter, n) in [(&c.added, added), (&c.out_of_time, late), (&c.skipped, skipped)] {
+            if n > 0 {
+                counter.fetch_add(n, Relaxed);
+            }
         }
     }
 
@@ -197,73 +215,57 @@ impl Aggregate {
     pub fn evict(&self, now_ms: u64) {
         let s = &self.settings;
         let oldest = now_ms.saturating_sub(s.max_window_ms + s.lateness_ms + s.pane_ms) / s.pane_ms;
-        for shard in 0..self.shards.len() as u32 {
-            let mut groups = self.shard(shard);
-            groups.retain(|_, panes| {
-                *panes = panes.split_off(&oldest);
-                !panes.is_empty()
-            });
-        }
+        self.groups().retain(|_, panes| {
+            *panes = panes.split_off(&oldest);
+            !panes.is_empty()
+        });
     }
 
-    /// The panes `[start_ms, end_ms)` (aligned to panes) of `group` in
-    /// `shards`, merged.
-    pub fn summary(&self, group: &str, start_ms: u64, end_ms: u64, shards: &[u32]) -> Summary {
+    /// The panes `[start_ms, end_ms)` (aligned to panes) of `group`, merged.
+    pub fn summary(&self, group: &str, start_ms: u64, end_ms: u64) -> Summary {
         let p = self.settings.pane_ms;
         let mut out = Summary::new(self.settings.alpha);
-        for &shard in shards {
-            let groups = self.shard(shard);
-            if let Some(panes) = groups.get(group) {
-                for (_, pane) in panes.range(start_ms / p..end_ms.div_ceil(p)) {
-                    out.merge(pane);
-                }
+        if let Some(panes) = self.groups().get(group) {
+            for (_, pane) in panes.range(start_ms / p..end_ms.div_ceil(p)) {
+                out.merge(pane);
             }
         }
         out
     }
 
-    /// Every group with panes in `[start_ms, end_ms)` in `shards`, merged
-    /// per group.
-    pub fn summaries(&self, start_ms: u64, end_ms: u64, shards: &[u32]) -> HashMap<String, Summary> {
+    /// Every group with panes in `[start_ms, end_ms)`, merged per group.
+    pub fn summaries(&self, start_ms: u64, end_ms: u64) -> HashMap<String, Summary> {
         let p = self.settings.pane_ms;
-        let mut out: HashMap<String, Summary> = HashMap::new();
-        for &shard in shards {
-            let groups = self.shard(shard);
-            for (group, panes) in groups.iter() {
-                for (_, pane) in panes.range(start_ms / p..end_ms.div_ceil(p)) {
-                    out.entry(group.clone())
-                        .or_insert_with(|| Summary::new(self.settings.alpha))
-                        .merge(pane);
-                }
+        let mut out = HashMap::new();
+        for (group, panes) in self.groups().iter() {
+            let mut merged = Summary::new(self.settings.alpha);
+            for (_, pane) in panes.range(start_ms / p..end_ms.div_ceil(p)) {
+                merged.merge(pane);
+            }
+            if merged.count > 0 {
+                out.insert(group.clone(), merged);
             }
         }
         out
     }
 
-    /// Every pane of `shards`, for a snapshot:
-    /// `{"pane_ms", "alpha", "shards": {"<n>": {"<group>": {"<pane>": summary}}}}`.
-    pub fn snapshot(&self, shards: &[u32]) -> Value {
-        let mut out = serde_json::Map::new();
-        for &shard in shards {
-            let groups = self.shard(shard);
-            if groups.is_empty() {
-                continue;
-            }
-            let groups: serde_json::Map<String, Value> = groups
-                .iter()
-                .map(|(g, panes)| {
-                    let panes: serde_json::Map<String, Value> =
-                        panes.iter().map(|(p, s)| (p.to_string(), s.to_json())).collect();
-                    (g.clone(), Value::Object(panes))
-                })
-                .collect();
-            out.insert(shard.to_string(), Value::Object(groups));
-        }
-        json!({ "pane_ms": self.settings.pane_ms, "alpha": self.settings.alpha, "shards": out })
+    /// Every pane, for a snapshot:
+    /// `{"pane_ms", "alpha", "groups": {"<group>": {"<pane>": summary}}}`.
+    pub fn snapshot(&self) -> Value {
+        let groups: serde_json::Map<String, Value> = self
+            .groups()
+            .iter()
+            .map(|(g, panes)| {
+                let panes: serde_json::Map<String, Value> =
+                    panes.iter().map(|(p, s)| (p.to_string(), s.to_json())).collect();
+                (g.clone(), Value::Object(panes))
+            })
+            .collect();
+        json!({ "pane_ms": self.settings.pane_ms, "alpha": self.settings.alpha, "groups": groups })
     }
 
-    /// Puts back the panes of a [`Self::snapshot`] (replacing what the
-    /// shards it holds had); returns how many panes.
+    /// Puts back the panes of a [`Self::snapshot`] in place of what it
+    /// held; returns how many panes.
     ///
     /// # Errors
     ///
@@ -273,37 +275,24 @@ impl Aggregate {
         if snapshot["pane_ms"].as_u64() != Some(s.pane_ms) || snapshot["alpha"].as_f64() != Some(s.alpha) {
             return Err("taken with another pane or accuracy".into());
         }
-        let shards = snapshot["shards"].as_object().ok_or("no shards")?;
-        let mut restored = Vec::new();
-        for (shard, groups) in shards {
-            let shard: u32 = shard.parse().map_err(|_| "bad shard")?;
-            if shard as usize >= self.shards.len() {
-                return Err(format!("shard {shard} beyond the shard count"));
+        let mut state = Groups::new();
+        let mut count = 0;
+        for (group, panes) in snapshot["groups"].as_object().ok_or("no groups")? {
+            let mut out = BTreeMap::new();
+            for (pane, summary) in panes.as_object().ok_or("bad panes")? {
+                let pane: u64 = pane.parse().map_err(|_| "bad pane")?;
+                out.insert(pane, Summary::from_json(summary).ok_or("bad summary")?);
             }
-            let mut state = Groups::new();
-            for (group, panes) in groups.as_object().ok_or("bad groups")? {
-                let mut out = BTreeMap::new();
-                for (pane, summary) in panes.as_object().ok_or("bad panes")? {
-                    let pane: u64 = pane.parse().map_err(|_| "bad pane")?;
-                    out.insert(pane, Summary::from_json(summary).ok_or("bad summary")?);
-                }
-                state.insert(group.clone(), out);
-            }
-            restored.push((shard, state));
+            count += out.len();
+            state.insert(group.clone(), out);
         }
-        let mut panes = 0;
-        for (shard, state) in restored {
-            panes += state.values().map(BTreeMap::len).sum::<usize>();
-            *self.shard(shard) = state;
-        }
-        Ok(panes)
+        *self.groups() = state;
+        Ok(count)
     }
 
-    /// Panes held, over every shard and group (for memory figures).
+    /// Panes held, over every group (for memory figures).
     pub fn panes(&self) -> usize {
-        (0..self.shards.len() as u32)
-            .map(|s| self.shard(s).values().map(BTreeMap::len).sum::<usize>())
-            .sum()
+        self.groups().values().map(BTreeMap::len).sum()
     }
 
     /// The pane-aligned bounds of "the last `window_ms`" at `now_ms`: up to
@@ -318,15 +307,6 @@ impl Aggregate {
     pub fn aligned(&self, start_ms: u64, end_ms: u64) -> (u64, u64) {
         let p = self.settings.pane_ms;
         (start_ms / p * p, end_ms.div_ceil(p) * p)
-    }
-}
-
-/// Counter bumps (relaxed: they are statistics).
-struct Metrics;
-
-impl Metrics {
-    fn bump(c: &AtomicU64) {
-        c.fetch_add(1, Relaxed);
     }
 }
 
@@ -357,24 +337,21 @@ mod tests {
     }
 
     #[test]
-    fn panes_by_event_time_lateness_and_merging_over_shards() {
-        let agg = Aggregate::new(settings(), 4);
+    fn panes_by_event_time_lateness_snapshot_and_eviction() {
+        let agg = Aggregate::new(settings());
         let now = 1_000_000_000; // ms
         let t = now / 1000;
         agg.observe(
-            0,
             [event("temp", 10.0, t), event("temp", 40.0, t - 3)].into_iter(),
             now,
         );
         agg.observe(
-            1,
             [event("temp", 25.0, t - 1), event("hum", 1.0, t)].into_iter(),
             now,
         );
         // 20 s old with 5 s lateness: dropped; not a number: skipped.
-        agg.observe(2, [event("temp", 99.0, t - 20)].into_iter(), now);
+        agg.observe([event("temp", 99.0, t - 20)].into_iter(), now);
         agg.observe(
-            2,
             [Bytes::from_static(
                 br#"{"metric_name":"temp","metric_value":"x","timestamp":1}"#,
             )]
@@ -386,15 +363,21 @@ mod tests {
 
         let (start, end) = agg.last(60_000, now);
         assert_eq!((start, end), (now + 1000 - 60_000, now + 1000));
-        let s = agg.summary("temp", start, end, &[0, 1, 2, 3]);
+        let s = agg.summary("temp", start, end);
         assert_eq!((s.count, s.sum, s.min, s.max), (3, 75.0, 10.0, 40.0));
-        // One shard only, and only the last 2 s of panes.
-        assert_eq!(agg.summary("temp", start, end, &[1]).count, 1);
+        // Only the last 2 s of panes.
         let (start, end) = agg.last(2000, now);
-        assert_eq!(agg.summary("temp", start, end, &[0, 1]).count, 2);
-        assert_eq!(agg.summary("nothing", start, end, &[0, 1]).count, 0);
-        let all = agg.summaries(0, u64::MAX / 2, &[0, 1, 2, 3]);
+        assert_eq!(agg.summary("temp", start, end).count, 2);
+        assert_eq!(agg.summary("nothing", start, end).count, 0);
+        let all = agg.summaries(0, u64::MAX / 2);
         assert_eq!(all.len(), 2);
+        // A snapshot puts back what was there.
+        let again = Aggregate::new(settings());
+        assert_eq!(again.restore(&agg.snapshot()), Ok(4));
+        assert_eq!(
+            again.summary("temp", 0, u64::MAX / 2),
+            agg.summary("temp", 0, u64::MAX / 2)
+        );
         // Eviction keeps what a query can reach.
         agg.evict(now);
         assert_eq!(agg.panes(), 4);

@@ -1,7 +1,10 @@
 //! Reads the few top-level fields a stage needs from an event, without
 //! building a DOM: keys are compared as they stream by, the wanted values
-//! are read, every other value is skipped.
+//! are read (text borrowed unless escaped), every other value is skipped,
+//! and the reading stops as soon as every wanted field has been seen (the
+//! event was validated when its key was read).
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -26,49 +29,70 @@ pub enum Field<T> {
 
 /// What an event holds of the wanted fields.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Found {
-    pub group: Field<String>,
+pub struct Found<'a> {
+    pub group: Field<Cow<'a, str>>,
     pub value: Field<f64>,
     pub time: Field<f64>,
 }
 
-/// Reads `wanted` from `event`; `None` if it is not a JSON object (an
-/// accepted event always is).
-pub fn read(event: &[u8], wanted: Wanted<'_>) -> Option<Found> {
-    let mut de = serde_json::Deserializer::from_slice(event);
-    wanted.deserialize(&mut de).ok()
+impl Found<'_> {
+    fn complete(&self, wanted: &Wanted<'_>) -> bool {
+        !matches!(self.group, Field::Missing)
+            && !matches!(self.value, Field::Missing)
+            && (wanted.time.is_empty() || !matches!(self.time, Field::Missing))
+    }
 }
 
-impl<'de> DeserializeSeed<'de> for Wanted<'_> {
-    type Value = Found;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Found, D::Error> {
+/// Reads `wanted` from `event`; `None` if it is not a JSON object (an
+/// accepted event always is).
+pub fn read<'a>(event: &'a [u8], wanted: Wanted<'_>) -> Option<Found<'a>> {
+    let mut found = Found {
+        group: Field::Missing,
+        value: Field::Missing,
+        time: Field::Missing,
+    };
+    let mut de = serde_json::Deserializer::from_slice(event);
+    let read = Reader {
+        wanted,
+        found: &mut found,
+    }
+    .deserialize(&mut de);
+    // Stopping early is an error to the parser, not to the reader.
+    (read.is_ok() || found.complete(&wanted)).then_some(found)
+}
+
+/// Fills `found` as the map streams by.
+struct Reader<'w, 'f, 'a> {
+    wanted: Wanted<'w>,
+    found: &'f mut Found<'a>,
+}
+
+impl<'a> DeserializeSeed<'a> for Reader<'_, '_, 'a> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'a>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for Wanted<'_> {
-    type Value = Found;
+impl<'a> Visitor<'a> for Reader<'_, '_, 'a> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
-        let mut found = Found {
-            group: Field::Missing,
-            value: Field::Missing,
-            time: Field::Missing,
-        };
-        while let Some(key) = map.next_key_seed(Key(self))? {
+    fn visit_map<A: MapAccess<'a>>(self, mut map: A) -> Result<(), A::Error> {
+        let found = self.found;
+        while let Some(key) = map.next_key_seed(Key(self.wanted))? {
             match key {
                 Which::Group => {
-                    found.group = match map.next_value::<Scalar>()? {
+                    found.group = match map.next_value::<Scalar<'a>>()? {
                         Scalar::Text(s) => Field::Found(s),
                         _ => Field::Wrong,
                     }
                 }
                 Which::Value | Which::Time => {
-                    let v = match map.next_value::<Scalar>()? {
+                    let v = match map.next_value::<Scalar<'a>>()? {
                         Scalar::Number(x) => Field::Found(x),
                         _ => Field::Wrong,
                     };
@@ -80,10 +104,14 @@ impl<'de> Visitor<'de> for Wanted<'_> {
                 }
                 Which::Other => {
                     map.next_value::<IgnoredAny>()?;
+                    continue;
                 }
             }
+            if found.complete(&self.wanted) {
+                return Err(serde::de::Error::custom("every wanted field read"));
+            }
         }
-        Ok(found)
+        Ok(())
     }
 }
 
@@ -127,13 +155,13 @@ impl Visitor<'_> for Key<'_> {
 }
 
 /// A value read as a string, a number, or anything else (skipped).
-enum Scalar {
-    Text(String),
+enum Scalar<'a> {
+    Text(Cow<'a, str>),
     Number(f64),
     Other,
 }
 
-impl<'de> serde::Deserialize<'de> for Scalar {
+impl<'de> serde::Deserialize<'de> for Scalar<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(ScalarVisitor)
     }
@@ -142,34 +170,37 @@ impl<'de> serde::Deserialize<'de> for Scalar {
 struct ScalarVisitor;
 
 impl<'de> Visitor<'de> for ScalarVisitor {
-    type Value = Scalar;
+    type Value = Scalar<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
-        Ok(Scalar::Text(v.to_owned()))
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Text(Cow::Borrowed(v)))
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+    fn visit_str<E>(self, v: &str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Text(Cow::Owned(v.to_owned())))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Number(v))
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+    fn visit_i64<E>(self, v: i64) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Number(v as f64))
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+    fn visit_u64<E>(self, v: u64) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Number(v as f64))
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+    fn visit_bool<E>(self, _: bool) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Other)
     }
-    fn visit_unit<E>(self) -> Result<Scalar, E> {
+    fn visit_unit<E>(self) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Other)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar<'de>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Scalar::Other)
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar<'de>, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(Scalar::Other)
     }

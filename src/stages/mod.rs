@@ -1,5 +1,5 @@
 //! Stages over the deduplicated stream, fed by the pipeline's accepted
-//! hook per shard: windowed aggregates and quantile sketches
+//! hook: windowed aggregates and quantile sketches
 //! ([`aggregate`]), answered and merged across nodes over NATS
 //! ([`query`]).
 
@@ -57,7 +57,7 @@ impl crate::observe::metrics::Render for Stages {
 }
 
 /// Version of the snapshot file's layout.
-const SNAPSHOT_VERSION: u64 = 1;
+const SNAPSHOT_VERSION: u64 = 2;
 
 /// The snapshot file of the aggregates, in `data_dir`.
 pub const SNAPSHOT_FILE: &str = "aggregates.json";
@@ -69,11 +69,11 @@ pub struct Stages {
 }
 
 impl Stages {
-    pub fn new(settings: &[AggregateSettings], shards: u32) -> Self {
+    pub fn new(settings: &[AggregateSettings]) -> Self {
         Self {
             aggregates: settings
                 .iter()
-                .map(|s| Arc::new(Aggregate::new(s.clone(), shards)))
+                .map(|s| Arc::new(Aggregate::new(s.clone())))
                 .collect(),
         }
     }
@@ -82,28 +82,28 @@ impl Stages {
         self.aggregates.is_empty()
     }
 
-    /// Feeds the accepted `events` of `shard` to every stage.
-    pub fn observe(&self, shard: u32, events: &Accepted<'_>) {
+    /// Feeds accepted `events` to every stage.
+    pub fn observe(&self, events: &Accepted<'_>) {
         if self.aggregates.is_empty() {
             return;
         }
         let now = unix_ms();
         for agg in &self.aggregates {
-            agg.observe(shard, events.events(), now);
+            agg.observe(events.events(), now);
         }
     }
 
-    /// Writes the panes of `shards` to `path` (atomically: a temporary file
-    /// renamed over it).
+    /// Writes every pane to `path` (atomically: a temporary file renamed
+    /// over it).
     ///
     /// # Errors
     ///
     /// If the file cannot be written.
-    pub fn save(&self, path: &std::path::Path, shards: &[u32]) -> std::io::Result<()> {
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
         let all: serde_json::Map<String, serde_json::Value> = self
             .aggregates
             .iter()
-            .map(|a| (a.settings.name.clone(), a.snapshot(shards)))
+            .map(|a| (a.settings.name.clone(), a.snapshot()))
             .collect();
         let text = serde_json::json!({ "version": SNAPSHOT_VERSION, "aggregates": all }).to_string();
         let tmp = path.with_extension("tmp");

@@ -348,11 +348,11 @@ async fn partial(ctx: &Context, stages: &Stages, message: Message) {
         .collect();
     let groups: serde_json::Map<String, Value> = match request["group"].as_str() {
         Some(group) => {
-            let s = agg.summary(group, start, end, &ready);
+            let s = agg.summary(group, start, end);
             [(group.to_owned(), s.to_json())].into_iter().collect()
         }
         None => agg
-            .summaries(start, end, &ready)
+            .summaries(start, end)
             .into_iter()
             .map(|(g, s)| (g, s.to_json()))
             .collect(),

@@ -128,7 +128,7 @@ impl Republish {
 impl Hook for Republish {
     async fn accepted(&self, shard: u32, events: Accepted<'_>) {
         if let Some(stages) = &self.stages {
-            stages.observe(shard, &events);
+            stages.observe(&events);
         }
         if !self.core {
             return;
