@@ -173,5 +173,47 @@ fn batches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, ingest, table, batches);
+/// A query over one hour of 1 s panes of one group (what `dedup.agg.query`
+/// merges on a node), values spread over three decades; prints the memory
+/// of that hour of panes.
+fn aggregate_query(c: &mut Criterion) {
+    use eventsieve::stages::{Aggregate, AggregateSettings};
+    let settings = AggregateSettings {
+        name: "m".into(),
+        group: "metric_name".into(),
+        value: "metric_value".into(),
+        time: "timestamp".into(),
+        time_unit_ms: 1000,
+        pane_ms: 1000,
+        max_window_ms: 3_600_000,
+        lateness_ms: 5000,
+        alpha: 0.01,
+        emit_every_ms: None,
+        emit_window_ms: 5000,
+    };
+    let agg = Aggregate::new(settings);
+    let now_s = 1_700_000_000u64;
+    let mut i = 0u64;
+    for s in (now_s - 3599)..=now_s {
+        let events: Vec<Vec<u8>> = (0..200)
+            .map(|_| {
+                i += 1;
+                let value = 1.0 + (i * 7919 % 999) as f64;
+                format!(r#"{{"metric_name":"cpu","metric_value":{value},"timestamp":{s}}}"#).into_bytes()
+            })
+            .collect();
+        agg.observe(events.iter().map(Vec::as_slice), s * 1000);
+    }
+    eprintln!(
+        "one group, one hour of 1 s panes ({} panes, 200 values each over 1..1000): {:.1} MiB",
+        agg.panes(),
+        agg.memory_bytes() as f64 / (1 << 20) as f64
+    );
+    let (start, end) = agg.last(3_600_000, now_s * 1000);
+    c.bench_function("aggregate query: one hour of 1 s panes", |b| {
+        b.iter(|| agg.summary("cpu", start, end).count)
+    });
+}
+
+criterion_group!(benches, ingest, table, batches, aggregate_query);
 criterion_main!(benches);

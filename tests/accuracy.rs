@@ -135,7 +135,7 @@ fn published_medians_are_within_the_bound_of_the_exact_ones() {
         };
         let keyed = dedup.key(&event).expect("valid event");
         if dedup.check_and_insert(&keyed, arrival).is_new() {
-            agg.observe(std::iter::once(event), arrival);
+            agg.observe(std::iter::once(&event[..]), arrival);
         }
     }
     assert!(repeats > 40_000);

@@ -80,6 +80,15 @@ impl Accepted<'_> {
         self.len() == 0
     }
 
+    /// Each event's bytes, borrowed (no copy, no reference count).
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let (one, lines) = match *self {
+            Accepted::One(event) => (Some(&event[..]), None),
+            Accepted::Lines { body, lines } => (None, Some(lines.iter().map(|r| &body[r.clone()]))),
+        };
+        one.into_iter().chain(lines.into_iter().flatten())
+    }
+
     /// Each event, byte for byte as received (no copy).
     pub fn events(&self) -> impl Iterator<Item = Bytes> + '_ {
         let (one, lines) = match *self {

@@ -17,7 +17,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
 
-use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::stages::fields::{self, Field, Wanted};
@@ -145,18 +144,17 @@ impl Aggregate {
     }
 
     /// Adds the accepted `events`, arrived at `now_ms`.
-    pub fn observe(&self, events: impl Iterator<Item = Bytes>, now_ms: u64) {
+    pub fn observe<'a>(&self, events: impl Iterator<Item = &'a [u8]>, now_ms: u64) {
         let s = &self.settings;
         let wanted = Wanted {
             group: &s.group,
             value: &s.value,
             time: &s.time,
         };
-        let events: Vec<Bytes> = events.collect();
         let (mut late, mut skipped) = (0, 0);
         // Read outside the lock; the group names stay borrowed.
-        let mut read = Vec::with_capacity(events.len());
-        for event in &events {
+        let mut read = Vec::with_capacity(events.size_hint().0);
+        for event in events {
             let Some(found) = fields::read(event, wanted) else {
                 skipped += 1;
                 continue;
@@ -290,6 +288,23 @@ impl Aggregate {
         Ok(count)
     }
 
+    /// Bytes the panes take: the summaries, their sketches' buckets and the
+    /// maps' nodes (estimated at two words per entry).
+    pub fn memory_bytes(&self) -> usize {
+        let pane =
+            std::mem::size_of::<Summary>() + std::mem::size_of::<u64>() + 2 * std::mem::size_of::<usize>();
+        self.groups()
+            .iter()
+            .map(|(g, panes)| {
+                g.len()
+                    + panes
+                        .values()
+                        .map(|s| pane + s.sketch.heap_bytes())
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Panes held, over every group (for memory figures).
     pub fn panes(&self) -> usize {
         self.groups().values().map(BTreeMap::len).sum()
@@ -330,8 +345,8 @@ mod tests {
         }
     }
 
-    fn event(group: &str, value: f64, t: u64) -> Bytes {
-        Bytes::from(format!(
+    fn event(group: &str, value: f64, t: u64) -> Vec<u8> {
+        Vec::from(format!(
             r#"{{"event_id":"e{t}","metric_name":"{group}","metric_value":{value},"timestamp":{t}}}"#
         ))
     }
@@ -341,23 +356,12 @@ mod tests {
         let agg = Aggregate::new(settings());
         let now = 1_000_000_000; // ms
         let t = now / 1000;
-        agg.observe(
-            [event("temp", 10.0, t), event("temp", 40.0, t - 3)].into_iter(),
-            now,
-        );
-        agg.observe(
-            [event("temp", 25.0, t - 1), event("hum", 1.0, t)].into_iter(),
-            now,
-        );
+        let observe = |events: &[Vec<u8>]| agg.observe(events.iter().map(Vec::as_slice), now);
+        observe(&[event("temp", 10.0, t), event("temp", 40.0, t - 3)]);
+        observe(&[event("temp", 25.0, t - 1), event("hum", 1.0, t)]);
         // 20 s old with 5 s lateness: dropped; not a number: skipped.
-        agg.observe([event("temp", 99.0, t - 20)].into_iter(), now);
-        agg.observe(
-            [Bytes::from_static(
-                br#"{"metric_name":"temp","metric_value":"x","timestamp":1}"#,
-            )]
-            .into_iter(),
-            now,
-        );
+        observe(&[event("temp", 99.0, t - 20)]);
+        observe(&[br#"{"metric_name":"temp","metric_value":"x","timestamp":1}"#.to_vec()]);
         assert_eq!(agg.counters.out_of_time.load(Relaxed), 1);
         assert_eq!(agg.counters.skipped.load(Relaxed), 1);
 

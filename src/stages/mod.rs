@@ -89,7 +89,7 @@ impl Stages {
         }
         let now = unix_ms();
         for agg in &self.aggregates {
-            agg.observe(events.events(), now);
+            agg.observe(events.slices(), now);
         }
     }
 

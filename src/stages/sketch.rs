@@ -35,27 +35,46 @@ struct Store {
 }
 
 impl Store {
-    fn add(&mut self, index: i32, n: u64) {
+    /// Grows the range of indices to include `lo..=hi`, to the exact size.
+    fn cover(&mut self, lo: i32, hi: i32) {
         if self.counts.is_empty() {
-            self.offset = index;
-            self.counts.push(0);
-        } else if index < self.offset {
-            let grow = (self.offset - index) as usize;
-            self.counts.splice(0..0, std::iter::repeat_n(0, grow));
-            self.offset = index;
-        } else if index >= self.offset + self.counts.len() as i32 {
-            self.counts.resize((index - self.offset) as usize + 1, 0);
+            self.offset = lo;
+            self.counts = vec![0; (hi - lo) as usize + 1];
+            return;
         }
+        if lo < self.offset {
+            let grow = (self.offset - lo) as usize;
+            self.counts.reserve_exact(grow);
+            self.counts.splice(0..0, std::iter::repeat_n(0, grow));
+            self.offset = lo;
+        }
+        let end = self.offset + self.counts.len() as i32;
+        if hi >= end {
+            // A little room beyond, so that values arriving in rising
+            // order do not reallocate at every new bucket.
+            let grow = (hi - end) as usize + 1;
+            self.counts.reserve_exact(grow.max(16));
+            self.counts.resize(self.counts.len() + grow, 0);
+        }
+    }
+
+    fn add(&mut self, index: i32, n: u64) {
+        self.cover(index, index);
         self.counts[(index - self.offset) as usize] += n;
         self.total += n;
     }
 
+    /// Adds `other`'s counts: one pass over its range.
     fn merge(&mut self, other: &Store) {
-        for (i, &c) in other.counts.iter().enumerate() {
-            if c > 0 {
-                self.add(other.offset + i as i32, c);
-            }
+        if other.counts.is_empty() {
+            return;
         }
+        self.cover(other.offset, other.offset + other.counts.len() as i32 - 1);
+        let start = (other.offset - self.offset) as usize;
+        for (mine, theirs) in self.counts[start..].iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.total += other.total;
     }
 
     /// The index holding rank `rank` (0-based) counted from the lowest
@@ -101,6 +120,11 @@ impl Sketch {
             negative: Store::default(),
             zeros: 0,
         }
+    }
+
+    /// Bytes of its bucket stores on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        (self.positive.counts.capacity() + self.negative.counts.capacity()) * std::mem::size_of::<u64>()
     }
 
     pub fn alpha(&self) -> f64 {
