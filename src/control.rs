@@ -331,10 +331,6 @@ pub async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
     let windows = ctx.client.subscribe(ctx.subjects.window()).await?;
     let statuses = ctx.client.subscribe(ctx.subjects.status()).await?;
-    // Subscribed at the server before the service says it is up.
-    if let Err(e) = ctx.client.flush().await {
-        tracing::warn!(message = "Flushing the window and status subscriptions failed.", error = %e);
-    }
     let mut both = futures_util::stream::select(windows, statuses);
     Ok(tokio::spawn(async move {
         while let Some(message) = both.next().await {

@@ -340,6 +340,8 @@ pub async fn start_with(
         prefix = %subjects.prefix(),
     );
 
+    // Every subscription is at the server before the service says it is up.
+    nats::registered(&client).await?;
     let (stop, stop_rx) = watch::channel(false);
     let parts = Parts {
         transport,

@@ -68,9 +68,6 @@ pub async fn serve(
         .queue_subscribe(quantile_subject(&prefix), group)
         .await?;
     let partials = ctx.client.subscribe(partial_subject(&prefix)).await?;
-    if let Err(e) = ctx.client.flush().await {
-        tracing::warn!(message = "Flushing the aggregate subscriptions failed.", error = %e);
-    }
     let mut tasks = Vec::new();
     let (c, s) = (ctx.clone(), stages.clone());
     tasks.push(tokio::spawn(async move {

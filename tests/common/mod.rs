@@ -231,8 +231,8 @@ pub async fn request(client: &Client, subject: &str, body: impl Into<Bytes>) -> 
         client.request(subject.to_string(), body.into()),
     )
     .await
-    .expect("reply within 10 s")
-    .expect("request")
+    .unwrap_or_else(|_| panic!("{subject}: no reply within 10 s"))
+    .unwrap_or_else(|e| panic!("{subject}: {e}"))
 }
 
 pub async fn ask(client: &Client, subject: &str, event: impl Into<Bytes>) -> Answer {

@@ -58,6 +58,33 @@ impl std::fmt::Display for NatsError {
 
 impl std::error::Error for NatsError {}
 
+/// Returns once the server has processed every subscription this client
+/// made before the call. `Client::flush` only writes the socket; a message
+/// the client sends itself and gets back has passed the server after them
+/// (a server handles one connection's protocol in order).
+///
+/// # Errors
+///
+/// If the message does not come back within 10 s.
+pub async fn registered(client: &Client) -> Result<(), NatsError> {
+    use futures_util::StreamExt;
+    let inbox = client.new_inbox();
+    let mut echo = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| NatsError::Subscribe(e.to_string()))?;
+    client
+        .publish(inbox, Bytes::new())
+        .await
+        .map_err(|e| NatsError::Connect(e.to_string()))?;
+    match tokio::time::timeout(std::time::Duration::from_secs(10), echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(NatsError::Connect(
+            "the server did not confirm the subscriptions within 10 s".into(),
+        )),
+    }
+}
+
 /// The header of a batch's per-shard output message: how many events
 /// (lines) it holds.
 pub const COUNT_HEADER: &str = "Eventsieve-Count";
@@ -199,10 +226,7 @@ impl Transport {
             };
             tasks.spawn(subscription::serve(served, fence_subject, stop_rx.clone()));
         }
-        ctx.client
-            .flush()
-            .await
-            .map_err(|e| NatsError::Connect(e.to_string()))?;
+        registered(&ctx.client).await?;
         Ok(Self { stop, tasks })
     }
 
