@@ -896,6 +896,30 @@ mod tests {
     }
 
     #[test]
+    fn the_key_is_one_name_or_several() {
+        Jail::expect_with(|jail| {
+            jail.create_file("k.toml", "key = [\"node_id\", \"device.serial\"]\n")?;
+            let s = Config::load(Some(Path::new("k.toml"))).unwrap();
+            assert_eq!(
+                s.key,
+                KeySpec::Fields(vec![
+                    vec!["node_id".into()],
+                    vec!["device".into(), "serial".into()]
+                ])
+            );
+            jail.set_env("EVENTSIEVE_KEY", "content");
+            assert_eq!(
+                Config::load(Some(Path::new("k.toml"))).unwrap().key,
+                KeySpec::Content
+            );
+            jail.set_env("EVENTSIEVE_KEY", "a..b");
+            let err = Config::load(Some(Path::new("k.toml"))).unwrap_err().to_string();
+            assert!(err.contains("`key`"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn each_invalid_value_names_its_field() {
         let cases: [(&str, &str, &str); 19] = [
             ("EVENTSIEVE_KV_BUCKET", "a.b", "`kv_bucket`"),

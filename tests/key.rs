@@ -7,7 +7,7 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use eventsieve::config::{Config, KeyConfig, Settings};
+use eventsieve::config::{KeyConfig, Settings};
 use eventsieve::engine::key::KeySpec;
 use eventsieve::engine::shard::shard_of;
 use eventsieve::service;
@@ -94,32 +94,4 @@ async fn events_keyed_by_several_fields_reach_their_owner_and_are_deduplicated()
     assert!(found.payload.starts_with(br#"{"remembered":true"#), "{found:?}");
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
-}
-
-#[test]
-// `figment::Jail` closures return `figment::Error`, which is large by design.
-#[allow(clippy::result_large_err)]
-fn the_key_is_read_from_the_configuration() {
-    figment::Jail::expect_with(|jail| {
-        jail.create_file("k.toml", "key = [\"node_id\", \"device.serial\"]\n")?;
-        let s = Config::load(Some(std::path::Path::new("k.toml"))).unwrap();
-        assert_eq!(
-            s.key,
-            KeySpec::Fields(vec![
-                vec!["node_id".into()],
-                vec!["device".into(), "serial".into()]
-            ])
-        );
-        jail.set_env("EVENTSIEVE_KEY", "content");
-        assert_eq!(
-            Config::load(Some(std::path::Path::new("k.toml"))).unwrap().key,
-            KeySpec::Content
-        );
-        jail.set_env("EVENTSIEVE_KEY", "a..b");
-        let err = Config::load(Some(std::path::Path::new("k.toml")))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`key`"), "{err}");
-        Ok(())
-    });
 }
