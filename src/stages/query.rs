@@ -7,10 +7,10 @@
 //! | `<prefix>.agg.partial` | sidecars, request (every node) | one node's summary of its ready shards |
 //! | `<prefix>.median.<group>` | sidecar, publish | each group's median every `emit_every` |
 //!
-//! The node a query reaches asks every node (itself included) for the
-//! summary of the shards it serves, and merges the replies as they come;
-//! it answers once every shard is covered, or after [`PARTIAL_WAIT`] with
-//! `"partial":true` and the shards missing. A reply whose shards overlap
+//! The node a query reaches starts from its own summary of the shards it
+//! serves; if shards are left, it asks every node for theirs and merges the
+//! replies as they come. It answers once every shard is covered, or after
+//! [`PARTIAL_WAIT`] with `"partial":true` and the shards missing. A reply whose shards overlap
 //! ones already merged (a shard changing hands) is left out rather than
 //! counted twice. Medians are published by the node that serves shard 0,
 //! from the merge of every node's sketches.
@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, Message, Subject};
+use async_nats::{Message, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -239,87 +239,101 @@ async fn query(ctx: &Context, stages: &Stages, message: Message) {
     publish(ctx, to, body.into()).await;
 }
 
-/// Asks every node for its summaries of `request` and merges them per
-/// group; returns them with the shards no node covered.
+/// This node's ready shards and its summaries of `request` (one group, or
+/// every group when `"group"` is null).
+fn local(ctx: &Context, agg: &Aggregate, request: &Value) -> (Vec<u32>, HashMap<String, Summary>) {
+    let ownership = ctx.pipeline.ownership();
+    let ready = (0..ownership.shards())
+        .filter(|&s| ownership.state(s) == ShardState::Ready)
+        .collect();
+    let (start, end) = (
+        request["start_ms"].as_u64().unwrap_or(0),
+        request["end_ms"].as_u64().unwrap_or(0),
+    );
+    let summaries = match request["group"].as_str() {
+        Some(group) => [(group.to_owned(), agg.summary(group, start, end))]
+            .into_iter()
+            .collect(),
+        None => agg.summaries(start, end),
+    };
+    (ready, summaries)
+}
+
+/// This node's summaries of `request`, merged with the other nodes' when
+/// it does not serve every shard; returns them per group with the shards
+/// no node covered.
 async fn gather(
     ctx: &Context,
     agg: &Aggregate,
     request: &Value,
 ) -> Result<(HashMap<String, Summary>, Vec<u32>), String> {
     let shards = ctx.pipeline.ownership().shards();
-    let replies = ask_all(
-        &ctx.client,
-        &partial_subject(ctx.subjects.prefix()),
-        request,
-        shards,
-    )
-    .await?;
-    let mut covered = BTreeSet::new();
-    let mut merged: HashMap<String, Summary> = HashMap::new();
-    for reply in replies {
-        let Some(theirs) = reply["shards"].as_array() else {
-            continue;
-        };
-        let theirs: Vec<u32> = theirs
-            .iter()
-            .filter_map(|s| s.as_u64())
-            .map(|s| s as u32)
-            .collect();
-        if theirs.iter().any(|s| covered.contains(s)) {
-            continue;
-        }
-        let Some(groups) = reply["groups"].as_object() else {
-            continue;
-        };
-        let mut summaries = Vec::new();
-        for (group, summary) in groups {
-            match Summary::from_json(summary) {
-                Some(s) if (s.sketch.alpha() - agg.settings.alpha).abs() < f64::EPSILON => {
-                    summaries.push((group, s))
-                }
-                _ => return Err(
-                    "a node sent a summary of another accuracy or shape; are the configurations the same?"
-                        .into(),
-                ),
+    let (ready, mut merged) = local(ctx, agg, request);
+    let mut covered: BTreeSet<u32> = ready.into_iter().collect();
+    if covered.len() < shards as usize {
+        let inbox = ctx.client.new_inbox();
+        let mut replies = ctx
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        ctx.client
+            .publish_with_reply(
+                partial_subject(ctx.subjects.prefix()),
+                inbox,
+                request.to_string().into(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline = tokio::time::Instant::now() + PARTIAL_WAIT;
+        while covered.len() < shards as usize {
+            let reply = match tokio::time::timeout_at(deadline, replies.next()).await {
+                Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => break,
+                Ok(Some(m)) => m,
+                _ => break,
+            };
+            let Ok(reply) = serde_json::from_slice::<Value>(&reply.payload) else {
+                continue;
+            };
+            let Some(theirs) = reply["shards"].as_array() else {
+                continue;
+            };
+            let theirs: Vec<u32> = theirs
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|s| s as u32)
+                .collect();
+            // This node's own reply, or a shard changing hands: never twice.
+            if theirs.is_empty() || theirs.iter().any(|s| covered.contains(s)) {
+                continue;
             }
-        }
-        covered.extend(theirs);
-        for (group, s) in summaries {
-            merged
-                .entry(group.clone())
-                .or_insert_with(|| Summary::new(agg.settings.alpha))
-                .merge(&s);
+            let Some(groups) = reply["groups"].as_object() else {
+                continue;
+            };
+            let mut summaries = Vec::new();
+            for (group, summary) in groups {
+                match Summary::from_json(summary) {
+                    Some(s) if (s.sketch.alpha() - agg.settings.alpha).abs() < f64::EPSILON => {
+                        summaries.push((group, s))
+                    }
+                    _ => {
+                        return Err(
+                            "a node sent a summary of another accuracy or shape; are the configurations the same?".into(),
+                        );
+                    }
+                }
+            }
+            covered.extend(theirs);
+            for (group, s) in summaries {
+                merged
+                    .entry(group.clone())
+                    .or_insert_with(|| Summary::new(agg.settings.alpha))
+                    .merge(&s);
+            }
         }
     }
     let missing = (0..shards).filter(|s| !covered.contains(s)).collect();
     Ok((merged, missing))
-}
-
-/// Sends `request` to every node and collects replies until they cover
-/// `shards` shards or [`PARTIAL_WAIT`] passes.
-async fn ask_all(client: &Client, subject: &str, request: &Value, shards: u32) -> Result<Vec<Value>, String> {
-    let inbox = client.new_inbox();
-    let mut sub = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
-    client
-        .publish_with_reply(subject.to_owned(), inbox, request.to_string().into())
-        .await
-        .map_err(|e| e.to_string())?;
-    let deadline = tokio::time::Instant::now() + PARTIAL_WAIT;
-    let mut replies = Vec::new();
-    let mut claimed = 0;
-    while claimed < shards as usize {
-        match tokio::time::timeout_at(deadline, sub.next()).await {
-            Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => break,
-            Ok(Some(m)) => {
-                if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
-                    claimed += v["shards"].as_array().map_or(0, Vec::len);
-                    replies.push(v);
-                }
-            }
-            _ => break,
-        }
-    }
-    Ok(replies)
 }
 
 /// One node's summaries of its ready shards: of one group, or of every
@@ -336,24 +350,12 @@ async fn partial(ctx: &Context, stages: &Stages, message: Message) {
     let Ok(agg) = stages.find(&json!({"aggregate": request["aggregate"]})) else {
         return reply_error(ctx, to, 404, "no such aggregate here").await;
     };
-    let (Some(start), Some(end)) = (request["start_ms"].as_u64(), request["end_ms"].as_u64()) else {
+    if request["start_ms"].as_u64().is_none() || request["end_ms"].as_u64().is_none() {
         return reply_error(ctx, to, 400, "start_ms and end_ms").await;
-    };
-    let ownership = ctx.pipeline.ownership();
-    let ready: Vec<u32> = (0..ownership.shards())
-        .filter(|&s| ownership.state(s) == ShardState::Ready)
-        .collect();
-    let groups: serde_json::Map<String, Value> = match request["group"].as_str() {
-        Some(group) => {
-            let s = agg.summary(group, start, end);
-            [(group.to_owned(), s.to_json())].into_iter().collect()
-        }
-        None => agg
-            .summaries(start, end)
-            .into_iter()
-            .map(|(g, s)| (g, s.to_json()))
-            .collect(),
-    };
+    }
+    let (ready, summaries) = local(ctx, agg, &request);
+    let groups: serde_json::Map<String, Value> =
+        summaries.into_iter().map(|(g, s)| (g, s.to_json())).collect();
     let body = json!({ "shards": ready, "groups": groups });
     publish(ctx, to, body.to_string().into()).await;
 }
