@@ -250,15 +250,18 @@ impl Aggregate {
     /// Every pane, for a snapshot:
     /// `{"pane_ms", "alpha", "groups": {"<group>": {"<pane>": summary}}}`.
     pub fn snapshot(&self) -> Value {
-        let groups: serde_json::Map<String, Value> = self
-            .groups()
-            .iter()
-            .map(|(g, panes)| {
-                let panes: serde_json::Map<String, Value> =
-                    panes.iter().map(|(p, s)| (p.to_string(), s.to_json())).collect();
-                (g.clone(), Value::Object(panes))
-            })
-            .collect();
+        // One group at a time under the lock, so that queries and new
+        // events wait for one group's panes at most, not all of them.
+        let names: Vec<String> = self.groups().keys().cloned().collect();
+        let mut groups = serde_json::Map::new();
+        for name in names {
+            let held = self.groups();
+            let Some(panes) = held.get(&name) else { continue };
+            let panes: serde_json::Map<String, Value> =
+                panes.iter().map(|(p, s)| (p.to_string(), s.to_json())).collect();
+            drop(held);
+            groups.insert(name, Value::Object(panes));
+        }
         json!({ "pane_ms": self.settings.pane_ms, "alpha": self.settings.alpha, "groups": groups })
     }
 
