@@ -177,20 +177,17 @@ fn batches(c: &mut Criterion) {
 /// merges on a node), values spread over three decades; prints the memory
 /// of that hour of panes.
 fn aggregate_query(c: &mut Criterion) {
-    use eventsieve::stages::{Aggregate, AggregateSettings};
-    let settings = AggregateSettings {
-        name: "m".into(),
+    use eventsieve::config::AggregateConfig;
+    use eventsieve::stages::Aggregate;
+    // The defaults: 1 s panes, 1 h, 1 %.
+    let settings = AggregateConfig {
         group: "metric_name".into(),
         value: "metric_value".into(),
         time: "timestamp".into(),
-        time_unit_ms: 1000,
-        pane_ms: 1000,
-        max_window_ms: 3_600_000,
-        lateness_ms: 5000,
-        alpha: 0.01,
-        emit_every_ms: None,
-        emit_window_ms: 5000,
-    };
+        ..AggregateConfig::default()
+    }
+    .validate(0)
+    .expect("valid aggregate");
     let agg = Aggregate::new(settings);
     let now_s = 1_700_000_000u64;
     let mut i = 0u64;

@@ -325,8 +325,12 @@ impl Default for AggregateConfig {
 }
 
 impl AggregateConfig {
-    /// Checks the fields of the `i`th aggregate.
-    fn validate(&self, i: usize) -> Result<AggregateSettings, ConfigError> {
+    /// Checks the fields of the `i`th aggregate (`i` names it in errors).
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first field that cannot be used.
+    pub fn validate(&self, i: usize) -> Result<AggregateSettings, ConfigError> {
         let field = |name: &str| format!("aggregate[{i}].{name}");
         let duration = |name: &str, value: &str, max: u64| {
             parse_duration_ms(value)

@@ -11,6 +11,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
+use eventsieve::config::AggregateConfig;
 use eventsieve::engine::{Deduplicator, EngineConfig};
 use eventsieve::stages::{Aggregate, AggregateSettings};
 
@@ -58,19 +59,18 @@ struct Seen {
 
 #[test]
 fn published_medians_are_within_the_bound_of_the_exact_ones() {
-    let settings = AggregateSettings {
-        name: "category".into(),
+    let settings = AggregateConfig {
         group: "category".into(),
         value: "value".into(),
         time: "ts".into(),
-        time_unit_ms: 1,
-        pane_ms: 500,
-        max_window_ms: 60_000,
-        lateness_ms: 5000,
-        alpha: 0.01,
-        emit_every_ms: Some(500),
-        emit_window_ms: 5000,
-    };
+        time_unit: "ms".into(),
+        pane: "500ms".into(),
+        max_window: "60s".into(),
+        emit_every: "500ms".into(),
+        ..AggregateConfig::default()
+    }
+    .validate(0)
+    .unwrap();
     let shards = 8;
     let agg = Aggregate::new(settings.clone());
     let dedup = Deduplicator::new(EngineConfig {

@@ -332,20 +332,16 @@ impl Aggregate {
 mod tests {
     use super::*;
 
+    /// The defaults: 1 s panes, 1 h, 5 s lateness, 1 %.
     fn settings() -> AggregateSettings {
-        AggregateSettings {
-            name: "metric_name".into(),
+        crate::config::AggregateConfig {
             group: "metric_name".into(),
             value: "metric_value".into(),
             time: "timestamp".into(),
-            time_unit_ms: 1000,
-            pane_ms: 1000,
-            max_window_ms: 3_600_000,
-            lateness_ms: 5000,
-            alpha: 0.01,
-            emit_every_ms: None,
-            emit_window_ms: 5000,
+            ..Default::default()
         }
+        .validate(0)
+        .unwrap()
     }
 
     fn event(group: &str, value: f64, t: u64) -> Vec<u8> {

@@ -347,7 +347,7 @@ async fn partial(ctx: &Context, stages: &Stages, message: Message) {
     let Ok(request) = serde_json::from_slice::<Value>(&message.payload) else {
         return reply_error(ctx, to, 400, "not JSON").await;
     };
-    let Ok(agg) = stages.find(&json!({"aggregate": request["aggregate"]})) else {
+    let Ok(agg) = stages.find(&request) else {
         return reply_error(ctx, to, 404, "no such aggregate here").await;
     };
     if request["start_ms"].as_u64().is_none() || request["end_ms"].as_u64().is_none() {

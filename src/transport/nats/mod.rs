@@ -226,7 +226,8 @@ impl Transport {
             };
             tasks.spawn(subscription::serve(served, fence_subject, stop_rx.clone()));
         }
-        registered(&ctx.client).await?;
+        // The service confirms every subscription with the server once, at
+        // the end of its start (`registered`).
         Ok(Self { stop, tasks })
     }
 
