@@ -31,6 +31,9 @@ pub enum Durability {
     Memory,
     /// Committed to the local LMDB store before the reply.
     Local,
+    /// Acknowledged by the JetStream journal before the reply; shards are
+    /// leased in the KV bucket and taken over when their owner dies.
+    Replicated,
 }
 
 /// How a batch request's new events are republished.
@@ -186,7 +189,8 @@ pub struct Config {
     pub max_event_bytes: usize,
     /// Largest `event_id` in bytes. Default 256.
     pub max_id_bytes: usize,
-    /// `memory` or `local`. Default `local`.
+    /// `memory`, `local` or `replicated` (the JetStream journal, shard
+    /// leases and takeover; see `[cluster]`). Default `local`.
     pub durability: Durability,
     /// Longest time a request waits to be covered by a group commit. Default `1ms`.
     pub commit_interval: String,
@@ -254,6 +258,38 @@ pub struct Config {
     /// Windowed aggregates over the accepted events (`[[aggregate]]`, any
     /// number; see the README). Default none.
     pub aggregate: Vec<AggregateConfig>,
+    /// Leases and the journal of `durability = "replicated"`.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: used with `durability = "replicated"` only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name in the KV bucket (`node.<id>`, lease owners):
+    /// letters, digits, `-` and `_`. Default: made up at each start.
+    pub node_id: String,
+    /// How long a shard's lease lasts without renewal (renewed every
+    /// third of it); a dead node's shards are taken over this long after
+    /// its last renewal. Whole seconds, at least `1s`. Default `3s`.
+    pub lease_ttl: String,
+    /// The JetStream stream of the journal, over `<prefix>.journal.*`;
+    /// created if absent. Default `EVENTSIEVE_JOURNAL`.
+    pub journal_stream: String,
+    /// Replicas of the journal stream and of the KV bucket when this node
+    /// creates them: 1 on a single server, 3 on a cluster. Default 1.
+    pub replicas: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node_id: String::new(),
+            lease_ttl: "3s".into(),
+            journal_stream: "EVENTSIEVE_JOURNAL".into(),
+            replicas: 1,
+        }
+    }
 }
 
 /// `key`: one name or a list of them.
@@ -426,6 +462,7 @@ impl Default for Config {
             shutdown_timeout: "10s".into(),
             log: "info".into(),
             aggregate: Vec::new(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -531,6 +568,9 @@ pub struct Settings {
     pub http_addr: Option<SocketAddr>,
     pub aggregates: Vec<AggregateSettings>,
     pub key: KeySpec,
+    /// This node's id in the cluster (given or made up).
+    pub node_id: String,
+    pub lease_ttl_ms: u64,
 }
 
 impl Settings {
@@ -748,7 +788,45 @@ impl Config {
         }
         let names = self.key.names();
         let key = KeySpec::parse(&names).map_err(|e| ConfigError::field("key", &names.join(","), &e))?;
+        let lease_ttl_ms = parse_duration_ms(&self.cluster.lease_ttl)
+            .filter(|ms| ms % 1000 == 0 && (1000..=60_000).contains(ms))
+            .ok_or_else(|| {
+                ConfigError::field(
+                    "cluster.lease_ttl",
+                    &self.cluster.lease_ttl,
+                    "whole seconds from 1s to 60s, e.g. \"3s\"",
+                )
+            })?;
+        let node_ok = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !node_ok(&self.cluster.node_id) || self.cluster.node_id.len() > 64 {
+            return Err(ConfigError::field(
+                "cluster.node_id",
+                &self.cluster.node_id,
+                "up to 64 letters, digits, `-` and `_`, or empty for one made up at start",
+            ));
+        }
+        let node_id = if self.cluster.node_id.is_empty() {
+            crate::transport::nats::discovery::instance_id()
+        } else {
+            self.cluster.node_id.clone()
+        };
+        if !(1..=5).contains(&self.cluster.replicas) {
+            return Err(ConfigError::field(
+                "cluster.replicas",
+                &self.cluster.replicas.to_string(),
+                "1 to 5 (1 on a single server, 3 on a cluster)",
+            ));
+        }
+        if self.durability == Durability::Replicated && self.kv_bucket.is_empty() {
+            return Err(ConfigError::field(
+                "kv_bucket",
+                "",
+                "a bucket name: durability \"replicated\" keeps its shard leases there",
+            ));
+        }
         Ok(Settings {
+            node_id,
+            lease_ttl_ms,
             key,
             aggregates,
             window_ms,

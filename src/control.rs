@@ -271,7 +271,7 @@ impl Window {
 async fn keeper(client: &Client, settings: &Settings) -> Keeper {
     let fallback = || match settings.config.durability {
         Durability::Memory => Keeper::Nowhere,
-        Durability::Local => Keeper::File(settings.config.data_dir.join(WINDOW_FILE)),
+        Durability::Local | Durability::Replicated => Keeper::File(settings.config.data_dir.join(WINDOW_FILE)),
     };
     let bucket = &settings.config.kv_bucket;
     if bucket.is_empty() {
@@ -302,15 +302,33 @@ pub async fn open_bucket(client: &Client, bucket: &str) -> Result<kv::Store, Str
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
-    js.create_key_value(kv::Config {
+    let config = kv::Config {
         bucket: bucket.to_owned(),
         description: "eventsieve: the window set at run time, shard leases, nodes".into(),
         history: 8,
+        // Per-key TTL for leases and heartbeats, and a marker when one
+        // expires (so that `nats kv watch` shows it): nats-server 2.11+.
+        limit_markers: Some(EXPIRY_MARKER_TTL),
         ..Default::default()
-    })
-    .await
+    };
+    match js.create_key_value(config.clone()).await {
+        Ok(store) => Ok(store),
+        // An older server: the window works without per-key TTL.
+        Err(_) => {
+            js.create_key_value(kv::Config {
+                limit_markers: None,
+                ..config
+            })
+            .await
+        }
+    }
     .map_err(|e| format!("cannot open or create KV bucket {bucket:?}: {e}"))
 }
+
+/// How long the marker of an expired lease or heartbeat stays in the
+/// bucket. The server raises a shorter per-key TTL to this, so it must be
+/// below any lease TTL.
+pub const EXPIRY_MARKER_TTL: Duration = Duration::from_secs(1);
 
 fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");

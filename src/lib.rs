@@ -13,6 +13,7 @@
 //! | [`journal`] | the durable log of accepted ids (trait, LMDB, in-memory) and its group-commit writer |
 //! | [`pipeline`] | the verdict path without transport: ownership → check-and-insert → commit → accepted hook |
 //! | [`transport`] | NATS subscriptions, replies, forwarding, republish (core or JetStream), fences, discovery; the HTTP gateway |
+//! | [`cluster`] | `durability = "replicated"`: shard leases in the KV bucket, the JetStream journal, takeover and handover |
 //! | [`service`] | the composition root: start in order, stop in order |
 //! | [`cli`] | the `eventsieve` command line |
 //!
@@ -38,6 +39,7 @@
 //! ```
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod engine;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cluster::{Keeper, Leases, Positions, StreamJournal};
 use crate::config::{Durability, Output, Settings};
 use crate::control::{self, Window};
 use crate::engine::{Deduplicator, unix_ms};
@@ -158,7 +159,8 @@ pub async fn run(
 /// A [`ServiceError`] if NATS, the store or the metrics address fail.
 pub async fn start(settings: Settings) -> Result<Running, ServiceError> {
     let journal = match settings.config.durability {
-        Durability::Memory => None,
+        // The replicated journal needs the connection: made in `start_with`.
+        Durability::Memory | Durability::Replicated => None,
         Durability::Local => Some(open_store(&settings).await?),
     };
     start_with(settings, journal).await
@@ -196,6 +198,26 @@ pub async fn start_with(
     settings.window_ms = window.ms();
     let shards = settings.config.shards;
     let subjects = Subjects::new(&settings.config.subject_prefix, &settings.config.output_subject);
+    // Replicated: the journal is the stream, and shards come with leases.
+    let (journal, stream) = if settings.config.durability == Durability::Replicated {
+        let c = &settings.config.cluster;
+        let positions = Arc::new(Positions::new(shards));
+        let stream = StreamJournal::open(
+            client.clone(),
+            &c.journal_stream,
+            subjects.prefix(),
+            settings.window_ms,
+            c.replicas,
+            positions,
+            metrics.clone(),
+        )
+        .await
+        .map_err(NatsError::Connect)?;
+        settings.owned = Vec::new();
+        (Some(Box::new(stream.clone()) as Box<dyn Journal>), Some(stream))
+    } else {
+        (journal, None)
+    };
     let ownership = Ownership::new(shards);
     for &s in &settings.owned {
         ownership.set(s, ShardState::Recovering);
@@ -283,7 +305,21 @@ pub async fn start_with(
             None
         }
     };
-    let node = nats::discovery::instance_id();
+    let node = settings.node_id.clone();
+    let keeper = match stream {
+        Some(stream) => {
+            let bucket = &settings.config.kv_bucket;
+            let kv = control::open_bucket(&client, bucket).await.map_err(NatsError::Connect)?;
+            let ttl = Duration::from_millis(settings.lease_ttl_ms);
+            let leases = Leases::open(client.clone(), kv, bucket, ttl)
+                .await
+                .map_err(NatsError::Connect)?;
+            let (stop, stopped) = watch::channel(false);
+            let keeper = Keeper::new(ctx.clone(), leases, stream, node.clone(), ttl);
+            Some((stop, tokio::spawn(keeper.run(stopped))))
+        }
+        None => None,
+    };
     let control = control::serve(ctx.clone(), window.clone(), node.clone(), started)
         .await
         .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
@@ -345,6 +381,7 @@ pub async fn start_with(
     let (stop, stop_rx) = watch::channel(false);
     let parts = Parts {
         transport,
+        keeper,
         http,
         writer,
         background: [
@@ -398,6 +435,9 @@ async fn recover(
 /// Everything that runs once the service is up, and how it stops.
 struct Parts {
     transport: Transport,
+    /// The lease keeper (durability `replicated`): its stop signal and task;
+    /// it hands every shard over when told to stop.
+    keeper: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     /// The HTTP gateway: its stop signal and task.
     http: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     /// The writer's handle and task; `None` for durability `memory`.
@@ -453,10 +493,19 @@ impl Parts {
                 let _ = task.await;
             }
         };
-        let answered =
-            tokio::time::timeout_at(deadline, async { tokio::join!(self.transport.drain(), http) })
-                .await
-                .is_ok();
+        // The keeper fences its shards' subscriptions and releases their
+        // leases while the writer still commits what they took.
+        let keeper = async {
+            if let Some((stop, task)) = &mut self.keeper {
+                let _ = stop.send(true);
+                let _ = task.await;
+            }
+        };
+        let answered = tokio::time::timeout_at(deadline, async {
+            tokio::join!(self.transport.drain(), http, keeper)
+        })
+        .await
+        .is_ok();
         if !answered {
             tracing::error!(
                 message = "Requests in flight not answered within shutdown_timeout; dropping them.",
@@ -464,6 +513,9 @@ impl Parts {
             );
             self.transport.abort();
             if let Some((_, task)) = &self.http {
+                task.abort();
+            }
+            if let Some((_, task)) = &self.keeper {
                 task.abort();
             }
         }

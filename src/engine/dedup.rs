@@ -226,6 +226,11 @@ impl Deduplicator {
         self.table(shard).remove(fp)
     }
 
+    /// Forgets every id of one shard (see [`Table::clear`]).
+    pub fn clear(&self, shard: u32) {
+        self.table(shard).clear();
+    }
+
     /// Locks one shard's table (recovering it if a panicking thread held it:
     /// the table has no invariant a panic between its operations can break).
     ///

@@ -523,6 +523,14 @@ impl Table {
         }
     }
 
+    /// Forgets every id and frees the segments, keeping the window and
+    /// how far back ids are held: for a shard that leaves this node, or is
+    /// about to be rebuilt from its journal.
+    pub fn clear(&mut self) {
+        self.segments = Vec::new();
+        self.sweep_cursor = 0;
+    }
+
     /// The current window in milliseconds.
     pub fn window_ms(&self) -> u64 {
         self.window_ms

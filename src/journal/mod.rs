@@ -95,6 +95,9 @@ pub enum JournalErrorKind {
     Corrupt,
     /// No space is left where the store lives; commits resume once there is.
     Full,
+    /// The shard is not held here any more (its lease was lost, or another
+    /// node appended to its journal): nothing of it was written.
+    Fenced,
 }
 
 /// A journal failure: its kind, what was being done, and the cause.

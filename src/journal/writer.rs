@@ -33,6 +33,9 @@ pub enum CommitFailed {
     /// (the pipeline's [`crate::pipeline::Ahead`]) did not acknowledge it;
     /// nothing was written: retry.
     Output,
+    /// The id's shard is no longer held here (replicated journal): its
+    /// owner answers a retry.
+    Fenced,
 }
 
 /// Completes when the submitted ids are durable, or with why not.
@@ -286,6 +289,10 @@ async fn run(
                     .commit_micros
                     .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
                 Ok(())
+            }
+            Err(e) if e.kind() == crate::journal::JournalErrorKind::Fenced => {
+                tracing::warn!(message = "Commit fenced; its events get 503.", ids = count, error = %e);
+                Err(CommitFailed::Fenced)
             }
             Err(e) => {
                 Metrics::inc(&metrics.store_errors);

@@ -58,6 +58,21 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     pub publish_errors: AtomicU64,
     pub pending: AtomicU64,
+    /// Shard leases held (durability `replicated`).
+    pub leases_held: AtomicU64,
+    /// Shards taken (at start, from a dead node, or handed over).
+    pub takeovers: AtomicU64,
+    /// Time from acquiring a lease to serving the shard, summed, in ms.
+    pub takeover_ms: AtomicU64,
+    /// Leases given up because a renewal failed.
+    pub leases_lost: AtomicU64,
+    /// Shards handed over to other nodes (rebalancing, shutdown).
+    pub handovers: AtomicU64,
+    /// Journal appends refused because another node appended to the shard.
+    pub journal_fenced: AtomicU64,
+    /// Journal messages acknowledged, and their acknowledgement time summed.
+    pub journal_appends: AtomicU64,
+    pub journal_append_micros: AtomicU64,
     /// The last walk over the tables.
     pub census: Census,
     /// Metrics of other parts (the stages), appended to every render.
@@ -249,6 +264,54 @@ impl Metrics {
             "counter",
             "Forwards that got no answer.",
             &[("", get(&self.forward_failures))],
+        );
+        metric(
+            "leases_held",
+            "gauge",
+            "Shard leases this node holds (durability replicated).",
+            &[("", get(&self.leases_held))],
+        );
+        metric(
+            "takeovers_total",
+            "counter",
+            "Shards this node took: acquired its lease and replayed its journal.",
+            &[("", get(&self.takeovers))],
+        );
+        metric(
+            "takeover_ms_total",
+            "counter",
+            "Time from a lease acquired to its shard served, summed over takeovers, in ms.",
+            &[("", get(&self.takeover_ms))],
+        );
+        metric(
+            "leases_lost_total",
+            "counter",
+            "Leases given up because their renewal failed (the shard answered 503 from then on).",
+            &[("", get(&self.leases_lost))],
+        );
+        metric(
+            "handovers_total",
+            "counter",
+            "Shards handed over to other nodes (rebalancing or shutdown).",
+            &[("", get(&self.handovers))],
+        );
+        metric(
+            "journal_fenced_total",
+            "counter",
+            "Journal appends refused because another node had appended to the shard.",
+            &[("", get(&self.journal_fenced))],
+        );
+        metric(
+            "journal_appends_total",
+            "counter",
+            "Journal messages acknowledged by JetStream.",
+            &[("", get(&self.journal_appends))],
+        );
+        metric(
+            "journal_append_seconds_total",
+            "counter",
+            "Time journal appends waited for their acknowledgement, summed.",
+            &[("", get(&self.journal_append_micros) / 1e6)],
         );
         metric(
             "store_errors_total",

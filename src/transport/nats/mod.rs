@@ -195,6 +195,51 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
 }
 
+/// Subscribes to `kind`'s subject (in its queue group, if any).
+async fn subscribe(ctx: &Arc<Context>, kind: Kind) -> Result<(subscription::Served, Subject), NatsError> {
+    let (subject, queue, fence_subject) = kind.subjects(&ctx.subjects);
+    let sub = match queue {
+        Some(q) => ctx.client.queue_subscribe(subject.clone(), q).await,
+        None => ctx.client.subscribe(subject.clone()).await,
+    }
+    .map_err(|e| NatsError::Subscribe(format!("{subject}: {e}")))?;
+    let served = subscription::Served {
+        ctx: ctx.clone(),
+        kind,
+        sub,
+        received: 0,
+    };
+    Ok((served, fence_subject))
+}
+
+/// One subscription served in a task of its own and stopped on its own:
+/// a shard's, while this node holds the shard's lease.
+pub struct Serving {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Subscribes to `kind` and serves it.
+    ///
+    /// # Errors
+    ///
+    /// [`NatsError::Subscribe`] if the subscription cannot be made.
+    pub async fn start(ctx: &Arc<Context>, kind: Kind) -> Result<Self, NatsError> {
+        let (served, fence_subject) = subscribe(ctx, kind).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(subscription::serve(served, fence_subject, stop_rx));
+        Ok(Self { stop, task })
+    }
+
+    /// Fences the subscription and answers every request routed to it
+    /// before the fence.
+    pub async fn drain(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
 /// The running subscriptions.
 pub struct Transport {
     stop: watch::Sender<bool>,
@@ -212,18 +257,7 @@ impl Transport {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         for &kind in kinds {
-            let (subject, queue, fence_subject) = kind.subjects(&ctx.subjects);
-            let sub = match queue {
-                Some(q) => ctx.client.queue_subscribe(subject.clone(), q).await,
-                None => ctx.client.subscribe(subject.clone()).await,
-            }
-            .map_err(|e| NatsError::Subscribe(format!("{subject}: {e}")))?;
-            let served = subscription::Served {
-                ctx: ctx.clone(),
-                kind,
-                sub,
-                received: 0,
-            };
+            let (served, fence_subject) = subscribe(&ctx, kind).await?;
             tasks.spawn(subscription::serve(served, fence_subject, stop_rx.clone()));
         }
         // The service confirms every subscription with the server once, at

@@ -1,0 +1,452 @@
+//! The journal of `durability = "replicated"`: a JetStream stream with one
+//! subject per shard (`<prefix>.journal.<n>`) and one message per shard
+//! per group commit, holding the ids accepted (or forgotten) in it.
+//!
+//! Every append carries `Nats-Expected-Last-Subject-Sequence`: the stream
+//! sequence of the shard's last message as this node last saw it. JetStream
+//! refuses the append if anyone else appended since, so a node that lost
+//! its lease, or holds one it has not caught up on, cannot make an id
+//! durable: two nodes never both answer `true` for one id. A `true` verdict
+//! waits for the acknowledgement (the writer signals after [`Journal::append`]
+//! returns).
+//!
+//! A message is a kind byte ([`ACCEPTED`] or [`FORGOTTEN`]) followed by
+//! 24 bytes per id: the time it was accepted (or forgotten), ms since the
+//! Unix epoch as u64 little-endian, then its 16-byte fingerprint. The
+//! stream's `max_age` is the window plus [`GRACE`], so it holds every id
+//! a verdict may still depend on.
+//!
+//! The writer calls [`Journal::append`] on a blocking thread; it waits for
+//! JetStream's acknowledgements on the runtime through a handle.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use async_nats::{HeaderMap, HeaderValue, Subject};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+
+use crate::engine::fingerprint::Fingerprint;
+use crate::engine::{Deduplicator, Record, unix_ms};
+use crate::journal::{Journal, JournalError, JournalErrorKind};
+use crate::observe::metrics::Metrics;
+
+/// Kind byte of a message of accepted ids.
+pub const ACCEPTED: u8 = 1;
+/// Kind byte of a message of forgotten ids.
+pub const FORGOTTEN: u8 = 2;
+/// Bytes per id in a message.
+const ID_BYTES: usize = 24;
+/// How much longer than the window the stream keeps messages.
+pub const GRACE: Duration = Duration::from_secs(600);
+/// How long an append or a read waits for JetStream.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What this node knows of one shard's journal.
+#[derive(Debug, Default)]
+struct ShardLog {
+    /// The stream sequence of the shard's last message, as far as this
+    /// node has applied it to its table; `None` while the shard is not
+    /// held here (appends of it fail).
+    last: Option<u64>,
+    /// Changes each time the shard is taken or let go: an acknowledgement
+    /// of an append made before that does not move `last`.
+    generation: u64,
+    /// The lease is surely still ours until then; appends after it fail.
+    valid_until: Option<Instant>,
+    /// An append was refused: someone else appended. The lease keeper
+    /// catches up (or lets the shard go).
+    fenced: bool,
+}
+
+/// The per-shard journal positions, shared by the writer's journal and the
+/// lease keeper.
+#[derive(Debug)]
+pub struct Positions {
+    shards: Box<[Mutex<ShardLog>]>,
+}
+
+impl Positions {
+    pub fn new(shards: u32) -> Self {
+        Self {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn log(&self, shard: u32) -> std::sync::MutexGuard<'_, ShardLog> {
+        self.shards[shard as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The shard is served from here on: its journal was applied up to
+    /// `last`, and its lease holds until `valid_until`.
+    pub fn hold(&self, shard: u32, last: u64, valid_until: Instant) {
+        let mut log = self.log(shard);
+        log.last = Some(last);
+        log.generation += 1;
+        log.valid_until = Some(valid_until);
+        log.fenced = false;
+    }
+
+    /// The lease was renewed: appends may go on until `valid_until`.
+    pub fn extend(&self, shard: u32, valid_until: Instant) {
+        let mut log = self.log(shard);
+        if log.last.is_some() {
+            log.valid_until = Some(valid_until);
+        }
+    }
+
+    /// The shard is no longer held here; appends of it fail from now on.
+    /// Returns the last sequence this node had applied.
+    pub fn release(&self, shard: u32) -> Option<u64> {
+        let mut log = self.log(shard);
+        log.generation += 1;
+        log.valid_until = None;
+        log.fenced = false;
+        log.last.take()
+    }
+
+    /// The last sequence applied here, if the shard is held.
+    pub fn last(&self, shard: u32) -> Option<u64> {
+        self.log(shard).last
+    }
+
+    /// Whether an append of the shard was refused since it was taken.
+    pub fn is_fenced(&self, shard: u32) -> bool {
+        self.log(shard).fenced
+    }
+}
+
+/// Why a shard's journal could not be read.
+#[derive(Debug)]
+pub struct ReplayError(pub String);
+
+impl std::fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The journal stream, for appends (the writer) and replays (takeovers).
+#[derive(Clone)]
+pub struct StreamJournal {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    name: String,
+    prefix: String,
+    max_age: Duration,
+    positions: Arc<Positions>,
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+}
+
+impl StreamJournal {
+    /// Opens the stream `name` over `<prefix>.journal.*`, creating it with
+    /// `replicas` replicas and a `max_age` of `window_ms` plus [`GRACE`]
+    /// if it does not exist. Call on the runtime.
+    ///
+    /// # Errors
+    ///
+    /// If JetStream does not answer or refuses the stream.
+    pub async fn open(
+        client: async_nats::Client,
+        name: &str,
+        prefix: &str,
+        window_ms: u64,
+        replicas: usize,
+        positions: Arc<Positions>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let mut js = jetstream::new(client);
+        js.set_timeout(TIMEOUT);
+        let max_age = Duration::from_millis(window_ms) + GRACE;
+        let config = stream::Config {
+            name: name.to_owned(),
+            description: Some("eventsieve: ids accepted per shard (durability replicated)".into()),
+            subjects: vec![format!("{prefix}.journal.*")],
+            max_age,
+            num_replicas: replicas,
+            storage: stream::StorageType::File,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let stream = js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| format!("journal stream {name}: {e}"))?;
+        let max_age = stream.cached_info().config.max_age;
+        Ok(Self {
+            js,
+            stream,
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            max_age,
+            positions,
+            runtime: tokio::runtime::Handle::current(),
+            metrics,
+        })
+    }
+
+    pub fn positions(&self) -> &Arc<Positions> {
+        &self.positions
+    }
+
+    fn subject(&self, shard: u32) -> String {
+        format!("{}.journal.{shard}", self.prefix)
+    }
+
+    /// The stream sequence of `shard`'s last message (0: none).
+    ///
+    /// # Errors
+    ///
+    /// If the stream cannot be read.
+    pub async fn last_sequence(&self, shard: u32) -> Result<u64, ReplayError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self.stream.get_last_raw_message_by_subject(&self.subject(shard)).await {
+            Ok(message) => Ok(message.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(ReplayError(format!("journal of shard {shard}: {e}"))),
+        }
+    }
+
+    /// Applies `shard`'s journal messages after sequence `after` to its
+    /// table in `dedup`, in order, up to the shard's last message; returns
+    /// that message's sequence and how many ids were restored.
+    ///
+    /// # Errors
+    ///
+    /// If the stream cannot be read or holds a message that is not a
+    /// journal message.
+    pub async fn replay(&self, shard: u32, after: u64, dedup: &Deduplicator) -> Result<(u64, usize), ReplayError> {
+        let last = self.last_sequence(shard).await?;
+        if last <= after {
+            return Ok((after, 0));
+        }
+        let fail = |what: &str, e: &dyn std::fmt::Display| ReplayError(format!("journal of shard {shard}: {what}: {e}"));
+        let config = consumer::pull::OrderedConfig {
+            filter_subject: self.subject(shard),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            ..Default::default()
+        };
+        let consumer = self
+            .stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| fail("cannot read", &e))?;
+        let mut messages = consumer.messages().await.map_err(|e| fail("cannot read", &e))?;
+        let window_ms = dedup.config().window_ms;
+        let mut restored = 0;
+        loop {
+            let message = match tokio::time::timeout(TIMEOUT, messages.next()).await {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(e))) => return Err(fail("read failed", &e)),
+                Ok(None) => return Err(fail("read ended", &"before the last message")),
+                Err(_) => return Err(fail("read stalled", &format!("no message within {TIMEOUT:?}"))),
+            };
+            let sequence = message.info().map_err(|e| fail("bad message", &e))?.stream_sequence;
+            let now = unix_ms();
+            let (kind, ids) = decode(&message.payload).map_err(|e| fail(&format!("message {sequence}"), &e))?;
+            let mut table = dedup.table(shard);
+            for (born_ms, fingerprint) in ids {
+                match kind {
+                    FORGOTTEN => {
+                        table.remove(fingerprint);
+                    }
+                    _ if now.saturating_sub(born_ms) < window_ms => {
+                        restored += usize::from(table.restore(fingerprint, born_ms, now));
+                    }
+                    _ => {}
+                }
+            }
+            drop(table);
+            if sequence >= last {
+                return Ok((sequence, restored));
+            }
+        }
+    }
+
+    /// Appends one message of `kind` per shard of `records`, all at once,
+    /// each conditioned on the shard's last sequence; waits for every
+    /// acknowledgement.
+    fn append_kind(&mut self, kind: u8, records: &[Record]) -> Result<(), JournalError> {
+        let mut by_shard: BTreeMap<u32, Vec<&Record>> = BTreeMap::new();
+        for r in records {
+            by_shard.entry(r.shard).or_default().push(r);
+        }
+        let now = Instant::now();
+        let mut sends = Vec::with_capacity(by_shard.len());
+        for (shard, records) in by_shard {
+            let (last, generation) = {
+                let log = self.positions.log(shard);
+                match (log.last, log.valid_until) {
+                    (Some(last), Some(until)) if until > now && !log.fenced => (last, log.generation),
+                    _ => {
+                        return Err(JournalError::new(
+                            JournalErrorKind::Fenced,
+                            format!("shard {shard} is not held here (its lease was lost or handed over)"),
+                        ));
+                    }
+                }
+            };
+            sends.push((shard, last, generation, encode(kind, &records)));
+        }
+        let started = Instant::now();
+        let results = self.runtime.block_on(futures_util::future::join_all(sends.iter().map(
+            |(shard, last, _, payload)| {
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    HeaderValue::from(*last),
+                );
+                let subject: Subject = self.subject(*shard).into();
+                let js = self.js.clone();
+                let payload = payload.clone();
+                async move { js.publish_with_headers(subject, headers, payload).await?.await }
+            },
+        )));
+        let micros = started.elapsed().as_micros() as u64;
+        let mut fenced = Vec::new();
+        let mut failed = None;
+        for ((shard, _, generation, _), result) in sends.iter().zip(results) {
+            match result {
+                Ok(ack) => {
+                    Metrics::inc(&self.metrics.journal_appends);
+                    self.metrics.journal_append_micros.fetch_add(micros, std::sync::atomic::Ordering::Relaxed);
+                    let mut log = self.positions.log(*shard);
+                    if log.generation == *generation {
+                        log.last = Some(ack.sequence);
+                    }
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    Metrics::inc(&self.metrics.journal_fenced);
+                    let mut log = self.positions.log(*shard);
+                    if log.generation == *generation {
+                        log.fenced = true;
+                    }
+                    fenced.push(*shard);
+                }
+                Err(e) => failed = Some(format!("journal of shard {shard}: {e}")),
+            }
+        }
+        if !fenced.is_empty() {
+            return Err(JournalError::new(
+                JournalErrorKind::Fenced,
+                format!("another node appended to the journal of shards {fenced:?}"),
+            ));
+        }
+        match failed {
+            Some(why) => Err(JournalError::new(JournalErrorKind::Io, why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One journal message: the kind byte, then each id's time and fingerprint.
+fn encode(kind: u8, records: &[&Record]) -> Bytes {
+    let mut out = BytesMut::with_capacity(1 + records.len() * ID_BYTES);
+    out.put_u8(kind);
+    for r in records {
+        out.put_u64_le(r.born_ms);
+        out.put_slice(&r.fingerprint.to_bytes());
+    }
+    out.freeze()
+}
+
+/// The kind and ids of a journal message.
+fn decode(payload: &[u8]) -> Result<(u8, impl Iterator<Item = (u64, Fingerprint)> + '_), String> {
+    let (&kind, ids) = payload.split_first().ok_or("empty message")?;
+    if kind != ACCEPTED && kind != FORGOTTEN {
+        return Err(format!("unknown kind {kind}: not an eventsieve journal message"));
+    }
+    if ids.len() % ID_BYTES != 0 {
+        return Err(format!("{} bytes of ids is not a multiple of {ID_BYTES}", ids.len()));
+    }
+    Ok((
+        kind,
+        ids.chunks_exact(ID_BYTES).map(|c| {
+            let born = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+            let fp = Fingerprint::from_bytes(c[8..].try_into().expect("16 bytes"));
+            (born, fp)
+        }),
+    ))
+}
+
+impl Journal for StreamJournal {
+    fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.append_kind(ACCEPTED, records)
+    }
+
+    fn forget(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.append_kind(FORGOTTEN, records)
+    }
+
+    /// Nothing: a shard's journal is read when its lease is taken
+    /// ([`StreamJournal::replay`]), not at start.
+    fn scan(&self, _: &[u32], _: u64, _: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
+        Ok(0)
+    }
+
+    /// Nothing: the stream drops messages older than its `max_age`.
+    fn expire(&mut self, _: u64) -> Result<usize, JournalError> {
+        Ok(0)
+    }
+
+    fn expired_before(&self) -> u64 {
+        unix_ms().saturating_sub(self.max_age.as_millis() as u64)
+    }
+
+    fn sync(&mut self) -> Result<(), JournalError> {
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        format!("JetStream stream {}", self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_foreign_ones_are_refused() {
+        let records: Vec<Record> = (0..3u64)
+            .map(|i| Record {
+                shard: 7,
+                born_ms: 1_700_000_000_000 + i,
+                fingerprint: Fingerprint::of(&i.to_le_bytes()),
+            })
+            .collect();
+        let refs: Vec<&Record> = records.iter().collect();
+        let payload = encode(ACCEPTED, &refs);
+        assert_eq!(payload.len(), 1 + 3 * ID_BYTES);
+        let (kind, ids) = decode(&payload).unwrap();
+        assert_eq!(kind, ACCEPTED);
+        let ids: Vec<_> = ids.collect();
+        assert_eq!(ids.len(), 3);
+        for ((born, fp), r) in ids.iter().zip(&records) {
+            assert_eq!((*born, *fp), (r.born_ms, r.fingerprint));
+        }
+        assert!(decode(b"").is_err());
+        let error = |payload: &[u8]| decode(payload).err().unwrap();
+        assert!(error(b"{\"event_id\":1}").contains("unknown kind"));
+        assert!(error(&payload[..10]).contains("multiple"));
+    }
+
+    #[test]
+    fn positions_refuse_shards_not_held_and_ignore_stale_acknowledgements() {
+        let p = Positions::new(4);
+        assert_eq!(p.last(1), None);
+        p.hold(1, 10, Instant::now() + Duration::from_secs(1));
+        assert_eq!(p.last(1), Some(10));
+        let generation = p.log(1).generation;
+        assert_eq!(p.release(1), Some(10));
+        p.hold(1, 20, Instant::now());
+        assert_ne!(p.log(1).generation, generation, "an old append cannot move the new position");
+    }
+}

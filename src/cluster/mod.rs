@@ -1,0 +1,389 @@
+//! Many sidecars, one answer (`durability = "replicated"`): shard leases in
+//! the KV bucket, the JetStream journal, takeover and handover.
+//!
+//! | module | role |
+//! |---|---|
+//! | [`lease`] | `shard.<n>` leases and `node.<id>` heartbeats in the KV bucket |
+//! | [`journal`] | the journal stream: conditioned appends, replay of a shard |
+//!
+//! The [`Keeper`] runs one round every third of `lease_ttl`:
+//!
+//! 1. writes its heartbeat, renews every lease it holds; a renewal that fails gives the shard up
+//!    at once (503 until its subscription is fenced, then forwarded), well
+//!    before the lease can expire and another node take it;
+//! 2. catches up a shard whose journal append was refused (another node
+//!    appended: it replays the tail, or gives the shard up if its lease is
+//!    gone too);
+//! 3. counts the live nodes (heartbeats not expired);
+//! 4. hands over the shards it holds beyond its fair share
+//!    (`ceil(shards / live nodes)`): fence the shard's subscriptions, answer
+//!    and commit what they routed here, stop appending, release the lease
+//!    with the journal sequence it stopped at;
+//! 5. takes free shards up to its fair share: acquire the lease, subscribe
+//!    (requests get 503 meanwhile), replay the shard's journal into an
+//!    empty table, serve.
+//!
+//! Safety does not rest on the leases: an id is `true` only once the
+//! journal took it on the sequence the node had replayed to (see
+//! [`journal`]). Leases decide who *should* serve; the journal makes a
+//! wrong belief cost 503s, never a doubled `true`. A node also stops
+//! appending for a shard once its last renewal is older than two thirds of
+//! the TTL, so a node paused past its lease (SIGSTOP, a long GC-like stall)
+//! refuses on waking up instead of answering from a stale table.
+
+pub mod journal;
+pub mod lease;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::engine::unix_ms;
+use crate::observe::metrics::Metrics;
+use crate::pipeline::ShardState;
+use crate::transport::nats::{Context, Kind, Serving};
+
+pub use journal::{Positions, StreamJournal};
+pub use lease::{Holder, Lease, Leases};
+
+/// A shard this node holds the lease of.
+struct Held {
+    lease: Lease,
+    /// The lease's revision in the bucket, for the next renewal.
+    revision: u64,
+    /// Until when appends of the shard are allowed: the start of the last
+    /// successful renewal plus two thirds of the TTL.
+    valid_until: Instant,
+    /// The shard's subscriptions (events and sub-batches).
+    subs: Vec<Serving>,
+    /// Its journal is replayed and it answers.
+    ready: bool,
+}
+
+/// What a takeover task hands back.
+type Taken = (u32, Result<(Vec<Serving>, u64, usize), String>, Instant);
+
+/// Holds this node's leases and moves shards in and out.
+pub struct Keeper {
+    ctx: Arc<Context>,
+    leases: Leases,
+    journal: StreamJournal,
+    node: String,
+    ttl: Duration,
+    held: BTreeMap<u32, Held>,
+    takeovers: JoinSet<Taken>,
+    started: Instant,
+}
+
+impl Keeper {
+    pub fn new(ctx: Arc<Context>, leases: Leases, journal: StreamJournal, node: String, ttl: Duration) -> Self {
+        Self {
+            ctx,
+            leases,
+            journal,
+            node,
+            ttl,
+            held: BTreeMap::new(),
+            takeovers: JoinSet::new(),
+            started: Instant::now(),
+        }
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.ctx.metrics
+    }
+
+    fn shards(&self) -> u32 {
+        self.ctx.pipeline.ownership().shards()
+    }
+
+    /// Runs rounds until `stop` changes; then hands every shard over and
+    /// removes the heartbeat.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        // Announce first and give nodes starting together a moment to see
+        // each other, so the first round already takes a fair share.
+        let _ = self.leases.heartbeat(&self.node, &self.heartbeat()).await;
+        tokio::time::sleep(self.ttl / 6).await;
+        let mut tick = tokio::time::interval(self.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.round().await,
+                Some(done) = self.takeovers.join_next(), if !self.takeovers.is_empty() => {
+                    if let Ok(taken) = done {
+                        self.taken(taken).await;
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        self.stop().await;
+    }
+
+    /// Renew, catch up, heartbeat, hand over, take.
+    async fn round(&mut self) {
+        // The heartbeat first: it then expires a moment before the leases
+        // of a node that died, so the others count it gone when its
+        // shards come free.
+        let _ = self.leases.heartbeat(&self.node, &self.heartbeat()).await;
+        self.renew().await;
+        self.catch_up().await;
+        let live = match self.leases.nodes().await {
+            Ok(nodes) => nodes.len().max(1) as u32,
+            Err(e) => {
+                tracing::warn!(message = "Cannot list the live nodes; keeping the shards as they are.", error = %e);
+                return;
+            }
+        };
+        let fair = self.shards().div_ceil(live) as usize;
+        let ready: Vec<u32> = self.held.iter().filter(|(_, h)| h.ready).map(|(s, _)| *s).collect();
+        let extra = self.held.len().saturating_sub(fair).min(ready.len());
+        if extra > 0 {
+            let give: Vec<u32> = ready.iter().rev().take(extra).copied().collect();
+            tracing::info!(message = "Handing shards over to even out the load.", shards = ?give, live_nodes = live, fair_share = fair);
+            self.hand_over(&give).await;
+        } else if self.held.len() < fair {
+            self.take(fair - self.held.len()).await;
+        }
+        self.metrics().leases_held.store(self.held.len() as u64, Relaxed);
+    }
+
+    /// Renews every lease at once; gives up each one that fails.
+    async fn renew(&mut self) {
+        let started = Instant::now();
+        let renewals = self.held.iter().map(|(&shard, held)| {
+            let leases = self.leases.clone();
+            let mut lease = held.lease.clone();
+            lease.journal_seq = self.journal.positions().last(shard).unwrap_or(lease.journal_seq);
+            let revision = held.revision;
+            async move { (shard, leases.renew(shard, &lease, revision).await, lease) }
+        });
+        let results = futures_util::future::join_all(renewals).await;
+        let valid_until = started + self.ttl * 2 / 3;
+        for (shard, result, lease) in results {
+            match result {
+                Ok(revision) => {
+                    let held = self.held.get_mut(&shard).expect("renewed shards are held");
+                    held.revision = revision;
+                    held.lease = lease;
+                    held.valid_until = valid_until;
+                    self.journal.positions().extend(shard, valid_until);
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics().leases_lost);
+                    tracing::warn!(message = "Lease renewal failed; the shard is given up.", shard, error = %e);
+                    self.lose(shard).await;
+                }
+            }
+        }
+    }
+
+    /// Replays the tail of shards whose append was refused.
+    async fn catch_up(&mut self) {
+        let fenced: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(s, h)| h.ready && self.journal.positions().is_fenced(**s))
+            .map(|(s, _)| *s)
+            .collect();
+        for shard in fenced {
+            let ownership = self.ctx.pipeline.ownership();
+            ownership.set(shard, ShardState::Recovering);
+            let after = self.journal.positions().last(shard).unwrap_or(0);
+            match self.journal.replay(shard, after, self.ctx.pipeline.dedup()).await {
+                Ok((last, ids)) => {
+                    let until = self.held[&shard].valid_until;
+                    self.journal.positions().hold(shard, last, until);
+                    ownership.set(shard, ShardState::Ready);
+                    tracing::warn!(message = "Another node appended to this shard's journal; caught up.", shard, from = after, to = last, ids);
+                }
+                Err(e) => {
+                    tracing::error!(message = "Cannot catch up on the shard's journal; giving it up.", shard, error = %e);
+                    self.hand_over(&[shard]).await;
+                }
+            }
+        }
+    }
+
+    /// Acquires up to `wanted` free shards and starts their takeovers.
+    async fn take(&mut self, mut wanted: usize) {
+        let shards = self.shards();
+        // Nodes start their search at different shards, so that they
+        // rarely race for the same one.
+        let offset = crate::engine::shard::fnv1a32(self.node.as_bytes()) % shards;
+        for i in 0..shards {
+            if wanted == 0 {
+                break;
+            }
+            let shard = (offset + i) % shards;
+            if self.held.contains_key(&shard) {
+                continue;
+            }
+            let (revision, journal_seq) = match self.leases.holder(shard).await {
+                Ok(Holder::Free { revision }) => (revision, 0),
+                Ok(Holder::Held(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(message = "Cannot read a shard's lease.", shard, error = %e);
+                    return;
+                }
+            };
+            let started = Instant::now();
+            match self.leases.acquire(shard, &self.node, revision, journal_seq).await {
+                Ok(Some((lease, revision))) => {
+                    tracing::info!(message = "Lease acquired; replaying the shard's journal.", shard, epoch = lease.epoch);
+                    self.held.insert(
+                        shard,
+                        Held {
+                            lease,
+                            revision,
+                            valid_until: started + self.ttl * 2 / 3,
+                            subs: Vec::new(),
+                            ready: false,
+                        },
+                    );
+                    wanted -= 1;
+                    self.takeovers.spawn(takeover(self.ctx.clone(), self.journal.clone(), shard, started));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(message = "Cannot acquire a shard's lease.", shard, error = %e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A takeover ended: serve the shard, or let it go.
+    async fn taken(&mut self, (shard, result, started): Taken) {
+        let ownership = self.ctx.pipeline.ownership();
+        match (result, self.held.get_mut(&shard)) {
+            (Ok((subs, last, ids)), Some(held)) => {
+                held.subs = subs;
+                held.ready = true;
+                self.journal.positions().hold(shard, last, held.valid_until);
+                ownership.set(shard, ShardState::Ready);
+                let ms = started.elapsed().as_millis() as u64;
+                Metrics::inc(&self.metrics().takeovers);
+                self.metrics().takeover_ms.fetch_add(ms, Relaxed);
+                tracing::info!(message = "Shard taken over.", shard, ids, journal_seq = last, elapsed_ms = ms);
+            }
+            (Ok((subs, ..)), None) => {
+                // The lease was lost while replaying.
+                drain(subs).await;
+                ownership.set(shard, ShardState::Elsewhere);
+                self.ctx.pipeline.dedup().clear(shard);
+            }
+            (Err(e), _) => {
+                tracing::error!(message = "Takeover failed; releasing the lease.", shard, error = %e);
+                if let Some(held) = self.held.remove(&shard) {
+                    let _ = self.leases.release(shard, &held.lease, held.revision, held.lease.journal_seq).await;
+                }
+                ownership.set(shard, ShardState::Elsewhere);
+                self.ctx.pipeline.dedup().clear(shard);
+            }
+        }
+    }
+
+    /// The lease is gone: refuse at once, then stop listening.
+    async fn lose(&mut self, shard: u32) {
+        let Some(held) = self.held.remove(&shard) else { return };
+        let ownership = self.ctx.pipeline.ownership();
+        ownership.set(shard, ShardState::Recovering);
+        self.journal.positions().release(shard);
+        drain(held.subs).await;
+        ownership.set(shard, ShardState::Elsewhere);
+        self.ctx.pipeline.dedup().clear(shard);
+    }
+
+    /// Gives `shards` to whoever takes them next: fence, answer and commit
+    /// what was routed here, stop appending, release with the sequence.
+    async fn hand_over(&mut self, shards: &[u32]) {
+        let mut leaving = Vec::new();
+        for shard in shards {
+            if let Some(mut held) = self.held.remove(shard) {
+                leaving.push((*shard, std::mem::take(&mut held.subs), held));
+            }
+        }
+        futures_util::future::join_all(leaving.iter_mut().map(|(_, subs, _)| drain(std::mem::take(subs)))).await;
+        let ownership = self.ctx.pipeline.ownership();
+        let releases = leaving.iter().map(|(shard, _, held)| {
+            let last = self.journal.positions().release(*shard).unwrap_or(held.lease.journal_seq);
+            ownership.set(*shard, ShardState::Elsewhere);
+            let leases = self.leases.clone();
+            async move { (*shard, leases.release(*shard, &held.lease, held.revision, last).await) }
+        });
+        for (shard, result) in futures_util::future::join_all(releases).await {
+            Metrics::inc(&self.metrics().handovers);
+            self.ctx.pipeline.dedup().clear(shard);
+            if let Err(e) = result {
+                tracing::warn!(message = "Releasing a lease failed; it expires by itself.", shard, error = %e);
+            }
+        }
+    }
+
+    /// Shutdown: every shard handed over, the heartbeat removed.
+    async fn stop(mut self) {
+        // Takeovers in progress end first; their shards are handed over too.
+        while let Some(done) = self.takeovers.join_next().await {
+            if let Ok(taken) = done {
+                self.taken(taken).await;
+            }
+        }
+        let shards: Vec<u32> = self.held.keys().copied().collect();
+        self.hand_over(&shards).await;
+        self.leases.leave(&self.node).await;
+        self.metrics().leases_held.store(0, Relaxed);
+        tracing::info!(message = "Shards handed over.", shards = shards.len());
+    }
+
+    /// This node's `node.<id>` value.
+    fn heartbeat(&self) -> serde_json::Value {
+        let dedup = self.ctx.pipeline.dedup();
+        let m = self.metrics();
+        serde_json::json!({
+            "node": self.node,
+            "heartbeat": unix_ms(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "shards": self.held.keys().collect::<Vec<_>>(),
+            "ready": self.held.iter().filter(|(_, h)| h.ready).map(|(s, _)| s).collect::<Vec<_>>(),
+            "verdicts": m.accepted.load(Relaxed) + m.duplicates.load(Relaxed),
+            "ids": dedup.len(),
+            "table_bytes": dedup.memory_bytes(),
+        })
+    }
+}
+
+/// Subscribes to a shard's subjects (503 while recovering), replays its
+/// journal into an emptied table; returns the subscriptions, the last
+/// sequence and the ids restored.
+async fn takeover(ctx: Arc<Context>, journal: StreamJournal, shard: u32, started: Instant) -> Taken {
+    let ownership = ctx.pipeline.ownership();
+    ownership.set(shard, ShardState::Recovering);
+    let mut subs = Vec::new();
+    for kind in [Kind::Shard(shard), Kind::SubBatch(shard)] {
+        match Serving::start(&ctx, kind).await {
+            Ok(s) => subs.push(s),
+            Err(e) => {
+                drain(subs).await;
+                return (shard, Err(e.to_string()), started);
+            }
+        }
+    }
+    let dedup = ctx.pipeline.dedup();
+    dedup.clear(shard);
+    match journal.replay(shard, 0, dedup).await {
+        Ok((last, ids)) => (shard, Ok((subs, last, ids)), started),
+        Err(e) => {
+            drain(subs).await;
+            (shard, Err(e.to_string()), started)
+        }
+    }
+}
+
+async fn drain(subs: Vec<Serving>) {
+    futures_util::future::join_all(subs.into_iter().map(Serving::drain)).await;
+}
