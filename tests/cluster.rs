@@ -55,21 +55,22 @@ fn id_in(shard: u32, tag: &str) -> String {
 }
 
 /// Sends `id` until it gets a verdict (retrying after 503, no responders
-/// or a timeout, for at most 60 s); the verdict and how many tries it took.
-async fn decide(client: &Client, id: &str) -> (bool, u32) {
+/// or a timeout, for at most 60 s); the verdict, how many tries it took
+/// and how many of them timed out (got no answer at all).
+async fn decide(client: &Client, id: &str) -> (bool, u32, u32) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut tries = 0;
+    let (mut tries, mut timeouts) = (0, 0);
     loop {
         tries += 1;
         let request = client.request(format!("dedup.ingest.{id}"), event(id));
         match tokio::time::timeout(Duration::from_secs(2), request).await {
             Ok(Ok(reply)) => match parse_answer(&reply) {
-                Answer::Verdict(v) => return (v, tries),
+                Answer::Verdict(v) => return (v, tries, timeouts),
                 Answer::Error(503, _) => {}
                 Answer::Error(code, reason) => panic!("{id}: {code} {reason}"),
             },
             Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {}
-            Ok(Err(_)) | Err(_) => {}
+            Ok(Err(_)) | Err(_) => timeouts += 1,
         }
         assert!(Instant::now() < deadline, "{id}: no verdict within 60 s ({tries} tries)");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -81,14 +82,17 @@ async fn decide(client: &Client, id: &str) -> (bool, u32) {
 struct Ledger {
     verdicts: Mutex<HashMap<String, Vec<bool>>>,
     retried: AtomicUsize,
+    /// Requests that got no answer at all (timed out).
+    unanswered: AtomicUsize,
 }
 
 impl Ledger {
     async fn send(&self, client: &Client, id: &str) {
-        let (verdict, tries) = decide(client, id).await;
+        let (verdict, tries, timeouts) = decide(client, id).await;
         if tries > 1 {
             self.retried.fetch_add(1, Ordering::Relaxed);
         }
+        self.unanswered.fetch_add(timeouts as usize, Ordering::Relaxed);
         self.verdicts.lock().await.entry(id.to_owned()).or_default().push(verdict);
     }
 
@@ -263,4 +267,148 @@ async fn owners_settled(client: &Client) -> BTreeMap<u32, String> {
         assert!(Instant::now() < deadline, "leases not settled: {owners:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Sends SIGSTOP or SIGCONT to `child` (by its PID).
+fn signal(child: &SidecarProcess, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &child.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_paused_past_its_lease_accepts_nothing_when_it_wakes() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let paused = spawn_node(&server, dirs[0].path(), "n0", &[]);
+    let other = spawn_node(&server, dirs[1].path(), "n1", &[]);
+    let owners = wait_all_served(&client, Duration::from_secs(60)).await;
+    let shard = *owners.iter().find(|(_, o)| *o == "n0").unwrap().0;
+    let early = id_in(shard, "early");
+    assert!(decide(&client, &early).await.0);
+
+    signal(&paused, "-STOP");
+    // Its leases expire; the other node takes its shards.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while owners_settled(&client).await[&shard] != "n1" {
+        assert!(Instant::now() < deadline, "shard {shard} not taken from the paused node");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_shards_answer(&client, &[shard], "taken").await;
+    assert!(!decide(&client, &early).await.0, "the new owner replayed the journal");
+
+    // Requests for the shard reach both: the paused node is still
+    // subscribed, and holds them until it wakes.
+    let mut replies = client.subscribe("fenced.replies.>").await.unwrap();
+    let ids: Vec<String> = (0..50).map(|i| id_in(shard, &format!("during{i}"))).collect();
+    for id in &ids {
+        client
+            .publish_with_reply(format!("dedup.ingest.{id}"), format!("fenced.replies.{id}"), event(id))
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&paused, "-CONT");
+    let mut got: HashMap<String, Vec<Answer>> = HashMap::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, replies.next()).await {
+        let id = m.subject.rsplit('.').next().unwrap().to_owned();
+        got.entry(id).or_default().push(parse_answer(&m));
+    }
+    let mut refused = 0;
+    for id in &ids {
+        let answers = got.get(id).cloned().unwrap_or_default();
+        let trues = answers.iter().filter(|a| **a == Answer::Verdict(true)).count();
+        assert_eq!(trues, 1, "{id}: exactly one node accepts it: {answers:?}");
+        for a in &answers {
+            match a {
+                Answer::Verdict(true) => {}
+                Answer::Error(503, _) => refused += 1,
+                other => panic!("{id}: the woken node answered {other:?}"),
+            }
+        }
+    }
+    println!("the woken node refused {refused} of {} requests it held; accepted none", ids.len());
+    assert!(refused > 0, "the woken node answered the requests it held (with 503)");
+
+    // It rejoins: the shards are shared again, and nothing was lost.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = per_node(&owners_settled(&client).await);
+        if counts.get("n0") == Some(&16) && counts.get("n1") == Some(&16) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not shared again: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_all_served(&client, Duration::from_secs(30)).await;
+    for id in ids.iter().chain([&early]) {
+        assert!(!decide(&client, id).await.0, "{id} was forgotten");
+    }
+    other.terminate();
+    paused.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_request_answered() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = spawn_node(&server, dirs[0].path(), "n0", &[]);
+    let second = spawn_node(&server, dirs[1].path(), "n1", &[]);
+    let counts = per_node(&wait_all_served(&client, Duration::from_secs(60)).await);
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [16, 16], "{counts:?}");
+
+    let ledger = Arc::new(Ledger::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(produce(client.clone(), ledger.clone(), stop.clone(), "move", 1_000_000, 16));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A third joins: the two hand shards over until each has its share.
+    let third = spawn_node(&server, dirs[2].path(), "n2", &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = per_node(&owners_settled(&client).await);
+        if counts.len() == 3 && counts.values().all(|&c| (10..=11).contains(&c)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no fair share after the join: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // One leaves gracefully: it hands its shards over before it exits.
+    let left = Instant::now();
+    assert!(first.terminate().success(), "a graceful stop exits 0");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = per_node(&owners_settled(&client).await);
+        if counts.len() == 2 && counts.values().all(|&c| c == 16) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no fair share after the leave: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("shards of the leaving node owned again {:?} after its SIGTERM", left.elapsed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+
+    let (accepted, never) = ledger.check().await;
+    let unanswered = ledger.unanswered.load(Ordering::Relaxed);
+    println!(
+        "{accepted} ids accepted while shards moved; {} needed a retry (503 or no responder); {unanswered} requests unanswered",
+        ledger.retried.load(Ordering::Relaxed)
+    );
+    assert_eq!(never, 0, "no reply was lost: every id was accepted on its first verdict");
+    assert_eq!(unanswered, 0, "a graceful handover answers every request");
+    for id in ledger.verdicts.lock().await.keys() {
+        assert!(!decide(&client, id).await.0, "{id} was forgotten");
+    }
+    second.terminate();
+    third.terminate();
 }
