@@ -412,3 +412,54 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
     second.terminate();
     third.terminate();
 }
+
+/// `output = "jetstream"` on three replicated sidecars: one is SIGKILLed
+/// and restarted three times under load. Every id producers got a verdict
+/// for is in the output stream exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_jetstream_output_each_id_reaches_the_stream_once_across_sigkills() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let env = [("EVENTSIEVE_OUTPUT", "jetstream")];
+    let mut nodes: Vec<SidecarProcess> = (0..3)
+        .map(|i| spawn_node(&server, dirs[i].path(), &format!("n{i}"), &env))
+        .collect();
+    wait_all_served(&client, Duration::from_secs(60)).await;
+
+    let ledger = Arc::new(Ledger::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(produce(client.clone(), ledger.clone(), stop.clone(), "out", 1_000_000, 16));
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Each node in turn dies and comes back under its own name.
+        nodes.remove(i).kill();
+        nodes.insert(i, spawn_node(&server, dirs[i].path(), &format!("n{i}"), &env));
+        wait_all_served(&client, Duration::from_secs(60)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let (accepted, never) = ledger.check().await;
+
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream("EVENTSIEVE_OUTPUT").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap().to_string();
+        assert_eq!(m.payload, event(&id), "byte for byte");
+        *copies.entry(id).or_default() += 1;
+    }
+    for (id, n) in &copies {
+        assert_eq!(*n, 1, "{id} is in the stream {n} times");
+    }
+    for id in ledger.verdicts.lock().await.keys() {
+        assert_eq!(copies.get(id), Some(&1), "{id} must be in the stream exactly once");
+    }
+    println!("3 SIGKILLs: {accepted} ids accepted, {never} answered false after a lost reply; each once in the stream");
+    for node in nodes {
+        node.terminate();
+    }
+}
