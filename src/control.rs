@@ -277,7 +277,7 @@ async fn keeper(client: &Client, settings: &Settings) -> Keeper {
     if bucket.is_empty() {
         return fallback();
     }
-    match open_bucket(client, bucket).await {
+    match open_bucket(client, bucket, settings.config.cluster.replicas).await {
         Ok(store) => Keeper::Kv(Box::new(store)),
         Err(e) => {
             let keeper = fallback();
@@ -292,12 +292,12 @@ async fn keeper(client: &Client, settings: &Settings) -> Keeper {
     }
 }
 
-/// Opens `bucket`, creating it if absent.
+/// Opens `bucket`, creating it with `replicas` replicas if absent.
 ///
 /// # Errors
 ///
 /// Why it can be neither opened nor created (e.g. no JetStream).
-pub async fn open_bucket(client: &Client, bucket: &str) -> Result<kv::Store, String> {
+pub async fn open_bucket(client: &Client, bucket: &str, replicas: usize) -> Result<kv::Store, String> {
     let js = async_nats::jetstream::new(client.clone());
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
@@ -306,6 +306,7 @@ pub async fn open_bucket(client: &Client, bucket: &str) -> Result<kv::Store, Str
         bucket: bucket.to_owned(),
         description: "eventsieve: the window set at run time, shard leases, nodes".into(),
         history: 8,
+        num_replicas: replicas,
         // Per-key TTL for leases and heartbeats, and a marker when one
         // expires (so that `nats kv watch` shows it): nats-server 2.11+.
         limit_markers: Some(EXPIRY_MARKER_TTL),
@@ -507,7 +508,7 @@ pub async fn window_command(
             "no sidecar answered on {subject}, and kv_bucket is empty: nothing changed"
         ));
     }
-    let store = open_bucket(&client, bucket)
+    let store = open_bucket(&client, bucket, settings.config.cluster.replicas)
         .await
         .map_err(|e| format!("no sidecar answered on {subject}, and {e}: nothing changed"))?;
     match change {

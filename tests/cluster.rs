@@ -463,3 +463,66 @@ async fn with_jetstream_output_each_id_reaches_the_stream_once_across_sigkills()
         node.terminate();
     }
 }
+
+/// Three nats-servers (journal and bucket with three replicas) and three
+/// sidecars spread over them; one server is SIGKILLed under load and
+/// verdicts go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
+    let mut servers = NatsCluster::start();
+    servers.wait_for_jetstream().await;
+    let client = servers.client().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let url = servers.url();
+    let nodes: Vec<SidecarProcess> = (0..3)
+        .map(|i| {
+            let node = format!("n{i}");
+            let env = [
+                ("EVENTSIEVE_DURABILITY", "replicated"),
+                ("EVENTSIEVE_CLUSTER__NODE_ID", node.as_str()),
+                ("EVENTSIEVE_CLUSTER__REPLICAS", "3"),
+                ("EVENTSIEVE_WINDOW", "1h"),
+            ];
+            SidecarProcess::spawn_on(&url, dirs[i].path(), &env)
+        })
+        .collect();
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let journal = js.get_stream("EVENTSIEVE_JOURNAL").await.unwrap();
+    assert_eq!(journal.cached_info().config.num_replicas, 3);
+    let mut bucket = js.get_stream("KV_eventsieve").await.unwrap();
+    assert_eq!(bucket.info().await.unwrap().config.num_replicas, 3);
+
+    let ledger = Arc::new(Ledger::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(produce(client.clone(), ledger.clone(), stop.clone(), "ha", 1_000_000, 16));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = ledger.verdicts.lock().await.len();
+    // The producers' server stays; the last one dies. The streams whose
+    // leader it was elect another (nats-server's raft: seconds); leases
+    // and journal appends wait for that.
+    servers.kill(2);
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(60);
+    while ledger.verdicts.lock().await.len() < before + 1000 {
+        assert!(Instant::now() < deadline, "verdicts did not resume within 60 s of the server's death");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resumed = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    println!(
+        "{before} ids decided before the server died; 1000 more within {resumed:?} after; {} needed a retry",
+        ledger.retried.load(Ordering::Relaxed)
+    );
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let (accepted, _) = ledger.check().await;
+    assert!(accepted > 1000);
+    for id in ledger.verdicts.lock().await.keys() {
+        assert!(!decide(&client, id).await.0, "{id} was forgotten");
+    }
+    for node in nodes {
+        node.terminate();
+    }
+}

@@ -322,7 +322,7 @@ impl StreamJournal {
                         log.last = Some(ack.sequence);
                     }
                 }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(e) if wrong_sequence(&e) => {
                     Metrics::inc(&self.metrics.journal_fenced);
                     let mut log = self.positions.log(*shard);
                     if log.generation == *generation {
@@ -340,10 +340,22 @@ impl StreamJournal {
             ));
         }
         match failed {
-            Some(why) => Err(JournalError::new(JournalErrorKind::Io, why)),
+            Some(why) => Err(JournalError::new(JournalErrorKind::Unavailable, why)),
             None => Ok(()),
         }
     }
+}
+
+/// Whether a conditioned publish failed because the subject's last
+/// sequence was not the one expected. nats-server answers with one of two
+/// codes; async-nats names only the first (10071), not the constant form
+/// (10164).
+pub fn wrong_sequence(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::{Error, ErrorCode};
+    e.kind() == PublishErrorKind::WrongLastSequence
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<Error>())
+            .is_some_and(|j| j.error_code() == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
 }
 
 /// One journal message: the kind byte, then each id's time and fingerprint.

@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::{self, kv};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
@@ -44,8 +44,8 @@ pub enum Holder {
     /// Nobody holds it; a write expecting `revision` takes it (0: the key
     /// never existed or was removed).
     Free { revision: u64 },
-    /// Someone holds it.
-    Held(Lease),
+    /// Someone holds it, as of `revision`.
+    Held { lease: Lease, revision: u64 },
 }
 
 /// The bucket of leases and heartbeats.
@@ -135,7 +135,10 @@ impl Leases {
                 revision: entry.revision,
             },
             Some(entry) => match serde_json::from_slice::<Lease>(&entry.value) {
-                Ok(lease) if !lease.owner.is_empty() => Holder::Held(lease),
+                Ok(lease) if !lease.owner.is_empty() => Holder::Held {
+                    lease,
+                    revision: entry.revision,
+                },
                 // Released, or not a lease (someone put something else there).
                 _ => Holder::Free {
                     revision: entry.revision,
@@ -165,10 +168,10 @@ impl Leases {
                 lease.epoch = got;
                 match self.renew(shard, &lease, got).await {
                     Ok(rev) => Ok(Some((lease, rev))),
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.to_string()),
                 }
             }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(e) if super::journal::wrong_sequence(&e) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -178,13 +181,12 @@ impl Leases {
     ///
     /// # Errors
     ///
-    /// If the lease was taken or removed meanwhile, or the bucket cannot
-    /// be written.
-    pub async fn renew(&self, shard: u32, lease: &Lease, revision: u64) -> Result<u64, String> {
+    /// `WrongLastSequence` if the key changed since `revision` (taken,
+    /// expired, or a renewal whose acknowledgement was lost); others if
+    /// the bucket cannot be written now.
+    pub async fn renew(&self, shard: u32, lease: &Lease, revision: u64) -> Result<u64, PublishError> {
         let value = serde_json::to_vec(lease).expect("a lease serializes");
-        self.write(&shard_key(shard), value.into(), Some(revision))
-            .await
-            .map_err(|e| e.to_string())
+        self.write(&shard_key(shard), value.into(), Some(revision)).await
     }
 
     /// Gives `shard` up: its lease says no owner and the journal sequence

@@ -62,6 +62,10 @@ struct Held {
     subs: Vec<Serving>,
     /// Its journal is replayed and it answers.
     ready: bool,
+    /// The last renewal failed without the lease being taken (JetStream
+    /// unavailable): the shard answers 503 until a renewal succeeds, or
+    /// the lease is given up once it may have expired.
+    suspended: bool,
 }
 
 /// What a takeover task hands back.
@@ -152,7 +156,10 @@ impl Keeper {
         self.metrics().leases_held.store(self.held.len() as u64, Relaxed);
     }
 
-    /// Renews every lease at once; gives up each one that fails.
+    /// Renews every lease at once. A lease someone else wrote is given up
+    /// at once; one that could not be written (JetStream unavailable)
+    /// suspends its shard (503) until a renewal succeeds, and is given up
+    /// once it may have expired.
     async fn renew(&mut self) {
         let started = Instant::now();
         let renewals = self.held.iter().map(|(&shard, held)| {
@@ -160,22 +167,50 @@ impl Keeper {
             let mut lease = held.lease.clone();
             lease.journal_seq = self.journal.positions().last(shard).unwrap_or(lease.journal_seq);
             let revision = held.revision;
-            async move { (shard, leases.renew(shard, &lease, revision).await, lease) }
+            async move {
+                let mut result = leases.renew(shard, &lease, revision).await;
+                if let Err(e) = &result
+                    && journal::wrong_sequence(e)
+                    && let Ok(Holder::Held { lease: now, revision }) = leases.holder(shard).await
+                    && now.owner == lease.owner
+                    && now.epoch == lease.epoch
+                {
+                    // Our own renewal whose acknowledgement was lost.
+                    result = leases.renew(shard, &lease, revision).await;
+                }
+                (shard, result, lease)
+            }
         });
         let results = futures_util::future::join_all(renewals).await;
         let valid_until = started + self.ttl * 2 / 3;
+        let ctx = self.ctx.clone();
+        let ownership = ctx.pipeline.ownership();
         for (shard, result, lease) in results {
+            let held = self.held.get_mut(&shard).expect("renewed shards are held");
             match result {
                 Ok(revision) => {
-                    let held = self.held.get_mut(&shard).expect("renewed shards are held");
                     held.revision = revision;
                     held.lease = lease;
                     held.valid_until = valid_until;
                     self.journal.positions().extend(shard, valid_until);
+                    if held.suspended {
+                        held.suspended = false;
+                        if held.ready {
+                            ownership.set(shard, ShardState::Ready);
+                            tracing::info!(message = "Lease renewed again; serving the shard.", shard);
+                        }
+                    }
+                }
+                Err(e) if !journal::wrong_sequence(&e) && Instant::now() < held.valid_until + self.ttl / 3 => {
+                    if !held.suspended {
+                        tracing::warn!(message = "Lease renewal failed; the shard answers 503 until a renewal succeeds.", shard, error = %e);
+                        held.suspended = true;
+                        ownership.set(shard, ShardState::Recovering);
+                    }
                 }
                 Err(e) => {
                     Metrics::inc(&self.metrics().leases_lost);
-                    tracing::warn!(message = "Lease renewal failed; the shard is given up.", shard, error = %e);
+                    tracing::warn!(message = "Lease lost; the shard is given up.", shard, error = %e);
                     self.lose(shard).await;
                 }
             }
@@ -187,7 +222,7 @@ impl Keeper {
         let fenced: Vec<u32> = self
             .held
             .iter()
-            .filter(|(s, h)| h.ready && self.journal.positions().is_fenced(**s))
+            .filter(|(s, h)| h.ready && !h.suspended && self.journal.positions().is_fenced(**s))
             .map(|(s, _)| *s)
             .collect();
         for shard in fenced {
@@ -225,7 +260,7 @@ impl Keeper {
             }
             let (revision, journal_seq) = match self.leases.holder(shard).await {
                 Ok(Holder::Free { revision }) => (revision, 0),
-                Ok(Holder::Held(_)) => continue,
+                Ok(Holder::Held { .. }) => continue,
                 Err(e) => {
                     tracing::warn!(message = "Cannot read a shard's lease.", shard, error = %e);
                     return;
@@ -243,6 +278,7 @@ impl Keeper {
                             valid_until: started + self.ttl * 2 / 3,
                             subs: Vec::new(),
                             ready: false,
+                            suspended: false,
                         },
                     );
                     wanted -= 1;
@@ -265,7 +301,9 @@ impl Keeper {
                 held.subs = subs;
                 held.ready = true;
                 self.journal.positions().hold(shard, last, held.valid_until);
-                ownership.set(shard, ShardState::Ready);
+                if !held.suspended {
+                    ownership.set(shard, ShardState::Ready);
+                }
                 let ms = started.elapsed().as_millis() as u64;
                 Metrics::inc(&self.metrics().takeovers);
                 self.metrics().takeover_ms.fetch_add(ms, Relaxed);

@@ -98,6 +98,9 @@ pub enum JournalErrorKind {
     /// The shard is not held here any more (its lease was lost, or another
     /// node appended to its journal): nothing of it was written.
     Fenced,
+    /// A replicated journal did not answer (JetStream unavailable, e.g.
+    /// during a leader election): retry.
+    Unavailable,
 }
 
 /// A journal failure: its kind, what was being done, and the cause.

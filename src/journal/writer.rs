@@ -36,6 +36,9 @@ pub enum CommitFailed {
     /// The id's shard is no longer held here (replicated journal): its
     /// owner answers a retry.
     Fenced,
+    /// The replicated journal did not acknowledge (JetStream unavailable):
+    /// retry.
+    Unavailable,
 }
 
 /// Completes when the submitted ids are durable, or with why not.
@@ -293,6 +296,11 @@ async fn run(
             Err(e) if e.kind() == crate::journal::JournalErrorKind::Fenced => {
                 tracing::warn!(message = "Commit fenced; its events get 503.", ids = count, error = %e);
                 Err(CommitFailed::Fenced)
+            }
+            Err(e) if e.kind() == crate::journal::JournalErrorKind::Unavailable => {
+                Metrics::inc(&metrics.store_errors);
+                tracing::warn!(message = "The journal did not acknowledge; its events get 503.", ids = count, error = %e);
+                Err(CommitFailed::Unavailable)
             }
             Err(e) => {
                 Metrics::inc(&metrics.store_errors);

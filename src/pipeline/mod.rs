@@ -114,6 +114,7 @@ pub enum Outcome {
 const STORE_FAILED: &str = "the store could not commit this event; retry";
 const OUTPUT_FAILED: &str = "the output stream did not acknowledge this event; retry";
 const FENCED: &str = "the event's shard moved to another node while it was decided; retry";
+const UNAVAILABLE: &str = "the journal (JetStream) did not acknowledge this event; retry";
 const STOPPED: &str = "the store is not taking ids (shutting down, or its writer failed); retry";
 
 impl Outcome {
@@ -128,6 +129,7 @@ impl Outcome {
             Outcome::Failed(CommitFailed::Stopped) => Some((503, STOPPED.into())),
             Outcome::Failed(CommitFailed::Output) => Some((503, OUTPUT_FAILED.into())),
             Outcome::Failed(CommitFailed::Fenced) => Some((503, FENCED.into())),
+            Outcome::Failed(CommitFailed::Unavailable) => Some((503, UNAVAILABLE.into())),
         }
     }
 }

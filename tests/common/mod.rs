@@ -147,6 +147,85 @@ impl Drop for NatsServer {
     }
 }
 
+/// Three nats-servers in one JetStream cluster on loopback, each with its
+/// own store and the `partition(32,1)` mapping.
+pub struct NatsCluster {
+    nodes: Vec<Option<Child>>,
+    ports: Vec<u16>,
+    _dir: TempDir,
+}
+
+impl NatsCluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+        let mut nodes = Vec::new();
+        let mut ports = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let conf = dir.path().join(format!("n{i}.conf"));
+            let text = format!(
+                "server_name: n{i}\njetstream {{ store_dir: {:?} }}\ncluster {{\n  name: eventsieve\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition(32,1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
+                dir.path().join(format!("js{i}")),
+                route_list.join(", ")
+            );
+            std::fs::write(&conf, text).unwrap();
+            let (child, port) = spawn_server(&conf, -1);
+            nodes.push(Some(child));
+            ports.push(port);
+        }
+        Self { nodes, ports, _dir: dir }
+    }
+
+    /// Every server's URL, comma-separated (as `nats.url` takes them).
+    pub fn url(&self) -> String {
+        let urls: Vec<String> = self.ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+        urls.join(",")
+    }
+
+    /// A client of the first server that is still running.
+    pub async fn client(&self) -> Client {
+        let port = self.ports[self.nodes.iter().position(Option::is_some).unwrap()];
+        async_nats::connect(format!("nats://127.0.0.1:{port}")).await.expect("connect to the cluster")
+    }
+
+    /// Waits until JetStream takes a stream with three replicas.
+    pub async fn wait_for_jetstream(&self) {
+        let js = async_nats::jetstream::new(self.client().await);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let config = async_nats::jetstream::stream::Config {
+                name: "READY".into(),
+                subjects: vec!["ready.probe".into()],
+                num_replicas: 3,
+                ..Default::default()
+            };
+            if js.get_or_create_stream(config).await.is_ok() {
+                let _ = js.delete_stream("READY").await;
+                return;
+            }
+            assert!(Instant::now() < deadline, "the JetStream cluster did not form within 60 s");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// SIGKILL of server `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
 /// Settings for a sidecar on `server` with its store in `data_dir`.
 pub fn settings(server: &NatsServer, data_dir: &Path, window: &str, durability: Durability) -> Settings {
     let mut config = Config::default();
@@ -271,9 +350,14 @@ pub struct SidecarProcess {
 
 impl SidecarProcess {
     pub fn spawn(server: &NatsServer, data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        Self::spawn_on(&server.url(), data_dir, extra_env)
+    }
+
+    /// The sidecar on the servers at `url` (comma-separated).
+    pub fn spawn_on(url: &str, data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventsieve"));
         cmd.arg("run")
-            .env("EVENTSIEVE_NATS__URL", server.url())
+            .env("EVENTSIEVE_NATS__URL", url)
             .env("EVENTSIEVE_DATA_DIR", data_dir)
             .env("EVENTSIEVE_METRICS_ADDR", "")
             .env("EVENTSIEVE_LOG", "warn")
