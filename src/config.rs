@@ -1045,4 +1045,14 @@ mod tests {
         });
         assert!(message.contains("windw"), "{message}");
     }
+
+    #[test]
+    fn the_shipped_configuration_file_states_the_defaults() {
+        let shipped: Config = Figment::new()
+            .merge(figment::providers::Toml::string(include_str!("../config/eventsieve.toml")))
+            .extract()
+            .expect("config/eventsieve.toml parses");
+        assert_eq!(shipped, Config::default(), "config/eventsieve.toml and Config::default() differ");
+    }
+
 }

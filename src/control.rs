@@ -564,6 +564,25 @@ pub async fn status_command(settings: &Settings, json: bool) -> Result<Vec<Strin
             s["uptime_s"],
         ));
     }
+    if settings.config.durability == Durability::Replicated {
+        let rows = crate::cluster::lease_table(&client, settings).await?;
+        if json {
+            lines.push(json!({ "leases": rows }).to_string());
+        } else {
+            lines.push("shard  owner                   epoch  journal seq (lease / last)".into());
+            for r in &rows {
+                let owner = r["owner"].as_str().unwrap_or_default();
+                lines.push(format!(
+                    "{:>5}  {:<22}  {:>5}  {} / {}",
+                    r["shard"],
+                    if owner.is_empty() { "(free)" } else { owner },
+                    r["epoch"].as_u64().map_or("-".into(), |e| e.to_string()),
+                    r["journal_seq"].as_u64().map_or("-".into(), |e| e.to_string()),
+                    r["journal_last"],
+                ));
+            }
+        }
+    }
     Ok(lines)
 }
 

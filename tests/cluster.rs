@@ -409,6 +409,20 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
     for id in ledger.verdicts.lock().await.keys() {
         assert!(!decide(&client, id).await.0, "{id} was forgotten");
     }
+
+    // What an operator sees: each node, then each shard's lease.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
+        .arg("status")
+        .env("EVENTSIEVE_NATS__URL", server.url())
+        .env("EVENTSIEVE_DURABILITY", "replicated")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}{}", String::from_utf8_lossy(&status.stderr));
+    println!("{text}");
+    let rows: Vec<&str> = text.lines().filter(|l| l.contains(" n1 ") || l.contains(" n2 ")).collect();
+    assert_eq!(rows.len(), SHARDS as usize, "a lease row per shard, owned by n1 or n2:\n{text}");
+    assert!(text.lines().any(|l| l.starts_with("n1 ") && l.contains("shards")), "{text}");
     second.terminate();
     third.terminate();
 }
