@@ -68,8 +68,10 @@ struct Held {
     suspended: bool,
 }
 
-/// What a takeover task hands back.
-type Taken = (u32, Result<(Vec<Serving>, u64, usize), String>, Instant);
+/// What a takeover task hands back: the shard, the epoch of the lease it
+/// was started for, the subscriptions, last sequence and ids restored (or
+/// why it failed), and when the lease was acquired.
+type Taken = (u32, u64, Result<(Vec<Serving>, u64, usize), String>, Instant);
 
 /// Holds this node's leases and moves shards in and out.
 pub struct Keeper {
@@ -80,6 +82,9 @@ pub struct Keeper {
     ttl: Duration,
     held: BTreeMap<u32, Held>,
     takeovers: JoinSet<Taken>,
+    /// Shards with a takeover task running: not acquired again until it
+    /// ends, so that two replays never fill one table.
+    taking: std::collections::BTreeSet<u32>,
     started: Instant,
 }
 
@@ -93,6 +98,7 @@ impl Keeper {
             ttl,
             held: BTreeMap::new(),
             takeovers: JoinSet::new(),
+            taking: std::collections::BTreeSet::new(),
             started: Instant::now(),
         }
     }
@@ -255,7 +261,7 @@ impl Keeper {
                 break;
             }
             let shard = (offset + i) % shards;
-            if self.held.contains_key(&shard) {
+            if self.held.contains_key(&shard) || self.taking.contains(&shard) {
                 continue;
             }
             let (revision, journal_seq) = match self.leases.holder(shard).await {
@@ -282,7 +288,9 @@ impl Keeper {
                         },
                     );
                     wanted -= 1;
-                    self.takeovers.spawn(takeover(self.ctx.clone(), self.journal.clone(), shard, started));
+                    self.taking.insert(shard);
+                    let epoch = self.held[&shard].lease.epoch;
+                    self.takeovers.spawn(takeover(self.ctx.clone(), self.journal.clone(), shard, epoch, started));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -294,9 +302,12 @@ impl Keeper {
     }
 
     /// A takeover ended: serve the shard, or let it go.
-    async fn taken(&mut self, (shard, result, started): Taken) {
+    async fn taken(&mut self, (shard, epoch, result, started): Taken) {
+        self.taking.remove(&shard);
         let ownership = self.ctx.pipeline.ownership();
-        match (result, self.held.get_mut(&shard)) {
+        // The lease it was started for, not one acquired again since.
+        let held = self.held.get_mut(&shard).filter(|h| h.lease.epoch == epoch);
+        match (result, held) {
             (Ok((subs, last, ids)), Some(held)) => {
                 held.subs = subs;
                 held.ready = true;
@@ -315,9 +326,11 @@ impl Keeper {
                 ownership.set(shard, ShardState::Elsewhere);
                 self.ctx.pipeline.dedup().clear(shard);
             }
-            (Err(e), _) => {
+            (Err(e), held) => {
                 tracing::error!(message = "Takeover failed; releasing the lease.", shard, error = %e);
-                if let Some(held) = self.held.remove(&shard) {
+                if held.is_some()
+                    && let Some(held) = self.held.remove(&shard)
+                {
                     let _ = self.leases.release(shard, &held.lease, held.revision, held.lease.journal_seq).await;
                 }
                 ownership.set(shard, ShardState::Elsewhere);
@@ -398,7 +411,7 @@ impl Keeper {
 /// Subscribes to a shard's subjects (503 while recovering), replays its
 /// journal into an emptied table; returns the subscriptions, the last
 /// sequence and the ids restored.
-async fn takeover(ctx: Arc<Context>, journal: StreamJournal, shard: u32, started: Instant) -> Taken {
+async fn takeover(ctx: Arc<Context>, journal: StreamJournal, shard: u32, epoch: u64, started: Instant) -> Taken {
     let ownership = ctx.pipeline.ownership();
     ownership.set(shard, ShardState::Recovering);
     let mut subs = Vec::new();
@@ -407,17 +420,17 @@ async fn takeover(ctx: Arc<Context>, journal: StreamJournal, shard: u32, started
             Ok(s) => subs.push(s),
             Err(e) => {
                 drain(subs).await;
-                return (shard, Err(e.to_string()), started);
+                return (shard, epoch, Err(e.to_string()), started);
             }
         }
     }
     let dedup = ctx.pipeline.dedup();
     dedup.clear(shard);
     match journal.replay(shard, 0, dedup).await {
-        Ok((last, ids)) => (shard, Ok((subs, last, ids)), started),
+        Ok((last, ids)) => (shard, epoch, Ok((subs, last, ids)), started),
         Err(e) => {
             drain(subs).await;
-            (shard, Err(e.to_string()), started)
+            (shard, epoch, Err(e.to_string()), started)
         }
     }
 }
