@@ -444,11 +444,11 @@ async fn with_jetstream_output_each_id_reaches_the_stream_once_across_sigkills()
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(produce(client.clone(), ledger.clone(), stop.clone(), "out", 1_000_000, 16));
-    for i in 0..3 {
+    for (i, dir) in dirs.iter().enumerate() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         // Each node in turn dies and comes back under its own name.
         nodes.remove(i).kill();
-        nodes.insert(i, spawn_node(&server, dirs[i].path(), &format!("n{i}"), &env));
+        nodes.insert(i, spawn_node(&server, dir.path(), &format!("n{i}"), &env));
         wait_all_served(&client, Duration::from_secs(60)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
