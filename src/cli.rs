@@ -243,10 +243,8 @@ where
 fn verify_before_start(settings: &crate::config::Settings) -> Result<(), String> {
     use crate::config::Durability;
     let dir = &settings.config.data_dir;
-    if settings.config.durability != Durability::Local
-        || !settings.config.verify_store_on_start
-        || !dir.join("data.mdb").exists()
-    {
+    let durability = settings.config.durability;
+    if durability == Durability::Memory || !settings.config.verify_store_on_start || !dir.join("data.mdb").exists() {
         return Ok(());
     }
     let exe =
@@ -260,17 +258,28 @@ fn verify_before_start(settings: &crate::config::Settings) -> Result<(), String>
         return Ok(());
     }
     let said = String::from_utf8_lossy(&out.stderr);
-    let said = said.trim().trim_start_matches("eventsieve: ");
+    let mut said = said.trim().trim_start_matches("eventsieve: ").to_owned();
     #[cfg(unix)]
     if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
-        return Err(format!(
+        said = format!(
             "checking the store in {} crashed (signal {signal}): its files are damaged past what LMDB can read. \
              Restore the directory from a copy or move it aside (its ids would be accepted again); \
              `verify_store_on_start = false` skips this check",
             dir.display()
-        ));
+        );
     }
-    Err(said.to_owned())
+    if durability == Durability::Replicated {
+        // Only a copy: the journal holds every id it held.
+        let aside = crate::journal::lmdb::move_aside(dir)
+            .map_err(|e| format!("{said}; and the store cannot be moved aside: {e}"))?;
+        tracing::warn!(
+            message = "The local store failed its check; moved aside, rebuilding from the journal.",
+            check = %said,
+            moved_to = %aside.display(),
+        );
+        return Ok(());
+    }
+    Err(said)
 }
 
 /// Makes glibc keep one heap for all threads, unless `MALLOC_ARENA_MAX` is

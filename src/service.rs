@@ -25,7 +25,7 @@ use crate::config::{Durability, Output, Settings};
 use crate::control::{self, Window};
 use crate::engine::{Deduplicator, unix_ms};
 use crate::journal::writer::{self, WriterConfig, WriterError};
-use crate::journal::{Journal, JournalError, LmdbStore, StoreMeta};
+use crate::journal::{Journal, JournalError, JournalErrorKind, LmdbStore, StoreMeta};
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Ownership, Pipeline, ShardState};
 use crate::stages::Stages;
@@ -180,6 +180,35 @@ async fn open_store(settings: &Settings) -> Result<Box<dyn Journal>, ServiceErro
     Ok(Box::new(store))
 }
 
+/// The local copy of the replicated journal. A store that cannot be opened
+/// (damaged, or of another format or shard count) is moved aside and a new
+/// one made: the journal has everything it held.
+async fn open_local_copy(settings: &Settings) -> Result<LmdbStore, ServiceError> {
+    let dir = settings.config.data_dir.clone();
+    let fsync = settings.config.fsync;
+    let meta = StoreMeta {
+        shards: settings.config.shards,
+        window_ms: settings.window_ms,
+    };
+    tokio::task::spawn_blocking(move || match LmdbStore::open(&dir, meta, fsync) {
+        Ok(store) => Ok(store),
+        Err(e) => {
+            let aside = crate::journal::lmdb::move_aside(&dir).map_err(|m| {
+                JournalError::new(JournalErrorKind::Open, format!("{e}; and it cannot be moved aside: {m}"))
+            })?;
+            tracing::warn!(
+                message = "The local store cannot be used; moved aside, rebuilding from the journal.",
+                error = %e,
+                moved_to = %aside.display(),
+            );
+            LmdbStore::open(&dir, meta, fsync)
+        }
+    })
+    .await
+    .map_err(|e| ServiceError::Panicked(e.to_string()))?
+    .map_err(ServiceError::Journal)
+}
+
 /// Connects, recovers the owned shards from `journal` (none: nothing is
 /// durable), subscribes, and returns once requests are being answered.
 ///
@@ -202,12 +231,14 @@ pub async fn start_with(
     let (journal, stream) = if settings.config.durability == Durability::Replicated {
         let c = &settings.config.cluster;
         let positions = Arc::new(Positions::new(shards));
+        let copy = open_local_copy(&settings).await?;
         let stream = StreamJournal::open(
             client.clone(),
             &c.journal_stream,
             subjects.prefix(),
             settings.window_ms,
             c.replicas,
+            Some(copy),
             positions,
             metrics.clone(),
         )

@@ -540,3 +540,69 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
         node.terminate();
     }
 }
+
+/// A metric's value from a sidecar's Prometheus endpoint.
+fn metric(addr: &str, name: &str) -> f64 {
+    let text = ureq::get(&format!("http://{addr}/metrics")).call().unwrap().into_string().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not in the metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_the_local_copy_and_a_damaged_copy_is_rebuilt_from_the_journal() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [("EVENTSIEVE_METRICS_ADDR", addr.as_str())];
+    let node = spawn_node(&server, &data, "n0", &env);
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let ids: Vec<String> = (0..3000).map(|i| format!("kept{i}")).collect();
+    let body: Vec<u8> = ids.iter().flat_map(|id| [&event(id)[..], b"\n"].concat()).collect();
+    let reply = request(&client, "dedup.batch", body).await;
+    assert!(reply.payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()).all(|l| l == b"1"));
+    assert!(node.terminate().success());
+
+    // The copy holds the whole journal: nothing is read from the stream.
+    let node = spawn_node(&server, &data, "n0", &env);
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let from_copy = metric(&addr, "eventsieve_takeover_ids_total{source=\"copy\"}");
+    let from_journal = metric(&addr, "eventsieve_takeover_ids_total{source=\"journal\"}");
+    println!("restart: {from_copy} ids from the local copy, {from_journal} from the journal");
+    assert!(from_copy >= 3000.0 && from_journal == 0.0, "copy {from_copy}, journal {from_journal}");
+    for id in &ids {
+        assert!(!decide(&client, id).await.0, "{id} was forgotten");
+    }
+    assert!(node.terminate().success());
+
+    // Damage the copy: every stored copy of one id's fingerprint flipped.
+    let inside = eventsieve::engine::fingerprint::Fingerprint::of(b"kept7").to_bytes();
+    let path = data.join("data.mdb");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let copies: Vec<usize> = (0..bytes.len() - 16).filter(|&i| bytes[i..i + 16] == inside).collect();
+    assert!(!copies.is_empty(), "the id is in the copy");
+    for at in copies {
+        for b in &mut bytes[at..at + 16] {
+            *b = !*b;
+        }
+    }
+    std::fs::write(&path, &bytes).unwrap();
+
+    // It starts anyway, from the journal, and keeps the damaged store aside.
+    let node = spawn_node(&server, &data, "n0", &env);
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let from_journal = metric(&addr, "eventsieve_takeover_ids_total{source=\"journal\"}");
+    assert!(from_journal >= 3000.0, "rebuilt from the journal: {from_journal}");
+    for id in &ids {
+        assert!(!decide(&client, id).await.0, "{id} was forgotten");
+    }
+    let aside: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("data.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged store is kept aside for a look");
+    assert!(node.terminate().success());
+}

@@ -30,7 +30,9 @@ use futures_util::StreamExt;
 
 use crate::engine::fingerprint::Fingerprint;
 use crate::engine::{Deduplicator, Record, unix_ms};
-use crate::journal::{Journal, JournalError, JournalErrorKind};
+use crate::journal::{Journal, JournalError, JournalErrorKind, LmdbStore};
+use crate::pipeline::Pipeline;
+use crate::transport::nats::Republish;
 use crate::observe::metrics::Metrics;
 
 /// Kind byte of a message of accepted ids.
@@ -130,9 +132,14 @@ impl std::fmt::Display for ReplayError {
     }
 }
 
-/// The journal stream, for appends (the writer) and replays (takeovers).
+/// The journal stream, for appends (the writer) and replays (takeovers),
+/// with the node's local copy in LMDB: every acknowledged message is
+/// written there too, with the sequence it got, so that taking a shard
+/// (after a restart, or back from another node) reads the copy and replays
+/// only the journal's messages beyond it.
 #[derive(Clone)]
 pub struct StreamJournal {
+    local: Option<Arc<Mutex<LmdbStore>>>,
     js: jetstream::Context,
     stream: stream::Stream,
     name: String,
@@ -157,6 +164,7 @@ impl StreamJournal {
         prefix: &str,
         window_ms: u64,
         replicas: usize,
+        local: Option<LmdbStore>,
         positions: Arc<Positions>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
@@ -179,6 +187,7 @@ impl StreamJournal {
             .map_err(|e| format!("journal stream {name}: {e}"))?;
         let max_age = stream.cached_info().config.max_age;
         Ok(Self {
+            local: local.map(|l| Arc::new(Mutex::new(l))),
             js,
             stream,
             name: name.to_owned(),
@@ -210,6 +219,50 @@ impl StreamJournal {
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
             Err(e) => Err(ReplayError(format!("journal of shard {shard}: {e}"))),
         }
+    }
+
+    /// Rebuilds `shard`'s (emptied) table: from the local copy, if it
+    /// holds part of the shard's journal, then from the journal's messages
+    /// beyond that. Returns the last sequence applied, and the ids restored
+    /// from the copy and from the journal.
+    ///
+    /// # Errors
+    ///
+    /// If the journal cannot be read.
+    pub async fn restore(&self, shard: u32, pipeline: &Arc<Pipeline<Republish>>) -> Result<(u64, usize, usize), ReplayError> {
+        let last = self.last_sequence(shard).await?;
+        let mut after = 0;
+        let mut from_copy = 0;
+        if let Some(local) = &self.local {
+            let (local, copy_into) = (local.clone(), pipeline.clone());
+            let copied = tokio::task::spawn_blocking(move || -> Result<(u64, usize), JournalError> {
+                let local = local.lock().unwrap_or_else(PoisonError::into_inner);
+                let at = local.journal_position(shard)?;
+                // A copy ahead of the journal is of another stream (one
+                // deleted and made again): not used.
+                if at == 0 || at > last {
+                    return Ok((0, 0));
+                }
+                let dedup = copy_into.dedup();
+                let now = unix_ms();
+                let since = now.saturating_sub(dedup.config().window_ms);
+                let mut table = dedup.table(shard);
+                let mut restored = 0;
+                local.scan(&[shard], since, &mut |r| restored += usize::from(table.restore(r.fingerprint, r.born_ms, now)))?;
+                Ok((at, restored))
+            })
+            .await;
+            match copied {
+                Ok(Ok((at, n))) => (after, from_copy) = (at, n),
+                Ok(Err(e)) => tracing::warn!(message = "Cannot read the local copy; replaying the whole journal.", shard, error = %e),
+                Err(e) => tracing::warn!(message = "Reading the local copy failed; replaying the whole journal.", shard, error = %e),
+            }
+            if after == 0 {
+                pipeline.dedup().clear(shard);
+            }
+        }
+        let (last, from_journal) = self.replay(shard, after, pipeline.dedup()).await?;
+        Ok((last, from_copy, from_journal))
     }
 
     /// Applies `shard`'s journal messages after sequence `after` to its
@@ -312,6 +365,7 @@ impl StreamJournal {
         let micros = started.elapsed().as_micros() as u64;
         let mut fenced = Vec::new();
         let mut failed = None;
+        let mut acked = Vec::with_capacity(sends.len());
         for ((shard, _, generation, _), result) in sends.iter().zip(results) {
             match result {
                 Ok(ack) => {
@@ -321,6 +375,7 @@ impl StreamJournal {
                     if log.generation == *generation {
                         log.last = Some(ack.sequence);
                     }
+                    acked.push((*shard, ack.sequence));
                 }
                 Err(e) if wrong_sequence(&e) => {
                     Metrics::inc(&self.metrics.journal_fenced);
@@ -339,10 +394,24 @@ impl StreamJournal {
                 format!("another node appended to the journal of shards {fenced:?}"),
             ));
         }
-        match failed {
-            Some(why) => Err(JournalError::new(JournalErrorKind::Unavailable, why)),
-            None => Ok(()),
+        if let Some(why) = failed {
+            return Err(JournalError::new(JournalErrorKind::Unavailable, why));
         }
+        // The journal has them: the local copy is a convenience, and its
+        // failure costs a longer replay, never a verdict.
+        if let Some(local) = &self.local {
+            let mut local = local.lock().unwrap_or_else(PoisonError::into_inner);
+            let copied = if kind == FORGOTTEN {
+                local.forget_at(records, &acked)
+            } else {
+                local.append_at(records, &acked)
+            };
+            if let Err(e) = copied {
+                Metrics::inc(&self.metrics.store_errors);
+                tracing::warn!(message = "Cannot write the local copy of the journal; a takeover replays more of the stream.", error = %e);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -403,9 +472,13 @@ impl Journal for StreamJournal {
         Ok(0)
     }
 
-    /// Nothing: the stream drops messages older than its `max_age`.
-    fn expire(&mut self, _: u64) -> Result<usize, JournalError> {
-        Ok(0)
+    /// The local copy's old ids; the stream drops messages older than its
+    /// `max_age` by itself.
+    fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
+        match &self.local {
+            Some(local) => local.lock().unwrap_or_else(PoisonError::into_inner).expire(before_ms),
+            None => Ok(0),
+        }
     }
 
     fn expired_before(&self) -> u64 {
@@ -413,7 +486,10 @@ impl Journal for StreamJournal {
     }
 
     fn sync(&mut self) -> Result<(), JournalError> {
-        Ok(())
+        match &self.local {
+            Some(local) => local.lock().unwrap_or_else(PoisonError::into_inner).sync(),
+            None => Ok(()),
+        }
     }
 
     fn location(&self) -> String {

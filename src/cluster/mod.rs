@@ -69,9 +69,10 @@ struct Held {
 }
 
 /// What a takeover task hands back: the shard, the epoch of the lease it
-/// was started for, the subscriptions, last sequence and ids restored (or
-/// why it failed), and when the lease was acquired.
-type Taken = (u32, u64, Result<(Vec<Serving>, u64, usize), String>, Instant);
+/// was started for, the subscriptions, last sequence and ids restored from
+/// the local copy and from the journal (or why it failed), and when the
+/// lease was acquired.
+type Taken = (u32, u64, Result<(Vec<Serving>, u64, usize, usize), String>, Instant);
 
 /// Holds this node's leases and moves shards in and out.
 pub struct Keeper {
@@ -308,7 +309,7 @@ impl Keeper {
         // The lease it was started for, not one acquired again since.
         let held = self.held.get_mut(&shard).filter(|h| h.lease.epoch == epoch);
         match (result, held) {
-            (Ok((subs, last, ids)), Some(held)) => {
+            (Ok((subs, last, from_copy, from_journal)), Some(held)) => {
                 held.subs = subs;
                 held.ready = true;
                 self.journal.positions().hold(shard, last, held.valid_until);
@@ -318,7 +319,9 @@ impl Keeper {
                 let ms = started.elapsed().as_millis() as u64;
                 Metrics::inc(&self.metrics().takeovers);
                 self.metrics().takeover_ms.fetch_add(ms, Relaxed);
-                tracing::info!(message = "Shard taken over.", shard, ids, journal_seq = last, elapsed_ms = ms);
+                self.metrics().restored_from_copy.fetch_add(from_copy as u64, Relaxed);
+                self.metrics().restored_from_journal.fetch_add(from_journal as u64, Relaxed);
+                tracing::info!(message = "Shard taken over.", shard, from_copy, from_journal, journal_seq = last, elapsed_ms = ms);
             }
             (Ok((subs, ..)), None) => {
                 // The lease was lost while replaying.
@@ -408,9 +411,8 @@ impl Keeper {
     }
 }
 
-/// Subscribes to a shard's subjects (503 while recovering), replays its
-/// journal into an emptied table; returns the subscriptions, the last
-/// sequence and the ids restored.
+/// Subscribes to a shard's subjects (503 while recovering), rebuilds its
+/// emptied table from the local copy and the journal beyond it.
 async fn takeover(ctx: Arc<Context>, journal: StreamJournal, shard: u32, epoch: u64, started: Instant) -> Taken {
     let ownership = ctx.pipeline.ownership();
     ownership.set(shard, ShardState::Recovering);
@@ -424,10 +426,9 @@ async fn takeover(ctx: Arc<Context>, journal: StreamJournal, shard: u32, epoch: 
             }
         }
     }
-    let dedup = ctx.pipeline.dedup();
-    dedup.clear(shard);
-    match journal.replay(shard, 0, dedup).await {
-        Ok((last, ids)) => (shard, epoch, Ok((subs, last, ids)), started),
+    ctx.pipeline.dedup().clear(shard);
+    match journal.restore(shard, &ctx.pipeline).await {
+        Ok((last, from_copy, from_journal)) => (shard, epoch, Ok((subs, last, from_copy, from_journal)), started),
         Err(e) => {
             drain(subs).await;
             (shard, epoch, Err(e.to_string()), started)

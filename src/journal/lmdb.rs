@@ -170,6 +170,26 @@ fn forgotten_at(key: &[u8], value: &[u8]) -> Option<u64> {
 type Meta = Database<'static, Str, Str>;
 /// The meta key of [`Journal::expired_before`].
 const EXPIRED_BEFORE: &str = "expired_before";
+/// The meta key of how far a shard's copy holds the replicated journal:
+/// `journal_seq.<shard>`.
+fn journal_seq_key(shard: u32) -> String {
+    format!("journal_seq.{shard}")
+}
+
+/// Renames the store directory `dir` to `<dir>.damaged-<ms since the
+/// epoch>` (for a store that cannot be used and can be rebuilt); returns
+/// the new path.
+///
+/// # Errors
+///
+/// If the rename fails.
+pub fn move_aside(dir: &Path) -> std::io::Result<PathBuf> {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(format!(".damaged-{}", crate::engine::unix_ms()));
+    let aside = PathBuf::from(name);
+    std::fs::rename(dir, &aside)?;
+    Ok(aside)
+}
 
 /// The LMDB store of one node.
 pub struct LmdbStore {
@@ -334,10 +354,45 @@ impl LmdbStore {
     }
 }
 
-impl Journal for LmdbStore {
-    /// Appends `records` in one transaction, one chunk per shard; a full
-    /// map is grown and the transaction retried.
-    fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
+impl LmdbStore {
+    /// The sequence of the replicated journal up to which this store holds
+    /// a copy of `shard`'s messages (0: none).
+    ///
+    /// # Errors
+    ///
+    /// [`JournalErrorKind::Io`] if the read fails.
+    pub fn journal_position(&self, shard: u32) -> Result<u64, JournalError> {
+        let rtxn = self.env.read_txn().map_err(|e| io("read meta", e))?;
+        let value = self
+            .meta
+            .get(&rtxn, &journal_seq_key(shard))
+            .map_err(|e| io("read meta", e))?;
+        Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    /// [`Journal::append`], recording in the same transaction that the
+    /// copy of each shard in `positions` now holds the replicated journal
+    /// up to its sequence.
+    ///
+    /// # Errors
+    ///
+    /// As [`Journal::append`].
+    pub fn append_at(&mut self, records: &[Record], positions: &[(u32, u64)]) -> Result<(), JournalError> {
+        self.append_with(records, positions)
+    }
+
+    /// [`Journal::forget`], recording positions as [`Self::append_at`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Journal::forget`].
+    pub fn forget_at(&mut self, records: &[Record], positions: &[(u32, u64)]) -> Result<(), JournalError> {
+        self.forget_with(records, positions)
+    }
+
+    /// Appends `records` in one transaction, one chunk per shard, with the
+    /// journal positions; a full map is grown and the transaction retried.
+    fn append_with(&mut self, records: &[Record], positions: &[(u32, u64)]) -> Result<(), JournalError> {
         let mut sorted: Vec<&Record> = records.iter().collect();
         sorted.sort_unstable_by_key(|r| r.shard);
         let mut chunks: Vec<([u8; KEY_LEN], Vec<u8>)> = Vec::new();
@@ -355,9 +410,12 @@ impl Journal for LmdbStore {
         // Ascending keys within the commit, so that each one appends.
         chunks.sort_unstable_by_key(|(k, _)| *k);
         let seq = &mut self.seq;
-        let (env, log) = (&self.env, self.log);
+        let (env, log, meta) = (&self.env, self.log, self.meta);
         let result = with_growth(env, || {
             let mut wtxn = env.write_txn()?;
+            for (shard, at) in positions {
+                meta.put(&mut wtxn, &journal_seq_key(*shard), &at.to_string())?;
+            }
             for (k, value) in &mut chunks {
                 loop {
                     *seq = seq.wrapping_add(1);
@@ -387,11 +445,14 @@ impl Journal for LmdbStore {
     }
 
     /// Records each forgetting in `forgotten` (the later one when an id is
-    /// forgotten twice), in one transaction.
-    fn forget(&mut self, records: &[Record]) -> Result<(), JournalError> {
-        let (env, forgotten) = (&self.env, self.forgotten);
+    /// forgotten twice), with the journal positions, in one transaction.
+    fn forget_with(&mut self, records: &[Record], positions: &[(u32, u64)]) -> Result<(), JournalError> {
+        let (env, forgotten, meta) = (&self.env, self.forgotten, self.meta);
         with_growth(env, || {
             let mut wtxn = env.write_txn()?;
+            for (shard, at) in positions {
+                meta.put(&mut wtxn, &journal_seq_key(*shard), &at.to_string())?;
+            }
             for r in records {
                 let k = forgotten_key(r.shard, r.fingerprint);
                 let earlier = forgotten.get(&wtxn, &k[..])?.and_then(|v| forgotten_at(&k, v));
@@ -402,6 +463,16 @@ impl Journal for LmdbStore {
             wtxn.commit()
         })
         .map_err(|e| write_failed(&self.path, "record forgotten ids", e))
+    }
+}
+
+impl Journal for LmdbStore {
+    fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.append_with(records, &[])
+    }
+
+    fn forget(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.forget_with(records, &[])
     }
 
     /// Deletes the chunks whose ids all arrived before `before_ms` (a

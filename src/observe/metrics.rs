@@ -64,6 +64,10 @@ pub struct Metrics {
     pub takeovers: AtomicU64,
     /// Time from acquiring a lease to serving the shard, summed, in ms.
     pub takeover_ms: AtomicU64,
+    /// Ids put back in the tables at takeovers: from the local copy of the
+    /// journal, and from the journal stream.
+    pub restored_from_copy: AtomicU64,
+    pub restored_from_journal: AtomicU64,
     /// Leases given up because a renewal failed.
     pub leases_lost: AtomicU64,
     /// Shards handed over to other nodes (rebalancing, shutdown).
@@ -282,6 +286,15 @@ impl Metrics {
             "counter",
             "Time from a lease acquired to its shard served, summed over takeovers, in ms.",
             &[("", get(&self.takeover_ms))],
+        );
+        metric(
+            "takeover_ids_total",
+            "counter",
+            "Ids put back in the tables at takeovers, by source: the node's local copy, or the journal stream beyond it.",
+            &[
+                ("{source=\"copy\"}", get(&self.restored_from_copy)),
+                ("{source=\"journal\"}", get(&self.restored_from_journal)),
+            ],
         );
         metric(
             "leases_lost_total",
