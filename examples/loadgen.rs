@@ -395,7 +395,13 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
                             accepted.push(k);
                         }
                         (Some(false), true, _) => t.dup_dup += 1,
-                        (Some(false), false, _) | (Some(true), true, _) | (None, _, _) => t.wrong += 1,
+                        // A line the sidecar answered with an error (a 503
+                        // while a shard is not served): no verdict.
+                        (None, _, _) => {
+                            t.errors += 1;
+                            t.first_error.get_or_insert_with(|| "a batch line answered with an error (e.g. 503)".into());
+                        }
+                        (Some(false), false, _) | (Some(true), true, _) => t.wrong += 1,
                     }
                 }
                 if let Target::Raw | Target::Relay = target {

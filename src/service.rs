@@ -229,19 +229,9 @@ pub async fn start_with(
     let subjects = Subjects::new(&settings.config.subject_prefix, &settings.config.output_subject);
     // Replicated: the journal is the stream, and shards come with leases.
     let (journal, stream) = if settings.config.durability == Durability::Replicated {
-        let c = &settings.config.cluster;
         let positions = Arc::new(Positions::new(shards));
         let copy = open_local_copy(&settings).await?;
-        let stream = StreamJournal::open(
-            client.clone(),
-            &c.journal_stream,
-            subjects.prefix(),
-            settings.window_ms,
-            c.replicas,
-            Some(copy),
-            positions,
-            metrics.clone(),
-        )
+        let stream = StreamJournal::open(client.clone(), &settings, Some(copy), positions, metrics.clone())
         .await
         .map_err(NatsError::Connect)?;
         settings.owned = Vec::new();

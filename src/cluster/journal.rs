@@ -151,23 +151,24 @@ pub struct StreamJournal {
 }
 
 impl StreamJournal {
-    /// Opens the stream `name` over `<prefix>.journal.*`, creating it with
-    /// `replicas` replicas and a `max_age` of `window_ms` plus [`GRACE`]
-    /// if it does not exist. Call on the runtime.
+    /// Opens the stream `cluster.journal_stream` over
+    /// `<prefix>.journal.*`, creating it with `cluster.replicas` replicas
+    /// and a `max_age` of the window plus [`GRACE`] if it does not exist;
+    /// `local` is the node's copy. Call on the runtime.
     ///
     /// # Errors
     ///
     /// If JetStream does not answer or refuses the stream.
     pub async fn open(
         client: async_nats::Client,
-        name: &str,
-        prefix: &str,
-        window_ms: u64,
-        replicas: usize,
+        settings: &crate::config::Settings,
         local: Option<LmdbStore>,
         positions: Arc<Positions>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
+        let name = settings.config.cluster.journal_stream.as_str();
+        let prefix = settings.config.subject_prefix.as_str();
+        let (window_ms, replicas) = (settings.window_ms, settings.config.cluster.replicas);
         let mut js = jetstream::new(client);
         js.set_timeout(TIMEOUT);
         let max_age = Duration::from_millis(window_ms) + GRACE;
