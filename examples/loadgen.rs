@@ -399,7 +399,9 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
                         // while a shard is not served): no verdict.
                         (None, _, _) => {
                             t.errors += 1;
-                            t.first_error.get_or_insert_with(|| "a batch line answered with an error (e.g. 503)".into());
+                            t.first_error.get_or_insert_with(|| {
+                                "a batch line answered with an error (e.g. 503)".into()
+                            });
                         }
                         (Some(false), false, _) | (Some(true), true, _) => t.wrong += 1,
                     }

@@ -100,7 +100,9 @@ async fn answers(client: &Client, shard: u32, tag: u64) -> bool {
 async fn main() {
     let a = args();
     let dir = std::env::temp_dir().join(format!("eventsieve-takeover-{}", std::process::id()));
-    let client = async_nats::connect(&a.url).await.expect("connect to nats-server (--url)");
+    let client = async_nats::connect(&a.url)
+        .await
+        .expect("connect to nats-server (--url)");
     let mut children: Vec<Child> = (0..a.nodes).map(|i| spawn(&a, i, &dir)).collect();
     let js = async_nats::jetstream::new(client.clone());
     let started = Instant::now();
@@ -111,7 +113,10 @@ async fn main() {
                 break kv;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "shards not leased within 60 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "shards not leased within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -151,7 +156,11 @@ async fn main() {
     );
 
     let before = owners(&kv).await;
-    let victim: Vec<u32> = before.iter().filter(|(_, o)| *o == "t0").map(|(s, _)| *s).collect();
+    let victim: Vec<u32> = before
+        .iter()
+        .filter(|(_, o)| *o == "t0")
+        .map(|(s, _)| *s)
+        .collect();
     let share = accepted * victim.len() as u64 / u64::from(SHARDS);
     children[0].kill().expect("SIGKILL the first sidecar");
     children[0].wait().ok();
@@ -161,7 +170,11 @@ async fn main() {
     let mut tag = 0;
     loop {
         let now = owners(&kv).await;
-        if leased.is_none() && victim.iter().all(|s| now.get(s).is_some_and(|o| !o.is_empty() && o != "t0")) {
+        if leased.is_none()
+            && victim
+                .iter()
+                .all(|s| now.get(s).is_some_and(|o| !o.is_empty() && o != "t0"))
+        {
             leased = Some(killed.elapsed());
         }
         if leased.is_some() {
@@ -174,7 +187,10 @@ async fn main() {
                 break;
             }
         }
-        assert!(killed.elapsed() < Duration::from_secs(60), "not taken over within 60 s");
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "not taken over within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let served = killed.elapsed();
@@ -186,7 +202,9 @@ async fn main() {
         (served - leased).as_secs_f64()
     );
     for child in children.iter_mut().skip(1) {
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
         let _ = child.wait();
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -244,7 +244,10 @@ fn verify_before_start(settings: &crate::config::Settings) -> Result<(), String>
     use crate::config::Durability;
     let dir = &settings.config.data_dir;
     let durability = settings.config.durability;
-    if durability == Durability::Memory || !settings.config.verify_store_on_start || !dir.join("data.mdb").exists() {
+    if durability == Durability::Memory
+        || !settings.config.verify_store_on_start
+        || !dir.join("data.mdb").exists()
+    {
         return Ok(());
     }
     let exe =

@@ -797,7 +797,10 @@ impl Config {
                     "whole seconds from 1s to 60s, e.g. \"3s\"",
                 )
             })?;
-        let node_ok = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        let node_ok = |s: &str| {
+            s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
         if !node_ok(&self.cluster.node_id) || self.cluster.node_id.len() > 64 {
             return Err(ConfigError::field(
                 "cluster.node_id",
@@ -1049,10 +1052,15 @@ mod tests {
     #[test]
     fn the_shipped_configuration_file_states_the_defaults() {
         let shipped: Config = Figment::new()
-            .merge(figment::providers::Toml::string(include_str!("../config/eventsieve.toml")))
+            .merge(figment::providers::Toml::string(include_str!(
+                "../config/eventsieve.toml"
+            )))
             .extract()
             .expect("config/eventsieve.toml parses");
-        assert_eq!(shipped, Config::default(), "config/eventsieve.toml and Config::default() differ");
+        assert_eq!(
+            shipped,
+            Config::default(),
+            "config/eventsieve.toml and Config::default() differ"
+        );
     }
-
 }

@@ -271,7 +271,9 @@ impl Window {
 async fn keeper(client: &Client, settings: &Settings) -> Keeper {
     let fallback = || match settings.config.durability {
         Durability::Memory => Keeper::Nowhere,
-        Durability::Local | Durability::Replicated => Keeper::File(settings.config.data_dir.join(WINDOW_FILE)),
+        Durability::Local | Durability::Replicated => {
+            Keeper::File(settings.config.data_dir.join(WINDOW_FILE))
+        }
     };
     let bucket = &settings.config.kv_bucket;
     if bucket.is_empty() {

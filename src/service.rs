@@ -194,7 +194,10 @@ async fn open_local_copy(settings: &Settings) -> Result<LmdbStore, ServiceError>
         Ok(store) => Ok(store),
         Err(e) => {
             let aside = crate::journal::lmdb::move_aside(&dir).map_err(|m| {
-                JournalError::new(JournalErrorKind::Open, format!("{e}; and it cannot be moved aside: {m}"))
+                JournalError::new(
+                    JournalErrorKind::Open,
+                    format!("{e}; and it cannot be moved aside: {m}"),
+                )
             })?;
             tracing::warn!(
                 message = "The local store cannot be used; moved aside, rebuilding from the journal.",
@@ -232,8 +235,8 @@ pub async fn start_with(
         let positions = Arc::new(Positions::new(shards));
         let copy = open_local_copy(&settings).await?;
         let stream = StreamJournal::open(client.clone(), &settings, Some(copy), positions, metrics.clone())
-        .await
-        .map_err(NatsError::Connect)?;
+            .await
+            .map_err(NatsError::Connect)?;
         settings.owned = Vec::new();
         (Some(Box::new(stream.clone()) as Box<dyn Journal>), Some(stream))
     } else {
@@ -330,7 +333,9 @@ pub async fn start_with(
     let keeper = match stream {
         Some(stream) => {
             let bucket = &settings.config.kv_bucket;
-            let kv = control::open_bucket(&client, bucket, settings.config.cluster.replicas).await.map_err(NatsError::Connect)?;
+            let kv = control::open_bucket(&client, bucket, settings.config.cluster.replicas)
+                .await
+                .map_err(NatsError::Connect)?;
             let ttl = Duration::from_millis(settings.lease_ttl_ms);
             let leases = Leases::open(client.clone(), kv, bucket, ttl)
                 .await

@@ -20,7 +20,12 @@ use tokio::sync::Mutex;
 const SHARDS: u32 = 32;
 
 /// A replicated sidecar process named `node`.
-fn spawn_node(server: &NatsServer, data: &std::path::Path, node: &str, extra: &[(&str, &str)]) -> SidecarProcess {
+fn spawn_node(
+    server: &NatsServer,
+    data: &std::path::Path,
+    node: &str,
+    extra: &[(&str, &str)],
+) -> SidecarProcess {
     let mut env = vec![
         ("EVENTSIEVE_DURABILITY", "replicated"),
         ("EVENTSIEVE_CLUSTER__NODE_ID", node),
@@ -72,7 +77,10 @@ async fn decide(client: &Client, id: &str) -> (bool, u32, u32) {
             Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {}
             Ok(Err(_)) | Err(_) => timeouts += 1,
         }
-        assert!(Instant::now() < deadline, "{id}: no verdict within 60 s ({tries} tries)");
+        assert!(
+            Instant::now() < deadline,
+            "{id}: no verdict within 60 s ({tries} tries)"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -93,7 +101,12 @@ impl Ledger {
             self.retried.fetch_add(1, Ordering::Relaxed);
         }
         self.unanswered.fetch_add(timeouts as usize, Ordering::Relaxed);
-        self.verdicts.lock().await.entry(id.to_owned()).or_default().push(verdict);
+        self.verdicts
+            .lock()
+            .await
+            .entry(id.to_owned())
+            .or_default()
+            .push(verdict);
     }
 
     /// No id was `true` twice; every id was `true` once unless a crash
@@ -114,7 +127,14 @@ impl Ledger {
 
 /// `producers` tasks send fresh ids `<tag><n>` and, a little later, each
 /// one again, until `stop` or `max` ids; every verdict goes to `ledger`.
-async fn produce(client: Client, ledger: Arc<Ledger>, stop: Arc<AtomicBool>, tag: &'static str, max: usize, producers: usize) {
+async fn produce(
+    client: Client,
+    ledger: Arc<Ledger>,
+    stop: Arc<AtomicBool>,
+    tag: &'static str,
+    max: usize,
+    producers: usize,
+) {
     let next = Arc::new(AtomicUsize::new(0));
     futures_util::stream::iter(0..producers)
         .for_each_concurrent(producers, |_| {
@@ -158,7 +178,10 @@ async fn wait_all_served(client: &Client, limit: Duration) -> BTreeMap<u32, Stri
                 return owners;
             }
         }
-        assert!(Instant::now() < deadline, "shards not all served within {limit:?}: {owners:?}");
+        assert!(
+            Instant::now() < deadline,
+            "shards not all served within {limit:?}: {owners:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -189,7 +212,10 @@ async fn wait_shards_answer(client: &Client, shards: &[u32], tag: &str) -> Insta
             }
         }
         pending = still;
-        assert!(Instant::now() < deadline, "shards {pending:?} not served again within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "shards {pending:?} not served again within 30 s"
+        );
         if !pending.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -208,23 +234,44 @@ async fn a_killed_sidecars_shards_are_taken_over_and_no_id_is_accepted_twice() {
     let owners = wait_all_served(&client, Duration::from_secs(60)).await;
     let counts = per_node(&owners);
     assert_eq!(counts.len(), 3, "every node holds shards: {counts:?}");
-    assert!(counts.values().all(|&c| (10..=11).contains(&c)), "a fair share each: {counts:?}");
+    assert!(
+        counts.values().all(|&c| (10..=11).contains(&c)),
+        "a fair share each: {counts:?}"
+    );
 
     // Ids accepted before the crash, in a batch: the dead node's share of
     // them must be remembered by whoever takes its shards.
     let before: Vec<String> = (0..3000).map(|i| format!("pre{i}")).collect();
-    let body: Vec<u8> = before.iter().flat_map(|id| [&event(id)[..], b"\n"].concat()).collect();
+    let body: Vec<u8> = before
+        .iter()
+        .flat_map(|id| [&event(id)[..], b"\n"].concat())
+        .collect();
     let reply = request(&client, "dedup.batch", body).await;
-    let entries: Vec<&[u8]> = reply.payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    let entries: Vec<&[u8]> = reply
+        .payload
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
     assert_eq!(entries.len(), before.len());
     assert!(entries.iter().all(|e| *e == b"1"), "all new before the crash");
 
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(produce(client.clone(), ledger.clone(), stop.clone(), "live", 1_000_000, 16));
+    let load = tokio::spawn(produce(
+        client.clone(),
+        ledger.clone(),
+        stop.clone(),
+        "live",
+        1_000_000,
+        16,
+    ));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let victim_shards: Vec<u32> = owners.iter().filter(|(_, o)| *o == "n0").map(|(s, _)| *s).collect();
+    let victim_shards: Vec<u32> = owners
+        .iter()
+        .filter(|(_, o)| *o == "n0")
+        .map(|(s, _)| *s)
+        .collect();
     let killed = Instant::now();
     nodes[0].take().unwrap().kill();
     let served = wait_shards_answer(&client, &victim_shards, "after").await;
@@ -294,11 +341,17 @@ async fn a_sidecar_paused_past_its_lease_accepts_nothing_when_it_wakes() {
     // Its leases expire; the other node takes its shards.
     let deadline = Instant::now() + Duration::from_secs(30);
     while owners_settled(&client).await[&shard] != "n1" {
-        assert!(Instant::now() < deadline, "shard {shard} not taken from the paused node");
+        assert!(
+            Instant::now() < deadline,
+            "shard {shard} not taken from the paused node"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_shards_answer(&client, &[shard], "taken").await;
-    assert!(!decide(&client, &early).await.0, "the new owner replayed the journal");
+    assert!(
+        !decide(&client, &early).await.0,
+        "the new owner replayed the journal"
+    );
 
     // Requests for the shard reach both: the paused node is still
     // subscribed, and holds them until it wakes.
@@ -306,7 +359,11 @@ async fn a_sidecar_paused_past_its_lease_accepts_nothing_when_it_wakes() {
     let ids: Vec<String> = (0..50).map(|i| id_in(shard, &format!("during{i}"))).collect();
     for id in &ids {
         client
-            .publish_with_reply(format!("dedup.ingest.{id}"), format!("fenced.replies.{id}"), event(id))
+            .publish_with_reply(
+                format!("dedup.ingest.{id}"),
+                format!("fenced.replies.{id}"),
+                event(id),
+            )
             .await
             .unwrap();
     }
@@ -332,8 +389,14 @@ async fn a_sidecar_paused_past_its_lease_accepts_nothing_when_it_wakes() {
             }
         }
     }
-    println!("the woken node refused {refused} of {} requests it held; accepted none", ids.len());
-    assert!(refused > 0, "the woken node answered the requests it held (with 503)");
+    println!(
+        "the woken node refused {refused} of {} requests it held; accepted none",
+        ids.len()
+    );
+    assert!(
+        refused > 0,
+        "the woken node answered the requests it held (with 503)"
+    );
 
     // It rejoins: the shards are shared again, and nothing was lost.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -361,11 +424,22 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
     let first = spawn_node(&server, dirs[0].path(), "n0", &[]);
     let second = spawn_node(&server, dirs[1].path(), "n1", &[]);
     let counts = per_node(&wait_all_served(&client, Duration::from_secs(60)).await);
-    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [16, 16], "{counts:?}");
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [16, 16],
+        "{counts:?}"
+    );
 
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(produce(client.clone(), ledger.clone(), stop.clone(), "move", 1_000_000, 16));
+    let load = tokio::spawn(produce(
+        client.clone(),
+        ledger.clone(),
+        stop.clone(),
+        "move",
+        1_000_000,
+        16,
+    ));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A third joins: the two hand shards over until each has its share.
@@ -376,7 +450,10 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
         if counts.len() == 3 && counts.values().all(|&c| (10..=11).contains(&c)) {
             break;
         }
-        assert!(Instant::now() < deadline, "no fair share after the join: {counts:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no fair share after the join: {counts:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -390,10 +467,16 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
         if counts.len() == 2 && counts.values().all(|&c| c == 16) {
             break;
         }
-        assert!(Instant::now() < deadline, "no fair share after the leave: {counts:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no fair share after the leave: {counts:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("shards of the leaving node owned again {:?} after its SIGTERM", left.elapsed());
+    println!(
+        "shards of the leaving node owned again {:?} after its SIGTERM",
+        left.elapsed()
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
@@ -404,7 +487,10 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
         "{accepted} ids accepted while shards moved; {} needed a retry (503 or no responder); {unanswered} requests unanswered",
         ledger.retried.load(Ordering::Relaxed)
     );
-    assert_eq!(never, 0, "no reply was lost: every id was accepted on its first verdict");
+    assert_eq!(
+        never, 0,
+        "no reply was lost: every id was accepted on its first verdict"
+    );
     assert_eq!(unanswered, 0, "a graceful handover answers every request");
     for id in ledger.verdicts.lock().await.keys() {
         assert!(!decide(&client, id).await.0, "{id} was forgotten");
@@ -418,11 +504,25 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "{text}{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     println!("{text}");
-    let rows: Vec<&str> = text.lines().filter(|l| l.contains(" n1 ") || l.contains(" n2 ")).collect();
-    assert_eq!(rows.len(), SHARDS as usize, "a lease row per shard, owned by n1 or n2:\n{text}");
-    assert!(text.lines().any(|l| l.starts_with("n1 ") && l.contains("shards")), "{text}");
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" n1 ") || l.contains(" n2 "))
+        .collect();
+    assert_eq!(
+        rows.len(),
+        SHARDS as usize,
+        "a lease row per shard, owned by n1 or n2:\n{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("n1 ") && l.contains("shards")),
+        "{text}"
+    );
     second.terminate();
     third.terminate();
 }
@@ -443,7 +543,14 @@ async fn with_jetstream_output_each_id_reaches_the_stream_once_across_sigkills()
 
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(produce(client.clone(), ledger.clone(), stop.clone(), "out", 1_000_000, 16));
+    let load = tokio::spawn(produce(
+        client.clone(),
+        ledger.clone(),
+        stop.clone(),
+        "out",
+        1_000_000,
+        16,
+    ));
     for (i, dir) in dirs.iter().enumerate() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         // Each node in turn dies and comes back under its own name.
@@ -462,7 +569,11 @@ async fn with_jetstream_output_each_id_reaches_the_stream_once_across_sigkills()
     let mut copies: HashMap<String, usize> = HashMap::new();
     for seq in 1..=last {
         let m = stream.get_raw_message(seq).await.unwrap();
-        let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap().to_string();
+        let id = m
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .unwrap()
+            .to_string();
         assert_eq!(m.payload, event(&id), "byte for byte");
         *copies.entry(id).or_default() += 1;
     }
@@ -470,9 +581,15 @@ async fn with_jetstream_output_each_id_reaches_the_stream_once_across_sigkills()
         assert_eq!(*n, 1, "{id} is in the stream {n} times");
     }
     for id in ledger.verdicts.lock().await.keys() {
-        assert_eq!(copies.get(id), Some(&1), "{id} must be in the stream exactly once");
+        assert_eq!(
+            copies.get(id),
+            Some(&1),
+            "{id} must be in the stream exactly once"
+        );
     }
-    println!("3 SIGKILLs: {accepted} ids accepted, {never} answered false after a lost reply; each once in the stream");
+    println!(
+        "3 SIGKILLs: {accepted} ids accepted, {never} answered false after a lost reply; each once in the stream"
+    );
     for node in nodes {
         node.terminate();
     }
@@ -509,7 +626,14 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
 
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(produce(client.clone(), ledger.clone(), stop.clone(), "ha", 1_000_000, 16));
+    let load = tokio::spawn(produce(
+        client.clone(),
+        ledger.clone(),
+        stop.clone(),
+        "ha",
+        1_000_000,
+        16,
+    ));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = ledger.verdicts.lock().await.len();
     // The producers' server stays; the last one dies. The streams whose
@@ -519,7 +643,10 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
     let killed = Instant::now();
     let deadline = killed + Duration::from_secs(60);
     while ledger.verdicts.lock().await.len() < before + 1000 {
-        assert!(Instant::now() < deadline, "verdicts did not resume within 60 s of the server's death");
+        assert!(
+            Instant::now() < deadline,
+            "verdicts did not resume within 60 s of the server's death"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let resumed = killed.elapsed();
@@ -543,7 +670,11 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
 
 /// A metric's value from a sidecar's Prometheus endpoint.
 fn metric(addr: &str, name: &str) -> f64 {
-    let text = ureq::get(&format!("http://{addr}/metrics")).call().unwrap().into_string().unwrap();
+    let text = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("{name} not in the metrics"))
@@ -560,9 +691,18 @@ async fn a_restart_reads_the_local_copy_and_a_damaged_copy_is_rebuilt_from_the_j
     let node = spawn_node(&server, &data, "n0", &env);
     wait_all_served(&client, Duration::from_secs(60)).await;
     let ids: Vec<String> = (0..3000).map(|i| format!("kept{i}")).collect();
-    let body: Vec<u8> = ids.iter().flat_map(|id| [&event(id)[..], b"\n"].concat()).collect();
+    let body: Vec<u8> = ids
+        .iter()
+        .flat_map(|id| [&event(id)[..], b"\n"].concat())
+        .collect();
     let reply = request(&client, "dedup.batch", body).await;
-    assert!(reply.payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()).all(|l| l == b"1"));
+    assert!(
+        reply
+            .payload
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .all(|l| l == b"1")
+    );
     assert!(node.terminate().success());
 
     // The copy holds the whole journal: nothing is read from the stream.
@@ -571,7 +711,10 @@ async fn a_restart_reads_the_local_copy_and_a_damaged_copy_is_rebuilt_from_the_j
     let from_copy = metric(&addr, "eventsieve_takeover_ids_total{source=\"copy\"}");
     let from_journal = metric(&addr, "eventsieve_takeover_ids_total{source=\"journal\"}");
     println!("restart: {from_copy} ids from the local copy, {from_journal} from the journal");
-    assert!(from_copy >= 3000.0 && from_journal == 0.0, "copy {from_copy}, journal {from_journal}");
+    assert!(
+        from_copy >= 3000.0 && from_journal == 0.0,
+        "copy {from_copy}, journal {from_journal}"
+    );
     for id in &ids {
         assert!(!decide(&client, id).await.0, "{id} was forgotten");
     }
@@ -581,7 +724,9 @@ async fn a_restart_reads_the_local_copy_and_a_damaged_copy_is_rebuilt_from_the_j
     let inside = eventsieve::engine::fingerprint::Fingerprint::of(b"kept7").to_bytes();
     let path = data.join("data.mdb");
     let mut bytes = std::fs::read(&path).unwrap();
-    let copies: Vec<usize> = (0..bytes.len() - 16).filter(|&i| bytes[i..i + 16] == inside).collect();
+    let copies: Vec<usize> = (0..bytes.len() - 16)
+        .filter(|&i| bytes[i..i + 16] == inside)
+        .collect();
     assert!(!copies.is_empty(), "the id is in the copy");
     for at in copies {
         for b in &mut bytes[at..at + 16] {

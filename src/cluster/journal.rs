@@ -31,9 +31,9 @@ use futures_util::StreamExt;
 use crate::engine::fingerprint::Fingerprint;
 use crate::engine::{Deduplicator, Record, unix_ms};
 use crate::journal::{Journal, JournalError, JournalErrorKind, LmdbStore};
+use crate::observe::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::transport::nats::Republish;
-use crate::observe::metrics::Metrics;
 
 /// Kind byte of a message of accepted ids.
 pub const ACCEPTED: u8 = 1;
@@ -215,7 +215,11 @@ impl StreamJournal {
     /// If the stream cannot be read.
     pub async fn last_sequence(&self, shard: u32) -> Result<u64, ReplayError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        match self.stream.get_last_raw_message_by_subject(&self.subject(shard)).await {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject(shard))
+            .await
+        {
             Ok(message) => Ok(message.sequence),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
             Err(e) => Err(ReplayError(format!("journal of shard {shard}: {e}"))),
@@ -230,7 +234,11 @@ impl StreamJournal {
     /// # Errors
     ///
     /// If the journal cannot be read.
-    pub async fn restore(&self, shard: u32, pipeline: &Arc<Pipeline<Republish>>) -> Result<(u64, usize, usize), ReplayError> {
+    pub async fn restore(
+        &self,
+        shard: u32,
+        pipeline: &Arc<Pipeline<Republish>>,
+    ) -> Result<(u64, usize, usize), ReplayError> {
         let last = self.last_sequence(shard).await?;
         let mut after = 0;
         let mut from_copy = 0;
@@ -249,14 +257,20 @@ impl StreamJournal {
                 let since = now.saturating_sub(dedup.config().window_ms);
                 let mut table = dedup.table(shard);
                 let mut restored = 0;
-                local.scan(&[shard], since, &mut |r| restored += usize::from(table.restore(r.fingerprint, r.born_ms, now)))?;
+                local.scan(&[shard], since, &mut |r| {
+                    restored += usize::from(table.restore(r.fingerprint, r.born_ms, now))
+                })?;
                 Ok((at, restored))
             })
             .await;
             match copied {
                 Ok(Ok((at, n))) => (after, from_copy) = (at, n),
-                Ok(Err(e)) => tracing::warn!(message = "Cannot read the local copy; replaying the whole journal.", shard, error = %e),
-                Err(e) => tracing::warn!(message = "Reading the local copy failed; replaying the whole journal.", shard, error = %e),
+                Ok(Err(e)) => {
+                    tracing::warn!(message = "Cannot read the local copy; replaying the whole journal.", shard, error = %e)
+                }
+                Err(e) => {
+                    tracing::warn!(message = "Reading the local copy failed; replaying the whole journal.", shard, error = %e)
+                }
             }
             if after == 0 {
                 pipeline.dedup().clear(shard);
@@ -274,12 +288,19 @@ impl StreamJournal {
     ///
     /// If the stream cannot be read or holds a message that is not a
     /// journal message.
-    pub async fn replay(&self, shard: u32, after: u64, dedup: &Deduplicator) -> Result<(u64, usize), ReplayError> {
+    pub async fn replay(
+        &self,
+        shard: u32,
+        after: u64,
+        dedup: &Deduplicator,
+    ) -> Result<(u64, usize), ReplayError> {
         let last = self.last_sequence(shard).await?;
         if last <= after {
             return Ok((after, 0));
         }
-        let fail = |what: &str, e: &dyn std::fmt::Display| ReplayError(format!("journal of shard {shard}: {what}: {e}"));
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            ReplayError(format!("journal of shard {shard}: {what}: {e}"))
+        };
         let config = consumer::pull::OrderedConfig {
             filter_subject: self.subject(shard),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -302,9 +323,13 @@ impl StreamJournal {
                 Ok(None) => return Err(fail("read ended", &"before the last message")),
                 Err(_) => return Err(fail("read stalled", &format!("no message within {TIMEOUT:?}"))),
             };
-            let sequence = message.info().map_err(|e| fail("bad message", &e))?.stream_sequence;
+            let sequence = message
+                .info()
+                .map_err(|e| fail("bad message", &e))?
+                .stream_sequence;
             let now = unix_ms();
-            let (kind, ids) = decode(&message.payload).map_err(|e| fail(&format!("message {sequence}"), &e))?;
+            let (kind, ids) =
+                decode(&message.payload).map_err(|e| fail(&format!("message {sequence}"), &e))?;
             let mut table = dedup.table(shard);
             for (born_ms, fingerprint) in ids {
                 match kind {
@@ -350,19 +375,21 @@ impl StreamJournal {
             sends.push((shard, last, generation, encode(kind, &records)));
         }
         let started = Instant::now();
-        let results = self.runtime.block_on(futures_util::future::join_all(sends.iter().map(
-            |(shard, last, _, payload)| {
-                let mut headers = HeaderMap::new();
-                headers.insert(
-                    async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                    HeaderValue::from(*last),
-                );
-                let subject: Subject = self.subject(*shard).into();
-                let js = self.js.clone();
-                let payload = payload.clone();
-                async move { js.publish_with_headers(subject, headers, payload).await?.await }
-            },
-        )));
+        let results = self
+            .runtime
+            .block_on(futures_util::future::join_all(sends.iter().map(
+                |(shard, last, _, payload)| {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(
+                        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                        HeaderValue::from(*last),
+                    );
+                    let subject: Subject = self.subject(*shard).into();
+                    let js = self.js.clone();
+                    let payload = payload.clone();
+                    async move { js.publish_with_headers(subject, headers, payload).await?.await }
+                },
+            )));
         let micros = started.elapsed().as_micros() as u64;
         let mut fenced = Vec::new();
         let mut failed = None;
@@ -371,7 +398,9 @@ impl StreamJournal {
             match result {
                 Ok(ack) => {
                     Metrics::inc(&self.metrics.journal_appends);
-                    self.metrics.journal_append_micros.fetch_add(micros, std::sync::atomic::Ordering::Relaxed);
+                    self.metrics
+                        .journal_append_micros
+                        .fetch_add(micros, std::sync::atomic::Ordering::Relaxed);
                     let mut log = self.positions.log(*shard);
                     if log.generation == *generation {
                         log.last = Some(ack.sequence);
@@ -446,7 +475,10 @@ fn decode(payload: &[u8]) -> Result<(u8, impl Iterator<Item = (u64, Fingerprint)
         return Err(format!("unknown kind {kind}: not an eventsieve journal message"));
     }
     if ids.len() % ID_BYTES != 0 {
-        return Err(format!("{} bytes of ids is not a multiple of {ID_BYTES}", ids.len()));
+        return Err(format!(
+            "{} bytes of ids is not a multiple of {ID_BYTES}",
+            ids.len()
+        ));
     }
     Ok((
         kind,
@@ -477,7 +509,10 @@ impl Journal for StreamJournal {
     /// `max_age` by itself.
     fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
         match &self.local {
-            Some(local) => local.lock().unwrap_or_else(PoisonError::into_inner).expire(before_ms),
+            Some(local) => local
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .expire(before_ms),
             None => Ok(0),
         }
     }
@@ -536,6 +571,10 @@ mod tests {
         let generation = p.log(1).generation;
         assert_eq!(p.release(1), Some(10));
         p.hold(1, 20, Instant::now());
-        assert_ne!(p.log(1).generation, generation, "an old append cannot move the new position");
+        assert_ne!(
+            p.log(1).generation,
+            generation,
+            "an old append cannot move the new position"
+        );
     }
 }

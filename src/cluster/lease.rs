@@ -73,7 +73,12 @@ impl Leases {
     /// # Errors
     ///
     /// If JetStream refuses, or the server is too old for per-key TTL.
-    pub async fn open(client: async_nats::Client, kv: kv::Store, bucket: &str, ttl: Duration) -> Result<Self, String> {
+    pub async fn open(
+        client: async_nats::Client,
+        kv: kv::Store,
+        bucket: &str,
+        ttl: Duration,
+    ) -> Result<Self, String> {
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(2));
         let name = format!("KV_{bucket}");
@@ -81,7 +86,10 @@ impl Leases {
             .get_stream(&name)
             .await
             .map_err(|e| format!("KV bucket {bucket:?}: {e}"))?;
-        let info = stream.info().await.map_err(|e| format!("KV bucket {bucket:?}: {e}"))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| format!("KV bucket {bucket:?}: {e}"))?;
         // The server raises a per-key TTL below the marker TTL to it.
         let markers_too_long = info
             .config
@@ -116,9 +124,16 @@ impl Leases {
                 HeaderValue::from(expected),
             );
         }
-        headers.insert(async_nats::header::NATS_MESSAGE_TTL, HeaderValue::from(self.ttl.as_secs()));
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_TTL,
+            HeaderValue::from(self.ttl.as_secs()),
+        );
         let subject = format!("$KV.{}.{key}", self.bucket);
-        let ack = self.js.publish_with_headers(subject, headers, value).await?.await?;
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, value)
+            .await?
+            .await?;
         Ok(ack.sequence)
     }
 
@@ -153,7 +168,13 @@ impl Leases {
     /// # Errors
     ///
     /// If the bucket cannot be written for another reason.
-    pub async fn acquire(&self, shard: u32, node: &str, revision: u64, journal_seq: u64) -> Result<Option<(Lease, u64)>, String> {
+    pub async fn acquire(
+        &self,
+        shard: u32,
+        node: &str,
+        revision: u64,
+        journal_seq: u64,
+    ) -> Result<Option<(Lease, u64)>, String> {
         let mut lease = Lease {
             owner: node.to_owned(),
             epoch: 0,
@@ -195,7 +216,13 @@ impl Leases {
     /// # Errors
     ///
     /// If the lease was taken meanwhile or the bucket cannot be written.
-    pub async fn release(&self, shard: u32, lease: &Lease, revision: u64, journal_seq: u64) -> Result<(), String> {
+    pub async fn release(
+        &self,
+        shard: u32,
+        lease: &Lease,
+        revision: u64,
+        journal_seq: u64,
+    ) -> Result<(), String> {
         let released = Lease {
             owner: String::new(),
             journal_seq,

@@ -72,7 +72,12 @@ struct Held {
 /// was started for, the subscriptions, last sequence and ids restored from
 /// the local copy and from the journal (or why it failed), and when the
 /// lease was acquired.
-type Taken = (u32, u64, Result<(Vec<Serving>, u64, usize, usize), String>, Instant);
+type Taken = (
+    u32,
+    u64,
+    Result<(Vec<Serving>, u64, usize, usize), String>,
+    Instant,
+);
 
 /// Holds this node's leases and moves shards in and out.
 pub struct Keeper {
@@ -90,7 +95,13 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    pub fn new(ctx: Arc<Context>, leases: Leases, journal: StreamJournal, node: String, ttl: Duration) -> Self {
+    pub fn new(
+        ctx: Arc<Context>,
+        leases: Leases,
+        journal: StreamJournal,
+        node: String,
+        ttl: Duration,
+    ) -> Self {
         Self {
             ctx,
             leases,
@@ -151,7 +162,12 @@ impl Keeper {
             }
         };
         let fair = self.shards().div_ceil(live) as usize;
-        let ready: Vec<u32> = self.held.iter().filter(|(_, h)| h.ready).map(|(s, _)| *s).collect();
+        let ready: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.ready)
+            .map(|(s, _)| *s)
+            .collect();
         let extra = self.held.len().saturating_sub(fair).min(ready.len());
         if extra > 0 {
             let give: Vec<u32> = ready.iter().rev().take(extra).copied().collect();
@@ -208,7 +224,9 @@ impl Keeper {
                         }
                     }
                 }
-                Err(e) if !journal::wrong_sequence(&e) && Instant::now() < held.valid_until + self.ttl / 3 => {
+                Err(e)
+                    if !journal::wrong_sequence(&e) && Instant::now() < held.valid_until + self.ttl / 3 =>
+                {
                     if !held.suspended {
                         tracing::warn!(message = "Lease renewal failed; the shard answers 503 until a renewal succeeds.", shard, error = %e);
                         held.suspended = true;
@@ -241,7 +259,13 @@ impl Keeper {
                     let until = self.held[&shard].valid_until;
                     self.journal.positions().hold(shard, last, until);
                     ownership.set(shard, ShardState::Ready);
-                    tracing::warn!(message = "Another node appended to this shard's journal; caught up.", shard, from = after, to = last, ids);
+                    tracing::warn!(
+                        message = "Another node appended to this shard's journal; caught up.",
+                        shard,
+                        from = after,
+                        to = last,
+                        ids
+                    );
                 }
                 Err(e) => {
                     tracing::error!(message = "Cannot catch up on the shard's journal; giving it up.", shard, error = %e);
@@ -274,9 +298,17 @@ impl Keeper {
                 }
             };
             let started = Instant::now();
-            match self.leases.acquire(shard, &self.node, revision, journal_seq).await {
+            match self
+                .leases
+                .acquire(shard, &self.node, revision, journal_seq)
+                .await
+            {
                 Ok(Some((lease, revision))) => {
-                    tracing::info!(message = "Lease acquired; replaying the shard's journal.", shard, epoch = lease.epoch);
+                    tracing::info!(
+                        message = "Lease acquired; replaying the shard's journal.",
+                        shard,
+                        epoch = lease.epoch
+                    );
                     self.held.insert(
                         shard,
                         Held {
@@ -291,7 +323,13 @@ impl Keeper {
                     wanted -= 1;
                     self.taking.insert(shard);
                     let epoch = self.held[&shard].lease.epoch;
-                    self.takeovers.spawn(takeover(self.ctx.clone(), self.journal.clone(), shard, epoch, started));
+                    self.takeovers.spawn(takeover(
+                        self.ctx.clone(),
+                        self.journal.clone(),
+                        shard,
+                        epoch,
+                        started,
+                    ));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -319,9 +357,20 @@ impl Keeper {
                 let ms = started.elapsed().as_millis() as u64;
                 Metrics::inc(&self.metrics().takeovers);
                 self.metrics().takeover_ms.fetch_add(ms, Relaxed);
-                self.metrics().restored_from_copy.fetch_add(from_copy as u64, Relaxed);
-                self.metrics().restored_from_journal.fetch_add(from_journal as u64, Relaxed);
-                tracing::info!(message = "Shard taken over.", shard, from_copy, from_journal, journal_seq = last, elapsed_ms = ms);
+                self.metrics()
+                    .restored_from_copy
+                    .fetch_add(from_copy as u64, Relaxed);
+                self.metrics()
+                    .restored_from_journal
+                    .fetch_add(from_journal as u64, Relaxed);
+                tracing::info!(
+                    message = "Shard taken over.",
+                    shard,
+                    from_copy,
+                    from_journal,
+                    journal_seq = last,
+                    elapsed_ms = ms
+                );
             }
             (Ok((subs, ..)), None) => {
                 // The lease was lost while replaying.
@@ -334,7 +383,10 @@ impl Keeper {
                 if held.is_some()
                     && let Some(held) = self.held.remove(&shard)
                 {
-                    let _ = self.leases.release(shard, &held.lease, held.revision, held.lease.journal_seq).await;
+                    let _ = self
+                        .leases
+                        .release(shard, &held.lease, held.revision, held.lease.journal_seq)
+                        .await;
                 }
                 ownership.set(shard, ShardState::Elsewhere);
                 self.ctx.pipeline.dedup().clear(shard);
@@ -344,7 +396,9 @@ impl Keeper {
 
     /// The lease is gone: refuse at once, then stop listening.
     async fn lose(&mut self, shard: u32) {
-        let Some(held) = self.held.remove(&shard) else { return };
+        let Some(held) = self.held.remove(&shard) else {
+            return;
+        };
         let ownership = self.ctx.pipeline.ownership();
         ownership.set(shard, ShardState::Recovering);
         self.journal.positions().release(shard);
@@ -362,13 +416,23 @@ impl Keeper {
                 leaving.push((*shard, std::mem::take(&mut held.subs), held));
             }
         }
-        futures_util::future::join_all(leaving.iter_mut().map(|(_, subs, _)| drain(std::mem::take(subs)))).await;
+        futures_util::future::join_all(leaving.iter_mut().map(|(_, subs, _)| drain(std::mem::take(subs))))
+            .await;
         let ownership = self.ctx.pipeline.ownership();
         let releases = leaving.iter().map(|(shard, _, held)| {
-            let last = self.journal.positions().release(*shard).unwrap_or(held.lease.journal_seq);
+            let last = self
+                .journal
+                .positions()
+                .release(*shard)
+                .unwrap_or(held.lease.journal_seq);
             ownership.set(*shard, ShardState::Elsewhere);
             let leases = self.leases.clone();
-            async move { (*shard, leases.release(*shard, &held.lease, held.revision, last).await) }
+            async move {
+                (
+                    *shard,
+                    leases.release(*shard, &held.lease, held.revision, last).await,
+                )
+            }
         });
         for (shard, result) in futures_util::future::join_all(releases).await {
             Metrics::inc(&self.metrics().handovers);
@@ -413,7 +477,13 @@ impl Keeper {
 
 /// Subscribes to a shard's subjects (503 while recovering), rebuilds its
 /// emptied table from the local copy and the journal beyond it.
-async fn takeover(ctx: Arc<Context>, journal: StreamJournal, shard: u32, epoch: u64, started: Instant) -> Taken {
+async fn takeover(
+    ctx: Arc<Context>,
+    journal: StreamJournal,
+    shard: u32,
+    epoch: u64,
+    started: Instant,
+) -> Taken {
     let ownership = ctx.pipeline.ownership();
     ownership.set(shard, ShardState::Recovering);
     let mut subs = Vec::new();
@@ -428,7 +498,9 @@ async fn takeover(ctx: Arc<Context>, journal: StreamJournal, shard: u32, epoch: 
     }
     ctx.pipeline.dedup().clear(shard);
     match journal.restore(shard, &ctx.pipeline).await {
-        Ok((last, from_copy, from_journal)) => (shard, epoch, Ok((subs, last, from_copy, from_journal)), started),
+        Ok((last, from_copy, from_journal)) => {
+            (shard, epoch, Ok((subs, last, from_copy, from_journal)), started)
+        }
         Err(e) => {
             drain(subs).await;
             (shard, epoch, Err(e.to_string()), started)
@@ -448,7 +520,10 @@ async fn drain(subs: Vec<Serving>) {
 /// # Errors
 ///
 /// If the bucket or the journal stream cannot be read.
-pub async fn lease_table(client: &async_nats::Client, settings: &crate::config::Settings) -> Result<Vec<serde_json::Value>, String> {
+pub async fn lease_table(
+    client: &async_nats::Client,
+    settings: &crate::config::Settings,
+) -> Result<Vec<serde_json::Value>, String> {
     let js = async_nats::jetstream::new(client.clone());
     let bucket = &settings.config.kv_bucket;
     let kv = js

@@ -159,7 +159,10 @@ impl NatsCluster {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_list: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+        let route_list: Vec<String> = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
         let mut nodes = Vec::new();
         let mut ports = Vec::new();
         for (i, route) in routes.iter().enumerate() {
@@ -174,19 +177,29 @@ impl NatsCluster {
             nodes.push(Some(child));
             ports.push(port);
         }
-        Self { nodes, ports, _dir: dir }
+        Self {
+            nodes,
+            ports,
+            _dir: dir,
+        }
     }
 
     /// Every server's URL, comma-separated (as `nats.url` takes them).
     pub fn url(&self) -> String {
-        let urls: Vec<String> = self.ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+        let urls: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
         urls.join(",")
     }
 
     /// A client of the first server that is still running.
     pub async fn client(&self) -> Client {
         let port = self.ports[self.nodes.iter().position(Option::is_some).unwrap()];
-        async_nats::connect(format!("nats://127.0.0.1:{port}")).await.expect("connect to the cluster")
+        async_nats::connect(format!("nats://127.0.0.1:{port}"))
+            .await
+            .expect("connect to the cluster")
     }
 
     /// Waits until JetStream takes a stream with three replicas.
@@ -204,7 +217,10 @@ impl NatsCluster {
                 let _ = js.delete_stream("READY").await;
                 return;
             }
-            assert!(Instant::now() < deadline, "the JetStream cluster did not form within 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "the JetStream cluster did not form within 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
