@@ -91,6 +91,9 @@ pub struct Keeper {
     /// Shards with a takeover task running: not acquired again until it
     /// ends, so that two replays never fill one table.
     taking: std::collections::BTreeSet<u32>,
+    /// The shard and epoch of each takeover task, to know which one a
+    /// panicked task was for.
+    takeover_ids: std::collections::HashMap<tokio::task::Id, (u32, u64)>,
     started: Instant,
 }
 
@@ -111,6 +114,7 @@ impl Keeper {
             held: BTreeMap::new(),
             takeovers: JoinSet::new(),
             taking: std::collections::BTreeSet::new(),
+            takeover_ids: std::collections::HashMap::new(),
             started: Instant::now(),
         }
     }
@@ -135,10 +139,8 @@ impl Keeper {
         loop {
             tokio::select! {
                 _ = tick.tick() => self.round().await,
-                Some(done) = self.takeovers.join_next(), if !self.takeovers.is_empty() => {
-                    if let Ok(taken) = done {
-                        self.taken(taken).await;
-                    }
+                Some(done) = self.takeovers.join_next_with_id(), if !self.takeovers.is_empty() => {
+                    self.joined(done).await;
                 }
                 _ = stop.changed() => break,
             }
@@ -146,7 +148,7 @@ impl Keeper {
         self.stop().await;
     }
 
-    /// Renew, catch up, heartbeat, hand over, take.
+    /// Heartbeat, renew, catch up, hand over, take.
     async fn round(&mut self) {
         // The heartbeat first: it then expires a moment before the leases
         // of a node that died, so the others count it gone when its
@@ -340,6 +342,22 @@ impl Keeper {
         }
     }
 
+    /// A takeover task ended; one that panicked counts as failed.
+    async fn joined(&mut self, done: Result<(tokio::task::Id, Taken), tokio::task::JoinError>) {
+        let (id, taken) = match done {
+            Ok((id, taken)) => (id, taken),
+            Err(e) => {
+                let Some((shard, epoch)) = self.takeover_ids.remove(&e.id()) else {
+                    return;
+                };
+                let why = format!("the takeover task failed: {e}");
+                (e.id(), (shard, epoch, Err(why), Instant::now()))
+            }
+        };
+        self.takeover_ids.remove(&id);
+        self.taken(taken).await;
+    }
+
     /// A takeover ended: serve the shard, or let it go.
     async fn taken(&mut self, (shard, epoch, result, started): Taken) {
         self.taking.remove(&shard);
@@ -446,10 +464,8 @@ impl Keeper {
     /// Shutdown: every shard handed over, the heartbeat removed.
     async fn stop(mut self) {
         // Takeovers in progress end first; their shards are handed over too.
-        while let Some(done) = self.takeovers.join_next().await {
-            if let Ok(taken) = done {
-                self.taken(taken).await;
-            }
+        while let Some(done) = self.takeovers.join_next_with_id().await {
+            self.joined(done).await;
         }
         let shards: Vec<u32> = self.held.keys().copied().collect();
         self.hand_over(&shards).await;
