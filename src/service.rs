@@ -259,8 +259,9 @@ pub async fn start_with(
         core,
         metrics.clone(),
     );
-    // Aggregates survive a restart through a snapshot in the data dir.
-    let snapshot = (!stages.is_empty() && settings.config.durability == Durability::Local).then(|| {
+    // Aggregates survive a restart through a snapshot in the data dir
+    // (with `replicated` too: they stay on the node that computed them).
+    let snapshot = (!stages.is_empty() && settings.config.durability != Durability::Memory).then(|| {
         let path = settings.config.data_dir.join(crate::stages::SNAPSHOT_FILE);
         let panes = stages.load(&path);
         tracing::info!(message = "Aggregates restored.", panes, path = %path.display());
