@@ -342,7 +342,14 @@ pub async fn start_with(
                 .await
                 .map_err(NatsError::Connect)?;
             let (stop, stopped) = watch::channel(false);
-            let keeper = Keeper::new(ctx.clone(), leases, stream, node.clone(), ttl);
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let about = serde_json::json!({
+                "host": host.trim(),
+                "pid": std::process::id(),
+                "metrics_addr": settings.metrics_addr.map(|a| a.to_string()),
+                "http_addr": settings.http_addr.map(|a| a.to_string()),
+            });
+            let keeper = Keeper::new(ctx.clone(), leases, stream, node.clone(), ttl).with_about(about);
             Some((stop, tokio::spawn(keeper.run(stopped))))
         }
         None => None,

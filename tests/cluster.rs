@@ -496,7 +496,16 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
         assert!(!decide(&client, id).await.0, "{id} was forgotten");
     }
 
-    // What an operator sees: each node, then each shard's lease.
+    // What an operator sees: each node's heartbeat in the bucket ...
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = js.get_key_value("eventsieve").await.unwrap();
+    let beat: serde_json::Value = serde_json::from_slice(&kv.get("node.n1").await.unwrap().unwrap()).unwrap();
+    assert_eq!(beat["shards"].as_array().unwrap().len(), 16, "{beat}");
+    for field in ["heartbeat", "ready", "verdicts_per_s", "ids", "bytes_per_id", "host", "pid"] {
+        assert!(!beat[field].is_null(), "{field} in {beat}");
+    }
+    assert!(kv.get("node.n0").await.unwrap().is_none(), "the node that left took its heartbeat with it");
+    // ... and `eventsieve status`: each node, then each shard's lease.
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
         .arg("status")
         .env("EVENTSIEVE_NATS__URL", server.url())

@@ -95,6 +95,10 @@ pub struct Keeper {
     /// panicked task was for.
     takeover_ids: std::collections::HashMap<tokio::task::Id, (u32, u64)>,
     started: Instant,
+    /// When the last heartbeat was written, and the verdicts then.
+    last_beat: (Instant, u64),
+    /// Where this node runs, for its heartbeat: host, pid, addresses.
+    about: serde_json::Value,
 }
 
 impl Keeper {
@@ -116,7 +120,16 @@ impl Keeper {
             taking: std::collections::BTreeSet::new(),
             takeover_ids: std::collections::HashMap::new(),
             started: Instant::now(),
+            last_beat: (Instant::now(), 0),
+            about: serde_json::Value::Null,
         }
+    }
+
+    /// Adds `about` (where the node runs: host, pid, addresses) to every
+    /// heartbeat.
+    pub fn with_about(mut self, about: serde_json::Value) -> Self {
+        self.about = about;
+        self
     }
 
     fn metrics(&self) -> &Metrics {
@@ -132,7 +145,8 @@ impl Keeper {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         // Announce first and give nodes starting together a moment to see
         // each other, so the first round already takes a fair share.
-        let _ = self.leases.heartbeat(&self.node, &self.heartbeat()).await;
+        let beat = self.heartbeat();
+        let _ = self.leases.heartbeat(&self.node, &beat).await;
         tokio::time::sleep(self.ttl / 6).await;
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -153,7 +167,8 @@ impl Keeper {
         // The heartbeat first: it then expires a moment before the leases
         // of a node that died, so the others count it gone when its
         // shards come free.
-        let _ = self.leases.heartbeat(&self.node, &self.heartbeat()).await;
+        let beat = self.heartbeat();
+        let _ = self.leases.heartbeat(&self.node, &beat).await;
         self.renew().await;
         self.catch_up().await;
         let live = match self.leases.nodes().await {
@@ -475,19 +490,29 @@ impl Keeper {
     }
 
     /// This node's `node.<id>` value.
-    fn heartbeat(&self) -> serde_json::Value {
+    fn heartbeat(&mut self) -> serde_json::Value {
         let dedup = self.ctx.pipeline.dedup();
-        let m = self.metrics();
-        serde_json::json!({
+        let m = &self.ctx.metrics;
+        let verdicts = m.accepted.load(Relaxed) + m.duplicates.load(Relaxed);
+        let (at, before) = std::mem::replace(&mut self.last_beat, (Instant::now(), verdicts));
+        let per_s = (verdicts - before) as f64 / at.elapsed().as_secs_f64().max(1e-3);
+        let (ids, bytes) = (dedup.len(), dedup.memory_bytes());
+        let mut beat = serde_json::json!({
             "node": self.node,
             "heartbeat": unix_ms(),
             "uptime_s": self.started.elapsed().as_secs(),
             "shards": self.held.keys().collect::<Vec<_>>(),
             "ready": self.held.iter().filter(|(_, h)| h.ready).map(|(s, _)| s).collect::<Vec<_>>(),
-            "verdicts": m.accepted.load(Relaxed) + m.duplicates.load(Relaxed),
-            "ids": dedup.len(),
-            "table_bytes": dedup.memory_bytes(),
-        })
+            "verdicts": verdicts,
+            "verdicts_per_s": per_s.round(),
+            "ids": ids,
+            "table_bytes": bytes,
+            "bytes_per_id": (bytes as f64 / ids.max(1) as f64 * 10.0).round() / 10.0,
+        });
+        if let (Some(beat), Some(about)) = (beat.as_object_mut(), self.about.as_object()) {
+            beat.extend(about.clone());
+        }
+        beat
     }
 }
 
