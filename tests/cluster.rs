@@ -223,6 +223,42 @@ async fn wait_shards_answer(client: &Client, shards: &[u32], tag: &str) -> Insta
     Instant::now()
 }
 
+/// Ids accepted before the crash, so that a takeover has a journal to
+/// replay (`examples/takeover.rs` measures it at 1 M ids in a release build).
+const PRELOAD: usize = 50_000;
+
+/// Sends `ids` in batches of 1000 (retrying a batch with any 503 line);
+/// returns the distinct verdict entries seen (`1` new, `0` duplicate).
+async fn batch_verdicts(client: &Client, ids: &[String]) -> Vec<u8> {
+    let mut seen = std::collections::BTreeSet::new();
+    for chunk in ids.chunks(1000) {
+        let body: Vec<u8> = chunk
+            .iter()
+            .flat_map(|id| [&event(id)[..], b"\n"].concat())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let reply = request(client, "dedup.batch", body.clone()).await;
+            let entries: Vec<&[u8]> = reply
+                .payload
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .collect();
+            assert_eq!(entries.len(), chunk.len());
+            if entries.iter().all(|e| *e == b"1" || *e == b"0") {
+                seen.extend(entries.iter().map(|e| e[0]));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "batch not answered without errors within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    seen.into_iter().collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_sidecars_shards_are_taken_over_and_no_id_is_accepted_twice() {
     let server = NatsServer::start();
@@ -241,19 +277,12 @@ async fn a_killed_sidecars_shards_are_taken_over_and_no_id_is_accepted_twice() {
 
     // Ids accepted before the crash, in a batch: the dead node's share of
     // them must be remembered by whoever takes its shards.
-    let before: Vec<String> = (0..3000).map(|i| format!("pre{i}")).collect();
-    let body: Vec<u8> = before
-        .iter()
-        .flat_map(|id| [&event(id)[..], b"\n"].concat())
-        .collect();
-    let reply = request(&client, "dedup.batch", body).await;
-    let entries: Vec<&[u8]> = reply
-        .payload
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
-    assert_eq!(entries.len(), before.len());
-    assert!(entries.iter().all(|e| *e == b"1"), "all new before the crash");
+    let before: Vec<String> = (0..PRELOAD).map(|i| format!("pre{i}")).collect();
+    assert_eq!(
+        batch_verdicts(&client, &before).await,
+        [b'1'],
+        "all new before the crash"
+    );
 
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -295,7 +324,12 @@ async fn a_killed_sidecars_shards_are_taken_over_and_no_id_is_accepted_twice() {
     assert!(accepted > 500, "load made progress: {accepted}");
     // Nothing accepted is forgotten: every id, before and during, is a
     // duplicate now.
-    for id in before.iter().chain(ledger.verdicts.lock().await.keys()) {
+    assert_eq!(
+        batch_verdicts(&client, &before).await,
+        [b'0'],
+        "the ids of before the crash are remembered"
+    );
+    for id in ledger.verdicts.lock().await.keys() {
         assert!(!decide(&client, id).await.0, "{id} was forgotten");
     }
     for node in nodes.iter_mut().flatten() {
@@ -501,10 +535,21 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
     let kv = js.get_key_value("eventsieve").await.unwrap();
     let beat: serde_json::Value = serde_json::from_slice(&kv.get("node.n1").await.unwrap().unwrap()).unwrap();
     assert_eq!(beat["shards"].as_array().unwrap().len(), 16, "{beat}");
-    for field in ["heartbeat", "ready", "verdicts_per_s", "ids", "bytes_per_id", "host", "pid"] {
+    for field in [
+        "heartbeat",
+        "ready",
+        "verdicts_per_s",
+        "ids",
+        "bytes_per_id",
+        "host",
+        "pid",
+    ] {
         assert!(!beat[field].is_null(), "{field} in {beat}");
     }
-    assert!(kv.get("node.n0").await.unwrap().is_none(), "the node that left took its heartbeat with it");
+    assert!(
+        kv.get("node.n0").await.unwrap().is_none(),
+        "the node that left took its heartbeat with it"
+    );
     // ... and `eventsieve status`: each node, then each shard's lease.
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
         .arg("status")
@@ -759,4 +804,43 @@ async fn a_restart_reads_the_local_copy_and_a_damaged_copy_is_rebuilt_from_the_j
         .collect();
     assert_eq!(aside.len(), 1, "the damaged store is kept aside for a look");
     assert!(node.terminate().success());
+}
+
+/// Found by the kill test: a node that took a shard by replaying another
+/// node's journal messages recorded the journal position in its copy
+/// without those messages, so its next takeover of the shard (after a
+/// restart, or a handover back) read a copy that lacked them and forgot
+/// their ids. Replayed messages now go into the copy too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_built_by_replaying_another_nodes_journal_holds_its_ids() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let first = spawn_node(&server, &tmp.path().join("a"), "a", &[]);
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let ids: Vec<String> = (0..3000).map(|i| format!("other{i}")).collect();
+    assert_eq!(batch_verdicts(&client, &ids).await, [b'1']);
+    first.kill();
+
+    // B replays A's journal, appends a little of its own, and restarts.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [("EVENTSIEVE_METRICS_ADDR", addr.as_str())];
+    let b_dir = tmp.path().join("b");
+    let second = spawn_node(&server, &b_dir, "b", &env);
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    assert!(metric(&addr, "eventsieve_takeover_ids_total{source=\"journal\"}") >= 3000.0);
+    assert!(second.terminate().success());
+    let second = spawn_node(&server, &b_dir, "b", &env);
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let from_copy = metric(&addr, "eventsieve_takeover_ids_total{source=\"copy\"}");
+    assert!(
+        from_copy >= 3000.0,
+        "the copy holds what was replayed into it: {from_copy}"
+    );
+    assert_eq!(
+        batch_verdicts(&client, &ids).await,
+        [b'0'],
+        "A's ids are remembered"
+    );
+    assert!(second.terminate().success());
 }

@@ -122,6 +122,19 @@ impl Positions {
     }
 }
 
+/// Most replayed ids written to the local copy in one transaction.
+const COPY_BATCH: usize = 8192;
+
+/// Replayed journal messages of one kind waiting to go into the local copy.
+#[derive(Default)]
+struct CopyBuffer {
+    kind: u8,
+    records: Vec<Record>,
+    /// The sequence of the last message whose ids are in `records` (0:
+    /// none yet).
+    through: u64,
+}
+
 /// Why a shard's journal could not be read.
 #[derive(Debug)]
 pub struct ReplayError(pub String);
@@ -316,6 +329,9 @@ impl StreamJournal {
         let mut messages = consumer.messages().await.map_err(|e| fail("cannot read", &e))?;
         let window_ms = dedup.config().window_ms;
         let mut restored = 0;
+        // What is replayed goes into the local copy too, so that the copy
+        // holds the whole journal up to the position it records.
+        let mut copy = CopyBuffer::default();
         loop {
             let message = match tokio::time::timeout(TIMEOUT, messages.next()).await {
                 Ok(Some(Ok(message))) => message,
@@ -330,22 +346,61 @@ impl StreamJournal {
             let now = unix_ms();
             let (kind, ids) =
                 decode(&message.payload).map_err(|e| fail(&format!("message {sequence}"), &e))?;
-            let mut table = dedup.table(shard);
-            for (born_ms, fingerprint) in ids {
-                match kind {
-                    FORGOTTEN => {
-                        table.remove(fingerprint);
+            if copy.kind != kind || copy.records.len() >= COPY_BATCH {
+                self.copy(shard, &mut copy).await;
+                copy.kind = kind;
+            }
+            {
+                let mut table = dedup.table(shard);
+                for (born_ms, fingerprint) in ids {
+                    copy.records.push(Record {
+                        shard,
+                        born_ms,
+                        fingerprint,
+                    });
+                    match kind {
+                        FORGOTTEN => {
+                            table.remove(fingerprint);
+                        }
+                        _ if now.saturating_sub(born_ms) < window_ms => {
+                            restored += usize::from(table.restore(fingerprint, born_ms, now));
+                        }
+                        _ => {}
                     }
-                    _ if now.saturating_sub(born_ms) < window_ms => {
-                        restored += usize::from(table.restore(fingerprint, born_ms, now));
-                    }
-                    _ => {}
                 }
             }
-            drop(table);
+            copy.through = sequence;
             if sequence >= last {
+                self.copy(shard, &mut copy).await;
                 return Ok((sequence, restored));
             }
+        }
+    }
+
+    /// Writes the replayed messages in `buffer` to the local copy, with the
+    /// shard's position after them, and empties it. A failure is logged: the
+    /// copy then keeps its older position, and a later takeover replays more.
+    async fn copy(&self, shard: u32, buffer: &mut CopyBuffer) {
+        let Some(local) = &self.local else { return };
+        if buffer.through == 0 {
+            return;
+        }
+        let (local, kind, through) = (local.clone(), buffer.kind, buffer.through);
+        let records = std::mem::take(&mut buffer.records);
+        let written = tokio::task::spawn_blocking(move || {
+            let mut local = local.lock().unwrap_or_else(PoisonError::into_inner);
+            if kind == FORGOTTEN {
+                local.forget_at(&records, &[(shard, through)])
+            } else {
+                local.append_at(&records, &[(shard, through)])
+            }
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) =
+            written.map_err(|e| JournalError::new(JournalErrorKind::Io, e.to_string()))
+        {
+            Metrics::inc(&self.metrics.store_errors);
+            tracing::warn!(message = "Cannot copy replayed journal messages to the local store.", shard, error = %e);
         }
     }
 
