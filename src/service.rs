@@ -180,32 +180,47 @@ async fn open_store(settings: &Settings) -> Result<Box<dyn Journal>, ServiceErro
     Ok(Box::new(store))
 }
 
-/// The local copy of the replicated journal. A store that cannot be opened
-/// (damaged, or of another format or shard count) is moved aside and a new
-/// one made: the journal has everything it held.
-async fn open_local_copy(settings: &Settings) -> Result<LmdbStore, ServiceError> {
+/// The local copy of the replicated journal whose stream is `stream` (its
+/// [`StreamJournal::identity`]). A store that cannot be opened (damaged,
+/// or of another format or shard count), or that copied another stream of
+/// the same name, is moved aside and a new one made: the journal has
+/// everything this node needs.
+async fn open_local_copy(settings: &Settings, stream: String) -> Result<LmdbStore, ServiceError> {
+    const STREAM_KEY: &str = "journal_stream";
     let dir = settings.config.data_dir.clone();
     let fsync = settings.config.fsync;
     let meta = StoreMeta {
         shards: settings.config.shards,
         window_ms: settings.window_ms,
     };
-    tokio::task::spawn_blocking(move || match LmdbStore::open(&dir, meta, fsync) {
-        Ok(store) => Ok(store),
-        Err(e) => {
-            let aside = crate::journal::lmdb::move_aside(&dir).map_err(|m| {
-                JournalError::new(
-                    JournalErrorKind::Open,
-                    format!("{e}; and it cannot be moved aside: {m}"),
-                )
-            })?;
-            tracing::warn!(
-                message = "The local store cannot be used; moved aside, rebuilding from the journal.",
-                error = %e,
-                moved_to = %aside.display(),
-            );
-            LmdbStore::open(&dir, meta, fsync)
-        }
+    tokio::task::spawn_blocking(move || {
+        let problem = match LmdbStore::open(&dir, meta, fsync) {
+            Ok(mut store) => match store.meta(STREAM_KEY)? {
+                Some(seen) if seen != stream => {
+                    drop(store);
+                    format!("it copied another journal stream of that name (created {seen} ns, this one {stream} ns)")
+                }
+                _ => {
+                    store.set_meta(STREAM_KEY, &stream)?;
+                    return Ok(store);
+                }
+            },
+            Err(e) => e.to_string(),
+        };
+        let aside = crate::journal::lmdb::move_aside(&dir).map_err(|m| {
+            JournalError::new(
+                JournalErrorKind::Open,
+                format!("{problem}; and it cannot be moved aside: {m}"),
+            )
+        })?;
+        tracing::warn!(
+            message = "The local store cannot be used; moved aside, rebuilding from the journal.",
+            why = %problem,
+            moved_to = %aside.display(),
+        );
+        let mut store = LmdbStore::open(&dir, meta, fsync)?;
+        store.set_meta(STREAM_KEY, &stream)?;
+        Ok(store)
     })
     .await
     .map_err(|e| ServiceError::Panicked(e.to_string()))?
@@ -233,10 +248,19 @@ pub async fn start_with(
     // Replicated: the journal is the stream, and shards come with leases.
     let (journal, stream) = if settings.config.durability == Durability::Replicated {
         let positions = Arc::new(Positions::new(shards));
-        let copy = open_local_copy(&settings).await?;
-        let stream = StreamJournal::open(client.clone(), &settings, Some(copy), positions, metrics.clone())
-            .await
-            .map_err(NatsError::Connect)?;
+        let open = |copy| {
+            StreamJournal::open(
+                client.clone(),
+                &settings,
+                copy,
+                positions.clone(),
+                metrics.clone(),
+            )
+        };
+        // The stream first, to know which one the copy must be of.
+        let identity = open(None).await.map_err(NatsError::Connect)?.identity();
+        let copy = open_local_copy(&settings, identity).await?;
+        let stream = open(Some(copy)).await.map_err(NatsError::Connect)?;
         settings.owned = Vec::new();
         (Some(Box::new(stream.clone()) as Box<dyn Journal>), Some(stream))
     } else {

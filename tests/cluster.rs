@@ -804,6 +804,24 @@ async fn a_restart_reads_the_local_copy_and_a_damaged_copy_is_rebuilt_from_the_j
         .collect();
     assert_eq!(aside.len(), 1, "the damaged store is kept aside for a look");
     assert!(node.terminate().success());
+
+    // An operator deletes the journal stream: the copy is of a stream that
+    // is gone, and is not read (it is moved aside too).
+    let js = async_nats::jetstream::new(client.clone());
+    js.delete_stream("EVENTSIEVE_JOURNAL").await.unwrap();
+    let node = spawn_node(&server, &data, "n0", &env);
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    assert_eq!(
+        metric(&addr, "eventsieve_takeover_ids_total{source=\"copy\"}"),
+        0.0
+    );
+    let aside = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("data.damaged-"))
+        .count();
+    assert_eq!(aside, 2, "the copy of the deleted stream is kept aside");
+    assert!(node.terminate().success());
 }
 
 /// Found by the kill test: a node that took a shard by replaying another

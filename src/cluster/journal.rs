@@ -153,6 +153,8 @@ impl std::fmt::Display for ReplayError {
 #[derive(Clone)]
 pub struct StreamJournal {
     local: Option<Arc<Mutex<LmdbStore>>>,
+    /// The copy was found to be of another stream: not read any more.
+    stale_copy: Arc<std::sync::atomic::AtomicBool>,
     js: jetstream::Context,
     stream: stream::Stream,
     name: String,
@@ -202,6 +204,7 @@ impl StreamJournal {
         let max_age = stream.cached_info().config.max_age;
         Ok(Self {
             local: local.map(|l| Arc::new(Mutex::new(l))),
+            stale_copy: Arc::default(),
             js,
             stream,
             name: name.to_owned(),
@@ -211,6 +214,16 @@ impl StreamJournal {
             runtime: tokio::runtime::Handle::current(),
             metrics,
         })
+    }
+
+    /// What tells this journal stream from another of the same name (one
+    /// deleted and made again): its creation time, in ns since the epoch.
+    pub fn identity(&self) -> String {
+        self.stream
+            .cached_info()
+            .created
+            .unix_timestamp_nanos()
+            .to_string()
     }
 
     pub fn positions(&self) -> &Arc<Positions> {
@@ -257,12 +270,23 @@ impl StreamJournal {
         let mut from_copy = 0;
         if let Some(local) = &self.local {
             let (local, copy_into) = (local.clone(), pipeline.clone());
+            let stale = self.stale_copy.clone();
             let copied = tokio::task::spawn_blocking(move || -> Result<(u64, usize), JournalError> {
                 let local = local.lock().unwrap_or_else(PoisonError::into_inner);
                 let at = local.journal_position(shard)?;
                 // A copy ahead of the journal is of another stream (one
-                // deleted and made again): not used.
-                if at == 0 || at > last {
+                // deleted and made again): its ids are not this journal's,
+                // and it is not read again while this process runs.
+                if at > last && !stale.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        message =
+                            "The local copy is ahead of the journal stream (made again?); not using it.",
+                        shard,
+                        copy_at = at,
+                        journal_last = last,
+                    );
+                }
+                if at == 0 || stale.load(std::sync::atomic::Ordering::Relaxed) {
                     return Ok((0, 0));
                 }
                 let dedup = copy_into.dedup();

@@ -355,6 +355,32 @@ impl LmdbStore {
 }
 
 impl LmdbStore {
+    /// A value kept in the store's meta table (set by [`Self::set_meta`]).
+    ///
+    /// # Errors
+    ///
+    /// [`JournalErrorKind::Io`] if the read fails.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, JournalError> {
+        let rtxn = self.env.read_txn().map_err(|e| io("read meta", e))?;
+        let value = self.meta.get(&rtxn, key).map_err(|e| io("read meta", e))?;
+        Ok(value.map(str::to_owned))
+    }
+
+    /// Keeps `value` under `key` in the store's meta table.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalErrorKind::Io`] if the write fails.
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), JournalError> {
+        let (env, meta) = (&self.env, self.meta);
+        with_growth(env, || {
+            let mut wtxn = env.write_txn()?;
+            meta.put(&mut wtxn, key, value)?;
+            wtxn.commit()
+        })
+        .map_err(|e| write_failed(&self.path, "write meta", e))
+    }
+
     /// The sequence of the replicated journal up to which this store holds
     /// a copy of `shard`'s messages (0: none).
     ///
