@@ -714,9 +714,25 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
     wait_all_served(&client, Duration::from_secs(60)).await;
     let (accepted, _) = ledger.check().await;
     assert!(accepted > 1000);
-    for id in ledger.verdicts.lock().await.keys() {
-        assert!(!decide(&client, id).await.0, "{id} was forgotten");
+    // Every id answered `true` is remembered. An id answered only `false`
+    // may not be: its retry found it in the table while the first copy's
+    // commit was pending, and that commit then timed out during the
+    // election and was undone (a known limit: README, "Many sidecars").
+    let verdicts = ledger.verdicts.lock().await.clone();
+    let mut lost_false = Vec::new();
+    for (id, v) in &verdicts {
+        if decide(&client, id).await.0 {
+            assert!(
+                !v.contains(&true),
+                "{id} was answered true ({v:?}) and then forgotten"
+            );
+            lost_false.push(id.clone());
+        }
     }
+    println!(
+        "{} ids answered only `false` were not remembered (their first copy's commit failed after the answer)",
+        lost_false.len()
+    );
     for node in nodes {
         node.terminate();
     }
