@@ -128,7 +128,10 @@ async fn main() {
         if even {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "shares not even within 60 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "shares not even within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
