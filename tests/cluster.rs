@@ -125,36 +125,54 @@ impl Ledger {
     }
 }
 
-/// `producers` tasks send fresh ids `<tag><n>` and, a little later, each
-/// one again, until `stop` or `max` ids; every verdict goes to `ledger`.
-async fn produce(
-    client: Client,
+/// Producers running in the background: 16 tasks send fresh ids
+/// `<tag><n>` and, a little later, each one again, until stopped (at most
+/// 1 000 000 ids); every verdict goes to `ledger`.
+struct Load {
     ledger: Arc<Ledger>,
     stop: Arc<AtomicBool>,
-    tag: &'static str,
-    max: usize,
-    producers: usize,
-) {
-    let next = Arc::new(AtomicUsize::new(0));
-    futures_util::stream::iter(0..producers)
-        .for_each_concurrent(producers, |_| {
-            let (client, ledger, stop, next) = (client.clone(), ledger.clone(), stop.clone(), next.clone());
-            async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= max {
-                        break;
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    const PRODUCERS: usize = 16;
+    const MAX: usize = 1_000_000;
+
+    fn start(client: &Client, tag: &'static str) -> Self {
+        let ledger = Arc::new(Ledger::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicUsize::new(0));
+        let (client, l, s) = (client.clone(), ledger.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            futures_util::stream::iter(0..Self::PRODUCERS)
+                .for_each_concurrent(Self::PRODUCERS, |_| {
+                    let (client, ledger, stop, next) = (client.clone(), l.clone(), s.clone(), next.clone());
+                    async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            let n = next.fetch_add(1, Ordering::Relaxed);
+                            if n >= Self::MAX {
+                                break;
+                            }
+                            ledger.send(&client, &format!("{tag}{n}")).await;
+                            // A repeat of an id sent a moment ago: around a
+                            // crash too, it must say `false`.
+                            if n >= 40 {
+                                ledger.send(&client, &format!("{tag}{}", n - 40)).await;
+                            }
+                        }
                     }
-                    ledger.send(&client, &format!("{tag}{n}")).await;
-                    // A repeat of an id sent a moment ago: around a crash
-                    // too, it must say `false`.
-                    if n >= 40 {
-                        ledger.send(&client, &format!("{tag}{}", n - 40)).await;
-                    }
-                }
-            }
-        })
-        .await;
+                })
+                .await;
+        });
+        Self { ledger, stop, task }
+    }
+
+    /// Stops the producers once each has its current id's verdict.
+    async fn finish(self) -> Arc<Ledger> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.ledger
+    }
 }
 
 /// Waits until every shard is leased and answers; returns the owners.
@@ -284,16 +302,8 @@ async fn a_killed_sidecars_shards_are_taken_over_and_no_id_is_accepted_twice() {
         "all new before the crash"
     );
 
-    let ledger = Arc::new(Ledger::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(produce(
-        client.clone(),
-        ledger.clone(),
-        stop.clone(),
-        "live",
-        1_000_000,
-        16,
-    ));
+    let load = Load::start(&client, "live");
+    let ledger = load.ledger.clone();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let victim_shards: Vec<u32> = owners
@@ -310,8 +320,7 @@ async fn a_killed_sidecars_shards_are_taken_over_and_no_id_is_accepted_twice() {
     assert!(gap < Duration::from_secs(8), "takeover took {gap:?}");
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    load.finish().await;
     let counts = per_node(&owners_settled(&client).await);
     assert_eq!(counts.len(), 2, "the survivors hold every shard: {counts:?}");
     assert!(counts.values().all(|&c| c == 16), "evenly: {counts:?}");
@@ -464,16 +473,8 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
         "{counts:?}"
     );
 
-    let ledger = Arc::new(Ledger::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(produce(
-        client.clone(),
-        ledger.clone(),
-        stop.clone(),
-        "move",
-        1_000_000,
-        16,
-    ));
+    let load = Load::start(&client, "move");
+    let ledger = load.ledger.clone();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A third joins: the two hand shards over until each has its share.
@@ -512,8 +513,7 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
         left.elapsed()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    load.finish().await;
 
     let (accepted, never) = ledger.check().await;
     let unanswered = ledger.unanswered.load(Ordering::Relaxed);
@@ -595,16 +595,8 @@ async fn with_jetstream_output_each_id_reaches_the_stream_once_across_sigkills()
         .collect();
     wait_all_served(&client, Duration::from_secs(60)).await;
 
-    let ledger = Arc::new(Ledger::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(produce(
-        client.clone(),
-        ledger.clone(),
-        stop.clone(),
-        "out",
-        1_000_000,
-        16,
-    ));
+    let load = Load::start(&client, "out");
+    let ledger = load.ledger.clone();
     for (i, dir) in dirs.iter().enumerate() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         // Each node in turn dies and comes back under its own name.
@@ -613,24 +605,10 @@ async fn with_jetstream_output_each_id_reaches_the_stream_once_across_sigkills()
         wait_all_served(&client, Duration::from_secs(60)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    load.finish().await;
     let (accepted, never) = ledger.check().await;
 
-    let js = async_nats::jetstream::new(client.clone());
-    let mut stream = js.get_stream("EVENTSIEVE_OUTPUT").await.unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut copies: HashMap<String, usize> = HashMap::new();
-    for seq in 1..=last {
-        let m = stream.get_raw_message(seq).await.unwrap();
-        let id = m
-            .headers
-            .get(async_nats::header::NATS_MESSAGE_ID)
-            .unwrap()
-            .to_string();
-        assert_eq!(m.payload, event(&id), "byte for byte");
-        *copies.entry(id).or_default() += 1;
-    }
+    let copies = output_copies(&client).await;
     for (id, n) in &copies {
         assert_eq!(*n, 1, "{id} is in the stream {n} times");
     }
@@ -678,16 +656,8 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
     let mut bucket = js.get_stream("KV_eventsieve").await.unwrap();
     assert_eq!(bucket.info().await.unwrap().config.num_replicas, 3);
 
-    let ledger = Arc::new(Ledger::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(produce(
-        client.clone(),
-        ledger.clone(),
-        stop.clone(),
-        "ha",
-        1_000_000,
-        16,
-    ));
+    let load = Load::start(&client, "ha");
+    let ledger = load.ledger.clone();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = ledger.verdicts.lock().await.len();
     // The producers' server stays; the last one dies. The streams whose
@@ -705,8 +675,7 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
     }
     let resumed = killed.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    load.finish().await;
     println!(
         "{before} ids decided before the server died; 1000 more within {resumed:?} after; {} needed a retry",
         ledger.retried.load(Ordering::Relaxed)

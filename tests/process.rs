@@ -579,20 +579,7 @@ async fn jetstream_output_holds_each_id_exactly_once_across_sigkills() {
     assert_eq!(verdicts.len(), IDS);
     let retried_false = verdicts.iter().filter(|(_, v)| !v).count();
 
-    let js = async_nats::jetstream::new(client.clone());
-    let mut stream = js.get_stream("EVENTSIEVE_OUTPUT").await.unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut copies: std::collections::HashMap<String, usize> = Default::default();
-    for seq in 1..=last {
-        let m = stream.get_raw_message(seq).await.unwrap();
-        let id = m
-            .headers
-            .get(async_nats::header::NATS_MESSAGE_ID)
-            .unwrap()
-            .to_string();
-        assert_eq!(m.payload, event(&id), "byte for byte");
-        *copies.entry(id).or_default() += 1;
-    }
+    let copies = output_copies(&client).await;
     for (id, _) in &verdicts {
         assert_eq!(
             copies.get(id),

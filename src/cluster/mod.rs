@@ -145,7 +145,7 @@ impl Keeper {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         // Announce first and give nodes starting together a moment to see
         // each other, so the first round already takes a fair share.
-        let beat = self.heartbeat();
+        let beat = self.heartbeat().await;
         let _ = self.leases.heartbeat(&self.node, &beat).await;
         tokio::time::sleep(self.ttl / 6).await;
         let mut tick = tokio::time::interval(self.ttl / 3);
@@ -167,7 +167,7 @@ impl Keeper {
         // The heartbeat first: it then expires a moment before the leases
         // of a node that died, so the others count it gone when its
         // shards come free.
-        let beat = self.heartbeat();
+        let beat = self.heartbeat().await;
         let _ = self.leases.heartbeat(&self.node, &beat).await;
         self.renew().await;
         self.catch_up().await;
@@ -490,13 +490,20 @@ impl Keeper {
     }
 
     /// This node's `node.<id>` value.
-    fn heartbeat(&mut self) -> serde_json::Value {
-        let dedup = self.ctx.pipeline.dedup();
+    ///
+    /// The table figures come from the metrics' census (one walk per
+    /// [`crate::observe::metrics::CENSUS_EVERY`] at most, off the runtime),
+    /// not from a walk every round.
+    async fn heartbeat(&mut self) -> serde_json::Value {
+        let ctx = self.ctx.clone();
+        let census = tokio::task::spawn_blocking(move || ctx.metrics.census.get(ctx.pipeline.dedup()))
+            .await
+            .unwrap_or_default();
         let m = &self.ctx.metrics;
         let verdicts = m.accepted.load(Relaxed) + m.duplicates.load(Relaxed);
         let (at, before) = std::mem::replace(&mut self.last_beat, (Instant::now(), verdicts));
         let per_s = (verdicts - before) as f64 / at.elapsed().as_secs_f64().max(1e-3);
-        let (ids, bytes) = (dedup.len(), dedup.memory_bytes());
+        let (ids, bytes) = (census.live, census.bytes);
         let mut beat = serde_json::json!({
             "node": self.node,
             "heartbeat": unix_ms(),

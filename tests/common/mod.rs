@@ -338,6 +338,27 @@ pub fn event(id: &str) -> Bytes {
     Bytes::from(format!(r#"{{"event_id":"{id}","payload":{{"n":1}}}}"#))
 }
 
+/// How many times each `Nats-Msg-Id` is in the stream `EVENTSIEVE_OUTPUT`
+/// (`output = "jetstream"`), each message checked to be its event byte for
+/// byte.
+pub async fn output_copies(client: &Client) -> std::collections::HashMap<String, usize> {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream("EVENTSIEVE_OUTPUT").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut copies = std::collections::HashMap::new();
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let id = m
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .unwrap()
+            .to_string();
+        assert_eq!(m.payload, event(&id), "byte for byte");
+        *copies.entry(id).or_default() += 1;
+    }
+    copies
+}
+
 /// A loopback port free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
