@@ -248,19 +248,12 @@ pub async fn start_with(
     // Replicated: the journal is the stream, and shards come with leases.
     let (journal, stream) = if settings.config.durability == Durability::Replicated {
         let positions = Arc::new(Positions::new(shards));
-        let open = |copy| {
-            StreamJournal::open(
-                client.clone(),
-                &settings,
-                copy,
-                positions.clone(),
-                metrics.clone(),
-            )
-        };
-        // The stream first, to know which one the copy must be of.
-        let identity = open(None).await.map_err(NatsError::Connect)?.identity();
-        let copy = open_local_copy(&settings, identity).await?;
-        let stream = open(Some(copy)).await.map_err(NatsError::Connect)?;
+        let stream = StreamJournal::open(client.clone(), &settings, positions, metrics.clone())
+            .await
+            .map_err(NatsError::Connect)?;
+        // The copy must be of this stream, not of an earlier one of its name.
+        let copy = open_local_copy(&settings, stream.identity()).await?;
+        let stream = stream.with_copy(copy);
         settings.owned = Vec::new();
         (Some(Box::new(stream.clone()) as Box<dyn Journal>), Some(stream))
     } else {

@@ -168,8 +168,8 @@ pub struct StreamJournal {
 impl StreamJournal {
     /// Opens the stream `cluster.journal_stream` over
     /// `<prefix>.journal.*`, creating it with `cluster.replicas` replicas
-    /// and a `max_age` of the window plus [`GRACE`] if it does not exist;
-    /// `local` is the node's copy. Call on the runtime.
+    /// and a `max_age` of the window plus [`GRACE`] if it does not exist.
+    /// Call on the runtime.
     ///
     /// # Errors
     ///
@@ -177,7 +177,6 @@ impl StreamJournal {
     pub async fn open(
         client: async_nats::Client,
         settings: &crate::config::Settings,
-        local: Option<LmdbStore>,
         positions: Arc<Positions>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
@@ -203,7 +202,7 @@ impl StreamJournal {
             .map_err(|e| format!("journal stream {name}: {e}"))?;
         let max_age = stream.cached_info().config.max_age;
         Ok(Self {
-            local: local.map(|l| Arc::new(Mutex::new(l))),
+            local: None,
             stale_copy: Arc::default(),
             js,
             stream,
@@ -214,6 +213,13 @@ impl StreamJournal {
             runtime: tokio::runtime::Handle::current(),
             metrics,
         })
+    }
+
+    /// Keeps `local` as the node's copy of this journal (see
+    /// [`Self::identity`] for making sure it is of this stream).
+    pub fn with_copy(mut self, local: LmdbStore) -> Self {
+        self.local = Some(Arc::new(Mutex::new(local)));
+        self
     }
 
     /// What tells this journal stream from another of the same name (one
