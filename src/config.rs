@@ -276,8 +276,14 @@ pub struct ClusterConfig {
     /// The JetStream stream of the journal, over `<prefix>.journal.*`;
     /// created if absent. Default `EVENTSIEVE_JOURNAL`.
     pub journal_stream: String,
-    /// Replicas of the journal stream and of the KV bucket when this node
-    /// creates them: 1 on a single server, 3 on a cluster. Default 1.
+    /// The JetStream stream of the aggregates' panes, over
+    /// `<prefix>.panes.>`, so that a node's panes outlive it (see
+    /// `stages::replica`); created if absent, used only with
+    /// `[[aggregate]]`. Default `EVENTSIEVE_PANES`.
+    pub panes_stream: String,
+    /// Replicas of the journal and pane streams and of the KV bucket when
+    /// this node creates them: 1 on a single server, 3 on a cluster.
+    /// Default 1.
     pub replicas: usize,
 }
 
@@ -287,6 +293,7 @@ impl Default for ClusterConfig {
             node_id: String::new(),
             lease_ttl: "3s".into(),
             journal_stream: "EVENTSIEVE_JOURNAL".into(),
+            panes_stream: "EVENTSIEVE_PANES".into(),
             replicas: 1,
         }
     }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cluster::{Keeper, Leases, Positions, StreamJournal};
+use crate::cluster::{Keeper, Leases, Membership, Positions, StreamJournal};
 use crate::config::{Durability, Output, Settings};
 use crate::control::{self, Window};
 use crate::engine::{Deduplicator, unix_ms};
@@ -29,6 +29,7 @@ use crate::journal::{Journal, JournalError, JournalErrorKind, LmdbStore, StoreMe
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Ownership, Pipeline, ShardState};
 use crate::stages::Stages;
+use crate::stages::replica::PaneLog;
 use crate::transport::budget::Budget;
 use crate::transport::http::Gateway;
 use crate::transport::nats::jetstream::JetStreamOutput;
@@ -276,9 +277,10 @@ pub async fn start_with(
         core,
         metrics.clone(),
     );
-    // Aggregates survive a restart through a snapshot in the data dir
-    // (with `replicated` too: they stay on the node that computed them).
-    let snapshot = (!stages.is_empty() && settings.config.durability != Durability::Memory).then(|| {
+    // Aggregates survive a restart through a snapshot in the data dir;
+    // with `replicated`, through the pane log in JetStream (see
+    // `stages::replica`), which outlives the node.
+    let snapshot = (!stages.is_empty() && settings.config.durability == Durability::Local).then(|| {
         let path = settings.config.data_dir.join(crate::stages::SNAPSHOT_FILE);
         let panes = stages.load(&path);
         tracing::info!(message = "Aggregates restored.", panes, path = %path.display());
@@ -348,6 +350,8 @@ pub async fn start_with(
         }
     };
     let node = settings.node_id.clone();
+    let mut stage_tasks = Vec::new();
+    let mut members = None;
     let keeper = match stream {
         Some(stream) => {
             let bucket = &settings.config.kv_bucket;
@@ -366,7 +370,30 @@ pub async fn start_with(
                 "metrics_addr": settings.metrics_addr.map(|a| a.to_string()),
                 "http_addr": settings.http_addr.map(|a| a.to_string()),
             });
-            let keeper = Keeper::new(ctx.clone(), leases, stream, node.clone(), ttl).with_about(about);
+            let membership = Arc::new(Membership::new(ttl));
+            let mut keeper = Keeper::new(ctx.clone(), leases.clone(), stream, node.clone(), ttl)
+                .with_about(about)
+                .with_membership(membership.clone());
+            if !stages.is_empty() {
+                let cluster = &settings.config.cluster;
+                let log = PaneLog::open(
+                    client.clone(),
+                    cluster,
+                    subjects.prefix(),
+                    leases,
+                    stages.clone(),
+                    membership.clone(),
+                    node.clone(),
+                )
+                .await
+                .map_err(NatsError::Connect)?;
+                let panes = log.start().await.map_err(NatsError::Connect)?;
+                tracing::info!(message = "Aggregates restored from the pane log.", panes, stream = %cluster.panes_stream);
+                let log = Arc::new(log);
+                stage_tasks.push(tokio::spawn(log.clone().run()));
+                keeper = keeper.with_panes(log);
+            }
+            members = Some(membership);
             Some((stop, tokio::spawn(keeper.run(stopped))))
         }
         None => None,
@@ -375,13 +402,12 @@ pub async fn start_with(
         .await
         .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
     let watch = tokio::spawn(window.clone().watch(ctx.clone()));
-    let mut stage_tasks = if stages.is_empty() {
-        Vec::new()
-    } else {
-        crate::stages::query::serve(ctx.clone(), stages.clone())
+    if !stages.is_empty() {
+        let served = crate::stages::query::serve(ctx.clone(), stages.clone(), node.clone(), members)
             .await
-            .map_err(|e| NatsError::Subscribe(format!("{}.agg.*: {e}", subjects.prefix())))?
-    };
+            .map_err(|e| NatsError::Subscribe(format!("{}.agg.*: {e}", subjects.prefix())))?;
+        stage_tasks.extend(served);
+    }
     if let Some(snapshot) = &snapshot {
         stage_tasks.push(tokio::spawn(snapshot.clone().every(SNAPSHOT_EVERY)));
     }

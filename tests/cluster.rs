@@ -63,11 +63,16 @@ fn id_in(shard: u32, tag: &str) -> String {
 /// or a timeout, for at most 60 s); the verdict, how many tries it took
 /// and how many of them timed out (got no answer at all).
 async fn decide(client: &Client, id: &str) -> (bool, u32, u32) {
+    decide_event(client, id, event(id)).await
+}
+
+/// [`decide`] for the event `body` of `id`.
+async fn decide_event(client: &Client, id: &str, body: bytes::Bytes) -> (bool, u32, u32) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut tries, mut timeouts) = (0, 0);
     loop {
         tries += 1;
-        let request = client.request(format!("dedup.ingest.{id}"), event(id));
+        let request = client.request(format!("dedup.ingest.{id}"), body.clone());
         match tokio::time::timeout(Duration::from_secs(2), request).await {
             Ok(Ok(reply)) => match parse_answer(&reply) {
                 Answer::Verdict(v) => return (v, tries, timeouts),
@@ -846,4 +851,197 @@ async fn a_copy_built_by_replaying_another_nodes_journal_holds_its_ids() {
         "A's ids are remembered"
     );
     assert!(second.terminate().success());
+}
+
+/// One aggregate over arrival time: `metric_value` per `metric_name`.
+const AGGREGATE_TOML: &str = r#"
+[[aggregate]]
+group = "metric_name"
+value = "metric_value"
+pane = "1s"
+max_window = "1h"
+lateness = "5s"
+"#;
+
+/// Sends `metric` events `<tag><n>` for `n` in `range`, each with value
+/// `n`, retrying until each has a verdict; the sum of the values answered
+/// `true` (each id is sent once, so all are).
+async fn send_metrics(client: &Client, tag: &str, range: std::ops::Range<u32>) -> (u64, f64) {
+    let (mut count, mut sum) = (0, 0.0);
+    let results: Vec<(bool, f64)> = futures_util::stream::iter(range)
+        .map(|n| {
+            let client = client.clone();
+            let id = format!("{tag}{n}");
+            async move {
+                let body = format!(r#"{{"event_id":"{id}","metric_name":"m","metric_value":{n}}}"#);
+                (decide_event(&client, &id, body.into()).await.0, f64::from(n))
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for (accepted, value) in results {
+        if accepted {
+            count += 1;
+            sum += value;
+        }
+    }
+    (count, sum)
+}
+
+/// The count and sum of `m` over the last 10 minutes, and whether the
+/// reply says it is partial.
+async fn totals(client: &Client) -> (u64, f64, bool) {
+    let reply = request(
+        client,
+        "dedup.agg.query",
+        br#"{"metric_name":"m","window":"10m"}"#.to_vec(),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    (
+        v["count"].as_u64().unwrap_or_else(|| panic!("{v}")),
+        v["sum"].as_f64().unwrap(),
+        v.get("partial").is_some(),
+    )
+}
+
+/// Waits until the query counts `count` with no shard missing; returns how
+/// long that took. Fails after 30 s with what it counted last.
+async fn wait_totals(client: &Client, count: u64, sum: f64) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = totals(client).await;
+        if got == (count, sum, false) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "expected count {count} sum {sum}, the query says {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_panes_move_to_a_live_node_and_are_never_counted_twice() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("eventsieve.toml");
+    std::fs::write(&config, AGGREGATE_TOML).unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let spawn = |i: usize| {
+        let node = format!("n{i}");
+        SidecarProcess::spawn_with(
+            &server.url(),
+            dirs[i].path(),
+            Some(&config),
+            &[
+                ("EVENTSIEVE_DURABILITY", "replicated"),
+                ("EVENTSIEVE_CLUSTER__NODE_ID", &node),
+                ("EVENTSIEVE_WINDOW", "1h"),
+            ],
+        )
+    };
+    let mut nodes: Vec<Option<SidecarProcess>> = (0..3).map(|i| Some(spawn(i))).collect();
+    wait_all_served(&client, Duration::from_secs(60)).await;
+
+    // Every node holds panes of its shards' events.
+    let (mut count, mut sum) = send_metrics(&client, "a", 0..3000).await;
+    assert_eq!(count, 3000);
+    wait_totals(&client, count, sum).await;
+
+    // Killed once its panes were published (a checkpoint a second): a live
+    // node adopts them, and nothing is lost.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    nodes[0].take().unwrap().kill();
+    let whole = wait_totals(&client, count, sum).await;
+    println!("the killed node's panes counted again {whole:?} after the SIGKILL");
+
+    // Back under its name: its panes are with the adopter, not counted twice.
+    nodes[0] = Some(spawn(0));
+    owners_settled(&client).await;
+    let more = send_metrics(&client, "b", 0..1000).await;
+    (count, sum) = (count + more.0, sum + more.1);
+    wait_totals(&client, count, sum).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(totals(&client).await, (count, sum, false), "after the restart");
+
+    // Paused past its heartbeat, a node is taken for gone and its panes
+    // adopted; woken, it drops them rather than count them twice.
+    signal(nodes[2].as_ref().unwrap(), "-STOP");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    signal(nodes[2].as_ref().unwrap(), "-CONT");
+    owners_settled(&client).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    wait_totals(&client, count, sum).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(totals(&client).await, (count, sum, false), "after the pause");
+
+    // Leaving by SIGTERM, a node publishes its last panes first: none lost.
+    let more = send_metrics(&client, "c", 0..1000).await;
+    (count, sum) = (count + more.0, sum + more.1);
+    let mut leaving = nodes[1].take().unwrap();
+    leaving.signal_term();
+    assert!(
+        leaving
+            .wait_exit(Duration::from_secs(30))
+            .is_some_and(|s| s.success())
+    );
+    wait_totals(&client, count, sum).await;
+
+    // Under load, SIGKILL: what is lost is at most the killed node's
+    // updates since its last checkpoint; nothing is counted twice.
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = (0, 0.0, 0u32);
+            while !stop.load(Ordering::Relaxed) && sent.2 < 200_000 {
+                let (c, s) = send_metrics(&client, "d", sent.2..sent.2 + 200).await;
+                sent = (sent.0 + c, sent.1 + s, sent.2 + 200);
+            }
+            (sent.0, sent.1)
+        })
+    };
+    let load_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (before_kill, _, _) = totals(&client).await;
+    let rate = (before_kill - count) as f64 / load_started.elapsed().as_secs_f64();
+    nodes[2].take().unwrap().kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (c, s) = producer.await.unwrap();
+    (count, sum) = (count + c, sum + s);
+    // Counted once adopted (the heartbeat expires with the leases, 3 s;
+    // adoption follows within a second or two).
+    for _ in 0..40 {
+        let (got, got_sum, _) = totals(&client).await;
+        assert!(
+            got <= count && got_sum <= sum + 1e-6,
+            "counted twice: {got} of {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (got, got_sum, partial) = totals(&client).await;
+    assert!(!partial, "every shard is served again");
+    let lost = count - got;
+    println!(
+        "SIGKILL under load: {rate:.0} events/s accepted by two nodes; {lost} of {count} events lost from the aggregate ({:.2} s of the whole load)",
+        lost as f64 / rate
+    );
+    assert!(
+        got <= count && got_sum <= sum + 1e-6,
+        "counted twice: {got} of {count}"
+    );
+    // The killed node had half the load and published every second: it
+    // loses at most about one second of its half.
+    assert!(
+        (lost as f64) < rate,
+        "lost {lost} events, more than a checkpoint interval's worth at {rate:.0}/s"
+    );
+    for node in nodes.iter_mut().flatten() {
+        node.signal_term();
+    }
 }

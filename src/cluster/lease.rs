@@ -117,6 +117,40 @@ impl Leases {
     /// Writes `key` if its last revision is `expected` (0: the key has no
     /// message), with the lease TTL; returns the new revision.
     async fn write(&self, key: &str, value: Bytes, expected: Option<u64>) -> Result<u64, PublishError> {
+        self.write_for(key, value, expected, Some(self.ttl)).await
+    }
+
+    /// Writes `key`, which lasts (no TTL), if its last revision is
+    /// `expected` (0: the key has no message); returns the new revision.
+    /// A write refused because of the revision is
+    /// [`super::journal::wrong_sequence`].
+    ///
+    /// # Errors
+    ///
+    /// If JetStream refuses the write.
+    pub async fn write_lasting(&self, key: &str, value: Bytes, expected: u64) -> Result<u64, PublishError> {
+        self.write_for(key, value, Some(expected), None).await
+    }
+
+    /// The value and revision of `key`, if it holds one.
+    ///
+    /// # Errors
+    ///
+    /// If the bucket cannot be read.
+    pub async fn read(&self, key: &str) -> Result<Option<(Bytes, u64)>, String> {
+        let entry = self.kv.entry(key).await.map_err(|e| e.to_string())?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| (e.value, e.revision)))
+    }
+
+    async fn write_for(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected: Option<u64>,
+        ttl: Option<Duration>,
+    ) -> Result<u64, PublishError> {
         let mut headers = HeaderMap::new();
         if let Some(expected) = expected {
             headers.insert(
@@ -124,10 +158,12 @@ impl Leases {
                 HeaderValue::from(expected),
             );
         }
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_TTL,
-            HeaderValue::from(self.ttl.as_secs()),
-        );
+        if let Some(ttl) = ttl {
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_TTL,
+                HeaderValue::from(ttl.as_secs()),
+            );
+        }
         let subject = format!("$KV.{}.{key}", self.bucket);
         let ack = self
             .js

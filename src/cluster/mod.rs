@@ -50,6 +50,62 @@ use crate::transport::nats::{Context, Kind, Serving};
 pub use journal::{Positions, StreamJournal};
 pub use lease::{Holder, Lease, Leases};
 
+/// What the keeper knows of the cluster, for the aggregates: when this
+/// node's heartbeat was last written, and which nodes were live then.
+pub struct Membership {
+    ttl: Duration,
+    /// When the last successful heartbeat write started.
+    beat: std::sync::Mutex<Option<Instant>>,
+    /// The live nodes at the last round, and when they were listed.
+    nodes: std::sync::Mutex<Option<(Instant, Vec<String>)>>,
+}
+
+impl Membership {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            beat: std::sync::Mutex::new(None),
+            nodes: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The heartbeat was written within two thirds of the TTL: no other
+    /// node can count this one gone (the rule the journal's appends follow).
+    pub fn fresh(&self) -> bool {
+        let beat = *self
+            .beat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        beat.is_some_and(|at| at.elapsed() < self.ttl * 2 / 3)
+    }
+
+    /// The live nodes, if listed within the TTL.
+    pub fn live(&self) -> Option<Vec<String>> {
+        let nodes = self
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        nodes
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, nodes)| nodes.clone())
+    }
+
+    fn beat_at(&self, at: Instant) {
+        *self
+            .beat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(at);
+    }
+
+    fn listed(&self, nodes: Vec<String>) {
+        *self
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), nodes));
+    }
+}
+
 /// A shard this node holds the lease of.
 struct Held {
     lease: Lease,
@@ -99,6 +155,10 @@ pub struct Keeper {
     last_beat: (Instant, u64),
     /// Where this node runs, for its heartbeat: host, pid, addresses.
     about: serde_json::Value,
+    membership: Arc<Membership>,
+    /// The aggregates' replicated panes: checkpointed once more before
+    /// the heartbeat is removed at shutdown.
+    panes: Option<Arc<crate::stages::replica::PaneLog>>,
 }
 
 impl Keeper {
@@ -122,6 +182,30 @@ impl Keeper {
             started: Instant::now(),
             last_beat: (Instant::now(), 0),
             about: serde_json::Value::Null,
+            membership: Arc::new(Membership::new(ttl)),
+            panes: None,
+        }
+    }
+
+    /// Shares what the keeper learns of the cluster through `membership`.
+    pub fn with_membership(mut self, membership: Arc<Membership>) -> Self {
+        self.membership = membership;
+        self
+    }
+
+    /// Checkpoints `panes` at shutdown before the heartbeat goes, so that
+    /// the node adopting them finds them whole.
+    pub fn with_panes(mut self, panes: Arc<crate::stages::replica::PaneLog>) -> Self {
+        self.panes = Some(panes);
+        self
+    }
+
+    /// Writes the heartbeat; records when, if it was written.
+    async fn beat(&mut self) {
+        let beat = self.heartbeat().await;
+        let started = Instant::now();
+        if self.leases.heartbeat(&self.node, &beat).await.is_ok() {
+            self.membership.beat_at(started);
         }
     }
 
@@ -145,8 +229,7 @@ impl Keeper {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         // Announce first and give nodes starting together a moment to see
         // each other, so the first round already takes a fair share.
-        let beat = self.heartbeat().await;
-        let _ = self.leases.heartbeat(&self.node, &beat).await;
+        self.beat().await;
         tokio::time::sleep(self.ttl / 6).await;
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -167,12 +250,15 @@ impl Keeper {
         // The heartbeat first: it then expires a moment before the leases
         // of a node that died, so the others count it gone when its
         // shards come free.
-        let beat = self.heartbeat().await;
-        let _ = self.leases.heartbeat(&self.node, &beat).await;
+        self.beat().await;
         self.renew().await;
         self.catch_up().await;
         let live = match self.leases.nodes().await {
-            Ok(nodes) => nodes.len().max(1) as u32,
+            Ok(nodes) => {
+                let live = nodes.len().max(1) as u32;
+                self.membership.listed(nodes);
+                live
+            }
             Err(e) => {
                 tracing::warn!(message = "Cannot list the live nodes; keeping the shards as they are.", error = %e);
                 return;
@@ -484,6 +570,11 @@ impl Keeper {
         }
         let shards: Vec<u32> = self.held.keys().copied().collect();
         self.hand_over(&shards).await;
+        if let Some(panes) = self.panes.clone() {
+            // Fresh, so that the checkpoint may publish.
+            self.beat().await;
+            panes.close().await;
+        }
         self.leases.leave(&self.node).await;
         self.metrics().leases_held.store(0, Relaxed);
         tracing::info!(message = "Shards handed over.", shards = shards.len());

@@ -48,13 +48,24 @@ pub struct AggregateSettings {
 }
 
 /// What a pane holds.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Summary {
     pub count: u64,
     pub sum: f64,
     pub min: f64,
     pub max: f64,
     pub sketch: Sketch,
+    /// Changed since the last checkpoint (see [`super::replica`]).
+    changed: bool,
+}
+
+/// Equal when they hold the same: whether a checkpoint has seen them does
+/// not count.
+impl PartialEq for Summary {
+    fn eq(&self, other: &Self) -> bool {
+        (self.count, self.sum, self.min, self.max) == (other.count, other.sum, other.min, other.max)
+            && self.sketch == other.sketch
+    }
 }
 
 impl Summary {
@@ -65,10 +76,12 @@ impl Summary {
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
             sketch: Sketch::new(alpha),
+            changed: false,
         }
     }
 
     fn add(&mut self, x: f64) {
+        self.changed = true;
         self.count += 1;
         self.sum += x;
         self.min = self.min.min(x);
@@ -105,8 +118,23 @@ impl Summary {
             min: v["min"].as_f64().unwrap_or(f64::INFINITY),
             max: v["max"].as_f64().unwrap_or(f64::NEG_INFINITY),
             sketch: Sketch::from_json(&v["sketch"])?,
+            changed: false,
         })
     }
+}
+
+/// Parts a pane's groups are split into when published (see
+/// [`super::replica`]), so that one message stays well under a server's
+/// payload limit.
+pub const PARTS: u32 = 16;
+
+/// The part of `group`: FNV-1a of its name, the same on every node and
+/// build.
+pub fn part_of(group: &str) -> u32 {
+    let hash = group.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    hash % PARTS
 }
 
 /// Panes by index (event time / pane), per group.
@@ -289,6 +317,66 @@ impl Aggregate {
         }
         *self.groups() = state;
         Ok(count)
+    }
+
+    /// The panes of every group that changed since the last call (every
+    /// pane when `all`), with their change marks cleared, as whole parts:
+    /// `(pane, part) → [(group, summary)]` with every group of the part
+    /// that has the pane, changed or not, so that a part's message
+    /// replaces the one before it. Only panes from `from_pane` on are
+    /// looked at unless `all` (older ones no longer take events).
+    pub fn changed(&self, all: bool, from_pane: u64) -> BTreeMap<(u64, u32), Vec<(String, Summary)>> {
+        let from = if all { 0 } else { from_pane };
+        // One group at a time under the lock, as for snapshots.
+        let names: Vec<String> = self.groups().keys().cloned().collect();
+        let mut touched = std::collections::BTreeSet::new();
+        for name in &names {
+            let mut held = self.groups();
+            let Some(panes) = held.get_mut(name) else { continue };
+            let part = part_of(name);
+            for (&pane, summary) in panes.range_mut(from..) {
+                if std::mem::take(&mut summary.changed) || all {
+                    touched.insert((pane, part));
+                }
+            }
+        }
+        let mut out: BTreeMap<(u64, u32), Vec<(String, Summary)>> = BTreeMap::new();
+        if touched.is_empty() {
+            return out;
+        }
+        for name in names {
+            let part = part_of(&name);
+            let held = self.groups();
+            let Some(panes) = held.get(&name) else { continue };
+            for &(pane, _) in touched.iter().filter(|(_, p)| *p == part) {
+                if let Some(summary) = panes.get(&pane) {
+                    out.entry((pane, part))
+                        .or_default()
+                        .push((name.clone(), summary.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Adds `summary` to `group`'s pane `pane`; marked changed when `mark`
+    /// (it is to be published again).
+    pub fn absorb(&self, group: &str, pane: u64, summary: &Summary, mark: bool) {
+        let mut groups = self.groups();
+        let panes = match groups.get_mut(group) {
+            Some(panes) => panes,
+            None => groups.entry(group.to_owned()).or_default(),
+        };
+        let held = panes
+            .entry(pane)
+            .or_insert_with(|| Summary::new(self.settings.alpha));
+        held.merge(summary);
+        held.changed |= mark;
+    }
+
+    /// Drops every pane.
+    pub fn clear(&self) {
+        self.groups().clear();
     }
 
     /// Bytes the panes take: the summaries, their sketches' buckets and the

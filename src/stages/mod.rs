@@ -6,6 +6,7 @@
 pub mod aggregate;
 pub mod fields;
 pub mod query;
+pub mod replica;
 pub mod sketch;
 
 use std::sync::Arc;
@@ -53,6 +54,23 @@ impl crate::observe::metrics::Render for Stages {
                 a.panes()
             );
         }
+        let r = &self.replica;
+        let _ = writeln!(
+            out,
+            "# HELP eventsieve_aggregate_pane_log_total What the pane log did (durability replicated): pane parts published, nodes gone whose panes were adopted, times this node found its own adopted and dropped them, parts too large to publish.\n# TYPE eventsieve_aggregate_pane_log_total counter"
+        );
+        for (what, n) in [
+            ("published", &r.published),
+            ("adopted", &r.adoptions),
+            ("dropped", &r.dropped),
+            ("too_large", &r.too_large),
+        ] {
+            let _ = writeln!(
+                out,
+                "eventsieve_aggregate_pane_log_total{{event=\"{what}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
     }
 }
 
@@ -66,6 +84,8 @@ pub const SNAPSHOT_FILE: &str = "aggregates.json";
 #[derive(Default)]
 pub struct Stages {
     pub aggregates: Vec<Arc<Aggregate>>,
+    /// What the pane log did (durability `replicated`).
+    pub replica: replica::Counters,
 }
 
 impl Stages {
@@ -75,6 +95,7 @@ impl Stages {
                 .iter()
                 .map(|s| Arc::new(Aggregate::new(s.clone())))
                 .collect(),
+            replica: replica::Counters::default(),
         }
     }
 

@@ -7,13 +7,15 @@
 //! | `<prefix>.agg.partial` | sidecars, request (every node) | one node's summary of its ready shards |
 //! | `<prefix>.median.<group>` | sidecar, publish | each group's median every `emit_every` |
 //!
-//! The node a query reaches starts from its own summary of the shards it
-//! serves; if shards are left, it asks every node for theirs and merges the
-//! replies as they come. It answers once every shard is covered, or after
-//! [`PARTIAL_WAIT`] with `"partial":true` and the shards missing. A reply whose shards overlap
-//! ones already merged (a shard changing hands) is left out rather than
-//! counted twice. Medians are published by the node that serves shard 0,
-//! from the merge of every node's sketches.
+//! Panes are per node: an event counts in the panes of the node that
+//! accepted it (and of the node that adopted them, see
+//! [`super::replica`]). The node a query reaches starts from its own
+//! summary; unless it serves every shard and knows of no other live node,
+//! it asks every node for theirs and merges each node's reply once, as
+//! they come. It answers once every shard is served by a node that
+//! answered and every live node answered, or after [`PARTIAL_WAIT`] with
+//! `"partial":true` and the shards missing. Medians are published by the
+//! node that serves shard 0, from the merge of every node's sketches.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use crate::cluster::Membership;
 use crate::config::parse_duration_ms;
 use crate::engine::unix_ms;
 use crate::observe::metrics::Metrics;
@@ -56,7 +59,10 @@ fn partial_subject(prefix: &str) -> String {
 pub async fn serve(
     ctx: Arc<Context>,
     stages: Arc<Stages>,
+    node: String,
+    members: Option<Arc<Membership>>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, async_nats::SubscribeError> {
+    let peers = Arc::new(Peers { node, members });
     let prefix = ctx.subjects.prefix().to_owned();
     let group = format!("{prefix}.agg");
     let queries = ctx
@@ -69,25 +75,25 @@ pub async fn serve(
         .await?;
     let partials = ctx.client.subscribe(partial_subject(&prefix)).await?;
     let mut tasks = Vec::new();
-    let (c, s) = (ctx.clone(), stages.clone());
+    let (c, p, s) = (ctx.clone(), peers.clone(), stages.clone());
     tasks.push(tokio::spawn(async move {
         let mut all = futures_util::stream::select(queries, quantiles);
         while let Some(message) = all.next().await {
-            let (c, s) = (c.clone(), s.clone());
-            tokio::spawn(async move { query(&c, &s, message).await });
+            let (c, p, s) = (c.clone(), p.clone(), s.clone());
+            tokio::spawn(async move { query(&c, &p, &s, message).await });
         }
     }));
-    let (c, s) = (ctx.clone(), stages.clone());
+    let (c, p, s) = (ctx.clone(), peers.clone(), stages.clone());
     tasks.push(tokio::spawn(async move {
         let mut partials = partials;
         while let Some(message) = partials.next().await {
-            partial(&c, &s, message).await;
+            partial(&c, &p, &s, message).await;
         }
     }));
     for agg in &stages.aggregates {
         if let Some(every) = agg.settings.emit_every_ms {
-            let (c, a) = (ctx.clone(), agg.clone());
-            tasks.push(tokio::spawn(emit_medians(c, a, Duration::from_millis(every))));
+            let (c, p, a) = (ctx.clone(), peers.clone(), agg.clone());
+            tasks.push(tokio::spawn(emit_medians(c, p, a, Duration::from_millis(every))));
         }
     }
     tasks.push(tokio::spawn(async move {
@@ -169,7 +175,7 @@ fn number(x: f64) -> String {
     serde_json::to_string(&x).unwrap_or_else(|_| "null".into())
 }
 
-async fn query(ctx: &Context, stages: &Stages, message: Message) {
+async fn query(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) {
     let Some(to) = message.reply.clone() else { return };
     if ctx.subjects.is_ours(&to) {
         Metrics::inc(&ctx.metrics.refused_replies);
@@ -193,7 +199,7 @@ async fn query(ctx: &Context, stages: &Stages, message: Message) {
         "start_ms": asked.start_ms,
         "end_ms": asked.end_ms,
     });
-    let (merged, missing) = match gather(ctx, &agg, &request).await {
+    let (merged, missing) = match gather(ctx, peers, &agg, &request).await {
         Ok(gathered) => gathered,
         Err(e) => return reply_error(ctx, to, 503, &e).await,
     };
@@ -259,18 +265,35 @@ fn local(ctx: &Context, agg: &Aggregate, request: &Value) -> (Vec<u32>, HashMap<
     (ready, summaries)
 }
 
-/// This node's summaries of `request`, merged with the other nodes' when
-/// it does not serve every shard; returns them per group with the shards
-/// no node covered.
+/// This node's name, and what the lease keeper knows of the others.
+pub struct Peers {
+    pub node: String,
+    /// The live nodes (durability `replicated`): a query waits for each.
+    pub members: Option<Arc<Membership>>,
+}
+
+/// This node's summaries of `request`, merged with every other node's;
+/// returns them per group with the shards no node that answered serves.
+///
+/// Panes are per node, so each node's summaries count once, whichever
+/// shards it serves now. It waits until every shard is served by a node
+/// that answered and every live node (as the lease keeper last listed
+/// them) answered, or for [`PARTIAL_WAIT`].
 async fn gather(
     ctx: &Context,
+    peers: &Peers,
     agg: &Aggregate,
     request: &Value,
 ) -> Result<(HashMap<String, Summary>, Vec<u32>), String> {
     let shards = ctx.pipeline.ownership().shards();
     let (ready, mut merged) = local(ctx, agg, request);
     let mut covered: BTreeSet<u32> = ready.into_iter().collect();
-    if covered.len() < shards as usize {
+    let mut answered = BTreeSet::from([peers.node.clone()]);
+    let expected = peers.members.as_ref().and_then(|m| m.live()).unwrap_or_default();
+    let done = |covered: &BTreeSet<u32>, answered: &BTreeSet<String>| {
+        covered.len() == shards as usize && expected.iter().all(|n| answered.contains(n))
+    };
+    if !done(&covered, &answered) {
         let inbox = ctx.client.new_inbox();
         let mut replies = ctx
             .client
@@ -286,7 +309,7 @@ async fn gather(
             .await
             .map_err(|e| e.to_string())?;
         let deadline = tokio::time::Instant::now() + PARTIAL_WAIT;
-        while covered.len() < shards as usize {
+        while !done(&covered, &answered) {
             let reply = match tokio::time::timeout_at(deadline, replies.next()).await {
                 Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => break,
                 Ok(Some(m)) => m,
@@ -295,21 +318,17 @@ async fn gather(
             let Ok(reply) = serde_json::from_slice::<Value>(&reply.payload) else {
                 continue;
             };
-            let Some(theirs) = reply["shards"].as_array() else {
+            // This node's own reply, or a node heard from already.
+            let (Some(node), Some(theirs), Some(groups)) = (
+                reply["node"].as_str(),
+                reply["shards"].as_array(),
+                reply["groups"].as_object(),
+            ) else {
                 continue;
             };
-            let theirs: Vec<u32> = theirs
-                .iter()
-                .filter_map(Value::as_u64)
-                .map(|s| s as u32)
-                .collect();
-            // This node's own reply, or a shard changing hands: never twice.
-            if theirs.is_empty() || theirs.iter().any(|s| covered.contains(s)) {
+            if answered.contains(node) {
                 continue;
             }
-            let Some(groups) = reply["groups"].as_object() else {
-                continue;
-            };
             let mut summaries = Vec::new();
             for (group, summary) in groups {
                 match Summary::from_json(summary) {
@@ -323,7 +342,8 @@ async fn gather(
                     }
                 }
             }
-            covered.extend(theirs);
+            answered.insert(node.to_owned());
+            covered.extend(theirs.iter().filter_map(Value::as_u64).map(|s| s as u32));
             for (group, s) in summaries {
                 merged
                     .entry(group.clone())
@@ -338,7 +358,7 @@ async fn gather(
 
 /// One node's summaries of its ready shards: of one group, or of every
 /// group when `"group"` is null.
-async fn partial(ctx: &Context, stages: &Stages, message: Message) {
+async fn partial(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) {
     let Some(to) = message.reply.clone() else { return };
     if ctx.subjects.is_ours(&to) {
         Metrics::inc(&ctx.metrics.refused_replies);
@@ -356,14 +376,14 @@ async fn partial(ctx: &Context, stages: &Stages, message: Message) {
     let (ready, summaries) = local(ctx, agg, &request);
     let groups: serde_json::Map<String, Value> =
         summaries.into_iter().map(|(g, s)| (g, s.to_json())).collect();
-    let body = json!({ "shards": ready, "groups": groups });
+    let body = json!({ "node": peers.node, "shards": ready, "groups": groups });
     publish(ctx, to, body.to_string().into()).await;
 }
 
 /// Every `every`, on the node serving shard 0: each group's median over
 /// the last `emit_window` of event time, merged over every node, to
 /// `<prefix>.median.<group>`.
-async fn emit_medians(ctx: Arc<Context>, agg: Arc<Aggregate>, every: Duration) {
+async fn emit_medians(ctx: Arc<Context>, peers: Arc<Peers>, agg: Arc<Aggregate>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -379,7 +399,7 @@ async fn emit_medians(ctx: Arc<Context>, agg: Arc<Aggregate>, every: Duration) {
             "start_ms": start,
             "end_ms": end,
         });
-        let (merged, missing) = match gather(&ctx, &agg, &request).await {
+        let (merged, missing) = match gather(&ctx, &peers, &agg, &request).await {
             Ok(gathered) => gathered,
             Err(e) => {
                 tracing::warn!(message = "Cannot gather the sketches for the medians.", error = %e);

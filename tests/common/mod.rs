@@ -392,9 +392,18 @@ impl SidecarProcess {
 
     /// The sidecar on the servers at `url` (comma-separated).
     pub fn spawn_on(url: &str, data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        Self::spawn_with(url, data_dir, None, extra_env)
+    }
+
+    /// The sidecar on the servers at `url`, with the TOML file `config`
+    /// (else the default path's, if there is one).
+    pub fn spawn_with(url: &str, data_dir: &Path, config: Option<&Path>, extra_env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventsieve"));
-        cmd.arg("run")
-            .env("EVENTSIEVE_NATS__URL", url)
+        cmd.arg("run");
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.env("EVENTSIEVE_NATS__URL", url)
             .env("EVENTSIEVE_DATA_DIR", data_dir)
             .env("EVENTSIEVE_METRICS_ADDR", "")
             .env("EVENTSIEVE_LOG", "warn")
