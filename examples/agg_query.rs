@@ -1,7 +1,8 @@
 //! Latency of `dedup.agg.query` over a one-hour window of 1 s panes, through
 //! NATS: fills an hour of event time (200 events a second of it, 16 groups,
 //! in batches), then asks for one group's last hour `--queries` times, one at
-//! a time, and prints p50, p99 and the slowest.
+//! a time, each after an event to that group's newest pane (not timed), and
+//! prints p50, p99 and the slowest.
 //!
 //! The sidecar needs an aggregate whose lateness admits the hour of event
 //! time sent now:
@@ -57,7 +58,14 @@ async fn main() -> Result<(), async_nats::Error> {
     let q = r#"{"metric_name":"m3","window":"3600s"}"#;
     let mut took = Vec::with_capacity(queries);
     let mut last = String::new();
-    for _ in 0..queries {
+    for i in 0..queries {
+        // Events keep arriving (not timed): the newest pane changes
+        // between queries, as it would in use.
+        let second = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        let event = format!(
+            r#"{{"event_id":"q{now}l{i}","metric_name":"m3","metric_value":5,"timestamp":{second}}}"#
+        );
+        client.request("dedup.batch", event.into()).await?;
         let t = Instant::now();
         let reply = client.request("dedup.agg.query", q.into()).await?;
         took.push(t.elapsed());

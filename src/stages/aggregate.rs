@@ -137,8 +137,94 @@ pub fn part_of(group: &str) -> u32 {
     hash % PARTS
 }
 
-/// Panes by index (event time / pane), per group.
-type Groups = HashMap<String, BTreeMap<u64, Summary>>;
+/// Panes per block: a block caches the merge of its panes, so that a
+/// query over an hour of 1 s panes merges about 60 blocks and the panes at
+/// its two ends instead of 3 600 panes.
+pub const BLOCK: u64 = 64;
+
+/// One group's panes by index (event time / pane), and the merges of
+/// whole blocks of them asked for since their panes last changed.
+#[derive(Default)]
+struct Panes {
+    by_index: BTreeMap<u64, Summary>,
+    /// Block index (pane / [`BLOCK`]) → the merge of its panes. Dropped
+    /// when one of its panes changes.
+    blocks: BTreeMap<u64, Summary>,
+}
+
+impl Panes {
+    /// The pane `pane`, made if absent; its block's merge is dropped.
+    fn pane_mut(&mut self, pane: u64, alpha: f64) -> &mut Summary {
+        if self
+            .blocks
+            .last_key_value()
+            .is_some_and(|(&last, _)| last >= pane / BLOCK)
+        {
+            self.blocks.remove(&(pane / BLOCK));
+        }
+        self.by_index.entry(pane).or_insert_with(|| Summary::new(alpha))
+    }
+
+    /// Adds `x` to pane `pane`.
+    fn add(&mut self, pane: u64, x: f64, alpha: f64) {
+        // Most events fall in the newest pane, whose block is not cached
+        // (a query caches whole blocks only, and the newest one is rarely
+        // whole before it is written to again).
+        if let Some(mut last) = self.by_index.last_entry()
+            && *last.key() == pane
+            && self
+                .blocks
+                .last_key_value()
+                .is_none_or(|(&b, _)| b < pane / BLOCK)
+        {
+            last.get_mut().add(x);
+            return;
+        }
+        self.pane_mut(pane, alpha).add(x);
+    }
+
+    /// Panes `[first, end)` merged into `out`: whole blocks from their
+    /// cached merge (made now if absent), the rest pane by pane.
+    fn merge_into(&mut self, first: u64, end: u64, alpha: f64, out: &mut Summary) {
+        let mut i = first;
+        while i < end {
+            // Over the gaps: to the block of the next pane there is.
+            match self.by_index.range(i..end).next() {
+                Some((&next, _)) => i = i.max(next - next % BLOCK),
+                None => break,
+            }
+            let block = i / BLOCK;
+            let block_end = (block + 1) * BLOCK;
+            if i.is_multiple_of(BLOCK) && block_end <= end {
+                let by_index = &self.by_index;
+                let merged = self.blocks.entry(block).or_insert_with(|| {
+                    let mut m = Summary::new(alpha);
+                    for (_, pane) in by_index.range(i..block_end) {
+                        m.merge(pane);
+                    }
+                    m
+                });
+                out.merge(merged);
+                i = block_end;
+                continue;
+            }
+            let stop = block_end.min(end);
+            for (_, pane) in self.by_index.range(i..stop) {
+                out.merge(pane);
+            }
+            i = stop;
+        }
+    }
+
+    /// Drops the panes before `oldest`, and the blocks they were in.
+    fn evict(&mut self, oldest: u64) {
+        self.by_index = self.by_index.split_off(&oldest);
+        self.blocks = self.blocks.split_off(&oldest.div_ceil(BLOCK));
+    }
+}
+
+/// The panes of each group (foldhash: looked up for every event).
+type Groups = HashMap<String, Panes, foldhash::fast::RandomState>;
 
 /// Events an aggregate took, and why it left others out.
 #[derive(Debug, Default)]
@@ -219,14 +305,7 @@ impl Aggregate {
                     Some(panes) => panes,
                     None => groups.entry(group.into_owned()).or_default(),
                 };
-                // Most events fall in the newest pane.
-                match panes.last_entry() {
-                    Some(mut last) if *last.key() == pane => last.get_mut().add(value),
-                    _ => panes
-                        .entry(pane)
-                        .or_insert_with(|| Summary::new(s.alpha))
-                        .add(value),
-                }
+                panes.add(pane, value, s.alpha);
             }
         }
         let c = &self.counters;
@@ -242,8 +321,8 @@ impl Aggregate {
         let s = &self.settings;
         let oldest = now_ms.saturating_sub(s.max_window_ms + s.lateness_ms + s.pane_ms) / s.pane_ms;
         self.groups().retain(|_, panes| {
-            *panes = panes.split_off(&oldest);
-            !panes.is_empty()
+            panes.evict(oldest);
+            !panes.by_index.is_empty()
         });
     }
 
@@ -251,10 +330,8 @@ impl Aggregate {
     pub fn summary(&self, group: &str, start_ms: u64, end_ms: u64) -> Summary {
         let p = self.settings.pane_ms;
         let mut out = Summary::new(self.settings.alpha);
-        if let Some(panes) = self.groups().get(group) {
-            for (_, pane) in panes.range(start_ms / p..end_ms.div_ceil(p)) {
-                out.merge(pane);
-            }
+        if let Some(panes) = self.groups().get_mut(group) {
+            panes.merge_into(start_ms / p, end_ms.div_ceil(p), self.settings.alpha, &mut out);
         }
         out
     }
@@ -263,11 +340,9 @@ impl Aggregate {
     pub fn summaries(&self, start_ms: u64, end_ms: u64) -> HashMap<String, Summary> {
         let p = self.settings.pane_ms;
         let mut out = HashMap::new();
-        for (group, panes) in self.groups().iter() {
+        for (group, panes) in self.groups().iter_mut() {
             let mut merged = Summary::new(self.settings.alpha);
-            for (_, pane) in panes.range(start_ms / p..end_ms.div_ceil(p)) {
-                merged.merge(pane);
-            }
+            panes.merge_into(start_ms / p, end_ms.div_ceil(p), self.settings.alpha, &mut merged);
             if merged.count > 0 {
                 out.insert(group.clone(), merged);
             }
@@ -285,8 +360,11 @@ impl Aggregate {
         for name in names {
             let held = self.groups();
             let Some(panes) = held.get(&name) else { continue };
-            let panes: serde_json::Map<String, Value> =
-                panes.iter().map(|(p, s)| (p.to_string(), s.to_json())).collect();
+            let panes: serde_json::Map<String, Value> = panes
+                .by_index
+                .iter()
+                .map(|(p, s)| (p.to_string(), s.to_json()))
+                .collect();
             drop(held);
             groups.insert(name, Value::Object(panes));
         }
@@ -304,15 +382,16 @@ impl Aggregate {
         if snapshot["pane_ms"].as_u64() != Some(s.pane_ms) || snapshot["alpha"].as_f64() != Some(s.alpha) {
             return Err("taken with another pane or accuracy".into());
         }
-        let mut state = Groups::new();
+        let mut state = Groups::default();
         let mut count = 0;
         for (group, panes) in snapshot["groups"].as_object().ok_or("no groups")? {
-            let mut out = BTreeMap::new();
+            let mut out = Panes::default();
             for (pane, summary) in panes.as_object().ok_or("bad panes")? {
                 let pane: u64 = pane.parse().map_err(|_| "bad pane")?;
-                out.insert(pane, Summary::from_json(summary).ok_or("bad summary")?);
+                out.by_index
+                    .insert(pane, Summary::from_json(summary).ok_or("bad summary")?);
             }
-            count += out.len();
+            count += out.by_index.len();
             state.insert(group.clone(), out);
         }
         *self.groups() = state;
@@ -334,7 +413,7 @@ impl Aggregate {
             let mut held = self.groups();
             let Some(panes) = held.get_mut(name) else { continue };
             let part = part_of(name);
-            for (&pane, summary) in panes.range_mut(from..) {
+            for (&pane, summary) in panes.by_index.range_mut(from..) {
                 if std::mem::take(&mut summary.changed) || all {
                     touched.insert((pane, part));
                 }
@@ -349,7 +428,7 @@ impl Aggregate {
             let held = self.groups();
             let Some(panes) = held.get(&name) else { continue };
             for &(pane, _) in touched.iter().filter(|(_, p)| *p == part) {
-                if let Some(summary) = panes.get(&pane) {
+                if let Some(summary) = panes.by_index.get(&pane) {
                     out.entry((pane, part))
                         .or_default()
                         .push((name.clone(), summary.clone()));
@@ -367,9 +446,7 @@ impl Aggregate {
             Some(panes) => panes,
             None => groups.entry(group.to_owned()).or_default(),
         };
-        let held = panes
-            .entry(pane)
-            .or_insert_with(|| Summary::new(self.settings.alpha));
+        let held = panes.pane_mut(pane, self.settings.alpha);
         held.merge(summary);
         held.changed |= mark;
     }
@@ -379,7 +456,7 @@ impl Aggregate {
         self.groups().clear();
     }
 
-    /// Bytes the panes take: the summaries, their sketches' buckets and the
+    /// Bytes the panes take (and the blocks' cached merges): the summaries, their sketches' buckets and the
     /// maps' nodes (estimated at two words per entry).
     pub fn memory_bytes(&self) -> usize {
         let pane =
@@ -389,7 +466,9 @@ impl Aggregate {
             .map(|(g, panes)| {
                 g.len()
                     + panes
+                        .by_index
                         .values()
+                        .chain(panes.blocks.values())
                         .map(|s| pane + s.sketch.heap_bytes())
                         .sum::<usize>()
             })
@@ -398,7 +477,7 @@ impl Aggregate {
 
     /// Panes held, over every group (for memory figures).
     pub fn panes(&self) -> usize {
-        self.groups().values().map(BTreeMap::len).sum()
+        self.groups().values().map(|p| p.by_index.len()).sum()
     }
 
     /// The pane-aligned bounds of "the last `window_ms`" at `now_ms`: up to
@@ -436,6 +515,52 @@ mod tests {
         Vec::from(format!(
             r#"{{"event_id":"e{t}","metric_name":"{group}","metric_value":{value},"timestamp":{t}}}"#
         ))
+    }
+
+    /// The panes `[first, end)` merged one by one, without the blocks.
+    fn naive(panes: &Panes, first: u64, end: u64) -> Summary {
+        let mut out = Summary::new(0.01);
+        for (_, pane) in panes.by_index.range(first..end) {
+            out.merge(pane);
+        }
+        out
+    }
+
+    #[test]
+    fn merges_through_cached_blocks_equal_pane_by_pane_merges_after_any_change() {
+        let mut panes = Panes::default();
+        let mut x = 0x9e37_79b9_u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for pane in 0..1000 {
+            for _ in 0..3 {
+                panes.add(pane, (next() % 1000) as f64 - 200.0, 0.01);
+            }
+        }
+        for round in 0..300 {
+            let first = next() % 1100;
+            let end = first + next() % 700;
+            let mut got = Summary::new(0.01);
+            panes.merge_into(first, end, 0.01, &mut got);
+            assert_eq!(got, naive(&panes, first, end), "round {round}: {first}..{end}");
+            // Changes anywhere, in cached blocks too: a late event, the
+            // newest pane, panes merged in from another node, eviction.
+            match round % 4 {
+                0 => panes.add(next() % 1000, 7.0, 0.01),
+                1 => panes.add(999, -3.5, 0.01),
+                2 => {
+                    let mut other = Summary::new(0.01);
+                    other.add(123.0);
+                    panes.pane_mut(next() % 1000, 0.01).merge(&other);
+                }
+                _ => panes.evict(round / 4),
+            }
+        }
+        assert!(!panes.blocks.is_empty(), "blocks were cached");
     }
 
     #[test]
