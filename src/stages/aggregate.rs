@@ -353,20 +353,34 @@ impl Aggregate {
     /// Every pane, for a snapshot:
     /// `{"pane_ms", "alpha", "groups": {"<group>": {"<pane>": summary}}}`.
     pub fn snapshot(&self) -> Value {
-        // One group at a time under the lock, so that queries and new
-        // events wait for one group's panes at most, not all of them.
+        // A block of one group's panes at a time under the lock, so that
+        // queries and new events wait for [`BLOCK`] panes at most.
         let names: Vec<String> = self.groups().keys().cloned().collect();
         let mut groups = serde_json::Map::new();
         for name in names {
-            let held = self.groups();
-            let Some(panes) = held.get(&name) else { continue };
-            let panes: serde_json::Map<String, Value> = panes
-                .by_index
-                .iter()
-                .map(|(p, s)| (p.to_string(), s.to_json()))
-                .collect();
-            drop(held);
-            groups.insert(name, Value::Object(panes));
+            let mut out = serde_json::Map::new();
+            let mut from = 0;
+            loop {
+                let held = self.groups();
+                let Some(panes) = held.get(&name) else { break };
+                let chunk: Vec<(String, Value)> = panes
+                    .by_index
+                    .range(from..)
+                    .take(BLOCK as usize)
+                    .map(|(p, s)| (p.to_string(), s.to_json()))
+                    .collect();
+                let Some(last) = panes.by_index.range(from..).nth(chunk.len().saturating_sub(1)) else {
+                    break;
+                };
+                from = *last.0 + 1;
+                drop(held);
+                let full = chunk.len() == BLOCK as usize;
+                out.extend(chunk);
+                if !full {
+                    break;
+                }
+            }
+            groups.insert(name, Value::Object(out));
         }
         json!({ "pane_ms": self.settings.pane_ms, "alpha": self.settings.alpha, "groups": groups })
     }
@@ -561,6 +575,32 @@ mod tests {
             }
         }
         assert!(!panes.blocks.is_empty(), "blocks were cached");
+    }
+
+    #[test]
+    fn a_snapshot_taken_a_block_at_a_time_holds_every_pane() {
+        let mut settings = settings();
+        settings.lateness_ms = 3_600_000;
+        let agg = Aggregate::new(settings.clone());
+        let now = 1_000_000_000;
+        let events: Vec<Vec<u8>> = (0..300)
+            .map(|i| {
+                event(
+                    if i % 2 == 0 { "a" } else { "b" },
+                    f64::from(i),
+                    now / 1000 - u64::from(i as u32),
+                )
+            })
+            .collect();
+        agg.observe(events.iter().map(Vec::as_slice), now);
+        let again = Aggregate::new(settings);
+        assert_eq!(again.restore(&agg.snapshot()), Ok(300));
+        for group in ["a", "b"] {
+            assert_eq!(
+                again.summary(group, 0, u64::MAX / 2),
+                agg.summary(group, 0, u64::MAX / 2)
+            );
+        }
     }
 
     #[test]
