@@ -591,6 +591,7 @@ impl Settings {
                 max_event_bytes: self.config.max_event_bytes,
                 max_id_bytes: self.config.max_id_bytes,
             },
+            capture: crate::stages::captured_fields(&self.aggregates),
         }
     }
 }

@@ -30,7 +30,7 @@ use std::fmt;
 use std::ops::Range;
 
 use crate::engine::dedup::{Deduplicator, Record};
-use crate::engine::event::EventErrorKind;
+use crate::engine::event::{EventErrorKind, Seen};
 use crate::engine::fingerprint::Fingerprint;
 
 /// The verdict on one line of a batch.
@@ -130,6 +130,11 @@ pub struct Decision {
     pub invalid: Vec<EventErrorKind>,
     pub not_ready: u64,
     pub duplicates: u64,
+    /// The fields [`crate::engine::dedup::EngineConfig::capture`] of each
+    /// line, `capture.len()` per line, read with its key; empty when none
+    /// are wanted or the key is not a top-level field (the stages then
+    /// read the lines again).
+    pub seen: Vec<Seen>,
 }
 
 /// Splits `body` into lines, keys each, and decides the lines of shards
@@ -141,12 +146,25 @@ pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32
         entries: vec![None; lines.len()],
         ..Decision::default()
     };
+    let n = dedup.config().capture.len();
+    let mut seen = vec![Seen::Missing; lines.len() * n];
+    let mut captured = n > 0;
     // The lines decided here, as (shard << 32 | line, fingerprint): sorted,
     // they fall into runs of one shard in line order.
     let mut here: Vec<(u64, Fingerprint)> = Vec::with_capacity(lines.len());
     for (i, range) in lines.iter().enumerate() {
         let line = &body[range.clone()];
-        let keyed = match dedup.key(line) {
+        let keyed = if n == 0 {
+            dedup.key(line)
+        } else {
+            dedup
+                .key_capturing(line, &mut seen[i * n..(i + 1) * n])
+                .map(|(keyed, read)| {
+                    captured &= read;
+                    keyed
+                })
+        };
+        let keyed = match keyed {
             Ok(keyed) => keyed,
             Err(e) => {
                 d.invalid.push(e.kind());
@@ -205,6 +223,9 @@ pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32
         }
     }
     d.lines = lines;
+    if captured {
+        d.seen = seen;
+    }
     d
 }
 

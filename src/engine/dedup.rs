@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::engine::event::{self, EventError, Limits};
+use crate::engine::event::{self, EventError, Limits, Seen};
 use crate::engine::fingerprint::Fingerprint;
 use crate::engine::key::KeySpec;
 use crate::engine::shard::shard_of;
@@ -33,6 +33,9 @@ pub struct EngineConfig {
     pub limits: Limits,
     /// What makes two events the same. Default the top-level `event_id`.
     pub key: KeySpec,
+    /// Top-level fields the stages read, read with the key of a batch's
+    /// lines (see [`crate::engine::batch::Decision::seen`]). Default none.
+    pub capture: Vec<String>,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +46,7 @@ impl Default for EngineConfig {
             segments_per_shard: 2048,
             limits: Limits::default(),
             key: KeySpec::default(),
+            capture: Vec::new(),
         }
     }
 }
@@ -167,6 +171,29 @@ impl Deduplicator {
             fingerprint: Fingerprint::of(id.as_bytes()),
             id,
         })
+    }
+
+    /// As [`Self::key`], and reads the fields [`EngineConfig::capture`]
+    /// into `seen` (one each) in the same pass; returns whether it did.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::key`].
+    pub fn key_capturing<'a>(
+        &self,
+        event: &'a [u8],
+        seen: &mut [Seen],
+    ) -> Result<(Keyed<'a>, bool), EventError> {
+        let (id, captured) =
+            self.config
+                .key
+                .id_capturing(event, &self.config.limits, &self.config.capture, seen)?;
+        let keyed = Keyed {
+            shard: shard_of(&id, self.config.shards),
+            fingerprint: Fingerprint::of(id.as_bytes()),
+            id,
+        };
+        Ok((keyed, captured))
     }
 
     /// Validates a bare `event_id` (as in a look-up subject) and computes

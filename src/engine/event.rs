@@ -199,10 +199,50 @@ pub fn event_id<'a>(event: &'a [u8], limits: &Limits) -> Result<Cow<'a, str>, Ev
 ///
 /// As [`event_id`].
 pub fn field<'a>(event: &'a [u8], name: &str, limits: &Limits) -> Result<Cow<'a, str>, EventError> {
-    top_field(event, name, limits).map_err(|e| e.about(name))
+    top_field(event, name, limits, &[], &mut []).map_err(|e| e.about(name))
 }
 
-fn top_field<'a>(event: &'a [u8], name: &str, limits: &Limits) -> Result<Cow<'a, str>, EventError> {
+/// A top-level field read in the same pass as the key, for the stages
+/// (see [`field_capturing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Seen {
+    #[default]
+    Missing,
+    /// Present, neither text nor a finite number.
+    Other,
+    Number(f64),
+    /// Text without escapes: its bytes `start..end` in the event.
+    Text {
+        start: u32,
+        end: u32,
+    },
+    /// Text with escapes: to be decoded by reading the event again.
+    Escaped,
+}
+
+/// As [`field`], and reads the top-level fields `capture` into `seen`
+/// (one each, the first occurrence) in the same pass.
+///
+/// # Errors
+///
+/// As [`field`]; `seen` is then unspecified.
+pub fn field_capturing<'a>(
+    event: &'a [u8],
+    name: &str,
+    limits: &Limits,
+    capture: &[String],
+    seen: &mut [Seen],
+) -> Result<Cow<'a, str>, EventError> {
+    top_field(event, name, limits, capture, seen).map_err(|e| e.about(name))
+}
+
+fn top_field<'a>(
+    event: &'a [u8],
+    name: &str,
+    limits: &Limits,
+    capture: &[String],
+    seen: &mut [Seen],
+) -> Result<Cow<'a, str>, EventError> {
     if event.len() > limits.max_event_bytes {
         return Err(EventError::over(EventErrorKind::TooLarge, limits.max_event_bytes));
     }
@@ -210,10 +250,16 @@ fn top_field<'a>(event: &'a [u8], name: &str, limits: &Limits) -> Result<Cow<'a,
     // whole input is checked here once; it is the fast path of the standard library.
     let text = std::str::from_utf8(event).map_err(|_| EventError::new(EventErrorKind::NotJson))?;
     let mut de = serde_json::Deserializer::from_str(text);
-    let top = TopVisitor(name)
-        .deserialize(&mut de)
-        .and_then(|top| de.end().map(|()| top))
-        .map_err(EventError::not_json)?;
+    seen.fill(Seen::Missing);
+    let top = TopVisitor {
+        name,
+        capture,
+        seen,
+        base: event.as_ptr() as usize,
+    }
+    .deserialize(&mut de)
+    .and_then(|top| de.end().map(|()| top))
+    .map_err(EventError::not_json)?;
     let id = match top {
         TopLevel::NotObject => return Err(EventError::new(EventErrorKind::NotObject)),
         TopLevel::Object { ids: 0, .. } => return Err(EventError::new(EventErrorKind::MissingId)),
@@ -274,10 +320,17 @@ enum IdValue<'a> {
     Text(Cow<'a, str>),
 }
 
-/// Reads the top level, looking for the key it names.
-struct TopVisitor<'n>(&'n str);
+/// Reads the top level, looking for the key it names, and capturing the
+/// fields `capture` into `seen`.
+struct TopVisitor<'n, 's> {
+    name: &'n str,
+    capture: &'n [String],
+    seen: &'s mut [Seen],
+    /// Where the event starts in memory, for the offsets of texts.
+    base: usize,
+}
 
-impl<'de> DeserializeSeed<'de> for TopVisitor<'_> {
+impl<'de> DeserializeSeed<'de> for TopVisitor<'_, '_> {
     type Value = TopLevel<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
@@ -309,7 +362,7 @@ macro_rules! answer_scalars {
     };
 }
 
-impl<'de> Visitor<'de> for TopVisitor<'_> {
+impl<'de> Visitor<'de> for TopVisitor<'_, '_> {
     type Value = TopLevel<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -325,41 +378,139 @@ impl<'de> Visitor<'de> for TopVisitor<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut ids = 0u32;
         let mut id = IdValue::NotString;
-        while let Some(is_id) = map.next_key_seed(KeyIs(self.0))? {
-            if !is_id {
-                map.next_value::<IgnoredAny>()?;
-            } else if ids == 0 {
-                ids = 1;
-                id = map.next_value::<IdValue<'de>>()?;
-            } else {
-                ids = ids.saturating_add(1);
-                map.next_value::<IgnoredAny>()?;
+        let key = KeyIs {
+            name: self.name,
+            capture: self.capture,
+        };
+        while let Some(which) = map.next_key_seed(key)? {
+            match which {
+                KeyWhich::Id if ids == 0 => {
+                    ids = 1;
+                    id = map.next_value::<IdValue<'de>>()?;
+                    // The key field is a captured one too.
+                    if let Some(k) = self.capture.iter().position(|c| c == self.name) {
+                        self.seen[k] = match &id {
+                            IdValue::Text(Cow::Borrowed(text)) => seen_text(text, self.base),
+                            IdValue::Text(Cow::Owned(_)) => Seen::Escaped,
+                            IdValue::NotString => Seen::Other,
+                        };
+                    }
+                }
+                KeyWhich::Id => {
+                    ids = ids.saturating_add(1);
+                    map.next_value::<IgnoredAny>()?;
+                }
+                KeyWhich::Capture(k) if self.seen[k] == Seen::Missing => {
+                    self.seen[k] = map.next_value_seed(SeenSeed(self.base))?;
+                }
+                KeyWhich::Capture(_) | KeyWhich::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
         Ok(TopLevel::Object { ids, id })
     }
 }
 
-/// Deserializes a key to "is it the one named?", without allocating.
-struct KeyIs<'n>(&'n str);
+/// What a key is: the one named, a captured one, or another.
+#[derive(Clone, Copy)]
+enum KeyWhich {
+    Id,
+    Capture(usize),
+    Other,
+}
+
+/// Deserializes a key to "is it the one named, or a captured one?",
+/// without allocating.
+#[derive(Clone, Copy)]
+struct KeyIs<'n> {
+    name: &'n str,
+    capture: &'n [String],
+}
 
 impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
-    type Value = bool;
+    type Value = KeyWhich;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<KeyWhich, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for KeyIs<'_> {
-    type Value = bool;
+    type Value = KeyWhich;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
-        Ok(key == self.0)
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<KeyWhich, E> {
+        Ok(if key == self.name {
+            KeyWhich::Id
+        } else if let Some(k) = self.capture.iter().position(|c| c == key) {
+            KeyWhich::Capture(k)
+        } else {
+            KeyWhich::Other
+        })
+    }
+}
+
+/// Where borrowed `text` lies in the event starting at address `base`.
+fn seen_text(text: &str, base: usize) -> Seen {
+    let start = text.as_ptr() as usize - base;
+    match (u32::try_from(start), u32::try_from(start + text.len())) {
+        (Ok(start), Ok(end)) => Seen::Text { start, end },
+        _ => Seen::Escaped,
+    }
+}
+
+/// Reads a captured value into a [`Seen`].
+struct SeenSeed(usize);
+
+impl<'de> DeserializeSeed<'de> for SeenSeed {
+    type Value = Seen;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Seen, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SeenSeed {
+    type Value = Seen;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Seen, E> {
+        Ok(seen_text(v, self.0))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Seen, E> {
+        Ok(Seen::Escaped)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Seen, E> {
+        Ok(if v.is_finite() {
+            Seen::Number(v)
+        } else {
+            Seen::Other
+        })
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seen, E> {
+        Ok(Seen::Number(v as f64))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seen, E> {
+        Ok(Seen::Number(v as f64))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Seen, E> {
+        Ok(Seen::Other)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Seen, E> {
+        Ok(Seen::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Seen, A::Error> {
+        IgnoredAny.visit_seq(seq).map(|_| Seen::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Seen, A::Error> {
+        IgnoredAny.visit_map(map).map(|_| Seen::Other)
     }
 }
 

@@ -66,6 +66,28 @@ impl KeySpec {
         }
     }
 
+    /// As [`Self::id_of`], and reads the top-level fields `capture` into
+    /// `seen` in the same pass; returns whether it did (a top-level field
+    /// key only: the other keys leave them to be read again).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::id_of`].
+    pub fn id_capturing<'a>(
+        &self,
+        event: &'a [u8],
+        limits: &Limits,
+        capture: &[String],
+        seen: &mut [event::Seen],
+    ) -> Result<(Cow<'a, str>, bool), EventError> {
+        match self {
+            Self::Field(name) => {
+                event::field_capturing(event, name, limits, capture, seen).map(|id| (id, true))
+            }
+            _ => self.id_of(event, limits).map(|id| (id, false)),
+        }
+    }
+
     /// The id of `event`: borrowed for a field, else its hash in hex.
     ///
     /// # Errors

@@ -26,7 +26,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::engine::batch::{self, Entry};
-use crate::engine::event::EventError;
+use crate::engine::event::{EventError, Seen};
 use crate::engine::fingerprint::Fingerprint;
 use crate::engine::{Deduplicator, Keyed, Record, Verdict, unix_ms};
 use crate::journal::writer::Committed;
@@ -61,10 +61,13 @@ pub enum Accepted<'a> {
     /// The event of a single-event request.
     One(&'a Bytes),
     /// The new lines of a batch that fall in this shard: `lines` of `body`,
-    /// in request order.
+    /// in request order, and the top-level fields the stages read, read
+    /// with their keys (`seen.len() / lines.len()` per line; empty if
+    /// they were not).
     Lines {
         body: &'a Bytes,
         lines: &'a [Range<usize>],
+        seen: &'a [Seen],
     },
 }
 
@@ -84,7 +87,7 @@ impl Accepted<'_> {
     pub fn slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
         let (one, lines) = match *self {
             Accepted::One(event) => (Some(&event[..]), None),
-            Accepted::Lines { body, lines } => (None, Some(lines.iter().map(|r| &body[r.clone()]))),
+            Accepted::Lines { body, lines, .. } => (None, Some(lines.iter().map(|r| &body[r.clone()]))),
         };
         one.into_iter().chain(lines.into_iter().flatten())
     }
@@ -93,7 +96,7 @@ impl Accepted<'_> {
     pub fn events(&self) -> impl Iterator<Item = Bytes> + '_ {
         let (one, lines) = match *self {
             Accepted::One(event) => (Some(event.clone()), None),
-            Accepted::Lines { body, lines } => (None, Some(lines.iter().map(|r| body.slice(r.clone())))),
+            Accepted::Lines { body, lines, .. } => (None, Some(lines.iter().map(|r| body.slice(r.clone())))),
         };
         one.into_iter().chain(lines.into_iter().flatten())
     }
@@ -220,6 +223,8 @@ pub struct BatchPending {
     /// The commit of `new`; `Ok(None)` while the [`Ahead`] output has yet
     /// to take them (they are submitted by [`Pipeline::finish_batch`]).
     committed: Result<Option<Committed>, CommitFailed>,
+    /// The stages' fields of every line (see [`batch::Decision::seen`]).
+    seen: Vec<Seen>,
 }
 
 impl BatchPending {
@@ -409,6 +414,7 @@ impl<H: Hook> Pipeline<H> {
             new: d.new,
             forward: d.forward,
             committed,
+            seen: d.seen,
         }
     }
 
@@ -422,6 +428,7 @@ impl<H: Hook> Pipeline<H> {
             mut entries,
             mut new,
             mut committed,
+            seen,
             ..
         } = pending;
         if let Some(ahead) = &self.ahead {
@@ -444,10 +451,20 @@ impl<H: Hook> Pipeline<H> {
             Ok(()) => {
                 self.metrics.accepted.fetch_add(new.len() as u64, Relaxed);
                 let mut ranges = Vec::new();
+                let mut seen_here = Vec::new();
+                let per_line = seen.len() / lines.len().max(1);
                 for group in new.chunk_by(|a, b| a.1.shard == b.1.shard) {
                     ranges.clear();
                     ranges.extend(group.iter().map(|(line, _)| lines[*line].clone()));
-                    let events = Accepted::Lines { body, lines: &ranges };
+                    seen_here.clear();
+                    for (line, _) in group {
+                        seen_here.extend_from_slice(&seen[line * per_line..(line + 1) * per_line]);
+                    }
+                    let events = Accepted::Lines {
+                        body,
+                        lines: &ranges,
+                        seen: &seen_here,
+                    };
                     self.hook.accepted(group[0].1.shard, events).await;
                 }
             }

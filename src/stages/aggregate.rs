@@ -19,7 +19,8 @@ use std::sync::{Mutex, PoisonError};
 
 use serde_json::{Value, json};
 
-use crate::stages::fields::{self, Field, Wanted};
+use crate::engine::event::Seen;
+use crate::stages::fields::{self, Field, Found, Wanted};
 use crate::stages::sketch::Sketch;
 
 /// One `[[aggregate]]` of the configuration, checked.
@@ -257,19 +258,72 @@ impl Aggregate {
         self.groups.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds the accepted `events`, arrived at `now_ms`.
-    pub fn observe<'a>(&self, events: impl Iterator<Item = &'a [u8]>, now_ms: u64) {
+    fn wanted(&self) -> Wanted<'_> {
         let s = &self.settings;
-        let wanted = Wanted {
+        Wanted {
             group: &s.group,
             value: &s.value,
             time: &s.time,
+        }
+    }
+
+    /// Adds the accepted `events`, arrived at `now_ms`.
+    pub fn observe<'a>(&self, events: impl Iterator<Item = &'a [u8]>, now_ms: u64) {
+        let wanted = self.wanted();
+        self.add_found(events.map(|e| fields::read(e, wanted)), now_ms);
+    }
+
+    /// Adds accepted `events` whose fields were read with their keys:
+    /// each with its [`Seen`] fields, in the order of `names` (see
+    /// [`super::captured_fields`]).
+    pub fn observe_seen<'a>(
+        &self,
+        events: impl Iterator<Item = (&'a [u8], &'a [Seen])>,
+        names: &[String],
+        now_ms: u64,
+    ) {
+        let s = &self.settings;
+        let at = |name: &str| names.iter().position(|n| n == name);
+        let (Some(g), Some(v)) = (at(&s.group), at(&s.value)) else {
+            return self.observe(events.map(|(e, _)| e), now_ms);
         };
+        let t = at(&s.time);
+        let wanted = self.wanted();
+        let number = |seen: Seen| match seen {
+            Seen::Missing => Field::Missing,
+            Seen::Number(x) => Field::Found(x),
+            _ => Field::Wrong,
+        };
+        let found = events.map(move |(event, seen)| {
+            let group = match seen[g] {
+                Seen::Missing => Field::Missing,
+                Seen::Text { start, end } => {
+                    match event.get(start as usize..end as usize).map(std::str::from_utf8) {
+                        Some(Ok(text)) => Field::Found(std::borrow::Cow::Borrowed(text)),
+                        _ => return fields::read(event, wanted),
+                    }
+                }
+                // Escapes to decode: read again.
+                Seen::Escaped => return fields::read(event, wanted),
+                Seen::Number(_) | Seen::Other => Field::Wrong,
+            };
+            Some(Found {
+                group,
+                value: number(seen[v]),
+                time: t.map_or(Field::Missing, |t| number(seen[t])),
+            })
+        });
+        self.add_found(found, now_ms);
+    }
+
+    /// Adds the events whose fields are `found` (`None`: not an object).
+    fn add_found<'a>(&self, found: impl Iterator<Item = Option<Found<'a>>>, now_ms: u64) {
+        let s = &self.settings;
         let (mut late, mut skipped) = (0, 0);
         // Read outside the lock; the group names stay borrowed.
-        let mut read = Vec::with_capacity(events.size_hint().0);
-        for event in events {
-            let Some(found) = fields::read(event, wanted) else {
+        let mut read = Vec::with_capacity(found.size_hint().0);
+        for found in found {
+            let Some(found) = found else {
                 skipped += 1;
                 continue;
             };
@@ -529,6 +583,68 @@ mod tests {
         Vec::from(format!(
             r#"{{"event_id":"e{t}","metric_name":"{group}","metric_value":{value},"timestamp":{t}}}"#
         ))
+    }
+
+    #[test]
+    fn fields_read_with_the_key_count_as_the_stage_reading_them_itself() {
+        use crate::engine::{Deduplicator, EngineConfig, batch, batch::Route};
+        let settings = settings();
+        let names = crate::stages::captured_fields(std::slice::from_ref(&settings));
+        let dedup = Deduplicator::new(EngineConfig {
+            capture: names.clone(),
+            ..EngineConfig::default()
+        });
+        let now = 1_000_000_000u64;
+        let t = now / 1000;
+        let lines = [
+            format!(r#"{{"event_id":"a1","metric_name":"temp","metric_value":10,"timestamp":{t}}}"#),
+            format!(r#"{{"timestamp":{t},"metric_value":-2.5e1,"event_id":"a2","metric_name":"temp"}}"#),
+            format!(r#"{{"event_id":"a3","metric_name":"t\u00e9mp","metric_value":1,"timestamp":{t}}}"#),
+            format!(r#"{{"event_id":"a4","metric_name":"temp","metric_value":"7","timestamp":{t}}}"#),
+            format!(r#"{{"event_id":"a5","metric_name":["x"],"metric_value":7,"timestamp":{t}}}"#),
+            format!(r#"{{"event_id":"a6","metric_value":7,"timestamp":{t}}}"#),
+            format!(
+                r#"{{"event_id":"a7","metric_name":"hum","metric_value":3,"metric_value":4,"timestamp":{t}}}"#
+            ),
+            format!(r#"{{"event_id":"a8","metric_name":"hum","metric_value":1e400,"timestamp":{t}}}"#),
+            format!(
+                r#"{{"event_id":"a9","nested":{{"metric_name":"no"}},"metric_name":"hum","metric_value":5,"timestamp":{}}}"#,
+                t - 60
+            ),
+            format!(r#"{{"event_id":"b1","metric_name":"hum","metric_value":6,"timestamp":"{t}"}}"#),
+        ];
+        let body = lines.join("\n");
+        let d = batch::decide(&dedup, body.as_bytes(), now, |_| Route::Here);
+        assert_eq!(d.seen.len(), lines.len() * names.len(), "read with the keys");
+        let (with_keys, by_itself) = (Aggregate::new(settings.clone()), Aggregate::new(settings));
+        let per_line = names.len();
+        with_keys.observe_seen(
+            d.lines
+                .iter()
+                .zip(d.seen.chunks_exact(per_line))
+                .map(|(r, seen)| (&body.as_bytes()[r.clone()], seen)),
+            &names,
+            now,
+        );
+        by_itself.observe(d.lines.iter().map(|r| &body.as_bytes()[r.clone()]), now);
+        for group in ["temp", "t\u{e9}mp", "hum"] {
+            let (a, b) = (
+                with_keys.summary(group, 0, u64::MAX / 2),
+                by_itself.summary(group, 0, u64::MAX / 2),
+            );
+            assert!(a.count > 0, "{group}");
+            assert_eq!(a, b, "{group}");
+        }
+        let counts = |a: &Aggregate| {
+            let c = &a.counters;
+            (
+                c.added.load(Relaxed),
+                c.out_of_time.load(Relaxed),
+                c.skipped.load(Relaxed),
+            )
+        };
+        assert_eq!(counts(&with_keys), counts(&by_itself));
+        assert_eq!(counts(&with_keys), (4, 1, 5));
     }
 
     /// The panes `[first, end)` merged one by one, without the blocks.

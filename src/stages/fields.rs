@@ -2,7 +2,9 @@
 //! building a DOM: keys are compared as they stream by, the wanted values
 //! are read (text borrowed unless escaped), every other value is skipped,
 //! and the reading stops as soon as every wanted field has been seen (the
-//! event was validated when its key was read).
+//! event was validated when its key was read). Of a field given twice,
+//! the first counts, as when the batch path reads the fields with the key
+//! ([`crate::engine::event::field_capturing`]).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -96,6 +98,17 @@ impl<'a> Visitor<'a> for Reader<'_, '_, 'a> {
     fn visit_map<A: MapAccess<'a>>(self, mut map: A) -> Result<(), A::Error> {
         let found = self.found;
         while let Some(key) = map.next_key_seed(Key(self.wanted))? {
+            // The first occurrence of a field counts.
+            let again = match key {
+                Which::Group => found.group != Field::Missing,
+                Which::Value => found.value != Field::Missing,
+                Which::Time => found.time != Field::Missing,
+                Which::Other => true,
+            };
+            if again {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
             match key {
                 Which::Group => {
                     found.group = match map.next_value::<Scalar<'a>>()? {
@@ -364,7 +377,13 @@ mod scan {
             s.i += 1;
             s.space();
             let at = s.peek()?;
-            if key == group {
+            // The first occurrence of a field counts.
+            let again = (key == group && found.group != Field::Missing)
+                || (key == value && found.value != Field::Missing)
+                || (key == time && found.time != Field::Missing);
+            if again {
+                s.skip_value()?;
+            } else if key == group {
                 found.group = if at == b'"' {
                     Field::Found(Cow::Borrowed(s.text()?))
                 } else {

@@ -74,6 +74,22 @@ impl crate::observe::metrics::Render for Stages {
     }
 }
 
+/// The top-level fields the aggregates read, each once, in the order of
+/// the configuration: the batch path reads them with each line's key
+/// ([`crate::engine::dedup::EngineConfig::capture`]) and hands them over
+/// with the accepted lines.
+pub fn captured_fields(settings: &[AggregateSettings]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for s in settings {
+        for name in [&s.group, &s.value, &s.time] {
+            if !name.is_empty() && !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    names
+}
+
 /// Version of the snapshot file's layout.
 const SNAPSHOT_VERSION: u64 = 2;
 
@@ -84,6 +100,8 @@ pub const SNAPSHOT_FILE: &str = "aggregates.json";
 #[derive(Default)]
 pub struct Stages {
     pub aggregates: Vec<Arc<Aggregate>>,
+    /// The fields the batch path reads for them (see [`captured_fields`]).
+    captured: Vec<String>,
     /// What the pane log did (durability `replicated`).
     pub replica: replica::Counters,
 }
@@ -95,6 +113,7 @@ impl Stages {
                 .iter()
                 .map(|s| Arc::new(Aggregate::new(s.clone())))
                 .collect(),
+            captured: captured_fields(settings),
             replica: replica::Counters::default(),
         }
     }
@@ -105,12 +124,23 @@ impl Stages {
 
     /// Feeds accepted `events` to every stage.
     pub fn observe(&self, events: &Accepted<'_>) {
+        let events = *events;
         if self.aggregates.is_empty() {
             return;
         }
         let now = unix_ms();
         for agg in &self.aggregates {
-            agg.observe(events.slices(), now);
+            match events {
+                Accepted::Lines { body, lines, seen } if !seen.is_empty() => {
+                    let per_line = seen.len() / lines.len().max(1);
+                    let events = lines
+                        .iter()
+                        .zip(seen.chunks_exact(per_line))
+                        .map(|(r, seen)| (&body[r.clone()], seen));
+                    agg.observe_seen(events, &self.captured, now);
+                }
+                _ => agg.observe(events.slices(), now),
+            }
         }
     }
 

@@ -162,7 +162,7 @@ impl Hook for Republish {
         }
         let subject = &self.output[shard as usize];
         match (events, self.batch_output) {
-            (Accepted::Lines { body, lines }, BatchOutput::PerShard) => {
+            (Accepted::Lines { body, lines, .. }, BatchOutput::PerShard) => {
                 let limit = self.max_payload.saturating_sub(HEADER_ROOM);
                 for (payload, count) in batch::join(body, lines, limit) {
                     // A line too long for a header beside it goes bare: a
