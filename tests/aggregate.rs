@@ -232,3 +232,75 @@ async fn two_sidecars_answer_one_merged_query_and_say_when_one_is_missing() {
     assert!(partial["count"].as_u64().unwrap() < 200);
     first.shutdown().await.unwrap();
 }
+
+/// The batch path hands the stage the fields its key parser read; a batch
+/// must count exactly as the same events sent one by one (the single path
+/// reads them in the stage), escaped names, wrong types and late events
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_counts_as_the_same_events_sent_one_by_one() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let s = with_aggregate(settings(&server, data.path(), "1h", Durability::Memory), "");
+    let running = service::start(s).await.unwrap();
+    let client = server.client().await;
+    let now = unix_ms() / 1000;
+    // (group as JSON text, value, time); the group is suffixed per path.
+    let events: Vec<(String, String, u64)> = (0..300u64)
+        .map(|i| {
+            let group = match i % 5 {
+                0 => "\"g\\u0041".to_string(), // escaped: "gA"
+                _ => "\"gA".to_string(),
+            };
+            let value = match i % 7 {
+                0 => "\"7\"".to_string(),
+                1 => format!("{}e-1", i),
+                _ => format!("{}", i as i64 - 150),
+            };
+            let t = if i % 11 == 0 { now - 300 } else { now - i % 4 };
+            (group, value, t)
+        })
+        .collect();
+    let line = |path: &str, i: usize, (group, value, t): &(String, String, u64)| {
+        format!(
+            r#"{{"event_id":"{path}{i}","metric_name":{group}{path}","metric_value":{value},"timestamp":{t}}}"#
+        )
+    };
+    let body: Vec<String> = events.iter().enumerate().map(|(i, e)| line("b", i, e)).collect();
+    let reply = request(&client, "dedup.batch", body.join("\n").into_bytes()).await;
+    assert_eq!(
+        reply.payload.iter().filter(|&&b| b == b'1').count(),
+        events.len(),
+        "all new"
+    );
+    for (i, e) in events.iter().enumerate() {
+        let id = format!("s{i}");
+        assert_eq!(
+            send(&client, &id, Bytes::from(line("s", i, e))).await,
+            Answer::Verdict(true)
+        );
+    }
+    let q = |group: &str| {
+        format!(
+            r#"{{"metric_name":"{group}","start":{},"end":{}}}"#,
+            now - 3600,
+            now + 10
+        )
+    };
+    let by_batch: Value = serde_json::from_str(&query(&client, "dedup.agg.query", &q("gAb")).await).unwrap();
+    let by_one: Value = serde_json::from_str(&query(&client, "dedup.agg.query", &q("gAs")).await).unwrap();
+    assert!(by_batch["count"].as_u64().unwrap() > 200, "{by_batch}");
+    for field in ["count", "min", "max"] {
+        assert_eq!(by_batch[field], by_one[field], "{field}: {by_batch} vs {by_one}");
+    }
+    // A batch adds its lines shard by shard: the sums differ only by the
+    // rounding of another order.
+    for field in ["sum", "avg"] {
+        let (a, b) = (by_batch[field].as_f64().unwrap(), by_one[field].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+            "{field}: {by_batch} vs {by_one}"
+        );
+    }
+    running.shutdown().await.unwrap();
+}

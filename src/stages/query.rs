@@ -37,6 +37,8 @@ use crate::transport::nats::subscription::{publish, reply_error};
 
 /// Longest a query waits for the other nodes' summaries.
 pub const PARTIAL_WAIT: Duration = Duration::from_millis(500);
+/// Queries answered at once on a node; more get 503 at once.
+const MAX_QUERIES: usize = 256;
 /// How often panes out of every window are dropped.
 const EVICT_EVERY: Duration = Duration::from_secs(1);
 
@@ -78,9 +80,22 @@ pub async fn serve(
     let (c, p, s) = (ctx.clone(), peers.clone(), stages.clone());
     tasks.push(tokio::spawn(async move {
         let mut all = futures_util::stream::select(queries, quantiles);
+        let running = Arc::new(tokio::sync::Semaphore::new(MAX_QUERIES));
         while let Some(message) = all.next().await {
+            let Ok(permit) = running.clone().try_acquire_owned() else {
+                // A flood of queries is refused, not queued without bound.
+                if let Some(to) = message.reply
+                    && !c.subjects.is_ours(&to)
+                {
+                    reply_error(&c, to, 503, "busy: too many aggregate queries at once; retry").await;
+                }
+                continue;
+            };
             let (c, p, s) = (c.clone(), p.clone(), s.clone());
-            tokio::spawn(async move { query(&c, &p, &s, message).await });
+            tokio::spawn(async move {
+                query(&c, &p, &s, message).await;
+                drop(permit);
+            });
         }
     }));
     let (c, p, s) = (ctx.clone(), peers.clone(), stages.clone());
