@@ -906,15 +906,29 @@ async fn totals(client: &Client) -> (u64, f64, bool) {
     )
 }
 
-/// Waits until the query counts `count` with no shard missing; returns how
-/// long that took. Fails after 30 s with what it counted last.
+/// [`wait_totals_flagged`] without the check of the flag; how long it took.
 async fn wait_totals(client: &Client, count: u64, sum: f64) -> Duration {
+    wait_totals_flagged(client, count, sum, false).await.0
+}
+
+/// Waits until the query counts `count` with no shard missing; returns how
+/// long that took and how many replies said they were partial. Fails after
+/// 30 s with what it counted last, and when `flagged`, at a reply that
+/// counts less without saying it is partial.
+async fn wait_totals_flagged(client: &Client, count: u64, sum: f64, flagged: bool) -> (Duration, usize) {
     let started = Instant::now();
+    let mut partial = 0;
     loop {
         let got = totals(client).await;
         if got == (count, sum, false) {
-            return started.elapsed();
+            return (started.elapsed(), partial);
         }
+        partial += usize::from(got.2);
+        assert!(
+            !flagged || got.0 >= count || got.2,
+            "counted {} of {count} without saying the reply is partial",
+            got.0
+        );
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "expected count {count} sum {sum}, the query says {got:?}"
@@ -956,8 +970,11 @@ async fn aggregate_panes_move_to_a_live_node_and_are_never_counted_twice() {
     // node adopts them, and nothing is lost.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     nodes[0].take().unwrap().kill();
-    let whole = wait_totals(&client, count, sum).await;
-    println!("the killed node's panes counted again {whole:?} after the SIGKILL");
+    let (whole, partial) = wait_totals_flagged(&client, count, sum, true).await;
+    println!(
+        "the killed node's panes counted again {whole:?} after the SIGKILL; until then {partial} replies said they were partial, none counted less without saying so"
+    );
+    assert!(partial > 0);
 
     // Back under its name: its panes are with the adopter, not counted twice.
     nodes[0] = Some(spawn(0));

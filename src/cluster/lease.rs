@@ -294,14 +294,23 @@ impl Leases {
     ///
     /// If the bucket cannot be read.
     pub async fn nodes(&self) -> Result<Vec<String>, String> {
+        self.keys("node.").await
+    }
+
+    /// The keys that start with `prefix`, without it.
+    ///
+    /// # Errors
+    ///
+    /// If the bucket cannot be read.
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, String> {
         let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
-        let mut nodes = Vec::new();
+        let mut out = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| e.to_string())?;
-            if let Some(node) = key.strip_prefix("node.") {
-                nodes.push(node.to_owned());
+            if let Some(rest) = key.strip_prefix(prefix) {
+                out.push(rest.to_owned());
             }
         }
-        Ok(nodes)
+        Ok(out)
     }
 }

@@ -58,6 +58,13 @@ pub struct Membership {
     beat: std::sync::Mutex<Option<Instant>>,
     /// The live nodes at the last round, and when they were listed.
     nodes: std::sync::Mutex<Option<(Instant, Vec<String>)>>,
+    /// Nodes gone whose aggregate panes no live node has adopted yet, as
+    /// the last look at the claims found them.
+    orphans: std::sync::Mutex<Vec<String>>,
+    /// Nodes seen live whose panes are not known to be adopted: one that
+    /// leaves the live list counts as an orphan at once, before the next
+    /// look at the claims.
+    seen_live: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Membership {
@@ -66,7 +73,49 @@ impl Membership {
             ttl,
             beat: std::sync::Mutex::new(None),
             nodes: std::sync::Mutex::new(None),
+            orphans: std::sync::Mutex::new(Vec::new()),
+            seen_live: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         }
+    }
+
+    /// Nodes gone whose panes are not adopted yet (queries lack them):
+    /// those the last look at the claims found, and those seen live that
+    /// are live no more.
+    pub fn orphans(&self) -> Vec<String> {
+        let mut out = self
+            .orphans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(live) = self.live() {
+            let seen = self
+                .seen_live
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let gone: Vec<String> = seen
+                .iter()
+                .filter(|n| !live.contains(n) && !out.contains(n))
+                .cloned()
+                .collect();
+            out.extend(gone);
+        }
+        out
+    }
+
+    /// What a look at the claims found: nodes gone with panes not adopted
+    /// yet (`pending`), and nodes whose panes are adopted (`resolved`).
+    pub fn set_orphans(&self, pending: Vec<String>, resolved: &[String]) {
+        let mut seen = self
+            .seen_live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for node in resolved {
+            seen.remove(node);
+        }
+        *self
+            .orphans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pending;
     }
 
     /// The heartbeat was written within two thirds of the TTL: no other
@@ -99,6 +148,10 @@ impl Membership {
     }
 
     fn listed(&self, nodes: Vec<String>) {
+        self.seen_live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(nodes.iter().cloned());
         *self
             .nodes
             .lock()

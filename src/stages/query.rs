@@ -14,7 +14,9 @@
 //! it asks every node for theirs and merges each node's reply once, as
 //! they come. It answers once every shard is served by a node that
 //! answered and every live node answered, or after [`PARTIAL_WAIT`] with
-//! `"partial":true` and the shards missing. Medians are published by the
+//! `"partial":true` and the shards missing; a reply also says
+//! `"missing_nodes"` when a live node did not answer or a gone node's panes
+//! are not adopted yet (see [`super::replica`]). Medians are published by the
 //! node that serves shard 0, from the merge of every node's sketches.
 
 use std::collections::{BTreeSet, HashMap};
@@ -250,12 +252,7 @@ async fn query(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) 
             or_null(s.max),
         ));
     }
-    if !missing.is_empty() {
-        body.push_str(&format!(
-            ",\"partial\":true,\"missing_shards\":{}",
-            json!(missing)
-        ));
-    }
+    missing.append_to(&mut body);
     body.push('}');
     publish(ctx, to, body.into()).await;
 }
@@ -280,6 +277,32 @@ fn local(ctx: &Context, agg: &Aggregate, request: &Value) -> (Vec<u32>, HashMap<
     (ready, summaries)
 }
 
+/// What a merged reply lacks: shards no node that answered serves, and
+/// nodes whose panes are not in it (live ones that did not answer in
+/// time, gone ones not adopted yet).
+#[derive(Debug, Default)]
+struct Missing {
+    shards: Vec<u32>,
+    nodes: Vec<String>,
+}
+
+impl Missing {
+    /// `,"partial":true,"missing_shards":[..],"missing_nodes":[..]` (each
+    /// list only when not empty), or nothing.
+    fn append_to(&self, body: &mut String) {
+        if self.shards.is_empty() && self.nodes.is_empty() {
+            return;
+        }
+        body.push_str(",\"partial\":true");
+        if !self.shards.is_empty() {
+            body.push_str(&format!(",\"missing_shards\":{}", json!(self.shards)));
+        }
+        if !self.nodes.is_empty() {
+            body.push_str(&format!(",\"missing_nodes\":{}", json!(self.nodes)));
+        }
+    }
+}
+
 /// This node's name, and what the lease keeper knows of the others.
 pub struct Peers {
     pub node: String,
@@ -288,7 +311,7 @@ pub struct Peers {
 }
 
 /// This node's summaries of `request`, merged with every other node's;
-/// returns them per group with the shards no node that answered serves.
+/// returns them per group with what the merge lacks.
 ///
 /// Panes are per node, so each node's summaries count once, whichever
 /// shards it serves now. It waits until every shard is served by a node
@@ -299,7 +322,7 @@ async fn gather(
     peers: &Peers,
     agg: &Aggregate,
     request: &Value,
-) -> Result<(HashMap<String, Summary>, Vec<u32>), String> {
+) -> Result<(HashMap<String, Summary>, Missing), String> {
     let shards = ctx.pipeline.ownership().shards();
     let (ready, mut merged) = local(ctx, agg, request);
     let mut covered: BTreeSet<u32> = ready.into_iter().collect();
@@ -367,7 +390,14 @@ async fn gather(
             }
         }
     }
-    let missing = (0..shards).filter(|s| !covered.contains(s)).collect();
+    let mut nodes: Vec<String> = expected.into_iter().filter(|n| !answered.contains(n)).collect();
+    if let Some(members) = &peers.members {
+        nodes.extend(members.orphans());
+    }
+    let missing = Missing {
+        shards: (0..shards).filter(|s| !covered.contains(s)).collect(),
+        nodes,
+    };
     Ok((merged, missing))
 }
 
@@ -452,7 +482,7 @@ async fn publish_median(
     group: &str,
     median: f64,
     now_ms: u64,
-    missing: &[u32],
+    missing: &Missing,
 ) {
     let mut body = format!(
         "{{{}:{},\"median_value\":{},\"timestamp_of_calculation\":{}",
@@ -461,12 +491,7 @@ async fn publish_median(
         number(median),
         seconds(now_ms),
     );
-    if !missing.is_empty() {
-        body.push_str(&format!(
-            ",\"partial\":true,\"missing_shards\":{}",
-            json!(missing)
-        ));
-    }
+    missing.append_to(&mut body);
     body.push('}');
     publish(ctx, Subject::from(subject), Bytes::from(body)).await;
 }

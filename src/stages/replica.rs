@@ -20,8 +20,8 @@
 //! - **Start**: a node claims its own subjects and merges what they hold
 //!   (its panes before a restart). Panes an adopter is taking are waited
 //!   for.
-//! - **Adoption**: every [`ADOPT_EVERY`], a node looks for subjects of
-//!   nodes without a heartbeat. It claims them (`"adopting"`), reads them
+//! - **Adoption**: every [`ADOPT_EVERY`], a node looks for claims
+//!   `"own"` of nodes without a heartbeat. It claims their subjects (`"adopting"`), reads them
 //!   into panes of its own, purges the subjects, marks the claim
 //!   `"adopted"` on the revision it wrote, and only then merges what it
 //!   read into its panes and publishes them in full at its next
@@ -38,7 +38,8 @@
 //! **What a node loss costs**: the updates of its last
 //! [`CHECKPOINT_EVERY`] (at most), none at a clean stop (it checkpoints
 //! before it removes its heartbeat). Until a live node adopts the panes
-//! (one [`ADOPT_EVERY`] after the heartbeat expires), queries lack them.
+//! (one [`ADOPT_EVERY`] after the heartbeat expires), queries lack them and
+//! say so (`"partial":true,"missing_nodes":[..]`).
 //! A node woken after being adopted can count its old panes twice in the
 //! queries it answers until its next checkpoint.
 
@@ -86,6 +87,16 @@ struct Claim {
     state: String,
     at_ms: u64,
     revision: u64,
+}
+
+/// What became of a gone node's panes.
+enum Adopted {
+    /// This node adopted them: how many panes.
+    Now(usize),
+    /// They are adopted (or there were none).
+    Already,
+    /// Not yet: another node is adopting them, or this one cannot now.
+    Pending,
 }
 
 /// What the pane log did, for the metrics.
@@ -416,61 +427,65 @@ impl PaneLog {
         state.all = false;
     }
 
-    /// Adopts the panes of every node that has published some and has no
-    /// heartbeat.
+    /// Adopts the panes of every node that holds its own (its claim says
+    /// `"own"`, or an adopter died while `"adopting"`) and has no
+    /// heartbeat. The claims are a key per node, so this reads no more
+    /// than the node list does.
     pub async fn adopt(&self) {
         let Some(live) = self.membership.live() else {
             return;
         };
-        let mut gone = std::collections::BTreeSet::new();
-        let filter = format!("{}.*.>", self.root);
-        let mut info = match self.stream.info_with_subjects(&filter).await {
-            Ok(info) => info,
+        let claimed = match self.leases.keys("panes.").await {
+            Ok(claimed) => claimed,
             Err(e) => {
-                tracing::warn!(message = "Cannot list published panes.", error = %e);
+                tracing::warn!(message = "Cannot list the pane claims.", error = %e);
                 return;
             }
         };
-        while let Some(Ok((subject, _))) = info.next().await {
-            let node = subject[self.root.len() + 1..].split('.').next().unwrap_or("");
-            if node != self.node && !live.iter().any(|n| n == node) {
-                gone.insert(node.to_owned());
+        let (mut orphans, mut resolved) = (Vec::new(), Vec::new());
+        for node in claimed {
+            if node == self.node || live.contains(&node) {
+                continue;
             }
-        }
-        for node in gone {
             match self.adopt_one(&node).await {
-                Ok(Some(panes)) => {
+                Ok(Adopted::Now(panes)) => {
                     self.stages.replica.adoptions.fetch_add(1, Relaxed);
                     tracing::info!(message = "Adopted the panes of a node gone.", node = %node, panes);
+                    resolved.push(node);
                 }
-                Ok(None) => {}
+                Ok(Adopted::Already) => resolved.push(node),
+                Ok(Adopted::Pending) => orphans.push(node),
                 Err(e) => {
-                    tracing::warn!(message = "Cannot adopt the panes of a node gone.", node = %node, error = %e)
+                    tracing::warn!(message = "Cannot adopt the panes of a node gone.", node = %node, error = %e);
+                    orphans.push(node);
                 }
             }
         }
+        self.membership.set_orphans(orphans, &resolved);
     }
 
-    /// Claims, reads, purges and merges `node`'s panes; `None` if another
-    /// node holds the claim.
-    async fn adopt_one(&self, node: &str) -> Result<Option<usize>, String> {
+    /// Claims, reads, purges and merges `node`'s panes.
+    async fn adopt_one(&self, node: &str) -> Result<Adopted, String> {
         // Held throughout: a node shutting down adopts nothing.
         let mut state = self.publishing.lock().await;
         if state.closed || !self.membership.fresh() {
-            return Ok(None);
+            return Ok(Adopted::Pending);
         }
         let claim = self.claim(node).await?;
-        if let Some(c) = &claim
-            && c.state == "adopting"
-            && unix_ms().saturating_sub(c.at_ms) < ADOPTING_STALE_MS
-        {
-            return Ok(None);
+        let Some(c) = &claim else {
+            return Ok(Adopted::Already);
+        };
+        if c.state == "adopted" {
+            return Ok(Adopted::Already);
+        }
+        if c.state == "adopting" && unix_ms().saturating_sub(c.at_ms) < ADOPTING_STALE_MS {
+            return Ok(Adopted::Pending);
         }
         let Some(revision) = self
             .write_claim(node, "adopting", claim.map(|c| c.revision))
             .await?
         else {
-            return Ok(None);
+            return Ok(Adopted::Pending);
         };
         let read = self.read(node).await?;
         self.stream
@@ -481,13 +496,13 @@ impl PaneLog {
         if self.write_claim(node, "adopted", Some(revision)).await?.is_none() {
             // Someone took the claim meanwhile (this node was stalled past
             // ADOPTING_STALE_MS): they have the panes.
-            return Ok(None);
+            return Ok(Adopted::Already);
         }
         for (agg, pane, group, summary) in &read {
             agg.absorb(group, *pane, summary, true);
         }
         state.all = true;
-        Ok(Some(read.len()))
+        Ok(Adopted::Now(read.len()))
     }
 
     /// Checkpoints every [`CHECKPOINT_EVERY`] and adopts every
