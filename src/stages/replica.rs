@@ -21,8 +21,9 @@
 //!   (its panes before a restart). Panes an adopter is taking are waited
 //!   for.
 //! - **Adoption**: every [`ADOPT_EVERY`], a node looks for claims
-//!   `"own"` of nodes without a heartbeat. It claims their subjects (`"adopting"`), reads them
-//!   into panes of its own, purges the subjects, marks the claim
+//!   `"own"` of nodes without a heartbeat. It claims their subjects
+//!   (`"adopting"`), reads them into panes of its own, purges the
+//!   subjects, marks the claim
 //!   `"adopted"` on the revision it wrote, and only then merges what it
 //!   read into its panes and publishes them in full at its next
 //!   checkpoint. A crash in between loses the adopted panes; it never
@@ -62,7 +63,7 @@ use crate::stages::{Aggregate, Stages, Summary};
 /// node's updates is lost.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How often a node looks for panes of nodes gone.
-pub const ADOPT_EVERY: Duration = Duration::from_secs(2);
+pub const ADOPT_EVERY: Duration = Duration::from_secs(1);
 /// An `"adopting"` claim older than this is of an adopter that died.
 const ADOPTING_STALE_MS: u64 = 30_000;
 /// Longest a read of the stream waits for its next message.
@@ -508,15 +509,15 @@ impl PaneLog {
     /// Checkpoints every [`CHECKPOINT_EVERY`] and adopts every
     /// [`ADOPT_EVERY`], until aborted.
     pub async fn run(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_adoption = tokio::time::Instant::now();
+        let mut checkpoints = tokio::time::interval(CHECKPOINT_EVERY);
+        let mut adoptions = tokio::time::interval(ADOPT_EVERY);
+        for tick in [&mut checkpoints, &mut adoptions] {
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         loop {
-            tick.tick().await;
-            self.checkpoint().await;
-            if last_adoption.elapsed() >= ADOPT_EVERY {
-                last_adoption = tokio::time::Instant::now();
-                self.adopt().await;
+            tokio::select! {
+                _ = checkpoints.tick() => self.checkpoint().await,
+                _ = adoptions.tick() => self.adopt().await,
             }
         }
     }
