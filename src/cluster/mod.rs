@@ -78,6 +78,11 @@ impl Membership {
         }
     }
 
+    /// The lease TTL: a node's heartbeat lasts this long.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Nodes gone whose panes are not adopted yet (queries lack them):
     /// those the last look at the claims found, and those seen live that
     /// are live no more.

@@ -21,7 +21,8 @@
 //!   (its panes before a restart). Panes an adopter is taking are waited
 //!   for.
 //! - **Adoption**: every [`ADOPT_EVERY`], a node looks for claims
-//!   `"own"` of nodes without a heartbeat. It claims their subjects
+//!   `"own"` (written more than two lease TTLs ago, so not by a node still
+//!   starting) of nodes without a heartbeat. It claims their subjects
 //!   (`"adopting"`), reads them into panes of its own, purges the
 //!   subjects, marks the claim
 //!   `"adopted"` on the revision it wrote, and only then merges what it
@@ -36,8 +37,9 @@
 //!   which the adopter holds up to its last checkpoint, and claims its
 //!   subjects again.
 //!
-//! **What a node loss costs**: the updates of its last
-//! [`CHECKPOINT_EVERY`] (at most), none at a clean stop (it checkpoints
+//! **What a node loss costs**: the updates since its last checkpoint:
+//! [`CHECKPOINT_EVERY`] plus the time a checkpoint takes, none at a clean
+//! stop (it checkpoints
 //! before it removes its heartbeat). Until a live node adopts the panes
 //! (one [`ADOPT_EVERY`] after the heartbeat expires), queries lack them and
 //! say so (`"partial":true,"missing_nodes":[..]`).
@@ -480,6 +482,22 @@ impl PaneLog {
             return Ok(Adopted::Already);
         }
         if c.state == "adopting" && unix_ms().saturating_sub(c.at_ms) < ADOPTING_STALE_MS {
+            return Ok(Adopted::Pending);
+        }
+        // A node claims its panes at start, a moment before its first
+        // heartbeat: one that claimed within two TTLs may be starting, and
+        // one with a heartbeat in the bucket now is live, whatever the
+        // list of the last round said.
+        let ttl_ms = u64::try_from(self.membership.ttl().as_millis()).unwrap_or(u64::MAX);
+        if c.state == "own" && unix_ms().saturating_sub(c.at_ms) < 2 * ttl_ms {
+            return Ok(Adopted::Pending);
+        }
+        if self
+            .leases
+            .read(&crate::cluster::lease::node_key(node))
+            .await?
+            .is_some()
+        {
             return Ok(Adopted::Pending);
         }
         let Some(revision) = self
