@@ -288,16 +288,8 @@ impl Leases {
         let _ = self.kv.purge(node_key(node)).await;
     }
 
-    /// The ids of the nodes whose heartbeat has not expired.
-    ///
-    /// # Errors
-    ///
-    /// If the bucket cannot be read.
-    pub async fn nodes(&self) -> Result<Vec<String>, String> {
-        self.keys("node.").await
-    }
-
-    /// The keys that start with `prefix`, without it.
+    /// The keys that start with `prefix`, without it (`node.`: the nodes
+    /// whose heartbeat has not expired).
     ///
     /// # Errors
     ///

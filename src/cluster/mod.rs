@@ -14,7 +14,8 @@
 //! 2. catches up a shard whose journal append was refused (another node
 //!    appended: it replays the tail, or gives the shard up if its lease is
 //!    gone too);
-//! 3. counts the live nodes (heartbeats not expired);
+//! 3. counts the live nodes (heartbeats not expired), and notes the pane
+//!    claims of the same listing for [`crate::stages::replica`];
 //! 4. hands over the shards it holds beyond its fair share
 //!    (`ceil(shards / live nodes)`): fence the shard's subscriptions, answer
 //!    and commit what they routed here, stop appending, release the lease
@@ -50,6 +51,14 @@ use crate::transport::nats::{Context, Kind, Serving};
 pub use journal::{Positions, StreamJournal};
 pub use lease::{Holder, Lease, Leases};
 
+/// When the bucket was listed, its live nodes and its pane claims.
+type Listing = (Instant, Vec<String>, Vec<String>);
+
+/// `mutex` locked, whether or not a holder panicked.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What the keeper knows of the cluster, for the aggregates: when this
 /// node's heartbeat was last written, and which nodes were live then.
 pub struct Membership {
@@ -57,7 +66,9 @@ pub struct Membership {
     /// When the last successful heartbeat write started.
     beat: std::sync::Mutex<Option<Instant>>,
     /// The live nodes at the last round, and when they were listed.
-    nodes: std::sync::Mutex<Option<(Instant, Vec<String>)>>,
+    /// The live nodes and the pane claims (`panes.<node>` keys) at the
+    /// last round, and when they were listed.
+    nodes: std::sync::Mutex<Option<Listing>>,
     /// Nodes gone whose aggregate panes no live node has adopted yet, as
     /// the last look at the claims found them.
     orphans: std::sync::Mutex<Vec<String>>,
@@ -87,16 +98,9 @@ impl Membership {
     /// those the last look at the claims found, and those seen live that
     /// are live no more.
     pub fn orphans(&self) -> Vec<String> {
-        let mut out = self
-            .orphans
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let mut out = lock(&self.orphans).clone();
         if let Some(live) = self.live() {
-            let seen = self
-                .seen_live
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let seen = lock(&self.seen_live);
             let gone: Vec<String> = seen
                 .iter()
                 .filter(|n| !live.contains(n) && !out.contains(n))
@@ -110,57 +114,43 @@ impl Membership {
     /// What a look at the claims found: nodes gone with panes not adopted
     /// yet (`pending`), and nodes whose panes are adopted (`resolved`).
     pub fn set_orphans(&self, pending: Vec<String>, resolved: &[String]) {
-        let mut seen = self
-            .seen_live
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = lock(&self.seen_live);
         for node in resolved {
             seen.remove(node);
         }
-        *self
-            .orphans
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = pending;
+        *lock(&self.orphans) = pending;
     }
 
     /// The heartbeat was written within two thirds of the TTL: no other
     /// node can count this one gone (the rule the journal's appends follow).
     pub fn fresh(&self) -> bool {
-        let beat = *self
-            .beat
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let beat = *lock(&self.beat);
         beat.is_some_and(|at| at.elapsed() < self.ttl * 2 / 3)
     }
 
     /// The live nodes, if listed within the TTL.
     pub fn live(&self) -> Option<Vec<String>> {
-        let nodes = self
-            .nodes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.listing().map(|(nodes, _)| nodes)
+    }
+
+    /// The live nodes and the nodes with a pane claim, if listed within
+    /// the TTL (one listing of the bucket serves the keeper and the pane
+    /// log).
+    pub fn listing(&self) -> Option<(Vec<String>, Vec<String>)> {
+        let nodes = lock(&self.nodes);
         nodes
             .as_ref()
-            .filter(|(at, _)| at.elapsed() < self.ttl)
-            .map(|(_, nodes)| nodes.clone())
+            .filter(|(at, ..)| at.elapsed() < self.ttl)
+            .map(|(_, nodes, claims)| (nodes.clone(), claims.clone()))
     }
 
     fn beat_at(&self, at: Instant) {
-        *self
-            .beat
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(at);
+        *lock(&self.beat) = Some(at);
     }
 
-    fn listed(&self, nodes: Vec<String>) {
-        self.seen_live
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(nodes.iter().cloned());
-        *self
-            .nodes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), nodes));
+    fn listed(&self, nodes: Vec<String>, claims: Vec<String>) {
+        lock(&self.seen_live).extend(nodes.iter().cloned());
+        *lock(&self.nodes) = Some((Instant::now(), nodes, claims));
     }
 }
 
@@ -311,10 +301,17 @@ impl Keeper {
         self.beat().await;
         self.renew().await;
         self.catch_up().await;
-        let live = match self.leases.nodes().await {
-            Ok(nodes) => {
+        let live = match self.leases.keys("").await {
+            Ok(keys) => {
+                let with = |prefix: &str| -> Vec<String> {
+                    keys.iter()
+                        .filter_map(|k| k.strip_prefix(prefix))
+                        .map(str::to_owned)
+                        .collect()
+                };
+                let nodes = with("node.");
                 let live = nodes.len().max(1) as u32;
-                self.membership.listed(nodes);
+                self.membership.listed(nodes, with("panes."));
                 live
             }
             Err(e) => {

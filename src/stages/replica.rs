@@ -432,18 +432,13 @@ impl PaneLog {
 
     /// Adopts the panes of every node that holds its own (its claim says
     /// `"own"`, or an adopter died while `"adopting"`) and has no
-    /// heartbeat. The claims are a key per node, so this reads no more
-    /// than the node list does.
+    /// heartbeat. The claims come from the keeper's listing of the bucket
+    /// each round; only a gone node's claim is read.
     pub async fn adopt(&self) {
-        let Some(live) = self.membership.live() else {
+        // The keeper's last listing of the bucket: the live nodes and the
+        // claims.
+        let Some((live, claimed)) = self.membership.listing() else {
             return;
-        };
-        let claimed = match self.leases.keys("panes.").await {
-            Ok(claimed) => claimed,
-            Err(e) => {
-                tracing::warn!(message = "Cannot list the pane claims.", error = %e);
-                return;
-            }
         };
         let (mut orphans, mut resolved) = (Vec::new(), Vec::new());
         for node in claimed {
