@@ -159,7 +159,7 @@ fn batches(c: &mut Criterion) {
                     body(round)
                 },
                 |body| {
-                    let d = batch::decide(&dedup, &body, 1_000, |_| Route::Here);
+                    let d = batch::decide(&dedup, &body, 1_000, false, |_| Route::Here);
                     let mut out = Vec::with_capacity(2 * n);
                     for e in d.entries.iter().flatten() {
                         batch::push(&mut out, e);

@@ -444,20 +444,16 @@ impl StreamJournal {
         }
         let now = Instant::now();
         let mut sends = Vec::with_capacity(by_shard.len());
+        // Each shard's append succeeds or fails on its own.
+        let mut fenced = Vec::new();
         for (shard, records) in by_shard {
-            let (last, generation) = {
-                let log = self.positions.log(shard);
-                match (log.last, log.valid_until) {
-                    (Some(last), Some(until)) if until > now && !log.fenced => (last, log.generation),
-                    _ => {
-                        return Err(JournalError::new(
-                            JournalErrorKind::Fenced,
-                            format!("shard {shard} is not held here (its lease was lost or handed over)"),
-                        ));
-                    }
+            let log = self.positions.log(shard);
+            match (log.last, log.valid_until) {
+                (Some(last), Some(until)) if until > now && !log.fenced => {
+                    sends.push((shard, last, log.generation, encode(kind, &records)));
                 }
-            };
-            sends.push((shard, last, generation, encode(kind, &records)));
+                _ => fenced.push(shard),
+            }
         }
         let started = Instant::now();
         let results = self
@@ -476,8 +472,8 @@ impl StreamJournal {
                 },
             )));
         let micros = started.elapsed().as_micros() as u64;
-        let mut fenced = Vec::new();
-        let mut failed = None;
+        let mut unavailable = Vec::new();
+        let mut why = None;
         let mut acked = Vec::with_capacity(sends.len());
         for ((shard, _, generation, _), result) in sends.iter().zip(results) {
             match result {
@@ -500,33 +496,67 @@ impl StreamJournal {
                     }
                     fenced.push(*shard);
                 }
-                Err(e) => failed = Some(format!("journal of shard {shard}: {e}")),
+                Err(e) => {
+                    why.get_or_insert_with(|| format!("journal of shard {shard}: {e}"));
+                    unavailable.push(*shard);
+                }
             }
         }
-        if !fenced.is_empty() {
-            return Err(JournalError::new(
+        if !acked.is_empty() {
+            let partial = !(fenced.is_empty() && unavailable.is_empty());
+            self.copy_locally(kind, records, &acked, partial);
+        }
+        if fenced.is_empty() && unavailable.is_empty() {
+            return Ok(());
+        }
+        // Both answer 503: a fenced shard's owner takes the retry, an
+        // unavailable one is retried here.
+        let error = match why {
+            Some(why) => JournalError::new(JournalErrorKind::Unavailable, why),
+            None => JournalError::new(
                 JournalErrorKind::Fenced,
-                format!("another node appended to the journal of shards {fenced:?}"),
-            ));
+                format!(
+                    "shards {fenced:?} are not held here (lease lost or handed over, or another node appended to their journal)"
+                ),
+            ),
+        };
+        if acked.is_empty() {
+            return Err(error);
         }
-        if let Some(why) = failed {
-            return Err(JournalError::new(JournalErrorKind::Unavailable, why));
-        }
+        fenced.extend(unavailable);
+        Err(error.only_shards(fenced))
+    }
+
+    /// Writes the journalled records of the `acked` shards (only some of
+    /// the records' shards when `partial`) into the local copy with their
+    /// journal positions.
+    fn copy_locally(&self, kind: u8, records: &[Record], acked: &[(u32, u64)], partial: bool) {
         // The journal has them: the local copy is a convenience, and its
         // failure costs a longer replay, never a verdict.
         if let Some(local) = &self.local {
+            let kept: Vec<Record>;
+            let records = if partial {
+                let shards: std::collections::BTreeSet<u32> = acked.iter().map(|a| a.0).collect();
+                kept = records
+                    .iter()
+                    .filter(|r| shards.contains(&r.shard))
+                    .copied()
+                    .collect();
+                &kept
+            } else {
+                records
+            };
             let mut local = local.lock().unwrap_or_else(PoisonError::into_inner);
             let copied = if kind == FORGOTTEN {
-                local.forget_at(records, &acked)
+                local.forget_at(records, acked)
             } else {
-                local.append_at(records, &acked)
+                local.append_at(records, acked)
             };
             if let Err(e) = copied {
                 Metrics::inc(&self.metrics.store_errors);
                 tracing::warn!(message = "Cannot write the local copy of the journal; a takeover replays more of the stream.", error = %e);
             }
         }
-        Ok(())
     }
 }
 

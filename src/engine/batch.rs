@@ -15,7 +15,8 @@
 //! | `!<code> <reason>` | not decided: `400` bad event (reason as for single requests), `503` shard not ready or no owner, `500` the store failed; retry the line |
 //!
 //! A bad line never fails the others. Within one batch a repeated id is new
-//! on its first line and a duplicate after.
+//! on its first line and a duplicate after, once that first line is
+//! durable: if its commit fails, the repeats get the same error.
 //!
 //! ```
 //! use eventsieve::engine::batch::{Entry, decode, encode};
@@ -28,10 +29,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::engine::dedup::{Deduplicator, Record};
 use crate::engine::event::{EventErrorKind, Seen};
 use crate::engine::fingerprint::Fingerprint;
+use crate::engine::pending::Settle;
 
 /// The verdict on one line of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,8 +125,17 @@ pub struct Decision {
     pub lines: Vec<Range<usize>>,
     /// An entry per line; `None` for lines to forward.
     pub entries: Vec<Option<Entry>>,
-    /// Lines that are new here and the records that make them durable.
+    /// Lines that are new here and the records that make them durable,
+    /// grouped by shard in line order.
     pub new: Vec<(usize, Record)>,
+    /// With `track`: per shard of `new`, in the same order, the cell its
+    /// commit must complete.
+    pub settles: Vec<Arc<Settle>>,
+    /// With `track`: lines whose id was remembered but not yet durable
+    /// (earlier in this batch, or in another request), with the cell of
+    /// that commit; their entry says `Duplicate` until it completes, and
+    /// takes its error if it fails.
+    pub twins: Vec<(usize, Arc<Settle>)>,
     /// Per shard owned elsewhere: its lines and their sub-batch body.
     pub forward: BTreeMap<u32, (Vec<usize>, Vec<u8>)>,
     /// The reason of each rejected line.
@@ -139,8 +151,17 @@ pub struct Decision {
 
 /// Splits `body` into lines, keys each, and decides the lines of shards
 /// routed [`Route::Here`]: one table lock per shard, in line order, so a
-/// repeat within the batch is a duplicate of its first line.
-pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32) -> Route) -> Decision {
+/// repeat within the batch is a duplicate of its first line. With `track`,
+/// new ids are pending until their shard's cell in
+/// [`Decision::settles`] completes, and duplicates of pending ids are
+/// listed in [`Decision::twins`].
+pub fn decide(
+    dedup: &Deduplicator,
+    body: &[u8],
+    now_ms: u64,
+    track: bool,
+    route: impl Fn(u32) -> Route,
+) -> Decision {
     let lines = lines(body);
     let mut d = Decision {
         entries: vec![None; lines.len()],
@@ -199,13 +220,21 @@ pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32
     }
     here.sort_unstable_by_key(|&(at, _)| at);
     let (mut fps, mut verdicts) = (Vec::with_capacity(here.len()), Vec::with_capacity(here.len()));
+    let mut twins = Vec::new();
     d.new.reserve(here.len());
     for run in here.chunk_by(|a, b| a.0 >> 32 == b.0 >> 32) {
         let shard = (run[0].0 >> 32) as u32;
         fps.clear();
         fps.extend(run.iter().map(|&(_, fp)| fp));
         verdicts.clear();
-        dedup.check_and_insert_many(shard, &fps, now_ms, &mut verdicts);
+        twins.clear();
+        let settle = track.then(|| Settle::new(shard));
+        let before = d.new.len();
+        dedup.check_and_insert_many(shard, &fps, now_ms, settle.as_ref(), &mut verdicts, &mut twins);
+        let run_twins = twins.len() as u64;
+        for (k, cell) in twins.drain(..) {
+            d.twins.push(((run[k].0 & u64::from(u32::MAX)) as usize, cell));
+        }
         for (&(at, fingerprint), verdict) in run.iter().zip(&verdicts) {
             let i = (at & u64::from(u32::MAX)) as usize;
             if verdict.is_new() {
@@ -220,6 +249,10 @@ pub fn decide(dedup: &Deduplicator, body: &[u8], now_ms: u64, route: impl Fn(u32
                 d.duplicates += 1;
                 d.entries[i] = Some(Entry::Duplicate);
             }
+        }
+        d.duplicates -= run_twins; // counted when the commits they wait for complete
+        if let Some(settle) = settle.filter(|_| d.new.len() > before) {
+            d.settles.push(settle);
         }
     }
     d.lines = lines;
@@ -397,7 +430,7 @@ mod tests {
             26 => Route::Forward,
             _ => Route::NotReady,
         };
-        let d = decide(&dedup, body, 1_000, route);
+        let d = decide(&dedup, body, 1_000, false, route);
         assert_eq!(d.lines.len(), 5);
         assert_eq!(d.entries[0], Some(Entry::New));
         assert_eq!(d.entries[1], None, "forwarded");
@@ -412,7 +445,7 @@ mod tests {
         );
         assert_eq!((d.invalid.len(), d.not_ready, d.duplicates), (1, 1, 1));
         // Nothing outside Route::Here was remembered.
-        let again = decide(&dedup, body, 1_001, |_| Route::Here);
+        let again = decide(&dedup, body, 1_001, false, |_| Route::Here);
         assert_eq!(again.entries[1], Some(Entry::New));
         assert_eq!(again.entries[4], Some(Entry::New));
         assert_eq!(again.entries[0], Some(Entry::Duplicate));

@@ -7,12 +7,14 @@
 //! most one segment rebuild), never across I/O.
 
 use std::borrow::Cow;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::engine::event::{self, EventError, Limits, Seen};
 use crate::engine::fingerprint::Fingerprint;
 use crate::engine::key::KeySpec;
+use crate::engine::pending::{Ledger, Settle};
 use crate::engine::shard::shard_of;
 use crate::engine::table::{MAX_WINDOW_MS, Table, Verdict};
 
@@ -101,7 +103,55 @@ pub struct Record {
 /// One shard's table on its own cache lines.
 #[repr(align(128))]
 struct Shard {
-    table: Mutex<Table>,
+    table: Mutex<Locked>,
+}
+
+/// What one shard's lock guards: its table, and the ids of it decided new
+/// whose commit is pending (see [`crate::engine::pending`]). Derefs to the
+/// table.
+pub struct Locked {
+    table: Table,
+    pending: Ledger,
+}
+
+impl Deref for Locked {
+    type Target = Table;
+
+    fn deref(&self) -> &Table {
+        &self.table
+    }
+}
+
+impl DerefMut for Locked {
+    fn deref_mut(&mut self) -> &mut Table {
+        &mut self.table
+    }
+}
+
+impl Locked {
+    /// Ids decided new whose commit has not completed.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Forgets every id of the shard, pending ones included.
+    pub fn clear(&mut self) {
+        self.table.clear();
+        self.pending.clear();
+    }
+}
+
+/// A check-and-insert's answer when commits may be pending.
+#[derive(Debug)]
+pub enum Checked {
+    /// New; remembered from now. With the cell its commit completes when
+    /// the caller tracks commits.
+    New(Option<Arc<Settle>>),
+    /// Remembered, and durable (or the caller keeps nothing durable).
+    Duplicate,
+    /// Remembered, but the commit of its first copy has not succeeded (yet):
+    /// the duplicate's answer is that commit's outcome.
+    Twin(Arc<Settle>),
 }
 
 /// Segments [`Deduplicator::live`] counts per lock of a shard.
@@ -134,7 +184,10 @@ impl Deduplicator {
         assert!(config.shards > 0, "shard count must be positive");
         let shards = (0..config.shards)
             .map(|_| Shard {
-                table: Mutex::new(Table::new(config.window_ms, config.segments_per_shard)),
+                table: Mutex::new(Locked {
+                    table: Table::new(config.window_ms, config.segments_per_shard),
+                    pending: Ledger::default(),
+                }),
             })
             .collect();
         Self { shards, config }
@@ -228,32 +281,92 @@ impl Deduplicator {
         verdict
     }
 
+    /// As [`Self::check_and_insert`], for a caller whose new ids become
+    /// durable later: with `track`, a new id is recorded as pending with a
+    /// fresh [`Settle`] cell (returned) that its commit must complete, and a
+    /// duplicate of a pending id is a [`Checked::Twin`].
+    pub fn check_and_insert_tracked(&self, keyed: &Keyed<'_>, now_ms: u64, track: bool) -> Checked {
+        let (shard, fp) = (keyed.shard, keyed.fingerprint);
+        let mut locked = self.table(shard);
+        let verdict = locked.table.check_and_insert(fp, now_ms);
+        if (fp.lo as u32).is_multiple_of(SWEEP_EVERY) {
+            locked.table.sweep(now_ms, 1);
+        }
+        if !track {
+            return match verdict {
+                Verdict::New => Checked::New(None),
+                Verdict::Duplicate => Checked::Duplicate,
+            };
+        }
+        let Locked { table, pending } = &mut *locked;
+        match verdict {
+            Verdict::New => {
+                let settle = Settle::new(shard);
+                pending.push(fp, &settle, |fp| table.contains(fp, now_ms));
+                Checked::New(Some(settle))
+            }
+            Verdict::Duplicate => match pending.twin_of(fp) {
+                Some(settle) => Checked::Twin(settle),
+                None => Checked::Duplicate,
+            },
+        }
+    }
+
     /// The verdicts for many fingerprints of one shard, in order, under one
     /// lock (with prefetch); sweeps as [`Self::check_and_insert_fp`] would.
+    /// With `settle`, the new ids are recorded as pending on that cell, and
+    /// each duplicate of a pending id (this call's included) is appended to
+    /// `twins` with its index in `fps` and the cell it waits for.
     pub fn check_and_insert_many(
         &self,
         shard: u32,
         fps: &[Fingerprint],
         now_ms: u64,
+        settle: Option<&Arc<Settle>>,
         out: &mut Vec<Verdict>,
+        twins: &mut Vec<(usize, Arc<Settle>)>,
     ) {
-        let mut table = self.table(shard);
-        table.check_and_insert_batch(fps, now_ms, out);
+        let mut locked = self.table(shard);
+        let first = out.len();
+        locked.table.check_and_insert_batch(fps, now_ms, out);
         let sweeps = fps
             .iter()
             .filter(|fp| (fp.lo as u32).is_multiple_of(SWEEP_EVERY))
             .count();
         if sweeps > 0 {
-            table.sweep(now_ms, sweeps);
+            locked.table.sweep(now_ms, sweeps);
+        }
+        let Some(settle) = settle else { return };
+        let Locked { table, pending } = &mut *locked;
+        pending.prune(|fp| table.contains(fp, now_ms));
+        for (i, (fp, verdict)) in fps.iter().zip(&out[first..]).enumerate() {
+            match verdict {
+                Verdict::New => pending.push(*fp, settle, |_| true),
+                Verdict::Duplicate if !pending.is_empty() => {
+                    if let Some(cell) = pending.twin_of(*fp) {
+                        twins.push((i, cell));
+                    }
+                }
+                Verdict::Duplicate => {}
+            }
         }
     }
 
     /// Forgets an id that was inserted but could not be made durable.
     pub fn remove(&self, shard: u32, fp: Fingerprint) -> bool {
-        self.table(shard).remove(fp)
+        self.table(shard).table.remove(fp)
     }
 
-    /// Forgets every id of one shard (see [`Table::clear`]).
+    /// Forgets an id whose commit `settle` failed, and its pending entry,
+    /// under one lock: a twin sees either both or neither.
+    pub fn forget_failed(&self, fp: Fingerprint, settle: &Arc<Settle>) {
+        let mut locked = self.table(settle.shard());
+        locked.table.remove(fp);
+        locked.pending.remove(fp, settle);
+    }
+
+    /// Forgets every id of one shard (see [`Table::clear`]), pending ones
+    /// included.
     pub fn clear(&self, shard: u32) {
         self.table(shard).clear();
     }
@@ -264,7 +377,7 @@ impl Deduplicator {
     /// # Panics
     ///
     /// If `shard` is not below the shard count.
-    pub fn table(&self, shard: u32) -> MutexGuard<'_, Table> {
+    pub fn table(&self, shard: u32) -> MutexGuard<'_, Locked> {
         self.shards[shard as usize]
             .table
             .lock()

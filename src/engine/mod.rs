@@ -7,6 +7,7 @@
 //! | [`fingerprint`] | the stable 128-bit hash of an id |
 //! | [`table`] | one shard's hash-to-expiry table: check-and-insert, reclaim |
 //! | [`dedup`] | [`Deduplicator`]: every shard's table behind its own lock |
+//! | [`pending`] | ids decided new whose commit is pending, so that twins get its outcome |
 //! | [`batch`] | the newline-delimited batch request and its verdict-per-line reply |
 //!
 //! Nothing here imports from the layers above (journal, pipeline,
@@ -17,8 +18,9 @@ pub mod dedup;
 pub mod event;
 pub mod fingerprint;
 pub mod key;
+pub mod pending;
 pub mod shard;
 pub mod table;
 
-pub use dedup::{Deduplicator, EngineConfig, IngestError, Keyed, Record, unix_ms};
+pub use dedup::{Checked, Deduplicator, EngineConfig, IngestError, Keyed, Record, unix_ms};
 pub use table::Verdict;

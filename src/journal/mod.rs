@@ -29,12 +29,14 @@ pub use writer::{CommitFailed, Writer, WriterError};
 /// Blocking: the writer calls it from a blocking thread, never on the async
 /// runtime's workers.
 pub trait Journal: Send + 'static {
-    /// Makes `records` durable: all of them, or none and an error.
+    /// Makes `records` durable: all of them, or none and an error, or (for
+    /// a journal whose shards are written apart) every shard but those
+    /// the error names in [`JournalError::failed_shards`].
     ///
     /// # Errors
     ///
     /// A [`JournalError`] if the records could not be made durable; nothing
-    /// of them is kept then.
+    /// of them is kept then, or nothing of the shards it names.
     fn append(&mut self, records: &[Record]) -> Result<(), JournalError>;
 
     /// Makes the forgetting of ids durable: for each record, its id
@@ -108,6 +110,9 @@ pub enum JournalErrorKind {
 pub struct JournalError {
     kind: JournalErrorKind,
     message: String,
+    /// For an append: the shards it failed, when it made the others
+    /// durable (`None`: none of them).
+    shards: Option<Vec<u32>>,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -116,8 +121,20 @@ impl JournalError {
         Self {
             kind,
             message: message.into(),
+            shards: None,
             source: None,
         }
+    }
+
+    /// Says that only `shards` failed: the append made the others durable.
+    pub fn only_shards(mut self, shards: Vec<u32>) -> Self {
+        self.shards = Some(shards);
+        self
+    }
+
+    /// The shards an append failed, when it made the others durable.
+    pub fn failed_shards(&self) -> Option<&[u32]> {
+        self.shards.as_deref()
     }
 
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {

@@ -13,36 +13,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::engine::{Record, unix_ms};
-use crate::journal::{Journal, JournalError};
+use crate::journal::{Journal, JournalError, JournalErrorKind};
 use crate::observe::metrics::Metrics;
 
 /// Most ids in one group commit.
 pub const MAX_GROUP: usize = 8192;
 
-/// Why submitted ids were not made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommitFailed {
-    /// The journal refused the commit (disk full, I/O error): retry later.
-    Journal,
-    /// The writer has stopped (shutdown) or died: retry elsewhere or later.
-    Stopped,
-    /// An output that must take each new event before its id is committed
-    /// (the pipeline's [`crate::pipeline::Ahead`]) did not acknowledge it;
-    /// nothing was written: retry.
-    Output,
-    /// The id's shard is no longer held here (replicated journal): its
-    /// owner answers a retry.
-    Fenced,
-    /// The replicated journal did not acknowledge (JetStream unavailable):
-    /// retry.
-    Unavailable,
-}
+pub use crate::engine::pending::CommitFailed;
+use crate::engine::pending::{Settle, Signal, Wait};
 
 /// Completes when the submitted ids are durable, or with why not.
-pub type Committed = oneshot::Receiver<Result<(), CommitFailed>>;
+pub type Committed = Wait;
 
 /// Why the writer ended other than by [`Writer::stop`].
 #[derive(Debug)]
@@ -72,10 +56,22 @@ enum Ids {
     Forget(Record),
 }
 
+impl Ids {
+    /// How many ids the pending gauge counts for it.
+    fn count(&self) -> u64 {
+        match self {
+            Ids::One(_) => 1,
+            Ids::Many(records) => records.len() as u64,
+            Ids::Forget(_) => 0,
+        }
+    }
+}
+
 enum Inbound {
     Commit {
         ids: Ids,
-        done: oneshot::Sender<Result<(), CommitFailed>>,
+        /// One cell per shard of `ids`: each learns its own shard's outcome.
+        done: Vec<Signal>,
     },
     /// Commit what came before, flush, then end.
     Stop,
@@ -113,23 +109,25 @@ pub struct WriterConfig {
 
 impl Writer {
     /// Queues one id for the next group commit (waiting while the queue is
-    /// full).
+    /// full); `settle` (of the record's shard) learns the outcome.
     ///
     /// # Errors
     ///
     /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
-    pub async fn submit_one(&self, record: Record) -> Result<Committed, CommitFailed> {
-        self.send(Ids::One(record), 1).await
+    pub async fn submit_one(&self, record: Record, settle: &Arc<Settle>) -> Result<(), CommitFailed> {
+        self.send(Ids::One(record), vec![Signal(settle.clone())]).await
     }
 
-    /// Queues ids for the next group commit, all in the same one.
+    /// Queues ids for the next group commit, all in the same one; each
+    /// shard's cell in `settles` (one per shard of `records`) learns that
+    /// shard's outcome: a journal may append one shard and not another.
     ///
     /// # Errors
     ///
     /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
-    pub async fn submit(&self, records: Vec<Record>) -> Result<Committed, CommitFailed> {
-        let n = records.len() as u64;
-        self.send(Ids::Many(records), n).await
+    pub async fn submit(&self, records: Vec<Record>, settles: &[Arc<Settle>]) -> Result<(), CommitFailed> {
+        let done = settles.iter().map(|s| Signal(s.clone())).collect();
+        self.send(Ids::Many(records), done).await
     }
 
     /// Queues the forgetting of an id (`record.born_ms`: when) for the next
@@ -139,17 +137,22 @@ impl Writer {
     ///
     /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
     pub async fn forget(&self, record: Record) -> Result<Committed, CommitFailed> {
-        self.send(Ids::Forget(record), 0).await
+        let settle = Settle::new(record.shard);
+        self.send(Ids::Forget(record), vec![Signal(settle.clone())])
+            .await?;
+        Ok(settle.wait())
     }
 
-    async fn send(&self, ids: Ids, count: u64) -> Result<Committed, CommitFailed> {
-        let (done, committed) = oneshot::channel();
+    /// Sends one submission; on refusal its cells are set to `Stopped`
+    /// (dropped with it) and the error returned too.
+    async fn send(&self, ids: Ids, done: Vec<Signal>) -> Result<(), CommitFailed> {
+        let count = ids.count();
         self.metrics.pending.fetch_add(count, Relaxed);
         if self.tx.send(Inbound::Commit { ids, done }).await.is_err() {
             self.metrics.pending.fetch_sub(count, Relaxed);
             return Err(CommitFailed::Stopped);
         }
-        Ok(committed)
+        Ok(())
     }
 
     /// Asks the writer to commit what it was given, flush and end; its task
@@ -172,7 +175,19 @@ pub fn spawn(
     config: WriterConfig,
     metrics: Arc<Metrics>,
 ) -> tokio::task::JoinHandle<Result<(), WriterError>> {
-    tokio::spawn(run(inbox.rx, journal, config, metrics))
+    tokio::spawn(async move {
+        let mut rx = inbox.rx;
+        let result = run(&mut rx, journal, config, metrics.clone()).await;
+        // Submissions still queued are refused: their cells are set to
+        // `Stopped` as they drop, and they leave the pending gauge.
+        rx.close();
+        while let Ok(item) = rx.try_recv() {
+            if let Inbound::Commit { ids, .. } = item {
+                metrics.pending.fetch_sub(ids.count(), Relaxed);
+            }
+        }
+        result
+    })
 }
 
 /// What one group commit covers.
@@ -180,7 +195,7 @@ pub fn spawn(
 struct Group {
     records: Vec<Record>,
     forgets: Vec<Record>,
-    done: Vec<oneshot::Sender<Result<(), CommitFailed>>>,
+    done: Vec<Signal>,
 }
 
 impl Group {
@@ -199,7 +214,7 @@ impl Group {
                     Ids::Many(rs) => self.records.extend(rs),
                     Ids::Forget(r) => self.forgets.push(r),
                 }
-                self.done.push(done);
+                self.done.extend(done);
                 true
             }
             Inbound::Stop => false,
@@ -208,7 +223,7 @@ impl Group {
 }
 
 async fn run(
-    mut rx: mpsc::Receiver<Inbound>,
+    rx: &mut mpsc::Receiver<Inbound>,
     journal: Box<dyn Journal>,
     config: WriterConfig,
     metrics: Arc<Metrics>,
@@ -284,32 +299,43 @@ async fn run(
         if group.done.is_empty() {
             continue;
         }
-        let signal = match result {
+        let (signal, failed_shards) = match result {
             Ok(()) => {
                 Metrics::inc(&metrics.commits);
                 metrics.committed_ids.fetch_add(count as u64, Relaxed);
                 metrics
                     .commit_micros
                     .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
-                Ok(())
-            }
-            Err(e) if e.kind() == crate::journal::JournalErrorKind::Fenced => {
-                tracing::warn!(message = "Commit fenced; its events get 503.", ids = count, error = %e);
-                Err(CommitFailed::Fenced)
-            }
-            Err(e) if e.kind() == crate::journal::JournalErrorKind::Unavailable => {
-                Metrics::inc(&metrics.store_errors);
-                tracing::warn!(message = "The journal did not acknowledge; its events get 503.", ids = count, error = %e);
-                Err(CommitFailed::Unavailable)
+                (Ok(()), None)
             }
             Err(e) => {
-                Metrics::inc(&metrics.store_errors);
-                tracing::error!(message = "Commit failed; its events get 500.", ids = count, error = %e);
-                Err(CommitFailed::Journal)
+                let failed = match e.kind() {
+                    JournalErrorKind::Fenced => {
+                        tracing::warn!(message = "Commit fenced; its events get 503.", ids = count, error = %e);
+                        CommitFailed::Fenced
+                    }
+                    JournalErrorKind::Unavailable => {
+                        Metrics::inc(&metrics.store_errors);
+                        tracing::warn!(message = "The journal did not acknowledge; its events get 503.", ids = count, error = %e);
+                        CommitFailed::Unavailable
+                    }
+                    _ => {
+                        Metrics::inc(&metrics.store_errors);
+                        tracing::error!(message = "Commit failed; its events get 500.", ids = count, error = %e);
+                        CommitFailed::Journal
+                    }
+                };
+                (Err(failed), e.failed_shards().map(<[u32]>::to_vec))
             }
         };
-        for done in group.done {
-            let _ = done.send(signal);
+        for Signal(settle) in &group.done {
+            // A journal that names the shards it failed has made the others
+            // durable: their requests are answered as committed.
+            let result = match &failed_shards {
+                Some(shards) if !shards.contains(&settle.shard()) => Ok(()),
+                _ => signal,
+            };
+            settle.set(result);
         }
     }
     let mut journal = journal.expect("the journal is back once the loop ends");
@@ -384,21 +410,27 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let (writer, inbox) = channel(16, metrics.clone());
         let task = spawn(inbox, Box::new(MemoryJournal::new()), config(), metrics.clone());
-        let one = writer.submit_one(record(1)).await.unwrap();
-        let many = writer.submit((2..50).map(record).collect()).await.unwrap();
-        let last = writer.submit_one(record(50)).await.unwrap();
+        let (one, last) = (Settle::new(1), Settle::new(2));
+        let many: Vec<_> = (0..4).map(Settle::new).collect();
+        writer.submit_one(record(1), &one).await.unwrap();
+        writer.submit((2..50).map(record).collect(), &many).await.unwrap();
+        writer.submit_one(record(50), &last).await.unwrap();
         writer.stop().await;
-        assert_eq!(one.await.unwrap(), Ok(()));
-        assert_eq!(many.await.unwrap(), Ok(()));
-        assert_eq!(last.await.unwrap(), Ok(()));
+        assert_eq!(one.wait().await, Ok(()));
+        for settle in &many {
+            assert_eq!(settle.wait().await, Ok(()));
+        }
+        assert_eq!(last.wait().await, Ok(()));
         task.await.unwrap().unwrap();
         assert_eq!(metrics.committed_ids.load(Relaxed), 50);
         assert_eq!(metrics.pending.load(Relaxed), 0);
+        let refused = Settle::new(3);
         assert_eq!(
-            writer.submit_one(record(51)).await.err(),
+            writer.submit_one(record(51), &refused).await.err(),
             Some(CommitFailed::Stopped),
             "a stopped writer refuses at once"
         );
+        assert_eq!(refused.get(), Some(Err(CommitFailed::Stopped)));
     }
 
     #[tokio::test]
@@ -406,14 +438,19 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let (writer, inbox) = channel(16, metrics.clone());
         let task = spawn(inbox, Box::new(Exploding), config(), metrics);
-        let committed = writer.submit_one(record(1)).await.unwrap();
-        assert!(committed.await.is_err(), "the group is dropped, not committed");
+        let committed = Settle::new(1);
+        writer.submit_one(record(1), &committed).await.unwrap();
+        assert_eq!(
+            committed.wait().await,
+            Err(CommitFailed::Stopped),
+            "the group is dropped, not committed"
+        );
         match task.await.unwrap() {
             Err(WriterError::Panicked(why)) => assert!(why.contains("disk on fire"), "{why}"),
             other => panic!("expected a panic error, got {other:?}"),
         }
         assert_eq!(
-            writer.submit_one(record(2)).await.err(),
+            writer.submit_one(record(2), &Settle::new(2)).await.err(),
             Some(CommitFailed::Stopped)
         );
     }

@@ -27,6 +27,9 @@ use crate::engine::event::EventErrorKind;
 pub struct Metrics {
     pub accepted: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Duplicates of an id whose first copy's commit then failed: answered
+    /// that error, not `false`.
+    pub twin_errors: AtomicU64,
     pub invalid: [AtomicU64; EventErrorKind::ALL.len()],
     pub not_ready: AtomicU64,
     /// Requests answered 503 because `max_inflight_bytes` was reached.
@@ -190,6 +193,12 @@ impl Metrics {
             "counter",
             "Events rejected with a 400 reply, by reason.",
             &invalid,
+        );
+        metric(
+            "twin_errors_total",
+            "counter",
+            "Events whose id was remembered but not yet durable, answered the error of that commit (it failed) instead of a duplicate verdict.",
+            &[("", get(&self.twin_errors))],
         );
         metric(
             "not_ready_total",

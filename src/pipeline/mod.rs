@@ -23,13 +23,12 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use tokio::sync::oneshot;
 
 use crate::engine::batch::{self, Entry};
 use crate::engine::event::{EventError, Seen};
 use crate::engine::fingerprint::Fingerprint;
-use crate::engine::{Deduplicator, Keyed, Record, Verdict, unix_ms};
-use crate::journal::writer::Committed;
+use crate::engine::pending::Settle;
+use crate::engine::{Checked, Deduplicator, Keyed, Record, Verdict, unix_ms};
 use crate::journal::{CommitFailed, Journal, JournalError, Writer};
 use crate::observe::metrics::Metrics;
 
@@ -128,12 +127,19 @@ impl Outcome {
             Outcome::Verdict(_) => None,
             Outcome::Invalid(e) => Some((400, e.to_string())),
             Outcome::NotReady(shard) => Some((503, format!("shard {shard} is not ready (recovering)"))),
-            Outcome::Failed(CommitFailed::Journal) => Some((500, STORE_FAILED.into())),
-            Outcome::Failed(CommitFailed::Stopped) => Some((503, STOPPED.into())),
-            Outcome::Failed(CommitFailed::Output) => Some((503, OUTPUT_FAILED.into())),
-            Outcome::Failed(CommitFailed::Fenced) => Some((503, FENCED.into())),
-            Outcome::Failed(CommitFailed::Unavailable) => Some((503, UNAVAILABLE.into())),
+            Outcome::Failed(failed) => Some(failure(*failed)),
         }
+    }
+}
+
+/// The status code and reason of a failed commit.
+fn failure(failed: CommitFailed) -> (u16, String) {
+    match failed {
+        CommitFailed::Journal => (500, STORE_FAILED.into()),
+        CommitFailed::Stopped => (503, STOPPED.into()),
+        CommitFailed::Output => (503, OUTPUT_FAILED.into()),
+        CommitFailed::Fenced => (503, FENCED.into()),
+        CommitFailed::Unavailable => (503, UNAVAILABLE.into()),
     }
 }
 
@@ -161,25 +167,43 @@ pub enum Step<'a> {
     Commit(Pending),
 }
 
-/// A new id waiting for its commit.
+/// An event waiting for a commit: its own (a new id), or its first copy's
+/// (a twin: the same id, remembered but not yet durable).
 #[derive(Debug)]
 pub struct Pending {
     shard: u32,
     fingerprint: Fingerprint,
-    /// `None` when the pipeline keeps nothing durable (durability `memory`)
-    /// or once the result has been taken into `settled`.
-    committed: Option<Committed>,
+    /// The cell the commit completes; `None` when the pipeline keeps
+    /// nothing durable (durability `memory`): settled at once.
+    settle: Option<Arc<Settle>>,
+    /// Whether this event is a twin, waiting for its first copy's commit.
+    twin: bool,
     /// The commit's result, once known.
     settled: Option<Result<(), CommitFailed>>,
 }
 
+/// How often a twin looks at its first copy's commit (the cell keeps one
+/// waker, its submitter's); a twin is rare.
+const TWIN_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The outcome of a twin's first copy: its commit's, once known.
+async fn first_copy(settle: &Settle) -> Result<(), CommitFailed> {
+    loop {
+        match settle.get() {
+            Some(result) => return result,
+            None => tokio::time::sleep(TWIN_POLL).await,
+        }
+    }
+}
+
 impl Pending {
-    fn new(shard: u32, fingerprint: Fingerprint, committed: Option<Committed>) -> Self {
-        let settled = committed.is_none().then_some(Ok(()));
+    fn new(shard: u32, fingerprint: Fingerprint, settle: Option<Arc<Settle>>, twin: bool) -> Self {
+        let settled = settle.is_none().then_some(Ok(()));
         Self {
             shard,
             fingerprint,
-            committed,
+            settle,
+            twin,
             settled,
         }
     }
@@ -187,27 +211,25 @@ impl Pending {
     /// Waits until the commit's result is known; [`Pipeline::finish`] then
     /// completes without waiting. Cancel-safe.
     pub async fn settle(&mut self) {
-        if self.settled.is_none()
-            && let Some(committed) = &mut self.committed
-        {
-            self.settled = Some(committed.await.unwrap_or(Err(CommitFailed::Stopped)));
-            self.committed = None;
+        if self.settled.is_some() {
+            return;
         }
+        let Some(settle) = &self.settle else { return };
+        self.settled = Some(if self.twin {
+            first_copy(settle).await
+        } else {
+            settle.wait().await
+        });
     }
 
     /// Whether the commit's result is known, without waiting.
     pub fn is_settled(&mut self) -> bool {
         if self.settled.is_none()
-            && let Some(committed) = &mut self.committed
+            && let Some(settle) = &self.settle
         {
-            match committed.try_recv() {
-                Ok(result) => self.settled = Some(result),
-                Err(oneshot::error::TryRecvError::Closed) => self.settled = Some(Err(CommitFailed::Stopped)),
-                Err(oneshot::error::TryRecvError::Empty) => return false,
-            }
-            self.committed = None;
+            self.settled = settle.get();
         }
-        true
+        self.settled.is_some()
     }
 }
 
@@ -220,9 +242,13 @@ pub struct BatchPending {
     new: Vec<(usize, Record)>,
     /// Per shard owned elsewhere: its lines and their sub-batch body.
     forward: BTreeMap<u32, (Vec<usize>, Vec<u8>)>,
-    /// The commit of `new`; `Ok(None)` while the [`Ahead`] output has yet
-    /// to take them (they are submitted by [`Pipeline::finish_batch`]).
-    committed: Result<Option<Committed>, CommitFailed>,
+    /// Per shard of `new`, in its order, the cell its commit completes
+    /// (empty when nothing is kept durable). With an [`Ahead`] output the
+    /// ids are submitted by [`Pipeline::finish_batch`], once published.
+    settles: Vec<Arc<Settle>>,
+    /// Lines whose id waits for a commit: an earlier line's of this batch,
+    /// or another request's.
+    twins: Vec<(usize, Arc<Settle>)>,
     /// The stages' fields of every line (see [`batch::Decision::seen`]).
     seen: Vec<Seen>,
 }
@@ -309,48 +335,60 @@ impl<H: Hook> Pipeline<H> {
             ShardState::Elsewhere => return Step::Elsewhere(keyed),
         }
         let now = unix_ms();
-        if self.dedup.check_and_insert(&keyed, now) == Verdict::Duplicate {
-            Metrics::inc(&self.metrics.duplicates);
-            return Step::Done(Outcome::Verdict(Verdict::Duplicate));
-        }
         let fingerprint = keyed.fingerprint;
+        let settle = match self.dedup.check_and_insert_tracked(&keyed, now, self.tracks()) {
+            Checked::Duplicate => {
+                Metrics::inc(&self.metrics.duplicates);
+                return Step::Done(Outcome::Verdict(Verdict::Duplicate));
+            }
+            Checked::Twin(settle) => {
+                return Step::Commit(Pending::new(shard, fingerprint, Some(settle), true));
+            }
+            Checked::New(None) => return Step::Commit(Pending::new(shard, fingerprint, None, false)),
+            Checked::New(Some(settle)) => settle,
+        };
         let record = Record {
             shard,
             born_ms: now,
             fingerprint,
         };
-        let committed = match (&self.ahead, &self.writer) {
+        match (&self.ahead, &self.writer) {
             (Some(ahead), writer) => {
                 // Published and acknowledged first, then committed: in a
                 // task of its own, so that events behind it proceed too.
                 let publish = ahead.publish(shard, &keyed.id, event.clone());
                 let writer = writer.clone();
-                let (done, committed) = oneshot::channel();
+                let settle = settle.clone();
                 tokio::spawn(async move {
-                    let result = match publish.await {
+                    match publish.await {
                         Err(e) => {
                             tracing::warn!(message = "The output did not take an event.", error = %e);
-                            Err(CommitFailed::Output)
+                            settle.set(Err(CommitFailed::Output));
                         }
                         Ok(()) => match writer {
-                            None => Ok(()),
-                            Some(writer) => match writer.submit_one(record).await {
-                                Ok(committed) => committed.await.unwrap_or(Err(CommitFailed::Stopped)),
-                                Err(failed) => Err(failed),
-                            },
+                            None => {
+                                settle.set(Ok(()));
+                            }
+                            // A refused submission sets the cell itself.
+                            Some(writer) => drop(writer.submit_one(record, &settle).await),
                         },
-                    };
-                    let _ = done.send(result);
+                    }
                 });
-                Some(committed)
             }
-            (None, None) => None,
-            (None, Some(writer)) => match writer.submit_one(record).await {
-                Ok(committed) => Some(committed),
-                Err(failed) => return Step::Done(self.undo(shard, fingerprint, failed)),
-            },
-        };
-        Step::Commit(Pending::new(shard, fingerprint, committed))
+            (None, Some(writer)) => {
+                if let Err(failed) = writer.submit_one(record, &settle).await {
+                    return Step::Done(self.undo(fingerprint, &settle, failed));
+                }
+            }
+            (None, None) => unreachable!("a tracked id has a writer or an output"),
+        }
+        Step::Commit(Pending::new(shard, fingerprint, Some(settle), false))
+    }
+
+    /// Whether new ids become durable after they are decided (so twins
+    /// must wait for that): with a writer or an output ahead of it.
+    fn tracks(&self) -> bool {
+        self.writer.is_some() || self.ahead.is_some()
     }
 
     /// Waits for `pending`'s commit; then hands `event` to the hook and
@@ -360,16 +398,29 @@ impl<H: Hook> Pipeline<H> {
         let Pending {
             shard,
             fingerprint,
+            settle,
+            twin,
             settled,
-            ..
         } = pending;
-        match settled.unwrap_or(Err(CommitFailed::Stopped)) {
-            Ok(()) => {
+        match (settled.unwrap_or(Err(CommitFailed::Stopped)), twin) {
+            (Ok(()), false) => {
                 Metrics::inc(&self.metrics.accepted);
                 self.hook.accepted(shard, Accepted::One(&event)).await;
                 Outcome::Verdict(Verdict::New)
             }
-            Err(failed) => self.undo(shard, fingerprint, failed),
+            (Ok(()), true) => {
+                Metrics::inc(&self.metrics.duplicates);
+                Outcome::Verdict(Verdict::Duplicate)
+            }
+            (Err(failed), false) => match &settle {
+                Some(settle) => self.undo(fingerprint, settle, failed),
+                None => Outcome::Failed(failed),
+            },
+            // Its first copy's request forgets the id.
+            (Err(failed), true) => {
+                Metrics::inc(&self.metrics.twin_errors);
+                Outcome::Failed(failed)
+            }
         }
     }
 
@@ -393,7 +444,7 @@ impl<H: Hook> Pipeline<H> {
     /// on again).
     pub async fn decide_batch(&self, body: &[u8], forwarded: bool) -> BatchPending {
         Metrics::inc(&self.metrics.batches);
-        let d = batch::decide(&self.dedup, body, unix_ms(), |shard| {
+        let d = batch::decide(&self.dedup, body, unix_ms(), self.tracks(), |shard| {
             self.ownership.route(shard, forwarded)
         });
         for kind in &d.invalid {
@@ -401,19 +452,22 @@ impl<H: Hook> Pipeline<H> {
         }
         self.metrics.not_ready.fetch_add(d.not_ready, Relaxed);
         self.metrics.duplicates.fetch_add(d.duplicates, Relaxed);
-        let committed = match &self.writer {
-            Some(writer) if !d.new.is_empty() && self.ahead.is_none() => writer
-                .submit(d.new.iter().map(|(_, r)| *r).collect())
-                .await
-                .map(Some),
-            _ => Ok(None),
-        };
+        if let Some(writer) = &self.writer
+            && !d.new.is_empty()
+            && self.ahead.is_none()
+        {
+            // A refused submission sets the cells itself.
+            let _ = writer
+                .submit(d.new.iter().map(|(_, r)| *r).collect(), &d.settles)
+                .await;
+        }
         BatchPending {
             lines: d.lines,
             entries: d.entries,
             new: d.new,
             forward: d.forward,
-            committed,
+            settles: d.settles,
+            twins: d.twins,
             seen: d.seen,
         }
     }
@@ -426,54 +480,59 @@ impl<H: Hook> Pipeline<H> {
         let BatchPending {
             lines,
             mut entries,
-            mut new,
-            mut committed,
+            new,
+            settles,
+            twins,
             seen,
             ..
         } = pending;
         if let Some(ahead) = &self.ahead {
-            new = self
-                .publish_ahead(ahead.as_ref(), new, &lines, &mut entries, body)
+            self.publish_ahead(ahead.as_ref(), &new, &settles, &lines, body)
                 .await;
-            committed = match &self.writer {
-                Some(writer) if !new.is_empty() => writer
-                    .submit(new.iter().map(|(_, r)| *r).collect())
-                    .await
-                    .map(Some),
-                _ => Ok(None),
-            };
         }
-        let result = match committed {
-            Ok(committed) => wait(committed).await,
-            Err(failed) => Err(failed),
-        };
-        match result {
-            Ok(()) => {
-                self.metrics.accepted.fetch_add(new.len() as u64, Relaxed);
-                let mut ranges = Vec::new();
-                let mut seen_here = Vec::new();
-                let per_line = seen.len() / lines.len().max(1);
-                for group in new.chunk_by(|a, b| a.1.shard == b.1.shard) {
-                    ranges.clear();
-                    ranges.extend(group.iter().map(|(line, _)| lines[*line].clone()));
-                    seen_here.clear();
-                    for (line, _) in group {
-                        seen_here.extend_from_slice(&seen[line * per_line..(line + 1) * per_line]);
-                    }
-                    let events = Accepted::Lines {
-                        body,
-                        lines: &ranges,
-                        seen: &seen_here,
-                    };
-                    self.hook.accepted(group[0].1.shard, events).await;
-                }
-            }
-            Err(failed) => {
-                for (line, record) in &new {
-                    let outcome = self.undo(record.shard, record.fingerprint, failed);
+        let mut ranges = Vec::new();
+        let mut seen_here = Vec::new();
+        let per_line = seen.len() / lines.len().max(1);
+        for (i, group) in new.chunk_by(|a, b| a.1.shard == b.1.shard).enumerate() {
+            let result = match settles.get(i) {
+                Some(settle) => settle.wait().await,
+                None => Ok(()), // nothing kept durable
+            };
+            if let Err(failed) = result {
+                for (line, record) in group {
+                    let outcome = self.undo(record.fingerprint, &settles[i], failed);
                     entries[*line] = outcome.error().map(|(code, reason)| Entry::error(code, reason));
                 }
+                continue;
             }
+            self.metrics.accepted.fetch_add(group.len() as u64, Relaxed);
+            ranges.clear();
+            ranges.extend(group.iter().map(|(line, _)| lines[*line].clone()));
+            seen_here.clear();
+            for (line, _) in group {
+                seen_here.extend_from_slice(&seen[line * per_line..(line + 1) * per_line]);
+            }
+            let events = Accepted::Lines {
+                body,
+                lines: &ranges,
+                seen: &seen_here,
+            };
+            self.hook.accepted(group[0].1.shard, events).await;
+        }
+        // Twins last: the commits of this batch's own first copies are
+        // known by now.
+        for (line, settle) in twins {
+            entries[line] = Some(match first_copy(&settle).await {
+                Ok(()) => {
+                    Metrics::inc(&self.metrics.duplicates);
+                    Entry::Duplicate
+                }
+                Err(failed) => {
+                    Metrics::inc(&self.metrics.twin_errors);
+                    let (code, reason) = failure(failed);
+                    Entry::error(code, reason)
+                }
+            });
         }
         entries
     }
@@ -549,7 +608,7 @@ impl<H: Hook> Pipeline<H> {
                 fingerprint,
             };
             let committed = match writer.forget(record).await {
-                Ok(committed) => committed.await.unwrap_or(Err(CommitFailed::Stopped)),
+                Ok(committed) => committed.await,
                 Err(failed) => Err(failed),
             };
             if let Err(failed) = committed {
@@ -567,16 +626,18 @@ impl<H: Hook> Pipeline<H> {
     }
 
     /// Publishes the new lines of a batch to `ahead`, all at once, and
-    /// waits for every acknowledgement; the lines it did not take are
-    /// forgotten and answered 503. Returns the lines it took.
+    /// waits for every acknowledgement; then submits each shard whose
+    /// lines were all taken, and fails the others as a whole (their
+    /// published lines are dropped by the stream as repeats when the
+    /// producer retries).
     async fn publish_ahead(
         &self,
         ahead: &dyn Ahead,
-        new: Vec<(usize, Record)>,
+        new: &[(usize, Record)],
+        settles: &[Arc<Settle>],
         lines: &[Range<usize>],
-        entries: &mut [Option<Entry>],
         body: &Bytes,
-    ) -> Vec<(usize, Record)> {
+    ) {
         let publishes = new.iter().map(|(line, record)| {
             let event = body.slice(lines[*line].clone());
             // The line was keyed when it was decided; its id again, for
@@ -588,34 +649,39 @@ impl<H: Hook> Pipeline<H> {
                 .unwrap_or_default();
             ahead.publish(record.shard, &id, event)
         });
-        let results = futures_util::future::join_all(publishes).await;
-        let mut taken = Vec::with_capacity(new.len());
-        for ((line, record), result) in new.into_iter().zip(results) {
-            match result {
-                Ok(()) => taken.push((line, record)),
-                Err(e) => {
+        let mut results = futures_util::future::join_all(publishes).await.into_iter();
+        let (mut records, mut taken) = (Vec::new(), Vec::new());
+        for (group, settle) in new.chunk_by(|a, b| a.1.shard == b.1.shard).zip(settles) {
+            let mut all = true;
+            for result in results.by_ref().take(group.len()) {
+                if let Err(e) = result {
                     tracing::warn!(message = "The output did not take an event.", error = %e);
-                    let outcome = self.undo(record.shard, record.fingerprint, CommitFailed::Output);
-                    entries[line] = outcome.error().map(|(code, reason)| Entry::error(code, reason));
+                    all = false;
+                }
+            }
+            if all {
+                records.extend(group.iter().map(|(_, r)| *r));
+                taken.push(settle.clone());
+            } else {
+                settle.set(Err(CommitFailed::Output));
+            }
+        }
+        match &self.writer {
+            // A refused submission sets the cells itself.
+            Some(writer) if !records.is_empty() => drop(writer.submit(records, &taken).await),
+            Some(_) => {}
+            None => {
+                for settle in &taken {
+                    settle.set(Ok(()));
                 }
             }
         }
-        taken
     }
 
     /// Forgets an id whose commit failed; the outcome to give for it.
-    fn undo(&self, shard: u32, fingerprint: Fingerprint, failed: CommitFailed) -> Outcome {
-        self.dedup.remove(shard, fingerprint);
+    fn undo(&self, fingerprint: Fingerprint, settle: &Arc<Settle>, failed: CommitFailed) -> Outcome {
+        self.dedup.forget_failed(fingerprint, settle);
         Outcome::Failed(failed)
-    }
-}
-
-/// The commit's result; a writer that went away before signalling counts as
-/// stopped.
-async fn wait(committed: Option<Committed>) -> Result<(), CommitFailed> {
-    match committed {
-        None => Ok(()),
-        Some(committed) => committed.await.unwrap_or(Err(CommitFailed::Stopped)),
     }
 }
 

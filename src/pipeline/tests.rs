@@ -411,3 +411,338 @@ async fn an_output_ahead_takes_each_new_event_before_its_commit_or_the_id_is_for
     let want = [("a1", 0), ("no1", 1), ("no1", 1), ("b1", 1), ("no2", 1)].map(|(id, n)| (id.to_string(), n));
     assert_eq!(seen, want);
 }
+
+/// How a [`Held`] journal ends one append.
+enum Release {
+    Keep,
+    /// Refuses every shard of the append.
+    Refuse,
+    /// Refuses these shards and keeps the others.
+    RefuseShards(Vec<u32>),
+}
+
+/// A journal whose every append waits until the test says how it ends: so
+/// that twins can arrive while their first copy's commit is pending.
+struct Held {
+    records: Arc<Mutex<MemoryJournal>>,
+    next: std::sync::mpsc::Receiver<Release>,
+}
+
+impl Journal for Held {
+    fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        let release = self.next.recv().unwrap_or(Release::Refuse);
+        let refused = match release {
+            Release::Keep => Vec::new(),
+            Release::Refuse => return Err(JournalError::new(JournalErrorKind::Full, "no space left")),
+            Release::RefuseShards(shards) => shards,
+        };
+        let kept: Vec<Record> = records
+            .iter()
+            .filter(|r| !refused.contains(&r.shard))
+            .copied()
+            .collect();
+        self.records.lock().unwrap().append(&kept)?;
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(JournalError::new(JournalErrorKind::Unavailable, "no quorum").only_shards(refused))
+        }
+    }
+    fn forget(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.records.lock().unwrap().forget(records)
+    }
+    fn scan(&self, shards: &[u32], since_ms: u64, f: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
+        self.records.lock().unwrap().scan(shards, since_ms, f)
+    }
+    fn expire(&mut self, before_ms: u64) -> Result<usize, JournalError> {
+        self.records.lock().unwrap().expire(before_ms)
+    }
+    fn expired_before(&self) -> u64 {
+        0
+    }
+    fn sync(&mut self) -> Result<(), JournalError> {
+        Ok(())
+    }
+    fn location(&self) -> String {
+        "held".into()
+    }
+}
+
+/// A pipeline on a [`Held`] journal; the sender releases its appends.
+fn held() -> (
+    Fixture,
+    std::sync::mpsc::Sender<Release>,
+    Arc<Mutex<MemoryJournal>>,
+) {
+    let (release, next) = std::sync::mpsc::channel();
+    let records: Arc<Mutex<MemoryJournal>> = Arc::default();
+    let journal = Held {
+        records: records.clone(),
+        next,
+    };
+    (fixture(Some(Box::new(journal))), release, records)
+}
+
+/// Decides `event` and expects it to wait for a commit.
+async fn decided(p: &Pipeline<Collect>, event: &Bytes) -> Pending {
+    match p.decide(event).await {
+        Step::Commit(pending) => pending,
+        other => panic!("expected to wait for a commit, got {other:?}"),
+    }
+}
+
+fn code(outcome: &Outcome) -> Option<u16> {
+    outcome.error().map(|(code, _)| code)
+}
+
+/// Fault: a twin arriving while its first copy's commit was pending was
+/// told `false` at once; the commit then failed and the id was forgotten,
+/// so the twin's producer dropped an event nobody kept.
+#[tokio::test]
+async fn a_twin_of_a_pending_id_gets_its_first_copys_outcome() {
+    for (release, want) in [(Release::Refuse, Some(500)), (Release::Keep, None)] {
+        let (f, releases, records) = held();
+        let p = &f.pipeline;
+        let (first, twin) = (event("t1"), event("t1"));
+        let pending_first = decided(p, &first).await;
+        let pending_twin = decided(p, &twin).await;
+        let mut later = pending_twin;
+        assert!(!later.is_settled(), "the twin waits for the first copy's commit");
+        releases.send(release).unwrap();
+        let first_outcome = p.finish(pending_first, first.clone()).await;
+        let twin_outcome = p.finish(later, twin).await;
+        match want {
+            Some(error) => {
+                assert_eq!(code(&first_outcome), Some(error), "{first_outcome:?}");
+                assert_eq!(
+                    code(&twin_outcome),
+                    Some(error),
+                    "the same error: {twin_outcome:?}"
+                );
+                assert_eq!(records.lock().unwrap().len(), 0);
+                assert_eq!(p.metrics.twin_errors.load(Relaxed), 1);
+                // Nothing kept: the next copy is new.
+                let retry = tokio::spawn({
+                    let p = p.clone();
+                    async move { verdict(&p, &event("t1")).await }
+                });
+                releases.send(Release::Keep).unwrap();
+                assert!(is(&retry.await.unwrap(), Verdict::New));
+            }
+            None => {
+                assert!(is(&first_outcome, Verdict::New), "{first_outcome:?}");
+                assert!(is(&twin_outcome, Verdict::Duplicate), "{twin_outcome:?}");
+                assert_eq!(records.lock().unwrap().len(), 1);
+            }
+        }
+        // Once committed, a repeat is a duplicate at once.
+        assert!(matches!(
+            p.decide(&event("t1")).await,
+            Step::Done(Outcome::Verdict(Verdict::Duplicate))
+        ));
+    }
+}
+
+/// Fault: a batch whose commit failed answered `!500` to the first copies
+/// of its ids and `0` to their repeats in the same batch.
+#[tokio::test]
+async fn repeats_within_a_failed_batch_get_its_error_not_a_duplicate() {
+    let (f, releases, _) = held();
+    let p = &f.pipeline;
+    let body = Bytes::from([event("r1"), event("r2"), event("r1"), event("r2")].join(&b'\n'));
+    let pending = p.decide_batch(&body, false).await;
+    releases.send(Release::Refuse).unwrap();
+    let entries = p.finish_batch(pending, &body).await;
+    for (i, entry) in entries.iter().enumerate() {
+        assert!(
+            matches!(entry, Some(Entry::Error { code: 500, .. })),
+            "line {i}: {entries:?}"
+        );
+    }
+    assert_eq!(p.dedup().live(unix_ms()), 0, "nothing remembered");
+
+    // And when it succeeds, the repeats are duplicates.
+    let pending = p.decide_batch(&body, false).await;
+    releases.send(Release::Keep).unwrap();
+    let entries = p.finish_batch(pending, &body).await;
+    let want = [Entry::New, Entry::New, Entry::Duplicate, Entry::Duplicate].map(Some);
+    assert_eq!(entries, want);
+}
+
+/// A batch line that repeats an id pending in another request, and a
+/// single event that repeats a batch's pending line, wait for that commit.
+#[tokio::test]
+async fn twins_across_requests_wait_for_each_others_commits() {
+    let (f, releases, _) = held();
+    let p = &f.pipeline;
+    let single = event("x1");
+    let first = decided(p, &single).await;
+    let body = Bytes::from([event("x1"), event("x2")].join(&b'\n'));
+    let batch = p.decide_batch(&body, false).await;
+    let twin_of_batch = decided(p, &event("x2")).await;
+    // x1's shard fails, x2's is kept (whether the writer commits the two
+    // requests together or apart).
+    let failing = shard_of("x1", 32);
+    assert_ne!(failing, shard_of("x2", 32));
+    releases.send(Release::RefuseShards(vec![failing])).unwrap();
+    releases.send(Release::RefuseShards(vec![failing])).unwrap();
+    let outcome = p.finish(first, single).await;
+    assert_eq!(code(&outcome), Some(503), "{outcome:?}");
+    let entries = p.finish_batch(batch, &body).await;
+    assert!(
+        matches!(entries[0], Some(Entry::Error { code: 503, .. })),
+        "the batch's twin of the failed single: {entries:?}"
+    );
+    assert_eq!(entries[1], Some(Entry::New));
+    let outcome = p.finish(twin_of_batch, event("x2")).await;
+    assert!(is(&outcome, Verdict::Duplicate), "{outcome:?}");
+}
+
+/// Fault: a group commit spanning shards failed as a whole when one
+/// shard's journal append failed. Now each shard has its own outcome.
+#[tokio::test]
+async fn a_shard_whose_append_failed_does_not_fail_the_others() {
+    let (f, releases, records) = held();
+    let p = &f.pipeline;
+    let (a, b) = ("s1", "s9");
+    let (sa, sb) = (shard_of(a, 32), shard_of(b, 32));
+    assert_ne!(sa, sb);
+    let body = Bytes::from([event(a), event(b), event(a)].join(&b'\n'));
+    let pending = p.decide_batch(&body, false).await;
+    releases.send(Release::RefuseShards(vec![sb])).unwrap();
+    let entries = p.finish_batch(pending, &body).await;
+    assert_eq!(entries[0], Some(Entry::New));
+    assert!(
+        matches!(entries[1], Some(Entry::Error { code: 503, .. })),
+        "{entries:?}"
+    );
+    assert_eq!(entries[2], Some(Entry::Duplicate));
+    assert_eq!(records.lock().unwrap().len(), 1);
+    assert_eq!(p.hook().taken(), [(sa, vec![event(a)])]);
+    // The failed shard's id is new again.
+    let retry = tokio::spawn({
+        let p = p.clone();
+        async move { verdict(&p, &event(b)).await }
+    });
+    releases.send(Release::Keep).unwrap();
+    assert!(is(&retry.await.unwrap(), Verdict::New));
+}
+
+/// Many producers, many twins, commits failing at random: no event is
+/// told `false` unless an earlier copy was accepted and is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_failing_commits_no_false_goes_to_an_id_not_kept() {
+    let records: Arc<Mutex<MemoryJournal>> = Arc::default();
+    let flaky = Flaky {
+        records: records.clone(),
+        calls: 0,
+    };
+    let f = fixture(Some(Box::new(flaky)));
+    let p = f.pipeline.clone();
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for i in 0..400u64 {
+                // Eight producers share ids: many twins.
+                let id = format!("k{}", (i * 7 + t) % 300);
+                if i % 5 == 0 {
+                    let body = Bytes::from([event(&id), event(&id)].join(&b'\n'));
+                    let pending = p.decide_batch(&body, false).await;
+                    for entry in p.finish_batch(pending, &body).await.into_iter().flatten() {
+                        answers.push((id.clone(), entry));
+                    }
+                } else {
+                    let outcome = verdict(&p, &event(&id)).await;
+                    let entry = match outcome {
+                        Outcome::Verdict(Verdict::New) => Entry::New,
+                        Outcome::Verdict(Verdict::Duplicate) => Entry::Duplicate,
+                        other => Entry::error(other.error().unwrap().0, ""),
+                    };
+                    answers.push((id, entry));
+                }
+            }
+            answers
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.extend(t.await.unwrap());
+    }
+    let kept: std::collections::HashSet<Fingerprint> = {
+        let mut kept = std::collections::HashSet::new();
+        records
+            .lock()
+            .unwrap()
+            .scan(&(0..32).collect::<Vec<_>>(), 0, &mut |r| {
+                kept.insert(r.fingerprint);
+            })
+            .unwrap();
+        kept
+    };
+    let new: std::collections::HashMap<&str, usize> =
+        answers
+            .iter()
+            .filter(|(_, e)| *e == Entry::New)
+            .fold(Default::default(), |mut m, (id, _)| {
+                *m.entry(id.as_str()).or_default() += 1;
+                m
+            });
+    let (mut falses, mut errors) = (0, 0);
+    for (id, entry) in &answers {
+        match entry {
+            Entry::Duplicate => {
+                falses += 1;
+                assert!(new.contains_key(id.as_str()), "{id} told false, never accepted");
+                assert!(
+                    kept.contains(&Fingerprint::of(id.as_bytes())),
+                    "{id} told false, not kept"
+                );
+            }
+            Entry::Error { .. } => errors += 1,
+            Entry::New => {}
+        }
+    }
+    assert!(new.values().all(|n| *n == 1), "an id accepted twice");
+    assert_eq!(kept.len(), new.len(), "every accepted id is kept, and only those");
+    assert!(
+        falses > 100 && errors > 10,
+        "the run exercised both: {falses} false, {errors} errors"
+    );
+}
+
+/// Fails every third append.
+struct Flaky {
+    records: Arc<Mutex<MemoryJournal>>,
+    calls: u64,
+}
+
+impl Journal for Flaky {
+    fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.calls += 1;
+        std::thread::sleep(Duration::from_micros(300));
+        if self.calls.is_multiple_of(3) {
+            return Err(JournalError::new(JournalErrorKind::Full, "no space left"));
+        }
+        self.records.lock().unwrap().append(records)
+    }
+    fn forget(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.records.lock().unwrap().forget(records)
+    }
+    fn scan(&self, shards: &[u32], since_ms: u64, f: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
+        self.records.lock().unwrap().scan(shards, since_ms, f)
+    }
+    fn expire(&mut self, _: u64) -> Result<usize, JournalError> {
+        Ok(0)
+    }
+    fn expired_before(&self) -> u64 {
+        0
+    }
+    fn sync(&mut self) -> Result<(), JournalError> {
+        Ok(())
+    }
+    fn location(&self) -> String {
+        "flaky".into()
+    }
+}

@@ -614,7 +614,7 @@ mod tests {
             format!(r#"{{"event_id":"b1","metric_name":"hum","metric_value":6,"timestamp":"{t}"}}"#),
         ];
         let body = lines.join("\n");
-        let d = batch::decide(&dedup, body.as_bytes(), now, |_| Route::Here);
+        let d = batch::decide(&dedup, body.as_bytes(), now, false, |_| Route::Here);
         assert_eq!(d.seen.len(), lines.len() * names.len(), "read with the keys");
         let (with_keys, by_itself) = (Aggregate::new(settings.clone()), Aggregate::new(settings));
         let per_line = names.len();
