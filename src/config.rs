@@ -241,6 +241,14 @@ pub struct Config {
     /// Serve `GET /metrics` on the HTTP gateway too (the same text as
     /// `metrics_addr`). Default false.
     pub http_metrics: bool,
+    /// Longest the HTTP gateway waits for a request's headers, and for the
+    /// next request on an idle keep-alive connection; then it closes the
+    /// connection. Default `10s`.
+    pub http_header_timeout: String,
+    /// HTTP connections served at once; further ones wait in the listen
+    /// backlog until one closes. Kept below the open-files limit (each
+    /// costs a file descriptor). Default 1024.
+    pub http_max_connections: usize,
     /// Requests waiting for a commit before new ones wait (backpressure). Default 65536.
     pub max_pending: usize,
     /// Bytes of requests the sidecar holds at once (received and not yet
@@ -464,6 +472,8 @@ impl Default for Config {
             max_table_bytes: 0,
             http_addr: String::new(),
             http_metrics: false,
+            http_header_timeout: "10s".into(),
+            http_max_connections: 1024,
             max_pending: 65_536,
             max_inflight_bytes: 256 << 20,
             shutdown_timeout: "10s".into(),
@@ -573,6 +583,7 @@ pub struct Settings {
     pub owned: Vec<u32>,
     pub metrics_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
+    pub http_header_timeout_ms: u64,
     pub aggregates: Vec<AggregateSettings>,
     pub key: KeySpec,
     /// This node's id in the cluster (given or made up).
@@ -686,6 +697,18 @@ impl Config {
                     "1ms to 1h, e.g. \"10s\"",
                 )
             })?;
+        let http_header_timeout_ms = parse_duration_ms(&self.http_header_timeout)
+            .filter(|ms| (1..=3_600_000).contains(ms))
+            .ok_or_else(|| {
+                ConfigError::field(
+                    "http_header_timeout",
+                    &self.http_header_timeout,
+                    "1ms to 1h, e.g. \"10s\"",
+                )
+            })?;
+        if self.http_max_connections == 0 {
+            return Err(ConfigError::field("http_max_connections", "0", "1 or more"));
+        }
         if !(1..=65_536).contains(&self.shards) {
             return Err(ConfigError::field(
                 "shards",
@@ -843,6 +866,7 @@ impl Config {
             window_ms,
             commit_interval_ms,
             shutdown_timeout_ms,
+            http_header_timeout_ms,
             owned,
             metrics_addr,
             http_addr,

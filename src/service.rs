@@ -326,7 +326,11 @@ pub async fn start_with(
                 .map_err(ServiceError::Http)?;
             let (stop, stopped) = watch::channel(false);
             let gateway = Gateway::new(ctx.clone(), settings.config.http_metrics, started);
-            let task = tokio::spawn(crate::transport::http::serve(listener, gateway, stopped));
+            let limits = crate::transport::http::Limits {
+                header_timeout: Duration::from_millis(settings.http_header_timeout_ms),
+                max_connections: http_connections(settings.config.http_max_connections),
+            };
+            let task = tokio::spawn(crate::transport::http::serve(listener, gateway, limits, stopped));
             Some((stop, task))
         }
         None => None,
@@ -723,4 +727,63 @@ async fn sweep_loop(pipeline: Arc<Pipeline<Republish>>) {
         tick.tick().await;
         pipeline.dedup().sweep(unix_ms(), 64);
     }
+}
+
+/// File descriptors kept for everything but HTTP connections: NATS, the
+/// store, the metrics endpoint, the store check, logs.
+const FILES_RESERVED: u64 = 128;
+
+/// Raises the soft open-files limit to the hard one (each HTTP connection
+/// costs a descriptor) and logs both; the soft limit in force after.
+fn raise_open_files() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one `rlimit` into the struct we own.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return None;
+        }
+        let before = limit.rlim_cur;
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            // SAFETY: setrlimit reads one `rlimit` we own; raising the soft
+            // limit up to the hard one needs no privilege.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        tracing::info!(
+            message = "Open-files limit.",
+            soft_before = before,
+            soft = limit.rlim_cur,
+            hard = limit.rlim_max
+        );
+        Some(limit.rlim_cur)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
+}
+
+/// The HTTP connections to serve at once: `configured`, lowered to fit the
+/// open-files limit with room for the rest of the process.
+fn http_connections(configured: usize) -> usize {
+    let Some(files) = raise_open_files() else {
+        return configured;
+    };
+    let fits = files.saturating_sub(FILES_RESERVED).max(1) as usize;
+    if configured > fits {
+        tracing::warn!(
+            message = "http_max_connections lowered to fit the open-files limit.",
+            configured,
+            serving = fits,
+            open_files = files
+        );
+    }
+    configured.min(fits)
 }

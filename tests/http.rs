@@ -28,10 +28,20 @@ fn spawn_with_http(
     data: &std::path::Path,
     extra: &[(&str, &str)],
 ) -> (SidecarProcess, String) {
+    spawn_gateway(data, extra, |env| SidecarProcess::spawn(server, data, env))
+}
+
+/// Starts a sidecar with `spawn` and the gateway on a free port, and waits
+/// until it is ready.
+fn spawn_gateway(
+    _data: &std::path::Path,
+    extra: &[(&str, &str)],
+    spawn: impl FnOnce(&[(&str, &str)]) -> SidecarProcess,
+) -> (SidecarProcess, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut env = vec![("EVENTSIEVE_HTTP_ADDR", addr.as_str())];
     env.extend_from_slice(extra);
-    let sidecar = SidecarProcess::spawn(server, data, &env);
+    let sidecar = spawn(&env);
     let base = format!("http://{addr}");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while ureq::get(&format!("{base}/ready")).call().is_err() {
@@ -219,5 +229,72 @@ fn a_graceful_stop_keeps_every_event_it_answered() {
             "{id}"
         );
     }
+    sidecar.terminate();
+}
+
+/// Fault: connections that never finished their headers were kept forever,
+/// each holding a file descriptor, until the process ran out of them. Now
+/// a header timeout closes them, connections are capped below the
+/// open-files limit, and verdicts keep flowing over NATS and HTTP.
+#[test]
+fn half_open_connections_are_closed_and_verdicts_keep_flowing() {
+    use std::io::{Read, Write};
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let (sidecar, base) = spawn_gateway(data.path(), &[("EVENTSIEVE_HTTP_HEADER_TIMEOUT", "2s")], |env| {
+        SidecarProcess::spawn_limited(&server, data.path(), 256, env)
+    });
+    let addr = base.trim_start_matches("http://").to_string();
+    let started = std::time::Instant::now();
+    let mut half_open: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+
+    // Verdicts over NATS flow while they are open.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        for i in 0..50 {
+            let id = format!("nats{i}");
+            let answer = client
+                .request(format!("dedup.ingest.{id}"), event(&id))
+                .await
+                .unwrap();
+            assert_eq!(&answer.payload[..], br#"{"accepted":true}"#);
+        }
+    });
+    // And over HTTP: a new client waits at most a few header timeouts
+    // behind the half-open ones.
+    assert_eq!(
+        call("POST", &format!("{base}/api/v1/events"), &json("web1")).0,
+        202
+    );
+    // Every half-open connection is closed by the sidecar.
+    for (i, s) in half_open.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 512];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue, // an error response before the close
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!(
+                    "half-open connection {i} still open after {:?}: {e}",
+                    started.elapsed()
+                ),
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(30), "closed only after {elapsed:?}");
+    assert_eq!(
+        call("POST", &format!("{base}/api/v1/events"), &json("web1")).0,
+        409
+    );
     sidecar.terminate();
 }

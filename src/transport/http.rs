@@ -25,12 +25,15 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::engine::Verdict;
-use crate::observe::metrics::MAX_SCRAPES;
+use crate::engine::event::EventErrorKind;
+use crate::observe::metrics::{MAX_SCRAPES, Metrics};
 use crate::pipeline::{Admin, Outcome, ShardState};
 use crate::transport::nats::Context;
 use crate::transport::nats::subscription::batch_reply;
@@ -60,9 +63,25 @@ impl Gateway {
     }
 }
 
+/// How the gateway bounds its connections: every outside input has a
+/// deadline and a bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest a connection may take to send a request's headers, and may
+    /// stay idle between requests (hyper's header read timer covers both).
+    pub header_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
 /// Serves the gateway on `listener` until `shutdown` changes; then stops
 /// taking connections and answers the requests in progress.
-pub async fn serve(listener: TcpListener, gateway: Gateway, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Gateway,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let ctx = &gateway.ctx;
     let event_limit = ctx.pipeline.dedup().config().limits.max_event_bytes;
     // A batch is bounded as over NATS: by the server's largest message.
@@ -85,13 +104,62 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, mut shutdown: watch:
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::map_response_with_state(
+            ctx.metrics.clone(),
+            count_too_large,
+        ))
         .with_state(Arc::new(gateway));
-    let stopped = async move {
-        let _ = shutdown.changed().await;
-    };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
-        tracing::error!(message = "The HTTP gateway stopped.", error = %e);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        // A connection slot first: beyond the cap, clients wait in the
+        // backlog instead of costing a file descriptor each.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: let some close.
+                    tracing::warn!(message = "The HTTP gateway cannot accept a connection.", error = %e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let mut stop = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = async { drop(stop.wait_for(|stopped| *stopped).await) } => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+        while connections.try_join_next().is_some() {}
     }
+    // Answer the requests in progress; idle connections close at once.
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// Counts a body refused for its size (413, answered before any handler
+/// runs) as the NATS path counts an event over `max_event_bytes`.
+async fn count_too_large(State(metrics): State<Arc<Metrics>>, response: Response) -> Response {
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        Metrics::inc(metrics.invalid(EventErrorKind::TooLarge));
+    }
+    response
 }
 
 fn reply(code: StatusCode, body: Value) -> Response {

@@ -398,7 +398,39 @@ impl SidecarProcess {
     /// The sidecar on the servers at `url`, with the TOML file `config`
     /// (else the default path's, if there is one).
     pub fn spawn_with(url: &str, data_dir: &Path, config: Option<&Path>, extra_env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventsieve"));
+        Self::spawn_command(
+            Command::new(env!("CARGO_BIN_EXE_eventsieve")),
+            url,
+            data_dir,
+            config,
+            extra_env,
+        )
+    }
+
+    /// The sidecar on `server` with at most `files` open files (soft and
+    /// hard limit), set by the shell that `exec`s it (same pid).
+    pub fn spawn_limited(
+        server: &NatsServer,
+        data_dir: &Path,
+        files: u32,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "ulimit -Sn {files} && ulimit -Hn {files} && exec \"$0\" \"$@\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_eventsieve"));
+        Self::spawn_command(cmd, &server.url(), data_dir, None, extra_env)
+    }
+
+    fn spawn_command(
+        mut cmd: Command,
+        url: &str,
+        data_dir: &Path,
+        config: Option<&Path>,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         cmd.arg("run");
         if let Some(config) = config {
             cmd.arg("--config").arg(config);
