@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -94,6 +95,10 @@ pub enum StoreCommand {
         /// The store's directory (overrides the configuration's `data_dir`).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// Give up (exit 1, as for a damaged store) after this long, e.g.
+        /// `90s`; default `verify_store_timeout` plus 1 s per 64 MiB.
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<String>,
     },
 }
 
@@ -148,15 +153,42 @@ pub fn main(cli: Cli) -> ExitCode {
             Err(e) => config_error(&e),
         },
         Command::Store {
-            command: StoreCommand::Verify { config, data_dir },
+            command:
+                StoreCommand::Verify {
+                    config,
+                    data_dir,
+                    timeout,
+                },
         } => {
-            let dir = match data_dir {
-                Some(dir) => dir,
-                None => match Config::load(config.as_deref()) {
-                    Ok(s) => s.config.data_dir,
+            // The configuration, unless the arguments say all it would.
+            let settings = match (&data_dir, &timeout) {
+                (Some(_), Some(_)) => None,
+                _ => match Config::load(config.as_deref()) {
+                    Ok(s) => Some(s),
                     Err(e) => return config_error(&e),
                 },
             };
+            let dir = match (data_dir, &settings) {
+                (Some(dir), _) => dir,
+                (None, Some(s)) => s.config.data_dir.clone(),
+                (None, None) => unreachable!("loaded without --data-dir"),
+            };
+            let limit = match timeout.as_deref().map(crate::config::parse_duration_ms) {
+                None => verify_budget(&dir, settings.map_or(60_000, |s| s.verify_store_timeout_ms)),
+                Some(Some(ms)) if ms > 0 => Duration::from_millis(ms),
+                Some(_) => {
+                    eprintln!("eventsieve: --timeout takes a duration such as 90s");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            // The check enforces its deadline itself: a damaged file can
+            // send LMDB in circles.
+            let shown = dir.display().to_string();
+            std::thread::spawn(move || {
+                std::thread::sleep(limit);
+                eprintln!("eventsieve: {}", overran(&shown, limit));
+                std::process::exit(1);
+            });
             match crate::journal::verify(&dir) {
                 Ok(report) => {
                     let _ = writeln!(
@@ -236,10 +268,27 @@ where
     }
 }
 
+/// How long checking the store in `dir` may take: `base_ms` plus 1 s per
+/// 64 MiB of `data.mdb` (a check reads it all, at well over 64 MiB/s).
+fn verify_budget(dir: &std::path::Path, base_ms: u64) -> Duration {
+    let bytes = std::fs::metadata(dir.join("data.mdb")).map_or(0, |m| m.len());
+    Duration::from_millis(base_ms) + Duration::from_secs(bytes >> 26)
+}
+
+/// The message of a check that did not finish within `limit`.
+fn overran(dir: &str, limit: Duration) -> String {
+    format!(
+        "checking the store in {dir} did not finish within {limit:?}: its files are damaged (or the disk hangs). \
+         Restore the directory from a copy or move it aside (its ids would be accepted again); \
+         `verify_store_timeout` allows longer, `verify_store_on_start = false` skips this check"
+    )
+}
+
 /// Runs `eventsieve store verify` on the store `run` is about to open, in a
 /// process of its own: LMDB trusts its pages, so a damaged page could crash
 /// whichever process reads it, and it should be the check, with a message,
-/// rather than the service.
+/// rather than the service. The check is bounded in time (by itself, and
+/// killed here past the same deadline) and dies with this process.
 fn verify_before_start(settings: &crate::config::Settings) -> Result<(), String> {
     use crate::config::Durability;
     let dir = &settings.config.data_dir;
@@ -252,18 +301,57 @@ fn verify_before_start(settings: &crate::config::Settings) -> Result<(), String>
     }
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find this program to verify the store: {e}"))?;
-    let out = std::process::Command::new(exe)
-        .args(["store", "verify", "--data-dir"])
+    let limit = verify_budget(dir, settings.verify_store_timeout_ms);
+    tracing::info!(
+        message = "Checking the store before opening it.",
+        data_dir = %dir.display(),
+        limit = ?limit
+    );
+    let mut command = std::process::Command::new(exe);
+    command
+        .args([
+            "store",
+            "verify",
+            "--timeout",
+            &format!("{}ms", limit.as_millis()),
+        ])
+        .arg("--data-dir")
         .arg(dir)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    dies_with_parent(&mut command);
+    let mut child = command
+        .spawn()
         .map_err(|e| format!("cannot run the store check: {e}"))?;
-    if out.status.success() {
-        return Ok(());
+    // Its own deadline ends it; this one is for a check that cannot even
+    // run its timer (stopped, or stuck in the kernel).
+    let deadline = std::time::Instant::now() + limit + Duration::from_secs(5);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
     }
-    let said = String::from_utf8_lossy(&out.stderr);
-    let mut said = said.trim().trim_start_matches("eventsieve: ").to_owned();
+    let mut said = stderr.trim().trim_start_matches("eventsieve: ").to_owned();
+    match status {
+        Some(status) if status.success() => return Ok(()),
+        Some(_) => {}
+        None => said = overran(&dir.display().to_string(), limit),
+    }
+    let Some(out) = status else {
+        return damaged(dir, durability, said);
+    };
     #[cfg(unix)]
-    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&out) {
         said = format!(
             "checking the store in {} crashed (signal {signal}): its files are damaged past what LMDB can read. \
              Restore the directory from a copy or move it aside (its ids would be accepted again); \
@@ -271,8 +359,14 @@ fn verify_before_start(settings: &crate::config::Settings) -> Result<(), String>
             dir.display()
         );
     }
-    if durability == Durability::Replicated {
-        // Only a copy: the journal holds every id it held.
+    damaged(dir, durability, said)
+}
+
+/// A store that failed its check: an error naming it, or with
+/// `replicated` (the store is only a copy: the journal holds every id it
+/// held) moved aside to be rebuilt from the journal.
+fn damaged(dir: &std::path::Path, durability: crate::config::Durability, said: String) -> Result<(), String> {
+    if durability == crate::config::Durability::Replicated {
         let aside = crate::journal::lmdb::move_aside(dir)
             .map_err(|e| format!("{said}; and the store cannot be moved aside: {e}"))?;
         tracing::warn!(
@@ -283,6 +377,27 @@ fn verify_before_start(settings: &crate::config::Settings) -> Result<(), String>
         return Ok(());
     }
     Err(said)
+}
+
+/// Makes the child get SIGKILL when this process dies, so that a check
+/// started by `run` never outlives it.
+fn dies_with_parent(command: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and
+        // calls only prctl, which is async-signal-safe; it allocates nothing.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// Makes glibc keep one heap for all threads, unless `MALLOC_ARENA_MAX` is

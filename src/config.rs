@@ -203,6 +203,10 @@ pub struct Config {
     /// files stop the start with a message instead of crashing it or
     /// forgetting ids. Reads the whole store once more. Default true.
     pub verify_store_on_start: bool,
+    /// Longest that check may take, plus 1 s per 64 MiB of store; a check
+    /// still running then (a damaged file can send it in circles) is
+    /// killed and the store treated as damaged. Default `60s`.
+    pub verify_store_timeout: String,
     /// Subject for new events; `{shard}` is replaced by the shard number.
     /// Default `events.unique.{shard}`.
     pub output_subject: String,
@@ -463,6 +467,7 @@ impl Default for Config {
             fsync: false,
             data_dir: "data".into(),
             verify_store_on_start: true,
+            verify_store_timeout: "60s".into(),
             output_subject: "events.unique.{shard}".into(),
             batch_output: BatchOutput::PerShard,
             output: Output::Core,
@@ -584,6 +589,7 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
     pub http_header_timeout_ms: u64,
+    pub verify_store_timeout_ms: u64,
     pub aggregates: Vec<AggregateSettings>,
     pub key: KeySpec,
     /// This node's id in the cluster (given or made up).
@@ -704,6 +710,15 @@ impl Config {
                     "http_header_timeout",
                     &self.http_header_timeout,
                     "1ms to 1h, e.g. \"10s\"",
+                )
+            })?;
+        let verify_store_timeout_ms = parse_duration_ms(&self.verify_store_timeout)
+            .filter(|ms| (1..=86_400_000).contains(ms))
+            .ok_or_else(|| {
+                ConfigError::field(
+                    "verify_store_timeout",
+                    &self.verify_store_timeout,
+                    "1ms to 1d, e.g. \"60s\"",
                 )
             })?;
         if self.http_max_connections == 0 {
@@ -867,6 +882,7 @@ impl Config {
             commit_interval_ms,
             shutdown_timeout_ms,
             http_header_timeout_ms,
+            verify_store_timeout_ms,
             owned,
             metrics_addr,
             http_addr,

@@ -590,3 +590,109 @@ async fn jetstream_output_holds_each_id_exactly_once_across_sigkills() {
     assert_eq!(copies.len(), IDS, "nothing else in the stream");
     eprintln!("{IDS} ids, 5 SIGKILLs: {retried_false} answered false on a retry, each once in the stream");
 }
+
+/// The pid of a child of `parent` (from /proc), if it has one.
+fn child_of(parent: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{parent}/task")).ok()?;
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .next()
+}
+
+/// Fault: a store whose check never finished (a damaged file sent it in
+/// circles) hung the start with nothing in the log, and the check lived on
+/// when `run` was killed. Here the check's read of `data.mdb` never
+/// returns (a FIFO stands in for a disk that hangs): `store verify` gives
+/// up after its timeout, `run` stops with the damaged-store message, and a
+/// check whose `run` is killed dies with it.
+#[test]
+fn a_store_check_that_never_finishes_is_bounded_and_dies_with_its_parent() {
+    let data = tempfile::tempdir().unwrap();
+    store_with_ids(data.path(), 1_000);
+    let dir = data.path().display().to_string();
+    let path = data.path().join("data.mdb");
+    std::fs::remove_file(&path).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(made.success(), "mkfifo");
+
+    let started = std::time::Instant::now();
+    let out = eventsieve(
+        &["store", "verify", "--timeout", "2s", "--data-dir", &dir],
+        data.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not finish") && stderr.contains(&dir),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
+        .arg("run")
+        .env("EVENTSIEVE_DATA_DIR", data.path())
+        .env("EVENTSIEVE_NATS__URL", "nats://127.0.0.1:1")
+        .env("EVENTSIEVE_METRICS_ADDR", "")
+        .env("EVENTSIEVE_VERIFY_STORE_TIMEOUT", "2s")
+        .env("EVENTSIEVE_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not finish") && stderr.contains(&dir),
+        "{stderr}"
+    );
+    assert!(
+        format!("{stdout}{stderr}").contains("Checking the store"),
+        "the check is logged: {stdout}{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // `run` killed while its check hangs: the check dies too.
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
+        .arg("run")
+        .env("EVENTSIEVE_DATA_DIR", data.path())
+        .env("EVENTSIEVE_NATS__URL", "nats://127.0.0.1:1")
+        .env("EVENTSIEVE_METRICS_ADDR", "")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let check = loop {
+        if let Some(pid) = child_of(run.id()) {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no check process started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{check}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{check}/stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the check {check} outlived its killed parent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
