@@ -128,6 +128,11 @@ pub struct NatsConfig {
     /// resumes within about this long once a server is back. The client's
     /// own default is 4 s. Default `250ms`.
     pub reconnect_delay_max: String,
+    /// Prefix of the subjects this client receives replies on. With the
+    /// shipped permissions each user has its own (`_INBOX_operator` for the
+    /// `eventsieve` CLI run as operator), so that no user can read another's
+    /// replies. Default `_INBOX`.
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -144,6 +149,7 @@ impl Default for NatsConfig {
             tls_key: None,
             subscription_capacity: 65_536,
             reconnect_delay_max: "250ms".into(),
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }
@@ -157,6 +163,7 @@ impl fmt::Debug for NatsConfig {
             .field("password", &self.password)
             .field("token", &self.token)
             .field("credentials", &self.credentials)
+            .field("inbox_prefix", &self.inbox_prefix)
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)

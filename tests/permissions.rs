@@ -149,3 +149,48 @@ async fn the_shipped_permissions_let_a_producer_ingest_and_nothing_more() {
     assert_eq!(status["window"]["window_ms"], 7_200_000, "{status}");
     running.shutdown().await.unwrap();
 }
+
+/// Fault: every producer and operator could subscribe to `_INBOX.>`, so one
+/// producer read every other producer's verdicts and every operator's
+/// status replies (host names, pids, addresses). Now each user has its own
+/// inbox prefix and can subscribe to no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_cannot_read_another_users_replies() {
+    let server = NatsServer::start_with_permissions();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(&server, data.path(), "1h", Durability::Local);
+    s.config.nats.user = Some("sidecar".into());
+    s.config.nats.password = Some(Secret::new("change-me-sidecar"));
+    let running = service::start(s).await.unwrap();
+    let (producer, operator) = (
+        server.client_as("producer").await,
+        server.client_as("operator").await,
+    );
+    let snoop = server.client_as("producer2").await;
+    let mut taps = Vec::new();
+    for subject in ["_INBOX.>", "_INBOX_producer.>", "_INBOX_operator.>", ">"] {
+        // The server refuses these subscriptions; they must see nothing.
+        if let Ok(sub) = snoop.subscribe(subject).await {
+            taps.push(sub);
+        }
+    }
+    snoop.flush().await.unwrap();
+
+    assert_eq!(
+        ask(&producer, "dedup.ingest.p1", event("p1")).await,
+        Answer::Verdict(true)
+    );
+    let status = request(&operator, "dedup.status", Bytes::new()).await;
+    assert!(status.headers.is_none(), "{status:?}");
+    // The snooping producer still ingests, on its own inbox.
+    assert_eq!(
+        ask(&snoop, "dedup.ingest.p2", event("p2")).await,
+        Answer::Verdict(true)
+    );
+    for mut tap in taps {
+        if let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), tap.next()).await {
+            panic!("producer2 read {}: {:?}", message.subject, message.payload);
+        }
+    }
+    running.shutdown().await.unwrap();
+}

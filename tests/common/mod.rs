@@ -126,8 +126,10 @@ impl NatsServer {
 
     /// A client of `user` (the shipped permissions' passwords are
     /// `change-me-<user>`).
+    /// A client of one of the shipped users, with its own inbox prefix.
     pub async fn client_as(&self, user: &str) -> Client {
         async_nats::ConnectOptions::with_user_and_password(user.into(), format!("change-me-{user}"))
+            .custom_inbox_prefix(format!("_INBOX_{user}"))
             .connect(self.url())
             .await
             .expect("connect with the shipped credentials")

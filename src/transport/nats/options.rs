@@ -22,6 +22,7 @@ pub async fn options(nats: &NatsConfig, metrics: Arc<Metrics>) -> Result<Connect
         .name(&nats.name)
         .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, delay_max))
         .subscription_capacity(nats.subscription_capacity)
+        .custom_inbox_prefix(&nats.inbox_prefix)
         .event_callback(move |event| {
             let metrics = metrics.clone();
             async move {
