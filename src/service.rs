@@ -355,6 +355,9 @@ pub async fn start_with(
     };
     let node = settings.node_id.clone();
     let mut stage_tasks = Vec::new();
+    if let Some(stream) = &stream {
+        stage_tasks.push(tokio::spawn(stream.clone().keep_window(window.shared())));
+    }
     let mut members = None;
     let keeper = match stream {
         Some(stream) => {

@@ -211,3 +211,42 @@ async fn without_a_bucket_every_sidecar_takes_the_request_and_keeps_it_in_its_da
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
 }
+
+/// Fault: the journal stream's `max_age` was fixed at creation (window +
+/// 10 min), so a window raised at run time beyond it claimed, after a
+/// takeover, ids the stream no longer held. Now the stream's `max_age`
+/// follows the window as it grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_raised_at_run_time_makes_the_journal_keep_ids_as_long() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let data = tempfile::tempdir().unwrap();
+    let running = service::start(settings(&server, data.path(), "5m", Durability::Replicated))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let max_age = || async {
+        let mut stream = js.get_stream("EVENTSIEVE_JOURNAL").await.unwrap();
+        stream.info().await.unwrap().config.max_age
+    };
+    assert_eq!(max_age().await, Duration::from_secs(5 * 60 + 600));
+    let replies = windows(&client, "3h").await;
+    assert!(
+        replies.iter().all(|r| r["window_ms"] == 3 * 3_600_000),
+        "{replies:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while max_age().await < Duration::from_secs(3 * 3600 + 600) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "max_age still {:?}",
+            max_age().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A smaller window leaves it as it is: the stream keeps what it has.
+    windows(&client, "reset").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(max_age().await, Duration::from_secs(3 * 3600 + 600));
+    running.shutdown().await.unwrap();
+}

@@ -20,6 +20,7 @@
 //! JetStream's acknowledgements on the runtime through a handle.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -159,13 +160,78 @@ pub struct StreamJournal {
     stream: stream::Stream,
     name: String,
     prefix: String,
-    max_age: Duration,
+    /// How far back the stream holds every id.
+    horizon: Arc<Horizon>,
     positions: Arc<Positions>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
 }
 
+/// How far back the journal stream holds every id: its `max_age`, and
+/// since when that applies (a `max_age` raised at run time keeps ids from
+/// then on; those it had dropped before stay dropped).
+#[derive(Debug)]
+struct Horizon {
+    max_age_ms: AtomicU64,
+    /// Ids accepted before this may have been dropped under a smaller
+    /// `max_age`.
+    complete_from_ms: AtomicU64,
+}
+
+impl Horizon {
+    fn expired_before(&self, now_ms: u64) -> u64 {
+        let aged = now_ms.saturating_sub(self.max_age_ms.load(Relaxed));
+        aged.max(self.complete_from_ms.load(Relaxed))
+    }
+}
+
 impl StreamJournal {
+    /// Keeps the stream's `max_age` at least the window set plus
+    /// [`GRACE`] as the window changes at run time (checked every second,
+    /// until aborted): a window raised beyond it would otherwise claim, after a
+    /// takeover, ids the stream no longer holds. Until the stream has held
+    /// them for a whole window, a takeover's window in force reaches back
+    /// only as far as the stream does (`eventsieve window` shows it).
+    pub async fn keep_window(self, window_ms: Arc<AtomicU64>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let want = window_ms.load(Relaxed) + GRACE.as_millis() as u64;
+            let had = self.horizon.max_age_ms.load(Relaxed);
+            if want <= had {
+                continue;
+            }
+            let raised = async {
+                let mut info = self.js.get_stream(&self.name).await.map_err(|e| e.to_string())?;
+                let mut config = info.info().await.map_err(|e| e.to_string())?.config.clone();
+                if config.max_age >= Duration::from_millis(want) {
+                    return Ok::<_, String>(());
+                }
+                config.max_age = Duration::from_millis(want);
+                self.js.update_stream(config).await.map_err(|e| e.to_string())?;
+                Ok(())
+            };
+            let at = unix_ms();
+            match raised.await {
+                Ok(()) => {
+                    self.horizon
+                        .complete_from_ms
+                        .fetch_max(at.saturating_sub(had), Relaxed);
+                    self.horizon.max_age_ms.store(want, Relaxed);
+                    tracing::info!(
+                        message = "Journal stream keeps ids longer: the window grew.",
+                        stream = %self.name,
+                        max_age_ms = want,
+                        from_ms = had
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(message = "Cannot raise the journal stream's max_age; takeovers reach back only as far as it does.", stream = %self.name, error = %e)
+                }
+            }
+        }
+    }
+
     /// Opens the stream `cluster.journal_stream` over
     /// `<prefix>.journal.*`, creating it with `cluster.replicas` replicas
     /// and a `max_age` of the window plus [`GRACE`] if it does not exist.
@@ -208,7 +274,10 @@ impl StreamJournal {
             stream,
             name: name.to_owned(),
             prefix: prefix.to_owned(),
-            max_age,
+            horizon: Arc::new(Horizon {
+                max_age_ms: AtomicU64::new(max_age.as_millis() as u64),
+                complete_from_ms: AtomicU64::new(0),
+            }),
             positions,
             runtime: tokio::runtime::Handle::current(),
             metrics,
@@ -320,6 +389,9 @@ impl StreamJournal {
             }
         }
         let (last, from_journal) = self.replay(shard, after, pipeline.dedup()).await?;
+        // The window in force reaches back no further than the stream
+        // holds ids (a window raised beyond its max_age grows into it).
+        pipeline.dedup().held_since(self.expired_before());
         Ok((last, from_copy, from_journal))
     }
 
@@ -633,7 +705,7 @@ impl Journal for StreamJournal {
     }
 
     fn expired_before(&self) -> u64 {
-        unix_ms().saturating_sub(self.max_age.as_millis() as u64)
+        self.horizon.expired_before(unix_ms())
     }
 
     fn sync(&mut self) -> Result<(), JournalError> {
