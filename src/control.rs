@@ -42,7 +42,9 @@ use crate::engine::table::MAX_WINDOW_MS;
 use crate::engine::unix_ms;
 use crate::observe::metrics::Metrics;
 use crate::transport::nats::Context;
+use crate::transport::nats::fence::{self, Answer, Plain};
 use crate::transport::nats::subscription::{publish, reply_error};
+use tokio::sync::watch;
 
 /// The KV key of the window set at run time.
 pub const WINDOW_KEY: &str = "window";
@@ -339,7 +341,9 @@ fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Answers `<prefix>.window` and `<prefix>.status` until aborted.
+/// Answers `<prefix>.window` and `<prefix>.status` until `stop` changes;
+/// then fences both subscriptions and answers every request routed here
+/// before the fence.
 ///
 /// # Errors
 ///
@@ -349,28 +353,72 @@ pub async fn serve(
     window: Arc<Window>,
     node: String,
     started: Instant,
+    stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
-    let windows = ctx.client.subscribe(ctx.subjects.window()).await?;
-    let statuses = ctx.client.subscribe(ctx.subjects.status()).await?;
-    let mut both = futures_util::stream::select(windows, statuses);
-    Ok(tokio::spawn(async move {
-        while let Some(message) = both.next().await {
-            let Some(to) = message.reply.clone() else { continue };
-            if ctx.subjects.is_ours(&to) {
-                Metrics::inc(&ctx.metrics.refused_replies);
-                continue;
+    let responder = Arc::new(Responder {
+        ctx: ctx.clone(),
+        window,
+        node,
+        started,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for subject in [ctx.subjects.window(), ctx.subjects.status()] {
+        let sub = Plain::new(ctx.client.subscribe(subject.to_owned()).await?);
+        let (responder, mut stop) = (responder.clone(), stop.clone());
+        let subject = async_nats::Subject::from(subject);
+        tasks.spawn(async move {
+            let mut sub = sub;
+            loop {
+                tokio::select! {
+                    message = sub.next() => match message {
+                        Some(message) => responder.answer(message).await,
+                        None => return,
+                    },
+                    _ = async { drop(stop.wait_for(|stopped| *stopped).await) } => break,
+                }
             }
-            if message.subject.as_str() == ctx.subjects.status() {
-                let status = status(&ctx, &window, &node, started).await;
-                publish(&ctx, to, status.to_string().into()).await;
-                continue;
-            }
-            match window_request(&ctx, &window, &message).await {
-                Ok(()) => publish(&ctx, to, window.describe(&ctx, &node).to_string().into()).await,
-                Err(e) => reply_error(&ctx, to, 400, &e).await,
-            }
+            let client = responder.ctx.client.clone();
+            sub.fence(&client, &subject, &*responder).await;
+        });
+    }
+    Ok(tokio::spawn(
+        async move { while tasks.join_next().await.is_some() {} },
+    ))
+}
+
+/// What the window and status requests are answered from.
+struct Responder {
+    ctx: Arc<Context>,
+    window: Arc<Window>,
+    /// This node's id, as replies name it.
+    node: String,
+    /// When the service started (uptime).
+    started: Instant,
+}
+
+impl fence::Answer for Responder {
+    async fn answer(&self, message: Message) {
+        let ctx = &self.ctx;
+        if fence::is_fence(&message) {
+            return;
         }
-    }))
+        let Some(to) = message.reply.clone() else { return };
+        if ctx.subjects.is_ours(&to) {
+            Metrics::inc(&ctx.metrics.refused_replies);
+            return;
+        }
+        if message.subject.as_str() == ctx.subjects.status() {
+            let status = status(ctx, &self.window, &self.node, self.started).await;
+            return publish(ctx, to, status.to_string().into()).await;
+        }
+        match window_request(ctx, &self.window, &message).await {
+            Ok(()) => {
+                let described = self.window.describe(ctx, &self.node).to_string();
+                publish(ctx, to, described.into()).await;
+            }
+            Err(e) => reply_error(ctx, to, 400, &e).await,
+        }
+    }
 }
 
 /// Empty: nothing to do; `reset`: the configured window; else a duration.

@@ -405,9 +405,16 @@ pub async fn start_with(
         }
         None => None,
     };
-    let control = control::serve(ctx.clone(), window.clone(), node.clone(), started)
-        .await
-        .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
+    let (stop_control, control_stopped) = watch::channel(false);
+    let control = control::serve(
+        ctx.clone(),
+        window.clone(),
+        node.clone(),
+        started,
+        control_stopped,
+    )
+    .await
+    .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
     let watch = tokio::spawn(window.clone().watch(ctx.clone()));
     if !stages.is_empty() {
         let served = crate::stages::query::serve(ctx.clone(), stages.clone(), node.clone(), members)
@@ -468,18 +475,12 @@ pub async fn start_with(
         keeper,
         http,
         writer,
-        background: [
-            Some(discovery),
-            Some(control),
-            Some(watch),
-            metrics_task,
-            Some(sweeper),
-            budget,
-        ]
-        .into_iter()
-        .flatten()
-        .chain(stage_tasks)
-        .collect(),
+        control: (stop_control, control),
+        background: [Some(discovery), Some(watch), metrics_task, Some(sweeper), budget]
+            .into_iter()
+            .flatten()
+            .chain(stage_tasks)
+            .collect(),
         snapshot,
         client,
         timeout: Duration::from_millis(settings.shutdown_timeout_ms),
@@ -526,6 +527,9 @@ struct Parts {
     http: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     /// The writer's handle and task; `None` for durability `memory`.
     writer: Option<(writer::Writer, JoinHandle<Result<(), WriterError>>)>,
+    /// The window and status responder: its stop signal and task (fenced
+    /// at stop, like the request subscriptions).
+    control: (watch::Sender<bool>, JoinHandle<()>),
     /// Discovery, metrics endpoint, sweeper: aborted at stop.
     background: Vec<JoinHandle<()>>,
     /// Where the aggregates are saved at stop.
@@ -585,8 +589,12 @@ impl Parts {
                 let _ = task.await;
             }
         };
+        let control = async {
+            let _ = self.control.0.send(true);
+            let _ = (&mut self.control.1).await;
+        };
         let answered = tokio::time::timeout_at(deadline, async {
-            tokio::join!(self.transport.drain(), http, keeper)
+            tokio::join!(self.transport.drain(), http, keeper, control)
         })
         .await
         .is_ok();
@@ -602,6 +610,7 @@ impl Parts {
             if let Some((_, task)) = &self.keeper {
                 task.abort();
             }
+            self.control.1.abort();
         }
         // Ended, not only told to end: their subscriptions are dropped (and
         // unsubscribed by the final flush) before the stop returns.

@@ -142,3 +142,62 @@ async fn with_two_sidecars_only_the_owner_answers() {
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
 }
+
+/// Fault: look-up, forget, window and status requests in flight at a stop
+/// went unanswered (their subscriptions were dropped, not fenced). Now
+/// every request the server routed to the stopping sidecar is answered;
+/// the others are told at once that no one responds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_requests_in_flight_at_a_stop_are_answered() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let running = service::start(settings(&server, data.path(), "1h", Durability::Local))
+        .await
+        .unwrap();
+    let client = server.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut askers = Vec::new();
+    for (i, subject) in [
+        "dedup.lookup.a1",
+        "dedup.forget.b1",
+        "dedup.window",
+        "dedup.status",
+    ]
+    .into_iter()
+    .cycle()
+    .take(8)
+    .enumerate()
+    {
+        let (client, stop) = (client.clone(), stop.clone());
+        askers.push(tokio::spawn(async move {
+            let (mut answered, mut no_one, mut silent) = (0u32, 0u32, 0u32);
+            for n in 0..20_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) && n % 64 == 0 && no_one > 0 {
+                    break;
+                }
+                let request = client.request(subject.to_string(), Bytes::new());
+                match tokio::time::timeout(Duration::from_secs(3), request).await {
+                    Ok(Ok(_)) => answered += 1,
+                    Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => no_one += 1,
+                    Ok(Err(e)) => panic!("{subject} ({i}): {e}"),
+                    Err(_) => silent += 1,
+                }
+            }
+            (answered, no_one, silent)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    running.shutdown().await.unwrap();
+    let (mut answered, mut silent) = (0, 0);
+    for asker in askers {
+        let (a, _, s) = asker.await.unwrap();
+        answered += a;
+        silent += s;
+    }
+    assert!(answered > 100, "the requests ran: {answered}");
+    assert_eq!(
+        silent, 0,
+        "requests left unanswered by the stop ({answered} answered)"
+    );
+}

@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use async_nats::{Message, Subject};
+use async_nats::{Client, Message, Subject, Subscriber};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
@@ -94,6 +94,66 @@ pub async fn fence(served: &mut Served, fence_subject: &Subject, work: &mut Work
                     served.handle(message, work).await;
                 }
                 return;
+            }
+        }
+    }
+}
+
+/// What answers the requests of a [`Plain`] subscription.
+pub trait Answer: Send + Sync {
+    fn answer(&self, message: Message) -> impl Future<Output = ()> + Send;
+}
+
+/// A subscription served by a loop of its own (the control plane's), and
+/// the count of messages it has read (the fence relies on it).
+pub struct Plain {
+    pub sub: Subscriber,
+    pub received: u64,
+}
+
+impl Plain {
+    pub fn new(sub: Subscriber) -> Self {
+        Self { sub, received: 0 }
+    }
+
+    /// The next message, counted.
+    pub async fn next(&mut self) -> Option<Message> {
+        let message = self.sub.next().await;
+        self.received += u64::from(message.is_some());
+        message
+    }
+
+    /// As [`fence`], for a subscription whose requests are answered one at
+    /// a time by `handler` (fences are skipped). `subject` is the
+    /// subscription's own, without wildcards.
+    pub async fn fence(&mut self, client: &Client, subject: &Subject, handler: &impl Answer) {
+        let limit = self.received + MIN_SLACK;
+        let fenced = self.sub.unsubscribe_after(limit).await.is_ok() && client.flush().await.is_ok();
+        if !fenced {
+            let _ = self.sub.unsubscribe().await;
+        }
+        let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
+        let mut refill = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                message = self.next() => match message {
+                    Some(message) if is_fence(&message) => {}
+                    Some(message) => handler.answer(message).await,
+                    None => return,
+                },
+                _ = refill.tick(), if fenced => {
+                    for _ in self.received..limit {
+                        if client.publish(subject.clone(), Bytes::from_static(FENCE_PAYLOAD)).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.flush().await;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(message = "Fence timed out; unsubscribing outright.", subject = %subject);
+                    let _ = self.sub.unsubscribe().await;
+                    return;
+                }
             }
         }
     }

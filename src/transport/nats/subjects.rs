@@ -88,6 +88,12 @@ impl Subjects {
         format!("{}.lookup.*", self.prefix)
     }
 
+    /// `<prefix>.<verb>._fence`: where a node's fences of its look-up or
+    /// forget subscription go at shutdown (`_fence` is no valid id).
+    pub fn admin_fence(&self, verb: &str) -> String {
+        format!("{}.{verb}._fence", self.prefix)
+    }
+
     /// `<prefix>.forget.*`: forget an id (as [`Self::lookup`]).
     pub fn forget(&self) -> String {
         format!("{}.forget.*", self.prefix)

@@ -59,15 +59,6 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Operator requests: not fenced at shutdown (every node receives them,
-    /// so fences would reach the other nodes); one in flight then goes
-    /// unanswered and the operator asks again.
-    fn is_admin(self) -> bool {
-        matches!(self, Kind::Lookup | Kind::Forget)
-    }
-}
-
-impl Kind {
     /// The subject, the queue group, and the subject its fences go to.
     pub fn subjects(self, s: &Subjects) -> (String, Option<String>, Subject) {
         match self {
@@ -77,8 +68,9 @@ impl Kind {
             Kind::Batch => (s.batch(), Some(s.batch()), s.batch().into()),
             Kind::SubBatch(n) => (s.sub_batch(n), None, s.sub_batch(n).into()),
             Kind::AllSubBatches => (s.all_sub_batches(), None, s.sub_batch(0).into()),
-            Kind::Lookup => (s.lookup(), None, s.lookup().into()),
-            Kind::Forget => (s.forget(), None, s.forget().into()),
+            // Every node receives these fences and skips them.
+            Kind::Lookup => (s.lookup(), None, s.admin_fence("lookup").into()),
+            Kind::Forget => (s.forget(), None, s.admin_fence("forget").into()),
         }
     }
 }
@@ -194,11 +186,7 @@ pub async fn serve(mut served: Served, fence_subject: Subject, mut stop: watch::
                 None => break,
             },
             _ = stop.changed() => {
-                if served.kind.is_admin() {
-                    let _ = served.sub.unsubscribe().await;
-                } else {
-                    fence::fence(&mut served, &fence_subject, &mut work).await;
-                }
+                fence::fence(&mut served, &fence_subject, &mut work).await;
                 break;
             }
         }
