@@ -76,6 +76,10 @@ pub struct Membership {
     /// leaves the live list counts as an orphan at once, before the next
     /// look at the claims.
     seen_live: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The heartbeat lapsed since this node's panes were last found its
+    /// own: another node may have adopted them, so queries leave them out
+    /// until a checkpoint has read the claim again.
+    suspect: std::sync::atomic::AtomicBool,
 }
 
 impl Membership {
@@ -86,7 +90,21 @@ impl Membership {
             nodes: std::sync::Mutex::new(None),
             orphans: std::sync::Mutex::new(Vec::new()),
             seen_live: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            suspect: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether queries may count this node's panes: its heartbeat is fresh
+    /// and has not lapsed since a checkpoint last found the panes its own
+    /// (a node woken after being taken for gone may have had them adopted;
+    /// counting them then would count their events twice).
+    pub fn panes_trusted(&self) -> bool {
+        self.fresh() && !self.suspect.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A checkpoint found the panes this node's own, with a fresh heartbeat.
+    pub fn panes_confirmed(&self) {
+        self.suspect.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// The lease TTL: a node's heartbeat lasts this long.
@@ -145,7 +163,11 @@ impl Membership {
     }
 
     fn beat_at(&self, at: Instant) {
-        *lock(&self.beat) = Some(at);
+        let mut beat = lock(&self.beat);
+        if beat.is_some_and(|last| at.saturating_duration_since(last) >= self.ttl * 2 / 3) {
+            self.suspect.store(true, std::sync::atomic::Ordering::Release);
+        }
+        *beat = Some(at);
     }
 
     fn listed(&self, nodes: Vec<String>, claims: Vec<String>) {

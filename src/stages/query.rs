@@ -324,9 +324,18 @@ async fn gather(
     request: &Value,
 ) -> Result<(HashMap<String, Summary>, Missing), String> {
     let shards = ctx.pipeline.ownership().shards();
-    let (ready, mut merged) = local(ctx, agg, request);
+    // Panes that may be adopted by now are left out, and this node is
+    // named missing.
+    let trusted = peers.members.as_ref().is_none_or(|m| m.panes_trusted());
+    let (ready, mut merged) = match trusted {
+        true => local(ctx, agg, request),
+        false => (Vec::new(), HashMap::new()),
+    };
     let mut covered: BTreeSet<u32> = ready.into_iter().collect();
-    let mut answered = BTreeSet::from([peers.node.clone()]);
+    let mut answered = BTreeSet::new();
+    if trusted {
+        answered.insert(peers.node.clone());
+    }
     let expected = peers.members.as_ref().and_then(|m| m.live()).unwrap_or_default();
     let done = |covered: &BTreeSet<u32>, answered: &BTreeSet<String>| {
         covered.len() == shards as usize && expected.iter().all(|n| answered.contains(n))
@@ -391,6 +400,9 @@ async fn gather(
         }
     }
     let mut nodes: Vec<String> = expected.into_iter().filter(|n| !answered.contains(n)).collect();
+    if !trusted && !nodes.contains(&peers.node) {
+        nodes.push(peers.node.clone());
+    }
     if let Some(members) = &peers.members {
         nodes.extend(members.orphans());
     }
@@ -417,6 +429,16 @@ async fn partial(ctx: &Context, peers: &Peers, stages: &Stages, message: Message
     };
     if request["start_ms"].as_u64().is_none() || request["end_ms"].as_u64().is_none() {
         return reply_error(ctx, to, 400, "start_ms and end_ms").await;
+    }
+    if peers.members.as_ref().is_some_and(|m| !m.panes_trusted()) {
+        // Its panes may be adopted: the querier counts it missing.
+        return reply_error(
+            ctx,
+            to,
+            503,
+            "this node's panes are being checked (its heartbeat lapsed)",
+        )
+        .await;
     }
     let (ready, summaries) = local(ctx, agg, &request);
     let groups: serde_json::Map<String, Value> =

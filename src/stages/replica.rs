@@ -43,8 +43,10 @@
 //! before it removes its heartbeat). Until a live node adopts the panes
 //! (one [`ADOPT_EVERY`] after the heartbeat expires), queries lack them and
 //! say so (`"partial":true,"missing_nodes":[..]`).
-//! A node woken after being adopted can count its old panes twice in the
-//! queries it answers until its next checkpoint.
+//! A node whose heartbeat lapsed (it was stopped, or cut off) leaves its
+//! panes out of every query it answers or joins, and says it is missing,
+//! until a checkpoint has read its claim again: so a node woken after
+//! being adopted never counts its old panes beside the adopter's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -369,7 +371,7 @@ impl PaneLog {
             return;
         }
         match self.claim(&self.node).await {
-            Ok(Some(c)) if c.by == self.node => {}
+            Ok(Some(c)) if c.by == self.node => self.membership.panes_confirmed(),
             Ok(_) => {
                 tracing::warn!(
                     message = "This node's panes were adopted by another (it was taken for gone): dropping them and claiming its subjects again."
@@ -378,8 +380,9 @@ impl PaneLog {
                     agg.clear();
                 }
                 self.stages.replica.dropped.fetch_add(1, Relaxed);
-                if let Err(e) = self.start().await {
-                    tracing::warn!(message = "Cannot claim this node's panes again.", error = %e);
+                match self.start().await {
+                    Ok(_) => self.membership.panes_confirmed(),
+                    Err(e) => tracing::warn!(message = "Cannot claim this node's panes again.", error = %e),
                 }
                 state.since_ms = unix_ms();
                 return;

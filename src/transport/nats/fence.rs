@@ -9,12 +9,13 @@
 //! after which the server routes nothing here; fences beyond it reach no one.
 //!
 //! The slack follows the subscription's traffic: what arrives during one
-//! round trip to the server, times eight, plus 2, at most 4 096. An idle
+//! round trip to the server and at least 5 ms (several commits' bursts of
+//! requests), times two, plus 2, at most 4 096. An idle
 //! shard's subscription then costs 2 fence messages instead of 4 096, which
 //! is what lets a node own tens of thousands of shards and still stop in a
 //! few seconds (each fence message costs about 8 µs end to end: 8 per idle
 //! subscription made a stop with 65 536 subscriptions take 5–6 s, 2 make it
-//! 2.3–2.9 s). The fences follow the UNSUB on the same connection, so the
+//! about 3 s). The fences follow the UNSUB on the same connection, so the
 //! server reads them after it without a round trip in between.
 //! A subscription whose traffic jumps by more than that between the
 //! measurement and the UNSUB could see requests past the limit dropped by
@@ -37,6 +38,9 @@ use crate::transport::nats::subscription::{Served, Work};
 /// still send after the fence's UNSUB; each one not used by requests costs
 /// one fence message.
 const MIN_SLACK: u64 = 2;
+/// How long a fence watches a subscription's traffic before it sets the
+/// slack: long enough to see a few commits' bursts of requests.
+const MEASURE_FOR: Duration = Duration::from_millis(5);
 const MAX_SLACK: u64 = 4096;
 /// How long a fence waits before giving up and unsubscribing outright.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,13 +61,27 @@ pub fn is_fence(message: &Message) -> bool {
 pub async fn fence(served: &mut Served, fence_subject: &Subject, work: &mut Work) {
     let client = served.ctx.client.clone();
     // Empty the client's buffer first, so the slack covers only what is in
-    // transit; then measure what arrives in one round trip.
+    // transit; then measure what arrives in a round trip, and for at least
+    // MEASURE_FOR (requests come in bursts, as commits answer them),
+    // answering all the while.
     take_buffered(served, work).await;
     let before = served.received;
+    let measured = tokio::time::Instant::now() + MEASURE_FOR;
     let _ = client.flush().await;
+    loop {
+        tokio::select! {
+            biased;
+            () = work.settled(), if work.has_waiting() => work.answer_settled(&served.ctx).await,
+            message = served.sub.next() => match message {
+                Some(message) => served.handle(message, work).await,
+                None => break,
+            },
+            _ = tokio::time::sleep_until(measured) => break,
+        }
+    }
     take_buffered(served, work).await;
-    let per_round_trip = served.received - before;
-    let slack = (per_round_trip * 8 + MIN_SLACK).min(MAX_SLACK);
+    let recent = served.received - before;
+    let slack = (recent * 2 + MIN_SLACK).min(MAX_SLACK);
     let limit = served.received + slack;
     // The server reads the UNSUB before the fences that follow it on the
     // same connection: no round trip in between.
