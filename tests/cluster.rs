@@ -700,9 +700,11 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
             lost.push((id.clone(), v.clone()));
         }
     }
-    let (trues, falses) = verdicts.values().flatten().fold((0, 0), |(t, f), v| {
-        if *v { (t + 1, f) } else { (t, f + 1) }
-    });
+    let (trues, falses) =
+        verdicts
+            .values()
+            .flatten()
+            .fold((0, 0), |(t, f), v| if *v { (t + 1, f) } else { (t, f + 1) });
     println!(
         "nats-server killed: {} verdicts ({trues} true, {falses} false), {} retried after an error; {} ids told false or true but not kept",
         trues + falses,

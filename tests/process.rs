@@ -696,3 +696,126 @@ fn a_store_check_that_never_finishes_is_bounded_and_dies_with_its_parent() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An 8 MiB tmpfs, unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount() -> Self {
+        let parent = tempfile::tempdir().unwrap();
+        let path = parent.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "this test puts the store on an 8 MiB tmpfs: run it as root (or with CAP_SYS_ADMIN), as CI does"
+        );
+        Self {
+            path,
+            _parent: parent,
+        }
+    }
+
+    /// Writes a file until the filesystem is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 16 * 1024];
+        while file.write_all(&block).and_then(|()| file.sync_all()).is_ok() {}
+        let mut small = [0u8; 512];
+        while file.write_all(&mut small).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// Fault: on a full disk, batches of fresh ids each sent twice got `!500`
+/// for the first copies and `0` for the second, and single events for ids
+/// of a batch whose commit was failing got `false`: 2 600 answers of
+/// `false` for ids that were never kept. Now every id answered `false` (or
+/// `true`) is kept once space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_never_answers_false_for_an_id_not_kept() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let disk = SmallDisk::mount();
+    let data = disk.path.join("store");
+    let sidecar = spawn_ready(&server, &data, &client).await;
+    assert_eq!(
+        send(&client, "warm").await,
+        Outcome::Answered(Answer::Verdict(true))
+    );
+    let filler = disk.fill();
+
+    // Every answer each id got: `Some(verdict)` or `None` for an error.
+    let mut answers: std::collections::HashMap<String, Vec<Option<bool>>> = Default::default();
+    for round in 0..8 {
+        let ids: Vec<String> = (0..500).map(|i| format!("d{round}x{i}")).collect();
+        let lines: Vec<Bytes> = ids.iter().chain(&ids).map(|id| event(id)).collect();
+        let body = lines.join(&b'\n');
+        let batch = request(&client, "dedup.batch", body);
+        let singles = futures_util::future::join_all(ids.iter().step_by(5).map(|id| send(&client, id)));
+        let (reply, singles) = tokio::join!(batch, singles);
+        let entries = eventsieve::engine::batch::decode(&reply.payload).unwrap();
+        for (id, entry) in ids.iter().chain(&ids).zip(entries) {
+            let answer = match entry {
+                eventsieve::engine::batch::Entry::New => Some(true),
+                eventsieve::engine::batch::Entry::Duplicate => Some(false),
+                eventsieve::engine::batch::Entry::Error { .. } => None,
+            };
+            answers.entry(id.clone()).or_default().push(answer);
+        }
+        for (id, outcome) in ids.iter().step_by(5).zip(singles) {
+            let answer = match outcome {
+                Outcome::Answered(Answer::Verdict(v)) => Some(v),
+                _ => None,
+            };
+            answers.entry(id.clone()).or_default().push(answer);
+        }
+    }
+    std::fs::remove_file(&filler).unwrap();
+
+    let all: Vec<&Option<bool>> = answers.values().flatten().collect();
+    let (trues, falses) = (
+        all.iter().filter(|a| ***a == Some(true)).count(),
+        all.iter().filter(|a| ***a == Some(false)).count(),
+    );
+    let errors = all.len() - trues - falses;
+    let mut not_kept = Vec::new();
+    for (id, got) in &answers {
+        let told = got.iter().any(Option::is_some);
+        if told && send(&client, id).await != Outcome::Answered(Answer::Verdict(false)) {
+            not_kept.push((id.clone(), got.clone()));
+        }
+    }
+    println!(
+        "full disk: {} answers ({trues} true, {falses} false, {errors} errors); {} ids told a verdict but not kept",
+        all.len(),
+        not_kept.len()
+    );
+    assert!(errors > 100, "the disk was full: {errors} errors");
+    assert!(not_kept.is_empty(), "answered, not kept: {not_kept:?}");
+    // With room again, the ids that got errors are new, and then kept.
+    assert_eq!(
+        send(&client, "d0x1").await,
+        Outcome::Answered(Answer::Verdict(true))
+    );
+    assert_eq!(
+        send(&client, "d0x1").await,
+        Outcome::Answered(Answer::Verdict(false))
+    );
+    drop(sidecar);
+}
