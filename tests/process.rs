@@ -730,8 +730,8 @@ impl SmallDisk {
         let mut file = std::fs::File::create(&filler).unwrap();
         let block = vec![0u8; 16 * 1024];
         while file.write_all(&block).and_then(|()| file.sync_all()).is_ok() {}
-        let mut small = [0u8; 512];
-        while file.write_all(&mut small).is_ok() {}
+        let small = [0u8; 512];
+        while file.write_all(&small).is_ok() {}
         filler
     }
 }
