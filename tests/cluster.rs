@@ -700,17 +700,93 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
             lost.push((id.clone(), v.clone()));
         }
     }
-    let (trues, falses) =
-        verdicts
-            .values()
-            .flatten()
-            .fold((0, 0), |(t, f), v| if *v { (t + 1, f) } else { (t, f + 1) });
+    let (trues, falses) = verdicts
+        .values()
+        .flatten()
+        .fold((0, 0), |(t, f), v| if *v { (t + 1, f) } else { (t, f + 1) });
     println!(
         "nats-server killed: {} verdicts ({trues} true, {falses} false), {} retried after an error; {} ids told false or true but not kept",
         trues + falses,
         ledger.retried.load(Ordering::Relaxed),
         lost.len()
     );
+    assert!(lost.is_empty(), "ids answered but not kept: {lost:?}");
+    for node in nodes {
+        node.terminate();
+    }
+}
+
+/// Fault: a journal append that timed out (the stream leader's server
+/// paused past the append timeout) failed its commit after twins of its
+/// ids had been told `false`. Now every id answered, `true` or `false`, is
+/// kept, and none is accepted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_append_that_times_out_leaves_no_false_for_an_id_not_kept() {
+    let servers = NatsCluster::start();
+    servers.wait_for_jetstream().await;
+    let url = servers.url();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<SidecarProcess> = (0..3)
+        .map(|i| {
+            let node = format!("n{i}");
+            let env = [
+                ("EVENTSIEVE_DURABILITY", "replicated"),
+                ("EVENTSIEVE_CLUSTER__NODE_ID", node.as_str()),
+                ("EVENTSIEVE_CLUSTER__REPLICAS", "3"),
+                ("EVENTSIEVE_WINDOW", "1h"),
+            ];
+            SidecarProcess::spawn_on(&url, dirs[i].path(), &env)
+        })
+        .collect();
+    let client = servers.client().await;
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut journal = js.get_stream("EVENTSIEVE_JOURNAL").await.unwrap();
+    let info = journal.info().await.unwrap();
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a leader");
+    let paused: usize = leader.trim_start_matches('n').parse().unwrap();
+    // The producers talk to a server that stays up.
+    let client = servers.client_of((paused + 1) % 3).await;
+
+    let load = Load::start(&client, "to");
+    let ledger = load.ledger.clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Longer than the journal's 5 s append timeout.
+    servers.signal(paused, "-STOP");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    servers.signal(paused, "-CONT");
+    let before = ledger.verdicts.lock().await.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ledger.verdicts.lock().await.len() < before + 1000 {
+        assert!(Instant::now() < deadline, "verdicts did not resume");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.finish().await;
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let (accepted, never) = ledger.check().await;
+    let verdicts = ledger.verdicts.lock().await.clone();
+    let mut lost = Vec::new();
+    for (id, v) in &verdicts {
+        if decide(&client, id).await.0 {
+            lost.push((id.clone(), v.clone()));
+        }
+    }
+    let (trues, falses) =
+        verdicts
+            .values()
+            .flatten()
+            .fold((0, 0), |(t, f), v| if *v { (t + 1, f) } else { (t, f + 1) });
+    println!(
+        "journal leader paused 7 s: {} verdicts ({trues} true, {falses} false), {accepted} ids accepted, {never} only told false (reply lost), {} retried after an error; {} ids told a verdict but not kept",
+        trues + falses,
+        ledger.retried.load(Ordering::Relaxed),
+        lost.len()
+    );
+    assert!(accepted > 1000, "load made progress: {accepted}");
     assert!(lost.is_empty(), "ids answered but not kept: {lost:?}");
     for node in nodes {
         node.terminate();

@@ -288,24 +288,25 @@ impl Deduplicator {
     pub fn check_and_insert_tracked(&self, keyed: &Keyed<'_>, now_ms: u64, track: bool) -> Checked {
         let (shard, fp) = (keyed.shard, keyed.fingerprint);
         let mut locked = self.table(shard);
-        let verdict = locked.table.check_and_insert(fp, now_ms);
-        if (fp.lo as u32).is_multiple_of(SWEEP_EVERY) {
-            locked.table.sweep(now_ms, 1);
-        }
-        if !track {
-            return match verdict {
-                Verdict::New => Checked::New(None),
-                Verdict::Duplicate => Checked::Duplicate,
-            };
-        }
         let Locked { table, pending } = &mut *locked;
-        match verdict {
-            Verdict::New => {
+        if track {
+            pending.prune(|fp| {
+                table.remove(fp);
+            });
+        }
+        let verdict = table.check_and_insert(fp, now_ms);
+        if (fp.lo as u32).is_multiple_of(SWEEP_EVERY) {
+            table.sweep(now_ms, 1);
+        }
+        match (verdict, track) {
+            (Verdict::New, false) => Checked::New(None),
+            (Verdict::Duplicate, false) => Checked::Duplicate,
+            (Verdict::New, true) => {
                 let settle = Settle::new(shard);
-                pending.push(fp, &settle, |fp| table.contains(fp, now_ms));
+                pending.push(fp, &settle);
                 Checked::New(Some(settle))
             }
-            Verdict::Duplicate => match pending.twin_of(fp) {
+            (Verdict::Duplicate, true) => match pending.twin_of(fp) {
                 Some(settle) => Checked::Twin(settle),
                 None => Checked::Duplicate,
             },
@@ -327,21 +328,25 @@ impl Deduplicator {
         twins: &mut Vec<(usize, Arc<Settle>)>,
     ) {
         let mut locked = self.table(shard);
+        let Locked { table, pending } = &mut *locked;
+        if settle.is_some() {
+            pending.prune(|fp| {
+                table.remove(fp);
+            });
+        }
         let first = out.len();
-        locked.table.check_and_insert_batch(fps, now_ms, out);
+        table.check_and_insert_batch(fps, now_ms, out);
         let sweeps = fps
             .iter()
             .filter(|fp| (fp.lo as u32).is_multiple_of(SWEEP_EVERY))
             .count();
         if sweeps > 0 {
-            locked.table.sweep(now_ms, sweeps);
+            table.sweep(now_ms, sweeps);
         }
         let Some(settle) = settle else { return };
-        let Locked { table, pending } = &mut *locked;
-        pending.prune(|fp| table.contains(fp, now_ms));
         for (i, (fp, verdict)) in fps.iter().zip(&out[first..]).enumerate() {
             match verdict {
-                Verdict::New => pending.push(*fp, settle, |_| true),
+                Verdict::New => pending.push(*fp, settle),
                 Verdict::Duplicate if !pending.is_empty() => {
                     if let Some(cell) = pending.twin_of(*fp) {
                         twins.push((i, cell));
@@ -358,11 +363,14 @@ impl Deduplicator {
     }
 
     /// Forgets an id whose commit `settle` failed, and its pending entry,
-    /// under one lock: a twin sees either both or neither.
+    /// under one lock: a twin sees either both or neither. Nothing if the
+    /// entry was pruned already (the id was forgotten then, and the table
+    /// may hold a later acceptance of it).
     pub fn forget_failed(&self, fp: Fingerprint, settle: &Arc<Settle>) {
         let mut locked = self.table(settle.shard());
-        locked.table.remove(fp);
-        locked.pending.remove(fp, settle);
+        if locked.pending.remove(fp, settle) {
+            locked.table.remove(fp);
+        }
     }
 
     /// Forgets every id of one shard (see [`Table::clear`]), pending ones

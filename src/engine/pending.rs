@@ -13,7 +13,7 @@
 //!
 //! Cost on the common path: one `Arc` clone and a push per new id (no lock
 //! and no allocation beyond the ledger's reused capacity); the ledger is
-//! pruned from its front as commits complete. Only a duplicate verdict
+//! pruned from its front, before each decision, as commits complete. Only a duplicate verdict
 //! while the ledger is not empty scans it (newest first), and a twin is
 //! rare.
 
@@ -170,38 +170,46 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Records a new id whose commit `settle` completes; first drops the
-    /// oldest entries whose commits succeeded (`kept` says whether a failed
-    /// one's id is still in the table: such an entry stays until its
-    /// request has forgotten the id, so that a twin never misses it).
-    pub fn push(&mut self, fp: Fingerprint, settle: &Arc<Settle>, kept: impl Fn(Fingerprint) -> bool) {
-        self.prune(kept);
+    /// Records a new id whose commit `settle` completes. Call
+    /// [`Ledger::prune`] before the table decides, not between: a failed
+    /// entry's forgetting must not undo this one.
+    pub fn push(&mut self, fp: Fingerprint, settle: &Arc<Settle>) {
         self.ids.push_back((fp, settle.clone()));
     }
 
-    /// Drops entries from the front whose commits succeeded, or failed and
-    /// whose ids are no longer `kept`.
-    pub fn prune(&mut self, kept: impl Fn(Fingerprint) -> bool) {
+    /// Drops the oldest entries whose commits completed. The id of one
+    /// that failed is handed to `forget` (to be taken out of the table):
+    /// its request would forget it too, but may never get to (cancelled at
+    /// a shutdown), and an id whose commit failed must not stay remembered.
+    pub fn prune(&mut self, mut forget: impl FnMut(Fingerprint)) {
         while let Some((fp, settle)) = self.ids.front() {
             match settle.get() {
                 None => break,
                 Some(Ok(())) => {}
-                Some(Err(_)) if kept(*fp) => break,
-                Some(Err(_)) => {}
+                // Unless the id was accepted again since (forgotten by an
+                // operator in between): that later entry decides.
+                Some(Err(_)) if self.ids.iter().skip(1).any(|(f, _)| f == fp) => {}
+                Some(Err(_)) => forget(*fp),
             }
             self.ids.pop_front();
         }
     }
 
     /// Drops the entry of `fp` completed by `settle`: its commit failed and
-    /// its request forgets the id (under the same lock).
-    pub fn remove(&mut self, fp: Fingerprint, settle: &Arc<Settle>) {
-        if let Some(i) = self
+    /// its request forgets the id (under the same lock). `false` if it was
+    /// gone already (pruned, and the id forgotten then): the table's entry
+    /// of `fp`, if any, is then a later acceptance and must stay.
+    pub fn remove(&mut self, fp: Fingerprint, settle: &Arc<Settle>) -> bool {
+        match self
             .ids
             .iter()
             .rposition(|(f, s)| *f == fp && Arc::ptr_eq(s, settle))
         {
-            self.ids.remove(i);
+            Some(i) => {
+                self.ids.remove(i);
+                true
+            }
+            None => false,
         }
     }
 
@@ -273,26 +281,30 @@ mod tests {
     #[test]
     fn twins_find_pending_and_failed_commits_until_they_are_pruned() {
         let mut ledger = Ledger::default();
-        let (a, b) = (Settle::new(0), Settle::new(0));
-        ledger.push(fp(1), &a, |_| true);
-        ledger.push(fp(2), &b, |_| true);
+        let (a, b, c) = (Settle::new(0), Settle::new(0), Settle::new(0));
+        ledger.push(fp(1), &a);
+        ledger.push(fp(2), &b);
+        ledger.push(fp(3), &c);
         assert!(Arc::ptr_eq(&ledger.twin_of(fp(1)).unwrap(), &a));
-        assert!(ledger.twin_of(fp(3)).is_none());
+        assert!(ledger.twin_of(fp(4)).is_none());
         a.set(Ok(()));
         assert!(
             ledger.twin_of(fp(1)).is_none(),
             "a committed id is a plain duplicate"
         );
         b.set(Err(CommitFailed::Journal));
-        ledger.prune(|_| true);
-        assert_eq!(ledger.len(), 1, "the failed id is still in the table: kept");
         assert_eq!(
             ledger.twin_of(fp(2)).unwrap().get(),
-            Some(Err(CommitFailed::Journal))
+            Some(Err(CommitFailed::Journal)),
+            "a twin of a failed id gets its error"
         );
-        ledger.remove(fp(2), &b);
-        assert!(ledger.twin_of(fp(2)).is_none(), "its request forgot the id");
-        ledger.prune(|_| true);
+        assert!(ledger.remove(fp(2), &b), "its request forgets the id");
+        assert!(!ledger.remove(fp(2), &b), "once");
+        assert!(ledger.twin_of(fp(2)).is_none());
+        c.set(Err(CommitFailed::Fenced));
+        let mut forgotten = Vec::new();
+        ledger.prune(|f| forgotten.push(f));
+        assert_eq!(forgotten, [fp(3)], "a failed id its request did not forget");
         assert!(ledger.is_empty());
     }
 
@@ -300,9 +312,15 @@ mod tests {
     fn the_newest_entry_of_an_id_decides() {
         let mut ledger = Ledger::default();
         let (old, new) = (Settle::new(0), Settle::new(0));
-        ledger.push(fp(1), &old, |_| true);
+        ledger.push(fp(1), &old);
+        ledger.push(fp(1), &new);
         old.set(Err(CommitFailed::Journal));
-        ledger.push(fp(1), &new, |_| true);
+        let mut forgotten = Vec::new();
+        ledger.prune(|f| forgotten.push(f));
+        assert!(
+            forgotten.is_empty(),
+            "accepted again since: the later entry decides"
+        );
         assert!(Arc::ptr_eq(&ledger.twin_of(fp(1)).unwrap(), &new));
     }
 }

@@ -227,6 +227,23 @@ impl NatsCluster {
         }
     }
 
+    /// A client of server `i`.
+    pub async fn client_of(&self, i: usize) -> Client {
+        async_nats::connect(format!("nats://127.0.0.1:{}", self.ports[i]))
+            .await
+            .expect("connect to the cluster")
+    }
+
+    /// Sends `signal` (e.g. `-STOP`, `-CONT`) to server `i`, by its pid.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let pid = self.nodes[i].as_ref().expect("running").id();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// SIGKILL of server `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].take() {
