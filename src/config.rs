@@ -544,6 +544,22 @@ fn text_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::E
 }
 
 /// Parses `"7d"`, `"5m"`, `"30s"`, `"1500ms"`, `"2h"` into milliseconds.
+const HOUR_MS: u64 = 3_600_000;
+
+/// A duration field of 1 ms up to `max_ms` (`max` as written), or an error
+/// naming the field with an example.
+fn duration_field(
+    name: &str,
+    value: &str,
+    max_ms: u64,
+    max: &str,
+    example: &str,
+) -> Result<u64, ConfigError> {
+    parse_duration_ms(value)
+        .filter(|ms| (1..=max_ms).contains(ms))
+        .ok_or_else(|| ConfigError::field(name, value, &format!("1ms to {max}, e.g. \"{example}\"")))
+}
+
 pub fn parse_duration_ms(text: &str) -> Option<u64> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit())?;
@@ -701,33 +717,22 @@ impl Config {
                 "a KV bucket name (letters, digits, '-', '_'), or \"\" for none",
             ));
         }
-        let shutdown_timeout_ms = parse_duration_ms(&self.shutdown_timeout)
-            .filter(|ms| (1..=3_600_000).contains(ms))
-            .ok_or_else(|| {
-                ConfigError::field(
-                    "shutdown_timeout",
-                    &self.shutdown_timeout,
-                    "1ms to 1h, e.g. \"10s\"",
-                )
-            })?;
-        let http_header_timeout_ms = parse_duration_ms(&self.http_header_timeout)
-            .filter(|ms| (1..=3_600_000).contains(ms))
-            .ok_or_else(|| {
-                ConfigError::field(
-                    "http_header_timeout",
-                    &self.http_header_timeout,
-                    "1ms to 1h, e.g. \"10s\"",
-                )
-            })?;
-        let verify_store_timeout_ms = parse_duration_ms(&self.verify_store_timeout)
-            .filter(|ms| (1..=86_400_000).contains(ms))
-            .ok_or_else(|| {
-                ConfigError::field(
-                    "verify_store_timeout",
-                    &self.verify_store_timeout,
-                    "1ms to 1d, e.g. \"60s\"",
-                )
-            })?;
+        let shutdown_timeout_ms =
+            duration_field("shutdown_timeout", &self.shutdown_timeout, HOUR_MS, "1h", "10s")?;
+        let http_header_timeout_ms = duration_field(
+            "http_header_timeout",
+            &self.http_header_timeout,
+            HOUR_MS,
+            "1h",
+            "10s",
+        )?;
+        let verify_store_timeout_ms = duration_field(
+            "verify_store_timeout",
+            &self.verify_store_timeout,
+            24 * HOUR_MS,
+            "1d",
+            "60s",
+        )?;
         if self.http_max_connections == 0 {
             return Err(ConfigError::field("http_max_connections", "0", "1 or more"));
         }

@@ -35,6 +35,28 @@ fn spawn_node(
     SidecarProcess::spawn(server, data, &env)
 }
 
+/// Three replicated sidecar processes `n0`..`n2` on the three-server
+/// cluster, journal at R3; their data directories.
+fn r3_nodes(servers: &NatsCluster) -> (Vec<SidecarProcess>, Vec<tempfile::TempDir>) {
+    let url = servers.url();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let node = format!("n{i}");
+            let env = [
+                ("EVENTSIEVE_DURABILITY", "replicated"),
+                ("EVENTSIEVE_CLUSTER__NODE_ID", node.as_str()),
+                ("EVENTSIEVE_CLUSTER__REPLICAS", "3"),
+                ("EVENTSIEVE_WINDOW", "1h"),
+            ];
+            SidecarProcess::spawn_on(&url, dir.path(), &env)
+        })
+        .collect();
+    (nodes, dirs)
+}
+
 /// Every lease in the bucket: shard → owner (empty: released).
 async fn owners(client: &Client) -> BTreeMap<u32, String> {
     let js = async_nats::jetstream::new(client.clone());
@@ -640,20 +662,7 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
     let mut servers = NatsCluster::start();
     servers.wait_for_jetstream().await;
     let client = servers.client().await;
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let url = servers.url();
-    let nodes: Vec<SidecarProcess> = (0..3)
-        .map(|i| {
-            let node = format!("n{i}");
-            let env = [
-                ("EVENTSIEVE_DURABILITY", "replicated"),
-                ("EVENTSIEVE_CLUSTER__NODE_ID", node.as_str()),
-                ("EVENTSIEVE_CLUSTER__REPLICAS", "3"),
-                ("EVENTSIEVE_WINDOW", "1h"),
-            ];
-            SidecarProcess::spawn_on(&url, dirs[i].path(), &env)
-        })
-        .collect();
+    let (nodes, _dirs) = r3_nodes(&servers);
     wait_all_served(&client, Duration::from_secs(60)).await;
     let js = async_nats::jetstream::new(client.clone());
     let journal = js.get_stream("EVENTSIEVE_JOURNAL").await.unwrap();
@@ -724,20 +733,7 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
 async fn a_journal_append_that_times_out_leaves_no_false_for_an_id_not_kept() {
     let servers = NatsCluster::start();
     servers.wait_for_jetstream().await;
-    let url = servers.url();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<SidecarProcess> = (0..3)
-        .map(|i| {
-            let node = format!("n{i}");
-            let env = [
-                ("EVENTSIEVE_DURABILITY", "replicated"),
-                ("EVENTSIEVE_CLUSTER__NODE_ID", node.as_str()),
-                ("EVENTSIEVE_CLUSTER__REPLICAS", "3"),
-                ("EVENTSIEVE_WINDOW", "1h"),
-            ];
-            SidecarProcess::spawn_on(&url, dirs[i].path(), &env)
-        })
-        .collect();
+    let (nodes, _dirs) = r3_nodes(&servers);
     let client = servers.client().await;
     wait_all_served(&client, Duration::from_secs(60)).await;
     let js = async_nats::jetstream::new(client.clone());
@@ -775,11 +771,10 @@ async fn a_journal_append_that_times_out_leaves_no_false_for_an_id_not_kept() {
             lost.push((id.clone(), v.clone()));
         }
     }
-    let (trues, falses) =
-        verdicts
-            .values()
-            .flatten()
-            .fold((0, 0), |(t, f), v| if *v { (t + 1, f) } else { (t, f + 1) });
+    let (trues, falses) = verdicts
+        .values()
+        .flatten()
+        .fold((0, 0), |(t, f), v| if *v { (t + 1, f) } else { (t, f + 1) });
     println!(
         "journal leader paused 7 s: {} verdicts ({trues} true, {falses} false), {accepted} ids accepted, {never} only told false (reply lost), {} retried after an error; {} ids told a verdict but not kept",
         trues + falses,

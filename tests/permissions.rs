@@ -30,14 +30,19 @@ async fn unanswered(client: &Client, subject: &str, body: impl Into<Bytes>) {
     }
 }
 
+/// A sidecar that connects as the shipped `sidecar` user.
+async fn start_as_sidecar(server: &NatsServer, data: &std::path::Path) -> service::Running {
+    let mut s = settings(server, data, "1h", Durability::Local);
+    s.config.nats.user = Some("sidecar".into());
+    s.config.nats.password = Some(Secret::new("change-me-sidecar"));
+    service::start(s).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_permissions_let_a_producer_ingest_and_nothing_more() {
     let server = NatsServer::start_with_permissions();
     let data = tempfile::tempdir().unwrap();
-    let mut s = settings(&server, data.path(), "1h", Durability::Local);
-    s.config.nats.user = Some("sidecar".into());
-    s.config.nats.password = Some(Secret::new("change-me-sidecar"));
-    let running = service::start(s).await.unwrap();
+    let running = start_as_sidecar(&server, data.path()).await;
     let producer = server.client_as("producer").await;
     let consumer = server.client_as("consumer").await;
     let mut out = consumer.subscribe("events.unique.*").await.unwrap();
@@ -158,10 +163,7 @@ async fn the_shipped_permissions_let_a_producer_ingest_and_nothing_more() {
 async fn a_producer_cannot_read_another_users_replies() {
     let server = NatsServer::start_with_permissions();
     let data = tempfile::tempdir().unwrap();
-    let mut s = settings(&server, data.path(), "1h", Durability::Local);
-    s.config.nats.user = Some("sidecar".into());
-    s.config.nats.password = Some(Secret::new("change-me-sidecar"));
-    let running = service::start(s).await.unwrap();
+    let running = start_as_sidecar(&server, data.path()).await;
     let (producer, operator) = (
         server.client_as("producer").await,
         server.client_as("operator").await,
