@@ -128,6 +128,10 @@ impl Ledger {
             self.retried.fetch_add(1, Ordering::Relaxed);
         }
         self.unanswered.fetch_add(timeouts as usize, Ordering::Relaxed);
+        self.record(id, verdict).await;
+    }
+
+    async fn record(&self, id: &str, verdict: bool) {
         self.verdicts
             .lock()
             .await
@@ -373,6 +377,75 @@ async fn a_killed_sidecars_shards_are_taken_over_and_no_id_is_accepted_twice() {
     }
 }
 
+/// Batches running in the background while shards move: each of 40 lines,
+/// 20 fresh ids spread over the shards, each twice (the repeat after all
+/// the first copies). A line answered with an error is sent again in the
+/// next batch, until it gets a verdict; every verdict goes to the ledger.
+struct BatchLoad {
+    ledger: Arc<Ledger>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl BatchLoad {
+    fn start(client: &Client, tag: &'static str) -> Self {
+        let ledger = Arc::new(Ledger::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (client, l, s) = (client.clone(), ledger.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let (mut next, mut errors) = (0usize, 0usize);
+            let mut retry: Vec<String> = Vec::new();
+            while !s.load(Ordering::Relaxed) || !retry.is_empty() {
+                let mut lines = std::mem::take(&mut retry);
+                if !s.load(Ordering::Relaxed) && next < 200_000 {
+                    let fresh: Vec<String> = (next..next + 20).map(|n| format!("{tag}{n}")).collect();
+                    next += 20;
+                    lines.extend(fresh.iter().cloned());
+                    lines.extend(fresh);
+                }
+                let body = lines.iter().map(|id| event(id)).collect::<Vec<_>>().join(&b'\n');
+                let request = client.request("dedup.batch", body.into());
+                let reply = match tokio::time::timeout(Duration::from_secs(5), request).await {
+                    Ok(Ok(reply)) => reply,
+                    _ => {
+                        // No answer: every line is tried again.
+                        l.unanswered.fetch_add(1, Ordering::Relaxed);
+                        retry = lines;
+                        continue;
+                    }
+                };
+                let entries = eventsieve::engine::batch::decode(&reply.payload).unwrap();
+                assert_eq!(entries.len(), lines.len());
+                for (id, entry) in lines.into_iter().zip(entries) {
+                    match entry {
+                        eventsieve::engine::batch::Entry::New => l.record(&id, true).await,
+                        eventsieve::engine::batch::Entry::Duplicate => l.record(&id, false).await,
+                        eventsieve::engine::batch::Entry::Error { code, reason } => {
+                            assert!(code >= 500, "{id}: {code} {reason}");
+                            errors += 1;
+                            retry.push(id);
+                        }
+                    }
+                }
+                if !retry.is_empty() {
+                    // A shard is moving: give it a moment.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            errors
+        });
+        Self { ledger, stop, task }
+    }
+
+    /// Stops the batches once every line has a verdict; how many lines
+    /// were answered with an error (and sent again).
+    async fn finish(self) -> (Arc<Ledger>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.task.await.unwrap();
+        (self.ledger, errors)
+    }
+}
+
 /// The leases once no shard is released or missing (after a move).
 async fn owners_settled(client: &Client) -> BTreeMap<u32, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -502,6 +575,8 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
 
     let load = Load::start(&client, "move");
     let ledger = load.ledger.clone();
+    // And batches whose lines repeat ids across shards while they move.
+    let batches = BatchLoad::start(&client, "bmove");
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A third joins: the two hand shards over until each has its share.
@@ -556,6 +631,25 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
     for id in ledger.verdicts.lock().await.keys() {
         assert!(!decide(&client, id).await.0, "{id} was forgotten");
     }
+    // Every batch line got a verdict in the end: no id accepted twice, the
+    // repeat of an id never `false` unless the id is kept.
+    let (batched, errors) = batches.finish().await;
+    let (accepted, _) = batched.check().await;
+    let verdicts = batched.verdicts.lock().await.clone();
+    let falses = verdicts.values().flatten().filter(|v| !**v).count();
+    let mut lost = Vec::new();
+    for id in verdicts.keys() {
+        if decide(&client, id).await.0 {
+            lost.push(id.clone());
+        }
+    }
+    println!(
+        "batches while shards moved: {} ids, {accepted} accepted, {falses} lines told false, {errors} lines answered an error and sent again; {} ids told a verdict but not kept",
+        verdicts.len(),
+        lost.len()
+    );
+    assert!(accepted > 100, "the batches made progress: {accepted}");
+    assert!(lost.is_empty(), "told a verdict, not kept: {lost:?}");
 
     // What an operator sees: each node's heartbeat in the bucket ...
     let js = async_nats::jetstream::new(client.clone());
