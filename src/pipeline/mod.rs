@@ -1,14 +1,16 @@
 //! The verdict path, without any transport: key → ownership →
 //! check-and-insert → durable commit → the one [`Hook`] for accepted events.
 //!
-//! A transport (NATS today, HTTP later) hands an event to
-//! [`Pipeline::decide`], which settles everything that needs no commit at
-//! once (bad input, duplicate, not ready, owned elsewhere) and otherwise
+//! A transport (NATS or HTTP) hands an event to [`Pipeline::decide`],
+//! which settles everything that needs no commit at once (bad input,
+//! duplicate of a committed id, not ready, owned elsewhere) and otherwise
 //! queues the new id for the group-commit [`Writer`]. [`Pipeline::finish`]
-//! then waits for that commit and either calls the hook (republish, later
+//! then waits for that commit and either calls the hook (republish and
 //! the stages) and gives the `New` verdict, or forgets the id again and
-//! gives the failure. Accept, hook and undo happen here and nowhere else;
-//! the transport only turns an [`Outcome`] into a reply.
+//! gives the failure. A duplicate of an id whose commit is still pending
+//! (a twin, see [`crate::engine::pending`]) waits for that commit too, and
+//! gives `Duplicate` or the same failure. Accept, hook and undo happen here
+//! and nowhere else; the transport only turns an [`Outcome`] into a reply.
 //!
 //! Batches go the same way through [`Pipeline::decide_batch`] and
 //! [`Pipeline::finish_batch`]: one table lock per shard and one submission
