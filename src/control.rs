@@ -40,7 +40,7 @@ use serde_json::{Value, json};
 use crate::config::{Durability, Settings, parse_duration_ms};
 use crate::engine::table::MAX_WINDOW_MS;
 use crate::engine::unix_ms;
-use crate::observe::metrics::Metrics;
+use crate::observe::metrics::{Endpoint, Metrics};
 use crate::transport::nats::Context;
 use crate::transport::nats::fence::{self, Answer, Plain};
 use crate::transport::nats::subscription::{publish, reply_error};
@@ -399,6 +399,7 @@ struct Responder {
 impl fence::Answer for Responder {
     async fn answer(&self, message: Message) {
         let ctx = &self.ctx;
+        let received = Instant::now();
         if fence::is_fence(&message) {
             return;
         }
@@ -409,15 +410,21 @@ impl fence::Answer for Responder {
         }
         if message.subject.as_str() == ctx.subjects.status() {
             let status = status(ctx, &self.window, &self.node, self.started).await;
-            return publish(ctx, to, status.to_string().into()).await;
+            publish(ctx, to, status.to_string().into()).await;
+            return ctx.metrics.served(Endpoint::Status, received, false);
         }
-        match window_request(ctx, &self.window, &message).await {
+        let error = match window_request(ctx, &self.window, &message).await {
             Ok(()) => {
                 let described = self.window.describe(ctx, &self.node).to_string();
                 publish(ctx, to, described.into()).await;
+                false
             }
-            Err(e) => reply_error(ctx, to, 400, &e).await,
-        }
+            Err(e) => {
+                reply_error(ctx, to, 400, &e).await;
+                true
+            }
+        };
+        ctx.metrics.served(Endpoint::Window, received, error);
     }
 }
 

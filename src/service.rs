@@ -431,6 +431,7 @@ pub async fn start_with(
         &subjects,
         node,
         settings.owned.clone(),
+        !stages.is_empty(),
         metrics.clone(),
     )
     .await

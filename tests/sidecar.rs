@@ -326,6 +326,63 @@ async fn answers_nats_micro_discovery() {
     let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
     assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
     assert_eq!(stats["endpoints"][0]["data"]["accepted"], 1);
+
+    // Fault: INFO listed two endpoints and STATS one other ("verdicts")
+    // with a processing time of 0. Now both list every request subject by
+    // the same names, each with its own counts and measured time.
+    let _ = ask(&client, "dedup.ingest.d1", event("d1")).await;
+    let _ = request(&client, "dedup.ingest.bad", Bytes::from_static(b"not json")).await;
+    let _ = request(&client, "dedup.batch", event("d2")).await;
+    let _ = request(&client, "dedup.lookup.d1", Bytes::new()).await;
+    let _ = request(&client, "dedup.status", Bytes::new()).await;
+    let _ = request(&client, "dedup.window", Bytes::from_static(b"never")).await;
+    let named = |v: &serde_json::Value| -> Vec<String> {
+        v["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let info = request(&client, "$SRV.INFO.eventsieve", Bytes::new()).await;
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    let stats = request(&client, "$SRV.STATS.eventsieve", Bytes::new()).await;
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert_eq!(named(&info), named(&stats));
+    for name in [
+        "ingest",
+        "shards",
+        "batch",
+        "sub_batches",
+        "lookup",
+        "forget",
+        "window",
+        "status",
+    ] {
+        assert!(named(&info).iter().any(|n| n == name), "{name} in {info}");
+    }
+    let endpoint = |name: &str| {
+        stats["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let shards = endpoint("shards");
+    assert_eq!(shards["subject"], "dedup.shard.*.*");
+    assert_eq!(shards["num_requests"], 3, "{shards}");
+    assert_eq!(shards["num_errors"], 1, "the event that is not JSON: {shards}");
+    assert!(shards["processing_time"].as_u64().unwrap() > 0, "{shards}");
+    for (name, errors) in [("batch", 0), ("lookup", 0), ("status", 0), ("window", 1)] {
+        let e = endpoint(name);
+        assert_eq!(
+            (e["num_requests"].as_u64(), e["num_errors"].as_u64()),
+            (Some(1), Some(errors)),
+            "{e}"
+        );
+    }
     running.shutdown().await.unwrap();
 }
 

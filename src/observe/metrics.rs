@@ -82,6 +82,9 @@ pub struct Metrics {
     pub journal_append_micros: AtomicU64,
     /// The last walk over the tables.
     pub census: Census,
+    /// Requests, errors and processing time per request subject, for
+    /// `$SRV.STATS` (one set of atomics per endpoint: no lock).
+    pub endpoints: [Served; Endpoint::ALL.len()],
     /// Metrics of other parts (the stages), appended to every render.
     pub extra: std::sync::OnceLock<Arc<dyn Render>>,
 }
@@ -140,7 +143,72 @@ impl Census {
     }
 }
 
+/// A request subject the service answers, as NATS micro discovery lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `<prefix>.shard.*.*`: single events (through the partition mapping).
+    Shards,
+    /// `<prefix>.ingest`: single events without the mapping.
+    Ingest,
+    Batch,
+    /// `<prefix>.internal.batch.*`: sub-batches between sidecars.
+    SubBatches,
+    Lookup,
+    Forget,
+    Window,
+    Status,
+    /// `<prefix>.agg.query` and `<prefix>.agg.quantile`.
+    Aggregates,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 9] = [
+        Endpoint::Shards,
+        Endpoint::Ingest,
+        Endpoint::Batch,
+        Endpoint::SubBatches,
+        Endpoint::Lookup,
+        Endpoint::Forget,
+        Endpoint::Window,
+        Endpoint::Status,
+        Endpoint::Aggregates,
+    ];
+
+    /// Its name in `$SRV.INFO` and `$SRV.STATS`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Shards => "shards",
+            Endpoint::Ingest => "ingest",
+            Endpoint::Batch => "batch",
+            Endpoint::SubBatches => "sub_batches",
+            Endpoint::Lookup => "lookup",
+            Endpoint::Forget => "forget",
+            Endpoint::Window => "window",
+            Endpoint::Status => "status",
+            Endpoint::Aggregates => "aggregates",
+        }
+    }
+}
+
+/// One endpoint's counters.
+#[derive(Default)]
+pub struct Served {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    /// From receipt to reply, summed, in ns.
+    pub nanos: AtomicU64,
+}
+
 impl Metrics {
+    /// Counts a request of `endpoint` received at `started` and answered
+    /// now (with an error reply when `error`).
+    pub fn served(&self, endpoint: Endpoint, started: Instant, error: bool) {
+        let e = &self.endpoints[endpoint as usize];
+        e.requests.fetch_add(1, Relaxed);
+        e.errors.fetch_add(u64::from(error), Relaxed);
+        e.nanos.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+    }
+
     pub fn invalid(&self, kind: EventErrorKind) -> &AtomicU64 {
         let i = EventErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         &self.invalid[i]

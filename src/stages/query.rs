@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use crate::cluster::Membership;
 use crate::config::parse_duration_ms;
 use crate::engine::unix_ms;
-use crate::observe::metrics::Metrics;
+use crate::observe::metrics::{Endpoint, Metrics};
 use crate::pipeline::ShardState;
 use crate::stages::{Aggregate, Stages, Summary};
 use crate::transport::nats::Context;
@@ -90,12 +90,16 @@ pub async fn serve(
                     && !c.subjects.is_ours(&to)
                 {
                     reply_error(&c, to, 503, "busy: too many aggregate queries at once; retry").await;
+                    c.metrics
+                        .served(Endpoint::Aggregates, std::time::Instant::now(), true);
                 }
                 continue;
             };
             let (c, p, s) = (c.clone(), p.clone(), s.clone());
+            let started = std::time::Instant::now();
             tokio::spawn(async move {
-                query(&c, &p, &s, message).await;
+                let error = query(&c, &p, &s, message).await;
+                c.metrics.served(Endpoint::Aggregates, started, error);
                 drop(permit);
             });
         }
@@ -192,11 +196,14 @@ fn number(x: f64) -> String {
     serde_json::to_string(&x).unwrap_or_else(|_| "null".into())
 }
 
-async fn query(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) {
-    let Some(to) = message.reply.clone() else { return };
+/// Answers one query; whether the reply was an error.
+async fn query(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) -> bool {
+    let Some(to) = message.reply.clone() else {
+        return false;
+    };
     if ctx.subjects.is_ours(&to) {
         Metrics::inc(&ctx.metrics.refused_replies);
-        return;
+        return false;
     }
     let quantile = message.subject.ends_with(".agg.quantile");
     let parsed = serde_json::from_slice::<Value>(&message.payload)
@@ -208,7 +215,10 @@ async fn query(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) 
         });
     let (agg, asked) = match parsed {
         Ok(parsed) => parsed,
-        Err(e) => return reply_error(ctx, to, 400, &e).await,
+        Err(e) => {
+            reply_error(ctx, to, 400, &e).await;
+            return true;
+        }
     };
     let request = json!({
         "aggregate": agg.settings.name,
@@ -218,7 +228,10 @@ async fn query(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) 
     });
     let (merged, missing) = match gather(ctx, peers, &agg, &request).await {
         Ok(gathered) => gathered,
-        Err(e) => return reply_error(ctx, to, 503, &e).await,
+        Err(e) => {
+            reply_error(ctx, to, 503, &e).await;
+            return true;
+        }
     };
     let summary = merged
         .get(&asked.group)
@@ -255,6 +268,7 @@ async fn query(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) 
     missing.append_to(&mut body);
     body.push('}');
     publish(ctx, to, body.into()).await;
+    false
 }
 
 /// This node's ready shards and its summaries of `request` (one group, or

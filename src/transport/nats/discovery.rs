@@ -15,7 +15,7 @@ use async_nats::Client;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::observe::metrics::Metrics;
+use crate::observe::metrics::{Endpoint, Metrics};
 use crate::transport::nats::Subjects;
 
 pub const NAME: &str = "eventsieve";
@@ -31,9 +31,10 @@ pub async fn spawn(
     subjects: &Subjects,
     id: String,
     owned: Vec<u32>,
+    aggregates: bool,
     metrics: Arc<Metrics>,
 ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
-    let prefix = subjects.prefix().to_owned();
+    let listed = listed(subjects, aggregates);
     let mut subs = Vec::new();
     for subject in [
         "$SRV.*".to_string(),
@@ -62,13 +63,13 @@ pub async fn spawn(
                 "INFO" => {
                     let mut v = head("info_response");
                     v["description"] = "Deduplicates events by event_id over a rolling window".into();
-                    v["endpoints"] = Value::Array(endpoints(&prefix, &owned));
+                    v["endpoints"] = Value::Array(endpoints(&listed, &owned));
                     v
                 }
                 "STATS" => {
                     let mut v = head("stats_response");
                     v["started"] = started.clone().into();
-                    v["endpoints"] = Value::Array(stats(&prefix, &metrics));
+                    v["endpoints"] = Value::Array(stats(&listed, &metrics));
                     v
                 }
                 _ => continue,
@@ -78,43 +79,80 @@ pub async fn spawn(
     }))
 }
 
-/// The endpoints for `INFO`: the fallback ingest subject and the shard subjects.
-fn endpoints(prefix: &str, owned: &[u32]) -> Vec<Value> {
-    vec![
-        json!({
-            "name": "ingest",
-            "subject": format!("{prefix}.ingest"),
-            "queue_group": format!("{prefix}.ingest"),
-            "metadata": {},
-        }),
-        json!({
-            "name": "shards",
-            "subject": format!("{prefix}.shard.*.*"),
-            "queue_group": "",
-            "metadata": { "owned": owned.iter().map(u32::to_string).collect::<Vec<_>>().join(",") },
-        }),
-    ]
+/// Every request subject the service answers: endpoint, subject, queue
+/// group ("" for none).
+fn listed(s: &Subjects, aggregates: bool) -> Vec<(Endpoint, String, String)> {
+    let mut out = vec![
+        (Endpoint::Ingest, s.ingest(), s.ingest()),
+        (Endpoint::Shards, s.all_shard_events(), String::new()),
+        (Endpoint::Batch, s.batch(), s.batch()),
+        (Endpoint::SubBatches, s.all_sub_batches(), String::new()),
+        (Endpoint::Lookup, s.lookup(), String::new()),
+        (Endpoint::Forget, s.forget(), String::new()),
+        (Endpoint::Window, s.window().to_owned(), String::new()),
+        (Endpoint::Status, s.status().to_owned(), String::new()),
+    ];
+    if aggregates {
+        out.push((
+            Endpoint::Aggregates,
+            format!("{}.agg.*", s.prefix()),
+            String::new(),
+        ));
+    }
+    out
 }
 
-/// The one endpoint of `STATS`: every verdict request, whichever subject.
-fn stats(prefix: &str, m: &Metrics) -> Vec<Value> {
+/// The endpoints for `INFO`.
+fn endpoints(listed: &[(Endpoint, String, String)], owned: &[u32]) -> Vec<Value> {
+    listed
+        .iter()
+        .map(|(endpoint, subject, queue)| {
+            let metadata = match endpoint {
+                Endpoint::Shards => {
+                    json!({ "owned": owned.iter().map(u32::to_string).collect::<Vec<_>>().join(",") })
+                }
+                _ => json!({}),
+            };
+            json!({
+                "name": endpoint.name(),
+                "subject": subject,
+                "queue_group": queue,
+                "metadata": metadata,
+            })
+        })
+        .collect()
+}
+
+/// The endpoints for `STATS`: the same names as `INFO`, each with its
+/// requests, error replies and processing time (receipt to reply, ns).
+fn stats(listed: &[(Endpoint, String, String)], m: &Metrics) -> Vec<Value> {
     use std::sync::atomic::Ordering::Relaxed;
-    let errors: u64 = m.invalid.iter().map(|c| c.load(Relaxed)).sum::<u64>() + m.store_errors.load(Relaxed);
-    vec![json!({
-        "name": "verdicts",
-        "subject": format!("{prefix}.>"),
-        "queue_group": "",
-        "num_requests": m.answered() + m.store_errors.load(Relaxed),
-        "num_errors": errors,
-        "last_error": "",
-        "processing_time": 0,
-        "average_processing_time": 0,
-        "data": {
-            "accepted": m.accepted.load(Relaxed),
-            "duplicates": m.duplicates.load(Relaxed),
-            "not_ready": m.not_ready.load(Relaxed),
-        },
-    })]
+    listed
+        .iter()
+        .map(|(endpoint, subject, queue)| {
+            let served = &m.endpoints[*endpoint as usize];
+            let (requests, nanos) = (served.requests.load(Relaxed), served.nanos.load(Relaxed));
+            let data = match endpoint {
+                Endpoint::Shards | Endpoint::Ingest | Endpoint::Batch => json!({
+                    "accepted": m.accepted.load(Relaxed),
+                    "duplicates": m.duplicates.load(Relaxed),
+                    "not_ready": m.not_ready.load(Relaxed),
+                }),
+                _ => json!({}),
+            };
+            json!({
+                "name": endpoint.name(),
+                "subject": subject,
+                "queue_group": queue,
+                "num_requests": requests,
+                "num_errors": served.errors.load(Relaxed),
+                "last_error": "",
+                "processing_time": nanos,
+                "average_processing_time": nanos.checked_div(requests).unwrap_or(0),
+                "data": data,
+            })
+        })
+        .collect()
 }
 
 /// A random-enough instance id: time and process id, base 36.

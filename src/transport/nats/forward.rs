@@ -15,11 +15,15 @@ use crate::transport::nats::subscription::{publish, reply_error};
 
 /// Forwards one event to `target` (its owner's shard subject) and relays
 /// the answer, headers included; 503 if no owner answers.
-pub async fn single(ctx: Arc<Context>, target: Subject, event: Bytes, reply: Option<Subject>) {
+/// Returns whether the reply was an error.
+pub async fn single(ctx: Arc<Context>, target: Subject, event: Bytes, reply: Option<Subject>) -> bool {
     Metrics::inc(&ctx.metrics.forwarded);
     match ctx.client.request(target.clone(), event).await {
         Ok(Message { headers, payload, .. }) => {
-            let Some(reply) = reply else { return };
+            let error = headers
+                .as_ref()
+                .is_some_and(|h| h.get("Nats-Service-Error-Code").is_some());
+            let Some(reply) = reply else { return error };
             match headers {
                 Some(headers) => {
                     if ctx
@@ -33,6 +37,7 @@ pub async fn single(ctx: Arc<Context>, target: Subject, event: Bytes, reply: Opt
                 }
                 None => publish(&ctx, reply, payload).await,
             }
+            error
         }
         Err(e) => {
             Metrics::inc(&ctx.metrics.forward_failures);
@@ -42,6 +47,7 @@ pub async fn single(ctx: Arc<Context>, target: Subject, event: Bytes, reply: Opt
                 let reason = format!("no owner answered on {target}: {e}");
                 reply_error(&ctx, reply, 503, &reason).await;
             }
+            true
         }
     }
 }

@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_nats::{HeaderMap, Message, Subject};
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::engine::Verdict;
 use crate::engine::batch;
-use crate::observe::metrics::Metrics;
+use crate::observe::metrics::{Endpoint, Metrics};
 use crate::pipeline::{Admin, Outcome, Pending, Step};
 use crate::transport::budget::Held;
 use crate::transport::nats::subjects::Subjects;
@@ -59,6 +60,18 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The endpoint its requests count under in `$SRV.STATS`.
+    pub fn endpoint(self) -> Endpoint {
+        match self {
+            Kind::Shard(_) | Kind::AllShards => Endpoint::Shards,
+            Kind::Ingest => Endpoint::Ingest,
+            Kind::Batch => Endpoint::Batch,
+            Kind::SubBatch(_) | Kind::AllSubBatches => Endpoint::SubBatches,
+            Kind::Lookup => Endpoint::Lookup,
+            Kind::Forget => Endpoint::Forget,
+        }
+    }
+
     /// The subject, the queue group, and the subject its fences go to.
     pub fn subjects(self, s: &Subjects) -> (String, Option<String>, Subject) {
         match self {
@@ -89,6 +102,9 @@ struct Waiting {
     pending: Pending,
     event: Bytes,
     reply: Option<Subject>,
+    /// When it was received, and on which endpoint (for `$SRV.STATS`).
+    started: Instant,
+    endpoint: Endpoint,
     /// The event's bytes in the budget, given back once answered.
     _held: Held,
 }
@@ -125,6 +141,8 @@ impl Work {
                 pending,
                 event,
                 reply,
+                started,
+                endpoint,
                 ..
             }) = self.waiting.pop_front()
             else {
@@ -132,6 +150,7 @@ impl Work {
             };
             let outcome = ctx.pipeline.finish(pending, event).await;
             answer(ctx, reply, &outcome).await;
+            ctx.metrics.served(endpoint, started, outcome.error().is_some());
         }
     }
 
@@ -199,6 +218,7 @@ pub async fn serve(mut served: Served, fence_subject: Subject, mut stop: watch::
 impl Served {
     /// Counts `message` (the fence relies on the count) and handles it.
     pub(crate) async fn handle(&mut self, message: Message, work: &mut Work) {
+        let started = Instant::now();
         self.received += 1;
         if fence::is_fence(&message) {
             return;
@@ -211,30 +231,44 @@ impl Served {
             return;
         }
         let batch_kind = matches!(self.kind, Kind::Batch | Kind::SubBatch(_) | Kind::AllSubBatches);
+        let endpoint = self.kind.endpoint();
         let Some(held) = self.ctx.budget.try_hold(message.payload.len()) else {
-            return overloaded(&self.ctx, message, batch_kind).await;
+            overloaded(&self.ctx, message, batch_kind).await;
+            return self.ctx.metrics.served(endpoint, started, true);
         };
+        let ctx = self.ctx.clone();
         match self.kind {
-            Kind::Shard(_) | Kind::AllShards | Kind::Ingest => single(&self.ctx, message, work, held).await,
-            Kind::Batch => work.spawn(batch(self.ctx.clone(), message, false, held)).await,
-            Kind::SubBatch(_) | Kind::AllSubBatches => {
-                work.spawn(batch(self.ctx.clone(), message, true, held)).await;
+            Kind::Shard(_) | Kind::AllShards | Kind::Ingest => {
+                single(&ctx, message, work, held, (started, endpoint)).await;
             }
-            Kind::Lookup | Kind::Forget => admin(self.ctx.clone(), message, self.kind, work).await,
+            Kind::Batch | Kind::SubBatch(_) | Kind::AllSubBatches => {
+                let forwarded = endpoint == Endpoint::SubBatches;
+                work.spawn(async move {
+                    batch(ctx.clone(), message, forwarded, held).await;
+                    ctx.metrics.served(endpoint, started, false);
+                })
+                .await;
+            }
+            Kind::Lookup | Kind::Forget => admin(ctx, message, self.kind, work, started).await,
         }
     }
 }
 
 /// A look-up or a forget: the id is the subject's last token.
-async fn admin(ctx: Arc<Context>, message: Message, kind: Kind, work: &mut Work) {
+async fn admin(ctx: Arc<Context>, message: Message, kind: Kind, work: &mut Work, started: Instant) {
     let Some(to) = message.reply else { return };
     let id = message.subject.rsplit('.').next().unwrap_or_default().to_string();
     if kind == Kind::Lookup {
-        return admin_reply(&ctx, to, ctx.pipeline.lookup(&id), "remembered").await;
+        let admin = ctx.pipeline.lookup(&id);
+        let error = matches!(admin, Admin::Failed(_));
+        admin_reply(&ctx, to, admin, "remembered").await;
+        return ctx.metrics.served(Endpoint::Lookup, started, error);
     }
     work.spawn(async move {
         let admin = ctx.pipeline.forget(&id).await;
+        let error = matches!(admin, Admin::Failed(_));
         admin_reply(&ctx, to, admin, "forgotten").await;
+        ctx.metrics.served(Endpoint::Forget, started, error);
     })
     .await;
 }
@@ -277,15 +311,21 @@ async fn overloaded(ctx: &Context, message: Message, batch_kind: bool) {
 
 /// One event: settled at once, forwarded to its owner, or answered when its
 /// commit completes; `held` goes back to the budget once it is answered.
-async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work, held: Held) {
+/// `(started, endpoint)`: when it was received and where it counts.
+async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work, held: Held, at: (Instant, Endpoint)) {
+    let (started, endpoint) = at;
     let Message { payload, reply, .. } = message;
     match ctx.pipeline.decide(&payload).await {
-        Step::Done(outcome) => answer(ctx, reply, &outcome).await,
+        Step::Done(outcome) => {
+            answer(ctx, reply, &outcome).await;
+            ctx.metrics.served(endpoint, started, outcome.error().is_some());
+        }
         Step::Elsewhere(keyed) => {
             let target = ctx.subjects.shard_event(keyed.shard, &keyed.id);
             let (ctx, event) = (ctx.clone(), payload.clone());
             work.spawn(async move {
-                forward::single(ctx, target, event, reply).await;
+                let error = forward::single(ctx.clone(), target, event, reply).await;
+                ctx.metrics.served(endpoint, started, error);
                 drop(held);
             })
             .await;
@@ -296,6 +336,8 @@ async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work, held: Hel
                 pending,
                 event,
                 reply,
+                started,
+                endpoint,
                 _held: held,
             });
             // Nothing to wait for without a journal: answer at once.
