@@ -1,4 +1,6 @@
-//! The pure core: no I/O, no clock of its own (callers pass `now`).
+//! The pure core: no I/O. Every decision takes `now` from its caller; only
+//! [`unix_ms`] reads the clock, for callers and for the library's
+//! convenience [`Deduplicator::ingest_event`].
 //!
 //! | module | role |
 //! |---|---|

@@ -1,6 +1,7 @@
 //! Which shards this node serves, and whether each is ready: one atomic
 //! state per shard, read on every request and changed at run time (at
-//! start-up today; by leases when shards move between nodes).
+//! start-up with `owned_shards`; by the lease keeper as shards move
+//! between nodes in `replicated` mode).
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 

@@ -60,6 +60,11 @@ impl Budget {
     pub fn total(&self) -> usize {
         self.total
     }
+
+    /// The reason a request refused by this budget is answered with.
+    pub fn refusal(&self) -> String {
+        super::overloaded(self.total)
+    }
 }
 
 #[cfg(test)]

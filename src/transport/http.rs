@@ -17,8 +17,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::Message;
 use async_nats::connection::State as Connection;
-use async_nats::{Message, RequestErrorKind};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
@@ -36,10 +36,9 @@ use crate::engine::event::EventErrorKind;
 use crate::observe::metrics::{MAX_SCRAPES, Metrics};
 use crate::pipeline::{Admin, Outcome, ShardState};
 use crate::transport::nats::Context;
+use crate::transport::nats::forward;
 use crate::transport::nats::subscription::batch_reply;
-
-/// How long a request forwarded to another node's shard may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::transport::{ACCEPTED, DUPLICATE};
 
 /// What the handlers share.
 pub struct Gateway {
@@ -177,18 +176,17 @@ fn failure(code: u16, reason: &str) -> Response {
 }
 
 fn overloaded(ctx: &Context) -> Response {
-    let reason = format!(
-        "overloaded: max_inflight_bytes ({}) are held by requests in progress; retry",
-        ctx.budget.total()
-    );
-    failure(503, &reason)
+    failure(503, &ctx.budget.refusal())
 }
 
+/// `202` with [`ACCEPTED`] or `409` with [`DUPLICATE`]: the NATS reply
+/// bodies.
 fn verdict(new: bool) -> Response {
-    match new {
-        true => reply(StatusCode::ACCEPTED, json!({ "accepted": true })),
-        false => reply(StatusCode::CONFLICT, json!({ "accepted": false })),
-    }
+    let (code, body) = match new {
+        true => (StatusCode::ACCEPTED, ACCEPTED),
+        false => (StatusCode::CONFLICT, DUPLICATE),
+    };
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn event(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
@@ -207,8 +205,8 @@ async fn event(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
             match ask(ctx, subject.to_string(), body.clone()).await {
                 Err(response) => response,
                 Ok(answer) => match &answer.payload[..] {
-                    br#"{"accepted":true}"# => verdict(true),
-                    br#"{"accepted":false}"# => verdict(false),
+                    body if body == ACCEPTED => verdict(true),
+                    body if body == DUPLICATE => verdict(false),
                     _ => failure(
                         502,
                         "the shard's owner gave an answer this node does not understand",
@@ -273,17 +271,14 @@ async fn admin_response(ctx: &Context, admin: Admin, verb: &str, what: &str, id:
     }
 }
 
-/// A NATS request to another node; its service error, or no answer, as the
-/// HTTP response.
+/// A NATS request to another node, through the NATS transport's forwarder
+/// (counted, same deadline); its service error, or no answer, as the HTTP
+/// response.
 async fn ask(ctx: &Context, subject: String, body: Bytes) -> Result<Message, Response> {
-    let request = ctx.client.request(subject.clone(), body);
-    let answer = match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {
-            return Err(failure(503, &format!("no node answers on {subject}; retry")));
-        }
-        Ok(Err(_)) | Err(_) => return Err(failure(503, &format!("no answer on {subject} in time; retry"))),
-    };
+    Metrics::inc(&ctx.metrics.forwarded);
+    let answer = forward::request(ctx, subject.into(), body)
+        .await
+        .map_err(|why| failure(503, &format!("{why}; retry")))?;
     if let Some(headers) = &answer.headers
         && let Some(code) = headers.get("Nats-Service-Error-Code")
     {

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
-use async_nats::{Message, Subject};
+use async_nats::{Message, RequestErrorKind, Subject};
 use bytes::Bytes;
 
 use crate::engine::batch::{self, Entry};
@@ -13,12 +14,36 @@ use crate::observe::metrics::Metrics;
 use crate::transport::nats::Context;
 use crate::transport::nats::subscription::{publish, reply_error};
 
+/// How long a request sent on to another node may take: longer than a
+/// commit that waits for the replicated journal (its appends time out
+/// after 5 s).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends a request to another node (every transport's forwards go through
+/// here, bounded by [`FORWARD_TIMEOUT`]); the answer, or why none came
+/// (counted in `forward_failures`).
+///
+/// # Errors
+///
+/// Why no answer came: no node subscribed, or none in time.
+pub async fn request(ctx: &Context, subject: Subject, body: Bytes) -> Result<Message, String> {
+    let asked = ctx.client.request(subject.clone(), body);
+    let why = match tokio::time::timeout(FORWARD_TIMEOUT, asked).await {
+        Ok(Ok(answer)) => return Ok(answer),
+        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => format!("no node answers on {subject}"),
+        Ok(Err(e)) => format!("no owner answered on {subject}: {e}"),
+        Err(_) => format!("no answer on {subject} within {FORWARD_TIMEOUT:?}"),
+    };
+    Metrics::inc(&ctx.metrics.forward_failures);
+    Err(why)
+}
+
 /// Forwards one event to `target` (its owner's shard subject) and relays
 /// the answer, headers included; 503 if no owner answers.
 /// Returns whether the reply was an error.
 pub async fn single(ctx: Arc<Context>, target: Subject, event: Bytes, reply: Option<Subject>) -> bool {
     Metrics::inc(&ctx.metrics.forwarded);
-    match ctx.client.request(target.clone(), event).await {
+    match request(&ctx, target.clone(), event).await {
         Ok(Message { headers, payload, .. }) => {
             let error = headers
                 .as_ref()
@@ -39,13 +64,11 @@ pub async fn single(ctx: Arc<Context>, target: Subject, event: Bytes, reply: Opt
             }
             error
         }
-        Err(e) => {
-            Metrics::inc(&ctx.metrics.forward_failures);
+        Err(reason) => {
             Metrics::inc(&ctx.metrics.not_ready);
-            tracing::debug!(message = "Forward failed.", subject = %target, error = %e);
+            tracing::debug!(message = "Forward failed.", subject = %target, error = %reason);
             if let Some(reply) = reply {
-                let reason = format!("no owner answered on {target}: {e}");
-                reply_error(&ctx, reply, 503, &reason).await;
+                reply_error(&ctx, reply, 503, &format!("{reason}; retry")).await;
             }
             true
         }
@@ -70,19 +93,22 @@ pub async fn sub_batches(
 async fn sub_batch(ctx: &Context, shard: u32, lines: Vec<usize>, body: Vec<u8>) -> (Vec<usize>, Vec<Entry>) {
     ctx.metrics.forwarded.fetch_add(lines.len() as u64, Relaxed);
     let target = ctx.subjects.sub_batch(shard);
-    let failure = match ctx.client.request(target.clone(), body.into()).await {
-        Ok(answer) => match batch::decode(&answer.payload) {
-            Ok(entries) if entries.len() == lines.len() => return (lines, entries),
-            Ok(entries) => format!(
-                "owner of shard {shard} answered {} entries for {} lines",
-                entries.len(),
-                lines.len()
-            ),
-            Err(e) => format!("owner of shard {shard}: {e}"),
-        },
-        Err(e) => format!("no owner answered on {target}: {e}"),
+    let failure = match request(ctx, target.into(), body.into()).await {
+        Ok(answer) => {
+            let what = match batch::decode(&answer.payload) {
+                Ok(entries) if entries.len() == lines.len() => return (lines, entries),
+                Ok(entries) => format!(
+                    "owner of shard {shard} answered {} entries for {} lines",
+                    entries.len(),
+                    lines.len()
+                ),
+                Err(e) => format!("owner of shard {shard}: {e}"),
+            };
+            Metrics::inc(&ctx.metrics.forward_failures);
+            what
+        }
+        Err(why) => why,
     };
-    Metrics::inc(&ctx.metrics.forward_failures);
     ctx.metrics.not_ready.fetch_add(lines.len() as u64, Relaxed);
     tracing::debug!(message = "Batch forward failed.", shard, reason = %failure);
     let entries = vec![Entry::error(503, failure); lines.len()];

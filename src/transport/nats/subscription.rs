@@ -27,12 +27,10 @@ use crate::pipeline::{Admin, Outcome, Pending, Step};
 use crate::transport::budget::Held;
 use crate::transport::nats::subjects::Subjects;
 use crate::transport::nats::{Context, fence, forward};
+use crate::transport::{ACCEPTED, DUPLICATE};
 
 /// Most batches and forwards one subscription has in progress.
 const MAX_TASKS: usize = 256;
-
-const ACCEPTED: &[u8] = br#"{"accepted":true}"#;
-const DUPLICATE: &[u8] = br#"{"accepted":false}"#;
 
 /// What a subscription carries, decided when it is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,10 +291,7 @@ async fn admin_reply(ctx: &Context, to: Subject, admin: Admin, what: &str) {
 async fn overloaded(ctx: &Context, message: Message, batch_kind: bool) {
     Metrics::inc(&ctx.metrics.overloaded);
     let Some(to) = message.reply else { return };
-    let reason = format!(
-        "overloaded: max_inflight_bytes ({}) are held by requests in progress; retry",
-        ctx.budget.total()
-    );
+    let reason = ctx.budget.refusal();
     if batch_kind {
         let entry = batch::Entry::error(503, reason);
         let mut out = Vec::new();
