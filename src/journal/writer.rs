@@ -67,11 +67,18 @@ impl Ids {
     }
 }
 
+/// The cells of one submission: one for a single id (no allocation), or
+/// one per shard of a batch.
+enum Done {
+    One(Signal),
+    Many(Vec<Signal>),
+}
+
 enum Inbound {
     Commit {
         ids: Ids,
         /// One cell per shard of `ids`: each learns its own shard's outcome.
-        done: Vec<Signal>,
+        done: Done,
     },
     /// Commit what came before, flush, then end.
     Stop,
@@ -115,7 +122,8 @@ impl Writer {
     ///
     /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
     pub async fn submit_one(&self, record: Record, settle: &Arc<Settle>) -> Result<(), CommitFailed> {
-        self.send(Ids::One(record), vec![Signal(settle.clone())]).await
+        self.send(Ids::One(record), Done::One(Signal(settle.clone())))
+            .await
     }
 
     /// Queues ids for the next group commit, all in the same one; each
@@ -127,7 +135,7 @@ impl Writer {
     /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
     pub async fn submit(&self, records: Vec<Record>, settles: &[Arc<Settle>]) -> Result<(), CommitFailed> {
         let done = settles.iter().map(|s| Signal(s.clone())).collect();
-        self.send(Ids::Many(records), done).await
+        self.send(Ids::Many(records), Done::Many(done)).await
     }
 
     /// Queues the forgetting of an id (`record.born_ms`: when) for the next
@@ -138,14 +146,14 @@ impl Writer {
     /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
     pub async fn forget(&self, record: Record) -> Result<Committed, CommitFailed> {
         let settle = Settle::new(record.shard);
-        self.send(Ids::Forget(record), vec![Signal(settle.clone())])
+        self.send(Ids::Forget(record), Done::One(Signal(settle.clone())))
             .await?;
         Ok(settle.wait())
     }
 
     /// Sends one submission; on refusal its cells are set to `Stopped`
     /// (dropped with it) and the error returned too.
-    async fn send(&self, ids: Ids, done: Vec<Signal>) -> Result<(), CommitFailed> {
+    async fn send(&self, ids: Ids, done: Done) -> Result<(), CommitFailed> {
         let count = ids.count();
         self.metrics.pending.fetch_add(count, Relaxed);
         if self.tx.send(Inbound::Commit { ids, done }).await.is_err() {
@@ -214,7 +222,10 @@ impl Group {
                     Ids::Many(rs) => self.records.extend(rs),
                     Ids::Forget(r) => self.forgets.push(r),
                 }
-                self.done.extend(done);
+                match done {
+                    Done::One(signal) => self.done.push(signal),
+                    Done::Many(signals) => self.done.extend(signals),
+                }
                 true
             }
             Inbound::Stop => false,
