@@ -362,9 +362,10 @@ pub async fn start_with(
     let keeper = match stream {
         Some(stream) => {
             let bucket = &settings.config.kv_bucket;
-            let kv = control::open_bucket(&client, bucket, settings.config.cluster.replicas)
-                .await
-                .map_err(NatsError::Connect)?;
+            let kv =
+                crate::transport::nats::kv::open_bucket(&client, bucket, settings.config.cluster.replicas)
+                    .await
+                    .map_err(NatsError::Connect)?;
             let ttl = Duration::from_millis(settings.lease_ttl_ms);
             let leases = Leases::open(client.clone(), kv, bucket, ttl)
                 .await

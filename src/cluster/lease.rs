@@ -67,7 +67,7 @@ pub fn node_key(node: &str) -> String {
 
 impl Leases {
     /// Opens `bucket` (created by the caller, see
-    /// [`crate::control::open_bucket`]) and switches per-key TTL on if it
+    /// [`crate::transport::nats::kv::open_bucket`]) and switches per-key TTL on if it
     /// is off.
     ///
     /// # Errors
@@ -94,11 +94,11 @@ impl Leases {
         let markers_too_long = info
             .config
             .subject_delete_marker_ttl
-            .is_some_and(|t| t > crate::control::EXPIRY_MARKER_TTL);
+            .is_some_and(|t| t > crate::transport::nats::kv::EXPIRY_MARKER_TTL);
         if !info.config.allow_message_ttl || markers_too_long {
             let mut config = info.config.clone();
             config.allow_message_ttl = true;
-            config.subject_delete_marker_ttl = Some(crate::control::EXPIRY_MARKER_TTL);
+            config.subject_delete_marker_ttl = Some(crate::transport::nats::kv::EXPIRY_MARKER_TTL);
             js.update_stream(config).await.map_err(|e| {
                 format!(
                     "KV bucket {bucket:?} has no per-key TTL and it cannot be switched on \

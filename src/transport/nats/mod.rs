@@ -11,11 +11,13 @@
 //! | [`fence`] | unsubscribing without dropping a routed request |
 //! | [`discovery`] | `$SRV.PING/INFO/STATS` for `nats micro` |
 //! | [`jetstream`] | `output = "jetstream"`: new events into a stream, acknowledged before the commit |
+//! | [`kv`] | the KV bucket the sidecars share: opened or created, per-key TTL |
 
 pub mod discovery;
 pub mod fence;
 pub mod forward;
 pub mod jetstream;
+pub mod kv;
 pub mod options;
 pub mod subjects;
 pub mod subscription;

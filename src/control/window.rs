@@ -1,5 +1,5 @@
-//! What operators change and read while the sidecar serves: the window, and
-//! each node's status.
+//! The window set at run time: its state, where it is kept, the
+//! `<prefix>.window` request, and the CLI's `eventsieve window`.
 //!
 //! **The window set** starts as the configuration's `window` and can be
 //! changed at run time (`eventsieve window set 2h`):
@@ -29,7 +29,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use async_nats::{Client, Message};
@@ -40,11 +40,11 @@ use serde_json::{Value, json};
 use crate::config::{Durability, Settings, parse_duration_ms};
 use crate::engine::table::MAX_WINDOW_MS;
 use crate::engine::unix_ms;
-use crate::observe::metrics::{Endpoint, Metrics};
+use crate::observe::metrics::Metrics;
 use crate::transport::nats::Context;
-use crate::transport::nats::fence::{self, Answer, Plain};
-use crate::transport::nats::subscription::{publish, reply_error};
-use tokio::sync::watch;
+
+use super::{format_ms, gather, reply_body};
+use crate::transport::nats::kv::open_bucket;
 
 /// The KV key of the window set at run time.
 pub const WINDOW_KEY: &str = "window";
@@ -54,7 +54,7 @@ pub const WINDOW_FILE: &str = "window";
 const REWATCH_AFTER: Duration = Duration::from_secs(1);
 
 /// Where a window set at run time is kept.
-pub enum Keeper {
+pub enum KeptIn {
     /// The KV bucket's `window` key, watched by every sidecar.
     Kv(Box<kv::Store>),
     /// `<data_dir>/window`: this node only.
@@ -63,12 +63,12 @@ pub enum Keeper {
     Nowhere,
 }
 
-impl Keeper {
+impl KeptIn {
     fn describe(&self) -> String {
         match self {
-            Keeper::Kv(store) => format!("kv:{}/{WINDOW_KEY}", store.name),
-            Keeper::File(path) => format!("file:{}", path.display()),
-            Keeper::Nowhere => "nowhere".into(),
+            KeptIn::Kv(store) => format!("kv:{}/{WINDOW_KEY}", store.name),
+            KeptIn::File(path) => format!("file:{}", path.display()),
+            KeptIn::Nowhere => "nowhere".into(),
         }
     }
 }
@@ -113,7 +113,7 @@ pub struct Window {
     /// back to.
     set_ms: Arc<AtomicU64>,
     source: Mutex<Source>,
-    keeper: Keeper,
+    keeper: KeptIn,
     metrics: Arc<Metrics>,
 }
 
@@ -122,17 +122,17 @@ impl Window {
     /// configured window if there is none or it cannot be read (said in a
     /// warning).
     pub async fn open(client: &Client, settings: &Settings, metrics: Arc<Metrics>) -> Self {
-        let keeper = keeper(client, settings).await;
+        let keeper = kept_in(client, settings).await;
         let kept = match &keeper {
-            Keeper::Kv(store) => match store.get(WINDOW_KEY).await {
+            KeptIn::Kv(store) => match store.get(WINDOW_KEY).await {
                 Ok(value) => value.map(|v| String::from_utf8_lossy(&v).into_owned()),
                 Err(e) => {
                     tracing::warn!(message = "Cannot read the window key; using the configured window.", error = %e);
                     None
                 }
             },
-            Keeper::File(path) => std::fs::read_to_string(path).ok(),
-            Keeper::Nowhere => None,
+            KeptIn::File(path) => std::fs::read_to_string(path).ok(),
+            KeptIn::Nowhere => None,
         };
         let kept = kept.and_then(|text| match WindowValue::parse(&text) {
             Ok(value) => Some(value),
@@ -196,7 +196,7 @@ impl Window {
         match (&self.keeper, value) {
             // Every sidecar receives the request: the first puts the value,
             // the others find it there.
-            (Keeper::Kv(store), Some(v)) => match store.get(WINDOW_KEY).await {
+            (KeptIn::Kv(store), Some(v)) => match store.get(WINDOW_KEY).await {
                 Ok(Some(kept)) if kept == v.text.as_bytes() => Ok(()),
                 _ => store
                     .put(WINDOW_KEY, Bytes::from(v.text.clone()))
@@ -204,13 +204,13 @@ impl Window {
                     .map(drop)
                     .map_err(|e| e.to_string()),
             },
-            (Keeper::Kv(store), None) => store.delete(WINDOW_KEY).await.map_err(|e| e.to_string()),
-            (Keeper::File(path), Some(v)) => write_atomically(path, &v.text).map_err(|e| e.to_string()),
-            (Keeper::File(path), None) => match std::fs::remove_file(path) {
+            (KeptIn::Kv(store), None) => store.delete(WINDOW_KEY).await.map_err(|e| e.to_string()),
+            (KeptIn::File(path), Some(v)) => write_atomically(path, &v.text).map_err(|e| e.to_string()),
+            (KeptIn::File(path), None) => match std::fs::remove_file(path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
                 _ => Ok(()),
             },
-            (Keeper::Nowhere, _) => Ok(()),
+            (KeptIn::Nowhere, _) => Ok(()),
         }
         .map_err(|e| format!("cannot keep the window in {}: {e}", self.keeper.describe()))?;
         self.apply(ctx, value);
@@ -233,7 +233,7 @@ impl Window {
     /// Applies every change of the KV key until aborted; nothing to do
     /// without a bucket.
     pub async fn watch(self: Arc<Self>, ctx: Arc<Context>) {
-        let Keeper::Kv(store) = &self.keeper else {
+        let KeptIn::Kv(store) = &self.keeper else {
             return;
         };
         loop {
@@ -270,11 +270,11 @@ impl Window {
 }
 
 /// The bucket if there is one (created if absent), else the file or nothing.
-async fn keeper(client: &Client, settings: &Settings) -> Keeper {
+async fn kept_in(client: &Client, settings: &Settings) -> KeptIn {
     let fallback = || match settings.config.durability {
-        Durability::Memory => Keeper::Nowhere,
+        Durability::Memory => KeptIn::Nowhere,
         Durability::Local | Durability::Replicated => {
-            Keeper::File(settings.config.data_dir.join(WINDOW_FILE))
+            KeptIn::File(settings.config.data_dir.join(WINDOW_FILE))
         }
     };
     let bucket = &settings.config.kv_bucket;
@@ -282,7 +282,7 @@ async fn keeper(client: &Client, settings: &Settings) -> Keeper {
         return fallback();
     }
     match open_bucket(client, bucket, settings.config.cluster.replicas).await {
-        Ok(store) => Keeper::Kv(Box::new(store)),
+        Ok(store) => KeptIn::Kv(Box::new(store)),
         Err(e) => {
             let keeper = fallback();
             tracing::warn!(
@@ -296,140 +296,14 @@ async fn keeper(client: &Client, settings: &Settings) -> Keeper {
     }
 }
 
-/// Opens `bucket`, creating it with `replicas` replicas if absent.
-///
-/// # Errors
-///
-/// Why it can be neither opened nor created (e.g. no JetStream).
-pub async fn open_bucket(client: &Client, bucket: &str, replicas: usize) -> Result<kv::Store, String> {
-    let js = async_nats::jetstream::new(client.clone());
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
-    }
-    let config = kv::Config {
-        bucket: bucket.to_owned(),
-        description: "eventsieve: the window set at run time, shard leases, nodes".into(),
-        history: 8,
-        num_replicas: replicas,
-        // Per-key TTL for leases and heartbeats, and a marker when one
-        // expires (so that `nats kv watch` shows it): nats-server 2.11+.
-        limit_markers: Some(EXPIRY_MARKER_TTL),
-        ..Default::default()
-    };
-    match js.create_key_value(config.clone()).await {
-        Ok(store) => Ok(store),
-        // An older server: the window works without per-key TTL.
-        Err(_) => {
-            js.create_key_value(kv::Config {
-                limit_markers: None,
-                ..config
-            })
-            .await
-        }
-    }
-    .map_err(|e| format!("cannot open or create KV bucket {bucket:?}: {e}"))
-}
-
-/// How long the marker of an expired lease or heartbeat stays in the
-/// bucket. The server raises a shorter per-key TTL to this, so it must be
-/// below any lease TTL.
-pub const EXPIRY_MARKER_TTL: Duration = Duration::from_secs(1);
-
 fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{text}\n"))?;
     std::fs::rename(&tmp, path)
 }
 
-/// Answers `<prefix>.window` and `<prefix>.status` until `stop` changes;
-/// then fences both subscriptions and answers every request routed here
-/// before the fence.
-///
-/// # Errors
-///
-/// If the subscriptions cannot be made.
-pub async fn serve(
-    ctx: Arc<Context>,
-    window: Arc<Window>,
-    node: String,
-    started: Instant,
-    stop: watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
-    let responder = Arc::new(Responder {
-        ctx: ctx.clone(),
-        window,
-        node,
-        started,
-    });
-    let mut tasks = tokio::task::JoinSet::new();
-    for subject in [ctx.subjects.window(), ctx.subjects.status()] {
-        let sub = Plain::new(ctx.client.subscribe(subject.to_owned()).await?);
-        let (responder, mut stop) = (responder.clone(), stop.clone());
-        let subject = async_nats::Subject::from(subject);
-        tasks.spawn(async move {
-            let mut sub = sub;
-            loop {
-                tokio::select! {
-                    message = sub.next() => match message {
-                        Some(message) => responder.answer(message).await,
-                        None => return,
-                    },
-                    _ = async { drop(stop.wait_for(|stopped| *stopped).await) } => break,
-                }
-            }
-            let client = responder.ctx.client.clone();
-            sub.fence(&client, &subject, &*responder).await;
-        });
-    }
-    Ok(tokio::spawn(
-        async move { while tasks.join_next().await.is_some() {} },
-    ))
-}
-
-/// What the window and status requests are answered from.
-struct Responder {
-    ctx: Arc<Context>,
-    window: Arc<Window>,
-    /// This node's id, as replies name it.
-    node: String,
-    /// When the service started (uptime).
-    started: Instant,
-}
-
-impl fence::Answer for Responder {
-    async fn answer(&self, message: Message) {
-        let ctx = &self.ctx;
-        let received = Instant::now();
-        if fence::is_fence(&message) {
-            return;
-        }
-        let Some(to) = message.reply.clone() else { return };
-        if ctx.subjects.is_ours(&to) {
-            Metrics::inc(&ctx.metrics.refused_replies);
-            return;
-        }
-        if message.subject.as_str() == ctx.subjects.status() {
-            let status = status(ctx, &self.window, &self.node, self.started).await;
-            publish(ctx, to, status.to_string().into()).await;
-            return ctx.metrics.served(Endpoint::Status, received, false);
-        }
-        let error = match window_request(ctx, &self.window, &message).await {
-            Ok(()) => {
-                let described = self.window.describe(ctx, &self.node).to_string();
-                publish(ctx, to, described.into()).await;
-                false
-            }
-            Err(e) => {
-                reply_error(ctx, to, 400, &e).await;
-                true
-            }
-        };
-        ctx.metrics.served(Endpoint::Window, received, error);
-    }
-}
-
 /// Empty: nothing to do; `reset`: the configured window; else a duration.
-async fn window_request(ctx: &Context, window: &Window, message: &Message) -> Result<(), String> {
+pub(super) async fn window_request(ctx: &Context, window: &Window, message: &Message) -> Result<(), String> {
     let text = std::str::from_utf8(&message.payload)
         .map_err(|_| "the window must be text, e.g. \"2h\"".to_string())?;
     match text.trim() {
@@ -437,85 +311,6 @@ async fn window_request(ctx: &Context, window: &Window, message: &Message) -> Re
         "reset" => window.set(ctx, None).await,
         text => window.set(ctx, Some(&WindowValue::parse(text)?)).await,
     }
-}
-
-/// This node: its shards, window and tables.
-async fn status(ctx: &Arc<Context>, window: &Window, node: &str, started: Instant) -> Value {
-    let owned = ctx.pipeline.ownership().owned();
-    let ready = owned
-        .iter()
-        .filter(|&&s| ctx.pipeline.ownership().state(s) == crate::pipeline::ShardState::Ready)
-        .count();
-    let c = ctx.clone();
-    let census = tokio::task::spawn_blocking(move || c.metrics.census.get(c.pipeline.dedup())).await;
-    let (live, bytes) = census.map_or((0, 0), |c| (c.live, c.bytes));
-    json!({
-        "node": node,
-        "shards": ctx.pipeline.ownership().shards(),
-        "owned": owned,
-        "ready": ready,
-        "window": window.describe(ctx, node),
-        "live_ids": live,
-        "table_bytes": bytes,
-        "verdicts": ctx.metrics.answered(),
-        "uptime_s": started.elapsed().as_secs(),
-    })
-}
-
-/// Longest an operator's request waits for replies.
-const GATHER_WAIT: Duration = Duration::from_secs(2);
-/// Once replies come, the request ends when none came for this long.
-const GATHER_QUIET: Duration = Duration::from_millis(300);
-
-/// Sends `payload` to `subject`, which every sidecar receives, and gathers
-/// the replies: until [`GATHER_QUIET`] passes without one, at most
-/// [`GATHER_WAIT`].
-///
-/// # Errors
-///
-/// If the request cannot be sent.
-pub async fn gather(client: &Client, subject: String, payload: Bytes) -> Result<Vec<Message>, String> {
-    let inbox = client.new_inbox();
-    let mut replies = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
-    client
-        .publish_with_reply(subject, inbox, payload)
-        .await
-        .map_err(|e| e.to_string())?;
-    client.flush().await.map_err(|e| e.to_string())?;
-    let deadline = tokio::time::Instant::now() + GATHER_WAIT;
-    let mut out = Vec::new();
-    loop {
-        let quiet = tokio::time::Instant::now() + GATHER_QUIET;
-        let until = if out.is_empty() {
-            deadline
-        } else {
-            deadline.min(quiet)
-        };
-        match tokio::time::timeout_at(until, replies.next()).await {
-            // The server's word that nobody is subscribed.
-            Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => return Ok(out),
-            Ok(Some(message)) => out.push(message),
-            _ => return Ok(out),
-        }
-    }
-}
-
-/// A reply's JSON body, or the error it carries.
-fn reply_body(message: &Message) -> Result<Value, String> {
-    if let Some(reason) = message.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")) {
-        return Err(reason.to_string());
-    }
-    serde_json::from_slice(&message.payload).map_err(|e| format!("unreadable reply: {e}"))
-}
-
-/// `ms` in the largest unit that divides it: `2h`, `90m`, `1500ms`.
-pub fn format_ms(ms: u64) -> String {
-    for (unit, scale) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-        if ms > 0 && ms.is_multiple_of(scale) {
-            return format!("{}{unit}", ms / scale);
-        }
-    }
-    format!("{ms}ms")
 }
 
 /// `eventsieve window [set <w> | reset]`: `request` is `None` to read,
@@ -581,91 +376,6 @@ pub async fn window_command(
     )])
 }
 
-/// `eventsieve status`: a line per node (or its reply as JSON).
-///
-/// # Errors
-///
-/// NATS unreachable, or no sidecar answered.
-pub async fn status_command(settings: &Settings, json: bool) -> Result<Vec<String>, String> {
-    let client = crate::transport::nats::options::connect(&settings.config.nats, Arc::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let subject = format!("{}.status", settings.config.subject_prefix);
-    let replies = gather(&client, subject.clone(), Bytes::new()).await?;
-    if replies.is_empty() {
-        return Err(format!("no sidecar answered on {subject}"));
-    }
-    let mut lines = Vec::new();
-    for reply in &replies {
-        let s = reply_body(reply)?;
-        if json {
-            lines.push(s.to_string());
-            continue;
-        }
-        let owned: Vec<u32> = serde_json::from_value(s["owned"].clone()).unwrap_or_default();
-        let (live, bytes) = (
-            s["live_ids"].as_u64().unwrap_or(0),
-            s["table_bytes"].as_u64().unwrap_or(0),
-        );
-        let w = &s["window"];
-        lines.push(format!(
-            "{}  shards {} of {} ({} ready)  window {} (in force {})  live ids {live}  table {bytes} B ({:.1} B/id)  verdicts {}  up {} s",
-            s["node"].as_str().unwrap_or("?"),
-            shard_ranges(&owned),
-            s["shards"],
-            s["ready"],
-            format_ms(w["window_ms"].as_u64().unwrap_or(0)),
-            format_ms(w["in_force_ms"].as_u64().unwrap_or(0)),
-            bytes as f64 / live.max(1) as f64,
-            s["verdicts"],
-            s["uptime_s"],
-        ));
-    }
-    if settings.config.durability == Durability::Replicated {
-        let rows = crate::cluster::lease_table(&client, settings).await?;
-        if json {
-            lines.push(json!({ "leases": rows }).to_string());
-        } else {
-            lines.push("shard  owner                   epoch  journal seq (lease / last)".into());
-            for r in &rows {
-                let owner = r["owner"].as_str().unwrap_or_default();
-                lines.push(format!(
-                    "{:>5}  {:<22}  {:>5}  {} / {}",
-                    r["shard"],
-                    if owner.is_empty() { "(free)" } else { owner },
-                    r["epoch"].as_u64().map_or("-".into(), |e| e.to_string()),
-                    r["journal_seq"].as_u64().map_or("-".into(), |e| e.to_string()),
-                    r["journal_last"],
-                ));
-            }
-        }
-    }
-    Ok(lines)
-}
-
-/// `0-15,20`.
-fn shard_ranges(shards: &[u32]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < shards.len() {
-        let mut j = i;
-        while j + 1 < shards.len() && shards[j + 1] == shards[j] + 1 {
-            j += 1;
-        }
-        out.push(if i == j {
-            shards[i].to_string()
-        } else {
-            format!("{}-{}", shards[i], shards[j])
-        });
-        i = j + 1;
-    }
-    if out.is_empty() {
-        "none".into()
-    } else {
-        out.join(",")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -686,11 +396,5 @@ mod tests {
         assert_eq!(format_ms(5_400_000), "90m");
         assert_eq!(format_ms(1500), "1500ms");
         assert_eq!(format_ms(604_800_000), "7d");
-    }
-
-    #[test]
-    fn shard_lists_print_as_ranges() {
-        assert_eq!(shard_ranges(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10");
-        assert_eq!(shard_ranges(&[]), "none");
     }
 }

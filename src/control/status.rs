@@ -1,0 +1,132 @@
+//! Each node's status: the `<prefix>.status` responder's side and the
+//! CLI's `eventsieve status` (with the lease table in `replicated` mode).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::config::{Durability, Settings};
+use crate::transport::nats::Context;
+
+use super::{Window, format_ms, gather, reply_body};
+
+/// This node: its shards, window and tables.
+pub(super) async fn status(ctx: &Arc<Context>, window: &Window, node: &str, started: Instant) -> Value {
+    let owned = ctx.pipeline.ownership().owned();
+    let ready = owned
+        .iter()
+        .filter(|&&s| ctx.pipeline.ownership().state(s) == crate::pipeline::ShardState::Ready)
+        .count();
+    let c = ctx.clone();
+    let census = tokio::task::spawn_blocking(move || c.metrics.census.get(c.pipeline.dedup())).await;
+    let (live, bytes) = census.map_or((0, 0), |c| (c.live, c.bytes));
+    json!({
+        "node": node,
+        "shards": ctx.pipeline.ownership().shards(),
+        "owned": owned,
+        "ready": ready,
+        "window": window.describe(ctx, node),
+        "live_ids": live,
+        "table_bytes": bytes,
+        "verdicts": ctx.metrics.answered(),
+        "uptime_s": started.elapsed().as_secs(),
+    })
+}
+
+/// `eventsieve status`: a line per node (or its reply as JSON).
+///
+/// # Errors
+///
+/// NATS unreachable, or no sidecar answered.
+pub async fn status_command(settings: &Settings, json: bool) -> Result<Vec<String>, String> {
+    let client = crate::transport::nats::options::connect(&settings.config.nats, Arc::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let subject = format!("{}.status", settings.config.subject_prefix);
+    let replies = gather(&client, subject.clone(), Bytes::new()).await?;
+    if replies.is_empty() {
+        return Err(format!("no sidecar answered on {subject}"));
+    }
+    let mut lines = Vec::new();
+    for reply in &replies {
+        let s = reply_body(reply)?;
+        if json {
+            lines.push(s.to_string());
+            continue;
+        }
+        let owned: Vec<u32> = serde_json::from_value(s["owned"].clone()).unwrap_or_default();
+        let (live, bytes) = (
+            s["live_ids"].as_u64().unwrap_or(0),
+            s["table_bytes"].as_u64().unwrap_or(0),
+        );
+        let w = &s["window"];
+        lines.push(format!(
+            "{}  shards {} of {} ({} ready)  window {} (in force {})  live ids {live}  table {bytes} B ({:.1} B/id)  verdicts {}  up {} s",
+            s["node"].as_str().unwrap_or("?"),
+            shard_ranges(&owned),
+            s["shards"],
+            s["ready"],
+            format_ms(w["window_ms"].as_u64().unwrap_or(0)),
+            format_ms(w["in_force_ms"].as_u64().unwrap_or(0)),
+            bytes as f64 / live.max(1) as f64,
+            s["verdicts"],
+            s["uptime_s"],
+        ));
+    }
+    if settings.config.durability == Durability::Replicated {
+        let rows = crate::cluster::lease_table(&client, settings).await?;
+        if json {
+            lines.push(json!({ "leases": rows }).to_string());
+        } else {
+            lines.push("shard  owner                   epoch  journal seq (lease / last)".into());
+            for r in &rows {
+                let owner = r["owner"].as_str().unwrap_or_default();
+                lines.push(format!(
+                    "{:>5}  {:<22}  {:>5}  {} / {}",
+                    r["shard"],
+                    if owner.is_empty() { "(free)" } else { owner },
+                    r["epoch"].as_u64().map_or("-".into(), |e| e.to_string()),
+                    r["journal_seq"].as_u64().map_or("-".into(), |e| e.to_string()),
+                    r["journal_last"],
+                ));
+            }
+        }
+    }
+    Ok(lines)
+}
+
+/// `0-15,20`.
+fn shard_ranges(shards: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < shards.len() {
+        let mut j = i;
+        while j + 1 < shards.len() && shards[j + 1] == shards[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            shards[i].to_string()
+        } else {
+            format!("{}-{}", shards[i], shards[j])
+        });
+        i = j + 1;
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_lists_print_as_ranges() {
+        assert_eq!(shard_ranges(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10");
+        assert_eq!(shard_ranges(&[]), "none");
+    }
+}
