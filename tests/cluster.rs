@@ -140,6 +140,23 @@ impl Ledger {
             .push(verdict);
     }
 
+    /// The invariant checker after a fault: every id answered `true` or
+    /// `false` is asked again and must be a duplicate (kept). Returns how
+    /// many verdicts were `true` and `false`, and the ids not kept with
+    /// what they were told (must be none).
+    async fn kept(&self, client: &Client) -> (usize, usize, Vec<(String, Vec<bool>)>) {
+        let verdicts = self.verdicts.lock().await.clone();
+        let mut lost = Vec::new();
+        for (id, v) in &verdicts {
+            if decide(client, id).await.0 {
+                lost.push((id.clone(), v.clone()));
+            }
+        }
+        let trues = verdicts.values().flatten().filter(|v| **v).count();
+        let falses = verdicts.values().flatten().count() - trues;
+        (trues, falses, lost)
+    }
+
     /// No id was `true` twice; every id was `true` once unless a crash
     /// swallowed its first reply (then its retry says `false`).
     async fn check(&self) -> (usize, usize) {
@@ -635,17 +652,10 @@ async fn shards_move_to_a_joining_sidecar_and_off_a_leaving_one_with_every_reque
     // repeat of an id never `false` unless the id is kept.
     let (batched, errors) = batches.finish().await;
     let (accepted, _) = batched.check().await;
-    let verdicts = batched.verdicts.lock().await.clone();
-    let falses = verdicts.values().flatten().filter(|v| !**v).count();
-    let mut lost = Vec::new();
-    for id in verdicts.keys() {
-        if decide(&client, id).await.0 {
-            lost.push(id.clone());
-        }
-    }
+    let ids = batched.verdicts.lock().await.len();
+    let (_, falses, lost) = batched.kept(&client).await;
     println!(
-        "batches while shards moved: {} ids, {accepted} accepted, {falses} lines told false, {errors} lines answered an error and sent again; {} ids told a verdict but not kept",
-        verdicts.len(),
+        "batches while shards moved: {ids} ids, {accepted} accepted, {falses} lines told false, {errors} lines answered an error and sent again; {} ids told a verdict but not kept",
         lost.len()
     );
     assert!(accepted > 100, "the batches made progress: {accepted}");
@@ -796,17 +806,7 @@ async fn verdicts_go_on_when_one_of_three_nats_servers_dies() {
     // while the first copy's commit was pending, and that commit then
     // timed out during the election and was undone. Now the retry waits
     // for that commit and gets its error.)
-    let verdicts = ledger.verdicts.lock().await.clone();
-    let mut lost = Vec::new();
-    for (id, v) in &verdicts {
-        if decide(&client, id).await.0 {
-            lost.push((id.clone(), v.clone()));
-        }
-    }
-    let (trues, falses) = verdicts
-        .values()
-        .flatten()
-        .fold((0, 0), |(t, f), v| if *v { (t + 1, f) } else { (t, f + 1) });
+    let (trues, falses, lost) = ledger.kept(&client).await;
     println!(
         "nats-server killed: {} verdicts ({trues} true, {falses} false), {} retried after an error; {} ids told false or true but not kept",
         trues + falses,
@@ -858,17 +858,7 @@ async fn a_journal_append_that_times_out_leaves_no_false_for_an_id_not_kept() {
     load.finish().await;
     wait_all_served(&client, Duration::from_secs(60)).await;
     let (accepted, never) = ledger.check().await;
-    let verdicts = ledger.verdicts.lock().await.clone();
-    let mut lost = Vec::new();
-    for (id, v) in &verdicts {
-        if decide(&client, id).await.0 {
-            lost.push((id.clone(), v.clone()));
-        }
-    }
-    let (trues, falses) = verdicts
-        .values()
-        .flatten()
-        .fold((0, 0), |(t, f), v| if *v { (t + 1, f) } else { (t, f + 1) });
+    let (trues, falses, lost) = ledger.kept(&client).await;
     println!(
         "journal leader paused 7 s: {} verdicts ({trues} true, {falses} false), {accepted} ids accepted, {never} only told false (reply lost), {} retried after an error; {} ids told a verdict but not kept",
         trues + falses,
