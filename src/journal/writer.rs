@@ -204,6 +204,9 @@ struct Group {
     records: Vec<Record>,
     forgets: Vec<Record>,
     done: Vec<Signal>,
+    /// The forgets' cells: they succeed only with the whole commit (a
+    /// forget is not attempted after an append that failed in part).
+    forgets_done: Vec<Signal>,
 }
 
 impl Group {
@@ -217,14 +220,20 @@ impl Group {
     fn add(&mut self, item: Inbound) -> bool {
         match item {
             Inbound::Commit { ids, done } => {
+                let forget = matches!(ids, Ids::Forget(_));
                 match ids {
                     Ids::One(r) => self.records.push(r),
                     Ids::Many(rs) => self.records.extend(rs),
                     Ids::Forget(r) => self.forgets.push(r),
                 }
+                let done_here = if forget {
+                    &mut self.forgets_done
+                } else {
+                    &mut self.done
+                };
                 match done {
-                    Done::One(signal) => self.done.push(signal),
-                    Done::Many(signals) => self.done.extend(signals),
+                    Done::One(signal) => done_here.push(signal),
+                    Done::Many(signals) => done_here.extend(signals),
                 }
                 true
             }
@@ -307,7 +316,7 @@ async fn run(
             }
             Err(e) => tracing::warn!(message = "Expiring old ids failed.", error = %e),
         }
-        if group.done.is_empty() {
+        if group.done.is_empty() && group.forgets_done.is_empty() {
             continue;
         }
         let (signal, failed_shards) = match result {
@@ -347,6 +356,9 @@ async fn run(
                 _ => signal,
             };
             settle.set(result);
+        }
+        for Signal(settle) in &group.forgets_done {
+            settle.set(signal);
         }
     }
     let mut journal = journal.expect("the journal is back once the loop ends");
@@ -464,5 +476,50 @@ mod tests {
             writer.submit_one(record(2), &Settle::new(2)).await.err(),
             Some(CommitFailed::Stopped)
         );
+    }
+
+    /// Appends fail for shard 0 only; forgets succeed.
+    struct HalfFenced;
+
+    impl Journal for HalfFenced {
+        fn append(&mut self, _: &[Record]) -> Result<(), JournalError> {
+            Err(JournalError::new(JournalErrorKind::Fenced, "shard 0 moved").only_shards(vec![0]))
+        }
+        fn forget(&mut self, _: &[Record]) -> Result<(), JournalError> {
+            Ok(())
+        }
+        fn scan(&self, _: &[u32], _: u64, _: &mut dyn FnMut(Record)) -> Result<usize, JournalError> {
+            Ok(0)
+        }
+        fn expire(&mut self, _: u64) -> Result<usize, JournalError> {
+            Ok(0)
+        }
+        fn expired_before(&self) -> u64 {
+            0
+        }
+        fn sync(&mut self) -> Result<(), JournalError> {
+            Ok(())
+        }
+        fn location(&self) -> String {
+            "half".into()
+        }
+    }
+
+    /// Fault: a forget in a group whose append failed for one shard was
+    /// answered as done (its shard was not among those named), though the
+    /// forget was never written.
+    #[tokio::test]
+    async fn each_shard_gets_its_own_outcome_and_a_forget_only_a_whole_one() {
+        let metrics = Arc::new(Metrics::default());
+        let (writer, inbox) = channel(16, metrics.clone());
+        // Queued before the writer runs: one group.
+        let (zero, one) = (Settle::new(0), Settle::new(1));
+        writer.submit_one(record(4), &zero).await.unwrap(); // shard 0
+        writer.submit_one(record(1), &one).await.unwrap(); // shard 1
+        let forgot = writer.forget(record(5)).await.unwrap(); // shard 1
+        let _task = spawn(inbox, Box::new(HalfFenced), config(), metrics);
+        assert_eq!(zero.wait().await, Err(CommitFailed::Fenced));
+        assert_eq!(one.wait().await, Ok(()), "its shard's append succeeded");
+        assert_eq!(forgot.await, Err(CommitFailed::Fenced), "not attempted");
     }
 }

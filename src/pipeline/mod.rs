@@ -29,7 +29,7 @@ use futures_util::future::BoxFuture;
 use crate::engine::batch::{self, Entry};
 use crate::engine::event::{EventError, Seen};
 use crate::engine::fingerprint::Fingerprint;
-use crate::engine::pending::Settle;
+use crate::engine::pending::{Settle, Signal};
 use crate::engine::{Checked, Deduplicator, Keyed, Record, Verdict, unix_ms};
 use crate::journal::{CommitFailed, Journal, JournalError, Writer};
 use crate::observe::metrics::Metrics;
@@ -247,7 +247,9 @@ pub struct BatchPending {
     /// Per shard of `new`, in its order, the cell its commit completes
     /// (empty when nothing is kept durable). With an [`Ahead`] output the
     /// ids are submitted by [`Pipeline::finish_batch`], once published.
-    settles: Vec<Arc<Settle>>,
+    /// Held as [`Signal`]s: a batch dropped before it is finished (its
+    /// request cancelled) sets them to `Stopped`, so no twin waits forever.
+    settles: Vec<Signal>,
     /// Lines whose id waits for a commit: an earlier line's of this batch,
     /// or another request's.
     twins: Vec<(usize, Arc<Settle>)>,
@@ -360,8 +362,10 @@ impl<H: Hook> Pipeline<H> {
                 // task of its own, so that events behind it proceed too.
                 let publish = ahead.publish(shard, &keyed.id, event.clone());
                 let writer = writer.clone();
-                let settle = settle.clone();
+                // Set to `Stopped` should the task end without setting it.
+                let settle = Signal(settle.clone());
                 tokio::spawn(async move {
+                    let Signal(settle) = &settle;
                     match publish.await {
                         Err(e) => {
                             tracing::warn!(message = "The output did not take an event.", error = %e);
@@ -372,7 +376,7 @@ impl<H: Hook> Pipeline<H> {
                                 settle.set(Ok(()));
                             }
                             // A refused submission sets the cell itself.
-                            Some(writer) => drop(writer.submit_one(record, &settle).await),
+                            Some(writer) => drop(writer.submit_one(record, settle).await),
                         },
                     }
                 });
@@ -468,7 +472,7 @@ impl<H: Hook> Pipeline<H> {
             entries: d.entries,
             new: d.new,
             forward: d.forward,
-            settles: d.settles,
+            settles: d.settles.into_iter().map(Signal).collect(),
             twins: d.twins,
             seen: d.seen,
         }
@@ -497,12 +501,12 @@ impl<H: Hook> Pipeline<H> {
         let per_line = seen.len() / lines.len().max(1);
         for (i, group) in new.chunk_by(|a, b| a.1.shard == b.1.shard).enumerate() {
             let result = match settles.get(i) {
-                Some(settle) => settle.wait().await,
+                Some(Signal(settle)) => settle.wait().await,
                 None => Ok(()), // nothing kept durable
             };
             if let Err(failed) = result {
                 for (line, record) in group {
-                    let outcome = self.undo(record.fingerprint, &settles[i], failed);
+                    let outcome = self.undo(record.fingerprint, &settles[i].0, failed);
                     entries[*line] = outcome.error().map(|(code, reason)| Entry::error(code, reason));
                 }
                 continue;
@@ -636,7 +640,7 @@ impl<H: Hook> Pipeline<H> {
         &self,
         ahead: &dyn Ahead,
         new: &[(usize, Record)],
-        settles: &[Arc<Settle>],
+        settles: &[Signal],
         lines: &[Range<usize>],
         body: &Bytes,
     ) {
@@ -653,7 +657,7 @@ impl<H: Hook> Pipeline<H> {
         });
         let mut results = futures_util::future::join_all(publishes).await.into_iter();
         let (mut records, mut taken) = (Vec::new(), Vec::new());
-        for (group, settle) in new.chunk_by(|a, b| a.1.shard == b.1.shard).zip(settles) {
+        for (group, Signal(settle)) in new.chunk_by(|a, b| a.1.shard == b.1.shard).zip(settles) {
             let mut all = true;
             for result in results.by_ref().take(group.len()) {
                 if let Err(e) = result {
