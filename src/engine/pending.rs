@@ -154,11 +154,30 @@ impl Future for Wait {
 /// holds it through this, so that no waiter is left hanging when that
 /// holder dies or drops it.
 #[derive(Debug)]
-pub struct Signal(pub Arc<Settle>);
+pub struct Signal(Option<Arc<Settle>>);
+
+impl Signal {
+    pub fn new(settle: Arc<Settle>) -> Self {
+        Self(Some(settle))
+    }
+
+    /// The cell.
+    pub fn settle(&self) -> &Arc<Settle> {
+        self.0.as_ref().expect("a signal holds its cell until disarmed")
+    }
+
+    /// Hands the duty on (to the writer, which holds a signal of its own):
+    /// dropping this one then sets nothing.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for Signal {
     fn drop(&mut self) {
-        self.0.set(Err(CommitFailed::Stopped));
+        if let Some(settle) = &self.0 {
+            settle.set(Err(CommitFailed::Stopped));
+        }
     }
 }
 
@@ -259,11 +278,14 @@ mod tests {
     #[test]
     fn a_dropped_signal_stops_its_waiters() {
         let s = Settle::new(0);
-        drop(Signal(s.clone()));
+        drop(Signal::new(s.clone()));
         assert_eq!(s.get(), Some(Err(CommitFailed::Stopped)));
+        let handed = Settle::new(0);
+        Signal::new(handed.clone()).disarm();
+        assert_eq!(handed.get(), None, "a disarmed signal sets nothing");
         let done = Settle::new(0);
         done.set(Ok(()));
-        drop(Signal(done.clone()));
+        drop(Signal::new(done.clone()));
         assert_eq!(done.get(), Some(Ok(())), "a set outcome stays");
     }
 

@@ -122,7 +122,7 @@ impl Writer {
     ///
     /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
     pub async fn submit_one(&self, record: Record, settle: &Arc<Settle>) -> Result<(), CommitFailed> {
-        self.send(Ids::One(record), Done::One(Signal(settle.clone())))
+        self.send(Ids::One(record), Done::One(Signal::new(settle.clone())))
             .await
     }
 
@@ -134,7 +134,7 @@ impl Writer {
     ///
     /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
     pub async fn submit(&self, records: Vec<Record>, settles: &[Arc<Settle>]) -> Result<(), CommitFailed> {
-        let done = settles.iter().map(|s| Signal(s.clone())).collect();
+        let done = settles.iter().map(|s| Signal::new(s.clone())).collect();
         self.send(Ids::Many(records), Done::Many(done)).await
     }
 
@@ -146,7 +146,7 @@ impl Writer {
     /// [`CommitFailed::Stopped`] if the writer no longer takes ids.
     pub async fn forget(&self, record: Record) -> Result<Committed, CommitFailed> {
         let settle = Settle::new(record.shard);
-        self.send(Ids::Forget(record), Done::One(Signal(settle.clone())))
+        self.send(Ids::Forget(record), Done::One(Signal::new(settle.clone())))
             .await?;
         Ok(settle.wait())
     }
@@ -348,7 +348,7 @@ async fn run(
                 (Err(failed), e.failed_shards().map(<[u32]>::to_vec))
             }
         };
-        for Signal(settle) in &group.done {
+        for settle in group.done.iter().map(Signal::settle) {
             // A journal that names the shards it failed has made the others
             // durable: their requests are answered as committed.
             let result = match &failed_shards {
@@ -357,7 +357,7 @@ async fn run(
             };
             settle.set(result);
         }
-        for Signal(settle) in &group.forgets_done {
+        for settle in group.forgets_done.iter().map(Signal::settle) {
             settle.set(signal);
         }
     }

@@ -362,10 +362,11 @@ impl<H: Hook> Pipeline<H> {
                 // task of its own, so that events behind it proceed too.
                 let publish = ahead.publish(shard, &keyed.id, event.clone());
                 let writer = writer.clone();
-                // Set to `Stopped` should the task end without setting it.
-                let settle = Signal(settle.clone());
+                // Set to `Stopped` should the task end without setting it
+                // or handing it to the writer.
+                let signal = Signal::new(settle.clone());
                 tokio::spawn(async move {
-                    let Signal(settle) = &settle;
+                    let settle = signal.settle();
                     match publish.await {
                         Err(e) => {
                             tracing::warn!(message = "The output did not take an event.", error = %e);
@@ -375,8 +376,11 @@ impl<H: Hook> Pipeline<H> {
                             None => {
                                 settle.set(Ok(()));
                             }
-                            // A refused submission sets the cell itself.
-                            Some(writer) => drop(writer.submit_one(record, settle).await),
+                            // The writer sets it now (or, refusing, has set it).
+                            Some(writer) => {
+                                let _ = writer.submit_one(record, settle).await;
+                                signal.disarm();
+                            }
                         },
                     }
                 });
@@ -472,7 +476,7 @@ impl<H: Hook> Pipeline<H> {
             entries: d.entries,
             new: d.new,
             forward: d.forward,
-            settles: d.settles.into_iter().map(Signal).collect(),
+            settles: d.settles.into_iter().map(Signal::new).collect(),
             twins: d.twins,
             seen: d.seen,
         }
@@ -501,12 +505,12 @@ impl<H: Hook> Pipeline<H> {
         let per_line = seen.len() / lines.len().max(1);
         for (i, group) in new.chunk_by(|a, b| a.1.shard == b.1.shard).enumerate() {
             let result = match settles.get(i) {
-                Some(Signal(settle)) => settle.wait().await,
+                Some(signal) => signal.settle().wait().await,
                 None => Ok(()), // nothing kept durable
             };
             if let Err(failed) = result {
                 for (line, record) in group {
-                    let outcome = self.undo(record.fingerprint, &settles[i].0, failed);
+                    let outcome = self.undo(record.fingerprint, settles[i].settle(), failed);
                     entries[*line] = outcome.error().map(|(code, reason)| Entry::error(code, reason));
                 }
                 continue;
@@ -657,7 +661,10 @@ impl<H: Hook> Pipeline<H> {
         });
         let mut results = futures_util::future::join_all(publishes).await.into_iter();
         let (mut records, mut taken) = (Vec::new(), Vec::new());
-        for (group, Signal(settle)) in new.chunk_by(|a, b| a.1.shard == b.1.shard).zip(settles) {
+        for (group, settle) in new
+            .chunk_by(|a, b| a.1.shard == b.1.shard)
+            .zip(settles.iter().map(Signal::settle))
+        {
             let mut all = true;
             for result in results.by_ref().take(group.len()) {
                 if let Err(e) = result {
