@@ -60,7 +60,7 @@ use bytes::Bytes;
 use eventsieve::engine::batch::{self, Entry};
 use eventsieve::engine::shard::shard_of;
 use eventsieve::observe::metrics::cpu_seconds;
-use eventsieve::transport::nats::COUNT_HEADER;
+use eventsieve::output::COUNT_HEADER;
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 

@@ -50,7 +50,7 @@ pub enum BatchOutput {
 /// Where new events are republished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Output {
+pub enum OutputKind {
     /// Core NATS publish after the id is committed: at most once.
     Core,
     /// A JetStream stream, each event with `Nats-Msg-Id` = its `event_id`,
@@ -225,7 +225,7 @@ pub struct Config {
     /// `core` (publish after the commit, at most once) or `jetstream` (into
     /// the stream `output_stream`, `Nats-Msg-Id` = `event_id`, acknowledged
     /// before the commit; one message per event, batches too). Default `core`.
-    pub output: Output,
+    pub output: OutputKind,
     /// The JetStream stream of `output = "jetstream"`; created over
     /// `output_subject` (with `*` for the shard) if it does not exist.
     /// Default `EVENTSIEVE_OUTPUT`.
@@ -477,7 +477,7 @@ impl Default for Config {
             verify_store_timeout: "60s".into(),
             output_subject: "events.unique.{shard}".into(),
             batch_output: BatchOutput::PerShard,
-            output: Output::Core,
+            output: OutputKind::Core,
             output_stream: "EVENTSIEVE_OUTPUT".into(),
             kv_bucket: "eventsieve".into(),
             metrics_addr: "127.0.0.1:9464".into(),
@@ -867,7 +867,7 @@ impl Config {
             ));
         }
         let node_id = if self.cluster.node_id.is_empty() {
-            crate::transport::nats::discovery::instance_id()
+            crate::transport::discovery::instance_id()
         } else {
             self.cluster.node_id.clone()
         };

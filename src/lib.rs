@@ -44,9 +44,12 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod journal;
+pub mod nats;
 pub mod observe;
+pub mod output;
 pub mod pipeline;
 pub mod service;
+pub mod shared;
 pub mod stages;
 pub mod transport;
 

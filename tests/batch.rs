@@ -13,8 +13,8 @@ use common::*;
 use eventsieve::config::{BatchOutput, Durability};
 use eventsieve::engine::batch::{self, Entry};
 use eventsieve::engine::shard::shard_of;
+use eventsieve::output::COUNT_HEADER;
 use eventsieve::service;
-use eventsieve::transport::nats::COUNT_HEADER;
 use futures_util::StreamExt;
 
 async fn ask_batch(client: &Client, subject: &str, lines: &[Vec<u8>]) -> Vec<Entry> {

@@ -6,7 +6,7 @@ mod common;
 
 use async_nats::jetstream::{self, stream};
 use common::*;
-use eventsieve::config::{Durability, Output};
+use eventsieve::config::{Durability, OutputKind};
 use eventsieve::engine::batch::{self, Entry};
 use eventsieve::service;
 
@@ -29,7 +29,7 @@ async fn contents(js: &jetstream::Context, name: &str) -> Vec<(String, Vec<u8>)>
 
 async fn start_jetstream_sidecar(server: &NatsServer, data: &std::path::Path) -> service::Running {
     let mut s = settings(server, data, "1h", Durability::Local);
-    s.config.output = Output::Jetstream;
+    s.config.output = OutputKind::Jetstream;
     service::start(s).await.unwrap()
 }
 

@@ -17,8 +17,8 @@ use async_nats::Client;
 use bytes::Bytes;
 use common::*;
 use eventsieve::config::{Durability, Secret};
+use eventsieve::nats::subjects::FENCE_PAYLOAD;
 use eventsieve::service;
-use eventsieve::transport::nats::subjects::FENCE_PAYLOAD;
 use futures_util::StreamExt;
 
 /// A request that must get no reply within a second (refused by the server

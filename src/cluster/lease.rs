@@ -67,7 +67,7 @@ pub fn node_key(node: &str) -> String {
 
 impl Leases {
     /// Opens `bucket` (created by the caller, see
-    /// [`crate::transport::nats::kv::open_bucket`]) and switches per-key TTL on if it
+    /// [`crate::nats::kv::open_bucket`]) and switches per-key TTL on if it
     /// is off.
     ///
     /// # Errors
@@ -94,11 +94,11 @@ impl Leases {
         let markers_too_long = info
             .config
             .subject_delete_marker_ttl
-            .is_some_and(|t| t > crate::transport::nats::kv::EXPIRY_MARKER_TTL);
+            .is_some_and(|t| t > crate::nats::kv::EXPIRY_MARKER_TTL);
         if !info.config.allow_message_ttl || markers_too_long {
             let mut config = info.config.clone();
             config.allow_message_ttl = true;
-            config.subject_delete_marker_ttl = Some(crate::transport::nats::kv::EXPIRY_MARKER_TTL);
+            config.subject_delete_marker_ttl = Some(crate::nats::kv::EXPIRY_MARKER_TTL);
             js.update_stream(config).await.map_err(|e| {
                 format!(
                     "KV bucket {bucket:?} has no per-key TTL and it cannot be switched on \
@@ -123,7 +123,7 @@ impl Leases {
     /// Writes `key`, which lasts (no TTL), if its last revision is
     /// `expected` (0: the key has no message); returns the new revision.
     /// A write refused because of the revision is
-    /// [`super::journal::wrong_sequence`].
+    /// [`crate::journal::stream::wrong_sequence`].
     ///
     /// # Errors
     ///
@@ -228,7 +228,7 @@ impl Leases {
                     Err(e) => Err(e.to_string()),
                 }
             }
-            Err(e) if super::journal::wrong_sequence(&e) => Ok(None),
+            Err(e) if crate::journal::stream::wrong_sequence(&e) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
     }

@@ -4,7 +4,6 @@
 //! | module | role |
 //! |---|---|
 //! | [`lease`] | `shard.<n>` leases and `node.<id>` heartbeats in the KV bucket |
-//! | [`journal`] | the journal stream: conditioned appends, replay of a shard |
 //!
 //! The [`Keeper`] runs one round every third of `lease_ttl`:
 //!
@@ -15,7 +14,7 @@
 //!    appended: it replays the tail, or gives the shard up if its lease is
 //!    gone too);
 //! 3. counts the live nodes (heartbeats not expired), and notes the pane
-//!    claims of the same listing for [`crate::stages::replica`];
+//!    claims of the same listing (the aggregates' pane log reads them);
 //! 4. hands over the shards it holds beyond its fair share
 //!    (`ceil(shards / live nodes)`): fence the shard's subscriptions, answer
 //!    and commit what they routed here, stop appending, release the lease
@@ -26,13 +25,12 @@
 //!
 //! Safety does not rest on the leases: an id is `true` only once the
 //! journal took it on the sequence the node had replayed to (see
-//! [`journal`]). Leases decide who *should* serve; the journal makes a
+//! [`crate::journal::stream`]). Leases decide who *should* serve; the journal makes a
 //! wrong belief cost 503s, never a doubled `true`. A node also stops
 //! appending for a shard once its last renewal is older than two thirds of
 //! the TTL, so a node paused past its lease (SIGSTOP, a long GC-like stall)
 //! refuses on waking up instead of answering from a stale table.
 
-pub mod journal;
 pub mod lease;
 
 use std::collections::BTreeMap;
@@ -44,11 +42,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::engine::unix_ms;
+use crate::journal::stream::{self, StreamJournal};
 use crate::observe::metrics::Metrics;
 use crate::pipeline::ShardState;
-use crate::transport::nats::{Context, Kind, Serving};
+use crate::shared::Shared;
+use crate::transport::{Kind, Serving};
 
-pub use journal::{Positions, StreamJournal};
 pub use lease::{Holder, Lease, Leases};
 
 /// When the bucket was listed, its live nodes and its pane claims.
@@ -207,7 +206,7 @@ type Taken = (
 
 /// Holds this node's leases and moves shards in and out.
 pub struct Keeper {
-    ctx: Arc<Context>,
+    ctx: Arc<Shared>,
     leases: Leases,
     journal: StreamJournal,
     node: String,
@@ -226,14 +225,18 @@ pub struct Keeper {
     /// Where this node runs, for its heartbeat: host, pid, addresses.
     about: serde_json::Value,
     membership: Arc<Membership>,
-    /// The aggregates' replicated panes: checkpointed once more before
-    /// the heartbeat is removed at shutdown.
-    panes: Option<Arc<crate::stages::replica::PaneLog>>,
+    /// Run at shutdown, once the shards are handed over and with a fresh
+    /// heartbeat, before the heartbeat is removed.
+    on_stop: Option<OnStop>,
 }
+
+/// What a [`Keeper`] runs at shutdown before its heartbeat goes (see
+/// [`Keeper::on_stop`]).
+pub type OnStop = Box<dyn FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send>;
 
 impl Keeper {
     pub fn new(
-        ctx: Arc<Context>,
+        ctx: Arc<Shared>,
         leases: Leases,
         journal: StreamJournal,
         node: String,
@@ -253,7 +256,7 @@ impl Keeper {
             last_beat: (Instant::now(), 0),
             about: serde_json::Value::Null,
             membership: Arc::new(Membership::new(ttl)),
-            panes: None,
+            on_stop: None,
         }
     }
 
@@ -263,10 +266,12 @@ impl Keeper {
         self
     }
 
-    /// Checkpoints `panes` at shutdown before the heartbeat goes, so that
-    /// the node adopting them finds them whole.
-    pub fn with_panes(mut self, panes: Arc<crate::stages::replica::PaneLog>) -> Self {
-        self.panes = Some(panes);
+    /// Runs `on_stop` at shutdown, after the shards are handed over and
+    /// while this node still counts as live (its heartbeat written just
+    /// before): the aggregates checkpoint their panes there, so that the
+    /// node adopting them finds them whole.
+    pub fn on_stop(mut self, on_stop: OnStop) -> Self {
+        self.on_stop = Some(on_stop);
         self
     }
 
@@ -373,7 +378,7 @@ impl Keeper {
             async move {
                 let mut result = leases.renew(shard, &lease, revision).await;
                 if let Err(e) = &result
-                    && journal::wrong_sequence(e)
+                    && stream::wrong_sequence(e)
                     && let Ok(Holder::Held { lease: now, revision }) = leases.holder(shard).await
                     && now.owner == lease.owner
                     && now.epoch == lease.epoch
@@ -404,9 +409,7 @@ impl Keeper {
                         }
                     }
                 }
-                Err(e)
-                    if !journal::wrong_sequence(&e) && Instant::now() < held.valid_until + self.ttl / 3 =>
-                {
+                Err(e) if !stream::wrong_sequence(&e) && Instant::now() < held.valid_until + self.ttl / 3 => {
                     if !held.suspended {
                         tracing::warn!(message = "Lease renewal failed; the shard answers 503 until a renewal succeeds.", shard, error = %e);
                         held.suspended = true;
@@ -647,10 +650,9 @@ impl Keeper {
         }
         let shards: Vec<u32> = self.held.keys().copied().collect();
         self.hand_over(&shards).await;
-        if let Some(panes) = self.panes.clone() {
-            // Fresh, so that the checkpoint may publish.
+        if let Some(on_stop) = self.on_stop.take() {
             self.beat().await;
-            panes.close().await;
+            on_stop().await;
         }
         self.leases.leave(&self.node).await;
         self.metrics().leases_held.store(0, Relaxed);
@@ -694,7 +696,7 @@ impl Keeper {
 /// Subscribes to a shard's subjects (503 while recovering), rebuilds its
 /// emptied table from the local copy and the journal beyond it.
 async fn takeover(
-    ctx: Arc<Context>,
+    ctx: Arc<Shared>,
     journal: StreamJournal,
     shard: u32,
     epoch: u64,
@@ -713,7 +715,7 @@ async fn takeover(
         }
     }
     ctx.pipeline.dedup().clear(shard);
-    match journal.restore(shard, &ctx.pipeline).await {
+    match journal.restore(shard, ctx.pipeline.dedup()).await {
         Ok((last, from_copy, from_journal)) => {
             (shard, epoch, Ok((subs, last, from_copy, from_journal)), started)
         }

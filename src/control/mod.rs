@@ -24,9 +24,9 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::observe::metrics::{Endpoint, Metrics};
-use crate::transport::nats::Context;
-use crate::transport::nats::fence::{self, Answer, Plain};
-use crate::transport::nats::subscription::{publish, reply_error};
+use crate::shared::Shared;
+use crate::transport::fence::{self, Answer, Plain};
+use crate::transport::subscription::{publish, reply_error};
 
 pub use status::status_command;
 pub use window::{KeptIn, Source, WINDOW_FILE, WINDOW_KEY, Window, WindowValue, window_command};
@@ -39,7 +39,7 @@ pub use window::{KeptIn, Source, WINDOW_FILE, WINDOW_KEY, Window, WindowValue, w
 ///
 /// If the subscriptions cannot be made.
 pub async fn serve(
-    ctx: Arc<Context>,
+    ctx: Arc<Shared>,
     window: Arc<Window>,
     node: String,
     started: Instant,
@@ -78,7 +78,7 @@ pub async fn serve(
 
 /// What the window and status requests are answered from.
 struct Responder {
-    ctx: Arc<Context>,
+    ctx: Arc<Shared>,
     window: Arc<Window>,
     /// This node's id, as replies name it.
     node: String,

@@ -8,12 +8,12 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::config::{Durability, Settings};
-use crate::transport::nats::Context;
+use crate::shared::Shared;
 
 use super::{Window, format_ms, gather, reply_body};
 
 /// This node: its shards, window and tables.
-pub(super) async fn status(ctx: &Arc<Context>, window: &Window, node: &str, started: Instant) -> Value {
+pub(super) async fn status(ctx: &Arc<Shared>, window: &Window, node: &str, started: Instant) -> Value {
     let owned = ctx.pipeline.ownership().owned();
     let ready = owned
         .iter()
@@ -41,7 +41,7 @@ pub(super) async fn status(ctx: &Arc<Context>, window: &Window, node: &str, star
 ///
 /// NATS unreachable, or no sidecar answered.
 pub async fn status_command(settings: &Settings, json: bool) -> Result<Vec<String>, String> {
-    let client = crate::transport::nats::options::connect(&settings.config.nats, Arc::default())
+    let client = crate::nats::options::connect(&settings.config.nats, Arc::default())
         .await
         .map_err(|e| e.to_string())?;
     let subject = format!("{}.status", settings.config.subject_prefix);

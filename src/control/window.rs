@@ -41,10 +41,10 @@ use crate::config::{Durability, Settings, parse_duration_ms};
 use crate::engine::table::MAX_WINDOW_MS;
 use crate::engine::unix_ms;
 use crate::observe::metrics::Metrics;
-use crate::transport::nats::Context;
+use crate::shared::Shared;
 
 use super::{format_ms, gather, reply_body};
-use crate::transport::nats::kv::open_bucket;
+use crate::nats::kv::open_bucket;
 
 /// The KV key of the window set at run time.
 pub const WINDOW_KEY: &str = "window";
@@ -173,7 +173,7 @@ impl Window {
     }
 
     /// Sets the window of the tables to `value` (`None`: the configured one).
-    fn apply(&self, ctx: &Context, value: Option<&WindowValue>) {
+    fn apply(&self, ctx: &Shared, value: Option<&WindowValue>) {
         let (ms, source) = match value {
             Some(v) => (v.ms, Source::RunTime),
             None => (self.configured_ms, Source::Config),
@@ -192,7 +192,7 @@ impl Window {
     }
 
     /// Keeps `value` (`None`: forgets the window kept) and applies it.
-    async fn set(&self, ctx: &Context, value: Option<&WindowValue>) -> Result<(), String> {
+    async fn set(&self, ctx: &Shared, value: Option<&WindowValue>) -> Result<(), String> {
         match (&self.keeper, value) {
             // Every sidecar receives the request: the first puts the value,
             // the others find it there.
@@ -218,7 +218,7 @@ impl Window {
     }
 
     /// This node's window, as `<prefix>.window` answers it.
-    pub fn describe(&self, ctx: &Context, node: &str) -> Value {
+    pub fn describe(&self, ctx: &Shared, node: &str) -> Value {
         let source = *self.source.lock().unwrap_or_else(PoisonError::into_inner);
         json!({
             "node": node,
@@ -232,7 +232,7 @@ impl Window {
 
     /// Applies every change of the KV key until aborted; nothing to do
     /// without a bucket.
-    pub async fn watch(self: Arc<Self>, ctx: Arc<Context>) {
+    pub async fn watch(self: Arc<Self>, ctx: Arc<Shared>) {
         let KeptIn::Kv(store) = &self.keeper else {
             return;
         };
@@ -255,7 +255,7 @@ impl Window {
         }
     }
 
-    fn entry(&self, ctx: &Context, entry: &kv::Entry) {
+    fn entry(&self, ctx: &Shared, entry: &kv::Entry) {
         match entry.operation {
             kv::Operation::Put => match WindowValue::parse(&String::from_utf8_lossy(&entry.value)) {
                 Ok(value) => self.apply(ctx, Some(&value)),
@@ -303,7 +303,7 @@ fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 }
 
 /// Empty: nothing to do; `reset`: the configured window; else a duration.
-pub(super) async fn window_request(ctx: &Context, window: &Window, message: &Message) -> Result<(), String> {
+pub(super) async fn window_request(ctx: &Shared, window: &Window, message: &Message) -> Result<(), String> {
     let text = std::str::from_utf8(&message.payload)
         .map_err(|_| "the window must be text, e.g. \"2h\"".to_string())?;
     match text.trim() {
@@ -323,7 +323,7 @@ pub async fn window_command(
     settings: &Settings,
     request: Option<Option<WindowValue>>,
 ) -> Result<Vec<String>, String> {
-    let client = crate::transport::nats::options::connect(&settings.config.nats, Arc::default())
+    let client = crate::nats::options::connect(&settings.config.nats, Arc::default())
         .await
         .map_err(|e| e.to_string())?;
     let subject = format!("{}.window", settings.config.subject_prefix);

@@ -5,15 +5,16 @@
 //! |---|---|
 //! | [`lmdb`] | [`LmdbStore`]: the node's local log in LMDB (heed) |
 //! | [`memory`] | [`MemoryJournal`]: the same contract in RAM, for tests and embedding |
+//! | [`stream`] | [`StreamJournal`]: `durability = "replicated"`, a JetStream stream with a local LMDB copy |
 //! | [`writer`] | the single writer: gathers ids into group commits off the runtime and signals each submitter |
 //!
 //! A journal is written by one writer only ([`writer`]) and read at
-//! recovery ([`Journal::scan`]), before the writer starts. A replicated
-//! (JetStream) journal fits behind the same trait: the pipeline above sees
-//! only "committed" or "failed".
+//! recovery ([`Journal::scan`]), before the writer starts. The pipeline
+//! above sees only "committed" or "failed" (per shard).
 
 pub mod lmdb;
 pub mod memory;
+pub mod stream;
 pub mod writer;
 
 use std::fmt;
@@ -22,6 +23,7 @@ use crate::engine::Record;
 
 pub use lmdb::{LmdbStore, StoreMeta, VerifyReport, verify};
 pub use memory::MemoryJournal;
+pub use stream::{Positions, StreamJournal};
 pub use writer::{CommitFailed, Writer, WriterError};
 
 /// A durable log of accepted ids.

@@ -1,15 +1,16 @@
 //! The verdict path, without any transport: key → ownership →
-//! check-and-insert → durable commit → the one [`Hook`] for accepted events.
+//! check-and-insert → durable commit → the chain of [`Stage`]s and the
+//! [`Output`] for accepted events.
 //!
 //! A transport (NATS or HTTP) hands an event to [`Pipeline::decide`],
 //! which settles everything that needs no commit at once (bad input,
 //! duplicate of a committed id, not ready, owned elsewhere) and otherwise
 //! queues the new id for the group-commit [`Writer`]. [`Pipeline::finish`]
-//! then waits for that commit and either calls the hook (republish and
-//! the stages) and gives the `New` verdict, or forgets the id again and
+//! then waits for that commit and either hands the event to the stages and
+//! the output and gives the `New` verdict, or forgets the id again and
 //! gives the failure. A duplicate of an id whose commit is still pending
 //! (a twin, see [`crate::engine::pending`]) waits for that commit too, and
-//! gives `Duplicate` or the same failure. Accept, hook and undo happen here
+//! gives `Duplicate` or the same failure. Accept, hand-over and undo happen here
 //! and nowhere else; the transport only turns an [`Outcome`] into a reply.
 //!
 //! Batches go the same way through [`Pipeline::decide_batch`] and
@@ -17,6 +18,7 @@
 //! to the writer per batch.
 
 pub mod ownership;
+pub mod upkeep;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -36,10 +38,17 @@ use crate::observe::metrics::Metrics;
 
 pub use ownership::{Ownership, ShardState};
 
-/// Where accepted events go once their ids are durable: the republish, and
-/// later the stages. Called per request and shard, in the order the events
-/// were accepted.
-pub trait Hook: Send + Sync + 'static {
+/// A step over accepted events, run in place once their ids are durable,
+/// per request and shard in decision order: the aggregates today;
+/// routing and per-session order next. Runs before the [`Output`].
+pub trait Stage: Send + Sync + 'static {
+    fn accepted(&self, shard: u32, events: &Accepted<'_>);
+}
+
+/// The last stage: where accepted events leave the sidecar once their ids
+/// are durable (see [`crate::output`]). Called per request and shard, in
+/// the order the events were accepted.
+pub trait Output: Send + Sync + 'static {
     fn accepted(&self, shard: u32, events: Accepted<'_>) -> impl Future<Output = ()> + Send;
 }
 
@@ -49,14 +58,14 @@ pub trait Hook: Send + Sync + 'static {
 /// the id unremembered, so the producer's retry is accepted again and
 /// published again, and the stream drops the second copy: the event
 /// reaches the output exactly once for a producer that retries.
-pub trait Ahead: Send + Sync + 'static {
+pub trait PublishFirst: Send + Sync + 'static {
     /// Publishes `event` of `shard` under its dedup key `id`; resolves once
     /// the output has acknowledged it (a repeat it dropped counts as
     /// acknowledged).
     fn publish(&self, shard: u32, id: &str, event: Bytes) -> BoxFuture<'static, Result<(), String>>;
 }
 
-/// The new events of one request in one shard, as the [`Hook`] gets them.
+/// The new events of one request in one shard, as the stages and the [`Output`] get them.
 #[derive(Debug, Clone, Copy)]
 pub enum Accepted<'a> {
     /// The event of a single-event request.
@@ -245,7 +254,7 @@ pub struct BatchPending {
     /// Per shard owned elsewhere: its lines and their sub-batch body.
     forward: BTreeMap<u32, (Vec<usize>, Vec<u8>)>,
     /// Per shard of `new`, in its order, the cell its commit completes
-    /// (empty when nothing is kept durable). With an [`Ahead`] output the
+    /// (empty when nothing is kept durable). With a [`PublishFirst`] output the
     /// ids are submitted by [`Pipeline::finish_batch`], once published.
     /// Held as [`Signal`]s: a batch dropped before it is finished (its
     /// request cancelled) sets them to `Stopped`, so no twin waits forever.
@@ -267,34 +276,37 @@ impl BatchPending {
 }
 
 /// The verdict path of one node.
-pub struct Pipeline<H> {
-    /// Every shard's table.
-    dedup: Deduplicator,
+pub struct Pipeline<O> {
+    /// Every shard's table (shared with the upkeep tasks and takeovers).
+    dedup: Arc<Deduplicator>,
     /// Which shards are served here, and which are ready.
     ownership: Ownership,
     /// The group-commit writer; `None` for durability `memory`.
     writer: Option<Writer>,
-    /// Where accepted events go.
-    hook: H,
+    /// What sees accepted events, in order, before the output.
+    stages: Vec<Arc<dyn Stage>>,
+    /// Where accepted events go last.
+    output: O,
     /// The output that must take new events before their commit, if any.
-    ahead: Option<Arc<dyn Ahead>>,
+    ahead: Option<Arc<dyn PublishFirst>>,
     /// Verdict counters.
     metrics: Arc<Metrics>,
 }
 
-impl<H: Hook> Pipeline<H> {
+impl<O: Output> Pipeline<O> {
     pub fn new(
         dedup: Deduplicator,
         ownership: Ownership,
         writer: Option<Writer>,
-        hook: H,
+        output: O,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            dedup,
+            dedup: Arc::new(dedup),
             ownership,
             writer,
-            hook,
+            stages: Vec::new(),
+            output,
             ahead: None,
             metrics,
         }
@@ -302,12 +314,18 @@ impl<H: Hook> Pipeline<H> {
 
     /// New events go to `ahead`, and are acknowledged there, before their
     /// ids are committed.
-    pub fn with_ahead(mut self, ahead: Arc<dyn Ahead>) -> Self {
+    pub fn with_publish_first(mut self, ahead: Arc<dyn PublishFirst>) -> Self {
         self.ahead = Some(ahead);
         self
     }
 
-    pub fn dedup(&self) -> &Deduplicator {
+    /// Adds `stage` to the chain, after those added before it.
+    pub fn with_stage(mut self, stage: Arc<dyn Stage>) -> Self {
+        self.stages.push(stage);
+        self
+    }
+
+    pub fn dedup(&self) -> &Arc<Deduplicator> {
         &self.dedup
     }
 
@@ -315,8 +333,16 @@ impl<H: Hook> Pipeline<H> {
         &self.ownership
     }
 
-    pub fn hook(&self) -> &H {
-        &self.hook
+    pub fn output(&self) -> &O {
+        &self.output
+    }
+
+    /// Hands accepted `events` of `shard` to every stage, then the output.
+    async fn accepted(&self, shard: u32, events: Accepted<'_>) {
+        for stage in &self.stages {
+            stage.accepted(shard, &events);
+        }
+        self.output.accepted(shard, events).await;
     }
 
     /// Settles `event` if it needs no commit, else inserts its id and
@@ -401,7 +427,7 @@ impl<H: Hook> Pipeline<H> {
         self.writer.is_some() || self.ahead.is_some()
     }
 
-    /// Waits for `pending`'s commit; then hands `event` to the hook and
+    /// Waits for `pending`'s commit; then hands `event` to the stages and the output and
     /// answers `New`, or forgets the id and answers the failure.
     pub async fn finish(&self, mut pending: Pending, event: Bytes) -> Outcome {
         pending.settle().await;
@@ -415,7 +441,7 @@ impl<H: Hook> Pipeline<H> {
         match (settled.unwrap_or(Err(CommitFailed::Stopped)), twin) {
             (Ok(()), false) => {
                 Metrics::inc(&self.metrics.accepted);
-                self.hook.accepted(shard, Accepted::One(&event)).await;
+                self.accepted(shard, Accepted::One(&event)).await;
                 Outcome::Verdict(Verdict::New)
             }
             (Ok(()), true) => {
@@ -482,7 +508,7 @@ impl<H: Hook> Pipeline<H> {
         }
     }
 
-    /// Waits for the batch's commit; then hands the new lines to the hook,
+    /// Waits for the batch's commit; then hands the new lines to the stages and the output,
     /// shard by shard, or forgets their ids and gives each the failure.
     /// Returns an entry per line (`None` for the lines taken by
     /// [`BatchPending::take_forwards`]).
@@ -527,7 +553,7 @@ impl<H: Hook> Pipeline<H> {
                 lines: &ranges,
                 seen: &seen_here,
             };
-            self.hook.accepted(group[0].1.shard, events).await;
+            self.accepted(group[0].1.shard, events).await;
         }
         // Twins last: the commits of this batch's own first copies are
         // known by now.
@@ -642,7 +668,7 @@ impl<H: Hook> Pipeline<H> {
     /// producer retries).
     async fn publish_ahead(
         &self,
-        ahead: &dyn Ahead,
+        ahead: &dyn PublishFirst,
         new: &[(usize, Record)],
         settles: &[Signal],
         lines: &[Range<usize>],

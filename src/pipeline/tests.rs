@@ -11,11 +11,11 @@ use crate::engine::shard::shard_of;
 use crate::journal::writer::{self, WriterConfig};
 use crate::journal::{JournalErrorKind, MemoryJournal};
 
-/// Remembers what the hook was given.
+/// Remembers what the output was given.
 #[derive(Default)]
 struct Collect(Mutex<Vec<(u32, Vec<Bytes>)>>);
 
-impl Hook for Collect {
+impl Output for Collect {
     async fn accepted(&self, shard: u32, events: Accepted<'_>) {
         self.0.lock().unwrap().push((shard, events.events().collect()));
     }
@@ -142,13 +142,13 @@ fn is(outcome: &Outcome, want: Verdict) -> bool {
 }
 
 #[tokio::test]
-async fn new_then_duplicate_and_only_new_events_reach_the_hook() {
+async fn new_then_duplicate_and_only_new_events_reach_the_output() {
     let f = fixture(journal(Behaviour::Keep));
     let p = &f.pipeline;
     let a = event("a1");
     assert!(is(&verdict(p, &a).await, Verdict::New));
     assert!(is(&verdict(p, &event("a1")).await, Verdict::Duplicate));
-    assert_eq!(p.hook().taken(), [(shard_of("a1", 32), vec![a])]);
+    assert_eq!(p.output().taken(), [(shard_of("a1", 32), vec![a])]);
 }
 
 #[tokio::test]
@@ -160,7 +160,7 @@ async fn bad_input_is_answered_400_and_changes_nothing() {
         assert_eq!(outcome.error().map(|e| e.0), Some(400), "{bad}: {outcome:?}");
     }
     assert!(p.dedup().is_empty());
-    assert!(p.hook().taken().is_empty());
+    assert!(p.output().taken().is_empty());
 }
 
 #[tokio::test]
@@ -249,7 +249,7 @@ async fn a_failed_commit_is_answered_500_and_the_id_is_forgotten() {
     let outcome = verdict(p, &event("f1")).await;
     assert_eq!(outcome.error().map(|e| e.0), Some(500), "{outcome:?}");
     assert_eq!(p.dedup().live(unix_ms()), 0, "un-inserted");
-    assert!(p.hook().taken().is_empty(), "nothing republished");
+    assert!(p.output().taken().is_empty(), "nothing republished");
 
     let body = Bytes::from_static(b"{\"event_id\":\"f1\"}\n{\"event_id\":\"f2\"}\nbad\n");
     let pending = p.decide_batch(&body, false).await;
@@ -296,7 +296,7 @@ async fn a_panicking_journal_answers_waiting_requests_and_surfaces_the_panic() {
 }
 
 #[tokio::test]
-async fn a_batch_reaches_the_hook_once_per_shard_in_line_order() {
+async fn a_batch_reaches_the_output_once_per_shard_in_line_order() {
     let f = fixture(journal(Behaviour::Keep));
     let p = &f.pipeline;
     let ids = ["abc", "X9", "abc", "0", "evt123", "X9b"];
@@ -316,7 +316,7 @@ async fn a_batch_reaches_the_hook_once_per_shard_in_line_order() {
         Entry::New,
     ];
     assert_eq!(entries, want.map(Some));
-    let mut seen: Vec<(u32, Vec<Bytes>)> = p.hook().taken();
+    let mut seen: Vec<(u32, Vec<Bytes>)> = p.output().taken();
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "one call per shard");
     let mut lines = Vec::new();
     for (shard, events) in seen.drain(..) {
@@ -354,7 +354,7 @@ struct Stream {
     seen: Mutex<Vec<(String, usize)>>,
 }
 
-impl Ahead for Stream {
+impl PublishFirst for Stream {
     fn publish(&self, _: u32, id: &str, _: Bytes) -> BoxFuture<'static, Result<(), String>> {
         let held = self.journal.lock().unwrap().len();
         self.seen.lock().unwrap().push((id.to_string(), held));
@@ -383,8 +383,8 @@ async fn an_output_ahead_takes_each_new_event_before_its_commit_or_the_id_is_for
         journal: records.clone(),
         seen: Mutex::default(),
     });
-    let p =
-        Pipeline::new(dedup, ownership, Some(writer), Collect::default(), metrics).with_ahead(stream.clone());
+    let p = Pipeline::new(dedup, ownership, Some(writer), Collect::default(), metrics)
+        .with_publish_first(stream.clone());
 
     assert!(is(&verdict(&p, &event("a1")).await, Verdict::New));
     assert_eq!(records.lock().unwrap().len(), 1);
@@ -618,7 +618,7 @@ async fn a_shard_whose_append_failed_does_not_fail_the_others() {
     );
     assert_eq!(entries[2], Some(Entry::Duplicate));
     assert_eq!(records.lock().unwrap().len(), 1);
-    assert_eq!(p.hook().taken(), [(sa, vec![event(a)])]);
+    assert_eq!(p.output().taken(), [(sa, vec![event(a)])]);
     // The failed shard's id is new again.
     let retry = tokio::spawn({
         let p = p.clone();
@@ -745,4 +745,58 @@ impl Journal for Flaky {
     fn location(&self) -> String {
         "flaky".into()
     }
+}
+
+/// What stages were given, in order: the stage's name, the shard, the
+/// events.
+type Given = Arc<Mutex<Vec<(&'static str, u32, Vec<Bytes>)>>>;
+
+/// A stage that logs, under its name, the events it was given.
+struct Log {
+    name: &'static str,
+    log: Given,
+}
+
+impl Stage for Log {
+    fn accepted(&self, shard: u32, events: &Accepted<'_>) {
+        let events = events.events().collect();
+        self.log.lock().unwrap().push((self.name, shard, events));
+    }
+}
+
+#[tokio::test]
+async fn stages_see_accepted_events_in_the_order_they_were_added_and_failed_ones_never() {
+    let log: Given = Arc::default();
+    let stage = |name| {
+        Arc::new(Log {
+            name,
+            log: log.clone(),
+        })
+    };
+    let chain = |journal| {
+        let f = fixture(journal);
+        let p = Arc::into_inner(f.pipeline).expect("not shared yet");
+        (p.with_stage(stage("first")).with_stage(stage("second")), f.writer)
+    };
+    let (p, _writer) = chain(journal(Behaviour::Keep));
+    assert!(is(&verdict(&p, &event("a1")).await, Verdict::New));
+    assert!(is(&verdict(&p, &event("a1")).await, Verdict::Duplicate));
+    let body = Bytes::from_static(b"{\"event_id\":\"b1\"}\n{\"event_id\":\"a1\"}\n");
+    let pending = p.decide_batch(&body, false).await;
+    p.finish_batch(pending, &body).await;
+    let taken = p.output().taken();
+    let seen = std::mem::take(&mut *log.lock().unwrap());
+    let names: Vec<&str> = seen.iter().map(|(name, ..)| *name).collect();
+    assert_eq!(names, ["first", "second", "first", "second"]);
+    for (i, (shard, events)) in taken.iter().enumerate() {
+        for (_, s, e) in &seen[2 * i..2 * i + 2] {
+            assert_eq!((s, e), (shard, events), "each stage sees what the output gets");
+        }
+    }
+    assert_eq!(taken.len(), 2, "a1 once, b1 once: {taken:?}");
+
+    let (p, _writer) = chain(journal(Behaviour::Refuse));
+    assert_eq!(code(&verdict(&p, &event("c1")).await), Some(500));
+    assert!(log.lock().unwrap().is_empty(), "a failed commit reaches no stage");
+    assert!(p.output().taken().is_empty());
 }

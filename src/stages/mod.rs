@@ -8,11 +8,12 @@ pub mod fields;
 pub mod query;
 pub mod replica;
 pub mod sketch;
+pub mod snapshot;
 
 use std::sync::Arc;
 
 use crate::engine::unix_ms;
-use crate::pipeline::Accepted;
+use crate::pipeline::{Accepted, Stage};
 
 pub use aggregate::{Aggregate, AggregateSettings, Summary};
 
@@ -88,6 +89,12 @@ pub fn captured_fields(settings: &[AggregateSettings]) -> Vec<String> {
         }
     }
     names
+}
+
+impl Stage for Stages {
+    fn accepted(&self, _shard: u32, events: &Accepted<'_>) {
+        self.observe(events);
+    }
 }
 
 /// Version of the snapshot file's layout.

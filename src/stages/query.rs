@@ -33,9 +33,9 @@ use crate::config::parse_duration_ms;
 use crate::engine::unix_ms;
 use crate::observe::metrics::{Endpoint, Metrics};
 use crate::pipeline::ShardState;
+use crate::shared::Shared;
 use crate::stages::{Aggregate, Stages, Summary};
-use crate::transport::nats::Context;
-use crate::transport::nats::subscription::{publish, reply_error};
+use crate::transport::subscription::{publish, reply_error};
 
 /// Longest a query waits for the other nodes' summaries.
 pub const PARTIAL_WAIT: Duration = Duration::from_millis(500);
@@ -61,7 +61,7 @@ fn partial_subject(prefix: &str) -> String {
 ///
 /// If a subscription cannot be made.
 pub async fn serve(
-    ctx: Arc<Context>,
+    ctx: Arc<Shared>,
     stages: Arc<Stages>,
     node: String,
     members: Option<Arc<Membership>>,
@@ -197,7 +197,7 @@ fn number(x: f64) -> String {
 }
 
 /// Answers one query; whether the reply was an error.
-async fn query(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) -> bool {
+async fn query(ctx: &Shared, peers: &Peers, stages: &Stages, message: Message) -> bool {
     let Some(to) = message.reply.clone() else {
         return false;
     };
@@ -273,7 +273,7 @@ async fn query(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) 
 
 /// This node's ready shards and its summaries of `request` (one group, or
 /// every group when `"group"` is null).
-fn local(ctx: &Context, agg: &Aggregate, request: &Value) -> (Vec<u32>, HashMap<String, Summary>) {
+fn local(ctx: &Shared, agg: &Aggregate, request: &Value) -> (Vec<u32>, HashMap<String, Summary>) {
     let ownership = ctx.pipeline.ownership();
     let ready = (0..ownership.shards())
         .filter(|&s| ownership.state(s) == ShardState::Ready)
@@ -332,7 +332,7 @@ pub struct Peers {
 /// that answered and every live node (as the lease keeper last listed
 /// them) answered, or for [`PARTIAL_WAIT`].
 async fn gather(
-    ctx: &Context,
+    ctx: &Shared,
     peers: &Peers,
     agg: &Aggregate,
     request: &Value,
@@ -429,7 +429,7 @@ async fn gather(
 
 /// One node's summaries of its ready shards: of one group, or of every
 /// group when `"group"` is null.
-async fn partial(ctx: &Context, peers: &Peers, stages: &Stages, message: Message) {
+async fn partial(ctx: &Shared, peers: &Peers, stages: &Stages, message: Message) {
     let Some(to) = message.reply.clone() else { return };
     if ctx.subjects.is_ours(&to) {
         Metrics::inc(&ctx.metrics.refused_replies);
@@ -464,7 +464,7 @@ async fn partial(ctx: &Context, peers: &Peers, stages: &Stages, message: Message
 /// Every `every`, on the node serving shard 0: each group's median over
 /// the last `emit_window` of event time, merged over every node, to
 /// `<prefix>.median.<group>`.
-async fn emit_medians(ctx: Arc<Context>, peers: Arc<Peers>, agg: Arc<Aggregate>, every: Duration) {
+async fn emit_medians(ctx: Arc<Shared>, peers: Arc<Peers>, agg: Arc<Aggregate>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -512,7 +512,7 @@ async fn emit_medians(ctx: Arc<Context>, peers: Arc<Peers>, agg: Arc<Aggregate>,
 }
 
 async fn publish_median(
-    ctx: &Context,
+    ctx: &Shared,
     agg: &Aggregate,
     subject: &str,
     group: &str,

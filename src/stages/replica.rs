@@ -57,10 +57,10 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::cluster::journal::wrong_sequence;
 use crate::cluster::{Leases, Membership};
 use crate::config::ClusterConfig;
 use crate::engine::unix_ms;
+use crate::journal::stream::wrong_sequence;
 use crate::stages::{Aggregate, Stages, Summary};
 
 /// How often changed panes are published: at most this much of a dead

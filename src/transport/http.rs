@@ -35,14 +35,14 @@ use crate::engine::Verdict;
 use crate::engine::event::EventErrorKind;
 use crate::observe::metrics::{MAX_SCRAPES, Metrics};
 use crate::pipeline::{Admin, Outcome, ShardState};
-use crate::transport::nats::Context;
-use crate::transport::nats::forward;
-use crate::transport::nats::subscription::batch_reply;
+use crate::shared::Shared;
+use crate::transport::forward;
+use crate::transport::subscription::batch_reply;
 use crate::transport::{ACCEPTED, DUPLICATE};
 
 /// What the handlers share.
 pub struct Gateway {
-    pub ctx: Arc<Context>,
+    pub ctx: Arc<Shared>,
     /// Serve `/metrics` too.
     pub metrics: bool,
     /// When the service started (the uptime metric).
@@ -52,7 +52,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(ctx: Arc<Context>, metrics: bool, started: Instant) -> Self {
+    pub fn new(ctx: Arc<Shared>, metrics: bool, started: Instant) -> Self {
         Self {
             ctx,
             metrics,
@@ -175,7 +175,7 @@ fn failure(code: u16, reason: &str) -> Response {
     reply(code, json!({ "error": reason }))
 }
 
-fn overloaded(ctx: &Context) -> Response {
+fn overloaded(ctx: &Shared) -> Response {
     failure(503, &ctx.budget.refusal())
 }
 
@@ -240,7 +240,7 @@ async fn forget(State(g): State<Arc<Gateway>>, Path(id): Path<String>) -> Respon
 
 /// `200 {"<what>":true,"since":..}` or `404 {"<what>":false}`; asked of the
 /// owner over NATS when the id's shard is served elsewhere.
-async fn admin_response(ctx: &Context, admin: Admin, verb: &str, what: &str, id: &str) -> Response {
+async fn admin_response(ctx: &Shared, admin: Admin, verb: &str, what: &str, id: &str) -> Response {
     let known = match admin {
         Admin::Known(since) => since,
         Admin::Failed(outcome) => {
@@ -274,7 +274,7 @@ async fn admin_response(ctx: &Context, admin: Admin, verb: &str, what: &str, id:
 /// A NATS request to another node, through the NATS transport's forwarder
 /// (counted, same deadline); its service error, or no answer, as the HTTP
 /// response.
-async fn ask(ctx: &Context, subject: String, body: Bytes) -> Result<Message, Response> {
+async fn ask(ctx: &Shared, subject: String, body: Bytes) -> Result<Message, Response> {
     Metrics::inc(&ctx.metrics.forwarded);
     let answer = forward::request(ctx, subject.into(), body)
         .await
@@ -326,4 +326,62 @@ async fn ready(State(g): State<Arc<Gateway>>) -> Response {
             json!({ "ready": false, "recovering": recovering, "nats_connected": connected }),
         ),
     }
+}
+/// File descriptors kept for everything but HTTP connections: NATS, the
+/// store, the metrics endpoint, the store check, logs.
+const FILES_RESERVED: u64 = 128;
+
+/// Raises the soft open-files limit to the hard one (each HTTP connection
+/// costs a descriptor) and logs both; the soft limit in force after.
+fn raise_open_files() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one `rlimit` into the struct we own.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return None;
+        }
+        let before = limit.rlim_cur;
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            // SAFETY: setrlimit reads one `rlimit` we own; raising the soft
+            // limit up to the hard one needs no privilege.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        tracing::info!(
+            message = "Open-files limit.",
+            soft_before = before,
+            soft = limit.rlim_cur,
+            hard = limit.rlim_max
+        );
+        Some(limit.rlim_cur)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
+}
+
+/// The HTTP connections to serve at once: `configured`, lowered to fit the
+/// open-files limit with room for the rest of the process.
+pub fn connections(configured: usize) -> usize {
+    let Some(files) = raise_open_files() else {
+        return configured;
+    };
+    let fits = files.saturating_sub(FILES_RESERVED).max(1) as usize;
+    if configured > fits {
+        tracing::warn!(
+            message = "http_max_connections lowered to fit the open-files limit.",
+            configured,
+            serving = fits,
+            open_files = files
+        );
+    }
+    configured.min(fits)
 }

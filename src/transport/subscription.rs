@@ -22,12 +22,13 @@ use tokio::task::JoinSet;
 
 use crate::engine::Verdict;
 use crate::engine::batch;
+use crate::nats::subjects::Subjects;
 use crate::observe::metrics::{Endpoint, Metrics};
 use crate::pipeline::{Admin, Outcome, Pending, Step};
-use crate::transport::budget::Held;
-use crate::transport::nats::subjects::Subjects;
-use crate::transport::nats::{Context, fence, forward};
+use crate::shared::Shared;
+use crate::shared::budget::Held;
 use crate::transport::{ACCEPTED, DUPLICATE};
+use crate::transport::{fence, forward};
 
 /// Most batches and forwards one subscription has in progress.
 const MAX_TASKS: usize = 256;
@@ -88,7 +89,7 @@ impl Kind {
 
 /// A subscription being served.
 pub struct Served {
-    pub(crate) ctx: Arc<Context>,
+    pub(crate) ctx: Arc<Shared>,
     pub(crate) kind: Kind,
     pub(crate) sub: async_nats::Subscriber,
     /// Messages taken from `sub` so far (the fence counts on it).
@@ -130,7 +131,7 @@ impl Work {
     }
 
     /// Answers the waiting events whose commits have settled, oldest first.
-    pub async fn answer_settled(&mut self, ctx: &Context) {
+    pub async fn answer_settled(&mut self, ctx: &Shared) {
         while let Some(front) = self.waiting.front_mut() {
             if !front.pending.is_settled() {
                 break;
@@ -161,7 +162,7 @@ impl Work {
     }
 
     /// Answers everything still in progress.
-    async fn finish(mut self, ctx: &Context) {
+    async fn finish(mut self, ctx: &Shared) {
         while let Some(Waiting {
             pending,
             event,
@@ -253,7 +254,7 @@ impl Served {
 }
 
 /// A look-up or a forget: the id is the subject's last token.
-async fn admin(ctx: Arc<Context>, message: Message, kind: Kind, work: &mut Work, started: Instant) {
+async fn admin(ctx: Arc<Shared>, message: Message, kind: Kind, work: &mut Work, started: Instant) {
     let Some(to) = message.reply else { return };
     let id = message.subject.rsplit('.').next().unwrap_or_default().to_string();
     if kind == Kind::Lookup {
@@ -273,7 +274,7 @@ async fn admin(ctx: Arc<Context>, message: Message, kind: Kind, work: &mut Work,
 
 /// `{"<what>":true,"since":<ms>}`, `{"<what>":false}`, an error reply, or
 /// silence when another node answers.
-async fn admin_reply(ctx: &Context, to: Subject, admin: Admin, what: &str) {
+async fn admin_reply(ctx: &Shared, to: Subject, admin: Admin, what: &str) {
     let body = match admin {
         Admin::Elsewhere => return,
         Admin::Failed(outcome) => {
@@ -288,7 +289,7 @@ async fn admin_reply(ctx: &Context, to: Subject, admin: Admin, what: &str) {
 
 /// A request the budget has no room for: 503 at once (one entry per line
 /// for a batch), so that its bytes are freed.
-async fn overloaded(ctx: &Context, message: Message, batch_kind: bool) {
+async fn overloaded(ctx: &Shared, message: Message, batch_kind: bool) {
     Metrics::inc(&ctx.metrics.overloaded);
     let Some(to) = message.reply else { return };
     let reason = ctx.budget.refusal();
@@ -307,7 +308,7 @@ async fn overloaded(ctx: &Context, message: Message, batch_kind: bool) {
 /// One event: settled at once, forwarded to its owner, or answered when its
 /// commit completes; `held` goes back to the budget once it is answered.
 /// `(started, endpoint)`: when it was received and where it counts.
-async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work, held: Held, at: (Instant, Endpoint)) {
+async fn single(ctx: &Arc<Shared>, message: Message, work: &mut Work, held: Held, at: (Instant, Endpoint)) {
     let (started, endpoint) = at;
     let Message { payload, reply, .. } = message;
     match ctx.pipeline.decide(&payload).await {
@@ -343,7 +344,7 @@ async fn single(ctx: &Arc<Context>, message: Message, work: &mut Work, held: Hel
 
 /// A batch: this node's lines decided and committed while the others are
 /// forwarded to their owners; then one reply with an entry per line.
-async fn batch(ctx: Arc<Context>, message: Message, forwarded: bool, _held: Held) {
+async fn batch(ctx: Arc<Shared>, message: Message, forwarded: bool, _held: Held) {
     let out = batch_reply(&ctx, &message.payload, forwarded).await;
     let Some(to) = message.reply else { return };
     publish(&ctx, to, out.into()).await;
@@ -351,7 +352,7 @@ async fn batch(ctx: Arc<Context>, message: Message, forwarded: bool, _held: Held
 
 /// Decides a batch (this node's lines here, the others' by their owners)
 /// and returns its reply body: an entry per line, in order.
-pub(crate) async fn batch_reply(ctx: &Arc<Context>, body: &Bytes, forwarded: bool) -> Vec<u8> {
+pub(crate) async fn batch_reply(ctx: &Arc<Shared>, body: &Bytes, forwarded: bool) -> Vec<u8> {
     let mut pending = ctx.pipeline.decide_batch(body, forwarded).await;
     let forwards = pending.take_forwards();
     let (mut entries, answers) = tokio::join!(
@@ -372,7 +373,7 @@ pub(crate) async fn batch_reply(ctx: &Arc<Context>, body: &Bytes, forwarded: boo
 }
 
 /// The reply to a single event.
-pub(crate) async fn answer(ctx: &Context, to: Option<Subject>, outcome: &Outcome) {
+pub(crate) async fn answer(ctx: &Shared, to: Option<Subject>, outcome: &Outcome) {
     let Some(to) = to else { return };
     match outcome {
         Outcome::Verdict(Verdict::New) => publish(ctx, to, Bytes::from_static(ACCEPTED)).await,
@@ -389,7 +390,7 @@ pub(crate) async fn answer(ctx: &Context, to: Option<Subject>, outcome: &Outcome
 
 /// A NATS service error reply: `Nats-Service-Error-Code` and
 /// `Nats-Service-Error` headers, and the same as a JSON body.
-pub(crate) async fn reply_error(ctx: &Context, to: Subject, code: u16, reason: &str) {
+pub(crate) async fn reply_error(ctx: &Shared, to: Subject, code: u16, reason: &str) {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Service-Error-Code", code.to_string().as_str());
     headers.insert("Nats-Service-Error", reason);
@@ -404,7 +405,7 @@ pub(crate) async fn reply_error(ctx: &Context, to: Subject, code: u16, reason: &
     }
 }
 
-pub(crate) async fn publish(ctx: &Context, to: Subject, body: Bytes) {
+pub(crate) async fn publish(ctx: &Shared, to: Subject, body: Bytes) {
     if ctx.client.publish(to, body).await.is_err() {
         Metrics::inc(&ctx.metrics.publish_errors);
     }

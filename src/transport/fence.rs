@@ -31,8 +31,8 @@ use async_nats::{Client, Message, Subject, Subscriber};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
-use crate::transport::nats::subjects::FENCE_PAYLOAD;
-use crate::transport::nats::subscription::{Served, Work};
+use crate::nats::subjects::FENCE_PAYLOAD;
+use crate::transport::subscription::{Served, Work};
 
 /// Bounds of how many messages past those already read the server may
 /// still send after the fence's UNSUB; each one not used by requests costs

@@ -15,8 +15,8 @@ use async_nats::Client;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use crate::nats::Subjects;
 use crate::observe::metrics::{Endpoint, Metrics};
-use crate::transport::nats::Subjects;
 
 pub const NAME: &str = "eventsieve";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -11,8 +11,8 @@ use bytes::Bytes;
 
 use crate::engine::batch::{self, Entry};
 use crate::observe::metrics::Metrics;
-use crate::transport::nats::Context;
-use crate::transport::nats::subscription::{publish, reply_error};
+use crate::shared::Shared;
+use crate::transport::subscription::{publish, reply_error};
 
 /// How long a request sent on to another node may take: longer than a
 /// commit that waits for the replicated journal (its appends time out
@@ -26,7 +26,7 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// # Errors
 ///
 /// Why no answer came: no node subscribed, or none in time.
-pub async fn request(ctx: &Context, subject: Subject, body: Bytes) -> Result<Message, String> {
+pub async fn request(ctx: &Shared, subject: Subject, body: Bytes) -> Result<Message, String> {
     let asked = ctx.client.request(subject.clone(), body);
     let why = match tokio::time::timeout(FORWARD_TIMEOUT, asked).await {
         Ok(Ok(answer)) => return Ok(answer),
@@ -41,7 +41,7 @@ pub async fn request(ctx: &Context, subject: Subject, body: Bytes) -> Result<Mes
 /// Forwards one event to `target` (its owner's shard subject) and relays
 /// the answer, headers included; 503 if no owner answers.
 /// Returns whether the reply was an error.
-pub async fn single(ctx: Arc<Context>, target: Subject, event: Bytes, reply: Option<Subject>) -> bool {
+pub async fn single(ctx: Arc<Shared>, target: Subject, event: Bytes, reply: Option<Subject>) -> bool {
     Metrics::inc(&ctx.metrics.forwarded);
     match request(&ctx, target.clone(), event).await {
         Ok(Message { headers, payload, .. }) => {
@@ -79,7 +79,7 @@ pub async fn single(ctx: Arc<Context>, target: Subject, event: Bytes, reply: Opt
 /// returns per shard the lines and their entries (503 for each line if the
 /// owner did not answer with one entry per line).
 pub async fn sub_batches(
-    ctx: &Context,
+    ctx: &Shared,
     forwards: BTreeMap<u32, (Vec<usize>, Vec<u8>)>,
 ) -> Vec<(Vec<usize>, Vec<Entry>)> {
     futures_util::future::join_all(
@@ -90,7 +90,7 @@ pub async fn sub_batches(
     .await
 }
 
-async fn sub_batch(ctx: &Context, shard: u32, lines: Vec<usize>, body: Vec<u8>) -> (Vec<usize>, Vec<Entry>) {
+async fn sub_batch(ctx: &Shared, shard: u32, lines: Vec<usize>, body: Vec<u8>) -> (Vec<usize>, Vec<Entry>) {
     ctx.metrics.forwarded.fetch_add(lines.len() as u64, Relaxed);
     let target = ctx.subjects.sub_batch(shard);
     let failure = match request(ctx, target.into(), body.into()).await {

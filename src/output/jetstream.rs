@@ -1,6 +1,6 @@
 //! `output = "jetstream"`: each new event goes into a JetStream stream with
 //! `Nats-Msg-Id` = its `event_id`, and is acknowledged there before its id
-//! is committed (the pipeline's [`Ahead`]).
+//! is committed (the pipeline's [`PublishFirst`]).
 //!
 //! Why this order: a crash after the acknowledgement and before the commit
 //! leaves the id unremembered; the producer's retry is then accepted and
@@ -18,20 +18,20 @@ use async_nats::{Client, HeaderMap, Subject};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
-use crate::pipeline::Ahead;
-use crate::transport::nats::{NatsError, Subjects};
+use crate::nats::{NatsError, Subjects};
+use crate::pipeline::PublishFirst;
 
 /// How long a publish waits for the stream's acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The stream every new event is published to.
-pub struct JetStreamOutput {
+/// The stream every new event is published to, before its commit.
+pub struct PublishBeforeCommit {
     js: jetstream::Context,
     /// The output subject of each shard.
     output: Box<[Subject]>,
 }
 
-impl JetStreamOutput {
+impl PublishBeforeCommit {
     /// Uses the stream `name`, creating it over the output subjects when it
     /// does not exist.
     ///
@@ -62,7 +62,7 @@ impl JetStreamOutput {
     }
 }
 
-impl Ahead for JetStreamOutput {
+impl PublishFirst for PublishBeforeCommit {
     fn publish(&self, shard: u32, id: &str, event: Bytes) -> BoxFuture<'static, Result<(), String>> {
         let js = self.js.clone();
         let subject = self.output[shard as usize].clone();

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_nats::{Client, ConnectOptions};
 
 use crate::config::{NatsConfig, Secret, redact_urls};
+use crate::nats::NatsError;
 use crate::observe::metrics::Metrics;
-use crate::transport::nats::NatsError;
 
 /// The options for `nats` (credentials files are read here).
 ///

@@ -63,7 +63,10 @@ impl Budget {
 
     /// The reason a request refused by this budget is answered with.
     pub fn refusal(&self) -> String {
-        super::overloaded(self.total)
+        format!(
+            "overloaded: max_inflight_bytes ({}) are held by requests in progress; retry",
+            self.total
+        )
     }
 }
 

@@ -31,10 +31,8 @@ use futures_util::StreamExt;
 
 use crate::engine::fingerprint::Fingerprint;
 use crate::engine::{Deduplicator, Record, unix_ms};
-use crate::journal::{Journal, JournalError, JournalErrorKind, LmdbStore};
+use crate::journal::{Journal, JournalError, JournalErrorKind, LmdbStore, StoreMeta};
 use crate::observe::metrics::Metrics;
-use crate::pipeline::Pipeline;
-use crate::transport::nats::Republish;
 
 /// Kind byte of a message of accepted ids.
 pub const ACCEPTED: u8 = 1;
@@ -338,13 +336,13 @@ impl StreamJournal {
     pub async fn restore(
         &self,
         shard: u32,
-        pipeline: &Arc<Pipeline<Republish>>,
+        dedup: &Arc<Deduplicator>,
     ) -> Result<(u64, usize, usize), ReplayError> {
         let last = self.last_sequence(shard).await?;
         let mut after = 0;
         let mut from_copy = 0;
         if let Some(local) = &self.local {
-            let (local, copy_into) = (local.clone(), pipeline.clone());
+            let (local, tables) = (local.clone(), dedup.clone());
             let stale = self.stale_copy.clone();
             let copied = tokio::task::spawn_blocking(move || -> Result<(u64, usize), JournalError> {
                 let local = local.lock().unwrap_or_else(PoisonError::into_inner);
@@ -364,10 +362,9 @@ impl StreamJournal {
                 if at == 0 || stale.load(std::sync::atomic::Ordering::Relaxed) {
                     return Ok((0, 0));
                 }
-                let dedup = copy_into.dedup();
                 let now = unix_ms();
-                let since = now.saturating_sub(dedup.config().window_ms);
-                let mut table = dedup.table(shard);
+                let since = now.saturating_sub(tables.config().window_ms);
+                let mut table = tables.table(shard);
                 let mut restored = 0;
                 local.scan(&[shard], since, &mut |r| {
                     restored += usize::from(table.restore(r.fingerprint, r.born_ms, now))
@@ -385,13 +382,13 @@ impl StreamJournal {
                 }
             }
             if after == 0 {
-                pipeline.dedup().clear(shard);
+                dedup.clear(shard);
             }
         }
-        let (last, from_journal) = self.replay(shard, after, pipeline.dedup()).await?;
+        let (last, from_journal) = self.replay(shard, after, dedup).await?;
         // The window in force reaches back no further than the stream
         // holds ids (a window raised beyond its max_age grows into it).
-        pipeline.dedup().held_since(self.expired_before());
+        dedup.held_since(self.expired_before());
         Ok((last, from_copy, from_journal))
     }
 
@@ -718,6 +715,53 @@ impl Journal for StreamJournal {
     fn location(&self) -> String {
         format!("JetStream stream {}", self.name)
     }
+}
+
+/// Opens the local copy of the journal whose stream is `stream` (its
+/// [`StreamJournal::identity`]) in `dir`. A store that cannot be opened
+/// (damaged, or of another format or shard count), or that copied another
+/// stream of the same name, is moved aside and a new one made: the
+/// journal has everything this node needs. Blocking.
+///
+/// # Errors
+///
+/// If no store can be made in `dir`, or a bad one cannot be moved aside.
+pub fn local_copy(
+    dir: &std::path::Path,
+    meta: StoreMeta,
+    fsync: bool,
+    stream: &str,
+) -> Result<LmdbStore, JournalError> {
+    const STREAM_KEY: &str = "journal_stream";
+    let problem = match LmdbStore::open(dir, meta, fsync) {
+        Ok(mut store) => match store.meta(STREAM_KEY)? {
+            Some(seen) if seen != stream => {
+                drop(store);
+                format!(
+                    "it copied another journal stream of that name (created {seen} ns, this one {stream} ns)"
+                )
+            }
+            _ => {
+                store.set_meta(STREAM_KEY, stream)?;
+                return Ok(store);
+            }
+        },
+        Err(e) => e.to_string(),
+    };
+    let aside = crate::journal::lmdb::move_aside(dir).map_err(|m| {
+        JournalError::new(
+            JournalErrorKind::Open,
+            format!("{problem}; and it cannot be moved aside: {m}"),
+        )
+    })?;
+    tracing::warn!(
+        message = "The local store cannot be used; moved aside, rebuilding from the journal.",
+        why = %problem,
+        moved_to = %aside.display(),
+    );
+    let mut store = LmdbStore::open(dir, meta, fsync)?;
+    store.set_meta(STREAM_KEY, stream)?;
+    Ok(store)
 }
 
 #[cfg(test)]

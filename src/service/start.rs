@@ -1,0 +1,319 @@
+//! Start, in order: connect → read the window in force → open the journal
+//! → build the pipeline (stages, output) → subscribe (owned shards answer
+//! 503 while recovering) → rebuild the tables → start the writer → the
+//! cluster keeper, the control plane, the aggregate queries → become
+//! discoverable → serve.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::stop::Parts;
+use super::{Running, ServiceError, replicated};
+use crate::config::{Durability, OutputKind, Settings};
+use crate::control::{self, Window};
+use crate::engine::Deduplicator;
+use crate::journal::Journal;
+use crate::journal::writer::{self, WriterConfig};
+use crate::nats::{self, NatsError, Subjects};
+use crate::observe::metrics::Metrics;
+use crate::output::{CoreNats, PublishBeforeCommit, Sink};
+use crate::pipeline::{Ownership, Pipeline, ShardState, upkeep};
+use crate::shared::{Budget, Shared};
+use crate::stages::Stages;
+use crate::stages::snapshot::{SNAPSHOT_EVERY, Snapshot};
+use crate::transport::{Transport, discovery, http, subscription};
+
+/// How often expired ids are deleted from the journal.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+
+/// Connects, recovers the owned shards from `journal` (none: nothing is
+/// durable), subscribes, and returns once requests are being answered.
+///
+/// # Errors
+///
+/// A [`ServiceError`] if NATS, the journal or the metrics address fail.
+pub async fn start_with(
+    mut settings: Settings,
+    journal: Option<Box<dyn Journal>>,
+) -> Result<Running, ServiceError> {
+    let metrics = Arc::new(Metrics::default());
+    let client = nats::options::connect(&settings.config.nats, metrics.clone()).await?;
+    // A window set at run time holds across restarts: read it before the
+    // tables are built and rebuilt.
+    let window = Arc::new(Window::open(&client, &settings, metrics.clone()).await);
+    settings.window_ms = window.ms();
+    let shards = settings.config.shards;
+    let subjects = Subjects::new(&settings.config.subject_prefix, &settings.config.output_subject);
+    // Replicated: the journal is the stream, and shards come with leases.
+    let (journal, stream) = if settings.config.durability == Durability::Replicated {
+        let stream = replicated::journal(&client, &settings, &metrics).await?;
+        settings.owned = Vec::new();
+        (Some(Box::new(stream.clone()) as Box<dyn Journal>), Some(stream))
+    } else {
+        (journal, None)
+    };
+    let writer = journal
+        .is_some()
+        .then(|| writer::channel(settings.config.max_pending, metrics.clone()));
+    let stages = Arc::new(Stages::new(&settings.aggregates));
+    let snapshot = snapshot(&settings, &stages);
+    if !stages.is_empty() {
+        let _ = metrics.extra.set(stages.clone());
+    }
+    let pipeline = pipeline(
+        &settings,
+        &client,
+        &subjects,
+        writer.as_ref().map(|(w, _)| w.clone()),
+        &stages,
+        &metrics,
+    )
+    .await?;
+    let ctx = Arc::new(Shared {
+        pipeline: pipeline.clone(),
+        budget: Budget::new(settings.config.max_inflight_bytes, metrics.clone()),
+        client: client.clone(),
+        subjects: subjects.clone(),
+        metrics: metrics.clone(),
+    });
+
+    // Subscribe first, so that requests during recovery get 503, not silence.
+    let kinds = subscription::kinds(&settings.owned, shards);
+    let transport = Transport::start(ctx.clone(), &kinds).await?;
+    // HTTP too, so that /ready says 503 during recovery.
+    let started = Instant::now();
+    let http = gateway(&settings, &ctx, started).await?;
+
+    let writer = match (journal, writer) {
+        (Some(journal), Some((handle, inbox))) => {
+            let journal = recover(&pipeline, journal, settings.owned.clone()).await?;
+            let config = WriterConfig {
+                commit_interval: Duration::from_millis(settings.commit_interval_ms),
+                expire_every: EXPIRE_EVERY,
+                window_ms: window.shared(),
+            };
+            Some((handle, writer::spawn(inbox, journal, config, metrics.clone())))
+        }
+        _ => {
+            for &s in &settings.owned {
+                pipeline.ownership().set(s, ShardState::Ready);
+            }
+            None
+        }
+    };
+    let node = settings.node_id.clone();
+    let mut background = Vec::new();
+    let (keeper, members) = match stream {
+        Some(stream) => {
+            background.push(tokio::spawn(stream.clone().keep_window(window.shared())));
+            let cluster = replicated::keeper(&settings, &ctx, stream, &stages).await?;
+            background.extend(cluster.tasks);
+            (Some(cluster.keeper), Some(cluster.membership))
+        }
+        None => (None, None),
+    };
+    let (stop_control, control_stopped) = watch::channel(false);
+    let control = control::serve(
+        ctx.clone(),
+        window.clone(),
+        node.clone(),
+        started,
+        control_stopped,
+    )
+    .await
+    .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
+    background.push(tokio::spawn(window.clone().watch(ctx.clone())));
+    if !stages.is_empty() {
+        let served = crate::stages::query::serve(ctx.clone(), stages.clone(), node.clone(), members)
+            .await
+            .map_err(|e| NatsError::Subscribe(format!("{}.agg.*: {e}", subjects.prefix())))?;
+        background.extend(served);
+    }
+    if let Some(snapshot) = &snapshot {
+        background.push(tokio::spawn(snapshot.clone().every(SNAPSHOT_EVERY)));
+    }
+    // Discoverable only once every owned shard answers.
+    let owned = settings.owned.clone();
+    let discovery = discovery::spawn(
+        client.clone(),
+        &subjects,
+        node,
+        owned,
+        !stages.is_empty(),
+        metrics.clone(),
+    )
+    .await
+    .map_err(|e| NatsError::Subscribe(format!("$SRV: {e}")))?;
+    background.push(discovery);
+    background.extend(metrics_endpoint(&settings, &pipeline, &metrics, started).await?);
+    background.extend(upkeep(&settings, &pipeline, &window, &metrics));
+    tracing::info!(
+        message = "Serving.",
+        shards,
+        owned = settings.owned.len(),
+        durability = ?settings.config.durability,
+        window_ms = settings.window_ms,
+        prefix = %subjects.prefix(),
+    );
+
+    // Every subscription is at the server before the service says it is up.
+    nats::registered(&client).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let parts = Parts {
+        transport,
+        keeper,
+        http,
+        writer,
+        control: (stop_control, control),
+        background,
+        snapshot,
+        client,
+        timeout: Duration::from_millis(settings.shutdown_timeout_ms),
+    };
+    let task = tokio::spawn(parts.serve_until(stop_rx, metrics.clone()));
+    Ok(Running {
+        stop,
+        task,
+        metrics,
+        pipeline,
+    })
+}
+
+/// The verdict path: the tables, ownership of the configured shards
+/// (recovering), the writer, the aggregates as a stage, the output.
+async fn pipeline(
+    settings: &Settings,
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    writer: Option<writer::Writer>,
+    stages: &Arc<Stages>,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<Pipeline<Sink>>, ServiceError> {
+    let shards = settings.config.shards;
+    let ownership = Ownership::new(shards);
+    for &s in &settings.owned {
+        ownership.set(s, ShardState::Recovering);
+    }
+    let sink = match settings.config.output {
+        OutputKind::Core => Sink::Core(CoreNats::new(
+            client.clone(),
+            subjects,
+            shards,
+            settings.config.batch_output,
+            metrics.clone(),
+        )),
+        OutputKind::Jetstream => Sink::BeforeCommit,
+    };
+    let dedup = Deduplicator::new(settings.engine());
+    let mut pipeline = Pipeline::new(dedup, ownership, writer, sink, metrics.clone());
+    if !stages.is_empty() {
+        pipeline = pipeline.with_stage(stages.clone());
+    }
+    if settings.config.output == OutputKind::Jetstream {
+        let stream = &settings.config.output_stream;
+        let output = PublishBeforeCommit::open(client.clone(), stream, subjects, shards).await?;
+        pipeline = pipeline.with_publish_first(Arc::new(output));
+    }
+    Ok(Arc::new(pipeline))
+}
+
+/// Aggregates survive a restart through a snapshot in the data dir (read
+/// here); with `replicated`, through the pane log in JetStream (see
+/// `stages::replica`), which outlives the node.
+fn snapshot(settings: &Settings, stages: &Arc<Stages>) -> Option<Snapshot> {
+    if stages.is_empty() || settings.config.durability != Durability::Local {
+        return None;
+    }
+    let path = settings.config.data_dir.join(crate::stages::SNAPSHOT_FILE);
+    let panes = stages.load(&path);
+    tracing::info!(message = "Aggregates restored.", panes, path = %path.display());
+    Some(Snapshot {
+        stages: stages.clone(),
+        path,
+    })
+}
+
+/// The HTTP gateway on `http_addr`, if set: its stop signal and task.
+async fn gateway(
+    settings: &Settings,
+    ctx: &Arc<Shared>,
+    started: Instant,
+) -> Result<Option<(watch::Sender<bool>, JoinHandle<()>)>, ServiceError> {
+    let Some(addr) = settings.http_addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(ServiceError::Http)?;
+    let (stop, stopped) = watch::channel(false);
+    let gateway = http::Gateway::new(ctx.clone(), settings.config.http_metrics, started);
+    let limits = http::Limits {
+        header_timeout: Duration::from_millis(settings.http_header_timeout_ms),
+        max_connections: http::connections(settings.config.http_max_connections),
+    };
+    let task = tokio::spawn(http::serve(listener, gateway, limits, stopped));
+    Ok(Some((stop, task)))
+}
+
+/// The Prometheus endpoint on `metrics_addr`, if set.
+async fn metrics_endpoint(
+    settings: &Settings,
+    pipeline: &Arc<Pipeline<Sink>>,
+    metrics: &Arc<Metrics>,
+    started: Instant,
+) -> Result<Option<JoinHandle<()>>, ServiceError> {
+    let Some(addr) = settings.metrics_addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(ServiceError::Metrics)?;
+    let (dedup, metrics) = (pipeline.dedup().clone(), metrics.clone());
+    Ok(Some(tokio::spawn(crate::observe::metrics::serve(
+        listener,
+        move || metrics.render(&dedup, started),
+    ))))
+}
+
+/// The tables' sweeper, and their memory budget if `max_table_bytes` is set.
+fn upkeep(
+    settings: &Settings,
+    pipeline: &Arc<Pipeline<Sink>>,
+    window: &Window,
+    metrics: &Arc<Metrics>,
+) -> Vec<JoinHandle<()>> {
+    let dedup = pipeline.dedup();
+    let mut tasks = vec![tokio::spawn(upkeep::sweep_loop(dedup.clone()))];
+    if settings.config.max_table_bytes > 0 {
+        let max = usize::try_from(settings.config.max_table_bytes).unwrap_or(usize::MAX);
+        let budget = upkeep::budget_loop(dedup.clone(), max, window.shared(), metrics.clone());
+        tasks.push(tokio::spawn(budget));
+    }
+    tasks
+}
+
+/// Rebuilds the owned shards' tables from the journal, off the runtime.
+async fn recover(
+    pipeline: &Arc<Pipeline<Sink>>,
+    journal: Box<dyn Journal>,
+    owned: Vec<u32>,
+) -> Result<Box<dyn Journal>, ServiceError> {
+    let pipeline = pipeline.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let ids = pipeline.recover(journal.as_ref(), &owned)?;
+        tracing::info!(
+            message = "Recovered tables from the journal.",
+            ids,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            journal = %journal.location(),
+        );
+        Ok(journal)
+    })
+    .await
+    .map_err(|e| ServiceError::Panicked(e.to_string()))?
+    .map_err(ServiceError::Journal)
+}
