@@ -247,7 +247,7 @@ fn aggregate_query(c: &mut Criterion) {
         })
     });
     // The batch path: the fields read in the key parser's pass.
-    let names = eventsieve::stages::captured_fields(std::slice::from_ref(&agg.settings));
+    let names = eventsieve::config::captured_fields(std::slice::from_ref(&agg.settings));
     let dedup = Deduplicator::new(EngineConfig {
         capture: names.clone(),
         ..EngineConfig::default()

@@ -12,8 +12,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use eventsieve::config::AggregateConfig;
+use eventsieve::config::AggregateSettings;
 use eventsieve::engine::{Deduplicator, EngineConfig};
-use eventsieve::stages::{Aggregate, AggregateSettings};
+use eventsieve::stages::Aggregate;
 
 /// xorshift64*: reproducible without a dependency.
 struct Rng(u64);

@@ -19,34 +19,10 @@ use std::sync::{Mutex, PoisonError};
 
 use serde_json::{Value, json};
 
+use crate::config::AggregateSettings;
 use crate::engine::event::Seen;
 use crate::stages::fields::{self, Field, Found, Wanted};
 use crate::stages::sketch::Sketch;
-
-/// One `[[aggregate]]` of the configuration, checked.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AggregateSettings {
-    /// How queries name it; the group field unless set.
-    pub name: String,
-    /// The top-level field whose text groups events (e.g. `metric_name`).
-    pub group: String,
-    /// The top-level numeric field aggregated (e.g. `metric_value`).
-    pub value: String,
-    /// The top-level field of event time; empty for arrival time.
-    pub time: String,
-    /// Milliseconds per unit of `time` (1000 for seconds, 1 for ms).
-    pub time_unit_ms: u64,
-    pub pane_ms: u64,
-    /// The longest window a query may ask for.
-    pub max_window_ms: u64,
-    pub lateness_ms: u64,
-    /// Relative accuracy of the quantile sketches.
-    pub alpha: f64,
-    /// Publish each group's median this often (`None`: never) ...
-    pub emit_every_ms: Option<u64>,
-    /// ... over this much of the latest event time.
-    pub emit_window_ms: u64,
-}
 
 /// What a pane holds.
 #[derive(Debug, Clone)]
@@ -275,7 +251,7 @@ impl Aggregate {
 
     /// Adds accepted `events` whose fields were read with their keys:
     /// each with its [`Seen`] fields, in the order of `names` (see
-    /// [`super::captured_fields`]).
+    /// [`crate::config::captured_fields`]).
     pub fn observe_seen<'a>(
         &self,
         events: impl Iterator<Item = (&'a [u8], &'a [Seen])>,
@@ -589,7 +565,7 @@ mod tests {
     fn fields_read_with_the_key_count_as_the_stage_reading_them_itself() {
         use crate::engine::{Deduplicator, EngineConfig, batch, batch::Route};
         let settings = settings();
-        let names = crate::stages::captured_fields(std::slice::from_ref(&settings));
+        let names = crate::config::captured_fields(std::slice::from_ref(&settings));
         let dedup = Deduplicator::new(EngineConfig {
             capture: names.clone(),
             ..EngineConfig::default()

@@ -12,10 +12,11 @@ pub mod snapshot;
 
 use std::sync::Arc;
 
+use crate::config::{AggregateSettings, captured_fields};
 use crate::engine::unix_ms;
 use crate::pipeline::{Accepted, Stage};
 
-pub use aggregate::{Aggregate, AggregateSettings, Summary};
+pub use aggregate::{Aggregate, Summary};
 
 impl crate::observe::metrics::Render for Stages {
     fn render(&self, out: &mut String) {
@@ -73,22 +74,6 @@ impl crate::observe::metrics::Render for Stages {
             );
         }
     }
-}
-
-/// The top-level fields the aggregates read, each once, in the order of
-/// the configuration: the batch path reads them with each line's key
-/// ([`crate::engine::dedup::EngineConfig::capture`]) and hands them over
-/// with the accepted lines.
-pub fn captured_fields(settings: &[AggregateSettings]) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for s in settings {
-        for name in [&s.group, &s.value, &s.time] {
-            if !name.is_empty() && !names.contains(name) {
-                names.push(name.clone());
-            }
-        }
-    }
-    names
 }
 
 impl Stage for Stages {

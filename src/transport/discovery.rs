@@ -155,24 +155,6 @@ fn stats(listed: &[(Endpoint, String, String)], m: &Metrics) -> Vec<Value> {
         .collect()
 }
 
-/// A random-enough instance id: time and process id, base 36.
-pub fn instance_id() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let mut n = nanos ^ (u128::from(std::process::id()) << 64);
-    let mut id = String::new();
-    while n > 0 && id.len() < 22 {
-        id.push(
-            char::from_digit((n % 36) as u32, 36)
-                .unwrap_or('0')
-                .to_ascii_uppercase(),
-        );
-        n /= 36;
-    }
-    id
-}
-
 /// `YYYY-MM-DDTHH:MM:SSZ` for a time after the epoch.
 fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());

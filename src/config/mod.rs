@@ -1,8 +1,9 @@
 //! Configuration: built-in defaults < a TOML file < `EVENTSIEVE_*`
 //! environment variables (`__` separates nesting: `EVENTSIEVE_NATS__URL`).
 //!
-//! Every field, its default and its unit is documented here and in
-//! `config/eventsieve.toml`. [`Config::load`] fails with a message naming the
+//! Every field, its default and its unit is documented here (one file per
+//! section: [`nats`] for `[nats]`, [`cluster`] for `[cluster]`,
+//! [`aggregate`] for `[[aggregate]]`) and in `config/eventsieve.toml`. [`Config::load`] fails with a message naming the
 //! field and the accepted values; the binary exits with status 2 then.
 
 use std::fmt;
@@ -18,7 +19,14 @@ use crate::engine::event::Limits;
 use crate::engine::fingerprint::segments_per_shard;
 use crate::engine::key::KeySpec;
 use crate::engine::table::MAX_WINDOW_MS;
-use crate::stages::AggregateSettings;
+
+mod aggregate;
+mod cluster;
+mod nats;
+
+pub use aggregate::{AggregateConfig, AggregateSettings, captured_fields};
+pub use cluster::ClusterConfig;
+pub use nats::{NatsConfig, Secret, redact_urls};
 
 /// Where the TOML file is looked for when no `--config` is given.
 pub const DEFAULT_PATH: &str = "config/eventsieve.toml";
@@ -57,120 +65,6 @@ pub enum OutputKind {
     /// acknowledged before the id is committed: exactly once in the stream
     /// for a producer that retries.
     Jetstream,
-}
-
-/// A credential: used as given, printed as `<redacted>` (`eventsieve
-/// config`, logs, error messages).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The value itself, for the connection only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// `urls` (comma-separated) with the password of any `user:password@`
-/// replaced, so that they can be printed.
-pub fn redact_urls(urls: &str) -> String {
-    let redact = |url: &str| -> String {
-        let url = url.trim();
-        let start = url.find("://").map_or(0, |i| i + 3);
-        let Some(at) = url[start..].rfind('@').map(|i| start + i) else {
-            return url.to_string();
-        };
-        match url[start..at].find(':') {
-            Some(colon) => format!("{}:<redacted>{}", &url[..start + colon], &url[at..]),
-            // A lone token or user before `@`: a credential too.
-            None => format!("{}<redacted>{}", &url[..start], &url[at..]),
-        }
-    };
-    urls.split(',').map(redact).collect::<Vec<_>>().join(",")
-}
-
-/// NATS connection settings (`[nats]`).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NatsConfig {
-    /// Server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
-    pub url: String,
-    /// Client name shown by the server. Default `eventsieve`.
-    pub name: String,
-    /// User and password authentication, both or neither. Default none.
-    pub user: Option<String>,
-    pub password: Option<Secret>,
-    /// Token authentication. Default none.
-    pub token: Option<Secret>,
-    /// Path of a `.creds` file (JWT + nkey). Default none.
-    pub credentials: Option<PathBuf>,
-    /// TLS: CA certificate (PEM) to trust, and a client certificate and key
-    /// for mutual TLS. Default none.
-    pub tls_ca: Option<PathBuf>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    /// Messages buffered per subscription before the client reports a slow
-    /// consumer and drops. Default 65536.
-    pub subscription_capacity: usize,
-    /// Longest pause between two attempts to reconnect after the server
-    /// went away (the pauses double from 1 ms up to it), so that service
-    /// resumes within about this long once a server is back. The client's
-    /// own default is 4 s. Default `250ms`.
-    pub reconnect_delay_max: String,
-    /// Prefix of the subjects this client receives replies on. With the
-    /// shipped permissions each user has its own (`_INBOX_operator` for the
-    /// `eventsieve` CLI run as operator), so that no user can read another's
-    /// replies. Default `_INBOX`.
-    pub inbox_prefix: String,
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        Self {
-            url: "nats://127.0.0.1:4222".into(),
-            name: "eventsieve".into(),
-            user: None,
-            password: None,
-            token: None,
-            credentials: None,
-            tls_ca: None,
-            tls_cert: None,
-            tls_key: None,
-            subscription_capacity: 65_536,
-            reconnect_delay_max: "250ms".into(),
-            inbox_prefix: "_INBOX".into(),
-        }
-    }
-}
-
-impl fmt::Debug for NatsConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NatsConfig")
-            .field("url", &redact_urls(&self.url))
-            .field("name", &self.name)
-            .field("user", &self.user)
-            .field("password", &self.password)
-            .field("token", &self.token)
-            .field("credentials", &self.credentials)
-            .field("inbox_prefix", &self.inbox_prefix)
-            .field("tls_ca", &self.tls_ca)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .field("subscription_capacity", &self.subscription_capacity)
-            .field("reconnect_delay_max", &self.reconnect_delay_max)
-            .finish()
-    }
 }
 
 /// The whole configuration.
@@ -281,43 +175,6 @@ pub struct Config {
     pub cluster: ClusterConfig,
 }
 
-/// `[cluster]`: used with `durability = "replicated"` only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClusterConfig {
-    /// This node's name in the KV bucket (`node.<id>`, lease owners):
-    /// letters, digits, `-` and `_`. Default: made up at each start.
-    pub node_id: String,
-    /// How long a shard's lease lasts without renewal (renewed every
-    /// third of it); a dead node's shards are taken over this long after
-    /// its last renewal. Whole seconds, at least `1s`. Default `3s`.
-    pub lease_ttl: String,
-    /// The JetStream stream of the journal, over `<prefix>.journal.*`;
-    /// created if absent. Default `EVENTSIEVE_JOURNAL`.
-    pub journal_stream: String,
-    /// The JetStream stream of the aggregates' panes, over
-    /// `<prefix>.panes.>`, so that a node's panes outlive it (see
-    /// `stages::replica`); created if absent, used only with
-    /// `[[aggregate]]`. Default `EVENTSIEVE_PANES`.
-    pub panes_stream: String,
-    /// Replicas of the journal and pane streams and of the KV bucket when
-    /// this node creates them: 1 on a single server, 3 on a cluster.
-    /// Default 1.
-    pub replicas: usize,
-}
-
-impl Default for ClusterConfig {
-    fn default() -> Self {
-        Self {
-            node_id: String::new(),
-            lease_ttl: "3s".into(),
-            journal_stream: "EVENTSIEVE_JOURNAL".into(),
-            panes_stream: "EVENTSIEVE_PANES".into(),
-            replicas: 1,
-        }
-    }
-}
-
 /// `key`: one name or a list of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -332,129 +189,6 @@ impl KeyConfig {
             Self::One(name) => vec![name.clone()],
             Self::Many(names) => names.clone(),
         }
-    }
-}
-
-/// One `[[aggregate]]`: count, sum, min, max and quantiles of a numeric
-/// field per group, in panes of event time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AggregateConfig {
-    /// How queries name it (`"aggregate"`). Default: the `group` field.
-    pub name: String,
-    /// Top-level text field that groups events, e.g. `metric_name`. Required.
-    pub group: String,
-    /// Top-level numeric field aggregated, e.g. `metric_value`. Required.
-    /// An event without a number there is accepted and counted as skipped.
-    pub value: String,
-    /// Top-level field of event time, e.g. `timestamp`; empty for arrival
-    /// time. Default empty.
-    pub time: String,
-    /// Unit of `time`: `s` or `ms`. Default `s`.
-    pub time_unit: String,
-    /// Slice of time kept as one count/sum/min/max/sketch. Default `1s`.
-    pub pane: String,
-    /// Longest window a query may ask for. Default `1h`.
-    pub max_window: String,
-    /// How long after its pane ends an event is still taken; later ones are
-    /// counted and dropped. Default `5s`.
-    pub lateness: String,
-    /// Relative accuracy of quantiles, in percent (DDSketch). Default `1`.
-    pub accuracy_percent: String,
-    /// Publish each group's median to `<prefix>.median.<group>` this often;
-    /// empty: never. Default empty.
-    pub emit_every: String,
-    /// The window of event time those medians cover. Default `5s`.
-    pub emit_window: String,
-}
-
-impl Default for AggregateConfig {
-    fn default() -> Self {
-        Self {
-            name: String::new(),
-            group: String::new(),
-            value: String::new(),
-            time: String::new(),
-            time_unit: "s".into(),
-            pane: "1s".into(),
-            max_window: "1h".into(),
-            lateness: "5s".into(),
-            accuracy_percent: "1".into(),
-            emit_every: String::new(),
-            emit_window: "5s".into(),
-        }
-    }
-}
-
-impl AggregateConfig {
-    /// Checks the fields of the `i`th aggregate (`i` names it in errors).
-    ///
-    /// # Errors
-    ///
-    /// A [`ConfigError`] naming the first field that cannot be used.
-    pub fn validate(&self, i: usize) -> Result<AggregateSettings, ConfigError> {
-        let field = |name: &str| format!("aggregate[{i}].{name}");
-        let duration = |name: &str, value: &str, max: u64| {
-            parse_duration_ms(value)
-                .filter(|ms| (1..=max).contains(ms))
-                .ok_or_else(|| {
-                    ConfigError::field(&field(name), value, "a duration such as \"1s\", \"5m\", \"1h\"")
-                })
-        };
-        for (name, value) in [("group", &self.group), ("value", &self.value)] {
-            if value.is_empty() {
-                return Err(ConfigError::field(&field(name), value, "a top-level field name"));
-            }
-        }
-        let time_unit_ms = match self.time_unit.as_str() {
-            "s" => 1000,
-            "ms" => 1,
-            other => return Err(ConfigError::field(&field("time_unit"), other, "\"s\" or \"ms\"")),
-        };
-        let pane_ms = duration("pane", &self.pane, 3_600_000)?;
-        let max_window_ms = duration("max_window", &self.max_window, MAX_WINDOW_MS)?;
-        if max_window_ms / pane_ms > 1_000_000 {
-            return Err(ConfigError::field(
-                &field("max_window"),
-                &self.max_window,
-                "at most a million panes (make `pane` longer)",
-            ));
-        }
-        let lateness_ms = parse_duration_ms(&self.lateness).ok_or_else(|| {
-            ConfigError::field(&field("lateness"), &self.lateness, "a duration such as \"5s\"")
-        })?;
-        let alpha = self
-            .accuracy_percent
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|p| *p >= 0.01 && *p <= 50.0)
-            .ok_or_else(|| {
-                ConfigError::field(&field("accuracy_percent"), &self.accuracy_percent, "0.01 to 50")
-            })?
-            / 100.0;
-        let emit_every_ms = match self.emit_every.trim() {
-            "" => None,
-            every => Some(duration("emit_every", every, 3_600_000)?),
-        };
-        let emit_window_ms = duration("emit_window", &self.emit_window, max_window_ms)?;
-        Ok(AggregateSettings {
-            name: if self.name.is_empty() {
-                self.group.clone()
-            } else {
-                self.name.clone()
-            },
-            group: self.group.clone(),
-            value: self.value.clone(),
-            time: self.time.clone(),
-            time_unit_ms,
-            pane_ms,
-            max_window_ms,
-            lateness_ms,
-            alpha,
-            emit_every_ms,
-            emit_window_ms,
-        })
     }
 }
 
@@ -543,7 +277,6 @@ fn text_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::E
     })
 }
 
-/// Parses `"7d"`, `"5m"`, `"30s"`, `"1500ms"`, `"2h"` into milliseconds.
 const HOUR_MS: u64 = 3_600_000;
 
 /// A duration field of 1 ms up to `max_ms` (`max` as written), or an error
@@ -560,6 +293,7 @@ fn duration_field(
         .ok_or_else(|| ConfigError::field(name, value, &format!("1ms to {max}, e.g. \"{example}\"")))
 }
 
+/// Parses `"7d"`, `"5m"`, `"30s"`, `"1500ms"`, `"2h"` into milliseconds.
 pub fn parse_duration_ms(text: &str) -> Option<u64> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit())?;
@@ -631,7 +365,7 @@ impl Settings {
                 max_event_bytes: self.config.max_event_bytes,
                 max_id_bytes: self.config.max_id_bytes,
             },
-            capture: crate::stages::captured_fields(&self.aggregates),
+            capture: captured_fields(&self.aggregates),
         }
     }
 }
@@ -867,7 +601,7 @@ impl Config {
             ));
         }
         let node_id = if self.cluster.node_id.is_empty() {
-            crate::transport::discovery::instance_id()
+            made_up_node_id()
         } else {
             self.cluster.node_id.clone()
         };
@@ -901,6 +635,25 @@ impl Config {
             config: self,
         })
     }
+}
+
+/// A node id made up at start when `cluster.node_id` is empty: time and
+/// process id, base 36.
+pub fn made_up_node_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut n = nanos ^ (u128::from(std::process::id()) << 64);
+    let mut id = String::new();
+    while n > 0 && id.len() < 22 {
+        id.push(
+            char::from_digit((n % 36) as u32, 36)
+                .unwrap_or('0')
+                .to_ascii_uppercase(),
+        );
+        n /= 36;
+    }
+    id
 }
 
 #[cfg(test)]
@@ -1113,7 +866,7 @@ mod tests {
     fn the_shipped_configuration_file_states_the_defaults() {
         let shipped: Config = Figment::new()
             .merge(figment::providers::Toml::string(include_str!(
-                "../config/eventsieve.toml"
+                "../../config/eventsieve.toml"
             )))
             .extract()
             .expect("config/eventsieve.toml parses");

@@ -1,0 +1,171 @@
+//! `[[aggregate]]`: what the aggregate stage computes, as written
+//! ([`AggregateConfig`]) and checked ([`AggregateSettings`]).
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, parse_duration_ms};
+use crate::engine::table::MAX_WINDOW_MS;
+
+/// One `[[aggregate]]`: count, sum, min, max and quantiles of a numeric
+/// field per group, in panes of event time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregateConfig {
+    /// How queries name it (`"aggregate"`). Default: the `group` field.
+    pub name: String,
+    /// Top-level text field that groups events, e.g. `metric_name`. Required.
+    pub group: String,
+    /// Top-level numeric field aggregated, e.g. `metric_value`. Required.
+    /// An event without a number there is accepted and counted as skipped.
+    pub value: String,
+    /// Top-level field of event time, e.g. `timestamp`; empty for arrival
+    /// time. Default empty.
+    pub time: String,
+    /// Unit of `time`: `s` or `ms`. Default `s`.
+    pub time_unit: String,
+    /// Slice of time kept as one count/sum/min/max/sketch. Default `1s`.
+    pub pane: String,
+    /// Longest window a query may ask for. Default `1h`.
+    pub max_window: String,
+    /// How long after its pane ends an event is still taken; later ones are
+    /// counted and dropped. Default `5s`.
+    pub lateness: String,
+    /// Relative accuracy of quantiles, in percent (DDSketch). Default `1`.
+    pub accuracy_percent: String,
+    /// Publish each group's median to `<prefix>.median.<group>` this often;
+    /// empty: never. Default empty.
+    pub emit_every: String,
+    /// The window of event time those medians cover. Default `5s`.
+    pub emit_window: String,
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            group: String::new(),
+            value: String::new(),
+            time: String::new(),
+            time_unit: "s".into(),
+            pane: "1s".into(),
+            max_window: "1h".into(),
+            lateness: "5s".into(),
+            accuracy_percent: "1".into(),
+            emit_every: String::new(),
+            emit_window: "5s".into(),
+        }
+    }
+}
+
+impl AggregateConfig {
+    /// Checks the fields of the `i`th aggregate (`i` names it in errors).
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first field that cannot be used.
+    pub fn validate(&self, i: usize) -> Result<AggregateSettings, ConfigError> {
+        let field = |name: &str| format!("aggregate[{i}].{name}");
+        let duration = |name: &str, value: &str, max: u64| {
+            parse_duration_ms(value)
+                .filter(|ms| (1..=max).contains(ms))
+                .ok_or_else(|| {
+                    ConfigError::field(&field(name), value, "a duration such as \"1s\", \"5m\", \"1h\"")
+                })
+        };
+        for (name, value) in [("group", &self.group), ("value", &self.value)] {
+            if value.is_empty() {
+                return Err(ConfigError::field(&field(name), value, "a top-level field name"));
+            }
+        }
+        let time_unit_ms = match self.time_unit.as_str() {
+            "s" => 1000,
+            "ms" => 1,
+            other => return Err(ConfigError::field(&field("time_unit"), other, "\"s\" or \"ms\"")),
+        };
+        let pane_ms = duration("pane", &self.pane, 3_600_000)?;
+        let max_window_ms = duration("max_window", &self.max_window, MAX_WINDOW_MS)?;
+        if max_window_ms / pane_ms > 1_000_000 {
+            return Err(ConfigError::field(
+                &field("max_window"),
+                &self.max_window,
+                "at most a million panes (make `pane` longer)",
+            ));
+        }
+        let lateness_ms = parse_duration_ms(&self.lateness).ok_or_else(|| {
+            ConfigError::field(&field("lateness"), &self.lateness, "a duration such as \"5s\"")
+        })?;
+        let alpha = self
+            .accuracy_percent
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|p| *p >= 0.01 && *p <= 50.0)
+            .ok_or_else(|| {
+                ConfigError::field(&field("accuracy_percent"), &self.accuracy_percent, "0.01 to 50")
+            })?
+            / 100.0;
+        let emit_every_ms = match self.emit_every.trim() {
+            "" => None,
+            every => Some(duration("emit_every", every, 3_600_000)?),
+        };
+        let emit_window_ms = duration("emit_window", &self.emit_window, max_window_ms)?;
+        Ok(AggregateSettings {
+            name: if self.name.is_empty() {
+                self.group.clone()
+            } else {
+                self.name.clone()
+            },
+            group: self.group.clone(),
+            value: self.value.clone(),
+            time: self.time.clone(),
+            time_unit_ms,
+            pane_ms,
+            max_window_ms,
+            lateness_ms,
+            alpha,
+            emit_every_ms,
+            emit_window_ms,
+        })
+    }
+}
+
+/// One `[[aggregate]]` of the configuration, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateSettings {
+    /// How queries name it; the group field unless set.
+    pub name: String,
+    /// The top-level field whose text groups events (e.g. `metric_name`).
+    pub group: String,
+    /// The top-level numeric field aggregated (e.g. `metric_value`).
+    pub value: String,
+    /// The top-level field of event time; empty for arrival time.
+    pub time: String,
+    /// Milliseconds per unit of `time` (1000 for seconds, 1 for ms).
+    pub time_unit_ms: u64,
+    pub pane_ms: u64,
+    /// The longest window a query may ask for.
+    pub max_window_ms: u64,
+    pub lateness_ms: u64,
+    /// Relative accuracy of the quantile sketches.
+    pub alpha: f64,
+    /// Publish each group's median this often (`None`: never) ...
+    pub emit_every_ms: Option<u64>,
+    /// ... over this much of the latest event time.
+    pub emit_window_ms: u64,
+}
+
+/// The top-level fields the aggregates read, each once, in the order of
+/// the configuration: the batch path reads them with each line's key
+/// ([`crate::engine::dedup::EngineConfig::capture`]) and hands them over
+/// with the accepted lines.
+pub fn captured_fields(settings: &[AggregateSettings]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for s in settings {
+        for name in [&s.group, &s.value, &s.time] {
+            if !name.is_empty() && !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    names
+}
