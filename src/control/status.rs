@@ -76,7 +76,7 @@ pub async fn status_command(settings: &Settings, json: bool) -> Result<Vec<Strin
         ));
     }
     if settings.config.durability == Durability::Replicated {
-        let rows = crate::cluster::lease_table(&client, settings).await?;
+        let rows = lease_table(&client, settings).await?;
         if json {
             lines.push(json!({ "leases": rows }).to_string());
         } else {
@@ -118,6 +118,53 @@ fn shard_ranges(shards: &[u32]) -> String {
     } else {
         out.join(",")
     }
+}
+
+/// `eventsieve status` for a replicated cluster: per shard its owner, the
+/// lease's epoch, the journal sequence the owner last reported and the
+/// journal's last sequence (their difference: how far the lease's record
+/// trails, at most one renewal's worth of appends).
+///
+/// # Errors
+///
+/// If the bucket or the journal stream cannot be read.
+async fn lease_table(
+    client: &async_nats::Client,
+    settings: &crate::config::Settings,
+) -> Result<Vec<serde_json::Value>, String> {
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = &settings.config.kv_bucket;
+    let kv = js
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| format!("KV bucket {bucket:?}: {e}"))?;
+    let stream_name = &settings.config.cluster.journal_stream;
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| format!("journal stream {stream_name}: {e}"))?;
+    let prefix = &settings.config.subject_prefix;
+    let mut rows = Vec::new();
+    for shard in 0..settings.config.shards {
+        let lease: Option<crate::cluster::Lease> = kv
+            .get(crate::cluster::lease::shard_key(shard))
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|v| serde_json::from_slice(&v).ok());
+        let last = stream
+            .get_last_raw_message_by_subject(&format!("{prefix}.journal.{shard}"))
+            .await
+            .map_or(0, |m| m.sequence);
+        rows.push(match lease {
+            Some(l) => serde_json::json!({
+                "shard": shard, "owner": l.owner, "epoch": l.epoch, "since": l.since,
+                "journal_seq": l.journal_seq, "journal_last": last,
+                "journal_lag": last.saturating_sub(l.journal_seq),
+            }),
+            None => serde_json::json!({ "shard": shard, "owner": "", "journal_last": last }),
+        });
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -250,7 +250,7 @@ async fn gateway(
         .map_err(ServiceError::Http)?;
     let (stop, stopped) = watch::channel(false);
     let gateway = http::Gateway::new(ctx.clone(), settings.config.http_metrics, started);
-    let limits = http::Limits {
+    let limits = http::ConnectionLimits {
         header_timeout: Duration::from_millis(settings.http_header_timeout_ms),
         max_connections: http::connections(settings.config.http_max_connections),
     };

@@ -205,7 +205,7 @@ type Groups = HashMap<String, Panes, foldhash::fast::RandomState>;
 
 /// Events an aggregate took, and why it left others out.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub struct AggregateCounters {
     pub added: AtomicU64,
     /// Later than the lateness allows, or too far ahead of the clock.
     pub out_of_time: AtomicU64,
@@ -218,7 +218,7 @@ pub struct Counters {
 pub struct Aggregate {
     pub settings: AggregateSettings,
     groups: Mutex<Groups>,
-    pub counters: Counters,
+    pub counters: AggregateCounters,
 }
 
 impl Aggregate {
@@ -226,7 +226,7 @@ impl Aggregate {
         Self {
             settings,
             groups: Mutex::default(),
-            counters: Counters::default(),
+            counters: AggregateCounters::default(),
         }
     }
 

@@ -95,7 +95,7 @@ pub struct Stages {
     /// The fields the batch path reads for them (see [`captured_fields`]).
     captured: Vec<String>,
     /// What the pane log did (durability `replicated`).
-    pub replica: replica::Counters,
+    pub replica: replica::PaneLogCounters,
 }
 
 impl Stages {
@@ -106,7 +106,7 @@ impl Stages {
                 .map(|s| Arc::new(Aggregate::new(s.clone())))
                 .collect(),
             captured: captured_fields(settings),
-            replica: replica::Counters::default(),
+            replica: replica::PaneLogCounters::default(),
         }
     }
 

@@ -106,7 +106,7 @@ enum Adopted {
 
 /// What the pane log did, for the metrics.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub struct PaneLogCounters {
     /// Pane parts published.
     pub published: AtomicU64,
     /// Nodes gone whose panes this node adopted.

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
 use crate::nats::subjects::FENCE_PAYLOAD;
-use crate::transport::subscription::{Served, Work};
+use crate::transport::subscription::{Listener, Work};
 
 /// Bounds of how many messages past those already read the server may
 /// still send after the fence's UNSUB; each one not used by requests costs
@@ -46,7 +46,7 @@ const MAX_SLACK: u64 = 4096;
 const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Handles the messages already in the client's buffer.
-async fn take_buffered(served: &mut Served, work: &mut Work) {
+async fn take_buffered(served: &mut Listener, work: &mut Work) {
     while let Some(Some(message)) = served.sub.next().now_or_never() {
         served.handle(message, work).await;
     }
@@ -58,7 +58,7 @@ pub fn is_fence(message: &Message) -> bool {
 }
 
 /// Fences `served` and answers every request routed to it before the fence.
-pub async fn fence(served: &mut Served, fence_subject: &Subject, work: &mut Work) {
+pub async fn fence(served: &mut Listener, fence_subject: &Subject, work: &mut Work) {
     let client = served.ctx.client.clone();
     // Empty the client's buffer first, so the slack covers only what is in
     // transit; then measure what arrives in a round trip, and for at least

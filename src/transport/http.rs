@@ -65,7 +65,7 @@ impl Gateway {
 /// How the gateway bounds its connections: every outside input has a
 /// deadline and a bound.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct ConnectionLimits {
     /// Longest a connection may take to send a request's headers, and may
     /// stay idle between requests (hyper's header read timer covers both).
     pub header_timeout: Duration,
@@ -78,7 +78,7 @@ pub struct Limits {
 pub async fn serve(
     listener: TcpListener,
     gateway: Gateway,
-    limits: Limits,
+    limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let ctx = &gateway.ctx;

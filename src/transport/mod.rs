@@ -34,14 +34,14 @@ pub const ACCEPTED: &[u8] = br#"{"accepted":true}"#;
 pub const DUPLICATE: &[u8] = br#"{"accepted":false}"#;
 
 /// Subscribes to `kind`'s subject (in its queue group, if any).
-async fn subscribe(ctx: &Arc<Shared>, kind: Kind) -> Result<(subscription::Served, Subject), NatsError> {
+async fn subscribe(ctx: &Arc<Shared>, kind: Kind) -> Result<(subscription::Listener, Subject), NatsError> {
     let (subject, queue, fence_subject) = kind.subjects(&ctx.subjects);
     let sub = match queue {
         Some(q) => ctx.client.queue_subscribe(subject.clone(), q).await,
         None => ctx.client.subscribe(subject.clone()).await,
     }
     .map_err(|e| NatsError::Subscribe(format!("{subject}: {e}")))?;
-    let served = subscription::Served {
+    let served = subscription::Listener {
         ctx: ctx.clone(),
         kind,
         sub,

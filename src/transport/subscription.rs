@@ -88,7 +88,7 @@ impl Kind {
 }
 
 /// A subscription being served.
-pub struct Served {
+pub struct Listener {
     pub(crate) ctx: Arc<Shared>,
     pub(crate) kind: Kind,
     pub(crate) sub: async_nats::Subscriber,
@@ -193,7 +193,7 @@ pub fn kinds(owned: &[u32], shards: u32) -> Vec<Kind> {
 
 /// Serves `served` until `stop` changes; then fences it and answers every
 /// request routed to it before the fence.
-pub async fn serve(mut served: Served, fence_subject: Subject, mut stop: watch::Receiver<bool>) {
+pub async fn serve(mut served: Listener, fence_subject: Subject, mut stop: watch::Receiver<bool>) {
     let mut work = Work::default();
     loop {
         tokio::select! {
@@ -214,7 +214,7 @@ pub async fn serve(mut served: Served, fence_subject: Subject, mut stop: watch::
     work.finish(&served.ctx).await;
 }
 
-impl Served {
+impl Listener {
     /// Counts `message` (the fence relies on the count) and handles it.
     pub(crate) async fn handle(&mut self, message: Message, work: &mut Work) {
         let started = Instant::now();
