@@ -4,28 +4,39 @@
 //! requests (or HTTP posts); eventsieve answers whether the id is new within a rolling window
 //! and republishes new events for downstream consumers.
 //!
-//! The layers, from the bottom up; each imports only those listed above it:
+//! The layers, from the bottom up. A module imports only from its own
+//! layer and those above it in this table (`tests/layers.rs` holds the
+//! code to it):
 //!
 //! | module | role |
 //! |---|---|
-//! | [`engine`] | the pure core: event parsing, shard, fingerprint, table, batch format, [`Deduplicator`] |
+//! | [`engine`] | the pure core: event parsing, shard, fingerprint, table, pending commits, batch format, [`Deduplicator`] |
 //! | [`observe`] | counters, the Prometheus endpoint, logging |
-//! | [`journal`] | the durable log of accepted ids (trait, LMDB, in-memory) and its group-commit writer |
-//! | [`pipeline`] | the verdict path without transport: ownership → check-and-insert → commit → accepted hook |
-//! | [`transport`] | NATS subscriptions, replies, forwarding, republish (core or JetStream), fences, discovery; the HTTP gateway |
-//! | [`cluster`] | `durability = "replicated"`: shard leases in the KV bucket, the JetStream journal, takeover and handover |
+//! | [`config`] | figment: defaults < TOML file < `EVENTSIEVE_*` variables, one file per section |
+//! | [`nats`] | the connection to NATS: options and connecting, every subject, the KV bucket |
+//! | [`journal`] | the durable log of accepted ids (trait, LMDB, in-memory, JetStream stream) and its group-commit writer |
+//! | [`pipeline`] | the verdict path without transport: ownership → check-and-insert → commit → stages → output; the tables' upkeep |
+//! | [`output`] | where accepted events leave: core NATS after the commit, JetStream before it |
+//! | [`shared`] | what the parts of a running sidecar share: pipeline, request budget, connection |
+//! | [`transport`] | NATS subscriptions, replies, forwarding, fences, discovery; the HTTP gateway |
+//! | [`cluster`] | `durability = "replicated"`: shard leases, the keeper's takeovers and handovers, membership |
+//! | [`stages`] | stages over the accepted events: aggregates, their queries, snapshot and replicated pane log |
+//! | [`control`] | the operator's commands at run time: window, status (responder and CLI side of each) |
 //! | [`service`] | the composition root: start in order, stop in order |
 //! | [`cli`] | the `eventsieve` command line |
 //!
-//! [`config`] (figment: defaults < TOML file < `EVENTSIEVE_*` variables)
-//! reads only engine types; the transport and the service read it.
+//! Two ways a request takes:
 //!
-//! A request's way: `transport::nats::subscription` receives it →
-//! `pipeline::Pipeline::decide` keys it (`engine::event`), checks ownership
-//! (`pipeline::ownership`) and the table (`engine::table`) → the writer
-//! (`journal::writer`) commits it to the journal (`journal::lmdb`) →
-//! `pipeline::Pipeline::finish` calls the hook (republish) → the
-//! subscription replies.
+//! - NATS, one event: `transport::subscription` receives it →
+//!   `pipeline::Pipeline::decide` keys it (`engine::event`), checks
+//!   ownership (`pipeline::ownership`) and the table (`engine::dedup`) → the
+//!   writer (`journal::writer`) commits it to the journal (`journal::lmdb`)
+//!   → `pipeline::Pipeline::finish` hands it to the stages (`stages`) and
+//!   the output (`output::core_nats`) → `transport::subscription::answer`
+//!   replies.
+//! - HTTP: `transport::http` takes the post → the same `decide`/`finish`,
+//!   or, for a shard owned elsewhere, `transport::forward::request` to its
+//!   owner over NATS → a status code and the same body.
 //!
 //! The engine alone, without NATS:
 //!

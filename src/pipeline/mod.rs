@@ -46,7 +46,7 @@ pub trait Stage: Send + Sync + 'static {
 }
 
 /// The last stage: where accepted events leave the sidecar once their ids
-/// are durable (see [`crate::output`]). Called per request and shard, in
+/// are durable (the `output` module holds one per kind). Called per request and shard, in
 /// the order the events were accepted.
 pub trait Output: Send + Sync + 'static {
     fn accepted(&self, shard: u32, events: Accepted<'_>) -> impl Future<Output = ()> + Send;
