@@ -2,9 +2,10 @@
 //! environment variables (`__` separates nesting: `EVENTSIEVE_NATS__URL`).
 //!
 //! Every field, its default and its unit is documented here (one file per
-//! section: [`nats`] for `[nats]`, [`cluster`] for `[cluster]`,
-//! [`aggregate`] for `[[aggregate]]`) and in `config/eventsieve.toml`. [`Config::load`] fails with a message naming the
-//! field and the accepted values; the binary exits with status 2 then.
+//! section: [`nats_config`] for `[nats]`, [`cluster_config`] for
+//! `[cluster]`, [`aggregate_config`] for `[[aggregate]]`) and in
+//! `config/eventsieve.toml`. [`Config::load`] fails with a message naming
+//! the field and the accepted values; the binary exits with status 2 then.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,13 +21,13 @@ use crate::engine::fingerprint::segments_per_shard;
 use crate::engine::key::KeySpec;
 use crate::engine::table::MAX_WINDOW_MS;
 
-mod aggregate;
-mod cluster;
-mod nats;
+pub mod aggregate_config;
+pub mod cluster_config;
+pub mod nats_config;
 
-pub use aggregate::{AggregateConfig, AggregateSettings, captured_fields};
-pub use cluster::ClusterConfig;
-pub use nats::{NatsConfig, Secret, redact_urls};
+pub use aggregate_config::{AggregateConfig, AggregateSettings, captured_fields};
+pub use cluster_config::ClusterConfig;
+pub use nats_config::{NatsConfig, Secret, redact_urls};
 
 /// Where the TOML file is looked for when no `--config` is given.
 pub const DEFAULT_PATH: &str = "config/eventsieve.toml";

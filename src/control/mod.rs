@@ -124,8 +124,8 @@ const GATHER_WAIT: Duration = Duration::from_secs(2);
 const GATHER_QUIET: Duration = Duration::from_millis(300);
 
 /// Sends `payload` to `subject`, which every sidecar receives, and gathers
-/// the replies: until [`GATHER_QUIET`] passes without one, at most
-/// [`GATHER_WAIT`].
+/// the replies: until `GATHER_QUIET` passes without one, at most
+/// `GATHER_WAIT`.
 ///
 /// # Errors
 ///

@@ -270,7 +270,7 @@ impl Deduplicator {
     }
 
     /// The verdict for a fingerprint in a shard at `now_ms`; every
-    /// [`SWEEP_EVERY`] calls the shard also reclaims one segment.
+    /// `SWEEP_EVERY` calls the shard also reclaims one segment.
     pub fn check_and_insert_fp(&self, shard: u32, fp: Fingerprint, now_ms: u64) -> Verdict {
         let mut table = self.table(shard);
         let verdict = table.check_and_insert(fp, now_ms);

@@ -38,7 +38,7 @@
 //! free slot in either bucket: preferably one whose entry is dead or
 //! removed (so expired entries make room in place), else a never-used one in
 //! the emptier bucket. When both buckets hold live entries only, it moves an
-//! entry to its other bucket, and so on for at most [`MAX_KICKS`] moves;
+//! entry to its other bucket, and so on for at most `MAX_KICKS` moves;
 //! after that the segment grows.
 //!
 //! An entry is *alive* while `now - born < window`. Expired entries are not
@@ -332,7 +332,7 @@ impl Segment {
     /// Stores `tag` (known to be absent): in a free slot of one of its two
     /// buckets, preferring a reusable slot, then the emptier bucket; when
     /// both are full, by moving entries to their other bucket (cuckoo
-    /// hashing), at most [`MAX_KICKS`] times. On failure the entry left
+    /// hashing), at most `MAX_KICKS` times. On failure the entry left
     /// without a slot (`tag` itself or one it displaced) is returned.
     fn insert(&mut self, tag: u64, born: Born, now: u64, window: u64) -> Result<(), (u64, Born)> {
         let (b1, b2) = buckets_of(tag, self.buckets.len());

@@ -1,56 +1,23 @@
-//! The durable log of accepted ids in LMDB (through heed).
+//! The durable log of accepted ids in LMDB (through heed). Why it is laid
+//! out this way, and what its checksums and `fsync` guard against: README,
+//! "The local store".
 //!
-//! One database, `log`, holds the ids a group commit accepted for one shard
-//! as one chunk:
+//! - `log`: one chunk per shard per group commit; key `newest arrival ms
+//!   (u64 BE) ‖ sequence (u32 BE) ‖ shard (u16 BE)`, value per id
+//!   `fingerprint (16 bytes) ‖ age (u32 BE, ms before the newest arrival)`,
+//!   then a checksum (XXH3-64 of the entries, seeded with XXH3-64 of the
+//!   key). Time first: a commit appends at the end of the B-tree, expiry is
+//!   one range delete at the start.
+//! - `meta`: store format, shard count, fingerprint version, window; a
+//!   store of another format, shard count or fingerprint does not open.
+//! - `forgotten`: key `shard (u16 BE) ‖ fingerprint`, value `when (u64 BE
+//!   ms) ‖ checksum`; a scan skips an id accepted at or before it; an entry
+//!   goes once older than the window.
 //!
-//! - key: `newest arrival ms (u64 BE) ‖ sequence (u32 BE) ‖ shard (u16 BE)`
-//! - value: for each id, `fingerprint (16 bytes) ‖ age (u32 BE, ms before
-//!   the newest arrival)`, then a checksum of the chunk (8 bytes: XXH3-64 of
-//!   the entries, seeded with XXH3-64 of the key)
-//!
-//! Keys are ordered by time first, so a commit appends at the end of the
-//! B-tree: it dirties the last leaf page and the path to it, whatever the
-//! number of shards it covers (format 3 ordered by shard first and dirtied
-//! a leaf page per shard per commit, 32 pages a millisecond under load).
-//! Expiry is one range delete at the start (a chunk goes once its newest id
-//! has expired); rebuilding tables is one range scan over the window,
-//! keeping the chunks of the shards asked for. One B-tree insert per shard
-//! per commit, instead of one per id, keeps the writer cheap at millions of
-//! ids per second. A second
-//! database, `meta`, records what the keys mean: store format, shard count,
-//! fingerprint version and the window; opening a store written under a
-//! different format, shard count or fingerprint is an error (the window may
-//! change: a larger one reaches back as far as entries were retained).
-//!
-//! A third database, `forgotten`, holds the ids an operator forgot:
-//! key `shard (u16 BE) ‖ fingerprint (16 bytes)`, value `when (u64 BE ms) ‖
-//! checksum (8 bytes, as for chunks)`. A scan skips an id accepted at or
-//! before its forgetting; an entry goes once it is older than the window
-//! (every id it could hide has expired by then).
-//!
-//! Only one writer (the service's commit thread) writes; every commit is
-//! one transaction covering a whole group of ids (group commit).
-//!
-//! # Damage
-//!
-//! LMDB protects against torn writes and crashes of the process (copy-on-
-//! write pages, two meta pages), not against bytes changed under it on disk
-//! (a bad disk, a stray write by another program): it trusts its pages, so a
-//! damaged B-tree page can make a read return garbage or crash the reading
-//! process. The checksum of each chunk turns damaged ids into a clear
-//! [`JournalErrorKind::Corrupt`] error at recovery instead of ids silently
-//! forgotten (and accepted twice); [`verify`] reads every chunk and is what
-//! `eventsieve store verify` runs, in a process of its own, before the
-//! sidecar opens its store, so that a page that crashes LMDB takes down the
-//! check, not the service.
-//!
-//! Durability: by default the environment is opened with `NO_SYNC`, so a
-//! commit reaches the operating system's page cache but not the disk. LMDB's
-//! documentation says what that costs: a crash of the *system* (power, kernel)
-//! can lose the last commits and may leave the database corrupted; a crash of
-//! the *process* cannot, because the pages are already in the kernel. With
-//! `fsync = true` each commit is flushed to disk before it counts. A clean
-//! shutdown calls [`Journal::sync`] either way.
+//! One writer, one transaction per group commit. A damaged chunk is a
+//! [`JournalErrorKind::Corrupt`] error at recovery; [`verify`] reads every
+//! chunk (`eventsieve store verify`, run in a process of its own before
+//! the sidecar opens the store).
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};

@@ -3,13 +3,13 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`start`] | connect, open the journal, build the pipeline, subscribe, recover, serve |
+//! | [`start`](mod@start) | connect, open the journal, build the pipeline, subscribe, recover, serve |
 //! | [`replicated`] | `durability = "replicated"`: the journal stream and its local copy, the lease keeper |
 //! | [`stop`] | fence, answer, commit, flush, within `shutdown_timeout` |
 
-mod replicated;
-mod start;
-mod stop;
+pub mod replicated;
+pub mod start;
+pub mod stop;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,52 +1,20 @@
-//! Aggregates that outlive their node (`durability = "replicated"`).
+//! Aggregates that outlive their node (`durability = "replicated"`): each
+//! node publishes the panes that changed every [`CHECKPOINT_EVERY`] to the
+//! stream `cluster.panes_stream`, on
+//! `<prefix>.panes.<node>.<aggregate hash>.<pane>.<part>` (one message per
+//! subject kept: the whole pane of every group of the part, `part` of
+//! [`super::aggregate::PARTS`]). The KV key `panes.<node>` says who holds
+//! a node's panes: `"own"`, or another node `"adopting"`/`"adopted"`,
+//! written on the revision read.
 //!
-//! Panes are kept per node (see [`super::aggregate`]): an event counts in
-//! the panes of the node that accepted it, and a query merges every node's.
-//! So that a node's panes do not die with it, each node publishes the panes
-//! that changed, every [`CHECKPOINT_EVERY`], to the JetStream stream
-//! `cluster.panes_stream` on
-//! `<prefix>.panes.<node>.<aggregate>.<pane>.<part>` (`<aggregate>`: a
-//! hash of its name; `<part>`: of the group's, modulo
-//! [`super::aggregate::PARTS`]). Each message holds the whole pane of
-//! every group of its part, and the stream keeps one message per subject:
-//! a node's subjects hold its panes as of its last checkpoint, however
-//! often a pane was published.
+//! - Start: claim our subjects, merge what they hold.
+//! - Every [`ADOPT_EVERY`]: adopt the panes of nodes without a heartbeat
+//!   (claim, read, purge, mark adopted, then merge and publish in full).
+//! - Publish only with a fresh heartbeat; a node that finds its panes
+//!   adopted drops its own and claims its subjects again.
 //!
-//! **Claims.** The key `panes.<node>` of the KV bucket says who holds a
-//! node's published panes: `{"by": <node>, "state": "own"}` (the node
-//! itself), `"adopting"` or `"adopted"` (another node). It is written on
-//! the revision read, so of two nodes that want the same panes one wins.
-//!
-//! - **Start**: a node claims its own subjects and merges what they hold
-//!   (its panes before a restart). Panes an adopter is taking are waited
-//!   for.
-//! - **Adoption**: every [`ADOPT_EVERY`], a node looks for claims
-//!   `"own"` (written more than two lease TTLs ago, so not by a node still
-//!   starting) of nodes without a heartbeat. It claims their subjects
-//!   (`"adopting"`), reads them into panes of its own, purges the
-//!   subjects, marks the claim
-//!   `"adopted"` on the revision it wrote, and only then merges what it
-//!   read into its panes and publishes them in full at its next
-//!   checkpoint. A crash in between loses the adopted panes; it never
-//!   counts them twice.
-//! - **Publishing** happens only while this node's heartbeat is fresh
-//!   (written within two thirds of the lease TTL, the rule the journal's
-//!   appends follow); a node is adopted only once its heartbeat expired.
-//!   Each checkpoint first reads the claim: a node that finds its panes
-//!   adopted (it was stopped past the TTL and woke up) drops its panes,
-//!   which the adopter holds up to its last checkpoint, and claims its
-//!   subjects again.
-//!
-//! **What a node loss costs**: the updates since its last checkpoint:
-//! [`CHECKPOINT_EVERY`] plus the time a checkpoint takes, none at a clean
-//! stop (it checkpoints
-//! before it removes its heartbeat). Until a live node adopts the panes
-//! (one [`ADOPT_EVERY`] after the heartbeat expires), queries lack them and
-//! say so (`"partial":true,"missing_nodes":[..]`).
-//! A node whose heartbeat lapsed (it was stopped, or cut off) leaves its
-//! panes out of every query it answers or joins, and says it is missing,
-//! until a checkpoint has read its claim again: so a node woken after
-//! being adopted never counts its old panes beside the adopter's.
+//! Why this order loses at most one checkpoint's updates and never counts
+//! a pane twice: README, "Aggregates across nodes".
 
 use std::collections::HashMap;
 use std::sync::Arc;

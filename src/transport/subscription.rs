@@ -8,7 +8,7 @@
 //! the order it was given ids, so a subscription's waiting events settle in
 //! its queue's order: the task waits on the oldest only, then answers every
 //! event behind it that has settled too. Batches and forwards get a task
-//! each, at most [`MAX_TASKS`] per subscription.
+//! each, at most `MAX_TASKS` per subscription.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -153,7 +153,7 @@ impl Work {
         }
     }
 
-    /// Runs `task`, first waiting while [`MAX_TASKS`] are running.
+    /// Runs `task`, first waiting while `MAX_TASKS` are running.
     async fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         while self.tasks.len() >= MAX_TASKS {
             self.tasks.join_next().await;
