@@ -236,6 +236,46 @@ pub fn field_capturing<'a>(
     top_field(event, name, limits, capture, seen).map_err(|e| e.about(name))
 }
 
+/// Reads the top-level fields `capture` of `event` into `seen` (one
+/// each, the first occurrence), as [`field_capturing`] does beside a key:
+/// the one reader of top-level fields, for events read again after their
+/// key (the stages). False if `event` is not a JSON object.
+pub fn capture<S: AsRef<str>>(event: &[u8], capture: &[S], seen: &mut [Seen]) -> bool {
+    seen.fill(Seen::Missing);
+    let mut de = serde_json::Deserializer::from_slice(event);
+    let top = TopVisitor {
+        name: None,
+        capture,
+        seen,
+        base: event.as_ptr() as usize,
+    }
+    .deserialize(&mut de)
+    .and_then(|top| de.end().map(|()| top));
+    matches!(top, Ok(TopLevel::Object { .. }))
+}
+
+/// The first top-level text field `name` of `event`, decoded: what a
+/// [`Seen::Escaped`] holds. `None` if it is absent or not text, or
+/// `event` is not a JSON object.
+pub fn text<'a>(event: &'a [u8], name: &str) -> Option<Cow<'a, str>> {
+    let mut de = serde_json::Deserializer::from_slice(event);
+    let top = TopVisitor::<String> {
+        name: Some(name),
+        capture: &[],
+        seen: &mut [],
+        base: event.as_ptr() as usize,
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    match top {
+        TopLevel::Object {
+            ids: 1..,
+            id: IdValue::Text(text),
+        } => Some(text),
+        _ => None,
+    }
+}
+
 fn top_field<'a>(
     event: &'a [u8],
     name: &str,
@@ -252,7 +292,7 @@ fn top_field<'a>(
     let mut de = serde_json::Deserializer::from_str(text);
     seen.fill(Seen::Missing);
     let top = TopVisitor {
-        name,
+        name: Some(name),
         capture,
         seen,
         base: event.as_ptr() as usize,
@@ -322,15 +362,16 @@ enum IdValue<'a> {
 
 /// Reads the top level, looking for the key it names, and capturing the
 /// fields `capture` into `seen`.
-struct TopVisitor<'n, 's> {
-    name: &'n str,
-    capture: &'n [String],
+struct TopVisitor<'n, 's, S> {
+    /// The key looked for; `None` to capture only.
+    name: Option<&'n str>,
+    capture: &'n [S],
     seen: &'s mut [Seen],
     /// Where the event starts in memory, for the offsets of texts.
     base: usize,
 }
 
-impl<'de> DeserializeSeed<'de> for TopVisitor<'_, '_> {
+impl<'de, S: AsRef<str>> DeserializeSeed<'de> for TopVisitor<'_, '_, S> {
     type Value = TopLevel<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
@@ -362,7 +403,7 @@ macro_rules! answer_scalars {
     };
 }
 
-impl<'de> Visitor<'de> for TopVisitor<'_, '_> {
+impl<'de, S: AsRef<str>> Visitor<'de> for TopVisitor<'_, '_, S> {
     type Value = TopLevel<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -388,7 +429,7 @@ impl<'de> Visitor<'de> for TopVisitor<'_, '_> {
                     ids = 1;
                     id = map.next_value::<IdValue<'de>>()?;
                     // The key field is a captured one too.
-                    if let Some(k) = self.capture.iter().position(|c| c == self.name) {
+                    if let Some(k) = self.capture.iter().position(|c| Some(c.as_ref()) == self.name) {
                         self.seen[k] = match &id {
                             IdValue::Text(Cow::Borrowed(text)) => seen_text(text, self.base),
                             IdValue::Text(Cow::Owned(_)) => Seen::Escaped,
@@ -422,13 +463,21 @@ enum KeyWhich {
 
 /// Deserializes a key to "is it the one named, or a captured one?",
 /// without allocating.
-#[derive(Clone, Copy)]
-struct KeyIs<'n> {
-    name: &'n str,
-    capture: &'n [String],
+struct KeyIs<'n, S> {
+    name: Option<&'n str>,
+    capture: &'n [S],
 }
 
-impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+// Copy whatever `S` is: it holds only references.
+impl<S> Clone for KeyIs<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<S> Copy for KeyIs<'_, S> {}
+
+impl<'de, S: AsRef<str>> DeserializeSeed<'de> for KeyIs<'_, S> {
     type Value = KeyWhich;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<KeyWhich, D::Error> {
@@ -436,7 +485,7 @@ impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for KeyIs<'_> {
+impl<'de, S: AsRef<str>> Visitor<'de> for KeyIs<'_, S> {
     type Value = KeyWhich;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -444,9 +493,9 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<KeyWhich, E> {
-        Ok(if key == self.name {
+        Ok(if Some(key) == self.name {
             KeyWhich::Id
-        } else if let Some(k) = self.capture.iter().position(|c| c == key) {
+        } else if let Some(k) = self.capture.iter().position(|c| c.as_ref() == key) {
             KeyWhich::Capture(k)
         } else {
             KeyWhich::Other

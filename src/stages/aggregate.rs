@@ -263,32 +263,9 @@ impl Aggregate {
         let (Some(g), Some(v)) = (at(&s.group), at(&s.value)) else {
             return self.observe(events.map(|(e, _)| e), now_ms);
         };
-        let t = at(&s.time);
+        let t = at(&s.time).unwrap_or(0);
         let wanted = self.wanted();
-        let number = |seen: Seen| match seen {
-            Seen::Missing => Field::Missing,
-            Seen::Number(x) => Field::Found(x),
-            _ => Field::Wrong,
-        };
-        let found = events.map(move |(event, seen)| {
-            let group = match seen[g] {
-                Seen::Missing => Field::Missing,
-                Seen::Text { start, end } => {
-                    match event.get(start as usize..end as usize).map(std::str::from_utf8) {
-                        Some(Ok(text)) => Field::Found(std::borrow::Cow::Borrowed(text)),
-                        _ => return fields::read(event, wanted),
-                    }
-                }
-                // Escapes to decode: read again.
-                Seen::Escaped => return fields::read(event, wanted),
-                Seen::Number(_) | Seen::Other => Field::Wrong,
-            };
-            Some(Found {
-                group,
-                value: number(seen[v]),
-                time: t.map_or(Field::Missing, |t| number(seen[t])),
-            })
-        });
+        let found = events.map(move |(event, seen)| Some(fields::found(event, seen, [g, v, t], wanted)));
         self.add_found(found, now_ms);
     }
 
