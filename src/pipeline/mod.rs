@@ -288,7 +288,7 @@ pub struct Pipeline<O> {
     /// Where accepted events go last.
     output: O,
     /// The output that must take new events before their commit, if any.
-    ahead: Option<Arc<dyn PublishFirst>>,
+    publish_first: Option<Arc<dyn PublishFirst>>,
     /// Verdict counters.
     metrics: Arc<Metrics>,
 }
@@ -307,15 +307,15 @@ impl<O: Output> Pipeline<O> {
             writer,
             stages: Vec::new(),
             output,
-            ahead: None,
+            publish_first: None,
             metrics,
         }
     }
 
-    /// New events go to `ahead`, and are acknowledged there, before their
+    /// New events go to `first`, and are acknowledged there, before their
     /// ids are committed.
-    pub fn with_publish_first(mut self, ahead: Arc<dyn PublishFirst>) -> Self {
-        self.ahead = Some(ahead);
+    pub fn with_publish_first(mut self, first: Arc<dyn PublishFirst>) -> Self {
+        self.publish_first = Some(first);
         self
     }
 
@@ -382,11 +382,11 @@ impl<O: Output> Pipeline<O> {
             born_ms: now,
             fingerprint,
         };
-        match (&self.ahead, &self.writer) {
-            (Some(ahead), writer) => {
+        match (&self.publish_first, &self.writer) {
+            (Some(first), writer) => {
                 // Published and acknowledged first, then committed: in a
                 // task of its own, so that events behind it proceed too.
-                let publish = ahead.publish(shard, &keyed.id, event.clone());
+                let publish = first.publish(shard, &keyed.id, event.clone());
                 let writer = writer.clone();
                 // Set to `Stopped` should the task end without setting it
                 // or handing it to the writer.
@@ -424,7 +424,7 @@ impl<O: Output> Pipeline<O> {
     /// Whether new ids become durable after they are decided (so twins
     /// must wait for that): with a writer or an output ahead of it.
     fn tracks(&self) -> bool {
-        self.writer.is_some() || self.ahead.is_some()
+        self.writer.is_some() || self.publish_first.is_some()
     }
 
     /// Waits for `pending`'s commit; then hands `event` to the stages and the output and
@@ -490,7 +490,7 @@ impl<O: Output> Pipeline<O> {
         self.metrics.duplicates.fetch_add(d.duplicates, Relaxed);
         if let Some(writer) = &self.writer
             && !d.new.is_empty()
-            && self.ahead.is_none()
+            && self.publish_first.is_none()
         {
             // A refused submission sets the cells itself.
             let _ = writer
@@ -522,8 +522,8 @@ impl<O: Output> Pipeline<O> {
             seen,
             ..
         } = pending;
-        if let Some(ahead) = &self.ahead {
-            self.publish_ahead(ahead.as_ref(), &new, &settles, &lines, body)
+        if let Some(first) = &self.publish_first {
+            self.publish_batch_first(first.as_ref(), &new, &settles, &lines, body)
                 .await;
         }
         let mut ranges = Vec::new();
@@ -661,14 +661,14 @@ impl<O: Output> Pipeline<O> {
         Admin::Known(Some(since))
     }
 
-    /// Publishes the new lines of a batch to `ahead`, all at once, and
+    /// Publishes the new lines of a batch to `first`, all at once, and
     /// waits for every acknowledgement; then submits each shard whose
     /// lines were all taken, and fails the others as a whole (their
     /// published lines are dropped by the stream as repeats when the
     /// producer retries).
-    async fn publish_ahead(
+    async fn publish_batch_first(
         &self,
-        ahead: &dyn PublishFirst,
+        first: &dyn PublishFirst,
         new: &[(usize, Record)],
         settles: &[Signal],
         lines: &[Range<usize>],
@@ -683,7 +683,7 @@ impl<O: Output> Pipeline<O> {
                 .key(&event)
                 .map(|k| k.id.into_owned())
                 .unwrap_or_default();
-            ahead.publish(record.shard, &id, event)
+            first.publish(record.shard, &id, event)
         });
         let mut results = futures_util::future::join_all(publishes).await.into_iter();
         let (mut records, mut taken) = (Vec::new(), Vec::new());
