@@ -16,6 +16,7 @@
 //! | [`nats`] | the connection to NATS: options and connecting, every subject, the KV bucket |
 //! | [`journal`] | the durable log of accepted ids (trait, LMDB, in-memory, JetStream stream) and its group-commit writer |
 //! | [`pipeline`] | the verdict path without transport: ownership → check-and-insert → commit → stages → output; the tables' upkeep |
+//! | [`route`] | routing rules: CEL conditions, compiled or interpreted, the set in force swapped whole |
 //! | [`output`] | where accepted events leave: core NATS after the commit, JetStream before it |
 //! | [`shared`] | what the parts of a running sidecar share: pipeline, request budget, connection |
 //! | [`transport`] | NATS subscriptions, replies, forwarding, fences, discovery; the HTTP gateway |
@@ -59,6 +60,7 @@ pub mod nats;
 pub mod observe;
 pub mod output;
 pub mod pipeline;
+pub mod route;
 pub mod service;
 pub mod shared;
 pub mod stages;

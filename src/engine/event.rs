@@ -208,8 +208,10 @@ pub fn field<'a>(event: &'a [u8], name: &str, limits: &Limits) -> Result<Cow<'a,
 pub enum Seen {
     #[default]
     Missing,
-    /// Present, neither text nor a finite number.
+    /// Present: an object, an array, or a number out of range.
     Other,
+    Null,
+    Bool(bool),
     Number(f64),
     /// Text without escapes: its bytes `start..end` in the event.
     Text {
@@ -549,11 +551,11 @@ impl<'de> Visitor<'de> for SeenSeed {
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seen, E> {
         Ok(Seen::Number(v as f64))
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Seen, E> {
-        Ok(Seen::Other)
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Seen, E> {
+        Ok(Seen::Bool(b))
     }
     fn visit_unit<E: de::Error>(self) -> Result<Seen, E> {
-        Ok(Seen::Other)
+        Ok(Seen::Null)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Seen, A::Error> {
         IgnoredAny.visit_seq(seq).map(|_| Seen::Other)

@@ -65,7 +65,7 @@ pub fn found<'a>(event: &'a [u8], seen: &[Seen], at: [usize; 3], wanted: Wanted<
             _ => event::text(event, wanted.group).map_or(Field::Wrong, Field::Found),
         },
         Seen::Escaped => event::text(event, wanted.group).map_or(Field::Wrong, Field::Found),
-        Seen::Number(_) | Seen::Other => Field::Wrong,
+        Seen::Number(_) | Seen::Bool(_) | Seen::Null | Seen::Other => Field::Wrong,
     };
     Found {
         group,
