@@ -52,6 +52,16 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<WindowCommand>,
     },
+    /// The routing rules kept in the KV bucket (every sidecar follows
+    /// them): print, set, or try them on events.
+    Rules {
+        /// TOML configuration file (for NATS, the bucket, the shards), as
+        /// for `run`.
+        #[arg(long, short, value_name = "PATH", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Print every sidecar's shards, window and tables.
     Status {
         /// TOML configuration file (for NATS), as for `run`.
@@ -82,6 +92,22 @@ pub enum WindowCommand {
     },
     /// Go back to each sidecar's configured window.
     Reset,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Print the set kept in the bucket.
+    Get,
+    /// Check the set in FILE as the sidecars will, then put it in the
+    /// bucket; a set with a problem is refused and nothing changes.
+    Set {
+        /// The rule set: `default`, `error_subject` and `[[rule]]`s, in
+        /// TOML (as `[routing]` of the configuration) or JSON.
+        file: PathBuf,
+    },
+    /// Print where each event of EVENTS (one JSON object a line) would go
+    /// under the set in FILE, and which rules it matches; changes nothing.
+    Test { file: PathBuf, events: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +245,28 @@ pub fn main(cli: Cli) -> ExitCode {
                 .await
                 .map_err(|e| (1, e))?;
             Ok(lines)
+        }),
+        Command::Rules { config, command } => with_settings(config.as_deref(), |settings| async move {
+            let read = |path: &std::path::Path| {
+                std::fs::read_to_string(path).map_err(|e| (EXIT_CONFIG, format!("{}: {e}", path.display())))
+            };
+            match command {
+                RulesCommand::Get => control::rules::rules_get(&settings)
+                    .await
+                    .map(|text| vec![text])
+                    .map_err(|e| (1, e)),
+                RulesCommand::Set { file } => {
+                    let text = read(&file)?;
+                    control::rules::rules_set(&settings, &text)
+                        .await
+                        .map(|done| vec![done])
+                        .map_err(|e| (1, e))
+                }
+                RulesCommand::Test { file, events } => {
+                    let (text, events) = (read(&file)?, read(&events)?);
+                    control::rules::rules_test(&settings, &text, &events).map_err(|e| (1, e))
+                }
+            }
         }),
         Command::Status { config, json } => with_settings(config.as_deref(), |settings| async move {
             control::status_command(&settings, json).await.map_err(|e| (1, e))

@@ -24,10 +24,12 @@ use crate::engine::table::MAX_WINDOW_MS;
 pub mod aggregate_config;
 pub mod cluster_config;
 pub mod nats_config;
+pub mod routing_config;
 
 pub use aggregate_config::{AggregateConfig, AggregateSettings, captured_fields};
 pub use cluster_config::ClusterConfig;
 pub use nats_config::{NatsConfig, Secret, redact_urls};
+pub use routing_config::{RoutingSpec, RuleSpec};
 
 /// Where the TOML file is looked for when no `--config` is given.
 pub const DEFAULT_PATH: &str = "config/eventsieve.toml";
@@ -174,6 +176,9 @@ pub struct Config {
     pub aggregate: Vec<AggregateConfig>,
     /// Leases and the journal of `durability = "replicated"`.
     pub cluster: ClusterConfig,
+    /// Where accepted events go, by rules over their fields. Default: no
+    /// rules, everything to `output_subject`.
+    pub routing: RoutingSpec,
 }
 
 /// `key`: one name or a list of them.
@@ -227,6 +232,7 @@ impl Default for Config {
             log: "info".into(),
             aggregate: Vec::new(),
             cluster: ClusterConfig::default(),
+            routing: RoutingSpec::default(),
         }
     }
 }

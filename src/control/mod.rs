@@ -6,11 +6,14 @@
 //! |---|---|
 //! | [`window`] | the window set at run time: state, keeping, `<prefix>.window`, `eventsieve window` |
 //! | [`status`] | each node's status: `<prefix>.status`, `eventsieve status` |
+//! | [`rules`] | the routing rules: the KV key `rules`, `<prefix>.rules.test`, `eventsieve rules` |
 //!
-//! Both subjects reach every sidecar (no queue group); the requester
-//! gathers the replies ([`gather`]). [`serve`] answers both until the
-//! stop, then fences them so that every request routed here is answered.
+//! The window and status subjects reach every sidecar (no queue group);
+//! the requester gathers the replies ([`gather`]); one sidecar answers a
+//! rules test. [`serve`] answers them until the stop, then fences them so
+//! that every request routed here is answered.
 
+pub mod rules;
 pub mod status;
 pub mod window;
 
@@ -31,7 +34,8 @@ use crate::transport::subscription::{publish, reply_error};
 pub use status::status_command;
 pub use window::{KeptIn, Source, WINDOW_FILE, WINDOW_KEY, Window, WindowValue, window_command};
 
-/// Answers `<prefix>.window` and `<prefix>.status` until `stop` changes;
+/// Answers `<prefix>.window`, `<prefix>.status` and `<prefix>.rules.test`
+/// until `stop` changes;
 /// then fences both subscriptions and answers every request routed here
 /// before the fence.
 ///
@@ -52,8 +56,17 @@ pub async fn serve(
         started,
     });
     let mut tasks = tokio::task::JoinSet::new();
-    for subject in [ctx.subjects.window(), ctx.subjects.status()] {
-        let sub = Plain::new(ctx.client.subscribe(subject.to_owned()).await?);
+    let rules_group = format!("{}.rules", ctx.subjects.prefix());
+    for (subject, queue) in [
+        (ctx.subjects.window(), None),
+        (ctx.subjects.status(), None),
+        (ctx.subjects.rules_test(), Some(rules_group)),
+    ] {
+        let sub = match queue {
+            Some(queue) => ctx.client.queue_subscribe(subject.clone(), queue).await?,
+            None => ctx.client.subscribe(subject.clone()).await?,
+        };
+        let sub = Plain::new(sub);
         let (responder, mut stop) = (responder.clone(), stop.clone());
         let subject = async_nats::Subject::from(subject);
         tasks.spawn(async move {
@@ -97,6 +110,20 @@ impl fence::Answer for Responder {
         if ctx.subjects.is_ours(&to) {
             Metrics::inc(&ctx.metrics.refused_replies);
             return;
+        }
+        if message.subject.as_str() == ctx.subjects.rules_test() {
+            let error = match rules::rules_request(ctx, &message) {
+                Ok(mut answer) => {
+                    answer["node"] = self.node.clone().into();
+                    publish(ctx, to, answer.to_string().into()).await;
+                    false
+                }
+                Err(e) => {
+                    reply_error(ctx, to, 400, &e).await;
+                    true
+                }
+            };
+            return ctx.metrics.served(Endpoint::RulesTest, received, error);
         }
         if message.subject.as_str() == ctx.subjects.status() {
             let status = status::status(ctx, &self.window, &self.node, self.started).await;

@@ -32,7 +32,18 @@ pub(super) async fn status(ctx: &Arc<Shared>, window: &Window, node: &str, start
         "table_bytes": bytes,
         "verdicts": ctx.metrics.answered(),
         "uptime_s": started.elapsed().as_secs(),
+        "rules": rules(ctx),
     })
+}
+
+/// The routing rules this node runs, and its last refusal since.
+fn rules(ctx: &Shared) -> Value {
+    let set = ctx.router.current();
+    let mut v = json!({ "revision": set.revision, "rules": set.len(), "compiled": set.compiled() });
+    if let Some((revision, why)) = ctx.router.last_rejection() {
+        v["rejected"] = json!({ "revision": revision, "error": why });
+    }
+    v
 }
 
 /// `eventsieve status`: a line per node (or its reply as JSON).
@@ -74,6 +85,16 @@ pub async fn status_command(settings: &Settings, json: bool) -> Result<Vec<Strin
             s["verdicts"],
             s["uptime_s"],
         ));
+        let r = &s["rules"];
+        let mut rules = format!("  rules revision {} ({} rules)", r["revision"], r["rules"]);
+        if let Some(rejected) = r.get("rejected") {
+            rules += &format!(
+                "; refused revision {}: {}",
+                rejected["revision"],
+                rejected["error"].as_str().unwrap_or("?")
+            );
+        }
+        lines.push(rules);
     }
     if settings.config.durability == Durability::Replicated {
         let rows = lease_table(&client, settings).await?;

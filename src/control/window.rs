@@ -29,12 +29,10 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use async_nats::{Client, Message};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::config::{Durability, Settings, parse_duration_ms};
@@ -44,14 +42,12 @@ use crate::observe::metrics::Metrics;
 use crate::shared::Shared;
 
 use super::{format_ms, gather, reply_body};
-use crate::nats::kv::open_bucket;
+use crate::nats::kv::{open_bucket, watch_key};
 
 /// The KV key of the window set at run time.
 pub const WINDOW_KEY: &str = "window";
 /// The file of the window set at run time, in `data_dir`, without a bucket.
 pub const WINDOW_FILE: &str = "window";
-/// Pause before watching the key again after the watch ended.
-const REWATCH_AFTER: Duration = Duration::from_secs(1);
 
 /// Where a window set at run time is kept.
 pub enum KeptIn {
@@ -236,23 +232,7 @@ impl Window {
         let KeptIn::Kv(store) = &self.keeper else {
             return;
         };
-        loop {
-            match store.watch_with_history(WINDOW_KEY).await {
-                Ok(mut entries) => {
-                    while let Some(entry) = entries.next().await {
-                        match entry {
-                            Ok(entry) => self.entry(&ctx, &entry),
-                            Err(e) => {
-                                tracing::warn!(message = "Watching the window key failed; watching again.", error = %e);
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(message = "Cannot watch the window key; retrying.", error = %e),
-            }
-            tokio::time::sleep(REWATCH_AFTER).await;
-        }
+        watch_key(store, WINDOW_KEY, "window", |entry| self.entry(&ctx, entry)).await;
     }
 
     fn entry(&self, ctx: &Shared, entry: &kv::Entry) {

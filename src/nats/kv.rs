@@ -19,7 +19,7 @@ pub async fn open_bucket(client: &Client, bucket: &str, replicas: usize) -> Resu
     }
     let config = kv::Config {
         bucket: bucket.to_owned(),
-        description: "eventsieve: the window set at run time, shard leases, nodes".into(),
+        description: "eventsieve: the window and routing rules set at run time, shard leases, nodes".into(),
         history: 8,
         num_replicas: replicas,
         // Per-key TTL for leases and heartbeats, and a marker when one
@@ -45,3 +45,31 @@ pub async fn open_bucket(client: &Client, bucket: &str, replicas: usize) -> Resu
 /// bucket. The server raises a shorter per-key TTL to this, so it must be
 /// below any lease TTL.
 pub const EXPIRY_MARKER_TTL: Duration = Duration::from_secs(1);
+
+/// After a watch ends (the server restarted, the stream moved), how long
+/// before it is made again.
+const REWATCH_AFTER: Duration = Duration::from_secs(1);
+
+/// Hands `apply` the value of `key` in `store` (if any) and then every
+/// change of it, until the task is aborted; a watch that fails is made
+/// again. `what` names the key in the warnings.
+pub async fn watch_key(store: &kv::Store, key: &str, what: &str, mut apply: impl FnMut(&kv::Entry)) {
+    use futures_util::StreamExt;
+    loop {
+        match store.watch_with_history(key).await {
+            Ok(mut entries) => {
+                while let Some(entry) = entries.next().await {
+                    match entry {
+                        Ok(entry) => apply(&entry),
+                        Err(e) => {
+                            tracing::warn!(message = "Watching a KV key failed; watching again.", key = what, error = %e);
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(message = "Cannot watch a KV key; retrying.", key = what, error = %e),
+        }
+        tokio::time::sleep(REWATCH_AFTER).await;
+    }
+}

@@ -9,6 +9,7 @@
 //! | `<prefix>.internal.batch.<n>` | a sub-batch for shard `n`, forwarded by another sidecar |
 //! | `<prefix>.lookup.<id>`, `<prefix>.forget.<id>` | an operator's look-up or forget of one id (every node) |
 //! | `<prefix>.window`, `<prefix>.status` | an operator's window change or status request (every node) |
+//! | `<prefix>.rules.test` | an operator's test of routing rules (one node, queue group `<prefix>.rules`) |
 //! | output template, e.g. `events.unique.{shard}` | accepted events |
 //!
 //! Internal subjects live outside `<prefix>.shard.*.*` and
@@ -108,6 +109,11 @@ impl Subjects {
     /// `<prefix>.status`: each node's status (every node receives it).
     pub fn status(&self) -> String {
         format!("{}.status", self.prefix)
+    }
+
+    /// Where an operator asks where events would go (one sidecar answers).
+    pub fn rules_test(&self) -> String {
+        format!("{}.rules.test", self.prefix)
     }
 
     /// Whether a requester's reply subject is one of the sidecar's own: under

@@ -85,8 +85,9 @@ pub struct Metrics {
     /// Requests, errors and processing time per request subject, for
     /// `$SRV.STATS` (one set of atomics per endpoint: no lock).
     pub endpoints: [Served; Endpoint::ALL.len()],
-    /// Metrics of other parts (the stages), appended to every render.
-    pub extra: std::sync::OnceLock<Arc<dyn Render>>,
+    /// Metrics of other parts (the stages, the routing rules), appended to
+    /// every render in the order they were added.
+    extra: std::sync::Mutex<Vec<Arc<dyn Render>>>,
 }
 
 /// Something that adds its own metrics to the exposition.
@@ -157,12 +158,14 @@ pub enum Endpoint {
     Forget,
     Window,
     Status,
+    /// `<prefix>.rules.test`.
+    RulesTest,
     /// `<prefix>.agg.query` and `<prefix>.agg.quantile`.
     Aggregates,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 10] = [
         Endpoint::Shards,
         Endpoint::Ingest,
         Endpoint::Batch,
@@ -171,6 +174,7 @@ impl Endpoint {
         Endpoint::Forget,
         Endpoint::Window,
         Endpoint::Status,
+        Endpoint::RulesTest,
         Endpoint::Aggregates,
     ];
 
@@ -185,6 +189,7 @@ impl Endpoint {
             Endpoint::Forget => "forget",
             Endpoint::Window => "window",
             Endpoint::Status => "status",
+            Endpoint::RulesTest => "rules_test",
             Endpoint::Aggregates => "aggregates",
         }
     }
@@ -500,10 +505,23 @@ impl Metrics {
             "Seconds since start.",
             &[("", started.elapsed().as_secs_f64().floor())],
         );
-        if let Some(extra) = self.extra.get() {
-            extra.render(&mut out);
+        let extra = self
+            .extra
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for part in extra {
+            part.render(&mut out);
         }
         out
+    }
+
+    /// Appends `part`'s metrics to every render from now on.
+    pub fn add_render(&self, part: Arc<dyn Render>) {
+        self.extra
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(part);
     }
 }
 

@@ -1,6 +1,8 @@
 //! `output = "core"`: accepted events republished on core NATS after
-//! their commit, at most once.
+//! their commit, at most once: to `output_subject`, or where the routing
+//! rules in force send them.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use async_nats::header::{HeaderName, HeaderValue};
@@ -12,6 +14,7 @@ use crate::engine::batch;
 use crate::nats::Subjects;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Accepted, Output};
+use crate::route::{Routed, Router, RuleSet};
 
 /// The header of a batch's per-shard output message: how many events
 /// (lines) it holds.
@@ -34,6 +37,8 @@ pub struct CoreNats {
     /// The largest message the server takes, as it said when connecting.
     max_payload: usize,
     metrics: Arc<Metrics>,
+    /// The routing rules in force.
+    router: Arc<Router>,
 }
 
 impl CoreNats {
@@ -43,6 +48,7 @@ impl CoreNats {
         shards: u32,
         batch_output: BatchOutput,
         metrics: Arc<Metrics>,
+        router: Arc<Router>,
     ) -> Self {
         let max_payload = client.server_info().max_payload;
         Self {
@@ -51,6 +57,7 @@ impl CoreNats {
             batch_output,
             max_payload,
             metrics,
+            router,
         }
     }
 
@@ -66,29 +73,76 @@ impl CoreNats {
     }
 }
 
+impl CoreNats {
+    /// A batch's `lines` of `body` to `subject`: joined in messages with
+    /// [`COUNT_HEADER`] under the server's `max_payload`, or one each with
+    /// [`BatchOutput::PerEvent`].
+    async fn publish_lines(&self, subject: &Subject, body: &Bytes, lines: &[Range<usize>]) {
+        if self.batch_output == BatchOutput::PerEvent {
+            for r in lines {
+                self.publish(subject, None, body.slice(r.clone())).await;
+            }
+            return;
+        }
+        let limit = self.max_payload.saturating_sub(HEADER_ROOM);
+        for (payload, count) in batch::join(body, lines, limit) {
+            // A line too long for a header beside it goes bare: a
+            // message without the header is one event.
+            let headers = (payload.len() <= limit).then(|| {
+                const NAME: HeaderName = HeaderName::from_static(COUNT_HEADER);
+                let mut headers = HeaderMap::new();
+                headers.insert(NAME, HeaderValue::from(count));
+                headers
+            });
+            self.publish(subject, headers, payload.into()).await;
+        }
+    }
+
+    /// `events` routed by `rules`: each event to the subjects its rules
+    /// give; a batch's events of one subject together, in line order.
+    async fn routed(&self, rules: &RuleSet, shard: u32, events: Accepted<'_>) {
+        let mut routed = Routed::default();
+        match events {
+            Accepted::One(event) => {
+                rules.route(event, shard, &self.router.key, &mut routed);
+                for &t in &routed.targets {
+                    self.publish(rules.subject(t, shard), None, event.clone()).await;
+                }
+            }
+            Accepted::Lines { body, lines, .. } => {
+                let mut by_target: Vec<Vec<Range<usize>>> = vec![Vec::new(); rules.targets()];
+                for r in lines {
+                    rules.route(&body[r.clone()], shard, &self.router.key, &mut routed);
+                    for &t in &routed.targets {
+                        by_target[t].push(r.clone());
+                    }
+                }
+                for (t, lines) in by_target.iter().enumerate() {
+                    if !lines.is_empty() {
+                        self.publish_lines(rules.subject(t, shard), body, lines).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Output for CoreNats {
-    async fn accepted(&self, shard: u32, events: Accepted<'_>) {
+    /// The rules in force when the request's first events went out.
+    type Request = Arc<RuleSet>;
+
+    fn request(&self) -> Arc<RuleSet> {
+        self.router.current()
+    }
+
+    async fn accepted(&self, rules: &Arc<RuleSet>, shard: u32, events: Accepted<'_>) {
+        if !rules.is_plain() {
+            return self.routed(rules, shard, events).await;
+        }
         let subject = &self.output[shard as usize];
-        match (events, self.batch_output) {
-            (Accepted::Lines { body, lines, .. }, BatchOutput::PerShard) => {
-                let limit = self.max_payload.saturating_sub(HEADER_ROOM);
-                for (payload, count) in batch::join(body, lines, limit) {
-                    // A line too long for a header beside it goes bare: a
-                    // message without the header is one event.
-                    let headers = (payload.len() <= limit).then(|| {
-                        const NAME: HeaderName = HeaderName::from_static(COUNT_HEADER);
-                        let mut headers = HeaderMap::new();
-                        headers.insert(NAME, HeaderValue::from(count));
-                        headers
-                    });
-                    self.publish(subject, headers, payload.into()).await;
-                }
-            }
-            (events, _) => {
-                for event in events.events() {
-                    self.publish(subject, None, event).await;
-                }
-            }
+        match events {
+            Accepted::Lines { body, lines, .. } => self.publish_lines(subject, body, lines).await,
+            Accepted::One(event) => self.publish(subject, None, event.clone()).await,
         }
     }
 }

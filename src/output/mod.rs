@@ -9,7 +9,10 @@
 pub mod core_nats;
 pub mod jetstream;
 
+use std::sync::Arc;
+
 use crate::pipeline::{Accepted, Output};
+use crate::route::RuleSet;
 
 pub use core_nats::{COUNT_HEADER, CoreNats};
 pub use jetstream::PublishBeforeCommit;
@@ -25,10 +28,19 @@ pub enum Sink {
 }
 
 impl Output for Sink {
-    async fn accepted(&self, shard: u32, events: Accepted<'_>) {
+    type Request = Option<Arc<RuleSet>>;
+
+    fn request(&self) -> Self::Request {
         match self {
-            Sink::Core(core) => core.accepted(shard, events).await,
-            Sink::BeforeCommit => {}
+            Sink::Core(core) => Some(core.request()),
+            Sink::BeforeCommit => None,
+        }
+    }
+
+    async fn accepted(&self, request: &Self::Request, shard: u32, events: Accepted<'_>) {
+        // Published before the commit otherwise: nothing left to do.
+        if let (Sink::Core(core), Some(rules)) = (self, request) {
+            core.accepted(rules, shard, events).await;
         }
     }
 }

@@ -49,7 +49,18 @@ pub trait Stage: Send + Sync + 'static {
 /// are durable (the `output` module holds one per kind). Called per request and shard, in
 /// the order the events were accepted.
 pub trait Output: Send + Sync + 'static {
-    fn accepted(&self, shard: u32, events: Accepted<'_>) -> impl Future<Output = ()> + Send;
+    /// What one request's events all go out under (the routing rules in
+    /// force when its first shard went out): taken once per request.
+    type Request: Send + Sync;
+
+    fn request(&self) -> Self::Request;
+
+    fn accepted(
+        &self,
+        request: &Self::Request,
+        shard: u32,
+        events: Accepted<'_>,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// An output that takes each new event, and acknowledges it, *before* its
@@ -338,11 +349,11 @@ impl<O: Output> Pipeline<O> {
     }
 
     /// Hands accepted `events` of `shard` to every stage, then the output.
-    async fn accepted(&self, shard: u32, events: Accepted<'_>) {
+    async fn accepted(&self, request: &O::Request, shard: u32, events: Accepted<'_>) {
         for stage in &self.stages {
             stage.accepted(shard, &events);
         }
-        self.output.accepted(shard, events).await;
+        self.output.accepted(request, shard, events).await;
     }
 
     /// Settles `event` if it needs no commit, else inserts its id and
@@ -441,7 +452,8 @@ impl<O: Output> Pipeline<O> {
         match (settled.unwrap_or(Err(CommitFailed::Stopped)), twin) {
             (Ok(()), false) => {
                 Metrics::inc(&self.metrics.accepted);
-                self.accepted(shard, Accepted::One(&event)).await;
+                let request = self.output.request();
+                self.accepted(&request, shard, Accepted::One(&event)).await;
                 Outcome::Verdict(Verdict::New)
             }
             (Ok(()), true) => {
@@ -529,6 +541,7 @@ impl<O: Output> Pipeline<O> {
         let mut ranges = Vec::new();
         let mut seen_here = Vec::new();
         let per_line = seen.len() / lines.len().max(1);
+        let request = self.output.request();
         for (i, group) in new.chunk_by(|a, b| a.1.shard == b.1.shard).enumerate() {
             let result = match settles.get(i) {
                 Some(signal) => signal.settle().wait().await,
@@ -553,7 +566,7 @@ impl<O: Output> Pipeline<O> {
                 lines: &ranges,
                 seen: &seen_here,
             };
-            self.accepted(group[0].1.shard, events).await;
+            self.accepted(&request, group[0].1.shard, events).await;
         }
         // Twins last: the commits of this batch's own first copies are
         // known by now.

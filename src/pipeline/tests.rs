@@ -16,7 +16,11 @@ use crate::journal::{JournalErrorKind, MemoryJournal};
 struct Collect(Mutex<Vec<(u32, Vec<Bytes>)>>);
 
 impl Output for Collect {
-    async fn accepted(&self, shard: u32, events: Accepted<'_>) {
+    type Request = ();
+
+    fn request(&self) {}
+
+    async fn accepted(&self, _: &(), shard: u32, events: Accepted<'_>) {
         self.0.lock().unwrap().push((shard, events.events().collect()));
     }
 }

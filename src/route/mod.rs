@@ -19,65 +19,22 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use async_nats::Subject;
-use serde::{Deserialize, Serialize};
 
+use crate::config::RoutingSpec;
 use crate::engine::event::{self, Limits, Seen};
 use crate::engine::key::KeySpec;
 
 pub use expr::{Condition, Input};
 
+/// Why a sidecar with `output = "jetstream"` refuses sets with rules:
+/// routed copies published before the commit are not built yet.
+pub const NEEDS_CORE_OUTPUT: &str =
+    "routing rules need output = \"core\" (with \"jetstream\" only the default subject is served)";
+
 /// Most rules in a set.
 pub const MAX_RULES: usize = 256;
 /// Most subjects one rule sends to.
 pub const MAX_DESTINATIONS: usize = 16;
-
-/// A rule set as written: `[routing]` in the configuration, or the KV
-/// key `rules` (TOML, or the same as JSON).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RoutingSpec {
-    /// Where an event goes when no rule stops it; `""`: nowhere. Absent:
-    /// the `output_subject`.
-    pub default: Option<String>,
-    /// Where events whose evaluation failed go; `""`: counted and dropped.
-    pub error_subject: String,
-    /// The rules, in order.
-    pub rule: Vec<RuleSpec>,
-}
-
-/// One `[[routing.rule]]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RuleSpec {
-    /// Names its counters: letters, digits, `_` and `-`; unique in the set.
-    pub name: String,
-    /// The condition, in CEL, over `event`, `key` and `shard`.
-    pub when: String,
-    /// Subjects a match goes to (none: matched and sent nowhere).
-    pub to: Vec<String>,
-    /// Also try the next rules after a match.
-    #[serde(rename = "continue")]
-    pub and_continue: bool,
-    /// Count matches, send nothing, do not stop the list.
-    pub shadow: bool,
-}
-
-impl RoutingSpec {
-    /// Reads a set from TOML (or JSON, if it starts with `{`).
-    ///
-    /// # Errors
-    ///
-    /// Why the text is not a rule set.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        if text.trim_start().starts_with('{') {
-            return serde_json::from_str(text).map_err(|e| e.to_string());
-        }
-        use figment::providers::{Format, Toml};
-        figment::Figment::from(Toml::string(text))
-            .extract()
-            .map_err(|e| e.to_string())
-    }
-}
 
 /// A subject, with `{shard}` filled in per shard.
 #[derive(Debug, Clone)]
@@ -149,6 +106,7 @@ pub struct RuleSet {
     /// No rules, and the default is the `output_subject`: route as without
     /// rules.
     plain: bool,
+    shards: u32,
     /// The KV revision it came from (0: the configuration).
     pub revision: u64,
     /// As written.
@@ -253,6 +211,7 @@ impl RuleSet {
             fields,
             uses_key,
             plain,
+            shards,
             revision,
             spec: spec.clone(),
         })
@@ -269,6 +228,11 @@ impl RuleSet {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// How many distinct subjects the set sends to.
+    pub fn targets(&self) -> usize {
+        self.targets.len()
     }
 
     /// The subject of target `index` for `shard`.
@@ -289,6 +253,32 @@ impl RuleSet {
     /// Routes one event of `shard`: reads the fields the rules need (and
     /// its key, if they name it), then goes down the list. Counts.
     pub fn route(&self, event: &[u8], shard: u32, key: &KeyReader, out: &mut Routed) {
+        self.route_with(event, shard, key, out, true);
+    }
+
+    /// Where `event` would go and why, without counting: its key, shard,
+    /// the rules it matches, the subjects, or the error.
+    pub fn explain(&self, event: &[u8], key: &KeyReader) -> serde_json::Value {
+        let id = match key.spec.id_of(event, &key.limits) {
+            Ok(id) => id,
+            Err(e) => return serde_json::json!({ "error": e.to_string() }),
+        };
+        let shard = crate::engine::shard::shard_of(&id, self.shards);
+        let mut out = Routed::default();
+        self.route_with(event, shard, key, &mut out, false);
+        let to: Vec<String> = out
+            .targets
+            .iter()
+            .map(|&t| self.subject(t, shard).to_string())
+            .collect();
+        let mut v = serde_json::json!({ "key": id, "shard": shard, "matched": out.matched, "to": to });
+        if let Some((rule, why)) = out.error {
+            v["error"] = serde_json::json!({ "rule": rule, "reason": why });
+        }
+        v
+    }
+
+    fn route_with(&self, event: &[u8], shard: u32, key: &KeyReader, out: &mut Routed, count: bool) {
         out.targets.clear();
         out.matched.clear();
         out.error = None;
@@ -327,7 +317,9 @@ impl RuleSet {
             match rule.condition.eval(&input) {
                 Ok(false) => {}
                 Ok(true) => {
-                    rule.counters.matches.fetch_add(1, Relaxed);
+                    if count {
+                        rule.counters.matches.fetch_add(1, Relaxed);
+                    }
                     out.matched.push(rule.name.clone());
                     if rule.shadow {
                         continue;
@@ -343,7 +335,9 @@ impl RuleSet {
                     }
                 }
                 Err(e) => {
-                    rule.counters.errors.fetch_add(1, Relaxed);
+                    if count {
+                        rule.counters.errors.fetch_add(1, Relaxed);
+                    }
                     out.error = Some((rule.name.clone(), e));
                     out.targets.clear();
                     out.targets.extend(self.error);
@@ -396,22 +390,31 @@ pub struct Router {
     pub rejected: AtomicU64,
     /// The last refusal: the KV revision and why.
     last_rejection: Mutex<Option<(u64, String)>>,
+    /// Why no set with rules can be in force here, if none can.
+    no_rules: Option<String>,
+    /// The set of the configuration, in force when the KV key is deleted.
+    configured: RoutingSpec,
 }
 
 impl Router {
-    /// A router with `spec` in force.
+    /// A router with `spec` in force; with `no_rules`, only sets without
+    /// rules can be (the reason is the refusal of any other).
     ///
     /// # Errors
     ///
-    /// As [`RuleSet::build`].
+    /// As [`RuleSet::build`], or `no_rules`.
     pub fn new(
         spec: &RoutingSpec,
         output_subject: &str,
         shards: u32,
         key: KeyReader,
+        no_rules: Option<String>,
     ) -> Result<Self, String> {
         let counters = Mutex::new(BTreeMap::new());
         let set = RuleSet::build(spec, output_subject, shards, 0, &|name| counter(&counters, name))?;
+        if let Some(why) = no_rules.as_ref().filter(|_| !set.is_plain()) {
+            return Err(why.clone());
+        }
         Ok(Self {
             current: RwLock::new(Arc::new(set)),
             output_subject: output_subject.to_owned(),
@@ -420,6 +423,8 @@ impl Router {
             key,
             rejected: AtomicU64::new(0),
             last_rejection: Mutex::new(None),
+            no_rules,
+            configured: spec.clone(),
         })
     }
 
@@ -453,6 +458,10 @@ impl Router {
     pub fn install(&self, spec: &RoutingSpec, revision: u64) -> Result<Arc<RuleSet>, String> {
         let built = RuleSet::build(spec, &self.output_subject, self.shards, revision, &|name| {
             counter(&self.counters, name)
+        })
+        .and_then(|set| match &self.no_rules {
+            Some(why) if !set.is_plain() => Err(why.clone()),
+            _ => Ok(set),
         });
         match built {
             Ok(set) => {
@@ -470,6 +479,18 @@ impl Router {
         }
     }
 
+    /// The set of the configuration.
+    pub fn configured(&self) -> &RoutingSpec {
+        &self.configured
+    }
+
+    /// Records a set refused before it could be built (unreadable text).
+    pub fn refuse(&self, revision: u64, why: &str) {
+        self.rejected.fetch_add(1, Relaxed);
+        *self.last_rejection.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((revision, why.to_owned()));
+    }
+
     /// The last set refused since one was installed: its revision and why.
     pub fn last_rejection(&self) -> Option<(u64, String)> {
         self.last_rejection
@@ -482,6 +503,44 @@ impl Router {
     pub fn counters(&self) -> Vec<(String, Arc<RuleCounters>)> {
         let all = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
         all.iter().map(|(n, c)| (n.clone(), c.clone())).collect()
+    }
+}
+
+impl crate::observe::metrics::Render for Router {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let set = self.current();
+        let _ = writeln!(
+            out,
+            "# HELP eventsieve_rules_revision The KV revision of the routing rules in force (0: the configuration's).\n# TYPE eventsieve_rules_revision gauge\neventsieve_rules_revision {}",
+            set.revision
+        );
+        let _ = writeln!(
+            out,
+            "# HELP eventsieve_rules_rejected_total Rule sets refused (bad syntax, unknown function, bad subject, duplicate name, over the limits); the set in force stayed.\n# TYPE eventsieve_rules_rejected_total counter\neventsieve_rules_rejected_total {}",
+            self.rejected.load(Relaxed)
+        );
+        let counters = self.counters();
+        if counters.is_empty() {
+            return;
+        }
+        for (metric, help, pick) in [
+            (
+                "eventsieve_rule_matches_total",
+                "Events a routing rule matched (shadow rules too).",
+                (|c: &RuleCounters| c.matches.load(Relaxed)) as fn(&RuleCounters) -> u64,
+            ),
+            (
+                "eventsieve_rule_errors_total",
+                "Events whose evaluation failed at a routing rule (sent to error_subject).",
+                |c: &RuleCounters| c.errors.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            for (name, c) in &counters {
+                let _ = writeln!(out, "{metric}{{rule=\"{name}\"}} {}", pick(c));
+            }
+        }
     }
 }
 
@@ -599,7 +658,7 @@ to = []
             spec: KeySpec::Field("event_id".into()),
             limits: Limits::default(),
         };
-        let router = Router::new(&RoutingSpec::default(), "events.unique.{shard}", 4, key).unwrap();
+        let router = Router::new(&RoutingSpec::default(), "events.unique.{shard}", 4, key, None).unwrap();
         assert!(router.current().is_plain());
         let good = RoutingSpec::parse(BRIEF).unwrap();
         router.install(&good, 7).unwrap();

@@ -48,6 +48,8 @@ pub enum ServiceError {
     Interrupted,
     /// A task of the service panicked.
     Panicked(String),
+    /// The configured routing rules cannot be used.
+    Routing(String),
 }
 
 impl std::fmt::Display for ServiceError {
@@ -66,6 +68,7 @@ impl std::fmt::Display for ServiceError {
             ),
             Self::Interrupted => f.write_str("shutdown interrupted by a second signal"),
             Self::Panicked(e) => write!(f, "a service task panicked: {e}"),
+            Self::Routing(e) => write!(f, "routing rules: {e}"),
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::nats::{self, NatsError, Subjects};
 use crate::observe::metrics::Metrics;
 use crate::output::{CoreNats, PublishBeforeCommit, Sink};
 use crate::pipeline::{Ownership, Pipeline, ShardState, upkeep};
+use crate::route::{KeyReader, NEEDS_CORE_OUTPUT, Router};
 use crate::shared::{Budget, Shared};
 use crate::stages::Stages;
 use crate::stages::snapshot::{SNAPSHOT_EVERY, Snapshot};
@@ -61,7 +62,14 @@ pub async fn start_with(
     let stages = Arc::new(Stages::new(&settings.aggregates));
     let snapshot = snapshot(&settings, &stages);
     if !stages.is_empty() {
-        let _ = metrics.extra.set(stages.clone());
+        metrics.add_render(stages.clone());
+    }
+    let router = Arc::new(router(&settings)?);
+    metrics.add_render(router.clone());
+    // The rules kept in the bucket route from the first request on.
+    let rules_bucket = rules_bucket(&client, &settings).await;
+    if let Some(store) = &rules_bucket {
+        control::rules::load(&router, store).await;
     }
     let pipeline = pipeline(
         &settings,
@@ -69,7 +77,7 @@ pub async fn start_with(
         &subjects,
         writer.as_ref().map(|(w, _)| w.clone()),
         &stages,
-        &metrics,
+        (&metrics, &router),
     )
     .await?;
     let ctx = Arc::new(Shared {
@@ -78,6 +86,7 @@ pub async fn start_with(
         client: client.clone(),
         subjects: subjects.clone(),
         metrics: metrics.clone(),
+        router,
     });
 
     // Subscribe first, so that requests during recovery get 503, not silence.
@@ -126,6 +135,9 @@ pub async fn start_with(
     .await
     .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
     background.push(tokio::spawn(window.clone().watch(ctx.clone())));
+    if let Some(store) = rules_bucket {
+        background.push(tokio::spawn(control::rules::watch(ctx.router.clone(), store)));
+    }
     if !stages.is_empty() {
         let served = crate::stages::query::serve(ctx.clone(), stages.clone(), node.clone(), members)
             .await
@@ -190,7 +202,7 @@ async fn pipeline(
     subjects: &Subjects,
     writer: Option<writer::Writer>,
     stages: &Arc<Stages>,
-    metrics: &Arc<Metrics>,
+    (metrics, router): (&Arc<Metrics>, &Arc<Router>),
 ) -> Result<Arc<Pipeline<Sink>>, ServiceError> {
     let shards = settings.config.shards;
     let ownership = Ownership::new(shards);
@@ -204,6 +216,7 @@ async fn pipeline(
             shards,
             settings.config.batch_output,
             metrics.clone(),
+            router.clone(),
         )),
         OutputKind::Jetstream => Sink::BeforeCommit,
     };
@@ -218,6 +231,44 @@ async fn pipeline(
         pipeline = pipeline.with_publish_first(Arc::new(output));
     }
     Ok(Arc::new(pipeline))
+}
+
+/// The routing rules of the configuration, checked (the KV key `rules`
+/// replaces them once read: see `control::rules`).
+fn router(settings: &Settings) -> Result<Router, ServiceError> {
+    let engine = settings.engine();
+    let key = KeyReader {
+        spec: engine.key,
+        limits: engine.limits,
+    };
+    let no_rules = (settings.config.output == OutputKind::Jetstream).then(|| NEEDS_CORE_OUTPUT.to_string());
+    let config = &settings.config;
+    Router::new(
+        &config.routing,
+        &config.output_subject,
+        config.shards,
+        key,
+        no_rules,
+    )
+    .map_err(ServiceError::Routing)
+}
+
+/// The KV bucket the routing rules are kept in, if there is one.
+async fn rules_bucket(
+    client: &async_nats::Client,
+    settings: &Settings,
+) -> Option<async_nats::jetstream::kv::Store> {
+    let bucket = &settings.config.kv_bucket;
+    if bucket.is_empty() {
+        return None;
+    }
+    match crate::nats::kv::open_bucket(client, bucket, settings.config.cluster.replicas).await {
+        Ok(store) => Some(store),
+        Err(e) => {
+            tracing::warn!(message = "No KV bucket: the routing rules are the configuration's.", error = %e);
+            None
+        }
+    }
 }
 
 /// Aggregates survive a restart through a snapshot in the data dir (read

@@ -13,6 +13,7 @@ use crate::nats::Subjects;
 use crate::observe::metrics::Metrics;
 use crate::output::Sink;
 use crate::pipeline::Pipeline;
+use crate::route::Router;
 
 pub use budget::{Budget, Held};
 
@@ -25,4 +26,6 @@ pub struct Shared {
     pub client: Client,
     pub subjects: Subjects,
     pub metrics: Arc<Metrics>,
+    /// The routing rules in force.
+    pub router: Arc<Router>,
 }

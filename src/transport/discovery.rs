@@ -91,6 +91,11 @@ fn listed(s: &Subjects, aggregates: bool) -> Vec<(Endpoint, String, String)> {
         (Endpoint::Forget, s.forget(), String::new()),
         (Endpoint::Window, s.window().to_owned(), String::new()),
         (Endpoint::Status, s.status().to_owned(), String::new()),
+        (
+            Endpoint::RulesTest,
+            s.rules_test(),
+            format!("{}.rules", s.prefix()),
+        ),
     ];
     if aggregates {
         out.push((
