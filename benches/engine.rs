@@ -295,5 +295,82 @@ fn aggregate_query(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, ingest, table, batches, aggregate_query);
+criterion_group!(benches, ingest, table, batches, aggregate_query, routing);
 criterion_main!(benches);
+
+/// Routing rules on 200-byte e-commerce events: 1, 5 and 50 rules (the
+/// brief's first, then rules on type, total, country and product that
+/// mostly do not match, so every rule is evaluated), compiled.
+fn routing(c: &mut Criterion) {
+    use eventsieve::config::RoutingSpec;
+    use eventsieve::engine::event::Limits;
+    use eventsieve::engine::key::KeySpec;
+    use eventsieve::route::{KeyReader, Routed, RuleSet};
+    let kinds = ["order_placed", "page_view", "add_to_cart", "heartbeat"];
+    let events: Vec<Vec<u8>> = (0..1000u64)
+        .map(|k| {
+            let mut e = format!(
+                r#"{{"event_id":"e{k}","type":"{}","total":{},"country":"c{}","product":"p{}","pad":""#,
+                kinds[k as usize % 4],
+                (k * 7919) % 2000,
+                k % 30,
+                k % 500
+            )
+            .into_bytes();
+            e.resize(198, b'x');
+            e.extend_from_slice(b"\"}");
+            e
+        })
+        .collect();
+    let rule = |i: usize| {
+        let when = match i % 5 {
+            0 => r#"event.type == "order_placed" && event.total > 1000.0"#.to_string(),
+            1 => format!(r#"event.country == "x{i}""#),
+            2 => format!(r#"event.product in ["q{i}", "r{i}"]"#),
+            3 => format!("event.total < -{i}.0"),
+            _ => format!(r#"event.type.startsWith("z{i}")"#),
+        };
+        format!("[[rule]]\nname = \"r{i}\"\nwhen = '{when}'\nto = [\"routed.r{i}\"]\ncontinue = true\n")
+    };
+    let key = KeyReader {
+        spec: KeySpec::Field("event_id".into()),
+        limits: Limits::default(),
+    };
+    let mut group = c.benchmark_group("routing");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    for n in [1, 5, 50] {
+        let text: String = (0..n).map(rule).collect();
+        let spec = RoutingSpec::parse(&text).unwrap();
+        let set = RuleSet::build(&spec, "events.unique.{shard}", 32, 0, &|_| Default::default()).unwrap();
+        assert_eq!(set.compiled(), n, "every rule compiled");
+        let mut out = Routed::default();
+        group.bench_function(format!("{n} rules, 1000 events of 200 B"), |b| {
+            b.iter(|| {
+                for e in &events {
+                    set.route(e, 3, &key, &mut out);
+                    black_box(&out);
+                }
+            })
+        });
+        // The batch path: the rules' fields read with each line's key.
+        let names = set.fields().to_vec();
+        let at: Vec<usize> = (0..names.len()).collect();
+        let mut seen = vec![eventsieve::engine::event::Seen::Missing; names.len()];
+        let read: Vec<Vec<eventsieve::engine::event::Seen>> = events
+            .iter()
+            .map(|e| {
+                assert!(eventsieve::engine::event::capture(e, &names, &mut seen));
+                seen.clone()
+            })
+            .collect();
+        group.bench_function(format!("{n} rules, fields read with the key"), |b| {
+            b.iter(|| {
+                for (e, seen) in events.iter().zip(&read) {
+                    set.route_read(e, 3, &key, (&at, seen), &mut out);
+                    black_box(&out);
+                }
+            })
+        });
+    }
+    group.finish();
+}

@@ -39,6 +39,8 @@ pub struct CoreNats {
     metrics: Arc<Metrics>,
     /// The routing rules in force.
     router: Arc<Router>,
+    /// The fields the batch path reads with each line's key, in order.
+    captured: Vec<String>,
 }
 
 impl CoreNats {
@@ -48,7 +50,7 @@ impl CoreNats {
         shards: u32,
         batch_output: BatchOutput,
         metrics: Arc<Metrics>,
-        router: Arc<Router>,
+        (router, captured): (Arc<Router>, Vec<String>),
     ) -> Self {
         let max_payload = client.server_info().max_payload;
         Self {
@@ -58,6 +60,7 @@ impl CoreNats {
             max_payload,
             metrics,
             router,
+            captured,
         }
     }
 
@@ -109,10 +112,23 @@ impl CoreNats {
                     self.publish(rules.subject(t, shard), None, event.clone()).await;
                 }
             }
-            Accepted::Lines { body, lines, .. } => {
+            Accepted::Lines { body, lines, seen } => {
                 let mut by_target: Vec<Vec<Range<usize>>> = vec![Vec::new(); rules.targets()];
-                for r in lines {
-                    rules.route(&body[r.clone()], shard, &self.router.key, &mut routed);
+                // The fields the rules read, if the batch path read them
+                // with the keys: not read again.
+                let per_line = seen.len() / lines.len().max(1);
+                let at = (per_line > 0)
+                    .then(|| rules.positions_in(&self.captured[..per_line.min(self.captured.len())]))
+                    .flatten();
+                for (i, r) in lines.iter().enumerate() {
+                    let event = &body[r.clone()];
+                    match &at {
+                        Some(at) => {
+                            let line_seen = &seen[i * per_line..(i + 1) * per_line];
+                            rules.route_read(event, shard, &self.router.key, (at, line_seen), &mut routed)
+                        }
+                        None => rules.route(event, shard, &self.router.key, &mut routed),
+                    }
                     for &t in &routed.targets {
                         by_target[t].push(r.clone());
                     }

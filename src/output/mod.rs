@@ -20,7 +20,7 @@ pub use jetstream::PublishBeforeCommit;
 /// The configured output, as the pipeline's [`Output`].
 pub enum Sink {
     /// Published after the commit.
-    Core(CoreNats),
+    Core(Box<CoreNats>),
     /// Published before the commit, by the pipeline's
     /// [`PublishFirst`](crate::pipeline::PublishFirst) ([`PublishBeforeCommit`]):
     /// nothing is left to do after it.

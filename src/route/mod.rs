@@ -253,7 +253,35 @@ impl RuleSet {
     /// Routes one event of `shard`: reads the fields the rules need (and
     /// its key, if they name it), then goes down the list. Counts.
     pub fn route(&self, event: &[u8], shard: u32, key: &KeyReader, out: &mut Routed) {
-        self.route_with(event, shard, key, out, true);
+        self.route_with(event, shard, key, None, out, true);
+    }
+
+    /// The top-level fields the compiled conditions read.
+    pub fn fields(&self) -> &[String] {
+        &self.fields
+    }
+
+    /// Where each of [`Self::fields`] is in `names` (the fields the batch
+    /// path read with each line's key), if all are.
+    pub fn positions_in(&self, names: &[String]) -> Option<Vec<usize>> {
+        self.fields
+            .iter()
+            .map(|f| names.iter().position(|n| n == f))
+            .collect()
+    }
+
+    /// As [`Self::route`], for an event whose fields were read with its
+    /// key: `line_seen` in the order of the names [`Self::positions_in`]
+    /// gave `at` for. Saves reading the event again.
+    pub fn route_read(
+        &self,
+        event: &[u8],
+        shard: u32,
+        key: &KeyReader,
+        (at, line_seen): (&[usize], &[Seen]),
+        out: &mut Routed,
+    ) {
+        self.route_with(event, shard, key, Some((at, line_seen)), out, true);
     }
 
     /// Where `event` would go and why, without counting: its key, shard,
@@ -265,7 +293,7 @@ impl RuleSet {
         };
         let shard = crate::engine::shard::shard_of(&id, self.shards);
         let mut out = Routed::default();
-        self.route_with(event, shard, key, &mut out, false);
+        self.route_with(event, shard, key, None, &mut out, false);
         let to: Vec<String> = out
             .targets
             .iter()
@@ -278,7 +306,15 @@ impl RuleSet {
         v
     }
 
-    fn route_with(&self, event: &[u8], shard: u32, key: &KeyReader, out: &mut Routed, count: bool) {
+    fn route_with(
+        &self,
+        event: &[u8],
+        shard: u32,
+        key: &KeyReader,
+        read: Option<(&[usize], &[Seen])>,
+        out: &mut Routed,
+        count: bool,
+    ) {
         out.targets.clear();
         out.matched.clear();
         out.error = None;
@@ -301,10 +337,18 @@ impl RuleSet {
         } else {
             ""
         };
-        if !self.fields.is_empty() && !event::capture(event, &self.fields, seen) {
-            out.error = Some((String::new(), "the event is not a JSON object".into()));
-            out.targets.extend(self.error);
-            return;
+        match read {
+            Some((at, line_seen)) => {
+                for (slot, &i) in seen.iter_mut().zip(at) {
+                    *slot = line_seen[i];
+                }
+            }
+            None if !self.fields.is_empty() && !event::capture(event, &self.fields, seen) => {
+                out.error = Some((String::new(), "the event is not a JSON object".into()));
+                out.targets.extend(self.error);
+                return;
+            }
+            None => {}
         }
         let input = Input {
             event,

@@ -209,18 +209,26 @@ async fn pipeline(
     for &s in &settings.owned {
         ownership.set(s, ShardState::Recovering);
     }
+    // The batch path reads the fields of the aggregates and of the
+    // routing rules in force at start with each line's key, in one pass.
+    let mut engine = settings.engine();
+    for field in router.current().fields() {
+        if !engine.capture.contains(field) {
+            engine.capture.push(field.clone());
+        }
+    }
     let sink = match settings.config.output {
-        OutputKind::Core => Sink::Core(CoreNats::new(
+        OutputKind::Core => Sink::Core(Box::new(CoreNats::new(
             client.clone(),
             subjects,
             shards,
             settings.config.batch_output,
             metrics.clone(),
-            router.clone(),
-        )),
+            (router.clone(), engine.capture.clone()),
+        ))),
         OutputKind::Jetstream => Sink::BeforeCommit,
     };
-    let dedup = Deduplicator::new(settings.engine());
+    let dedup = Deduplicator::new(engine);
     let mut pipeline = Pipeline::new(dedup, ownership, writer, sink, metrics.clone());
     if !stages.is_empty() {
         pipeline = pipeline.with_stage(stages.clone());
