@@ -516,14 +516,18 @@ async fn the_highest_of_65536_shards_keeps_its_ids_across_a_restart() {
 /// each retry an id (timeout, no responder, 503) until it gets a verdict.
 /// Every id ends up in the output stream exactly once, whether its verdict
 /// was `true` or, after a crash between commit and reply, `false`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jetstream_output_holds_each_id_exactly_once_across_sigkills() {
-    const IDS: usize = 4_000;
-    let server = NatsServer::start();
-    let data = tempfile::tempdir().unwrap();
+/// 32 producers each retrying an id (timeout, no responder, 503) until it
+/// gets a verdict, `ids` in all, while the sidecar (with `env`) is
+/// SIGKILLed `kills` times; the verdicts.
+async fn retry_through_kills(
+    server: &NatsServer,
+    data: &std::path::Path,
+    env: &[(&str, &str)],
+    ids: usize,
+    kills: usize,
+) -> Vec<(String, bool)> {
     let client = server.client().await;
-    let env = [("EVENTSIEVE_OUTPUT", "jetstream")];
-    let mut sidecar = SidecarProcess::spawn(&server, data.path(), &env);
+    let mut sidecar = SidecarProcess::spawn(server, data, env);
     wait_for_sidecar(&client).await;
 
     let next = Arc::new(AtomicUsize::new(0));
@@ -539,7 +543,7 @@ async fn jetstream_output_holds_each_id_exactly_once_across_sigkills() {
                     async move {
                         loop {
                             let n = next.fetch_add(1, Ordering::Relaxed);
-                            if n >= IDS {
+                            if n >= ids {
                                 break;
                             }
                             let id = format!("x{n}");
@@ -568,14 +572,89 @@ async fn jetstream_output_holds_each_id_exactly_once_across_sigkills() {
             Arc::try_unwrap(verdicts).unwrap().into_inner()
         })
     };
-    for kill in 1..=5 {
-        wait_accepted(&done, kill * IDS / 7).await;
+    for kill in 1..=kills {
+        wait_accepted(&done, kill * ids / (kills + 2)).await;
         sidecar.kill();
-        sidecar = SidecarProcess::spawn(&server, data.path(), &env);
+        sidecar = SidecarProcess::spawn(server, data, env);
         wait_for_sidecar(&client).await;
     }
     let verdicts = producers.await.unwrap();
     sidecar.terminate();
+    verdicts
+}
+
+/// With routing rules and `output = "jetstream"`: ids ending in 0 also go
+/// to `fraud.orders` (a stream of its own). Across three SIGKILLs, every
+/// id is in the output stream once and each of those in the fraud stream
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_copies_reach_their_streams_exactly_once_across_sigkills() {
+    const IDS: usize = 2_000;
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "FRAUD".into(),
+        subjects: vec!["fraud.orders".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kv = js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "eventsieve".into(),
+            history: 8,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let rules =
+        "[[rule]]\nname = \"tens\"\nwhen = 'key.endsWith(\"0\")'\nto = [\"fraud.orders\"]\ncontinue = true\n";
+    kv.put("rules", Bytes::from(rules)).await.unwrap();
+    let env = [("EVENTSIEVE_OUTPUT", "jetstream")];
+    let verdicts = retry_through_kills(&server, data.path(), &env, IDS, 3).await;
+    assert_eq!(verdicts.len(), IDS);
+
+    let copies = output_copies(&client).await;
+    let mut fraud = js.get_stream("FRAUD").await.unwrap();
+    let last = fraud.info().await.unwrap().state.last_sequence;
+    let mut fraud_copies = std::collections::HashMap::new();
+    for seq in 1..=last {
+        let m = fraud.get_raw_message(seq).await.unwrap();
+        let msg_id = m
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .unwrap()
+            .to_string();
+        let id = msg_id
+            .strip_suffix(":fraud.orders")
+            .expect("a routed copy's id")
+            .to_owned();
+        assert_eq!(m.payload, event(&id), "byte for byte");
+        *fraud_copies.entry(id).or_insert(0) += 1;
+    }
+    for (id, _) in &verdicts {
+        assert_eq!(
+            copies.get(id),
+            Some(&1),
+            "{id} must be in the output stream exactly once"
+        );
+        let want = id.ends_with('0').then_some(&1);
+        assert_eq!(fraud_copies.get(id), want, "{id} in the fraud stream");
+    }
+    assert_eq!(copies.len(), IDS, "nothing else in the output stream");
+    assert_eq!(fraud_copies.len(), IDS / 10, "nothing else in the fraud stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_output_holds_each_id_exactly_once_across_sigkills() {
+    const IDS: usize = 4_000;
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let client = server.client().await;
+    let env = [("EVENTSIEVE_OUTPUT", "jetstream")];
+    let verdicts = retry_through_kills(&server, data.path(), &env, IDS, 5).await;
     assert_eq!(verdicts.len(), IDS);
     let retried_false = verdicts.iter().filter(|(_, v)| !v).count();
 

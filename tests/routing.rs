@@ -380,3 +380,47 @@ fn parse_error(message: &async_nats::Message) -> String {
         .expect("an error reply")
         .to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_jetstream_output_a_set_sending_where_no_stream_listens_is_refused() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(&server, data.path(), "1h", Durability::Local);
+    s.config.output = eventsieve::config::OutputKind::Jetstream;
+    // At start: the configured set is refused, and the sidecar does not start.
+    let mut bad = s.clone();
+    bad.config.routing =
+        RoutingSpec::parse("[[rule]]\nname = \"a\"\nwhen = 'true'\nto = [\"no.stream\"]\n").unwrap();
+    let err = service::start(bad).await.err().expect("refused");
+    assert!(
+        err.to_string().contains("no.stream is in no JetStream stream"),
+        "{err}"
+    );
+    // At run time: refused, the set in force stays.
+    let running = service::start(s).await.unwrap();
+    let client = server.client().await;
+    let kv = async_nats::jetstream::new(client.clone())
+        .get_key_value("eventsieve")
+        .await
+        .unwrap();
+    let put = kv
+        .put(
+            "rules",
+            Bytes::from_static(b"[[rule]]\nname = \"a\"\nwhen = 'true'\nto = [\"no.stream\"]\n"),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rules_status(&client).await["rejected"]["revision"] != put {
+        assert!(Instant::now() < deadline, "not refused within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let why = rules_status(&client).await["rejected"]["error"].clone();
+    assert!(why.as_str().unwrap().contains("in no JetStream stream"), "{why}");
+    assert_eq!(rules_status(&client).await["revision"], 0);
+    assert_eq!(
+        ask(&client, "dedup.ingest.j1", event("j1")).await,
+        Answer::Verdict(true)
+    );
+    running.shutdown().await.unwrap();
+}

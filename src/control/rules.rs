@@ -11,24 +11,26 @@
 use std::sync::Arc;
 
 use async_nats::Message;
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::config::{OutputKind, RoutingSpec, Settings};
 use crate::engine::key::KeySpec;
 use crate::nats::kv::{open_bucket, watch_key};
-use crate::route::{KeyReader, NEEDS_CORE_OUTPUT, Router, RuleSet};
+use crate::output::jetstream::unbound_subject;
+use crate::route::{KeyReader, Router, RuleSet};
 use crate::shared::Shared;
 
 /// The KV key of the routing rules set at run time.
 pub const RULES_KEY: &str = "rules";
 
 /// Puts the set kept in the bucket (if any) in force before the sidecar
-/// serves.
-pub async fn load(router: &Router, store: &kv::Store) {
+/// serves. `streams`: with `output = "jetstream"`, where every destination
+/// must be bound to a stream.
+pub async fn load(router: &Router, store: &kv::Store, streams: Option<&jetstream::Context>) {
     match store.entry(RULES_KEY).await {
-        Ok(Some(entry)) => apply(router, &entry),
+        Ok(Some(entry)) => apply(router, &entry, streams).await,
         Ok(None) => {}
         Err(e) => {
             tracing::warn!(message = "Cannot read the rules key; routing by the configured rules.", error = %e)
@@ -37,11 +39,15 @@ pub async fn load(router: &Router, store: &kv::Store) {
 }
 
 /// Follows every change of the key until aborted.
-pub async fn watch(router: Arc<Router>, store: kv::Store) {
-    watch_key(&store, RULES_KEY, "rules", |entry| apply(&router, entry)).await;
+pub async fn watch(router: Arc<Router>, store: kv::Store, streams: Option<jetstream::Context>) {
+    let (router, streams) = (&router, streams.as_ref());
+    watch_key(&store, RULES_KEY, "rules", |entry| async move {
+        apply(router, &entry, streams).await;
+    })
+    .await;
 }
 
-fn apply(router: &Router, entry: &kv::Entry) {
+async fn apply(router: &Router, entry: &kv::Entry, streams: Option<&jetstream::Context>) {
     if router.current().revision == entry.revision {
         return;
     }
@@ -56,6 +62,11 @@ fn apply(router: &Router, entry: &kv::Entry) {
         },
         kv::Operation::Delete | kv::Operation::Purge => router.configured().clone(),
     };
+    if let Err(e) = bound(router, &spec, streams).await {
+        router.refuse(entry.revision, &e);
+        tracing::warn!(message = "Refused the routing rules put in the KV bucket; the rules in force stay.", revision = entry.revision, error = %e);
+        return;
+    }
     match router.install(&spec, entry.revision) {
         Ok(set) => tracing::info!(
             message = "Routing rules in force.",
@@ -66,6 +77,21 @@ fn apply(router: &Router, entry: &kv::Entry) {
         Err(e) => {
             tracing::warn!(message = "Refused the routing rules put in the KV bucket; the rules in force stay.", revision = entry.revision, error = %e)
         }
+    }
+}
+
+/// With `streams` (`output = "jetstream"`): that every subject of `spec`
+/// is bound to a stream.
+async fn bound(
+    router: &Router,
+    spec: &RoutingSpec,
+    streams: Option<&jetstream::Context>,
+) -> Result<(), String> {
+    let Some(js) = streams else { return Ok(()) };
+    let set = router.check(spec, 0)?;
+    match unbound_subject(js, &set).await {
+        Some(why) => Err(why),
+        None => Ok(()),
     }
 }
 
@@ -109,7 +135,7 @@ fn test(set: &RuleSet, key: &KeyReader, events: impl Iterator<Item = Vec<u8>>) -
 ///
 /// If the bucket cannot be reached.
 pub async fn rules_get(settings: &Settings) -> Result<String, String> {
-    let store = bucket(settings).await?;
+    let (_, store) = bucket(settings).await?;
     match store.entry(RULES_KEY).await.map_err(|e| e.to_string())? {
         Some(entry) if entry.operation == kv::Operation::Put => Ok(format!(
             "# kv:{}/{RULES_KEY} revision {}\n{}",
@@ -132,7 +158,12 @@ pub async fn rules_get(settings: &Settings) -> Result<String, String> {
 /// The set's first problem (nothing is written), or the bucket's.
 pub async fn rules_set(settings: &Settings, text: &str) -> Result<String, String> {
     let set = check(settings, text)?;
-    let store = bucket(settings).await?;
+    let (client, store) = bucket(settings).await?;
+    if settings.config.output == OutputKind::Jetstream
+        && let Some(why) = unbound_subject(&jetstream::new(client), &set).await
+    {
+        return Err(why);
+    }
     let revision = store
         .put(RULES_KEY, Bytes::from(text.to_owned()))
         .await
@@ -177,12 +208,11 @@ fn check(settings: &Settings, text: &str) -> Result<RuleSet, String> {
             spec: KeySpec::Content,
             limits: Default::default(),
         },
-        (config.output == OutputKind::Jetstream).then(|| NEEDS_CORE_OUTPUT.to_string()),
     )?;
     router.check(&spec, 0)
 }
 
-async fn bucket(settings: &Settings) -> Result<kv::Store, String> {
+async fn bucket(settings: &Settings) -> Result<(async_nats::Client, kv::Store), String> {
     let bucket = &settings.config.kv_bucket;
     if bucket.is_empty() {
         return Err("kv_bucket is empty: the rules are set in the configuration only".into());
@@ -190,5 +220,6 @@ async fn bucket(settings: &Settings) -> Result<kv::Store, String> {
     let client = crate::nats::options::connect(&settings.config.nats, Arc::default())
         .await
         .map_err(|e| e.to_string())?;
-    open_bucket(&client, bucket, settings.config.cluster.replicas).await
+    let store = open_bucket(&client, bucket, settings.config.cluster.replicas).await?;
+    Ok((client, store))
 }

@@ -232,7 +232,11 @@ impl Window {
         let KeptIn::Kv(store) = &self.keeper else {
             return;
         };
-        watch_key(store, WINDOW_KEY, "window", |entry| self.entry(&ctx, entry)).await;
+        watch_key(store, WINDOW_KEY, "window", |entry| {
+            self.entry(&ctx, &entry);
+            std::future::ready(())
+        })
+        .await;
     }
 
     fn entry(&self, ctx: &Shared, entry: &kv::Entry) {

@@ -53,14 +53,18 @@ const REWATCH_AFTER: Duration = Duration::from_secs(1);
 /// Hands `apply` the value of `key` in `store` (if any) and then every
 /// change of it, until the task is aborted; a watch that fails is made
 /// again. `what` names the key in the warnings.
-pub async fn watch_key(store: &kv::Store, key: &str, what: &str, mut apply: impl FnMut(&kv::Entry)) {
+pub async fn watch_key<F, Fut>(store: &kv::Store, key: &str, what: &str, mut apply: F)
+where
+    F: FnMut(kv::Entry) -> Fut,
+    Fut: Future<Output = ()>,
+{
     use futures_util::StreamExt;
     loop {
         match store.watch_with_history(key).await {
             Ok(mut entries) => {
                 while let Some(entry) = entries.next().await {
                     match entry {
-                        Ok(entry) => apply(&entry),
+                        Ok(entry) => apply(entry).await,
                         Err(e) => {
                             tracing::warn!(message = "Watching a KV key failed; watching again.", key = what, error = %e);
                             break;

@@ -1,6 +1,9 @@
 //! `output = "jetstream"`: each new event goes into a JetStream stream with
 //! `Nats-Msg-Id` = its `event_id`, and is acknowledged there before its id
-//! is committed (the pipeline's [`PublishFirst`]).
+//! is committed (the pipeline's [`PublishFirst`]). With routing rules,
+//! each copy goes to its subject's stream (which must exist: a set with a
+//! subject no stream takes is refused), and the id is committed once every
+//! copy is acknowledged.
 //!
 //! Why this order: a crash after the acknowledgement and before the commit
 //! leaves the id unremembered; the producer's retry is then accepted and
@@ -11,6 +14,7 @@
 //! output (`output = "core"`) is published after the commit and at most
 //! once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -20,6 +24,7 @@ use futures_util::future::BoxFuture;
 
 use crate::nats::{NatsError, Subjects};
 use crate::pipeline::PublishFirst;
+use crate::route::{Routed, Router, RuleSet};
 
 /// How long a publish waits for the stream's acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,6 +34,9 @@ pub struct PublishBeforeCommit {
     js: jetstream::Context,
     /// The output subject of each shard.
     output: Box<[Subject]>,
+    /// The routing rules in force: each routed copy goes to its subject's
+    /// stream.
+    router: Arc<Router>,
 }
 
 impl PublishBeforeCommit {
@@ -44,6 +52,7 @@ impl PublishBeforeCommit {
         name: &str,
         subjects: &Subjects,
         shards: u32,
+        router: Arc<Router>,
     ) -> Result<Self, NatsError> {
         let mut js = jetstream::new(client);
         js.set_timeout(ACK_TIMEOUT);
@@ -58,23 +67,92 @@ impl PublishBeforeCommit {
         Ok(Self {
             js,
             output: (0..shards).map(|s| subjects.output(s)).collect(),
+            router,
         })
     }
 }
 
 impl PublishFirst for PublishBeforeCommit {
-    fn publish(&self, shard: u32, id: &str, event: Bytes) -> BoxFuture<'static, Result<(), String>> {
-        let js = self.js.clone();
-        let subject = self.output[shard as usize].clone();
-        let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-        Box::pin(async move {
-            let ack = js
-                .publish_with_headers(subject, headers, event)
-                .await
-                .map_err(|e| e.to_string())?;
-            // A repeat the stream dropped is acknowledged too (`duplicate`).
-            ack.await.map(|_| ()).map_err(|e| e.to_string())
-        })
+    fn publish(&self, events: Vec<(u32, String, Bytes)>) -> Vec<BoxFuture<'static, Result<(), String>>> {
+        // One version of the rules for the whole request.
+        let rules = self.router.current();
+        let mut routed = Routed::default();
+        events
+            .into_iter()
+            .map(|(shard, id, event)| {
+                let output = &self.output[shard as usize];
+                let copies: Vec<(Subject, String)> = if rules.is_plain() {
+                    vec![(output.clone(), id)]
+                } else {
+                    rules.route(&event, shard, &self.router.key, &mut routed);
+                    routed
+                        .targets
+                        .iter()
+                        .map(|&t| {
+                            let subject = rules.subject(t, shard).clone();
+                            let msg_id = copy_id(&id, &subject, output);
+                            (subject, msg_id)
+                        })
+                        .collect()
+                };
+                let js = self.js.clone();
+                Box::pin(async move {
+                    let acks = copies.into_iter().map(|(subject, msg_id)| {
+                        let (js, event) = (js.clone(), event.clone());
+                        async move {
+                            let mut headers = HeaderMap::new();
+                            headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
+                            let ack = js
+                                .publish_with_headers(subject, headers, event)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            // A repeat the stream dropped is acknowledged too (`duplicate`).
+                            ack.await.map(drop).map_err(|e| e.to_string())
+                        }
+                    });
+                    futures_util::future::join_all(acks).await.into_iter().collect()
+                }) as BoxFuture<'static, Result<(), String>>
+            })
+            .collect()
     }
+}
+
+/// The `Nats-Msg-Id` of a copy of the event `id` on `subject`: the id
+/// itself on the shard's output subject (as without rules), else the id
+/// and the subject, so that two copies in one stream are not taken for
+/// repeats of each other, while a retry's copies are.
+fn copy_id(id: &str, subject: &Subject, output: &Subject) -> String {
+    if subject == output {
+        id.to_owned()
+    } else {
+        format!("{id}:{subject}")
+    }
+}
+
+/// A subject the rule set `rules` sends to that no stream takes, if any:
+/// with `output = "jetstream"` every copy must be acknowledged by a stream
+/// (a `{shard}` subject is checked for every shard).
+///
+/// # Errors
+///
+/// If JetStream cannot be asked.
+pub async fn unbound_subject(js: &jetstream::Context, rules: &RuleSet) -> Option<String> {
+    let shards = rules.shard_count();
+    for t in 0..rules.targets() {
+        let template = rules.template(t);
+        let shards = if template.contains("{shard}") {
+            0..shards
+        } else {
+            0..1
+        };
+        for shard in shards {
+            let subject = rules.subject(t, shard).to_string();
+            if js.stream_by_subject(subject.clone()).await.is_err() {
+                return Some(format!(
+                    "{subject} is in no JetStream stream: with output = \"jetstream\" every destination must be (create a stream over it)"
+                ));
+            }
+        }
+    }
+    None
 }

@@ -70,10 +70,10 @@ pub trait Output: Send + Sync + 'static {
 /// published again, and the stream drops the second copy: the event
 /// reaches the output exactly once for a producer that retries.
 pub trait PublishFirst: Send + Sync + 'static {
-    /// Publishes `event` of `shard` under its dedup key `id`; resolves once
-    /// the output has acknowledged it (a repeat it dropped counts as
-    /// acknowledged).
-    fn publish(&self, shard: u32, id: &str, event: Bytes) -> BoxFuture<'static, Result<(), String>>;
+    /// Publishes the new events of one request, each `(shard, dedup key,
+    /// event)`: one future per event, resolving once the output has
+    /// acknowledged it (a repeat it dropped counts as acknowledged).
+    fn publish(&self, events: Vec<(u32, String, Bytes)>) -> Vec<BoxFuture<'static, Result<(), String>>>;
 }
 
 /// The new events of one request in one shard, as the stages and the [`Output`] get them.
@@ -397,7 +397,10 @@ impl<O: Output> Pipeline<O> {
             (Some(first), writer) => {
                 // Published and acknowledged first, then committed: in a
                 // task of its own, so that events behind it proceed too.
-                let publish = first.publish(shard, &keyed.id, event.clone());
+                let publish = first
+                    .publish(vec![(shard, keyed.id.clone().into_owned(), event.clone())])
+                    .pop()
+                    .expect("one future per event");
                 let writer = writer.clone();
                 // Set to `Stopped` should the task end without setting it
                 // or handing it to the writer.
@@ -687,7 +690,7 @@ impl<O: Output> Pipeline<O> {
         lines: &[Range<usize>],
         body: &Bytes,
     ) {
-        let publishes = new.iter().map(|(line, record)| {
+        let events = new.iter().map(|(line, record)| {
             let event = body.slice(lines[*line].clone());
             // The line was keyed when it was decided; its id again, for
             // the output's duplicate detection.
@@ -696,8 +699,9 @@ impl<O: Output> Pipeline<O> {
                 .key(&event)
                 .map(|k| k.id.into_owned())
                 .unwrap_or_default();
-            first.publish(record.shard, &id, event)
+            (record.shard, id, event)
         });
+        let publishes = first.publish(events.collect());
         let mut results = futures_util::future::join_all(publishes).await.into_iter();
         let (mut records, mut taken) = (Vec::new(), Vec::new());
         for (group, settle) in new

@@ -359,11 +359,17 @@ struct Stream {
 }
 
 impl PublishFirst for Stream {
-    fn publish(&self, _: u32, id: &str, _: Bytes) -> BoxFuture<'static, Result<(), String>> {
-        let held = self.journal.lock().unwrap().len();
-        self.seen.lock().unwrap().push((id.to_string(), held));
-        let refuse = id.starts_with("no");
-        Box::pin(async move { if refuse { Err("refused".into()) } else { Ok(()) } })
+    fn publish(&self, events: Vec<(u32, String, Bytes)>) -> Vec<BoxFuture<'static, Result<(), String>>> {
+        events
+            .into_iter()
+            .map(|(_, id, _)| {
+                let held = self.journal.lock().unwrap().len();
+                let refuse = id.starts_with("no");
+                self.seen.lock().unwrap().push((id, held));
+                Box::pin(async move { if refuse { Err("refused".into()) } else { Ok(()) } })
+                    as BoxFuture<'static, Result<(), String>>
+            })
+            .collect()
     }
 }
 

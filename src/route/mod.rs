@@ -26,11 +26,6 @@ use crate::engine::key::KeySpec;
 
 pub use expr::{Condition, Input};
 
-/// Why a sidecar with `output = "jetstream"` refuses sets with rules:
-/// routed copies published before the commit are not built yet.
-pub const NEEDS_CORE_OUTPUT: &str =
-    "routing rules need output = \"core\" (with \"jetstream\" only the default subject is served)";
-
 /// Most rules in a set.
 pub const MAX_RULES: usize = 256;
 /// Most subjects one rule sends to.
@@ -228,6 +223,11 @@ impl RuleSet {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// The shard count the subjects were made for.
+    pub fn shard_count(&self) -> u32 {
+        self.shards
     }
 
     /// How many distinct subjects the set sends to.
@@ -434,31 +434,24 @@ pub struct Router {
     pub rejected: AtomicU64,
     /// The last refusal: the KV revision and why.
     last_rejection: Mutex<Option<(u64, String)>>,
-    /// Why no set with rules can be in force here, if none can.
-    no_rules: Option<String>,
     /// The set of the configuration, in force when the KV key is deleted.
     configured: RoutingSpec,
 }
 
 impl Router {
-    /// A router with `spec` in force; with `no_rules`, only sets without
-    /// rules can be (the reason is the refusal of any other).
+    /// A router with `spec` in force.
     ///
     /// # Errors
     ///
-    /// As [`RuleSet::build`], or `no_rules`.
+    /// As [`RuleSet::build`].
     pub fn new(
         spec: &RoutingSpec,
         output_subject: &str,
         shards: u32,
         key: KeyReader,
-        no_rules: Option<String>,
     ) -> Result<Self, String> {
         let counters = Mutex::new(BTreeMap::new());
         let set = RuleSet::build(spec, output_subject, shards, 0, &|name| counter(&counters, name))?;
-        if let Some(why) = no_rules.as_ref().filter(|_| !set.is_plain()) {
-            return Err(why.clone());
-        }
         Ok(Self {
             current: RwLock::new(Arc::new(set)),
             output_subject: output_subject.to_owned(),
@@ -467,7 +460,6 @@ impl Router {
             key,
             rejected: AtomicU64::new(0),
             last_rejection: Mutex::new(None),
-            no_rules,
             configured: spec.clone(),
         })
     }
@@ -502,10 +494,6 @@ impl Router {
     pub fn install(&self, spec: &RoutingSpec, revision: u64) -> Result<Arc<RuleSet>, String> {
         let built = RuleSet::build(spec, &self.output_subject, self.shards, revision, &|name| {
             counter(&self.counters, name)
-        })
-        .and_then(|set| match &self.no_rules {
-            Some(why) if !set.is_plain() => Err(why.clone()),
-            _ => Ok(set),
         });
         match built {
             Ok(set) => {
@@ -702,7 +690,7 @@ to = []
             spec: KeySpec::Field("event_id".into()),
             limits: Limits::default(),
         };
-        let router = Router::new(&RoutingSpec::default(), "events.unique.{shard}", 4, key, None).unwrap();
+        let router = Router::new(&RoutingSpec::default(), "events.unique.{shard}", 4, key).unwrap();
         assert!(router.current().is_plain());
         let good = RoutingSpec::parse(BRIEF).unwrap();
         router.install(&good, 7).unwrap();

@@ -19,9 +19,10 @@ use crate::journal::Journal;
 use crate::journal::writer::{self, WriterConfig};
 use crate::nats::{self, NatsError, Subjects};
 use crate::observe::metrics::Metrics;
+use crate::output::jetstream::unbound_subject;
 use crate::output::{CoreNats, PublishBeforeCommit, Sink};
 use crate::pipeline::{Ownership, Pipeline, ShardState, upkeep};
-use crate::route::{KeyReader, NEEDS_CORE_OUTPUT, Router};
+use crate::route::{KeyReader, Router};
 use crate::shared::{Budget, Shared};
 use crate::stages::Stages;
 use crate::stages::snapshot::{SNAPSHOT_EVERY, Snapshot};
@@ -66,20 +67,33 @@ pub async fn start_with(
     }
     let router = Arc::new(router(&settings)?);
     metrics.add_render(router.clone());
+    // With output = "jetstream": the output stream, and every subject the
+    // rules send to bound to a stream.
+    let (first, streams) = match settings.config.output {
+        OutputKind::Core => (None, None),
+        OutputKind::Jetstream => {
+            let name = &settings.config.output_stream;
+            let first =
+                PublishBeforeCommit::open(client.clone(), name, &subjects, shards, router.clone()).await?;
+            let js = async_nats::jetstream::new(client.clone());
+            if let Some(why) = unbound_subject(&js, &router.current()).await {
+                return Err(ServiceError::Routing(why));
+            }
+            (Some(first), Some(js))
+        }
+    };
     // The rules kept in the bucket route from the first request on.
     let rules_bucket = rules_bucket(&client, &settings).await;
     if let Some(store) = &rules_bucket {
-        control::rules::load(&router, store).await;
+        control::rules::load(&router, store, streams.as_ref()).await;
     }
     let pipeline = pipeline(
         &settings,
-        &client,
-        &subjects,
+        (&client, &subjects),
         writer.as_ref().map(|(w, _)| w.clone()),
-        &stages,
+        (&stages, first),
         (&metrics, &router),
-    )
-    .await?;
+    );
     let ctx = Arc::new(Shared {
         pipeline: pipeline.clone(),
         budget: Budget::new(settings.config.max_inflight_bytes, metrics.clone()),
@@ -136,7 +150,11 @@ pub async fn start_with(
     .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
     background.push(tokio::spawn(window.clone().watch(ctx.clone())));
     if let Some(store) = rules_bucket {
-        background.push(tokio::spawn(control::rules::watch(ctx.router.clone(), store)));
+        background.push(tokio::spawn(control::rules::watch(
+            ctx.router.clone(),
+            store,
+            streams,
+        )));
     }
     if !stages.is_empty() {
         let served = crate::stages::query::serve(ctx.clone(), stages.clone(), node.clone(), members)
@@ -195,15 +213,15 @@ pub async fn start_with(
 }
 
 /// The verdict path: the tables, ownership of the configured shards
-/// (recovering), the writer, the aggregates as a stage, the output.
-async fn pipeline(
+/// (recovering), the writer, the aggregates as a stage, the output (and
+/// `first`, the JetStream output that takes events before their commit).
+fn pipeline(
     settings: &Settings,
-    client: &async_nats::Client,
-    subjects: &Subjects,
+    (client, subjects): (&async_nats::Client, &Subjects),
     writer: Option<writer::Writer>,
-    stages: &Arc<Stages>,
+    (stages, first): (&Arc<Stages>, Option<PublishBeforeCommit>),
     (metrics, router): (&Arc<Metrics>, &Arc<Router>),
-) -> Result<Arc<Pipeline<Sink>>, ServiceError> {
+) -> Arc<Pipeline<Sink>> {
     let shards = settings.config.shards;
     let ownership = Ownership::new(shards);
     for &s in &settings.owned {
@@ -233,12 +251,10 @@ async fn pipeline(
     if !stages.is_empty() {
         pipeline = pipeline.with_stage(stages.clone());
     }
-    if settings.config.output == OutputKind::Jetstream {
-        let stream = &settings.config.output_stream;
-        let output = PublishBeforeCommit::open(client.clone(), stream, subjects, shards).await?;
-        pipeline = pipeline.with_publish_first(Arc::new(output));
+    if let Some(first) = first {
+        pipeline = pipeline.with_publish_first(Arc::new(first));
     }
-    Ok(Arc::new(pipeline))
+    Arc::new(pipeline)
 }
 
 /// The routing rules of the configuration, checked (the KV key `rules`
@@ -249,16 +265,8 @@ fn router(settings: &Settings) -> Result<Router, ServiceError> {
         spec: engine.key,
         limits: engine.limits,
     };
-    let no_rules = (settings.config.output == OutputKind::Jetstream).then(|| NEEDS_CORE_OUTPUT.to_string());
     let config = &settings.config;
-    Router::new(
-        &config.routing,
-        &config.output_subject,
-        config.shards,
-        key,
-        no_rules,
-    )
-    .map_err(ServiceError::Routing)
+    Router::new(&config.routing, &config.output_subject, config.shards, key).map_err(ServiceError::Routing)
 }
 
 /// The KV bucket the routing rules are kept in, if there is one.
