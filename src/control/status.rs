@@ -94,7 +94,10 @@ pub async fn status_command(settings: &Settings, json: bool) -> Result<Vec<Strin
                 rejected["error"].as_str().unwrap_or("?")
             );
         }
-        lines.push(rules);
+        // One line a node: the rules go at the end of its line.
+        if let Some(line) = lines.last_mut() {
+            line.push_str(&rules);
+        }
     }
     if settings.config.durability == Durability::Replicated {
         let rows = lease_table(&client, settings).await?;
