@@ -17,7 +17,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$dir"
+  [ -n "${KEEP:-}" ] || rm -rf "$dir"
 }
 trap cleanup EXIT
 
@@ -25,6 +25,10 @@ sed -e "s|127.0.0.1:4222|127.0.0.1:14422|" -e "s|/tmp/eventsieve-nats|$dir/js|" 
     -e "/^http:/d" nats/server.conf >"$dir/server.conf"
 "$NATS" -c "$dir/server.conf" >"$dir/nats.log" 2>&1 &
 pids+=($!)
+for _ in $(seq 1 100); do
+  (exec 3<>/dev/tcp/127.0.0.1/14422) 2>/dev/null && break
+  sleep 0.1
+done
 export EVENTSIEVE_NATS__URL=nats://127.0.0.1:14422
 for i in 1 2 3; do
   EVENTSIEVE_DURABILITY=memory EVENTSIEVE_METRICS_ADDR=127.0.0.1:1966$i EVENTSIEVE_LOG=info \
@@ -46,7 +50,7 @@ for r in $(seq 1 "$ROUNDS"); do
   revision=$(echo "$out" | sed -E 's/.*revision ([0-9]+).*/\1/')
   # The sidecars log each set they put in force, with its revision.
   for _ in $(seq 1 200); do
-    n=$(grep -l "Routing rules in force. revision=$revision " "$dir"/sidecar*.log 2>/dev/null | wc -l)
+    n=$( (grep -l "Routing rules in force. revision=$revision " "$dir"/sidecar*.log 2>/dev/null || true) | wc -l)
     [ "$n" -eq 3 ] && break
     sleep 0.01
   done

@@ -179,11 +179,34 @@ enum Val<'a> {
     Null,
     Bool(bool),
     Number(f64),
-    Text(Cow<'a, str>),
+    Text(Text<'a>),
     /// CEL's error: the expression has no value on this input.
     Error(String),
     /// Something the compiled form does not model: ask the interpreter.
     Unknown,
+}
+
+/// A text: of the event (borrowed unless escaped), or a literal of the
+/// condition (shared, so that evaluating it allocates nothing).
+#[derive(Debug, Clone)]
+enum Text<'a> {
+    Event(Cow<'a, str>),
+    Literal(Arc<str>),
+}
+
+impl Text<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Text::Event(t) => t,
+            Text::Literal(t) => t,
+        }
+    }
+}
+
+impl PartialEq for Text<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
 }
 
 type Node = Box<dyn for<'a> Fn(&Input<'a>) -> Val<'a> + Send + Sync>;
@@ -209,7 +232,7 @@ fn literal(value: &LiteralValue) -> Option<Val<'static>> {
         // Exact in a double up to 2^53: beyond that, the interpreter.
         LiteralValue::Int(i) if i.inner().unsigned_abs() <= 1 << 53 => Val::Number(*i.inner() as f64),
         LiteralValue::UInt(u) if *u.inner() <= 1 << 53 => Val::Number(*u.inner() as f64),
-        LiteralValue::String(s) => Val::Text(Cow::Owned(s.inner().to_owned())),
+        LiteralValue::String(s) => Val::Text(Text::Literal(Arc::from(s.inner()))),
         LiteralValue::Null => Val::Null,
         _ => return None,
     })
@@ -250,7 +273,9 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
             let value = literal(value)?;
             Some(Box::new(move |_| value.clone()))
         }
-        Expr::Ident(name) if name == "key" => Some(Box::new(|input| Val::Text(Cow::Borrowed(input.key)))),
+        Expr::Ident(name) if name == "key" => {
+            Some(Box::new(|input| Val::Text(Text::Event(Cow::Borrowed(input.key)))))
+        }
         Expr::Ident(name) if name == "shard" => Some(Box::new(|input| Val::Number(f64::from(input.shard)))),
         Expr::Select(select) if !select.test => {
             let Expr::Ident(root) = &select.operand.expr else {
@@ -297,8 +322,15 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
                     [a, b],
                 ) if !is_call(a) && !is_call(b) || !is_boolean(a) && !is_boolean(b) => {
                     let (a, b) = (node(a, fields)?, node(b, fields)?);
-                    let op = name.to_owned();
-                    Some(Box::new(move |input| compare(&op, a(input), b(input))))
+                    let op = match name {
+                        operators::EQUALS => Cmp::Eq,
+                        operators::NOT_EQUALS => Cmp::Ne,
+                        operators::LESS => Cmp::Lt,
+                        operators::LESS_EQUALS => Cmp::Le,
+                        operators::GREATER => Cmp::Gt,
+                        _ => Cmp::Ge,
+                    };
+                    Some(Box::new(move |input| compare(op, a(input), b(input))))
                 }
                 (operators::IN, None, [probe, list]) => {
                     let Expr::List(list) = &list.expr else {
@@ -317,7 +349,7 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
                     }
                     let probe = node(probe, fields)?;
                     Some(Box::new(move |input| match probe(input) {
-                        Val::Text(t) => Val::Bool(items.iter().any(|i| *i == t)),
+                        Val::Text(t) => Val::Bool(items.iter().any(|i| i == t.as_str())),
                         // Of another type: equal to no string.
                         Val::Number(_) | Val::Bool(_) | Val::Null => Val::Bool(false),
                         other => other,
@@ -326,7 +358,7 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
                 ("size", None, [a]) | ("size", Some(a), []) if !is_boolean(a) => {
                     let a = node(a, fields)?;
                     Some(Box::new(move |input| match a(input) {
-                        Val::Text(t) => Val::Number(t.chars().count() as f64),
+                        Val::Text(t) => Val::Number(t.as_str().chars().count() as f64),
                         Val::Number(_) => Val::Unknown,
                         other => other,
                     }))
@@ -335,13 +367,20 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
                     if !is_boolean(target) && !is_boolean(arg) =>
                 {
                     let (target, arg) = (node(target, fields)?, node(arg, fields)?);
-                    let which = name.to_owned();
+                    let which = match name {
+                        "startsWith" => Affix::Starts,
+                        "endsWith" => Affix::Ends,
+                        _ => Affix::Contains,
+                    };
                     Some(Box::new(move |input| match (target(input), arg(input)) {
-                        (Val::Text(t), Val::Text(a)) => Val::Bool(match which.as_str() {
-                            "startsWith" => t.starts_with(&*a),
-                            "endsWith" => t.ends_with(&*a),
-                            _ => t.contains(&*a),
-                        }),
+                        (Val::Text(t), Val::Text(a)) => {
+                            let (t, a) = (t.as_str(), a.as_str());
+                            Val::Bool(match which {
+                                Affix::Starts => t.starts_with(a),
+                                Affix::Ends => t.ends_with(a),
+                                Affix::Contains => t.contains(a),
+                            })
+                        }
                         (Val::Error(e), _) => Val::Error(e),
                         (Val::Text(_), Val::Error(e)) => Val::Error(e),
                         _ => Val::Unknown,
@@ -366,10 +405,10 @@ fn field<'a>(input: &Input<'a>, at: usize, name: &str) -> Val<'a> {
             .get(start as usize..end as usize)
             .map(std::str::from_utf8)
         {
-            Some(Ok(text)) => Val::Text(Cow::Borrowed(text)),
+            Some(Ok(text)) => Val::Text(Text::Event(Cow::Borrowed(text))),
             _ => Val::Unknown,
         },
-        Seen::Escaped => event::text(input.event, name).map_or(Val::Unknown, Val::Text),
+        Seen::Escaped => event::text(input.event, name).map_or(Val::Unknown, |t| Val::Text(Text::Event(t))),
         Seen::Other => Val::Unknown,
     }
 }
@@ -391,13 +430,32 @@ fn logical<'a>(and: bool, a: Val<'a>, b: impl FnOnce() -> Val<'a>) -> Val<'a> {
     }
 }
 
-fn compare<'a>(op: &str, a: Val<'a>, b: Val<'a>) -> Val<'a> {
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// A string function that tests a text.
+#[derive(Debug, Clone, Copy)]
+enum Affix {
+    Starts,
+    Ends,
+    Contains,
+}
+
+fn compare<'a>(op: Cmp, a: Val<'a>, b: Val<'a>) -> Val<'a> {
     use std::cmp::Ordering;
     let ordering = match (&a, &b) {
         (Val::Unknown, _) | (_, Val::Unknown) => return Val::Unknown,
         (Val::Error(e), _) | (_, Val::Error(e)) => return Val::Error(e.clone()),
         (Val::Number(x), Val::Number(y)) => x.partial_cmp(y),
-        (Val::Text(x), Val::Text(y)) => Some(x.cmp(y)),
+        (Val::Text(x), Val::Text(y)) => Some(x.as_str().cmp(y.as_str())),
         (Val::Bool(x), Val::Bool(y)) => Some(x.cmp(y)),
         (Val::Null, Val::Null) => Some(Ordering::Equal),
         // Of different types: never equal, and not ordered.
@@ -408,16 +466,16 @@ fn compare<'a>(op: &str, a: Val<'a>, b: Val<'a>) -> Val<'a> {
         (Val::Number(_), Val::Number(_)) | (Val::Text(_), Val::Text(_))
     );
     match (op, ordering) {
-        (operators::EQUALS, o) => Val::Bool(o == Some(Ordering::Equal)),
-        (operators::NOT_EQUALS, o) => Val::Bool(o != Some(Ordering::Equal)),
+        (Cmp::Eq, o) => Val::Bool(o == Some(Ordering::Equal)),
+        (Cmp::Ne, o) => Val::Bool(o != Some(Ordering::Equal)),
         (_, None) if matches!((&a, &b), (Val::Number(_), Val::Number(_))) => Val::Bool(false),
         // Bools and nulls are ordered in the interpreter's own way.
         _ if !ordered => Val::Unknown,
         (_, None) => Val::Unknown,
-        (operators::LESS, Some(o)) => Val::Bool(o == Ordering::Less),
-        (operators::LESS_EQUALS, Some(o)) => Val::Bool(o != Ordering::Greater),
-        (operators::GREATER, Some(o)) => Val::Bool(o == Ordering::Greater),
-        (_, Some(o)) => Val::Bool(o != Ordering::Less),
+        (Cmp::Lt, Some(o)) => Val::Bool(o == Ordering::Less),
+        (Cmp::Le, Some(o)) => Val::Bool(o != Ordering::Greater),
+        (Cmp::Gt, Some(o)) => Val::Bool(o == Ordering::Greater),
+        (Cmp::Ge, Some(o)) => Val::Bool(o != Ordering::Less),
     }
 }
 
