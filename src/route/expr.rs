@@ -284,13 +284,7 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
             if root != "event" {
                 return None;
             }
-            let at = match fields.iter().position(|f| *f == select.field) {
-                Some(at) => at,
-                None => {
-                    fields.push(select.field.clone());
-                    fields.len() - 1
-                }
-            };
+            let at = slot(&select.field, fields);
             let name = select.field.clone();
             Some(Box::new(move |input| field(input, at, &name)))
         }
@@ -321,7 +315,6 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
                     None,
                     [a, b],
                 ) if !is_call(a) && !is_call(b) || !is_boolean(a) && !is_boolean(b) => {
-                    let (a, b) = (node(a, fields)?, node(b, fields)?);
                     let op = match name {
                         operators::EQUALS => Cmp::Eq,
                         operators::NOT_EQUALS => Cmp::Ne,
@@ -330,6 +323,14 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
                         operators::GREATER => Cmp::Gt,
                         _ => Cmp::Ge,
                     };
+                    // The commonest leaf, `event.<field> <op> <literal>` (or
+                    // the other way round), without building values.
+                    if let Some(leaf) = field_vs_literal(a, op, b, fields)
+                        .or_else(|| field_vs_literal(b, op.flipped(), a, fields))
+                    {
+                        return Some(leaf);
+                    }
+                    let (a, b) = (node(a, fields)?, node(b, fields)?);
                     Some(Box::new(move |input| compare(op, a(input), b(input))))
                 }
                 (operators::IN, None, [probe, list]) => {
@@ -393,6 +394,67 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
     }
 }
 
+/// Where `name` is in `fields` (added at the end if it is not yet).
+fn slot(name: &str, fields: &mut Vec<String>) -> usize {
+    match fields.iter().position(|f| f == name) {
+        Some(at) => at,
+        None => {
+            fields.push(name.to_owned());
+            fields.len() - 1
+        }
+    }
+}
+
+/// `event.<field> <op> <literal>` as one node that compares what the reader
+/// saw with the literal directly (numbers with numbers, text bytes with
+/// text bytes), and leaves other pairs to [`compare`]; `None` if `field`
+/// and `literal` are not of that form.
+fn field_vs_literal(
+    field_expr: &IdedExpr,
+    op: Cmp,
+    literal: &IdedExpr,
+    fields: &mut Vec<String>,
+) -> Option<Node> {
+    let (Expr::Select(select), Expr::Literal(value)) = (&field_expr.expr, &literal.expr) else {
+        return None;
+    };
+    if select.test || !matches!(&select.operand.expr, Expr::Ident(root) if root == "event") {
+        return None;
+    }
+    let lit = self::literal(value)?;
+    let at = slot(&select.field, fields);
+    let name = select.field.clone();
+    Some(Box::new(move |input| {
+        match (input.seen.get(at).copied().unwrap_or(Seen::Missing), &lit) {
+            (Seen::Number(x), Val::Number(y)) => ordered(op, x.partial_cmp(y)),
+            // Texts of the event were checked to be UTF-8 when it was read:
+            // byte order is code point order.
+            (Seen::Text { start, end }, Val::Text(t)) => {
+                match input.event.get(start as usize..end as usize) {
+                    Some(bytes) => ordered(op, Some(bytes.cmp(t.as_str().as_bytes()))),
+                    None => Val::Unknown,
+                }
+            }
+            _ => compare(op, field(input, at, &name), lit.clone()),
+        }
+    }))
+}
+
+/// A comparison's answer from the order of two values of one type (`None`:
+/// unordered numbers, NaN).
+fn ordered<'a>(op: Cmp, ordering: Option<std::cmp::Ordering>) -> Val<'a> {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    Val::Bool(match (op, ordering) {
+        (Cmp::Eq, o) => o == Some(Equal),
+        (Cmp::Ne, o) => o != Some(Equal),
+        (_, None) => false,
+        (Cmp::Lt, Some(o)) => o == Less,
+        (Cmp::Le, Some(o)) => o != Greater,
+        (Cmp::Gt, Some(o)) => o == Greater,
+        (Cmp::Ge, Some(o)) => o != Less,
+    })
+}
+
 /// A top-level field as the reader saw it.
 fn field<'a>(input: &Input<'a>, at: usize, name: &str) -> Val<'a> {
     match input.seen.get(at).copied().unwrap_or(Seen::Missing) {
@@ -447,6 +509,19 @@ enum Affix {
     Starts,
     Ends,
     Contains,
+}
+
+impl Cmp {
+    /// The operator with its operands swapped: `a < b` is `b > a`.
+    fn flipped(self) -> Self {
+        match self {
+            Cmp::Lt => Cmp::Gt,
+            Cmp::Le => Cmp::Ge,
+            Cmp::Gt => Cmp::Lt,
+            Cmp::Ge => Cmp::Le,
+            same => same,
+        }
+    }
 }
 
 fn compare<'a>(op: Cmp, a: Val<'a>, b: Val<'a>) -> Val<'a> {
