@@ -16,7 +16,6 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::config::{OutputKind, RoutingSpec, Settings};
-use crate::engine::key::KeySpec;
 use crate::nats::kv::{open_bucket, watch_key};
 use crate::output::jetstream::unbound_subject;
 use crate::route::{KeyReader, Router, RuleSet};
@@ -200,16 +199,9 @@ pub fn rules_test(settings: &Settings, text: &str, events: &str) -> Result<Vec<S
 fn check(settings: &Settings, text: &str) -> Result<RuleSet, String> {
     let spec = RoutingSpec::parse(text)?;
     let config = &settings.config;
-    let router = Router::new(
-        &RoutingSpec::default(),
-        &config.output_subject,
-        config.shards,
-        KeyReader {
-            spec: KeySpec::Content,
-            limits: Default::default(),
-        },
-    )?;
-    router.check(&spec, 0)
+    RuleSet::build(&spec, &config.output_subject, config.shards, 0, &|_| {
+        Arc::default()
+    })
 }
 
 async fn bucket(settings: &Settings) -> Result<(async_nats::Client, kv::Store), String> {

@@ -163,6 +163,15 @@ impl Window {
         self.set_ms.load(Relaxed)
     }
 
+    /// The KV bucket the sidecars share, if this node reached it (the
+    /// routing rules are kept there too).
+    pub fn bucket(&self) -> Option<&kv::Store> {
+        match &self.keeper {
+            KeptIn::Kv(store) => Some(store),
+            _ => None,
+        }
+    }
+
     /// The window set, shared (the journal writer expires at it).
     pub fn shared(&self) -> Arc<AtomicU64> {
         self.set_ms.clone()

@@ -262,9 +262,10 @@ fn is_boolean(expr: &IdedExpr) -> bool {
     }
 }
 
-/// Whether `expr` is a call (an operator or function).
-fn is_call(expr: &IdedExpr) -> bool {
-    matches!(expr.expr, Expr::Call(_))
+/// Whether `expr` is an operator or function that gives a bool (a
+/// comparison's operands may be bool literals, not such tests).
+fn is_test(expr: &IdedExpr) -> bool {
+    matches!(expr.expr, Expr::Call(_)) && is_boolean(expr)
 }
 
 fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
@@ -314,7 +315,7 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
                     | operators::GREATER_EQUALS,
                     None,
                     [a, b],
-                ) if !is_call(a) && !is_call(b) || !is_boolean(a) && !is_boolean(b) => {
+                ) if !is_test(a) && !is_test(b) => {
                     let op = match name {
                         operators::EQUALS => Cmp::Eq,
                         operators::NOT_EQUALS => Cmp::Ne,
@@ -536,21 +537,18 @@ fn compare<'a>(op: Cmp, a: Val<'a>, b: Val<'a>) -> Val<'a> {
         // Of different types: never equal, and not ordered.
         _ => None,
     };
-    let ordered = matches!(
-        (&a, &b),
-        (Val::Number(_), Val::Number(_)) | (Val::Text(_), Val::Text(_))
-    );
-    match (op, ordering) {
-        (Cmp::Eq, o) => Val::Bool(o == Some(Ordering::Equal)),
-        (Cmp::Ne, o) => Val::Bool(o != Some(Ordering::Equal)),
-        (_, None) if matches!((&a, &b), (Val::Number(_), Val::Number(_))) => Val::Bool(false),
-        // Bools and nulls are ordered in the interpreter's own way.
-        _ if !ordered => Val::Unknown,
-        (_, None) => Val::Unknown,
-        (Cmp::Lt, Some(o)) => Val::Bool(o == Ordering::Less),
-        (Cmp::Le, Some(o)) => Val::Bool(o != Ordering::Greater),
-        (Cmp::Gt, Some(o)) => Val::Bool(o == Ordering::Greater),
-        (Cmp::Ge, Some(o)) => Val::Bool(o != Ordering::Less),
+    match op {
+        Cmp::Eq | Cmp::Ne => ordered(op, ordering),
+        // Only numbers and texts are ordered here; bools and nulls in the
+        // interpreter's own way, other pairs not at all.
+        _ if matches!(
+            (&a, &b),
+            (Val::Number(_), Val::Number(_)) | (Val::Text(_), Val::Text(_))
+        ) =>
+        {
+            ordered(op, ordering)
+        }
+        _ => Val::Unknown,
     }
 }
 
@@ -635,20 +633,28 @@ mod tests {
             "[a-c]{0,2}".prop_map(|s| format!("'{s}'")),
             Just("true".to_string()),
         ];
-        let cmp = prop_oneof![
+        let leaf = prop_oneof![
+            (operand.clone(), comparison(), operand.clone()).prop_map(|(a, op, b)| format!("{a} {op} {b}")),
+            operand.clone().prop_map(|a| format!("{a} in ['a', 'ab', 'k1']")),
+            (operand.clone(), "[a-c]{0,2}").prop_map(|(a, s)| format!("{a}.startsWith('{s}')")),
+            (operand, "[a-c]{0,2}").prop_map(|(a, s)| format!("{a}.contains('{s}')")),
+        ];
+        combined(leaf)
+    }
+
+    fn comparison() -> impl Strategy<Value = &'static str> + Clone {
+        prop_oneof![
             Just("=="),
             Just("!="),
             Just("<"),
             Just("<="),
             Just(">"),
             Just(">=")
-        ];
-        let leaf = prop_oneof![
-            (operand.clone(), cmp, operand.clone()).prop_map(|(a, op, b)| format!("{a} {op} {b}")),
-            operand.clone().prop_map(|a| format!("{a} in ['a', 'ab', 'k1']")),
-            (operand.clone(), "[a-c]{0,2}").prop_map(|(a, s)| format!("{a}.startsWith('{s}')")),
-            (operand, "[a-c]{0,2}").prop_map(|(a, s)| format!("{a}.contains('{s}')")),
-        ];
+        ]
+    }
+
+    /// `leaf` conditions joined by `&&`, `||` and `!`, three deep.
+    fn combined(leaf: impl Strategy<Value = String> + 'static) -> impl Strategy<Value = String> {
         leaf.prop_recursive(3, 12, 2, |inner| {
             prop_oneof![
                 (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) && ({b})")),
@@ -668,14 +674,7 @@ mod tests {
             Just("event.missing")
         ];
         let number = prop_oneof![Just("event.n"), Just("shard"), Just("size(event.a)")];
-        let cmp = prop_oneof![
-            Just("=="),
-            Just("!="),
-            Just("<"),
-            Just("<="),
-            Just(">"),
-            Just(">=")
-        ];
+        let cmp = comparison();
         let leaf = prop_oneof![
             (text.clone(), cmp.clone(), "[a-c]{0,2}").prop_map(|(a, op, s)| format!("{a} {op} '{s}'")),
             (number.clone(), cmp, -3.0f64..300.0).prop_map(|(a, op, x)| format!("{a} {op} {x:.1}")),
@@ -685,13 +684,7 @@ mod tests {
             any::<bool>().prop_map(|b| format!("event.b == {b}")),
             Just("event.z == null".to_string()),
         ];
-        leaf.prop_recursive(3, 12, 2, |inner| {
-            prop_oneof![
-                (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) && ({b})")),
-                (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) || ({b})")),
-                inner.prop_map(|a| format!("!({a})")),
-            ]
-        })
+        combined(leaf)
     }
 
     fn event_json() -> impl Strategy<Value = String> {

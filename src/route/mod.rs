@@ -113,8 +113,9 @@ pub struct RuleSet {
 pub struct Routed {
     /// Indices of the set's subjects, each once, in rule order.
     pub targets: Vec<usize>,
-    /// Names of the rules that matched (shadow ones too).
-    pub matched: Vec<String>,
+    /// The rules that matched (shadow ones too), by their place in the set
+    /// ([`RuleSet::rule_name`]).
+    pub matched: Vec<usize>,
     /// The evaluation failed: the rule and CEL's reason.
     pub error: Option<(String, String)>,
 }
@@ -230,6 +231,11 @@ impl RuleSet {
         self.shards
     }
 
+    /// The name of the `index`th rule.
+    pub fn rule_name(&self, index: usize) -> &str {
+        &self.rules[index].name
+    }
+
     /// How many distinct subjects the set sends to.
     pub fn targets(&self) -> usize {
         self.targets.len()
@@ -299,7 +305,8 @@ impl RuleSet {
             .iter()
             .map(|&t| self.subject(t, shard).to_string())
             .collect();
-        let mut v = serde_json::json!({ "key": id, "shard": shard, "matched": out.matched, "to": to });
+        let matched: Vec<&str> = out.matched.iter().map(|&r| self.rule_name(r)).collect();
+        let mut v = serde_json::json!({ "key": id, "shard": shard, "matched": matched, "to": to });
         if let Some((rule, why)) = out.error {
             v["error"] = serde_json::json!({ "rule": rule, "reason": why });
         }
@@ -357,14 +364,14 @@ impl RuleSet {
             seen,
         };
         let mut stopped = false;
-        for rule in &self.rules {
+        for (i, rule) in self.rules.iter().enumerate() {
             match rule.condition.eval(&input) {
                 Ok(false) => {}
                 Ok(true) => {
                     if count {
                         rule.counters.matches.fetch_add(1, Relaxed);
                     }
-                    out.matched.push(rule.name.clone());
+                    out.matched.push(i);
                     if rule.shadow {
                         continue;
                     }
@@ -605,7 +612,8 @@ mod tests {
             .iter()
             .map(|&t| set.subject(t, 2).to_string())
             .collect();
-        (subjects, out.matched, out.error.is_some())
+        let matched = out.matched.iter().map(|&r| set.rule_name(r).to_owned()).collect();
+        (subjects, matched, out.error.is_some())
     }
 
     const BRIEF: &str = r#"

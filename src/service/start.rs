@@ -83,7 +83,7 @@ pub async fn start_with(
         }
     };
     // The rules kept in the bucket route from the first request on.
-    let rules_bucket = rules_bucket(&client, &settings).await;
+    let rules_bucket = window.bucket().cloned();
     if let Some(store) = &rules_bucket {
         control::rules::load(&router, store, streams.as_ref()).await;
     }
@@ -267,24 +267,6 @@ fn router(settings: &Settings) -> Result<Router, ServiceError> {
     };
     let config = &settings.config;
     Router::new(&config.routing, &config.output_subject, config.shards, key).map_err(ServiceError::Routing)
-}
-
-/// The KV bucket the routing rules are kept in, if there is one.
-async fn rules_bucket(
-    client: &async_nats::Client,
-    settings: &Settings,
-) -> Option<async_nats::jetstream::kv::Store> {
-    let bucket = &settings.config.kv_bucket;
-    if bucket.is_empty() {
-        return None;
-    }
-    match crate::nats::kv::open_bucket(client, bucket, settings.config.cluster.replicas).await {
-        Ok(store) => Some(store),
-        Err(e) => {
-            tracing::warn!(message = "No KV bucket: the routing rules are the configuration's.", error = %e);
-            None
-        }
-    }
 }
 
 /// Aggregates survive a restart through a snapshot in the data dir (read
