@@ -347,7 +347,7 @@ fn routing(c: &mut Criterion) {
         group.bench_function(format!("{n} rules, 1000 events of 200 B"), |b| {
             b.iter(|| {
                 for e in &events {
-                    set.route(e, 3, &key, &mut out);
+                    set.route(e, (3, "dedup.ingest"), &key, &mut out);
                     black_box(&out);
                 }
             })
@@ -366,7 +366,7 @@ fn routing(c: &mut Criterion) {
         group.bench_function(format!("{n} rules, fields read with the key"), |b| {
             b.iter(|| {
                 for (e, seen) in events.iter().zip(&read) {
-                    set.route_read(e, 3, &key, (&at, seen), &mut out);
+                    set.route_read(e, (3, "dedup.ingest"), &key, (&at, seen), &mut out);
                     black_box(&out);
                 }
             })

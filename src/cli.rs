@@ -107,7 +107,14 @@ pub enum RulesCommand {
     },
     /// Print where each event of EVENTS (one JSON object a line) would go
     /// under the set in FILE, and which rules it matches; changes nothing.
-    Test { file: PathBuf, events: PathBuf },
+    Test {
+        file: PathBuf,
+        events: PathBuf,
+        /// The subject the events come in on, as the rules' `subject` sees
+        /// it (default: `<subject_prefix>.ingest`).
+        #[arg(long, value_name = "SUBJECT")]
+        subject: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,9 +269,14 @@ pub fn main(cli: Cli) -> ExitCode {
                         .map(|done| vec![done])
                         .map_err(|e| (1, e))
                 }
-                RulesCommand::Test { file, events } => {
+                RulesCommand::Test {
+                    file,
+                    events,
+                    subject,
+                } => {
                     let (text, events) = (read(&file)?, read(&events)?);
-                    control::rules::rules_test(&settings, &text, &events).map_err(|e| (1, e))
+                    control::rules::rules_test(&settings, &text, &events, subject.as_deref())
+                        .map_err(|e| (1, e))
                 }
             }
         }),

@@ -424,3 +424,89 @@ async fn with_jetstream_output_a_set_sending_where_no_stream_listens_is_refused(
     );
     running.shutdown().await.unwrap();
 }
+
+/// Rules on `subject`: each copy says where its request came in.
+const BY_SUBJECT: &str = r#"
+default = ""
+
+[[rule]]
+name = "from_ingest"
+when = 'subject == "dedup.ingest"'
+to = ["via.ingest"]
+
+[[rule]]
+name = "from_batch"
+when = 'subject == "dedup.batch"'
+to = ["via.batch"]
+
+[[rule]]
+name = "sent_to_the_shard"
+when = 'subject.startsWith("dedup.shard.") && subject.endsWith("." + key)'
+to = ["via.shard"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_see_the_subject_the_producer_used_even_when_a_node_forwards_the_event() {
+    let server = NatsServer::start();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (mut low, mut high) = split_settings(&server, dirs[0].path(), dirs[1].path());
+    low.config.routing = RoutingSpec::parse(BY_SUBJECT).unwrap();
+    high.config.routing = low.config.routing.clone();
+    let first = service::start(low).await.unwrap();
+    let second = service::start(high).await.unwrap();
+    let client = server.client().await;
+    let mut via = client.subscribe("via.*").await.unwrap();
+    client.flush().await.unwrap();
+
+    // Ids of both halves: whichever node takes a request, half of them
+    // are forwarded to the other.
+    let ids: Vec<String> = (0..16).map(|i| format!("s{i}")).collect();
+    let halves: BTreeSet<bool> = ids
+        .iter()
+        .map(|id| eventsieve::engine::shard::shard_of(id, 32) < 16)
+        .collect();
+    assert_eq!(halves.len(), 2, "ids of both nodes");
+    let (singles, rest) = ids.split_at(6);
+    let (batched, direct) = rest.split_at(5);
+    for id in singles {
+        // A producer's own `Eventsieve-Subject` on the ingest subject is
+        // not taken for a forwarding node's.
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Eventsieve-Subject", "dedup.batch");
+        let reply = client
+            .request_with_headers("dedup.ingest", headers, order(id, "order_placed", None))
+            .await
+            .unwrap();
+        assert_eq!(&reply.payload[..], br#"{"accepted":true}"#, "{id}");
+    }
+    let body: Vec<u8> = batched
+        .iter()
+        .flat_map(|id| [&order(id, "order_placed", None)[..], b"\n"].concat())
+        .collect();
+    let reply = request(&client, "dedup.batch", body).await;
+    assert_eq!(
+        batch::decode(&reply.payload).unwrap(),
+        vec![Entry::New; batched.len()]
+    );
+    for id in direct {
+        let shard = eventsieve::engine::shard::shard_of(id, 32);
+        let subject = format!("dedup.shard.{shard}.{id}");
+        assert_eq!(
+            ask(&client, &subject, order(id, "order_placed", None)).await,
+            Answer::Verdict(true)
+        );
+    }
+
+    let got = received(&mut via, Duration::from_millis(500)).await;
+    let by: BTreeMap<&str, BTreeSet<String>> = got.iter().fold(BTreeMap::new(), |mut by, (subject, id)| {
+        by.entry(subject.as_str()).or_default().insert(id.clone());
+        by
+    });
+    let expect = |ids: &[String]| ids.iter().cloned().collect::<BTreeSet<_>>();
+    assert_eq!(by.get("via.ingest"), Some(&expect(singles)), "{got:?}");
+    assert_eq!(by.get("via.batch"), Some(&expect(batched)), "{got:?}");
+    assert_eq!(by.get("via.shard"), Some(&expect(direct)), "{got:?}");
+    assert_eq!(got.len(), ids.len(), "each once: {got:?}");
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+}

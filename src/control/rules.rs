@@ -94,8 +94,9 @@ async fn bound(
     }
 }
 
-/// `<prefix>.rules.test`: `{"events": [..], "rules": "<TOML or JSON>"}`
-/// (without `rules`: the set in force); each event an object or its text.
+/// `<prefix>.rules.test`: `{"events": [..], "rules": "<TOML or JSON>",
+/// "subject": ".."}` (without `rules`: the set in force; without
+/// `subject`: `<prefix>.ingest`); each event an object or its text.
 /// Answers where each would go.
 ///
 /// # Errors
@@ -114,18 +115,27 @@ pub(super) fn rules_request(ctx: &Shared, message: &Message) -> Result<Value, St
         .get("events")
         .and_then(Value::as_array)
         .ok_or("\"events\" must be a list")?;
+    let subject = match request.get("subject") {
+        None | Some(Value::Null) => ctx.subjects.ingest(),
+        Some(Value::String(subject)) => subject.clone(),
+        Some(_) => return Err("\"subject\" must be a subject".into()),
+    };
     Ok(json!({
         "revision": set.revision,
-        "results": test(&set, &router.key, events.iter().map(|e| match e {
+        "results": test(&set, (&router.key, &subject), events.iter().map(|e| match e {
             Value::String(text) => text.clone().into_bytes(),
             other => other.to_string().into_bytes(),
         })),
     }))
 }
 
-/// Where each of `events` would go under `set`.
-fn test(set: &RuleSet, key: &KeyReader, events: impl Iterator<Item = Vec<u8>>) -> Vec<Value> {
-    events.map(|event| set.explain(&event, key)).collect()
+/// Where each of `events`, come in on `subject`, would go under `set`.
+fn test(
+    set: &RuleSet,
+    (key, subject): (&KeyReader, &str),
+    events: impl Iterator<Item = Vec<u8>>,
+) -> Vec<Value> {
+    events.map(|event| set.explain(&event, subject, key)).collect()
 }
 
 /// `eventsieve rules get`: the set kept in the bucket, or that none is.
@@ -181,7 +191,12 @@ pub async fn rules_set(settings: &Settings, text: &str) -> Result<String, String
 /// # Errors
 ///
 /// The set's first problem.
-pub fn rules_test(settings: &Settings, text: &str, events: &str) -> Result<Vec<String>, String> {
+pub fn rules_test(
+    settings: &Settings,
+    text: &str,
+    events: &str,
+    subject: Option<&str>,
+) -> Result<Vec<String>, String> {
     let set = check(settings, text)?;
     let engine = settings.engine();
     let key = KeyReader {
@@ -189,7 +204,9 @@ pub fn rules_test(settings: &Settings, text: &str, events: &str) -> Result<Vec<S
         limits: engine.limits,
     };
     let lines = events.lines().filter(|l| !l.trim().is_empty());
-    Ok(test(&set, &key, lines.map(|l| l.as_bytes().to_vec()))
+    let ingest = format!("{}.ingest", settings.config.subject_prefix);
+    let subject = subject.unwrap_or(&ingest);
+    Ok(test(&set, (&key, subject), lines.map(|l| l.as_bytes().to_vec()))
         .iter()
         .map(Value::to_string)
         .collect())

@@ -103,11 +103,12 @@ impl CoreNats {
 
     /// `events` routed by `rules`: each event to the subjects its rules
     /// give; a batch's events of one subject together, in line order.
-    async fn routed(&self, rules: &RuleSet, shard: u32, events: Accepted<'_>) {
+    async fn routed(&self, Request { rules, subject }: &Request, shard: u32, events: Accepted<'_>) {
         let mut routed = Routed::default();
+        let on = (shard, subject.as_str());
         match events {
             Accepted::One(event) => {
-                rules.route(event, shard, &self.router.key, &mut routed);
+                rules.route(event, on, &self.router.key, &mut routed);
                 for &t in &routed.targets {
                     self.publish(rules.subject(t, shard), None, event.clone()).await;
                 }
@@ -125,9 +126,9 @@ impl CoreNats {
                     match &at {
                         Some(at) => {
                             let line_seen = &seen[i * per_line..(i + 1) * per_line];
-                            rules.route_read(event, shard, &self.router.key, (at, line_seen), &mut routed)
+                            rules.route_read(event, on, &self.router.key, (at, line_seen), &mut routed)
                         }
-                        None => rules.route(event, shard, &self.router.key, &mut routed),
+                        None => rules.route(event, on, &self.router.key, &mut routed),
                     }
                     for &t in &routed.targets {
                         by_target[t].push(r.clone());
@@ -143,17 +144,27 @@ impl CoreNats {
     }
 }
 
-impl Output for CoreNats {
-    /// The rules in force when the request's first events went out.
-    type Request = Arc<RuleSet>;
+/// What one request's events go out under.
+pub struct Request {
+    /// The rules in force when its first events went out.
+    rules: Arc<RuleSet>,
+    /// The subject it came in on (the rules' `subject`).
+    subject: Subject,
+}
 
-    fn request(&self) -> Arc<RuleSet> {
-        self.router.current()
+impl Output for CoreNats {
+    type Request = Request;
+
+    fn request(&self, subject: &Subject) -> Request {
+        Request {
+            rules: self.router.current(),
+            subject: subject.clone(),
+        }
     }
 
-    async fn accepted(&self, rules: &Arc<RuleSet>, shard: u32, events: Accepted<'_>) {
-        if !rules.is_plain() {
-            return self.routed(rules, shard, events).await;
+    async fn accepted(&self, request: &Request, shard: u32, events: Accepted<'_>) {
+        if !request.rules.is_plain() {
+            return self.routed(request, shard, events).await;
         }
         let subject = &self.output[shard as usize];
         match events {

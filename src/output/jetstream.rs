@@ -73,7 +73,11 @@ impl PublishBeforeCommit {
 }
 
 impl PublishFirst for PublishBeforeCommit {
-    fn publish(&self, events: Vec<(u32, String, Bytes)>) -> Vec<BoxFuture<'static, Result<(), String>>> {
+    fn publish(
+        &self,
+        came_in_on: &Subject,
+        events: Vec<(u32, String, Bytes)>,
+    ) -> Vec<BoxFuture<'static, Result<(), String>>> {
         // One version of the rules for the whole request.
         let rules = self.router.current();
         let mut routed = Routed::default();
@@ -84,7 +88,12 @@ impl PublishFirst for PublishBeforeCommit {
                 let copies: Vec<(Subject, String)> = if rules.is_plain() {
                     vec![(output.clone(), id)]
                 } else {
-                    rules.route(&event, shard, &self.router.key, &mut routed);
+                    rules.route(
+                        &event,
+                        (shard, came_in_on.as_str()),
+                        &self.router.key,
+                        &mut routed,
+                    );
                     routed
                         .targets
                         .iter()

@@ -9,12 +9,11 @@
 pub mod core_nats;
 pub mod jetstream;
 
-use std::sync::Arc;
+use async_nats::Subject;
 
 use crate::pipeline::{Accepted, Output};
-use crate::route::RuleSet;
 
-pub use core_nats::{COUNT_HEADER, CoreNats};
+pub use core_nats::{COUNT_HEADER, CoreNats, Request};
 pub use jetstream::PublishBeforeCommit;
 
 /// The configured output, as the pipeline's [`Output`].
@@ -28,19 +27,19 @@ pub enum Sink {
 }
 
 impl Output for Sink {
-    type Request = Option<Arc<RuleSet>>;
+    type Request = Option<Request>;
 
-    fn request(&self) -> Self::Request {
+    fn request(&self, subject: &Subject) -> Self::Request {
         match self {
-            Sink::Core(core) => Some(core.request()),
+            Sink::Core(core) => Some(core.request(subject)),
             Sink::BeforeCommit => None,
         }
     }
 
     async fn accepted(&self, request: &Self::Request, shard: u32, events: Accepted<'_>) {
         // Published before the commit otherwise: nothing left to do.
-        if let (Sink::Core(core), Some(rules)) = (self, request) {
-            core.accepted(rules, shard, events).await;
+        if let (Sink::Core(core), Some(request)) = (self, request) {
+            core.accepted(request, shard, events).await;
         }
     }
 }

@@ -25,6 +25,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
+use async_nats::Subject;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
@@ -50,10 +51,11 @@ pub trait Stage: Send + Sync + 'static {
 /// the order the events were accepted.
 pub trait Output: Send + Sync + 'static {
     /// What one request's events all go out under (the routing rules in
-    /// force when its first shard went out): taken once per request.
+    /// force when its first shard went out, and the subject it came in
+    /// on): taken once per request.
     type Request: Send + Sync;
 
-    fn request(&self) -> Self::Request;
+    fn request(&self, subject: &Subject) -> Self::Request;
 
     fn accepted(
         &self,
@@ -70,10 +72,15 @@ pub trait Output: Send + Sync + 'static {
 /// published again, and the stream drops the second copy: the event
 /// reaches the output exactly once for a producer that retries.
 pub trait PublishFirst: Send + Sync + 'static {
-    /// Publishes the new events of one request, each `(shard, dedup key,
-    /// event)`: one future per event, resolving once the output has
-    /// acknowledged it (a repeat it dropped counts as acknowledged).
-    fn publish(&self, events: Vec<(u32, String, Bytes)>) -> Vec<BoxFuture<'static, Result<(), String>>>;
+    /// Publishes the new events of one request that came in on `subject`,
+    /// each `(shard, dedup key, event)`: one future per event, resolving
+    /// once the output has acknowledged it (a repeat it dropped counts as
+    /// acknowledged).
+    fn publish(
+        &self,
+        subject: &Subject,
+        events: Vec<(u32, String, Bytes)>,
+    ) -> Vec<BoxFuture<'static, Result<(), String>>>;
 }
 
 /// The new events of one request in one shard, as the stages and the [`Output`] get them.
@@ -358,7 +365,8 @@ impl<O: Output> Pipeline<O> {
 
     /// Settles `event` if it needs no commit, else inserts its id and
     /// queues it for the writer (waiting while the writer's queue is full).
-    pub async fn decide<'a>(&self, event: &'a Bytes) -> Step<'a> {
+    /// `subject`: the one the request came in on.
+    pub async fn decide<'a>(&self, event: &'a Bytes, subject: &Subject) -> Step<'a> {
         let keyed = match self.dedup.key(event) {
             Ok(keyed) => keyed,
             Err(e) => {
@@ -398,7 +406,10 @@ impl<O: Output> Pipeline<O> {
                 // Published and acknowledged first, then committed: in a
                 // task of its own, so that events behind it proceed too.
                 let publish = first
-                    .publish(vec![(shard, keyed.id.clone().into_owned(), event.clone())])
+                    .publish(
+                        subject,
+                        vec![(shard, keyed.id.clone().into_owned(), event.clone())],
+                    )
                     .pop()
                     .expect("one future per event");
                 let writer = writer.clone();
@@ -443,7 +454,7 @@ impl<O: Output> Pipeline<O> {
 
     /// Waits for `pending`'s commit; then hands `event` to the stages and the output and
     /// answers `New`, or forgets the id and answers the failure.
-    pub async fn finish(&self, mut pending: Pending, event: Bytes) -> Outcome {
+    pub async fn finish(&self, mut pending: Pending, event: Bytes, subject: &Subject) -> Outcome {
         pending.settle().await;
         let Pending {
             shard,
@@ -455,7 +466,7 @@ impl<O: Output> Pipeline<O> {
         match (settled.unwrap_or(Err(CommitFailed::Stopped)), twin) {
             (Ok(()), false) => {
                 Metrics::inc(&self.metrics.accepted);
-                let request = self.output.request();
+                let request = self.output.request(subject);
                 self.accepted(&request, shard, Accepted::One(&event)).await;
                 Outcome::Verdict(Verdict::New)
             }
@@ -481,11 +492,11 @@ impl<O: Output> Pipeline<O> {
     /// # Errors
     ///
     /// The keyed event, when it must be forwarded.
-    pub async fn ingest<'a>(&self, event: &'a Bytes) -> Result<Outcome, Keyed<'a>> {
-        match self.decide(event).await {
+    pub async fn ingest<'a>(&self, event: &'a Bytes, subject: &Subject) -> Result<Outcome, Keyed<'a>> {
+        match self.decide(event, subject).await {
             Step::Done(outcome) => Ok(outcome),
             Step::Elsewhere(keyed) => Err(keyed),
-            Step::Commit(pending) => Ok(self.finish(pending, event.clone()).await),
+            Step::Commit(pending) => Ok(self.finish(pending, event.clone(), subject).await),
         }
     }
 
@@ -527,7 +538,12 @@ impl<O: Output> Pipeline<O> {
     /// shard by shard, or forgets their ids and gives each the failure.
     /// Returns an entry per line (`None` for the lines taken by
     /// [`BatchPending::take_forwards`]).
-    pub async fn finish_batch(&self, pending: BatchPending, body: &Bytes) -> Vec<Option<Entry>> {
+    pub async fn finish_batch(
+        &self,
+        pending: BatchPending,
+        body: &Bytes,
+        subject: &Subject,
+    ) -> Vec<Option<Entry>> {
         let BatchPending {
             lines,
             mut entries,
@@ -538,13 +554,13 @@ impl<O: Output> Pipeline<O> {
             ..
         } = pending;
         if let Some(first) = &self.publish_first {
-            self.publish_batch_first(first.as_ref(), &new, &settles, &lines, body)
+            self.publish_batch_first(first.as_ref(), (&new, &settles), &lines, (body, subject))
                 .await;
         }
         let mut ranges = Vec::new();
         let mut seen_here = Vec::new();
         let per_line = seen.len() / lines.len().max(1);
-        let request = self.output.request();
+        let request = self.output.request(subject);
         for (i, group) in new.chunk_by(|a, b| a.1.shard == b.1.shard).enumerate() {
             let result = match settles.get(i) {
                 Some(signal) => signal.settle().wait().await,
@@ -685,10 +701,9 @@ impl<O: Output> Pipeline<O> {
     async fn publish_batch_first(
         &self,
         first: &dyn PublishFirst,
-        new: &[(usize, Record)],
-        settles: &[Signal],
+        (new, settles): (&[(usize, Record)], &[Signal]),
         lines: &[Range<usize>],
-        body: &Bytes,
+        (body, subject): (&Bytes, &Subject),
     ) {
         let events = new.iter().map(|(line, record)| {
             let event = body.slice(lines[*line].clone());
@@ -701,7 +716,7 @@ impl<O: Output> Pipeline<O> {
                 .unwrap_or_default();
             (record.shard, id, event)
         });
-        let publishes = first.publish(events.collect());
+        let publishes = first.publish(subject, events.collect());
         let mut results = futures_util::future::join_all(publishes).await.into_iter();
         let (mut records, mut taken) = (Vec::new(), Vec::new());
         for (group, settle) in new

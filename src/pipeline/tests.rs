@@ -18,11 +18,16 @@ struct Collect(Mutex<Vec<(u32, Vec<Bytes>)>>);
 impl Output for Collect {
     type Request = ();
 
-    fn request(&self) {}
+    fn request(&self, _: &Subject) {}
 
     async fn accepted(&self, _: &(), shard: u32, events: Accepted<'_>) {
         self.0.lock().unwrap().push((shard, events.events().collect()));
     }
+}
+
+/// The subject the tests' requests come in on.
+fn on() -> Subject {
+    Subject::from_static("dedup.ingest")
 }
 
 impl Collect {
@@ -138,7 +143,7 @@ fn event(id: &str) -> Bytes {
 }
 
 async fn verdict(p: &Pipeline<Collect>, event: &Bytes) -> Outcome {
-    p.ingest(event).await.expect("owned here")
+    p.ingest(event, &on()).await.expect("owned here")
 }
 
 fn is(outcome: &Outcome, want: Verdict) -> bool {
@@ -177,7 +182,7 @@ async fn shards_not_ready_answer_503_and_shards_elsewhere_are_handed_back() {
     assert_eq!(outcome.error().map(|e| e.0), Some(503), "{outcome:?}");
     p.ownership().set(shard, ShardState::Elsewhere);
     let e = event("a1");
-    let keyed = p.ingest(&e).await.expect_err("owned elsewhere");
+    let keyed = p.ingest(&e, &on()).await.expect_err("owned elsewhere");
     assert_eq!((keyed.shard, &*keyed.id), (shard, "a1"));
     assert!(p.dedup().is_empty(), "neither was remembered");
 }
@@ -199,7 +204,7 @@ async fn accepted_ids_are_in_the_journal_and_a_new_pipeline_recovers_them() {
     let body = Bytes::from_static(b"{\"event_id\":\"b1\"}\n{\"event_id\":\"r1\"}\n");
     let pending = f.pipeline.decide_batch(&body, false).await;
     assert_eq!(
-        f.pipeline.finish_batch(pending, &body).await,
+        f.pipeline.finish_batch(pending, &body, &on()).await,
         [Some(Entry::New), Some(Entry::Duplicate)]
     );
     assert_eq!(
@@ -257,7 +262,7 @@ async fn a_failed_commit_is_answered_500_and_the_id_is_forgotten() {
 
     let body = Bytes::from_static(b"{\"event_id\":\"f1\"}\n{\"event_id\":\"f2\"}\nbad\n");
     let pending = p.decide_batch(&body, false).await;
-    let entries = p.finish_batch(pending, &body).await;
+    let entries = p.finish_batch(pending, &body, &on()).await;
     assert!(matches!(entries[0], Some(Entry::Error { code: 500, .. })));
     assert!(matches!(entries[1], Some(Entry::Error { code: 500, .. })));
     assert!(matches!(entries[2], Some(Entry::Error { code: 400, .. })));
@@ -277,7 +282,7 @@ async fn a_stopped_writer_gets_503_for_singles_and_batches_never_silence() {
     assert_eq!(outcome.error().map(|e| e.0), Some(503), "{outcome:?}");
     let body = Bytes::from_static(b"{\"event_id\":\"s2\"}\n");
     let pending = p.decide_batch(&body, false).await;
-    let entries = p.finish_batch(pending, &body).await;
+    let entries = p.finish_batch(pending, &body, &on()).await;
     assert!(
         matches!(entries[0], Some(Entry::Error { code: 503, .. })),
         "{entries:?}"
@@ -310,7 +315,7 @@ async fn a_batch_reaches_the_output_once_per_shard_in_line_order() {
         .collect();
     let body = Bytes::from(body);
     let pending = p.decide_batch(&body, false).await;
-    let entries = p.finish_batch(pending, &body).await;
+    let entries = p.finish_batch(pending, &body, &on()).await;
     let want = [
         Entry::New,
         Entry::New,
@@ -347,7 +352,7 @@ async fn a_forwarded_sub_batch_is_never_sent_on() {
     assert_eq!(pending.take_forwards()[&shard].0, [0]);
     let mut pending = p.decide_batch(&body, true).await;
     assert!(pending.take_forwards().is_empty());
-    let entries = p.finish_batch(pending, &body).await;
+    let entries = p.finish_batch(pending, &body, &on()).await;
     assert!(matches!(entries[0], Some(Entry::Error { code: 503, .. })));
 }
 
@@ -359,7 +364,11 @@ struct Stream {
 }
 
 impl PublishFirst for Stream {
-    fn publish(&self, events: Vec<(u32, String, Bytes)>) -> Vec<BoxFuture<'static, Result<(), String>>> {
+    fn publish(
+        &self,
+        _: &Subject,
+        events: Vec<(u32, String, Bytes)>,
+    ) -> Vec<BoxFuture<'static, Result<(), String>>> {
         events
             .into_iter()
             .map(|(_, id, _)| {
@@ -406,7 +415,7 @@ async fn an_output_ahead_takes_each_new_event_before_its_commit_or_the_id_is_for
 
     let body = Bytes::from([event("b1"), event("b1"), event("no2")].join(&b'\n'));
     let pending = p.decide_batch(&body, false).await;
-    let entries = p.finish_batch(pending, &body).await;
+    let entries = p.finish_batch(pending, &body, &on()).await;
     assert_eq!(entries[0], Some(Entry::New));
     assert_eq!(entries[1], Some(Entry::Duplicate));
     assert!(
@@ -495,7 +504,7 @@ fn held() -> (
 
 /// Decides `event` and expects it to wait for a commit.
 async fn decided(p: &Pipeline<Collect>, event: &Bytes) -> Pending {
-    match p.decide(event).await {
+    match p.decide(event, &on()).await {
         Step::Commit(pending) => pending,
         other => panic!("expected to wait for a commit, got {other:?}"),
     }
@@ -519,8 +528,8 @@ async fn a_twin_of_a_pending_id_gets_its_first_copys_outcome() {
         let mut later = pending_twin;
         assert!(!later.is_settled(), "the twin waits for the first copy's commit");
         releases.send(release).unwrap();
-        let first_outcome = p.finish(pending_first, first.clone()).await;
-        let twin_outcome = p.finish(later, twin).await;
+        let first_outcome = p.finish(pending_first, first.clone(), &on()).await;
+        let twin_outcome = p.finish(later, twin, &on()).await;
         match want {
             Some(error) => {
                 assert_eq!(code(&first_outcome), Some(error), "{first_outcome:?}");
@@ -547,7 +556,7 @@ async fn a_twin_of_a_pending_id_gets_its_first_copys_outcome() {
         }
         // Once committed, a repeat is a duplicate at once.
         assert!(matches!(
-            p.decide(&event("t1")).await,
+            p.decide(&event("t1"), &on()).await,
             Step::Done(Outcome::Verdict(Verdict::Duplicate))
         ));
     }
@@ -562,7 +571,7 @@ async fn repeats_within_a_failed_batch_get_its_error_not_a_duplicate() {
     let body = Bytes::from([event("r1"), event("r2"), event("r1"), event("r2")].join(&b'\n'));
     let pending = p.decide_batch(&body, false).await;
     releases.send(Release::Refuse).unwrap();
-    let entries = p.finish_batch(pending, &body).await;
+    let entries = p.finish_batch(pending, &body, &on()).await;
     for (i, entry) in entries.iter().enumerate() {
         assert!(
             matches!(entry, Some(Entry::Error { code: 500, .. })),
@@ -574,7 +583,7 @@ async fn repeats_within_a_failed_batch_get_its_error_not_a_duplicate() {
     // And when it succeeds, the repeats are duplicates.
     let pending = p.decide_batch(&body, false).await;
     releases.send(Release::Keep).unwrap();
-    let entries = p.finish_batch(pending, &body).await;
+    let entries = p.finish_batch(pending, &body, &on()).await;
     let want = [Entry::New, Entry::New, Entry::Duplicate, Entry::Duplicate].map(Some);
     assert_eq!(entries, want);
 }
@@ -596,15 +605,15 @@ async fn twins_across_requests_wait_for_each_others_commits() {
     assert_ne!(failing, shard_of("x2", 32));
     releases.send(Release::RefuseShards(vec![failing])).unwrap();
     releases.send(Release::RefuseShards(vec![failing])).unwrap();
-    let outcome = p.finish(first, single).await;
+    let outcome = p.finish(first, single, &on()).await;
     assert_eq!(code(&outcome), Some(503), "{outcome:?}");
-    let entries = p.finish_batch(batch, &body).await;
+    let entries = p.finish_batch(batch, &body, &on()).await;
     assert!(
         matches!(entries[0], Some(Entry::Error { code: 503, .. })),
         "the batch's twin of the failed single: {entries:?}"
     );
     assert_eq!(entries[1], Some(Entry::New));
-    let outcome = p.finish(twin_of_batch, event("x2")).await;
+    let outcome = p.finish(twin_of_batch, event("x2"), &on()).await;
     assert!(is(&outcome, Verdict::Duplicate), "{outcome:?}");
 }
 
@@ -620,7 +629,7 @@ async fn a_shard_whose_append_failed_does_not_fail_the_others() {
     let body = Bytes::from([event(a), event(b), event(a)].join(&b'\n'));
     let pending = p.decide_batch(&body, false).await;
     releases.send(Release::RefuseShards(vec![sb])).unwrap();
-    let entries = p.finish_batch(pending, &body).await;
+    let entries = p.finish_batch(pending, &body, &on()).await;
     assert_eq!(entries[0], Some(Entry::New));
     assert!(
         matches!(entries[1], Some(Entry::Error { code: 503, .. })),
@@ -660,7 +669,7 @@ async fn under_failing_commits_no_false_goes_to_an_id_not_kept() {
                 if i % 5 == 0 {
                     let body = Bytes::from([event(&id), event(&id)].join(&b'\n'));
                     let pending = p.decide_batch(&body, false).await;
-                    for entry in p.finish_batch(pending, &body).await.into_iter().flatten() {
+                    for entry in p.finish_batch(pending, &body, &on()).await.into_iter().flatten() {
                         answers.push((id.clone(), entry));
                     }
                 } else {
@@ -793,7 +802,7 @@ async fn stages_see_accepted_events_in_the_order_they_were_added_and_failed_ones
     assert!(is(&verdict(&p, &event("a1")).await, Verdict::Duplicate));
     let body = Bytes::from_static(b"{\"event_id\":\"b1\"}\n{\"event_id\":\"a1\"}\n");
     let pending = p.decide_batch(&body, false).await;
-    p.finish_batch(pending, &body).await;
+    p.finish_batch(pending, &body, &on()).await;
     let taken = p.output().taken();
     let seen = std::mem::take(&mut *log.lock().unwrap());
     let names: Vec<&str> = seen.iter().map(|(name, ..)| *name).collect();

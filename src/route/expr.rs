@@ -3,7 +3,7 @@
 //!
 //! The common subset is compiled into a tree of closures over the fields
 //! read from the event's bytes ([`Compiled`]): top-level `event.<field>`,
-//! `key`, `shard`, literals (not bytes), `== != < <= > >=`, `&& || !`,
+//! `key`, `shard`, `subject`, literals (not bytes), `== != < <= > >=`, `&& || !`,
 //! `in` a list of strings, `size`, `startsWith`, `endsWith`, `contains`. Everything else
 //! runs in the crate's interpreter over the whole event ([`Condition`]
 //! decides which, per expression). Both give the same answers: a
@@ -46,7 +46,7 @@ const FUNCTIONS: &[&str] = &[
 ];
 
 /// Variables a condition may name.
-const VARIABLES: &[&str] = &["event", "key", "shard"];
+const VARIABLES: &[&str] = &["event", "key", "shard", "subject"];
 
 /// What a condition is evaluated against.
 pub struct Input<'a> {
@@ -55,6 +55,8 @@ pub struct Input<'a> {
     /// The dedup id.
     pub key: &'a str,
     pub shard: u32,
+    /// The subject the request came in on (see [`crate::route`]).
+    pub subject: &'a str,
     /// The top-level fields [`Condition::fields`] names, read from the
     /// event (the same order).
     pub seen: &'a [Seen],
@@ -145,6 +147,7 @@ impl Condition {
         context.add_variable_from_value("event", to_cel(&json));
         context.add_variable_from_value("key", Value::String(Arc::new(input.key.to_owned())));
         context.add_variable_from_value("shard", Value::Int(i64::from(input.shard)));
+        context.add_variable_from_value("subject", Value::String(Arc::new(input.subject.to_owned())));
         match self.program.execute(&context) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("the condition gives {other:?}, not a bool")),
@@ -277,6 +280,9 @@ fn node(expr: &IdedExpr, fields: &mut Vec<String>) -> Option<Node> {
         Expr::Ident(name) if name == "key" => {
             Some(Box::new(|input| Val::Text(Text::Event(Cow::Borrowed(input.key)))))
         }
+        Expr::Ident(name) if name == "subject" => Some(Box::new(|input| {
+            Val::Text(Text::Event(Cow::Borrowed(input.subject)))
+        })),
         Expr::Ident(name) if name == "shard" => Some(Box::new(|input| Val::Number(f64::from(input.shard)))),
         Expr::Select(select) if !select.test => {
             let Expr::Ident(root) = &select.operand.expr else {
@@ -566,6 +572,7 @@ mod tests {
             event: event.as_bytes(),
             key: "k1",
             shard: 3,
+            subject: "dedup.shard.3.k1",
             seen: &seen,
         };
         (
@@ -626,6 +633,7 @@ mod tests {
             Just("event.e".to_string()),
             Just("event.missing".to_string()),
             Just("key".to_string()),
+            Just("subject".to_string()),
             Just("shard".to_string()),
             Just("size(event.a)".to_string()),
             (-3i64..300).prop_map(|i| i.to_string()),
@@ -671,6 +679,7 @@ mod tests {
             Just("event.a"),
             Just("event.e"),
             Just("key"),
+            Just("subject"),
             Just("event.missing")
         ];
         let number = prop_oneof![Just("event.n"), Just("shard"), Just("size(event.a)")];
@@ -683,6 +692,7 @@ mod tests {
             (text, "[a-c]{0,2}").prop_map(|(a, s)| format!("{a}.endsWith('{s}')")),
             any::<bool>().prop_map(|b| format!("event.b == {b}")),
             Just("event.z == null".to_string()),
+            Just("subject.startsWith('dedup.shard.')".to_string()),
         ];
         combined(leaf)
     }
@@ -722,6 +732,7 @@ mod tests {
             event: event.as_bytes(),
             key: "k1",
             shard: 3,
+            subject: "dedup.shard.3.k1",
             seen: &seen,
         };
         condition

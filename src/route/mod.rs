@@ -258,8 +258,8 @@ impl RuleSet {
 
     /// Routes one event of `shard`: reads the fields the rules need (and
     /// its key, if they name it), then goes down the list. Counts.
-    pub fn route(&self, event: &[u8], shard: u32, key: &KeyReader, out: &mut Routed) {
-        self.route_with(event, shard, key, None, out, true);
+    pub fn route(&self, event: &[u8], (shard, subject): (u32, &str), key: &KeyReader, out: &mut Routed) {
+        self.route_with(event, (shard, subject), key, None, out, true);
     }
 
     /// The top-level fields the compiled conditions read.
@@ -282,24 +282,24 @@ impl RuleSet {
     pub fn route_read(
         &self,
         event: &[u8],
-        shard: u32,
+        (shard, subject): (u32, &str),
         key: &KeyReader,
         (at, line_seen): (&[usize], &[Seen]),
         out: &mut Routed,
     ) {
-        self.route_with(event, shard, key, Some((at, line_seen)), out, true);
+        self.route_with(event, (shard, subject), key, Some((at, line_seen)), out, true);
     }
 
     /// Where `event` would go and why, without counting: its key, shard,
     /// the rules it matches, the subjects, or the error.
-    pub fn explain(&self, event: &[u8], key: &KeyReader) -> serde_json::Value {
+    pub fn explain(&self, event: &[u8], subject: &str, key: &KeyReader) -> serde_json::Value {
         let id = match key.spec.id_of(event, &key.limits) {
             Ok(id) => id,
             Err(e) => return serde_json::json!({ "error": e.to_string() }),
         };
         let shard = crate::engine::shard::shard_of(&id, self.shards);
         let mut out = Routed::default();
-        self.route_with(event, shard, key, None, &mut out, false);
+        self.route_with(event, (shard, subject), key, None, &mut out, false);
         let to: Vec<String> = out
             .targets
             .iter()
@@ -316,7 +316,7 @@ impl RuleSet {
     fn route_with(
         &self,
         event: &[u8],
-        shard: u32,
+        (shard, subject): (u32, &str),
         key: &KeyReader,
         read: Option<(&[usize], &[Seen])>,
         out: &mut Routed,
@@ -361,6 +361,7 @@ impl RuleSet {
             event,
             key,
             shard,
+            subject,
             seen,
         };
         let mut stopped = false;
@@ -606,7 +607,7 @@ mod tests {
             limits: Limits::default(),
         };
         let mut out = Routed::default();
-        set.route(event.as_bytes(), 2, &key, &mut out);
+        set.route(event.as_bytes(), (2, "dedup.ingest"), &key, &mut out);
         let subjects = out
             .targets
             .iter()

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use async_nats::{Message, RequestErrorKind, Subject};
+use async_nats::header::{HeaderName, HeaderValue};
+use async_nats::{HeaderMap, Message, RequestErrorKind, Subject};
 use bytes::Bytes;
 
 use crate::engine::batch::{self, Entry};
 use crate::observe::metrics::Metrics;
 use crate::shared::Shared;
+use crate::transport::SUBJECT_HEADER;
 use crate::transport::subscription::{publish, reply_error};
 
 /// How long a request sent on to another node may take: longer than a
@@ -20,14 +22,32 @@ use crate::transport::subscription::{publish, reply_error};
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends a request to another node (every transport's forwards go through
-/// here, bounded by [`FORWARD_TIMEOUT`]); the answer, or why none came
-/// (counted in `forward_failures`).
+/// here, bounded by [`FORWARD_TIMEOUT`]), with the subject the producer's
+/// request `came_in_on` for events; the answer, or why none came (counted
+/// in `forward_failures`).
 ///
 /// # Errors
 ///
 /// Why no answer came: no node subscribed, or none in time.
-pub async fn request(ctx: &Shared, subject: Subject, body: Bytes) -> Result<Message, String> {
-    let asked = ctx.client.request(subject.clone(), body);
+pub async fn request(
+    ctx: &Shared,
+    subject: Subject,
+    came_in_on: Option<&Subject>,
+    body: Bytes,
+) -> Result<Message, String> {
+    let asked = async {
+        match came_in_on {
+            Some(on) => {
+                const NAME: HeaderName = HeaderName::from_static(SUBJECT_HEADER);
+                let mut headers = HeaderMap::new();
+                headers.insert(NAME, HeaderValue::from(on.as_str()));
+                ctx.client
+                    .request_with_headers(subject.clone(), headers, body)
+                    .await
+            }
+            None => ctx.client.request(subject.clone(), body).await,
+        }
+    };
     let why = match tokio::time::timeout(FORWARD_TIMEOUT, asked).await {
         Ok(Ok(answer)) => return Ok(answer),
         Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => format!("no node answers on {subject}"),
@@ -38,12 +58,17 @@ pub async fn request(ctx: &Shared, subject: Subject, body: Bytes) -> Result<Mess
     Err(why)
 }
 
-/// Forwards one event to `target` (its owner's shard subject) and relays
-/// the answer, headers included; 503 if no owner answers.
-/// Returns whether the reply was an error.
-pub async fn single(ctx: Arc<Shared>, target: Subject, event: Bytes, reply: Option<Subject>) -> bool {
+/// Forwards one event that came in on `came_in_on` to `target` (its
+/// owner's shard subject) and relays the answer, headers included; 503 if
+/// no owner answers. Returns whether the reply was an error.
+pub async fn single(
+    ctx: Arc<Shared>,
+    (target, came_in_on): (Subject, Subject),
+    event: Bytes,
+    reply: Option<Subject>,
+) -> bool {
     Metrics::inc(&ctx.metrics.forwarded);
-    match request(&ctx, target.clone(), event).await {
+    match request(&ctx, target.clone(), Some(&came_in_on), event).await {
         Ok(Message { headers, payload, .. }) => {
             let error = headers
                 .as_ref()
@@ -80,20 +105,27 @@ pub async fn single(ctx: Arc<Shared>, target: Subject, event: Bytes, reply: Opti
 /// owner did not answer with one entry per line).
 pub async fn sub_batches(
     ctx: &Shared,
+    came_in_on: &Subject,
     forwards: BTreeMap<u32, (Vec<usize>, Vec<u8>)>,
 ) -> Vec<(Vec<usize>, Vec<Entry>)> {
     futures_util::future::join_all(
         forwards
             .into_iter()
-            .map(|(shard, (lines, body))| sub_batch(ctx, shard, lines, body)),
+            .map(|(shard, (lines, body))| sub_batch(ctx, came_in_on, shard, lines, body)),
     )
     .await
 }
 
-async fn sub_batch(ctx: &Shared, shard: u32, lines: Vec<usize>, body: Vec<u8>) -> (Vec<usize>, Vec<Entry>) {
+async fn sub_batch(
+    ctx: &Shared,
+    came_in_on: &Subject,
+    shard: u32,
+    lines: Vec<usize>,
+    body: Vec<u8>,
+) -> (Vec<usize>, Vec<Entry>) {
     ctx.metrics.forwarded.fetch_add(lines.len() as u64, Relaxed);
     let target = ctx.subjects.sub_batch(shard);
-    let failure = match request(ctx, target.into(), body.into()).await {
+    let failure = match request(ctx, target.into(), Some(came_in_on), body.into()).await {
         Ok(answer) => {
             let what = match batch::decode(&answer.payload) {
                 Ok(entries) if entries.len() == lines.len() => return (lines, entries),

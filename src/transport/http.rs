@@ -17,8 +17,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::Message;
 use async_nats::connection::State as Connection;
+use async_nats::{Message, Subject};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
@@ -194,7 +194,9 @@ async fn event(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
     let Some(_held) = ctx.budget.try_hold(body.len()) else {
         return overloaded(ctx);
     };
-    match ctx.pipeline.ingest(&body).await {
+    // The NATS subject of the same request: the rules' `subject`.
+    let came_in_on = Subject::from(ctx.subjects.ingest());
+    match ctx.pipeline.ingest(&body, &came_in_on).await {
         Ok(Outcome::Verdict(v)) => verdict(v == Verdict::New),
         Ok(other) => {
             let (code, reason) = other.error().expect("not a verdict");
@@ -202,7 +204,7 @@ async fn event(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
         }
         Err(keyed) => {
             let subject = ctx.subjects.shard_event(keyed.shard, &keyed.id);
-            match ask(ctx, subject.to_string(), body.clone()).await {
+            match ask(ctx, (subject, Some(&came_in_on)), body.clone()).await {
                 Err(response) => response,
                 Ok(answer) => match &answer.payload[..] {
                     body if body == ACCEPTED => verdict(true),
@@ -222,7 +224,8 @@ async fn batch(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
     let Some(_held) = ctx.budget.try_hold(body.len()) else {
         return overloaded(ctx);
     };
-    let out = batch_reply(ctx, &body, false).await;
+    let came_in_on = Subject::from(ctx.subjects.batch());
+    let out = batch_reply(ctx, &body, &came_in_on, false).await;
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], out).into_response()
 }
 
@@ -249,7 +252,7 @@ async fn admin_response(ctx: &Shared, admin: Admin, verb: &str, what: &str, id: 
         }
         Admin::Elsewhere => {
             let subject = format!("{}.{verb}.{id}", ctx.subjects.prefix());
-            let answer = match ask(ctx, subject, Bytes::new()).await {
+            let answer = match ask(ctx, (subject.into(), None), Bytes::new()).await {
                 Ok(answer) => answer,
                 Err(response) => return response,
             };
@@ -274,9 +277,13 @@ async fn admin_response(ctx: &Shared, admin: Admin, verb: &str, what: &str, id: 
 /// A NATS request to another node, through the NATS transport's forwarder
 /// (counted, same deadline); its service error, or no answer, as the HTTP
 /// response.
-async fn ask(ctx: &Shared, subject: String, body: Bytes) -> Result<Message, Response> {
+async fn ask(
+    ctx: &Shared,
+    (subject, came_in_on): (Subject, Option<&Subject>),
+    body: Bytes,
+) -> Result<Message, Response> {
     Metrics::inc(&ctx.metrics.forwarded);
-    let answer = forward::request(ctx, subject.into(), body)
+    let answer = forward::request(ctx, subject, came_in_on, body)
         .await
         .map_err(|why| failure(503, &format!("{why}; retry")))?;
     if let Some(headers) = &answer.headers

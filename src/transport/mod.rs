@@ -33,6 +33,11 @@ pub const ACCEPTED: &[u8] = br#"{"accepted":true}"#;
 /// The reply body of a duplicate, on every transport.
 pub const DUPLICATE: &[u8] = br#"{"accepted":false}"#;
 
+/// The header of a request one node sends on to another: the subject the
+/// producer's request came in on (the routing rules' `subject`), so that
+/// the owner routes by it rather than by the subject of the forward.
+pub const SUBJECT_HEADER: &str = "Eventsieve-Subject";
+
 /// Subscribes to `kind`'s subject (in its queue group, if any).
 async fn subscribe(ctx: &Arc<Shared>, kind: Kind) -> Result<(subscription::Listener, Subject), NatsError> {
     let (subject, queue, fence_subject) = kind.subjects(&ctx.subjects);

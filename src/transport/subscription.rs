@@ -27,7 +27,7 @@ use crate::observe::metrics::{Endpoint, Metrics};
 use crate::pipeline::{Admin, Outcome, Pending, Step};
 use crate::shared::Shared;
 use crate::shared::budget::Held;
-use crate::transport::{ACCEPTED, DUPLICATE};
+use crate::transport::{ACCEPTED, DUPLICATE, SUBJECT_HEADER};
 use crate::transport::{fence, forward};
 
 /// Most batches and forwards one subscription has in progress.
@@ -71,6 +71,20 @@ impl Kind {
         }
     }
 
+    /// `message` with the subject the producer's request came in on: the
+    /// forwarding node's [`SUBJECT_HEADER`] on the subjects forwards go to
+    /// (shards, sub-batches), else its own.
+    fn took_in(self, mut message: Message) -> Message {
+        let forwards_here = matches!(
+            self,
+            Kind::Shard(_) | Kind::AllShards | Kind::SubBatch(_) | Kind::AllSubBatches
+        );
+        if forwards_here && let Some(on) = message.headers.as_ref().and_then(|h| h.get(SUBJECT_HEADER)) {
+            message.subject = Subject::from(on.as_str());
+        }
+        message
+    }
+
     /// The subject, the queue group, and the subject its fences go to.
     pub fn subjects(self, s: &Subjects) -> (String, Option<String>, Subject) {
         match self {
@@ -100,6 +114,8 @@ pub struct Listener {
 struct Waiting {
     pending: Pending,
     event: Bytes,
+    /// The subject the producer's request came in on.
+    came_in_on: Subject,
     reply: Option<Subject>,
     /// When it was received, and on which endpoint (for `$SRV.STATS`).
     started: Instant,
@@ -139,6 +155,7 @@ impl Work {
             let Some(Waiting {
                 pending,
                 event,
+                came_in_on,
                 reply,
                 started,
                 endpoint,
@@ -147,7 +164,7 @@ impl Work {
             else {
                 break;
             };
-            let outcome = ctx.pipeline.finish(pending, event).await;
+            let outcome = ctx.pipeline.finish(pending, event, &came_in_on).await;
             answer(ctx, reply, &outcome).await;
             ctx.metrics.served(endpoint, started, outcome.error().is_some());
         }
@@ -166,11 +183,12 @@ impl Work {
         while let Some(Waiting {
             pending,
             event,
+            came_in_on,
             reply,
             ..
         }) = self.waiting.pop_front()
         {
-            let outcome = ctx.pipeline.finish(pending, event).await;
+            let outcome = ctx.pipeline.finish(pending, event, &came_in_on).await;
             answer(ctx, reply, &outcome).await;
         }
         while self.tasks.join_next().await.is_some() {}
@@ -236,6 +254,7 @@ impl Listener {
             return self.ctx.metrics.served(endpoint, started, true);
         };
         let ctx = self.ctx.clone();
+        let message = self.kind.took_in(message);
         match self.kind {
             Kind::Shard(_) | Kind::AllShards | Kind::Ingest => {
                 single(&ctx, message, work, held, (started, endpoint)).await;
@@ -310,8 +329,13 @@ async fn overloaded(ctx: &Shared, message: Message, batch_kind: bool) {
 /// `(started, endpoint)`: when it was received and where it counts.
 async fn single(ctx: &Arc<Shared>, message: Message, work: &mut Work, held: Held, at: (Instant, Endpoint)) {
     let (started, endpoint) = at;
-    let Message { payload, reply, .. } = message;
-    match ctx.pipeline.decide(&payload).await {
+    let Message {
+        payload,
+        reply,
+        subject: came_in_on,
+        ..
+    } = message;
+    match ctx.pipeline.decide(&payload, &came_in_on).await {
         Step::Done(outcome) => {
             answer(ctx, reply, &outcome).await;
             ctx.metrics.served(endpoint, started, outcome.error().is_some());
@@ -320,7 +344,7 @@ async fn single(ctx: &Arc<Shared>, message: Message, work: &mut Work, held: Held
             let target = ctx.subjects.shard_event(keyed.shard, &keyed.id);
             let (ctx, event) = (ctx.clone(), payload.clone());
             work.spawn(async move {
-                let error = forward::single(ctx.clone(), target, event, reply).await;
+                let error = forward::single(ctx.clone(), (target, came_in_on), event, reply).await;
                 ctx.metrics.served(endpoint, started, error);
                 drop(held);
             })
@@ -331,6 +355,7 @@ async fn single(ctx: &Arc<Shared>, message: Message, work: &mut Work, held: Held
             work.waiting.push_back(Waiting {
                 pending,
                 event,
+                came_in_on,
                 reply,
                 started,
                 endpoint,
@@ -345,19 +370,25 @@ async fn single(ctx: &Arc<Shared>, message: Message, work: &mut Work, held: Held
 /// A batch: this node's lines decided and committed while the others are
 /// forwarded to their owners; then one reply with an entry per line.
 async fn batch(ctx: Arc<Shared>, message: Message, forwarded: bool, _held: Held) {
-    let out = batch_reply(&ctx, &message.payload, forwarded).await;
+    let out = batch_reply(&ctx, &message.payload, &message.subject, forwarded).await;
     let Some(to) = message.reply else { return };
     publish(&ctx, to, out.into()).await;
 }
 
-/// Decides a batch (this node's lines here, the others' by their owners)
-/// and returns its reply body: an entry per line, in order.
-pub(crate) async fn batch_reply(ctx: &Arc<Shared>, body: &Bytes, forwarded: bool) -> Vec<u8> {
+/// Decides a batch that came in on `came_in_on` (this node's lines here,
+/// the others' by their owners) and returns its reply body: an entry per
+/// line, in order.
+pub(crate) async fn batch_reply(
+    ctx: &Arc<Shared>,
+    body: &Bytes,
+    came_in_on: &Subject,
+    forwarded: bool,
+) -> Vec<u8> {
     let mut pending = ctx.pipeline.decide_batch(body, forwarded).await;
     let forwards = pending.take_forwards();
     let (mut entries, answers) = tokio::join!(
-        ctx.pipeline.finish_batch(pending, body),
-        forward::sub_batches(ctx, forwards)
+        ctx.pipeline.finish_batch(pending, body, came_in_on),
+        forward::sub_batches(ctx, came_in_on, forwards)
     );
     for (lines, got) in answers {
         for (line, entry) in lines.into_iter().zip(got) {
