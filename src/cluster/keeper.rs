@@ -507,6 +507,10 @@ impl Keeper {
         }
         futures_util::future::join_all(leaving.iter_mut().map(|(_, subs, _)| drain(std::mem::take(subs))))
             .await;
+        // What they accepted reaches the output before the next owner's.
+        for (shard, _, _) in &leaving {
+            self.ctx.pipeline.drained(*shard).await;
+        }
         let ownership = self.ctx.pipeline.ownership();
         let releases = leaving.iter().map(|(shard, _, held)| {
             let last = self

@@ -73,17 +73,17 @@ impl PublishBeforeCommit {
 }
 
 impl PublishFirst for PublishBeforeCommit {
-    fn publish(
-        &self,
-        came_in_on: &Subject,
+    fn publish<'a>(
+        &'a self,
+        came_in_on: &'a Subject,
         events: Vec<(u32, String, Bytes)>,
-    ) -> Vec<BoxFuture<'static, Result<(), String>>> {
-        // One version of the rules for the whole request.
-        let rules = self.router.current();
-        let mut routed = Routed::default();
-        events
-            .into_iter()
-            .map(|(shard, id, event)| {
+    ) -> BoxFuture<'a, Vec<BoxFuture<'static, Result<(), String>>>> {
+        Box::pin(async move {
+            // One version of the rules for the whole request.
+            let rules = self.router.current();
+            let mut routed = Routed::default();
+            let mut acks = Vec::with_capacity(events.len());
+            for (shard, id, event) in events {
                 let output = &self.output[shard as usize];
                 let copies: Vec<(Subject, String)> = if rules.is_plain() {
                     vec![(output.clone(), id)]
@@ -104,25 +104,29 @@ impl PublishFirst for PublishBeforeCommit {
                         })
                         .collect()
                 };
-                let js = self.js.clone();
-                Box::pin(async move {
-                    let acks = copies.into_iter().map(|(subject, msg_id)| {
-                        let (js, event) = (js.clone(), event.clone());
-                        async move {
-                            let mut headers = HeaderMap::new();
-                            headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
-                            let ack = js
-                                .publish_with_headers(subject, headers, event)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            // A repeat the stream dropped is acknowledged too (`duplicate`).
-                            ack.await.map(drop).map_err(|e| e.to_string())
-                        }
-                    });
-                    futures_util::future::join_all(acks).await.into_iter().collect()
-                }) as BoxFuture<'static, Result<(), String>>
-            })
-            .collect()
+                // Sent here, one after the other: the stream keeps them in
+                // this order. Acknowledged later.
+                let mut pending = Vec::with_capacity(copies.len());
+                for (subject, msg_id) in copies {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
+                    pending.push(
+                        self.js
+                            .publish_with_headers(subject, headers, event.clone())
+                            .await
+                            .map_err(|e| e.to_string()),
+                    );
+                }
+                acks.push(Box::pin(async move {
+                    for sent in pending {
+                        // A repeat the stream dropped is acknowledged too (`duplicate`).
+                        sent?.await.map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                }) as BoxFuture<'static, Result<(), String>>);
+            }
+            acks
+        })
     }
 }
 

@@ -17,6 +17,7 @@
 //! [`Pipeline::finish_batch`]: one table lock per shard and one submission
 //! to the writer per batch.
 
+pub mod lanes;
 pub mod ownership;
 pub mod upkeep;
 
@@ -36,6 +37,7 @@ use crate::engine::pending::{Settle, Signal};
 use crate::engine::{Checked, Deduplicator, Keyed, Record, Verdict, unix_ms};
 use crate::journal::{CommitFailed, Journal, JournalError, Writer};
 use crate::observe::metrics::Metrics;
+use lanes::{Lanes, Ticket};
 
 pub use ownership::{Ownership, ShardState};
 
@@ -53,7 +55,7 @@ pub trait Output: Send + Sync + 'static {
     /// What one request's events all go out under (the routing rules in
     /// force when its first shard went out, and the subject it came in
     /// on): taken once per request.
-    type Request: Send + Sync;
+    type Request: Send + Sync + 'static;
 
     fn request(&self, subject: &Subject) -> Self::Request;
 
@@ -73,14 +75,15 @@ pub trait Output: Send + Sync + 'static {
 /// reaches the output exactly once for a producer that retries.
 pub trait PublishFirst: Send + Sync + 'static {
     /// Publishes the new events of one request that came in on `subject`,
-    /// each `(shard, dedup key, event)`: one future per event, resolving
-    /// once the output has acknowledged it (a repeat it dropped counts as
-    /// acknowledged).
-    fn publish(
-        &self,
-        subject: &Subject,
+    /// each `(shard, dedup key, event)`, in order: sent once this
+    /// completes (so that a shard's events reach the output in the order
+    /// they were decided). One future per event, resolving once the output
+    /// has acknowledged it (a repeat it dropped counts as acknowledged).
+    fn publish<'a>(
+        &'a self,
+        subject: &'a Subject,
         events: Vec<(u32, String, Bytes)>,
-    ) -> Vec<BoxFuture<'static, Result<(), String>>>;
+    ) -> BoxFuture<'a, Vec<BoxFuture<'static, Result<(), String>>>>;
 }
 
 /// The new events of one request in one shard, as the stages and the [`Output`] get them.
@@ -209,6 +212,8 @@ pub struct Pending {
     twin: bool,
     /// The commit's result, once known.
     settled: Option<Result<(), CommitFailed>>,
+    /// Its place in the shard's lane (a new event's).
+    ticket: Option<Ticket>,
 }
 
 /// How often a twin looks at its first copy's commit (the cell keeps one
@@ -226,14 +231,20 @@ async fn first_copy(settle: &Settle) -> Result<(), CommitFailed> {
 }
 
 impl Pending {
-    fn new(shard: u32, fingerprint: Fingerprint, settle: Option<Arc<Settle>>, twin: bool) -> Self {
+    fn new(
+        shard: u32,
+        fingerprint: Fingerprint,
+        settle: Option<Arc<Settle>>,
+        ticket: Option<Ticket>,
+    ) -> Self {
         let settled = settle.is_none().then_some(Ok(()));
         Self {
             shard,
             fingerprint,
             settle,
-            twin,
+            twin: ticket.is_none(),
             settled,
+            ticket,
         }
     }
 
@@ -263,7 +274,6 @@ impl Pending {
 }
 
 /// A batch once the lines of this node's shards are decided.
-#[derive(Debug)]
 pub struct BatchPending {
     lines: Vec<Range<usize>>,
     entries: Vec<Option<Entry>>,
@@ -282,6 +292,11 @@ pub struct BatchPending {
     twins: Vec<(usize, Arc<Settle>)>,
     /// The stages' fields of every line (see [`batch::Decision::seen`]).
     seen: Vec<Seen>,
+    /// Per shard of `new`, its place in the shard's lane.
+    tickets: Vec<Ticket>,
+    /// With a [`PublishFirst`] output: per line of `new`, its
+    /// acknowledgement (the lines were sent when decided).
+    acks: Vec<BoxFuture<'static, Result<(), String>>>,
 }
 
 impl BatchPending {
@@ -301,10 +316,10 @@ pub struct Pipeline<O> {
     ownership: Ownership,
     /// The group-commit writer; `None` for durability `memory`.
     writer: Option<Writer>,
-    /// What sees accepted events, in order, before the output.
-    stages: Vec<Arc<dyn Stage>>,
-    /// Where accepted events go last.
-    output: O,
+    /// The stages and the output, run for each shard in decision order
+    /// by the shard's lane.
+    chain: Arc<Chain<O>>,
+    lanes: Lanes,
     /// The output that must take new events before their commit, if any.
     publish_first: Option<Arc<dyn PublishFirst>>,
     /// Verdict counters.
@@ -319,12 +334,16 @@ impl<O: Output> Pipeline<O> {
         output: O,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let lanes = Lanes::new(dedup.shard_count());
         Self {
             dedup: Arc::new(dedup),
             ownership,
             writer,
-            stages: Vec::new(),
-            output,
+            chain: Arc::new(Chain {
+                stages: Vec::new(),
+                output,
+            }),
+            lanes,
             publish_first: None,
             metrics,
         }
@@ -339,7 +358,10 @@ impl<O: Output> Pipeline<O> {
 
     /// Adds `stage` to the chain, after those added before it.
     pub fn with_stage(mut self, stage: Arc<dyn Stage>) -> Self {
-        self.stages.push(stage);
+        Arc::get_mut(&mut self.chain)
+            .expect("stages are added before the pipeline runs")
+            .stages
+            .push(stage);
         self
     }
 
@@ -352,15 +374,18 @@ impl<O: Output> Pipeline<O> {
     }
 
     pub fn output(&self) -> &O {
-        &self.output
+        &self.chain.output
     }
 
-    /// Hands accepted `events` of `shard` to every stage, then the output.
-    async fn accepted(&self, request: &O::Request, shard: u32, events: Accepted<'_>) {
-        for stage in &self.stages {
-            stage.accepted(shard, &events);
-        }
-        self.output.accepted(request, shard, events).await;
+    /// Waits until every accepted event of `shard` decided so far has been
+    /// through the stages and the output: before the shard is handed over.
+    pub async fn drained(&self, shard: u32) {
+        self.lanes.drained(shard).await;
+    }
+
+    /// [`Self::drained`] for every shard: at stop.
+    pub async fn all_drained(&self) {
+        self.lanes.all_drained().await;
     }
 
     /// Settles `event` if it needs no commit, else inserts its id and
@@ -391,11 +416,15 @@ impl<O: Output> Pipeline<O> {
                 return Step::Done(Outcome::Verdict(Verdict::Duplicate));
             }
             Checked::Twin(settle) => {
-                return Step::Commit(Pending::new(shard, fingerprint, Some(settle), true));
+                return Step::Commit(Pending::new(shard, fingerprint, Some(settle), None));
             }
-            Checked::New(None) => return Step::Commit(Pending::new(shard, fingerprint, None, false)),
+            Checked::New(None) => {
+                let ticket = self.lanes.ticket(shard);
+                return Step::Commit(Pending::new(shard, fingerprint, None, Some(ticket)));
+            }
             Checked::New(Some(settle)) => settle,
         };
+        let ticket = self.lanes.ticket(shard);
         let record = Record {
             shard,
             born_ms: now,
@@ -403,13 +432,15 @@ impl<O: Output> Pipeline<O> {
         };
         match (&self.publish_first, &self.writer) {
             (Some(first), writer) => {
-                // Published and acknowledged first, then committed: in a
-                // task of its own, so that events behind it proceed too.
+                // Sent now, in decision order; acknowledged, then
+                // committed, in a task of its own, so that events behind
+                // it proceed too.
                 let publish = first
                     .publish(
                         subject,
                         vec![(shard, keyed.id.clone().into_owned(), event.clone())],
                     )
+                    .await
                     .pop()
                     .expect("one future per event");
                 let writer = writer.clone();
@@ -443,7 +474,7 @@ impl<O: Output> Pipeline<O> {
             }
             (None, None) => unreachable!("a tracked id has a writer or an output"),
         }
-        Step::Commit(Pending::new(shard, fingerprint, Some(settle), false))
+        Step::Commit(Pending::new(shard, fingerprint, Some(settle), Some(ticket)))
     }
 
     /// Whether new ids become durable after they are decided (so twins
@@ -462,12 +493,16 @@ impl<O: Output> Pipeline<O> {
             settle,
             twin,
             settled,
+            ticket,
         } = pending;
         match (settled.unwrap_or(Err(CommitFailed::Stopped)), twin) {
             (Ok(()), false) => {
                 Metrics::inc(&self.metrics.accepted);
-                let request = self.output.request(subject);
-                self.accepted(&request, shard, Accepted::One(&event)).await;
+                let request = self.chain.output.request(subject);
+                let chain = self.chain.clone();
+                ticket.expect("a new event has a ticket").deliver(async move {
+                    chain.accepted(&request, shard, Accepted::One(&event)).await;
+                });
                 Outcome::Verdict(Verdict::New)
             }
             (Ok(()), true) => {
@@ -501,10 +536,11 @@ impl<O: Output> Pipeline<O> {
     }
 
     /// Decides the lines of `body` whose shards are ready here, queues the
-    /// new ids as one submission, and sets aside the lines of other nodes'
-    /// shards (refused with 503 when `forwarded`: a sub-batch is never sent
-    /// on again).
-    pub async fn decide_batch(&self, body: &[u8], forwarded: bool) -> BatchPending {
+    /// new ids as one submission (with a [`PublishFirst`] output: sends
+    /// them to it), and sets aside the lines of other nodes' shards
+    /// (refused with 503 when `forwarded`: a sub-batch is never sent on
+    /// again). `subject`: the one the batch came in on.
+    pub async fn decide_batch(&self, body: &Bytes, forwarded: bool, subject: &Subject) -> BatchPending {
         Metrics::inc(&self.metrics.batches);
         let d = batch::decide(&self.dedup, body, unix_ms(), self.tracks(), |shard| {
             self.ownership.route(shard, forwarded)
@@ -523,6 +559,28 @@ impl<O: Output> Pipeline<O> {
                 .submit(d.new.iter().map(|(_, r)| *r).collect(), &d.settles)
                 .await;
         }
+        let tickets = d
+            .new
+            .chunk_by(|a, b| a.1.shard == b.1.shard)
+            .map(|group| self.lanes.ticket(group[0].1.shard))
+            .collect();
+        let acks = match &self.publish_first {
+            Some(first) if !d.new.is_empty() => {
+                let events = d.new.iter().map(|(line, record)| {
+                    let event = body.slice(d.lines[*line].clone());
+                    // The line was keyed when it was decided; its id
+                    // again, for the output's duplicate detection.
+                    let id = self
+                        .dedup
+                        .key(&event)
+                        .map(|k| k.id.into_owned())
+                        .unwrap_or_default();
+                    (record.shard, id, event)
+                });
+                first.publish(subject, events.collect()).await
+            }
+            _ => Vec::new(),
+        };
         BatchPending {
             lines: d.lines,
             entries: d.entries,
@@ -531,6 +589,8 @@ impl<O: Output> Pipeline<O> {
             settles: d.settles.into_iter().map(Signal::new).collect(),
             twins: d.twins,
             seen: d.seen,
+            tickets,
+            acks,
         }
     }
 
@@ -551,17 +611,20 @@ impl<O: Output> Pipeline<O> {
             settles,
             twins,
             seen,
+            tickets,
+            acks,
             ..
         } = pending;
-        if let Some(first) = &self.publish_first {
-            self.publish_batch_first(first.as_ref(), (&new, &settles), &lines, (body, subject))
-                .await;
+        if self.publish_first.is_some() {
+            self.commit_once_acknowledged(acks, &new, &settles).await;
         }
-        let mut ranges = Vec::new();
-        let mut seen_here = Vec::new();
         let per_line = seen.len() / lines.len().max(1);
-        let request = self.output.request(subject);
-        for (i, group) in new.chunk_by(|a, b| a.1.shard == b.1.shard).enumerate() {
+        let request = Arc::new(self.chain.output.request(subject));
+        for ((i, group), ticket) in new
+            .chunk_by(|a, b| a.1.shard == b.1.shard)
+            .enumerate()
+            .zip(tickets)
+        {
             let result = match settles.get(i) {
                 Some(signal) => signal.settle().wait().await,
                 None => Ok(()), // nothing kept durable
@@ -574,18 +637,25 @@ impl<O: Output> Pipeline<O> {
                 continue;
             }
             self.metrics.accepted.fetch_add(group.len() as u64, Relaxed);
-            ranges.clear();
-            ranges.extend(group.iter().map(|(line, _)| lines[*line].clone()));
-            seen_here.clear();
+            let ranges: Vec<Range<usize>> = group.iter().map(|(line, _)| lines[*line].clone()).collect();
+            let mut seen_here = Vec::with_capacity(group.len() * per_line);
             for (line, _) in group {
                 seen_here.extend_from_slice(&seen[line * per_line..(line + 1) * per_line]);
             }
-            let events = Accepted::Lines {
-                body,
-                lines: &ranges,
-                seen: &seen_here,
-            };
-            self.accepted(&request, group[0].1.shard, events).await;
+            let (chain, request, body, shard) = (
+                self.chain.clone(),
+                request.clone(),
+                body.clone(),
+                group[0].1.shard,
+            );
+            ticket.deliver(async move {
+                let events = Accepted::Lines {
+                    body: &body,
+                    lines: &ranges,
+                    seen: &seen_here,
+                };
+                chain.accepted(&request, shard, events).await;
+            });
         }
         // Twins last: the commits of this batch's own first copies are
         // known by now.
@@ -693,31 +763,18 @@ impl<O: Output> Pipeline<O> {
         Admin::Known(Some(since))
     }
 
-    /// Publishes the new lines of a batch to `first`, all at once, and
-    /// waits for every acknowledgement; then submits each shard whose
-    /// lines were all taken, and fails the others as a whole (their
-    /// published lines are dropped by the stream as repeats when the
-    /// producer retries).
-    async fn publish_batch_first(
+    /// Waits for the acknowledgement of every new line of a batch (sent
+    /// to the [`PublishFirst`] output when decided); then submits each
+    /// shard whose lines were all taken, and fails the others as a whole
+    /// (their published lines are dropped by the stream as repeats when
+    /// the producer retries).
+    async fn commit_once_acknowledged(
         &self,
-        first: &dyn PublishFirst,
-        (new, settles): (&[(usize, Record)], &[Signal]),
-        lines: &[Range<usize>],
-        (body, subject): (&Bytes, &Subject),
+        acks: Vec<BoxFuture<'static, Result<(), String>>>,
+        new: &[(usize, Record)],
+        settles: &[Signal],
     ) {
-        let events = new.iter().map(|(line, record)| {
-            let event = body.slice(lines[*line].clone());
-            // The line was keyed when it was decided; its id again, for
-            // the output's duplicate detection.
-            let id = self
-                .dedup
-                .key(&event)
-                .map(|k| k.id.into_owned())
-                .unwrap_or_default();
-            (record.shard, id, event)
-        });
-        let publishes = first.publish(subject, events.collect());
-        let mut results = futures_util::future::join_all(publishes).await.into_iter();
+        let mut results = futures_util::future::join_all(acks).await.into_iter();
         let (mut records, mut taken) = (Vec::new(), Vec::new());
         for (group, settle) in new
             .chunk_by(|a, b| a.1.shard == b.1.shard)
@@ -753,6 +810,24 @@ impl<O: Output> Pipeline<O> {
     fn undo(&self, fingerprint: Fingerprint, settle: &Arc<Settle>, failed: CommitFailed) -> Outcome {
         self.dedup.forget_failed(fingerprint, settle);
         Outcome::Failed(failed)
+    }
+}
+
+/// The stages and the output, shared with the shards' lanes.
+struct Chain<O> {
+    /// What sees accepted events, in order, before the output.
+    stages: Vec<Arc<dyn Stage>>,
+    /// Where accepted events go last.
+    output: O,
+}
+
+impl<O: Output> Chain<O> {
+    /// Hands accepted `events` of `shard` to every stage, then the output.
+    async fn accepted(&self, request: &O::Request, shard: u32, events: Accepted<'_>) {
+        for stage in &self.stages {
+            stage.accepted(shard, &events);
+        }
+        self.output.accepted(request, shard, events).await;
     }
 }
 

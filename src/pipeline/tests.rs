@@ -30,6 +30,12 @@ fn on() -> Subject {
     Subject::from_static("dedup.ingest")
 }
 
+/// What the output was given, once every lane has delivered.
+async fn delivered(p: &Pipeline<Collect>) -> Vec<(u32, Vec<Bytes>)> {
+    p.all_drained().await;
+    p.output().taken()
+}
+
 impl Collect {
     fn taken(&self) -> Vec<(u32, Vec<Bytes>)> {
         std::mem::take(&mut self.0.lock().unwrap())
@@ -157,7 +163,7 @@ async fn new_then_duplicate_and_only_new_events_reach_the_output() {
     let a = event("a1");
     assert!(is(&verdict(p, &a).await, Verdict::New));
     assert!(is(&verdict(p, &event("a1")).await, Verdict::Duplicate));
-    assert_eq!(p.output().taken(), [(shard_of("a1", 32), vec![a])]);
+    assert_eq!(delivered(&p).await, [(shard_of("a1", 32), vec![a])]);
 }
 
 #[tokio::test]
@@ -169,7 +175,7 @@ async fn bad_input_is_answered_400_and_changes_nothing() {
         assert_eq!(outcome.error().map(|e| e.0), Some(400), "{bad}: {outcome:?}");
     }
     assert!(p.dedup().is_empty());
-    assert!(p.output().taken().is_empty());
+    assert!(delivered(&p).await.is_empty());
 }
 
 #[tokio::test]
@@ -202,7 +208,7 @@ async fn accepted_ids_are_in_the_journal_and_a_new_pipeline_recovers_them() {
         ));
     }
     let body = Bytes::from_static(b"{\"event_id\":\"b1\"}\n{\"event_id\":\"r1\"}\n");
-    let pending = f.pipeline.decide_batch(&body, false).await;
+    let pending = f.pipeline.decide_batch(&body, false, &on()).await;
     assert_eq!(
         f.pipeline.finish_batch(pending, &body, &on()).await,
         [Some(Entry::New), Some(Entry::Duplicate)]
@@ -258,10 +264,10 @@ async fn a_failed_commit_is_answered_500_and_the_id_is_forgotten() {
     let outcome = verdict(p, &event("f1")).await;
     assert_eq!(outcome.error().map(|e| e.0), Some(500), "{outcome:?}");
     assert_eq!(p.dedup().live(unix_ms()), 0, "un-inserted");
-    assert!(p.output().taken().is_empty(), "nothing republished");
+    assert!(delivered(&p).await.is_empty(), "nothing republished");
 
     let body = Bytes::from_static(b"{\"event_id\":\"f1\"}\n{\"event_id\":\"f2\"}\nbad\n");
-    let pending = p.decide_batch(&body, false).await;
+    let pending = p.decide_batch(&body, false, &on()).await;
     let entries = p.finish_batch(pending, &body, &on()).await;
     assert!(matches!(entries[0], Some(Entry::Error { code: 500, .. })));
     assert!(matches!(entries[1], Some(Entry::Error { code: 500, .. })));
@@ -281,7 +287,7 @@ async fn a_stopped_writer_gets_503_for_singles_and_batches_never_silence() {
     let outcome = verdict(p, &event("s1")).await;
     assert_eq!(outcome.error().map(|e| e.0), Some(503), "{outcome:?}");
     let body = Bytes::from_static(b"{\"event_id\":\"s2\"}\n");
-    let pending = p.decide_batch(&body, false).await;
+    let pending = p.decide_batch(&body, false, &on()).await;
     let entries = p.finish_batch(pending, &body, &on()).await;
     assert!(
         matches!(entries[0], Some(Entry::Error { code: 503, .. })),
@@ -314,7 +320,7 @@ async fn a_batch_reaches_the_output_once_per_shard_in_line_order() {
         .flat_map(|id| format!("{{\"event_id\":\"{id}\"}}\n").into_bytes())
         .collect();
     let body = Bytes::from(body);
-    let pending = p.decide_batch(&body, false).await;
+    let pending = p.decide_batch(&body, false, &on()).await;
     let entries = p.finish_batch(pending, &body, &on()).await;
     let want = [
         Entry::New,
@@ -325,7 +331,7 @@ async fn a_batch_reaches_the_output_once_per_shard_in_line_order() {
         Entry::New,
     ];
     assert_eq!(entries, want.map(Some));
-    let mut seen: Vec<(u32, Vec<Bytes>)> = p.output().taken();
+    let mut seen: Vec<(u32, Vec<Bytes>)> = delivered(&p).await;
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "one call per shard");
     let mut lines = Vec::new();
     for (shard, events) in seen.drain(..) {
@@ -348,9 +354,9 @@ async fn a_forwarded_sub_batch_is_never_sent_on() {
     let shard = shard_of("abc", 32);
     p.ownership().set(shard, ShardState::Elsewhere);
     let body = Bytes::from_static(b"{\"event_id\":\"abc\"}\n");
-    let mut pending = p.decide_batch(&body, false).await;
+    let mut pending = p.decide_batch(&body, false, &on()).await;
     assert_eq!(pending.take_forwards()[&shard].0, [0]);
-    let mut pending = p.decide_batch(&body, true).await;
+    let mut pending = p.decide_batch(&body, true, &on()).await;
     assert!(pending.take_forwards().is_empty());
     let entries = p.finish_batch(pending, &body, &on()).await;
     assert!(matches!(entries[0], Some(Entry::Error { code: 503, .. })));
@@ -364,12 +370,12 @@ struct Stream {
 }
 
 impl PublishFirst for Stream {
-    fn publish(
-        &self,
-        _: &Subject,
+    fn publish<'a>(
+        &'a self,
+        _: &'a Subject,
         events: Vec<(u32, String, Bytes)>,
-    ) -> Vec<BoxFuture<'static, Result<(), String>>> {
-        events
+    ) -> BoxFuture<'a, Vec<BoxFuture<'static, Result<(), String>>>> {
+        let acks = events
             .into_iter()
             .map(|(_, id, _)| {
                 let held = self.journal.lock().unwrap().len();
@@ -378,7 +384,8 @@ impl PublishFirst for Stream {
                 Box::pin(async move { if refuse { Err("refused".into()) } else { Ok(()) } })
                     as BoxFuture<'static, Result<(), String>>
             })
-            .collect()
+            .collect();
+        Box::pin(std::future::ready(acks))
     }
 }
 
@@ -414,7 +421,7 @@ async fn an_output_ahead_takes_each_new_event_before_its_commit_or_the_id_is_for
     assert_eq!(records.lock().unwrap().len(), 1, "a refused id is not committed");
 
     let body = Bytes::from([event("b1"), event("b1"), event("no2")].join(&b'\n'));
-    let pending = p.decide_batch(&body, false).await;
+    let pending = p.decide_batch(&body, false, &on()).await;
     let entries = p.finish_batch(pending, &body, &on()).await;
     assert_eq!(entries[0], Some(Entry::New));
     assert_eq!(entries[1], Some(Entry::Duplicate));
@@ -569,7 +576,7 @@ async fn repeats_within_a_failed_batch_get_its_error_not_a_duplicate() {
     let (f, releases, _) = held();
     let p = &f.pipeline;
     let body = Bytes::from([event("r1"), event("r2"), event("r1"), event("r2")].join(&b'\n'));
-    let pending = p.decide_batch(&body, false).await;
+    let pending = p.decide_batch(&body, false, &on()).await;
     releases.send(Release::Refuse).unwrap();
     let entries = p.finish_batch(pending, &body, &on()).await;
     for (i, entry) in entries.iter().enumerate() {
@@ -581,7 +588,7 @@ async fn repeats_within_a_failed_batch_get_its_error_not_a_duplicate() {
     assert_eq!(p.dedup().live(unix_ms()), 0, "nothing remembered");
 
     // And when it succeeds, the repeats are duplicates.
-    let pending = p.decide_batch(&body, false).await;
+    let pending = p.decide_batch(&body, false, &on()).await;
     releases.send(Release::Keep).unwrap();
     let entries = p.finish_batch(pending, &body, &on()).await;
     let want = [Entry::New, Entry::New, Entry::Duplicate, Entry::Duplicate].map(Some);
@@ -597,7 +604,7 @@ async fn twins_across_requests_wait_for_each_others_commits() {
     let single = event("x1");
     let first = decided(p, &single).await;
     let body = Bytes::from([event("x1"), event("x2")].join(&b'\n'));
-    let batch = p.decide_batch(&body, false).await;
+    let batch = p.decide_batch(&body, false, &on()).await;
     let twin_of_batch = decided(p, &event("x2")).await;
     // x1's shard fails, x2's is kept (whether the writer commits the two
     // requests together or apart).
@@ -627,7 +634,7 @@ async fn a_shard_whose_append_failed_does_not_fail_the_others() {
     let (sa, sb) = (shard_of(a, 32), shard_of(b, 32));
     assert_ne!(sa, sb);
     let body = Bytes::from([event(a), event(b), event(a)].join(&b'\n'));
-    let pending = p.decide_batch(&body, false).await;
+    let pending = p.decide_batch(&body, false, &on()).await;
     releases.send(Release::RefuseShards(vec![sb])).unwrap();
     let entries = p.finish_batch(pending, &body, &on()).await;
     assert_eq!(entries[0], Some(Entry::New));
@@ -637,7 +644,7 @@ async fn a_shard_whose_append_failed_does_not_fail_the_others() {
     );
     assert_eq!(entries[2], Some(Entry::Duplicate));
     assert_eq!(records.lock().unwrap().len(), 1);
-    assert_eq!(p.output().taken(), [(sa, vec![event(a)])]);
+    assert_eq!(delivered(&p).await, [(sa, vec![event(a)])]);
     // The failed shard's id is new again.
     let retry = tokio::spawn({
         let p = p.clone();
@@ -668,7 +675,7 @@ async fn under_failing_commits_no_false_goes_to_an_id_not_kept() {
                 let id = format!("k{}", (i * 7 + t) % 300);
                 if i % 5 == 0 {
                     let body = Bytes::from([event(&id), event(&id)].join(&b'\n'));
-                    let pending = p.decide_batch(&body, false).await;
+                    let pending = p.decide_batch(&body, false, &on()).await;
                     for entry in p.finish_batch(pending, &body, &on()).await.into_iter().flatten() {
                         answers.push((id.clone(), entry));
                     }
@@ -801,9 +808,9 @@ async fn stages_see_accepted_events_in_the_order_they_were_added_and_failed_ones
     assert!(is(&verdict(&p, &event("a1")).await, Verdict::New));
     assert!(is(&verdict(&p, &event("a1")).await, Verdict::Duplicate));
     let body = Bytes::from_static(b"{\"event_id\":\"b1\"}\n{\"event_id\":\"a1\"}\n");
-    let pending = p.decide_batch(&body, false).await;
+    let pending = p.decide_batch(&body, false, &on()).await;
     p.finish_batch(pending, &body, &on()).await;
-    let taken = p.output().taken();
+    let taken = delivered(&p).await;
     let seen = std::mem::take(&mut *log.lock().unwrap());
     let names: Vec<&str> = seen.iter().map(|(name, ..)| *name).collect();
     assert_eq!(names, ["first", "second", "first", "second"]);
@@ -817,5 +824,5 @@ async fn stages_see_accepted_events_in_the_order_they_were_added_and_failed_ones
     let (p, _writer) = chain(journal(Behaviour::Refuse));
     assert_eq!(code(&verdict(&p, &event("c1")).await), Some(500));
     assert!(log.lock().unwrap().is_empty(), "a failed commit reaches no stage");
-    assert!(p.output().taken().is_empty());
+    assert!(delivered(&p).await.is_empty());
 }

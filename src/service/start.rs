@@ -201,6 +201,7 @@ pub async fn start_with(
         background,
         snapshot,
         client,
+        pipeline: pipeline.clone(),
         timeout: Duration::from_millis(settings.shutdown_timeout_ms),
     };
     let task = tokio::spawn(parts.serve_until(stop_rx, metrics.clone()));

@@ -1,5 +1,6 @@
 //! Stop (SIGINT/SIGTERM, bounded by `shutdown_timeout`): fence every
-//! subscription and answer what was routed here → the writer commits what
+//! subscription and answer what was routed here → every shard's lane
+//! delivers what was accepted (in order) → the writer commits what
 //! is queued and flushes → the aggregates' snapshot → final flush to NATS.
 //! If answering takes longer than the timeout (NATS unreachable), the
 //! subscriptions are dropped, the writer still commits, and the stop is an
@@ -14,6 +15,8 @@ use tokio::task::JoinHandle;
 use super::ServiceError;
 use crate::journal::writer::{self, WriterError};
 use crate::observe::metrics::Metrics;
+use crate::output::Sink;
+use crate::pipeline::Pipeline;
 use crate::stages::snapshot::Snapshot;
 use crate::transport::Transport;
 
@@ -36,6 +39,8 @@ pub(super) struct Parts {
     /// Where the aggregates are saved at stop.
     pub snapshot: Option<Snapshot>,
     pub client: async_nats::Client,
+    /// Its lanes deliver what was accepted before the final flush.
+    pub pipeline: Arc<Pipeline<Sink>>,
     pub timeout: Duration,
 }
 
@@ -112,6 +117,14 @@ impl Parts {
                 task.abort();
             }
             self.control.1.abort();
+        }
+        // Every accepted event through the stages and the output, in order.
+        if answered
+            && tokio::time::timeout_at(deadline, self.pipeline.all_drained())
+                .await
+                .is_err()
+        {
+            tracing::warn!(message = "Accepted events not all delivered within shutdown_timeout.");
         }
         // Ended, not only told to end: their subscriptions are dropped (and
         // unsubscribed by the final flush) before the stop returns.

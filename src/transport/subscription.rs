@@ -24,7 +24,7 @@ use crate::engine::Verdict;
 use crate::engine::batch;
 use crate::nats::subjects::Subjects;
 use crate::observe::metrics::{Endpoint, Metrics};
-use crate::pipeline::{Admin, Outcome, Pending, Step};
+use crate::pipeline::{Admin, BatchPending, Outcome, Pending, Step};
 use crate::shared::Shared;
 use crate::shared::budget::Held;
 use crate::transport::{ACCEPTED, DUPLICATE, SUBJECT_HEADER};
@@ -260,9 +260,15 @@ impl Listener {
                 single(&ctx, message, work, held, (started, endpoint)).await;
             }
             Kind::Batch | Kind::SubBatch(_) | Kind::AllSubBatches => {
+                // Decided here, in the order received (so a shard's lines
+                // leave in that order); committed and answered in a task.
                 let forwarded = endpoint == Endpoint::SubBatches;
+                let pending = ctx
+                    .pipeline
+                    .decide_batch(&message.payload, forwarded, &message.subject)
+                    .await;
                 work.spawn(async move {
-                    batch(ctx.clone(), message, forwarded, held).await;
+                    batch(ctx.clone(), message, pending, held).await;
                     ctx.metrics.served(endpoint, started, false);
                 })
                 .await;
@@ -367,10 +373,11 @@ async fn single(ctx: &Arc<Shared>, message: Message, work: &mut Work, held: Held
     }
 }
 
-/// A batch: this node's lines decided and committed while the others are
-/// forwarded to their owners; then one reply with an entry per line.
-async fn batch(ctx: Arc<Shared>, message: Message, forwarded: bool, _held: Held) {
-    let out = batch_reply(&ctx, &message.payload, &message.subject, forwarded).await;
+/// A batch whose lines of this node are decided: committed while the
+/// others are forwarded to their owners; then one reply with an entry per
+/// line.
+async fn batch(ctx: Arc<Shared>, message: Message, pending: BatchPending, _held: Held) {
+    let out = batch_answer(&ctx, pending, &message.payload, &message.subject).await;
     let Some(to) = message.reply else { return };
     publish(&ctx, to, out.into()).await;
 }
@@ -384,7 +391,17 @@ pub(crate) async fn batch_reply(
     came_in_on: &Subject,
     forwarded: bool,
 ) -> Vec<u8> {
-    let mut pending = ctx.pipeline.decide_batch(body, forwarded).await;
+    let pending = ctx.pipeline.decide_batch(body, forwarded, came_in_on).await;
+    batch_answer(ctx, pending, body, came_in_on).await
+}
+
+/// [`batch_reply`] once the batch is decided.
+async fn batch_answer(
+    ctx: &Arc<Shared>,
+    mut pending: BatchPending,
+    body: &Bytes,
+    came_in_on: &Subject,
+) -> Vec<u8> {
     let forwards = pending.take_forwards();
     let (mut entries, answers) = tokio::join!(
         ctx.pipeline.finish_batch(pending, body, came_in_on),

@@ -1,0 +1,160 @@
+//! Per-shard order: accepted events reach the output in the order their
+//! shard decided them, on every path (single events, batches, forwarded
+//! ones, `output = "jetstream"`).
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::Client;
+use bytes::Bytes;
+use common::*;
+use eventsieve::config::{Durability, OutputKind};
+use eventsieve::engine::shard::shard_of;
+use eventsieve::service;
+use futures_util::StreamExt;
+
+const SHARD: u32 = 5;
+
+/// `count` ids of shard 5, from `from` on, with their send order.
+fn ids_of_shard(prefix: &str, count: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|id| shard_of(id, 32) == SHARD)
+        .take(count)
+        .collect()
+}
+
+fn event(id: &str, seq: usize) -> Vec<u8> {
+    format!(r#"{{"event_id":"{id}","seq":{seq}}}"#).into_bytes()
+}
+
+/// The `seq` of every event `sub` got within `wait` of the last one.
+async fn sequence(sub: &mut async_nats::Subscriber, expect: usize) -> Vec<u64> {
+    let mut out = Vec::new();
+    while out.len() < expect {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), sub.next()).await else {
+            break;
+        };
+        for line in m.payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+            out.push(v["seq"].as_u64().unwrap());
+        }
+    }
+    out
+}
+
+/// How many neighbours are out of order.
+fn inversions(seqs: &[u64]) -> usize {
+    seqs.windows(2).filter(|w| w[0] > w[1]).count()
+}
+
+/// Publishes every request in order on one connection, all in flight at
+/// once, and returns the replies in request order.
+async fn in_flight(client: &Client, requests: Vec<(String, Bytes)>) -> Vec<async_nats::Message> {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(format!("{inbox}.*")).await.unwrap();
+    for (i, (subject, body)) in requests.iter().enumerate() {
+        client
+            .publish_with_reply(subject.clone(), format!("{inbox}.{i}"), body.clone())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let mut got: Vec<Option<async_nats::Message>> = vec![None; requests.len()];
+    for _ in 0..requests.len() {
+        let m = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .expect("every request answered within 10 s")
+            .unwrap();
+        let i: usize = m.subject.rsplit('.').next().unwrap().parse().unwrap();
+        got[i] = Some(m);
+    }
+    got.into_iter().map(Option::unwrap).collect()
+}
+
+/// Sends every single event at once (all in flight on one connection),
+/// then every batch at once; asserts every one was accepted.
+async fn send_all(client: &Client, singles: &[String], batches: &[Vec<String>], first_seq: usize) {
+    let asks = singles
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (format!("dedup.ingest.{id}"), Bytes::from(event(id, i))))
+        .collect();
+    for reply in in_flight(client, asks).await {
+        assert_eq!(&reply.payload[..], br#"{"accepted":true}"#);
+    }
+    let mut seq = first_seq;
+    let asks = batches
+        .iter()
+        .map(|ids| {
+            let mut body = Vec::new();
+            for id in ids {
+                body.extend(event(id, seq));
+                body.push(b'\n');
+                seq += 1;
+            }
+            ("dedup.batch".to_string(), Bytes::from(body))
+        })
+        .collect();
+    for reply in in_flight(client, asks).await {
+        let entries = eventsieve::engine::batch::decode(&reply.payload).unwrap();
+        assert!(
+            entries
+                .iter()
+                .all(|e| *e == eventsieve::engine::batch::Entry::New),
+            "{entries:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_s_events_leave_in_the_order_they_were_sent_singles_and_batches_in_flight() {
+    let server = NatsServer::start();
+    let (_data, running) = start_sidecar(&server, "1h", Durability::Local).await;
+    let client = server.client().await;
+    let mut out = client.subscribe(format!("events.unique.{SHARD}")).await.unwrap();
+    client.flush().await.unwrap();
+
+    let singles = ids_of_shard("s", 2000);
+    let batched = ids_of_shard("b", 2000);
+    let batches: Vec<Vec<String>> = batched.chunks(100).map(<[String]>::to_vec).collect();
+    send_all(&client, &singles, &batches, 0).await;
+
+    let got = sequence(&mut out, 4000).await;
+    assert_eq!(got.len(), 4000);
+    let (singles_out, batches_out) = got.split_at(2000);
+    assert_eq!(inversions(singles_out), 0, "single events in send order");
+    assert_eq!(inversions(batches_out), 0, "batches in send order");
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_jetstream_output_the_stream_holds_a_shard_s_events_in_send_order() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(&server, data.path(), "1h", Durability::Local);
+    s.config.output = OutputKind::Jetstream;
+    let running = service::start(s).await.unwrap();
+    let client = server.client().await;
+
+    let singles = ids_of_shard("s", 1000);
+    let batched = ids_of_shard("b", 1000);
+    let batches: Vec<Vec<String>> = batched.chunks(50).map(<[String]>::to_vec).collect();
+    send_all(&client, &singles, &batches, 0).await;
+
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream("EVENTSIEVE_OUTPUT").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    assert_eq!(last, 2000, "each event once");
+    let mut seqs = Vec::new();
+    for n in 1..=last {
+        let m = stream.get_raw_message(n).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        seqs.push(v["seq"].as_u64().unwrap());
+    }
+    let (singles_out, batches_out) = seqs.split_at(1000);
+    assert_eq!(inversions(singles_out), 0, "single events in send order");
+    assert_eq!(inversions(batches_out), 0, "batches in send order");
+    running.shutdown().await.unwrap();
+}
