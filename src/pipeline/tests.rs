@@ -163,7 +163,7 @@ async fn new_then_duplicate_and_only_new_events_reach_the_output() {
     let a = event("a1");
     assert!(is(&verdict(p, &a).await, Verdict::New));
     assert!(is(&verdict(p, &event("a1")).await, Verdict::Duplicate));
-    assert_eq!(delivered(&p).await, [(shard_of("a1", 32), vec![a])]);
+    assert_eq!(delivered(p).await, [(shard_of("a1", 32), vec![a])]);
 }
 
 #[tokio::test]
@@ -175,7 +175,7 @@ async fn bad_input_is_answered_400_and_changes_nothing() {
         assert_eq!(outcome.error().map(|e| e.0), Some(400), "{bad}: {outcome:?}");
     }
     assert!(p.dedup().is_empty());
-    assert!(delivered(&p).await.is_empty());
+    assert!(delivered(p).await.is_empty());
 }
 
 #[tokio::test]
@@ -264,7 +264,7 @@ async fn a_failed_commit_is_answered_500_and_the_id_is_forgotten() {
     let outcome = verdict(p, &event("f1")).await;
     assert_eq!(outcome.error().map(|e| e.0), Some(500), "{outcome:?}");
     assert_eq!(p.dedup().live(unix_ms()), 0, "un-inserted");
-    assert!(delivered(&p).await.is_empty(), "nothing republished");
+    assert!(delivered(p).await.is_empty(), "nothing republished");
 
     let body = Bytes::from_static(b"{\"event_id\":\"f1\"}\n{\"event_id\":\"f2\"}\nbad\n");
     let pending = p.decide_batch(&body, false, &on()).await;
@@ -331,7 +331,7 @@ async fn a_batch_reaches_the_output_once_per_shard_in_line_order() {
         Entry::New,
     ];
     assert_eq!(entries, want.map(Some));
-    let mut seen: Vec<(u32, Vec<Bytes>)> = delivered(&p).await;
+    let mut seen: Vec<(u32, Vec<Bytes>)> = delivered(p).await;
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "one call per shard");
     let mut lines = Vec::new();
     for (shard, events) in seen.drain(..) {
@@ -644,7 +644,7 @@ async fn a_shard_whose_append_failed_does_not_fail_the_others() {
     );
     assert_eq!(entries[2], Some(Entry::Duplicate));
     assert_eq!(records.lock().unwrap().len(), 1);
-    assert_eq!(delivered(&p).await, [(sa, vec![event(a)])]);
+    assert_eq!(delivered(p).await, [(sa, vec![event(a)])]);
     // The failed shard's id is new again.
     let retry = tokio::spawn({
         let p = p.clone();
