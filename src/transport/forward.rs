@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::{HeaderMap, Message, RequestErrorKind, Subject};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 
 use crate::engine::batch::{self, Entry};
 use crate::observe::metrics::Metrics;
@@ -58,10 +60,33 @@ pub async fn request(
     Err(why)
 }
 
+/// Polls `request` once and hands it back to be awaited: async-nats
+/// queues a request's message on its first poll (on a channel that serves
+/// senders first come, first served), so requests started one after
+/// another leave in that order, whichever is answered first. That keeps a
+/// shard's events in the order this node took them in when it forwards
+/// them.
+async fn started<T: Send + 'static>(mut request: BoxFuture<'static, T>) -> BoxFuture<'static, T> {
+    match std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await {
+        Poll::Ready(done) => Box::pin(std::future::ready(done)),
+        Poll::Pending => request,
+    }
+}
+
 /// Forwards one event that came in on `came_in_on` to `target` (its
-/// owner's shard subject) and relays the answer, headers included; 503 if
-/// no owner answers. Returns whether the reply was an error.
+/// owner's shard subject): sent when this returns; the future relays the
+/// answer, headers included (503 if no owner answers), and gives whether
+/// the reply was an error.
 pub async fn single(
+    ctx: Arc<Shared>,
+    (target, came_in_on): (Subject, Subject),
+    event: Bytes,
+    reply: Option<Subject>,
+) -> BoxFuture<'static, bool> {
+    started(Box::pin(relay(ctx, (target, came_in_on), event, reply))).await
+}
+
+async fn relay(
     ctx: Arc<Shared>,
     (target, came_in_on): (Subject, Subject),
     event: Bytes,
@@ -100,32 +125,37 @@ pub async fn single(
     }
 }
 
-/// Sends each shard's lines to its owner as a sub-batch, all at once;
-/// returns per shard the lines and their entries (503 for each line if the
-/// owner did not answer with one entry per line).
+/// The answers of a batch's sub-batches: per shard, the lines and their
+/// entries.
+pub type SubBatches = BoxFuture<'static, Vec<(Vec<usize>, Vec<Entry>)>>;
+
+/// Sends each shard's lines to its owner as a sub-batch, all at once: sent
+/// when this returns. The future gives per shard the lines and their
+/// entries (503 for each line if the owner did not answer with one entry
+/// per line).
 pub async fn sub_batches(
-    ctx: &Shared,
+    ctx: &Arc<Shared>,
     came_in_on: &Subject,
     forwards: BTreeMap<u32, (Vec<usize>, Vec<u8>)>,
-) -> Vec<(Vec<usize>, Vec<Entry>)> {
-    futures_util::future::join_all(
-        forwards
-            .into_iter()
-            .map(|(shard, (lines, body))| sub_batch(ctx, came_in_on, shard, lines, body)),
-    )
-    .await
+) -> SubBatches {
+    let mut answers = Vec::with_capacity(forwards.len());
+    for (shard, (lines, body)) in forwards {
+        let asked = sub_batch(ctx.clone(), came_in_on.clone(), shard, lines, body);
+        answers.push(started(Box::pin(asked)).await);
+    }
+    Box::pin(futures_util::future::join_all(answers))
 }
 
 async fn sub_batch(
-    ctx: &Shared,
-    came_in_on: &Subject,
+    ctx: Arc<Shared>,
+    came_in_on: Subject,
     shard: u32,
     lines: Vec<usize>,
     body: Vec<u8>,
 ) -> (Vec<usize>, Vec<Entry>) {
     ctx.metrics.forwarded.fetch_add(lines.len() as u64, Relaxed);
     let target = ctx.subjects.sub_batch(shard);
-    let failure = match request(ctx, target.into(), Some(came_in_on), body.into()).await {
+    let failure = match request(&ctx, target.into(), Some(&came_in_on), body.into()).await {
         Ok(answer) => {
             let what = match batch::decode(&answer.payload) {
                 Ok(entries) if entries.len() == lines.len() => return (lines, entries),

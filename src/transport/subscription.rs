@@ -27,8 +27,9 @@ use crate::observe::metrics::{Endpoint, Metrics};
 use crate::pipeline::{Admin, BatchPending, Outcome, Pending, Step};
 use crate::shared::Shared;
 use crate::shared::budget::Held;
+use crate::transport::fence;
+use crate::transport::forward::{self, SubBatches};
 use crate::transport::{ACCEPTED, DUPLICATE, SUBJECT_HEADER};
-use crate::transport::{fence, forward};
 
 /// Most batches and forwards one subscription has in progress.
 const MAX_TASKS: usize = 256;
@@ -263,12 +264,13 @@ impl Listener {
                 // Decided here, in the order received (so a shard's lines
                 // leave in that order); committed and answered in a task.
                 let forwarded = endpoint == Endpoint::SubBatches;
-                let pending = ctx
+                let mut pending = ctx
                     .pipeline
                     .decide_batch(&message.payload, forwarded, &message.subject)
                     .await;
+                let forwards = forward::sub_batches(&ctx, &message.subject, pending.take_forwards()).await;
                 work.spawn(async move {
-                    batch(ctx.clone(), message, pending, held).await;
+                    batch(ctx.clone(), message, (pending, forwards), held).await;
                     ctx.metrics.served(endpoint, started, false);
                 })
                 .await;
@@ -348,9 +350,11 @@ async fn single(ctx: &Arc<Shared>, message: Message, work: &mut Work, held: Held
         }
         Step::Elsewhere(keyed) => {
             let target = ctx.subjects.shard_event(keyed.shard, &keyed.id);
-            let (ctx, event) = (ctx.clone(), payload.clone());
+            // Sent now, in the order received; answered in a task.
+            let forwarding = forward::single(ctx.clone(), (target, came_in_on), payload.clone(), reply).await;
+            let ctx = ctx.clone();
             work.spawn(async move {
-                let error = forward::single(ctx.clone(), (target, came_in_on), event, reply).await;
+                let error = forwarding.await;
                 ctx.metrics.served(endpoint, started, error);
                 drop(held);
             })
@@ -376,8 +380,8 @@ async fn single(ctx: &Arc<Shared>, message: Message, work: &mut Work, held: Held
 /// A batch whose lines of this node are decided: committed while the
 /// others are forwarded to their owners; then one reply with an entry per
 /// line.
-async fn batch(ctx: Arc<Shared>, message: Message, pending: BatchPending, _held: Held) {
-    let out = batch_answer(&ctx, pending, &message.payload, &message.subject).await;
+async fn batch(ctx: Arc<Shared>, message: Message, decided: (BatchPending, SubBatches), _held: Held) {
+    let out = batch_answer(&ctx, decided, &message.payload, &message.subject).await;
     let Some(to) = message.reply else { return };
     publish(&ctx, to, out.into()).await;
 }
@@ -391,22 +395,19 @@ pub(crate) async fn batch_reply(
     came_in_on: &Subject,
     forwarded: bool,
 ) -> Vec<u8> {
-    let pending = ctx.pipeline.decide_batch(body, forwarded, came_in_on).await;
-    batch_answer(ctx, pending, body, came_in_on).await
+    let mut pending = ctx.pipeline.decide_batch(body, forwarded, came_in_on).await;
+    let forwards = forward::sub_batches(ctx, came_in_on, pending.take_forwards()).await;
+    batch_answer(ctx, (pending, forwards), body, came_in_on).await
 }
 
 /// [`batch_reply`] once the batch is decided.
 async fn batch_answer(
     ctx: &Arc<Shared>,
-    mut pending: BatchPending,
+    (pending, forwards): (BatchPending, SubBatches),
     body: &Bytes,
     came_in_on: &Subject,
 ) -> Vec<u8> {
-    let forwards = pending.take_forwards();
-    let (mut entries, answers) = tokio::join!(
-        ctx.pipeline.finish_batch(pending, body, came_in_on),
-        forward::sub_batches(ctx, came_in_on, forwards)
-    );
+    let (mut entries, answers) = tokio::join!(ctx.pipeline.finish_batch(pending, body, came_in_on), forwards);
     for (lines, got) in answers {
         for (line, entry) in lines.into_iter().zip(got) {
             entries[line] = Some(entry);
