@@ -309,6 +309,7 @@ fn store_with_ids(dir: &std::path::Path, n: u64) -> [u8; 16] {
     let meta = StoreMeta {
         shards: 32,
         window_ms: 7 * 86_400_000,
+        shard_key: String::new(),
     };
     let mut store = LmdbStore::open(dir, meta, false).unwrap();
     let now = unix_ms();

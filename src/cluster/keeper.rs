@@ -609,7 +609,7 @@ async fn restore(ctx: &Arc<Shared>, journal: &StreamJournal, shard: u32) -> Resu
     let ownership = ctx.pipeline.ownership();
     ownership.set(shard, ShardState::Recovering);
     let mut subs = Vec::new();
-    for kind in [Kind::Shard(shard), Kind::SubBatch(shard)] {
+    for kind in Kind::of_shard(shard) {
         match Serving::start(ctx, kind).await {
             Ok(s) => subs.push(s),
             Err(e) => {

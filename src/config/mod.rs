@@ -87,6 +87,13 @@ pub struct Config {
     /// whose values together are the key, or `"content"` (the event's
     /// bytes): hashed to a 32-hex-digit id. See the README.
     pub key: KeyConfig,
+    /// What places an event in a shard: `""` (default) the key; or a
+    /// top-level text field such as `"session_id"`, so that a session's
+    /// events share a shard (and its order) while `key` still decides
+    /// duplicates. Its value must be a valid id (it is the subject token
+    /// producers address: `<prefix>.ingest.<value>`), and an id must
+    /// always come with the same value. Fixed for a store's life.
+    pub shard_key: String,
     /// Rolling window: a number with unit `ms`, `s`, `m`, `h` or `d`, at most `7d`. Default `7d`.
     pub window: String,
     /// Largest event in bytes. Default 1048576 (nats-server's `max_payload`).
@@ -206,6 +213,7 @@ impl Default for Config {
             shards: 32,
             owned_shards: "all".into(),
             key: KeyConfig::One("event_id".into()),
+            shard_key: String::new(),
             window: "7d".into(),
             max_event_bytes: 1024 * 1024,
             max_id_bytes: 256,
@@ -373,6 +381,7 @@ impl Settings {
                 max_id_bytes: self.config.max_id_bytes,
             },
             capture: captured_fields(&self.aggregates),
+            shard_key: (!self.config.shard_key.is_empty()).then(|| self.config.shard_key.clone()),
         }
     }
 }
@@ -587,6 +596,14 @@ impl Config {
         }
         let names = self.key.names();
         let key = KeySpec::parse(&names).map_err(|e| ConfigError::field("key", &names.join(","), &e))?;
+        let plain_field = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !plain_field(&self.shard_key) {
+            return Err(ConfigError::field(
+                "shard_key",
+                &self.shard_key,
+                "\"\" (the key) or a top-level field name such as \"session_id\"",
+            ));
+        }
         let lease_ttl_ms = parse_duration_ms(&self.cluster.lease_ttl)
             .filter(|ms| ms % 1000 == 0 && (1000..=60_000).contains(ms))
             .ok_or_else(|| {

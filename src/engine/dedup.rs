@@ -11,7 +11,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::engine::event::{self, EventError, Limits, Seen};
+use crate::engine::event::{self, EventError, EventErrorKind, Limits, Seen};
 use crate::engine::fingerprint::Fingerprint;
 use crate::engine::key::KeySpec;
 use crate::engine::pending::{Ledger, Settle};
@@ -38,6 +38,9 @@ pub struct EngineConfig {
     /// Top-level fields the stages read, read with the key of a batch's
     /// lines (see [`crate::engine::batch::Decision::seen`]). Default none.
     pub capture: Vec<String>,
+    /// The top-level field whose value places an event in a shard; `None`
+    /// (default): the key.
+    pub shard_key: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +52,7 @@ impl Default for EngineConfig {
             limits: Limits::default(),
             key: KeySpec::default(),
             capture: Vec::new(),
+            shard_key: None,
         }
     }
 }
@@ -220,10 +224,32 @@ impl Deduplicator {
     pub fn key<'a>(&self, event: &'a [u8]) -> Result<Keyed<'a>, EventError> {
         let id = self.config.key.id_of(event, &self.config.limits)?;
         Ok(Keyed {
-            shard: shard_of(&id, self.config.shards),
+            shard: self.shard(event, &id)?,
             fingerprint: Fingerprint::of(id.as_bytes()),
             id,
         })
+    }
+
+    /// The shard of `event`, whose id is `id`: by the id, or by the value
+    /// of [`EngineConfig::shard_key`].
+    ///
+    /// # Errors
+    ///
+    /// The shard key's field is missing or not a valid id.
+    fn shard(&self, event: &[u8], id: &str) -> Result<u32, EventError> {
+        match &self.config.shard_key {
+            None => Ok(shard_of(id, self.config.shards)),
+            Some(field) => {
+                let value = event::field(event, field, &self.config.limits)?;
+                Ok(shard_of(&value, self.config.shards))
+            }
+        }
+    }
+
+    /// Whether events are placed by a field of their own rather than by
+    /// their key.
+    pub fn shards_by_field(&self) -> bool {
+        self.config.shard_key.is_some()
     }
 
     /// As [`Self::key`], and reads the fields [`EngineConfig::capture`]
@@ -242,23 +268,41 @@ impl Deduplicator {
                 .key
                 .id_capturing(event, &self.config.limits, &self.config.capture, seen)?;
         let keyed = Keyed {
-            shard: shard_of(&id, self.config.shards),
+            shard: self.shard(event, &id)?,
             fingerprint: Fingerprint::of(id.as_bytes()),
             id,
         };
         Ok((keyed, captured))
     }
 
-    /// Validates a bare `event_id` (as in a look-up subject) and computes
-    /// its shard and fingerprint.
+    /// Validates a bare `event_id` (as in a look-up subject), and the
+    /// value of its shard key if it has one of its own (`placed_by`), and
+    /// computes its shard and fingerprint.
     ///
     /// # Errors
     ///
-    /// The [`EventError`] of the id rule it breaks.
-    pub fn key_of_id<'a>(&self, id: &'a str) -> Result<Keyed<'a>, EventError> {
+    /// The [`EventError`] of the id rule it breaks, or a shard key's value
+    /// missing (or given without [`EngineConfig::shard_key`]).
+    pub fn key_of_id<'a>(&self, id: &'a str, placed_by: Option<&str>) -> Result<Keyed<'a>, EventError> {
         event::validate_id(id, &self.config.limits)?;
+        let shard = match (&self.config.shard_key, placed_by) {
+            (None, None) => shard_of(id, self.config.shards),
+            (Some(_), Some(value)) => {
+                event::validate_id(value, &self.config.limits)?;
+                shard_of(value, self.config.shards)
+            }
+            (Some(field), None) => {
+                return Err(EventError::new(EventErrorKind::MissingId)
+                    .about(field)
+                    .because("events are sharded by it: give its value before the id (<prefix>.lookup.<value>.<id>)"));
+            }
+            (None, Some(_)) => {
+                return Err(EventError::new(EventErrorKind::IdInvalidChars)
+                    .because("events are sharded by their key (no shard_key): give the id alone"));
+            }
+        };
         Ok(Keyed {
-            shard: shard_of(id, self.config.shards),
+            shard,
             fingerprint: Fingerprint::of(id.as_bytes()),
             id: id.into(),
         })

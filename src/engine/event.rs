@@ -106,6 +106,8 @@ pub struct EventError {
     key: Option<Box<str>>,
     /// The key may be a number as well as a string.
     numbers_too: bool,
+    /// What to do about it, when the rule alone does not say.
+    hint: Option<&'static str>,
 }
 
 impl EventError {
@@ -116,7 +118,14 @@ impl EventError {
             source: None,
             key: None,
             numbers_too: false,
+            hint: None,
         }
+    }
+
+    /// Adds what to do about it to the message.
+    pub(crate) fn because(mut self, hint: &'static str) -> Self {
+        self.hint = Some(hint);
+        self
     }
 
     fn over(kind: EventErrorKind, limit: usize) -> Self {
@@ -157,6 +166,12 @@ impl fmt::Display for EventError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use EventErrorKind::*;
         let key = self.key.as_deref().unwrap_or("event_id");
+        if let Some(hint) = self.hint {
+            return match self.kind {
+                MissingId => write!(f, "no \"{key}\": {hint}"),
+                _ => write!(f, "{hint}"),
+            };
+        }
         match self.kind {
             TooLarge => write!(f, "event is larger than {} bytes", self.limit),
             NotJson => match &self.source {

@@ -40,10 +40,12 @@ const INITIAL_MAP_BYTES: usize = 256 << 20;
 const MAX_SHARDS: usize = 1 << 16;
 
 /// What a store is for; recorded at creation and checked at every open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreMeta {
     pub shards: u32,
     pub window_ms: u64,
+    /// The field that places events in shards (`""`: the key).
+    pub shard_key: String,
 }
 
 fn key(newest_ms: u64, seq: u32, shard: u32) -> [u8; KEY_LEN] {
@@ -240,9 +242,28 @@ impl LmdbStore {
             ("format", FORMAT.to_string()),
             ("shards", meta.shards.to_string()),
             ("fingerprint", format!("xxh3-128/v{}", fingerprint::VERSION)),
+            ("shard_key", meta.shard_key.clone()),
         ];
+        let existing = meta_db.get(&wtxn, "format").map_err(|e| io("read meta", e))?.is_some();
         for (field, value) in &want {
-            match meta_db.get(&wtxn, field).map_err(|e| io("read meta", e))? {
+            let found = meta_db.get(&wtxn, field).map_err(|e| io("read meta", e))?;
+            // Stores from before `shard_key` placed events by their key.
+            let found = found.or((existing && *field == "shard_key").then_some(""));
+            match found {
+                Some(found) if found != value && *field == "shard_key" => {
+                    let name = |v: &str| if v.is_empty() { "the key".to_string() } else { format!("{v:?}") };
+                    return Err(JournalError::new(
+                        JournalErrorKind::Mismatch,
+                        format!(
+                            "store in {} holds ids placed in shards by {}, this configuration places them by {}: \
+                             the ids would be looked for in the wrong shards. Set shard_key back, or move the \
+                             directory aside and start empty (the ids it holds would be accepted again)",
+                            dir.display(),
+                            name(found),
+                            name(value)
+                        ),
+                    ));
+                }
                 Some(found) if found != value && *field == "format" => {
                     return Err(JournalError::new(
                         JournalErrorKind::Mismatch,
@@ -758,6 +779,7 @@ mod tests {
     const META: StoreMeta = StoreMeta {
         shards: 4,
         window_ms: 1000,
+        shard_key: String::new(),
     };
 
     fn rec(shard: u32, born_ms: u64, i: u64) -> Record {
@@ -916,6 +938,34 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_shard_key_is_refused_and_stores_from_before_it_were_placed_by_the_key() {
+        let by_session = || StoreMeta {
+            shard_key: "session_id".into(),
+            ..META
+        };
+        let dir = tempfile::tempdir().unwrap();
+        drop(LmdbStore::open(dir.path(), META, false).unwrap());
+        let err = LmdbStore::open(dir.path(), by_session(), false).err().unwrap();
+        assert_eq!(err.kind(), JournalErrorKind::Mismatch);
+        assert!(
+            err.to_string().contains("by the key") && err.to_string().contains("Set shard_key back"),
+            "{err}"
+        );
+        // A store written before the setting existed has no entry for it.
+        let old = tempfile::tempdir().unwrap();
+        let store = LmdbStore::open(old.path(), META, false).unwrap();
+        let mut wtxn = store.env.write_txn().unwrap();
+        assert!(store.meta.delete(&mut wtxn, "shard_key").unwrap());
+        wtxn.commit().unwrap();
+        drop(store);
+        assert!(LmdbStore::open(old.path(), by_session(), false).is_err());
+        assert!(LmdbStore::open(old.path(), META, false).is_ok());
+        let kept = tempfile::tempdir().unwrap();
+        drop(LmdbStore::open(kept.path(), by_session(), false).unwrap());
+        assert!(LmdbStore::open(kept.path(), by_session(), false).is_ok());
+    }
+
+    #[test]
     fn a_full_map_grows() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = LmdbStore::open_with_map(dir.path(), META, false, 1 << 20).unwrap();
@@ -1035,8 +1085,9 @@ mod tests {
         let meta = StoreMeta {
             shards: 65_536,
             window_ms: 1000,
+            shard_key: String::new(),
         };
-        let mut store = LmdbStore::open(dir.path(), meta, false).unwrap();
+        let mut store = LmdbStore::open(dir.path(), meta.clone(), false).unwrap();
         store
             .append(&[rec(65_535, 10, 1), rec(65_534, 10, 2), rec(0, 10, 3)])
             .unwrap();

@@ -733,7 +733,7 @@ pub fn local_copy(
     stream: &str,
 ) -> Result<LmdbStore, JournalError> {
     const STREAM_KEY: &str = "journal_stream";
-    let problem = match LmdbStore::open(dir, meta, fsync) {
+    let problem = match LmdbStore::open(dir, meta.clone(), fsync) {
         Ok(mut store) => match store.meta(STREAM_KEY)? {
             Some(seen) if seen != stream => {
                 drop(store);

@@ -78,15 +78,33 @@ impl Subjects {
         format!("{}.batch", self.prefix)
     }
 
+    /// Producers' batches for the owner of `shard`: `<prefix>.batch.<token>`
+    /// mapped by the server (`<prefix>.batches.<partition>.<token>`).
+    pub fn pinned_batches(&self, shard: u32) -> String {
+        format!("{}.batches.{shard}.*", self.prefix)
+    }
+
+    /// [`Self::pinned_batches`] of every shard.
+    pub fn all_pinned_batches(&self) -> String {
+        format!("{}.batches.*.*", self.prefix)
+    }
+
+    /// Fences of the `pinned_batches` subscription (`_fence` is no token a
+    /// mapping makes: tokens are producers' names).
+    pub fn pinned_fence(&self, shard: u32) -> String {
+        format!("{}.batches.{shard}._fence", self.prefix)
+    }
+
     /// Sub-batches of `shard` forwarded between sidecars.
     pub fn sub_batch(&self, shard: u32) -> String {
         format!("{}.internal.batch.{shard}", self.prefix)
     }
 
-    /// `<prefix>.lookup.*`: whether an id is remembered (every node
-    /// receives it; the owner of the id's shard answers).
+    /// `<prefix>.lookup.>`: whether an id is remembered (every node
+    /// receives it; the owner of the id's shard answers): `<id>`, or with
+    /// a `shard_key` `<its value>.<id>`.
     pub fn lookup(&self) -> String {
-        format!("{}.lookup.*", self.prefix)
+        format!("{}.lookup.>", self.prefix)
     }
 
     /// `<prefix>.<verb>._fence`: where a node's fences of its look-up or
@@ -95,9 +113,9 @@ impl Subjects {
         format!("{}.{verb}._fence", self.prefix)
     }
 
-    /// `<prefix>.forget.*`: forget an id (as [`Self::lookup`]).
+    /// `<prefix>.forget.>`: forget an id (as [`Self::lookup`]).
     pub fn forget(&self) -> String {
-        format!("{}.forget.*", self.prefix)
+        format!("{}.forget.>", self.prefix)
     }
 
     /// `<prefix>.window`: read, set or reset the window (every node

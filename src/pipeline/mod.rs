@@ -704,9 +704,10 @@ impl<O: Output> Pipeline<O> {
         Ok(restored)
     }
 
-    /// Whether `id` is remembered here, and since when; changes nothing.
-    pub fn lookup(&self, id: &str) -> Admin {
-        let keyed = match self.dedup.key_of_id(id) {
+    /// Whether the id `name` (`<id>`, or `<shard key value>.<id>` with a
+    /// `shard_key`) is remembered here, and since when; changes nothing.
+    pub fn lookup(&self, name: &str) -> Admin {
+        let keyed = match self.keyed_name(name) {
             Ok(keyed) => keyed,
             Err(e) => return Admin::Failed(Outcome::Invalid(e)),
         };
@@ -721,11 +722,12 @@ impl<O: Output> Pipeline<O> {
         }
     }
 
-    /// Forgets `id`, durably (journaled like an insert), so that its next
-    /// event is accepted again: for operators who must replay an event on
-    /// purpose. Answers what was remembered before.
-    pub async fn forget(&self, id: &str) -> Admin {
-        let keyed = match self.dedup.key_of_id(id) {
+    /// Forgets the id `name` (as [`Self::lookup`] names it), durably
+    /// (journaled like an insert), so that its next event is accepted
+    /// again: for operators who must replay an event on purpose. Answers
+    /// what was remembered before.
+    pub async fn forget(&self, name: &str) -> Admin {
+        let keyed = match self.keyed_name(name) {
             Ok(keyed) => keyed,
             Err(e) => return Admin::Failed(Outcome::Invalid(e)),
         };
@@ -803,6 +805,15 @@ impl<O: Output> Pipeline<O> {
                     settle.set(Ok(()));
                 }
             }
+        }
+    }
+
+    /// The id `name` of a look-up or a forget: `<id>`, or `<shard key
+    /// value>.<id>`.
+    fn keyed_name<'a>(&self, name: &'a str) -> Result<Keyed<'a>, EventError> {
+        match name.split_once('.') {
+            Some((placed_by, id)) => self.dedup.key_of_id(id, Some(placed_by)),
+            None => self.dedup.key_of_id(name, None),
         }
     }
 

@@ -166,6 +166,7 @@ async fn open_store(settings: &Settings) -> Result<Box<dyn Journal>, ServiceErro
     let meta = StoreMeta {
         shards: settings.config.shards,
         window_ms: settings.window_ms,
+        shard_key: settings.config.shard_key.clone(),
     };
     let store = tokio::task::spawn_blocking(move || LmdbStore::open(&dir, meta, fsync))
         .await

@@ -35,6 +35,7 @@ pub(super) async fn journal(
     let meta = StoreMeta {
         shards: settings.config.shards,
         window_ms: settings.window_ms,
+        shard_key: settings.config.shard_key.clone(),
     };
     let identity = journal.identity();
     let copy = tokio::task::spawn_blocking(move || stream::local_copy(&dir, meta, fsync, &identity))

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State as Connection;
 use async_nats::{Message, Subject};
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -229,16 +229,31 @@ async fn batch(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], out).into_response()
 }
 
-async fn lookup(State(g): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+async fn lookup(State(g): State<Arc<Gateway>>, Path(id): Path<String>, RawQuery(query): RawQuery) -> Response {
     let ctx = &g.ctx;
-    let admin = ctx.pipeline.lookup(&id);
-    admin_response(ctx, admin, "lookup", "remembered", &id).await
+    let name = admin_name(&id, query.as_deref());
+    let admin = ctx.pipeline.lookup(&name);
+    admin_response(ctx, admin, "lookup", "remembered", &name).await
 }
 
-async fn forget(State(g): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+async fn forget(State(g): State<Arc<Gateway>>, Path(id): Path<String>, RawQuery(query): RawQuery) -> Response {
     let ctx = &g.ctx;
-    let admin = ctx.pipeline.forget(&id).await;
-    admin_response(ctx, admin, "forget", "forgotten", &id).await
+    let name = admin_name(&id, query.as_deref());
+    let admin = ctx.pipeline.forget(&name).await;
+    admin_response(ctx, admin, "forget", "forgotten", &name).await
+}
+
+/// The id of a look-up or a forget as the pipeline names it: `<id>`, or
+/// `<shard key value>.<id>` from `?shard_key=<value>`.
+fn admin_name(id: &str, query: Option<&str>) -> String {
+    let placed_by = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("shard_key="));
+    match placed_by {
+        Some(value) => format!("{value}.{id}"),
+        None => id.to_owned(),
+    }
 }
 
 /// `200 {"<what>":true,"since":..}` or `404 {"<what>":false}`; asked of the

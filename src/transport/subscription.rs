@@ -52,6 +52,13 @@ pub enum Kind {
     /// `<prefix>.internal.batch.*`: sub-batches of every shard, when this
     /// node owns them all.
     AllSubBatches,
+    /// `<prefix>.batches.<n>.*`: producers' batches sent to
+    /// `<prefix>.batch.<token>`, which the server maps by the token's
+    /// partition to the owner of shard `n`: one producer's batches (one
+    /// token) reach one node, in the order sent.
+    PinnedBatch(u32),
+    /// `<prefix>.batches.*.*`: every shard's, when this node owns them all.
+    AllPinnedBatches,
     /// `<prefix>.lookup.<id>` and `<prefix>.forget.<id>`: every node
     /// receives them (no queue group); the owner of the id's shard answers,
     /// the others stay silent.
@@ -60,12 +67,17 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The subscriptions that come and go with shard `shard`.
+    pub fn of_shard(shard: u32) -> [Kind; 3] {
+        [Kind::Shard(shard), Kind::SubBatch(shard), Kind::PinnedBatch(shard)]
+    }
+
     /// The endpoint its requests count under in `$SRV.STATS`.
     pub fn endpoint(self) -> Endpoint {
         match self {
             Kind::Shard(_) | Kind::AllShards => Endpoint::Shards,
             Kind::Ingest => Endpoint::Ingest,
-            Kind::Batch => Endpoint::Batch,
+            Kind::Batch | Kind::PinnedBatch(_) | Kind::AllPinnedBatches => Endpoint::Batch,
             Kind::SubBatch(_) | Kind::AllSubBatches => Endpoint::SubBatches,
             Kind::Lookup => Endpoint::Lookup,
             Kind::Forget => Endpoint::Forget,
@@ -95,6 +107,8 @@ impl Kind {
             Kind::Batch => (s.batch(), Some(s.batch()), s.batch().into()),
             Kind::SubBatch(n) => (s.sub_batch(n), None, s.sub_batch(n).into()),
             Kind::AllSubBatches => (s.all_sub_batches(), None, s.sub_batch(0).into()),
+            Kind::PinnedBatch(n) => (s.pinned_batches(n), None, s.pinned_fence(n).into()),
+            Kind::AllPinnedBatches => (s.all_pinned_batches(), None, s.pinned_fence(0).into()),
             // Every node receives these fences and skips them.
             Kind::Lookup => (s.lookup(), None, s.admin_fence("lookup").into()),
             Kind::Forget => (s.forget(), None, s.admin_fence("forget").into()),
@@ -200,11 +214,9 @@ impl Work {
 /// per owned shard, or one wildcard when it owns them all.
 pub fn kinds(owned: &[u32], shards: u32) -> Vec<Kind> {
     let mut kinds = if owned.len() == shards as usize {
-        vec![Kind::AllShards, Kind::AllSubBatches]
+        vec![Kind::AllShards, Kind::AllSubBatches, Kind::AllPinnedBatches]
     } else {
-        let mut k: Vec<Kind> = owned.iter().map(|&s| Kind::Shard(s)).collect();
-        k.extend(owned.iter().map(|&s| Kind::SubBatch(s)));
-        k
+        owned.iter().flat_map(|&s| Kind::of_shard(s)).collect()
     };
     kinds.extend([Kind::Ingest, Kind::Batch, Kind::Lookup, Kind::Forget]);
     kinds
@@ -248,7 +260,10 @@ impl Listener {
             tracing::debug!(message = "Request dropped: its reply subject is one of the sidecar's own.", reply = %reply);
             return;
         }
-        let batch_kind = matches!(self.kind, Kind::Batch | Kind::SubBatch(_) | Kind::AllSubBatches);
+        let batch_kind = matches!(
+            self.kind,
+            Kind::Batch | Kind::SubBatch(_) | Kind::AllSubBatches | Kind::PinnedBatch(_) | Kind::AllPinnedBatches
+        );
         let endpoint = self.kind.endpoint();
         let Some(held) = self.ctx.budget.try_hold(message.payload.len()) else {
             overloaded(&self.ctx, message, batch_kind).await;
@@ -260,7 +275,11 @@ impl Listener {
             Kind::Shard(_) | Kind::AllShards | Kind::Ingest => {
                 single(&ctx, message, work, held, (started, endpoint)).await;
             }
-            Kind::Batch | Kind::SubBatch(_) | Kind::AllSubBatches => {
+            Kind::Batch
+            | Kind::SubBatch(_)
+            | Kind::AllSubBatches
+            | Kind::PinnedBatch(_)
+            | Kind::AllPinnedBatches => {
                 // Decided here, in the order received (so a shard's lines
                 // leave in that order); committed and answered in a task.
                 let forwarded = endpoint == Endpoint::SubBatches;
@@ -280,10 +299,19 @@ impl Listener {
     }
 }
 
-/// A look-up or a forget: the id is the subject's last token.
+/// A look-up or a forget: the id is what follows `<prefix>.<verb>.` (with
+/// a `shard_key`: its value, a dot, the id).
 async fn admin(ctx: Arc<Shared>, message: Message, kind: Kind, work: &mut Work, started: Instant) {
     let Some(to) = message.reply else { return };
-    let id = message.subject.rsplit('.').next().unwrap_or_default().to_string();
+    let verb = if kind == Kind::Lookup { "lookup" } else { "forget" };
+    let id = message
+        .subject
+        .strip_prefix(ctx.subjects.prefix())
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_prefix(verb))
+        .and_then(|rest| rest.strip_prefix('.'))
+        .unwrap_or_default()
+        .to_string();
     if kind == Kind::Lookup {
         let admin = ctx.pipeline.lookup(&id);
         let error = matches!(admin, Admin::Failed(_));

@@ -81,7 +81,7 @@ impl NatsServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let conf = dir.path().join("server.conf");
         let mut text = format!(
-            "jetstream {{ store_dir: {:?} }}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n  \"loadgen.ingest.*\": \"loadgen.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
+            "jetstream {{ store_dir: {:?} }}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n  \"dedup.batch.*\": \"dedup.batches.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n  \"loadgen.ingest.*\": \"loadgen.shard.{{{{partition({shards},1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
             dir.path().join("js")
         );
         if permissions {
@@ -170,7 +170,7 @@ impl NatsCluster {
         for (i, route) in routes.iter().enumerate() {
             let conf = dir.path().join(format!("n{i}.conf"));
             let text = format!(
-                "server_name: n{i}\njetstream {{ store_dir: {:?} }}\ncluster {{\n  name: eventsieve\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition(32,1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
+                "server_name: n{i}\njetstream {{ store_dir: {:?} }}\ncluster {{\n  name: eventsieve\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\nmappings = {{\n  \"dedup.ingest.*\": \"dedup.shard.{{{{partition(32,1)}}}}.{{{{wildcard(1)}}}}\"\n  \"dedup.batch.*\": \"dedup.batches.{{{{partition(32,1)}}}}.{{{{wildcard(1)}}}}\"\n}}\n",
                 dir.path().join(format!("js{i}")),
                 route_list.join(", ")
             );
