@@ -158,3 +158,130 @@ async fn with_jetstream_output_the_stream_holds_a_shard_s_events_in_send_order()
     assert_eq!(inversions(batches_out), 0, "batches in send order");
     running.shutdown().await.unwrap();
 }
+
+/// Settings of two sidecars that split the shards, placing events by
+/// `session_id`.
+fn by_session(
+    server: &NatsServer,
+    low: &std::path::Path,
+    high: &std::path::Path,
+) -> (eventsieve::config::Settings, eventsieve::config::Settings) {
+    let (mut first, mut second) = split_settings(server, low, high);
+    for s in [&mut first, &mut second] {
+        s.config.shard_key = "session_id".into();
+    }
+    (first, second)
+}
+
+fn session_event(session: usize, seq: usize) -> Vec<u8> {
+    format!(r#"{{"event_id":"s{session}n{seq}","session_id":"s{session}","seq":{seq}}}"#).into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_keep_their_order_through_two_sidecars_from_sixteen_producers() {
+    const SESSIONS: usize = 1000;
+    const EVENTS: usize = 50;
+    const PRODUCERS: usize = 16;
+    let server = NatsServer::start();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (low, high) = by_session(&server, dirs[0].path(), dirs[1].path());
+    let first = service::start(low).await.unwrap();
+    let second = service::start(high).await.unwrap();
+    let consumer = server.client().await;
+    let mut out = consumer.subscribe("events.unique.*").await.unwrap();
+    consumer.flush().await.unwrap();
+
+    // Each producer: its sessions' first half as single events, all in
+    // flight at once, then the second half in batches of 100 lines, all in
+    // flight at once, to its own pinned batch subject.
+    let producers = (0..PRODUCERS).map(|p| {
+        let server_client = server.client();
+        async move {
+            let client = server_client.await;
+            let sessions: Vec<usize> = (p..SESSIONS).step_by(PRODUCERS).collect();
+            let singles = (0..EVENTS / 2)
+                .flat_map(|seq| sessions.iter().map(move |&s| (s, seq)))
+                .map(|(s, seq)| (format!("dedup.ingest.s{s}"), Bytes::from(session_event(s, seq))))
+                .collect();
+            for reply in in_flight(&client, singles).await {
+                assert_eq!(&reply.payload[..], br#"{"accepted":true}"#);
+            }
+            let lines: Vec<Vec<u8>> = (EVENTS / 2..EVENTS)
+                .flat_map(|seq| sessions.iter().map(move |&s| session_event(s, seq)))
+                .collect();
+            let batches = lines
+                .chunks(100)
+                .map(|chunk| {
+                    let body: Vec<u8> = chunk.iter().flat_map(|l| [&l[..], b"\n"].concat()).collect();
+                    (format!("dedup.batch.p{p}"), Bytes::from(body))
+                })
+                .collect();
+            for reply in in_flight(&client, batches).await {
+                let entries = eventsieve::engine::batch::decode(&reply.payload).unwrap();
+                assert!(
+                    entries
+                        .iter()
+                        .all(|e| *e == eventsieve::engine::batch::Entry::New),
+                    "{entries:?}"
+                );
+            }
+        }
+    });
+    futures_util::future::join_all(producers).await;
+
+    let mut by_session: Vec<Vec<u64>> = vec![Vec::new(); SESSIONS];
+    let mut total = 0;
+    while total < SESSIONS * EVENTS {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), out.next()).await else {
+            break;
+        };
+        for line in m.payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+            let session: usize = v["session_id"].as_str().unwrap()[1..].parse().unwrap();
+            by_session[session].push(v["seq"].as_u64().unwrap());
+            total += 1;
+        }
+    }
+    assert_eq!(total, SESSIONS * EVENTS, "every event once");
+    let want: Vec<u64> = (0..EVENTS as u64).collect();
+    for (s, seqs) in by_session.iter().enumerate() {
+        assert_eq!(seqs, &want, "session s{s} in send order");
+    }
+
+    // Sent where the session's shard is not: forwarded, accepted, placed by
+    // the session.
+    let client = server.client().await;
+    let stray = Bytes::from(r#"{"event_id":"stray1","session_id":"s7","seq":50}"#);
+    let mut s7 = consumer
+        .subscribe(format!("events.unique.{}", shard_of("s7", 32)))
+        .await
+        .unwrap();
+    consumer.flush().await.unwrap();
+    let elsewhere = (0..)
+        .map(|i| format!("t{i}"))
+        .find(|t| (shard_of(t, 32) < 16) != (shard_of("s7", 32) < 16))
+        .unwrap();
+    assert_eq!(
+        ask(&client, &format!("dedup.ingest.{elsewhere}"), stray.clone()).await,
+        Answer::Verdict(true)
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), s7.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.payload, stray);
+    // Look-ups name the session too.
+    assert_eq!(
+        &request(&client, "dedup.lookup.s7.stray1", Bytes::new())
+            .await
+            .payload[..8],
+        br#"{"rememb"#
+    );
+    let answer = ask(&client, "dedup.lookup.stray1", Bytes::new()).await;
+    assert!(
+        matches!(&answer, Answer::Error(400, why) if why.contains("session_id")),
+        "{answer:?}"
+    );
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+}

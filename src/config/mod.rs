@@ -596,7 +596,10 @@ impl Config {
         }
         let names = self.key.names();
         let key = KeySpec::parse(&names).map_err(|e| ConfigError::field("key", &names.join(","), &e))?;
-        let plain_field = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let plain_field = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
         if !plain_field(&self.shard_key) {
             return Err(ConfigError::field(
                 "shard_key",

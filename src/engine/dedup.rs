@@ -292,9 +292,9 @@ impl Deduplicator {
                 shard_of(value, self.config.shards)
             }
             (Some(field), None) => {
-                return Err(EventError::new(EventErrorKind::MissingId)
-                    .about(field)
-                    .because("events are sharded by it: give its value before the id (<prefix>.lookup.<value>.<id>)"));
+                return Err(EventError::new(EventErrorKind::MissingId).about(field).because(
+                    "events are sharded by it: give its value before the id (<prefix>.lookup.<value>.<id>)",
+                ));
             }
             (None, Some(_)) => {
                 return Err(EventError::new(EventErrorKind::IdInvalidChars)

@@ -244,14 +244,23 @@ impl LmdbStore {
             ("fingerprint", format!("xxh3-128/v{}", fingerprint::VERSION)),
             ("shard_key", meta.shard_key.clone()),
         ];
-        let existing = meta_db.get(&wtxn, "format").map_err(|e| io("read meta", e))?.is_some();
+        let existing = meta_db
+            .get(&wtxn, "format")
+            .map_err(|e| io("read meta", e))?
+            .is_some();
         for (field, value) in &want {
             let found = meta_db.get(&wtxn, field).map_err(|e| io("read meta", e))?;
             // Stores from before `shard_key` placed events by their key.
             let found = found.or((existing && *field == "shard_key").then_some(""));
             match found {
                 Some(found) if found != value && *field == "shard_key" => {
-                    let name = |v: &str| if v.is_empty() { "the key".to_string() } else { format!("{v:?}") };
+                    let name = |v: &str| {
+                        if v.is_empty() {
+                            "the key".to_string()
+                        } else {
+                            format!("{v:?}")
+                        }
+                    };
                     return Err(JournalError::new(
                         JournalErrorKind::Mismatch,
                         format!(

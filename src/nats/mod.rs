@@ -6,9 +6,11 @@
 //! | [`options`] | connection options from `[nats]`, and connecting |
 //! | [`subjects`] | every subject, built in one place |
 //! | [`kv`] | the KV bucket the sidecars share: opened or created, per-key TTL |
+//! | [`ordered`] | requests that leave in the order they were sent |
 
 pub mod kv;
 pub mod options;
+pub mod ordered;
 pub mod subjects;
 
 use async_nats::Client;

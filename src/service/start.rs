@@ -17,6 +17,7 @@ use crate::control::{self, Window};
 use crate::engine::Deduplicator;
 use crate::journal::Journal;
 use crate::journal::writer::{self, WriterConfig};
+use crate::nats::ordered::OrderedRequests;
 use crate::nats::{self, NatsError, Subjects};
 use crate::observe::metrics::Metrics;
 use crate::output::jetstream::unbound_subject;
@@ -101,6 +102,7 @@ pub async fn start_with(
         subjects: subjects.clone(),
         metrics: metrics.clone(),
         router,
+        forwards: OrderedRequests::start(client.clone()).await?,
     });
 
     // Subscribe first, so that requests during recovery get 503, not silence.

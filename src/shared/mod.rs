@@ -10,6 +10,7 @@ use std::sync::Arc;
 use async_nats::Client;
 
 use crate::nats::Subjects;
+use crate::nats::ordered::OrderedRequests;
 use crate::observe::metrics::Metrics;
 use crate::output::Sink;
 use crate::pipeline::Pipeline;
@@ -28,4 +29,6 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The routing rules in force.
     pub router: Arc<Router>,
+    /// Events sent on to their owners, in order.
+    pub forwards: OrderedRequests,
 }

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::header::{HeaderName, HeaderValue};
@@ -13,6 +12,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::engine::batch::{self, Entry};
+use crate::nats::ordered::NoAnswer;
 use crate::observe::metrics::Metrics;
 use crate::shared::Shared;
 use crate::transport::SUBJECT_HEADER;
@@ -37,20 +37,10 @@ pub async fn request(
     came_in_on: Option<&Subject>,
     body: Bytes,
 ) -> Result<Message, String> {
-    let asked = async {
-        match came_in_on {
-            Some(on) => {
-                const NAME: HeaderName = HeaderName::from_static(SUBJECT_HEADER);
-                let mut headers = HeaderMap::new();
-                headers.insert(NAME, HeaderValue::from(on.as_str()));
-                ctx.client
-                    .request_with_headers(subject.clone(), headers, body)
-                    .await
-            }
-            None => ctx.client.request(subject.clone(), body).await,
-        }
-    };
-    let why = match tokio::time::timeout(FORWARD_TIMEOUT, asked).await {
+    if let Some(on) = came_in_on {
+        return send_on(ctx, subject, on, body).await.await;
+    }
+    let why = match tokio::time::timeout(FORWARD_TIMEOUT, ctx.client.request(subject.clone(), body)).await {
         Ok(Ok(answer)) => return Ok(answer),
         Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => format!("no node answers on {subject}"),
         Ok(Err(e)) => format!("no owner answered on {subject}: {e}"),
@@ -60,17 +50,35 @@ pub async fn request(
     Err(why)
 }
 
-/// Polls `request` once and hands it back to be awaited: async-nats
-/// queues a request's message on its first poll (on a channel that serves
-/// senders first come, first served), so requests started one after
-/// another leave in that order, whichever is answered first. That keeps a
-/// shard's events in the order this node took them in when it forwards
-/// them.
-async fn started<T: Send + 'static>(mut request: BoxFuture<'static, T>) -> BoxFuture<'static, T> {
-    match std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await {
-        Poll::Ready(done) => Box::pin(std::future::ready(done)),
-        Poll::Pending => request,
-    }
+/// Sends events (one, or a sub-batch) that came in on `came_in_on` to
+/// `subject`: published when this returns, after everything sent on
+/// before, so that a shard's events reach their owner in the order this
+/// node took them in. The future gives the answer within
+/// [`FORWARD_TIMEOUT`], or why none came (counted in `forward_failures`).
+async fn send_on(
+    ctx: &Shared,
+    subject: Subject,
+    came_in_on: &Subject,
+    body: Bytes,
+) -> BoxFuture<'static, Result<Message, String>> {
+    const NAME: HeaderName = HeaderName::from_static(SUBJECT_HEADER);
+    let mut headers = HeaderMap::new();
+    headers.insert(NAME, HeaderValue::from(came_in_on.as_str()));
+    let sent = ctx.forwards.send(subject.clone(), headers, body).await;
+    let metrics = ctx.metrics.clone();
+    Box::pin(async move {
+        let why = match sent {
+            Err(e) => format!("could not send on to {subject}: {e:?}"),
+            Ok(answer) => match tokio::time::timeout(FORWARD_TIMEOUT, answer.get()).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(NoAnswer::NoResponders)) => format!("no node answers on {subject}"),
+                Ok(Err(e)) => format!("no owner answered on {subject}: {e:?}"),
+                Err(_) => format!("no answer on {subject} within {FORWARD_TIMEOUT:?}"),
+            },
+        };
+        Metrics::inc(&metrics.forward_failures);
+        Err(why)
+    })
 }
 
 /// Forwards one event that came in on `came_in_on` to `target` (its
@@ -83,17 +91,19 @@ pub async fn single(
     event: Bytes,
     reply: Option<Subject>,
 ) -> BoxFuture<'static, bool> {
-    started(Box::pin(relay(ctx, (target, came_in_on), event, reply))).await
+    Metrics::inc(&ctx.metrics.forwarded);
+    let answer = send_on(&ctx, target.clone(), &came_in_on, event).await;
+    Box::pin(relay(ctx, target, answer, reply))
 }
 
+/// Relays the owner's `answer` to an event sent on to `target`.
 async fn relay(
     ctx: Arc<Shared>,
-    (target, came_in_on): (Subject, Subject),
-    event: Bytes,
+    target: Subject,
+    answer: BoxFuture<'static, Result<Message, String>>,
     reply: Option<Subject>,
 ) -> bool {
-    Metrics::inc(&ctx.metrics.forwarded);
-    match request(&ctx, target.clone(), Some(&came_in_on), event).await {
+    match answer.await {
         Ok(Message { headers, payload, .. }) => {
             let error = headers
                 .as_ref()
@@ -140,22 +150,22 @@ pub async fn sub_batches(
 ) -> SubBatches {
     let mut answers = Vec::with_capacity(forwards.len());
     for (shard, (lines, body)) in forwards {
-        let asked = sub_batch(ctx.clone(), came_in_on.clone(), shard, lines, body);
-        answers.push(started(Box::pin(asked)).await);
+        ctx.metrics.forwarded.fetch_add(lines.len() as u64, Relaxed);
+        let target = ctx.subjects.sub_batch(shard).into();
+        let answer = send_on(ctx, target, came_in_on, body.into()).await;
+        answers.push(sub_batch(ctx.clone(), shard, lines, answer));
     }
     Box::pin(futures_util::future::join_all(answers))
 }
 
+/// A sub-batch's entries, from its owner's `answer`.
 async fn sub_batch(
     ctx: Arc<Shared>,
-    came_in_on: Subject,
     shard: u32,
     lines: Vec<usize>,
-    body: Vec<u8>,
+    answer: BoxFuture<'static, Result<Message, String>>,
 ) -> (Vec<usize>, Vec<Entry>) {
-    ctx.metrics.forwarded.fetch_add(lines.len() as u64, Relaxed);
-    let target = ctx.subjects.sub_batch(shard);
-    let failure = match request(&ctx, target.into(), Some(&came_in_on), body.into()).await {
+    let failure = match answer.await {
         Ok(answer) => {
             let what = match batch::decode(&answer.payload) {
                 Ok(entries) if entries.len() == lines.len() => return (lines, entries),

@@ -229,14 +229,22 @@ async fn batch(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], out).into_response()
 }
 
-async fn lookup(State(g): State<Arc<Gateway>>, Path(id): Path<String>, RawQuery(query): RawQuery) -> Response {
+async fn lookup(
+    State(g): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
     let ctx = &g.ctx;
     let name = admin_name(&id, query.as_deref());
     let admin = ctx.pipeline.lookup(&name);
     admin_response(ctx, admin, "lookup", "remembered", &name).await
 }
 
-async fn forget(State(g): State<Arc<Gateway>>, Path(id): Path<String>, RawQuery(query): RawQuery) -> Response {
+async fn forget(
+    State(g): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
     let ctx = &g.ctx;
     let name = admin_name(&id, query.as_deref());
     let admin = ctx.pipeline.forget(&name).await;

@@ -69,7 +69,11 @@ pub enum Kind {
 impl Kind {
     /// The subscriptions that come and go with shard `shard`.
     pub fn of_shard(shard: u32) -> [Kind; 3] {
-        [Kind::Shard(shard), Kind::SubBatch(shard), Kind::PinnedBatch(shard)]
+        [
+            Kind::Shard(shard),
+            Kind::SubBatch(shard),
+            Kind::PinnedBatch(shard),
+        ]
     }
 
     /// The endpoint its requests count under in `$SRV.STATS`.
@@ -262,7 +266,11 @@ impl Listener {
         }
         let batch_kind = matches!(
             self.kind,
-            Kind::Batch | Kind::SubBatch(_) | Kind::AllSubBatches | Kind::PinnedBatch(_) | Kind::AllPinnedBatches
+            Kind::Batch
+                | Kind::SubBatch(_)
+                | Kind::AllSubBatches
+                | Kind::PinnedBatch(_)
+                | Kind::AllPinnedBatches
         );
         let endpoint = self.kind.endpoint();
         let Some(held) = self.ctx.budget.try_hold(message.payload.len()) else {
