@@ -285,3 +285,78 @@ async fn sessions_keep_their_order_through_two_sidecars_from_sixteen_producers()
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ordering_two_producers_per_session_with_jitter_come_out_in_seq_order() {
+    const SESSIONS: usize = 200;
+    const EVENTS: usize = 20;
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(&server, data.path(), "1h", Durability::Local);
+    s.config.shard_key = "session_id".into();
+    s.config.ordering.session = "session_id".into();
+    s.config.ordering.by = "seq".into();
+    s.config.ordering.hold = "500ms".into();
+    let s = s.config.validate().unwrap();
+    let running = service::start(s).await.unwrap();
+    let consumer = server.client().await;
+    let mut out = consumer.subscribe("events.unique.*").await.unwrap();
+    consumer.flush().await.unwrap();
+
+    // Event k of a session is due at 10 ms × k plus up to 150 ms of jitter,
+    // sent by producer k % 2: one may overtake the one before it by up to
+    // 150 ms, well within the hold.
+    let producers = [server.client().await, server.client().await];
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut jitter = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % 150
+    };
+    let started = tokio::time::Instant::now();
+    let mut sends = tokio::task::JoinSet::new();
+    for session in 0..SESSIONS {
+        for seq in 0..EVENTS {
+            let client = producers[seq % 2].clone();
+            let at = started + Duration::from_millis(10 * seq as u64 + jitter());
+            let body = Bytes::from(session_event(session, seq));
+            sends.spawn(async move {
+                tokio::time::sleep_until(at).await;
+                let reply = client
+                    .request(format!("dedup.ingest.s{session}"), body)
+                    .await
+                    .unwrap();
+                assert_eq!(&reply.payload[..], br#"{"accepted":true}"#);
+            });
+        }
+    }
+    while let Some(done) = sends.join_next().await {
+        done.unwrap();
+    }
+
+    let mut by_session: Vec<Vec<u64>> = vec![Vec::new(); SESSIONS];
+    let mut total = 0;
+    while total < SESSIONS * EVENTS {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), out.next()).await else {
+            break;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        let session: usize = v["session_id"].as_str().unwrap()[1..].parse().unwrap();
+        by_session[session].push(v["seq"].as_u64().unwrap());
+        total += 1;
+    }
+    assert_eq!(total, SESSIONS * EVENTS, "every event once");
+    let want: Vec<u64> = (0..EVENTS as u64).collect();
+    let overtaken = by_session.iter().filter(|seqs| **seqs != want).count();
+    assert_eq!(overtaken, 0, "sessions out of seq order: {overtaken}");
+    let text = running
+        .metrics()
+        .render(running.dedup(), std::time::Instant::now());
+    assert!(text.contains("eventsieve_out_of_order_total 0\n"), "none late");
+    assert!(
+        text.contains("eventsieve_reorder_held_events 0\n"),
+        "nothing left held"
+    );
+    running.shutdown().await.unwrap();
+}

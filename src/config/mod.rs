@@ -24,11 +24,13 @@ use crate::engine::table::MAX_WINDOW_MS;
 pub mod aggregate_config;
 pub mod cluster_config;
 pub mod nats_config;
+pub mod ordering_config;
 pub mod routing_config;
 
 pub use aggregate_config::{AggregateConfig, AggregateSettings, captured_fields};
 pub use cluster_config::ClusterConfig;
 pub use nats_config::{NatsConfig, Secret, redact_urls};
+pub use ordering_config::{OrderingConfig, OrderingSettings};
 pub use routing_config::{RoutingSpec, RuleSpec};
 
 /// Where the TOML file is looked for when no `--config` is given.
@@ -186,6 +188,8 @@ pub struct Config {
     /// Where accepted events go, by rules over their fields. Default: no
     /// rules, everything to `output_subject`.
     pub routing: RoutingSpec,
+    /// The reorder buffer for sessions fed by several producers. Default off.
+    pub ordering: OrderingConfig,
 }
 
 /// `key`: one name or a list of them.
@@ -241,6 +245,7 @@ impl Default for Config {
             aggregate: Vec::new(),
             cluster: ClusterConfig::default(),
             routing: RoutingSpec::default(),
+            ordering: OrderingConfig::default(),
         }
     }
 }
@@ -364,6 +369,8 @@ pub struct Settings {
     pub verify_store_timeout_ms: u64,
     pub aggregates: Vec<AggregateSettings>,
     pub key: KeySpec,
+    /// The reorder buffer, when on.
+    pub ordering: Option<OrderingSettings>,
     /// This node's id in the cluster (given or made up).
     pub node_id: String,
     pub lease_ttl_ms: u64,
@@ -646,10 +653,12 @@ impl Config {
                 "a bucket name: durability \"replicated\" keeps its shard leases there",
             ));
         }
+        let ordering = self.ordering.validate()?;
         Ok(Settings {
             node_id,
             lease_ttl_ms,
             key,
+            ordering,
             aggregates,
             window_ms,
             commit_interval_ms,

@@ -19,6 +19,7 @@
 
 pub mod lanes;
 pub mod ownership;
+pub mod reorder;
 pub mod upkeep;
 
 use std::collections::BTreeMap;
@@ -38,6 +39,7 @@ use crate::engine::{Checked, Deduplicator, Keyed, Record, Verdict, unix_ms};
 use crate::journal::{CommitFailed, Journal, JournalError, Writer};
 use crate::observe::metrics::Metrics;
 use lanes::{Lanes, Ticket};
+use reorder::Reorder;
 
 pub use ownership::{Ownership, ShardState};
 
@@ -309,7 +311,7 @@ impl BatchPending {
 }
 
 /// The verdict path of one node.
-pub struct Pipeline<O> {
+pub struct Pipeline<O: Output> {
     /// Every shard's table (shared with the upkeep tasks and takeovers).
     dedup: Arc<Deduplicator>,
     /// Which shards are served here, and which are ready.
@@ -342,6 +344,7 @@ impl<O: Output> Pipeline<O> {
             chain: Arc::new(Chain {
                 stages: Vec::new(),
                 output,
+                reorder: None,
             }),
             lanes,
             publish_first: None,
@@ -365,6 +368,39 @@ impl<O: Output> Pipeline<O> {
         self
     }
 
+    /// Accepted events pass the reorder buffer of `ordering` before the
+    /// stages and the output.
+    pub fn with_ordering(mut self, ordering: crate::config::OrderingSettings) -> Self {
+        let shards = self.dedup.shard_count();
+        Arc::get_mut(&mut self.chain)
+            .expect("set before the pipeline runs")
+            .reorder = Some(Reorder::new(ordering, shards));
+        self
+    }
+
+    /// The reorder buffer's counters, if there is one.
+    pub fn reorder_counters(&self) -> Option<Arc<reorder::ReorderCounters>> {
+        self.chain.reorder.as_ref().map(|r| r.counters.clone())
+    }
+
+    /// Releases what the reorder buffer holds past its `hold`, through
+    /// each shard's lane; returns how long to wait before the next call.
+    pub fn release_due(&self) -> std::time::Duration {
+        let Some(reorder) = &self.chain.reorder else {
+            return std::time::Duration::from_secs(1);
+        };
+        for shard in reorder.holding() {
+            let chain = self.chain.clone();
+            self.lanes.ticket(shard).deliver(async move {
+                if let Some(reorder) = &chain.reorder {
+                    let due = reorder.due(shard, unix_ms());
+                    chain.deliver_each(shard, due).await;
+                }
+            });
+        }
+        std::time::Duration::from_millis(reorder.tick_ms())
+    }
+
     pub fn dedup(&self) -> &Arc<Deduplicator> {
         &self.dedup
     }
@@ -379,13 +415,32 @@ impl<O: Output> Pipeline<O> {
 
     /// Waits until every accepted event of `shard` decided so far has been
     /// through the stages and the output: before the shard is handed over.
+    /// The reorder buffer lets go of what it holds first.
     pub async fn drained(&self, shard: u32) {
+        self.flush(shard);
         self.lanes.drained(shard).await;
     }
 
     /// [`Self::drained`] for every shard: at stop.
     pub async fn all_drained(&self) {
+        for shard in 0..self.dedup.shard_count() {
+            self.flush(shard);
+        }
         self.lanes.all_drained().await;
+    }
+
+    /// Hands what the reorder buffer holds of `shard` to its lane.
+    fn flush(&self, shard: u32) {
+        if self.chain.reorder.as_ref().is_none_or(|r| !r.holds(shard)) {
+            return;
+        }
+        let chain = self.chain.clone();
+        self.lanes.ticket(shard).deliver(async move {
+            if let Some(reorder) = &chain.reorder {
+                let held = reorder.flush(shard);
+                chain.deliver_each(shard, held).await;
+            }
+        });
     }
 
     /// Settles `event` if it needs no commit, else inserts its id and
@@ -498,7 +553,7 @@ impl<O: Output> Pipeline<O> {
         match (settled.unwrap_or(Err(CommitFailed::Stopped)), twin) {
             (Ok(()), false) => {
                 Metrics::inc(&self.metrics.accepted);
-                let request = self.chain.output.request(subject);
+                let request = Arc::new(self.chain.output.request(subject));
                 let chain = self.chain.clone();
                 ticket.expect("a new event has a ticket").deliver(async move {
                     chain.accepted(&request, shard, Accepted::One(&event)).await;
@@ -825,20 +880,40 @@ impl<O: Output> Pipeline<O> {
 }
 
 /// The stages and the output, shared with the shards' lanes.
-struct Chain<O> {
+struct Chain<O: Output> {
     /// What sees accepted events, in order, before the output.
     stages: Vec<Arc<dyn Stage>>,
     /// Where accepted events go last.
     output: O,
+    /// Holds a session's events to release them in order (`[ordering]`).
+    reorder: Option<Reorder<Arc<O::Request>>>,
 }
 
 impl<O: Output> Chain<O> {
-    /// Hands accepted `events` of `shard` to every stage, then the output.
-    async fn accepted(&self, request: &O::Request, shard: u32, events: Accepted<'_>) {
+    /// Hands accepted `events` of `shard` to every stage, then the output
+    /// (through the reorder buffer, if there is one).
+    async fn accepted(&self, request: &Arc<O::Request>, shard: u32, events: Accepted<'_>) {
+        match &self.reorder {
+            None => self.deliver(request, shard, events).await,
+            Some(reorder) => {
+                let now = reorder.take(shard, events.events(), request, unix_ms());
+                self.deliver_each(shard, now).await;
+            }
+        }
+    }
+
+    async fn deliver(&self, request: &O::Request, shard: u32, events: Accepted<'_>) {
         for stage in &self.stages {
             stage.accepted(shard, &events);
         }
         self.output.accepted(request, shard, events).await;
+    }
+
+    /// Events released by the reorder buffer: one message each.
+    async fn deliver_each(&self, shard: u32, released: Vec<(Bytes, Arc<O::Request>)>) {
+        for (event, request) in released {
+            self.deliver(&request, shard, Accepted::One(&event)).await;
+        }
     }
 }
 

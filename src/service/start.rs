@@ -257,6 +257,12 @@ fn pipeline(
     if let Some(first) = first {
         pipeline = pipeline.with_publish_first(Arc::new(first));
     }
+    if let Some(ordering) = &settings.ordering {
+        pipeline = pipeline.with_ordering(ordering.clone());
+    }
+    if let Some(counters) = pipeline.reorder_counters() {
+        metrics.add_render(counters);
+    }
     Arc::new(pipeline)
 }
 
@@ -343,6 +349,15 @@ fn upkeep(
         let max = usize::try_from(settings.config.max_table_bytes).unwrap_or(usize::MAX);
         let budget = upkeep::budget_loop(dedup.clone(), max, window.shared(), metrics.clone());
         tasks.push(tokio::spawn(budget));
+    }
+    if settings.ordering.is_some() {
+        let pipeline = pipeline.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let next = pipeline.release_due();
+                tokio::time::sleep(next).await;
+            }
+        }));
     }
     tasks
 }

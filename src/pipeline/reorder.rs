@@ -1,0 +1,450 @@
+//! The reorder buffer (`[ordering]`): accepted events of a session are
+//! released in the order of their `by` field, once `hold` has passed since
+//! they arrived, or at once when they are next (with a sequence number).
+//! An event later than that (its `by` below what its session already
+//! released) goes at once and is counted as out of order. The buffer is
+//! bounded in bytes: a full one releases its oldest. It runs in the
+//! shard's lane ([`super::lanes`]), so releases keep the lane's order, and
+//! is flushed before a handover and at stop; a crash loses what it held
+//! (accepted, not yet published).
+//!
+//! Each event is held with a `T` (the request it came with).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+
+use crate::config::OrderingSettings;
+use crate::engine::event::{self, Seen};
+use crate::observe::metrics::Render;
+
+/// Bytes counted per held event besides its own: its entries in the
+/// session's map and the arrival queue (measured by `reorder` tests).
+pub const OVERHEAD_BYTES: usize = 96;
+
+/// The counters of the buffer, for the metrics.
+#[derive(Debug, Default)]
+pub struct ReorderCounters {
+    /// Events released after their session had released a later one.
+    pub out_of_order: AtomicU64,
+    /// Events released before their hold because the buffer was full.
+    pub forced: AtomicU64,
+    /// Events held now.
+    pub held: AtomicU64,
+    /// Bytes held now (events and [`OVERHEAD_BYTES`] each).
+    pub held_bytes: AtomicUsize,
+}
+
+/// The buffer of every shard.
+pub struct Reorder<T> {
+    settings: OrderingSettings,
+    shards: Box<[Mutex<Shard<T>>]>,
+    pub counters: Arc<ReorderCounters>,
+}
+
+impl Render for ReorderCounters {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        for (name, kind, help, value) in [
+            (
+                "eventsieve_out_of_order_total",
+                "counter",
+                "Events of a session released after a later one of it (later than `hold`).",
+                self.out_of_order.load(Relaxed),
+            ),
+            (
+                "eventsieve_reorder_forced_total",
+                "counter",
+                "Events released before their hold because the reorder buffer was full.",
+                self.forced.load(Relaxed),
+            ),
+            (
+                "eventsieve_reorder_held_events",
+                "gauge",
+                "Events the reorder buffer holds now.",
+                self.held.load(Relaxed),
+            ),
+            (
+                "eventsieve_reorder_held_bytes",
+                "gauge",
+                "Bytes the reorder buffer holds now (events and their bookkeeping).",
+                self.held_bytes.load(Relaxed) as u64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+    }
+}
+
+struct Shard<T> {
+    sessions: HashMap<Box<str>, Session<T>>,
+    /// Held events by arrival: when each may go, at the latest.
+    arrivals: VecDeque<Arrival>,
+    /// Numbers the arrivals (ties of `by` keep arrival order).
+    next: u64,
+    /// When sessions that hold nothing were last dropped.
+    swept_ms: u64,
+}
+
+struct Session<T> {
+    /// The highest `by` released.
+    last: Option<i64>,
+    held: BTreeMap<(i64, u64), (Bytes, T)>,
+    /// When it last took an event.
+    seen_ms: u64,
+}
+
+struct Arrival {
+    due_ms: u64,
+    session: Box<str>,
+    key: (i64, u64),
+}
+
+impl<T: Clone> Reorder<T> {
+    pub fn new(settings: OrderingSettings, shards: u32) -> Self {
+        Self {
+            settings,
+            shards: (0..shards)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        sessions: HashMap::new(),
+                        arrivals: VecDeque::new(),
+                        next: 0,
+                        swept_ms: 0,
+                    })
+                })
+                .collect(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Takes accepted `events` of `shard` (in decision order) at `now_ms`;
+    /// returns what goes now, in order. An event without a session or a
+    /// numeric `by` goes at once.
+    pub fn take(
+        &self,
+        shard: u32,
+        events: impl Iterator<Item = Bytes>,
+        with: &T,
+        now_ms: u64,
+    ) -> Vec<(Bytes, T)> {
+        let mut out = Vec::new();
+        let mut shard_state = self.lock(shard);
+        let fields = [self.settings.session.as_str(), self.settings.by.as_str()];
+        let mut seen = [Seen::Missing; 2];
+        for e in events {
+            if !event::capture(&e, &fields, &mut seen) {
+                out.push((e, with.clone()));
+                continue;
+            }
+            let session = match seen[0] {
+                Seen::Text { start, end } => std::str::from_utf8(&e[start as usize..end as usize])
+                    .ok()
+                    .map(Box::from),
+                Seen::Escaped => event::text(&e, &self.settings.session).map(|t| Box::from(t.as_ref())),
+                _ => None,
+            };
+            let by = match seen[1] {
+                Seen::Number(n) => Some(match self.settings.ms_per_unit {
+                    Some(ms) => (n * ms) as i64,
+                    None => n as i64,
+                }),
+                _ => None,
+            };
+            let (Some(session), Some(by)) = (session, by) else {
+                out.push((e, with.clone()));
+                continue;
+            };
+            self.take_one(
+                &mut shard_state,
+                (session, by),
+                (e, with.clone()),
+                now_ms,
+                &mut out,
+            );
+        }
+        while self.counters.held_bytes.load(Relaxed) > self.settings.max_bytes {
+            if !self.release_oldest(&mut shard_state, &mut out, None) {
+                break;
+            }
+            self.counters.forced.fetch_add(1, Relaxed);
+        }
+        out
+    }
+
+    fn take_one(
+        &self,
+        s: &mut Shard<T>,
+        (name, by): (Box<str>, i64),
+        held: (Bytes, T),
+        now_ms: u64,
+        out: &mut Vec<(Bytes, T)>,
+    ) {
+        let sequence = self.settings.ms_per_unit.is_none();
+        let session = s.sessions.entry(name.clone()).or_insert_with(|| Session {
+            last: None,
+            held: BTreeMap::new(),
+            seen_ms: now_ms,
+        });
+        session.seen_ms = now_ms;
+        let late = session
+            .last
+            .is_some_and(|last| if sequence { by <= last } else { by < last });
+        if late {
+            self.counters.out_of_order.fetch_add(1, Relaxed);
+            out.push(held);
+            return;
+        }
+        let next = match session.last {
+            Some(last) => last + 1,
+            None => self.settings.first_seq,
+        };
+        if sequence
+            && by == next
+            && session
+                .held
+                .first_key_value()
+                .is_none_or(|((first, _), _)| *first >= by)
+        {
+            out.push(held);
+            session.last = Some(by);
+            self.release_next(session, out);
+            return;
+        }
+        let key = (by, s.next);
+        s.next += 1;
+        self.counters.held.fetch_add(1, Relaxed);
+        self.counters
+            .held_bytes
+            .fetch_add(held.0.len() + OVERHEAD_BYTES, Relaxed);
+        session.held.insert(key, held);
+        s.arrivals.push_back(Arrival {
+            due_ms: now_ms + self.settings.hold_ms,
+            session: name,
+            key,
+        });
+    }
+
+    /// Releases what follows `session.last` without a gap (sequence
+    /// numbers only).
+    fn release_next(&self, session: &mut Session<T>, out: &mut Vec<(Bytes, T)>) {
+        if self.settings.ms_per_unit.is_some() {
+            return;
+        }
+        while let Some(entry) = session.held.first_entry() {
+            let by = entry.key().0;
+            if session.last.is_some_and(|last| by > last + 1) {
+                break;
+            }
+            let (e, t) = entry.remove();
+            self.unheld(e.len());
+            session.last = Some(session.last.map_or(by, |last| last.max(by)));
+            out.push((e, t));
+        }
+    }
+
+    /// Releases the session's held events up to `key` (in `by` order),
+    /// then what follows without a gap.
+    fn release_upto(&self, session: &mut Session<T>, key: (i64, u64), out: &mut Vec<(Bytes, T)>) {
+        while let Some(entry) = session.held.first_entry() {
+            if *entry.key() > key {
+                break;
+            }
+            let by = entry.key().0;
+            let (e, t) = entry.remove();
+            self.unheld(e.len());
+            session.last = Some(session.last.map_or(by, |last| last.max(by)));
+            out.push((e, t));
+        }
+        self.release_next(session, out);
+    }
+
+    fn unheld(&self, len: usize) {
+        self.counters.held.fetch_sub(1, Relaxed);
+        self.counters.held_bytes.fetch_sub(len + OVERHEAD_BYTES, Relaxed);
+    }
+
+    /// Releases the oldest arrival still held (and what comes before it in
+    /// its session), if it is due by `due` (`None`: whenever). Whether one
+    /// was.
+    fn release_oldest(&self, s: &mut Shard<T>, out: &mut Vec<(Bytes, T)>, due: Option<u64>) -> bool {
+        while let Some(front) = s.arrivals.front() {
+            if due.is_some_and(|now| front.due_ms > now) {
+                return false;
+            }
+            let Arrival { session, key, .. } = s.arrivals.pop_front().expect("a front");
+            let Some(state) = s.sessions.get_mut(&session) else {
+                continue;
+            };
+            if !state.held.contains_key(&key) {
+                continue; // released already
+            }
+            self.release_upto(state, key, out);
+            return true;
+        }
+        false
+    }
+
+    /// What of `shard` is due at `now_ms`, in order.
+    pub fn due(&self, shard: u32, now_ms: u64) -> Vec<(Bytes, T)> {
+        let mut out = Vec::new();
+        let mut s = self.lock(shard);
+        while self.release_oldest(&mut s, &mut out, Some(now_ms)) {}
+        // Sessions holding nothing are forgotten after a while (their
+        // next event starts them again).
+        let idle_ms = (self.settings.hold_ms * 10).max(60_000);
+        if now_ms.saturating_sub(s.swept_ms) > idle_ms / 4 {
+            s.swept_ms = now_ms;
+            s.sessions.retain(|_, session| {
+                !session.held.is_empty() || now_ms.saturating_sub(session.seen_ms) < idle_ms
+            });
+        }
+        out
+    }
+
+    /// Everything `shard` holds, in order per session: before a handover
+    /// and at stop.
+    pub fn flush(&self, shard: u32) -> Vec<(Bytes, T)> {
+        let mut out = Vec::new();
+        let mut s = self.lock(shard);
+        while self.release_oldest(&mut s, &mut out, None) {}
+        s.sessions.clear();
+        out
+    }
+
+    /// The shards holding events now.
+    pub fn holding(&self) -> Vec<u32> {
+        (0..self.shards.len() as u32)
+            .filter(|&shard| self.holds(shard))
+            .collect()
+    }
+
+    /// Whether `shard` holds events now.
+    pub fn holds(&self, shard: u32) -> bool {
+        !self.lock(shard).arrivals.is_empty()
+    }
+
+    /// How often [`Self::due`] should run: a tenth of `hold`, 1 ms to 100 ms.
+    pub fn tick_ms(&self) -> u64 {
+        (self.settings.hold_ms / 10).clamp(1, 100)
+    }
+
+    fn lock(&self, shard: u32) -> std::sync::MutexGuard<'_, Shard<T>> {
+        self.shards[shard as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(time_unit: Option<f64>) -> OrderingSettings {
+        OrderingSettings {
+            session: "s".into(),
+            by: "n".into(),
+            ms_per_unit: time_unit,
+            hold_ms: 100,
+            first_seq: 0,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    fn ev(session: &str, n: i64) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"event_id":"e{session}{n}","s":"{session}","n":{n}}}"#
+        ))
+    }
+
+    fn ns(out: &[(Bytes, ())]) -> Vec<i64> {
+        out.iter()
+            .map(|(e, _)| {
+                serde_json::from_slice::<serde_json::Value>(e).unwrap()["n"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sequence_numbers_go_at_once_when_next_and_wait_for_a_gap_until_the_hold() {
+        let r = Reorder::new(settings(None), 1);
+        assert_eq!(
+            ns(&r.take(0, [ev("a", 0), ev("a", 2), ev("a", 3)].into_iter(), &(), 0)),
+            [0]
+        );
+        assert_eq!(r.counters.held.load(Relaxed), 2);
+        // Another session is not held up by this one's gap.
+        assert_eq!(
+            ns(&r.take(0, [ev("b", 0), ev("b", 1)].into_iter(), &(), 10)),
+            [0, 1]
+        );
+        assert_eq!(
+            ns(&r.take(0, [ev("a", 1)].into_iter(), &(), 20)),
+            [1, 2, 3],
+            "the gap filled"
+        );
+        assert_eq!(r.counters.held.load(Relaxed), 0);
+        // A gap that stays open: released at the hold.
+        assert!(
+            r.take(0, [ev("a", 6), ev("a", 5)].into_iter(), &(), 30)
+                .is_empty()
+        );
+        assert!(r.due(0, 129).is_empty());
+        assert_eq!(ns(&r.due(0, 130)), [5, 6]);
+        // Later than what the session released: at once, counted.
+        assert_eq!(ns(&r.take(0, [ev("a", 4)].into_iter(), &(), 140)), [4]);
+        assert_eq!(r.counters.out_of_order.load(Relaxed), 1);
+        assert_eq!(r.counters.held_bytes.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn timestamps_wait_the_hold_and_go_in_their_order() {
+        let r = Reorder::new(settings(Some(1000.0)), 1);
+        assert!(
+            r.take(0, [ev("a", 3), ev("a", 1), ev("a", 2)].into_iter(), &(), 0)
+                .is_empty()
+        );
+        assert_eq!(ns(&r.due(0, 100)), [1, 2, 3]);
+        assert_eq!(
+            ns(&r.take(0, [ev("a", 2)].into_iter(), &(), 110)),
+            [2],
+            "late: at once"
+        );
+        assert_eq!(r.counters.out_of_order.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_full_buffer_releases_its_oldest_and_a_flush_everything() {
+        let mut s = settings(Some(1.0));
+        s.max_bytes = 3 * (ev("a", 1).len() + OVERHEAD_BYTES);
+        let r = Reorder::new(s, 1);
+        let out = r.take(0, (1..=5).map(|n| ev("a", n)), &(), 0);
+        assert_eq!(ns(&out), [1, 2], "the two oldest");
+        assert_eq!(r.counters.forced.load(Relaxed), 2);
+        // The oldest of a session goes with what is before it.
+        assert_eq!(
+            ns(&r.take(0, [ev("b", 9), ev("b", 8)].into_iter(), &(), 1)),
+            [3, 4]
+        );
+        assert_eq!(ns(&r.flush(0)), [5, 8, 9]);
+        assert!(r.holding().is_empty());
+    }
+
+    #[test]
+    fn events_without_a_session_or_a_number_go_at_once() {
+        let r = Reorder::new(settings(None), 1);
+        let other = Bytes::from_static(br#"{"event_id":"x","n":"one"}"#);
+        let out = r.take(
+            0,
+            [other.clone(), Bytes::from_static(br#"{"event_id":"y"}"#)].into_iter(),
+            &(),
+            0,
+        );
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0, other);
+    }
+}
