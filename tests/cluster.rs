@@ -1237,3 +1237,100 @@ async fn aggregate_panes_move_to_a_live_node_and_are_never_counted_twice() {
         node.signal_term();
     }
 }
+
+/// Sends `session`'s events 0.. one after the other, each until it gets a
+/// verdict (retrying errors and silence), until `stop`; returns how many.
+async fn session_in_order(client: Client, session: usize, stop: Arc<AtomicBool>) -> u64 {
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let body = bytes::Bytes::from(format!(
+            r#"{{"event_id":"s{session}n{seq}","session_id":"s{session}","seq":{seq}}}"#
+        ));
+        let asked = client.request(format!("dedup.ingest.s{session}"), body);
+        match tokio::time::timeout(Duration::from_secs(5), asked).await {
+            Ok(Ok(reply)) if matches!(parse_answer(&reply), Answer::Verdict(_)) => seq += 1,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    seq
+}
+
+/// Each session's `seq`s as they reached the output: the core subscriber's
+/// messages, or the output stream's, in order.
+fn seqs_by_session(events: impl Iterator<Item = bytes::Bytes>, sessions: usize) -> Vec<Vec<u64>> {
+    let mut by = vec![Vec::new(); sessions];
+    for e in events {
+        let v: serde_json::Value = serde_json::from_slice(&e).unwrap();
+        let session: usize = v["session_id"].as_str().unwrap()[1..].parse().unwrap();
+        by[session].push(v["seq"].as_u64().unwrap());
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_order_holds_across_a_handover_with_core_and_jetstream_output() {
+    const SESSIONS: usize = 64;
+    for output in ["core", "jetstream"] {
+        let server = NatsServer::start();
+        let client = server.client().await;
+        let mut out = client.subscribe("events.unique.*").await.unwrap();
+        client.flush().await.unwrap();
+        let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let env = [
+            ("EVENTSIEVE_SHARD_KEY", "session_id"),
+            ("EVENTSIEVE_OUTPUT", output),
+        ];
+        let leaving = spawn_node(&server, dirs[0].path(), "n0", &env);
+        let staying = spawn_node(&server, dirs[1].path(), "n1", &env);
+        let counts = per_node(&owners_settled(&client).await);
+        assert_eq!(counts.len(), 2, "both nodes hold shards: {counts:?}");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let producers: Vec<_> = (0..SESSIONS)
+            .map(|s| tokio::spawn(session_in_order(client.clone(), s, stop.clone())))
+            .collect();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(leaving.terminate().success(), "a graceful stop exits 0");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut sent = 0;
+        for p in producers {
+            sent += p.await.unwrap();
+        }
+
+        let events: Vec<bytes::Bytes> = if output == "core" {
+            let mut got = Vec::new();
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), out.next()).await {
+                got.push(m.payload);
+            }
+            got
+        } else {
+            let js = async_nats::jetstream::new(client.clone());
+            let mut stream = js.get_stream("EVENTSIEVE_OUTPUT").await.unwrap();
+            let last = stream.info().await.unwrap().state.last_sequence;
+            let mut got = Vec::new();
+            for n in 1..=last {
+                got.push(stream.get_raw_message(n).await.unwrap().payload);
+            }
+            got
+        };
+        let by_session = seqs_by_session(events.into_iter(), SESSIONS);
+        for (s, seqs) in by_session.iter().enumerate() {
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "{output}: session s{s} out of order or repeated: {seqs:?}"
+            );
+            // Every event got a verdict before the next was sent: all are
+            // there (a graceful handover publishes what it accepted).
+            let expect: Vec<u64> = (0..seqs.len() as u64).collect();
+            assert_eq!(seqs, &expect, "{output}: session s{s} has a gap");
+        }
+        let total: usize = by_session.iter().map(Vec::len).sum();
+        assert_eq!(
+            total as u64, sent,
+            "{output}: every event that got a verdict, once"
+        );
+        println!("{output}: {sent} events of {SESSIONS} sessions across a handover, each session in order");
+        staying.terminate();
+    }
+}
