@@ -260,9 +260,10 @@ impl Rng {
     }
 }
 
-/// Appends an event of about `size` bytes with id `<tag>w<w>n<k>`, a metric
-/// for aggregates (`metric_name` one of 16, `metric_value`, `timestamp` in
-/// seconds) and padding in a field; never shorter than those need.
+/// Appends an event of about `size` bytes with id `<tag>w<w>n<k>`, a
+/// `session_id` (64 per worker, for `shard_key`), a metric for aggregates
+/// (`metric_name` one of 16, `metric_value`, `timestamp` in seconds) and
+/// padding in a field; never shorter than those need.
 fn event(out: &mut Vec<u8>, (tag, w, k): (&str, usize, u64), size: usize) {
     use std::io::Write;
     const PAD: &[u8] = &[b'x'; 8192];
@@ -272,7 +273,8 @@ fn event(out: &mut Vec<u8>, (tag, w, k): (&str, usize, u64), size: usize) {
         .map_or(0, |d| d.as_secs());
     write!(
         out,
-        r#"{{"event_id":"{tag}w{w}n{k}","kind":"load","metric_name":"m{}","metric_value":{},"timestamp":{now},"pad":""#,
+        r#"{{"event_id":"{tag}w{w}n{k}","session_id":"s{w}x{}","kind":"load","metric_name":"m{}","metric_value":{},"timestamp":{now},"pad":""#,
+        k % 64,
         k % 16,
         k % 1000
     )

@@ -168,6 +168,9 @@ const SWEEP_EVERY: u32 = 256;
 pub struct Deduplicator {
     shards: Box<[Shard]>,
     config: EngineConfig,
+    /// Where [`EngineConfig::shard_key`] is in `capture`, when it is read
+    /// with the key.
+    shard_at: Option<usize>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -184,8 +187,20 @@ impl Deduplicator {
     ///
     /// If the window is not in `1..=7 days` or there are no shards; the
     /// `config` module rejects such settings with a message first.
-    pub fn new(config: EngineConfig) -> Self {
+    pub fn new(mut config: EngineConfig) -> Self {
         assert!(config.shards > 0, "shard count must be positive");
+        // The shard key is read with the key, in the same pass, where the
+        // key is read so (a top-level field).
+        let shard_at = match (&config.shard_key, &config.key) {
+            (Some(field), KeySpec::Field(_)) => Some(match config.capture.iter().position(|c| c == field) {
+                Some(at) => at,
+                None => {
+                    config.capture.push(field.clone());
+                    config.capture.len() - 1
+                }
+            }),
+            _ => None,
+        };
         let shards = (0..config.shards)
             .map(|_| Shard {
                 table: Mutex::new(Locked {
@@ -194,7 +209,11 @@ impl Deduplicator {
                 }),
             })
             .collect();
-        Self { shards, config }
+        Self {
+            shards,
+            config,
+            shard_at,
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -267,8 +286,19 @@ impl Deduplicator {
             self.config
                 .key
                 .id_capturing(event, &self.config.limits, &self.config.capture, seen)?;
+        let shard = match (self.shard_at.map(|at| seen[at]), captured) {
+            (Some(Seen::Text { start, end }), true) => {
+                let value = std::str::from_utf8(&event[start as usize..end as usize])
+                    .map_err(|_| EventError::new(EventErrorKind::IdInvalidChars))?;
+                let field = self.config.shard_key.as_deref().unwrap_or_default();
+                event::validate_id(value, &self.config.limits).map_err(|e| e.about(field))?;
+                shard_of(value, self.config.shards)
+            }
+            // Missing, escaped or not text: read again, for its error.
+            _ => self.shard(event, &id)?,
+        };
         let keyed = Keyed {
-            shard: self.shard(event, &id)?,
+            shard,
             fingerprint: Fingerprint::of(id.as_bytes()),
             id,
         };
