@@ -6,7 +6,14 @@
 //! ```text
 //! cargo run --release --example e2e_latency -- [--url nats://127.0.0.1:4222]
 //!     [--subject 'events.unique.*'] [--events 20000] [--rate 2000] [--prefix dedup]
+//!     [--sessions N [--skip-every K]]
 //! ```
+//!
+//! With `--sessions N`, event `i` belongs to session `q<i mod N>` with
+//! `seq` `i / N` (one producer, in order), and is sent to
+//! `<prefix>.ingest.q<i mod N>` (for `shard_key = "session_id"`). With
+//! `--skip-every K`, every `seq` divisible by K is never sent: the event
+//! after each gap waits out a reorder buffer's `hold`.
 //!
 //! Each event is `{"event_id":..,"kind":"order_placed","metric_value":2000.5,
 //! "sent_ns":..}` padded to about 200 bytes and sent as a request to
@@ -24,6 +31,8 @@ struct Args {
     events: u64,
     rate: u64,
     prefix: String,
+    sessions: u64,
+    skip_every: u64,
 }
 
 fn args() -> Args {
@@ -33,6 +42,8 @@ fn args() -> Args {
         events: 20_000,
         rate: 2_000,
         prefix: "dedup".into(),
+        sessions: 0,
+        skip_every: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -43,6 +54,8 @@ fn args() -> Args {
             "--events" => a.events = value.parse().expect("--events N"),
             "--rate" => a.rate = value.parse().expect("--rate N"),
             "--prefix" => a.prefix = value,
+            "--sessions" => a.sessions = value.parse().expect("--sessions N"),
+            "--skip-every" => a.skip_every = value.parse().expect("--skip-every K"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -83,15 +96,34 @@ async fn main() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let pad = "x".repeat(96);
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..a.events {
+    let mut sending = 0;
+    for i in 0..a.events + a.events {
+        if sending == a.events {
+            break;
+        }
+        let (session, seq) = (i % a.sessions.max(1), i / a.sessions.max(1));
+        if a.sessions > 0 && a.skip_every > 0 && seq % a.skip_every == 0 {
+            continue;
+        }
+        sending += 1;
         tick.tick().await;
         let id = format!("lat{run:x}n{i}");
         let sent = base.elapsed().as_nanos() as u64;
+        let session_fields = if a.sessions > 0 {
+            format!(r#""session_id":"q{run:x}x{session}","seq":{seq},"#)
+        } else {
+            String::new()
+        };
         let event = format!(
-            r#"{{"event_id":"{id}","kind":"order_placed","metric_value":2000.5,"sent_ns":{sent},"pad":"{pad}"}}"#
+            r#"{{"event_id":"{id}",{session_fields}"kind":"order_placed","metric_value":2000.5,"sent_ns":{sent},"pad":"{pad}"}}"#
         );
         let (client, errors) = (client.clone(), errors.clone());
-        let subject = format!("{}.ingest.{id}", a.prefix);
+        let token = if a.sessions > 0 {
+            format!("q{run:x}x{session}")
+        } else {
+            id.clone()
+        };
+        let subject = format!("{}.ingest.{token}", a.prefix);
         tasks.spawn(async move {
             let ok = matches!(
                 tokio::time::timeout(Duration::from_secs(10), client.request(subject, event.into())).await,

@@ -899,6 +899,31 @@ mod tests {
     }
 
     #[test]
+    fn ordering_and_shard_key_are_checked_with_the_field_named() {
+        let mut c = Config::default();
+        assert!(c.clone().validate().unwrap().ordering.is_none(), "off by default");
+        c.ordering.session = "session_id".into();
+        let s = c.clone().validate().unwrap();
+        let o = s.ordering.expect("on");
+        assert_eq!((o.hold_ms, o.ms_per_unit), (2000, None));
+        for (change, field) in [
+            (
+                (|c: &mut Config| c.ordering.hold = "2 weeks".into()) as fn(&mut Config),
+                "ordering.hold",
+            ),
+            (|c| c.ordering.by = "session_id".into(), "ordering.by"),
+            (|c| c.ordering.time_unit = "h".into(), "ordering.time_unit"),
+            (|c| c.ordering.max_bytes = 10, "ordering.max_bytes"),
+            (|c| c.shard_key = "a.b".into(), "shard_key"),
+        ] {
+            let mut bad = c.clone();
+            change(&mut bad);
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
     fn the_shipped_configuration_file_states_the_defaults() {
         let shipped: Config = Figment::new()
             .merge(figment::providers::Toml::string(include_str!(
