@@ -385,18 +385,19 @@ impl<O: Output> Pipeline<O> {
 
     /// Releases what the reorder buffer holds past its `hold`, through
     /// each shard's lane; returns how long to wait before the next call.
-    pub fn release_due(&self) -> std::time::Duration {
+    pub async fn release_due(&self) -> std::time::Duration {
         let Some(reorder) = &self.chain.reorder else {
             return std::time::Duration::from_secs(1);
         };
         for shard in reorder.holding() {
             let chain = self.chain.clone();
-            self.lanes.ticket(shard).deliver(async move {
+            let due = async move {
                 if let Some(reorder) = &chain.reorder {
                     let due = reorder.due(shard, unix_ms());
                     chain.deliver_each(shard, due).await;
                 }
-            });
+            };
+            self.lanes.ticket(shard).deliver(due).await;
         }
         std::time::Duration::from_millis(reorder.tick_ms())
     }
@@ -417,30 +418,31 @@ impl<O: Output> Pipeline<O> {
     /// through the stages and the output: before the shard is handed over.
     /// The reorder buffer lets go of what it holds first.
     pub async fn drained(&self, shard: u32) {
-        self.flush(shard);
+        self.flush(shard).await;
         self.lanes.drained(shard).await;
     }
 
     /// [`Self::drained`] for every shard: at stop.
     pub async fn all_drained(&self) {
         for shard in 0..self.dedup.shard_count() {
-            self.flush(shard);
+            self.flush(shard).await;
         }
         self.lanes.all_drained().await;
     }
 
     /// Hands what the reorder buffer holds of `shard` to its lane.
-    fn flush(&self, shard: u32) {
+    async fn flush(&self, shard: u32) {
         if self.chain.reorder.as_ref().is_none_or(|r| !r.holds(shard)) {
             return;
         }
         let chain = self.chain.clone();
-        self.lanes.ticket(shard).deliver(async move {
+        let held = async move {
             if let Some(reorder) = &chain.reorder {
                 let held = reorder.flush(shard);
                 chain.deliver_each(shard, held).await;
             }
-        });
+        };
+        self.lanes.ticket(shard).deliver(held).await;
     }
 
     /// Settles `event` if it needs no commit, else inserts its id and
@@ -555,9 +557,10 @@ impl<O: Output> Pipeline<O> {
                 Metrics::inc(&self.metrics.accepted);
                 let request = Arc::new(self.chain.output.request(subject));
                 let chain = self.chain.clone();
-                ticket.expect("a new event has a ticket").deliver(async move {
+                let delivery = async move {
                     chain.accepted(&request, shard, Accepted::One(&event)).await;
-                });
+                };
+                ticket.expect("a new event has a ticket").deliver(delivery).await;
                 Outcome::Verdict(Verdict::New)
             }
             (Ok(()), true) => {
@@ -703,14 +706,15 @@ impl<O: Output> Pipeline<O> {
                 body.clone(),
                 group[0].1.shard,
             );
-            ticket.deliver(async move {
+            let delivery = async move {
                 let events = Accepted::Lines {
                     body: &body,
                     lines: &ranges,
                     seen: &seen_here,
                 };
                 chain.accepted(&request, shard, events).await;
-            });
+            };
+            ticket.deliver(delivery).await;
         }
         // Twins last: the commits of this batch's own first copies are
         // known by now.

@@ -354,7 +354,7 @@ fn upkeep(
         let pipeline = pipeline.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let next = pipeline.release_due();
+                let next = pipeline.release_due().await;
                 tokio::time::sleep(next).await;
             }
         }));
