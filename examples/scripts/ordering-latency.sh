@@ -20,7 +20,7 @@ NATS="$(bash nats/install.sh 2>/dev/null | tail -n 1)"
 BIN=$PWD/target/release/eventsieve
 dir=$(mktemp -d /tmp/eventsieve-ord.XXXX)
 trap 'rm -rf "$dir"' EXIT
-{ echo 'shard_key = "session_id"'; cat config/eventsieve.toml; } >"$dir/plain.toml"
+sed 's/^shard_key = ""$/shard_key = "session_id"/' config/eventsieve.toml >"$dir/plain.toml"
 cp "$dir/plain.toml" "$dir/ordered.toml"
 printf '\n[ordering]\nsession = "session_id"\nby = "seq"\nhold = "2s"\n' >>"$dir/ordered.toml"
 
@@ -53,8 +53,8 @@ run() { # label config extra-args
   at=$(curl -s 127.0.0.1:19864/metrics | awk '/^eventsieve_(reorder_held_events|reorder_held_bytes|rss_anon_bytes) /{v[$1]=$2} END {printf "held %d events (%d B counted), RssAnon %.1f MiB", v["eventsieve_reorder_held_events"], v["eventsieve_reorder_held_bytes"], v["eventsieve_rss_anon_bytes"] / 1048576}')
   wait $lpid || true
   echo "    at $((EVENTS / RATE - 1)) s: $at"
-  kill $spid 2>/dev/null; wait $spid || true
-  kill $npid 2>/dev/null; wait $npid || true
+  kill $spid 2>/dev/null || true; wait $spid || true
+  kill $npid 2>/dev/null || true; wait $npid || true
 }
 for r in $(seq 1 "$ROUNDS"); do
   run "no ordering" "$dir/plain.toml" ""

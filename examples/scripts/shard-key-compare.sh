@@ -14,8 +14,7 @@ dir=$(mktemp -d /tmp/eventsieve-shardkey.XXXX)
 trap 'rm -rf "$dir"' EXIT
 mkdir -p "$dir/key/config" "$dir/session/config"
 cp config/eventsieve.toml "$dir/key/config/"
-# A top-level setting: before the first table.
-{ echo 'shard_key = "session_id"'; cat config/eventsieve.toml; } >"$dir/session/config/eventsieve.toml"
+sed 's/^shard_key = ""$/shard_key = "session_id"/' config/eventsieve.toml >"$dir/session/config/eventsieve.toml"
 bin=$PWD/target/release/eventsieve
 echo "old: shards by the key; new: shard_key = \"session_id\""
 OLD_BIN=$bin NEW_BIN=$bin bash examples/scripts/ab-compare.sh "$dir/key" "$dir/session" "$ROUNDS"
