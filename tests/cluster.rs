@@ -298,28 +298,42 @@ const PRELOAD: usize = 50_000;
 async fn batch_verdicts(client: &Client, ids: &[String]) -> Vec<u8> {
     let mut seen = std::collections::BTreeSet::new();
     for chunk in ids.chunks(1000) {
-        let body: Vec<u8> = chunk
-            .iter()
-            .flat_map(|id| [&event(id)[..], b"\n"].concat())
-            .collect();
+        // As a producer does: the lines answered an error are sent again,
+        // the others have their verdict.
+        let mut pending: Vec<&String> = chunk.iter().collect();
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let reply = request(client, "dedup.batch", body.clone()).await;
+        while !pending.is_empty() {
+            let body: Vec<u8> = pending
+                .iter()
+                .flat_map(|id| [&event(id)[..], b"\n"].concat())
+                .collect();
+            let reply = request(client, "dedup.batch", body).await;
             let entries: Vec<&[u8]> = reply
                 .payload
                 .split(|&b| b == b'\n')
                 .filter(|l| !l.is_empty())
                 .collect();
-            assert_eq!(entries.len(), chunk.len());
-            if entries.iter().all(|e| *e == b"1" || *e == b"0") {
-                seen.extend(entries.iter().map(|e| e[0]));
-                break;
+            assert_eq!(entries.len(), pending.len());
+            let mut again = Vec::new();
+            for (id, entry) in pending.iter().zip(&entries) {
+                match *entry {
+                    b"1" | b"0" => {
+                        seen.insert(entry[0]);
+                    }
+                    error => {
+                        println!("{id}: {} (sent again)", String::from_utf8_lossy(error));
+                        again.push(*id);
+                    }
+                }
             }
+            pending = again;
             assert!(
-                Instant::now() < deadline,
-                "batch not answered without errors within 30 s"
+                pending.is_empty() || Instant::now() < deadline,
+                "batch lines not answered without errors within 30 s"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
     seen.into_iter().collect()
