@@ -17,7 +17,7 @@ use std::time::Instant;
 use async_nats::{HeaderMap, Message, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::engine::Verdict;
@@ -150,6 +150,9 @@ pub struct Work {
     waiting: VecDeque<Waiting>,
     /// Batches and forwards.
     tasks: JoinSet<()>,
+    /// Completes once the last batch taken has been decided (and its
+    /// sub-batches sent on): the next one decides after it.
+    last_decided: Option<oneshot::Receiver<()>>,
 }
 
 impl Work {
@@ -288,15 +291,24 @@ impl Listener {
             | Kind::AllSubBatches
             | Kind::PinnedBatch(_)
             | Kind::AllPinnedBatches => {
-                // Decided here, in the order received (so a shard's lines
-                // leave in that order); committed and answered in a task.
+                // In a task, decided after the batch taken before it (so a
+                // shard's lines leave in the order received), while this
+                // task reads on (and refuses what the budget has no room
+                // for).
                 let forwarded = endpoint == Endpoint::SubBatches;
-                let mut pending = ctx
-                    .pipeline
-                    .decide_batch(&message.payload, forwarded, &message.subject)
-                    .await;
-                let forwards = forward::sub_batches(&ctx, &message.subject, pending.take_forwards()).await;
+                let (decided, next) = oneshot::channel();
+                let turn = work.last_decided.replace(next);
                 work.spawn(async move {
+                    if let Some(turn) = turn {
+                        let _ = turn.await;
+                    }
+                    let mut pending = ctx
+                        .pipeline
+                        .decide_batch(&message.payload, forwarded, &message.subject)
+                        .await;
+                    let forwards =
+                        forward::sub_batches(&ctx, &message.subject, pending.take_forwards()).await;
+                    drop(decided);
                     batch(ctx.clone(), message, (pending, forwards), held).await;
                     ctx.metrics.served(endpoint, started, false);
                 })
