@@ -550,6 +550,45 @@ mod tests {
     }
 
     #[test]
+    fn a_shard_key_places_events_by_its_value_on_both_paths_and_bad_values_are_named() {
+        let d = Deduplicator::new(EngineConfig {
+            window_ms: 60_000,
+            segments_per_shard: 16,
+            shard_key: Some("session_id".into()),
+            ..EngineConfig::default()
+        });
+        let mut seen = vec![Seen::Missing; d.config().capture.len()];
+        for event in [
+            &br#"{"event_id":"e1","session_id":"s7"}"#[..],
+            br#"{"session_id":"\u0073\u0037","event_id":"e2"}"#,
+        ] {
+            assert_eq!(d.key(event).unwrap().shard, shard_of("s7", 32));
+            assert_eq!(
+                d.key_capturing(event, &mut seen).unwrap().0.shard,
+                shard_of("s7", 32)
+            );
+        }
+        for (event, why) in [
+            (&br#"{"event_id":"e3"}"#[..], "no top-level \"session_id\""),
+            (
+                br#"{"event_id":"e3","session_id":"a b"}"#,
+                "\"session_id\" may only contain",
+            ),
+            (
+                br#"{"event_id":"e3","session_id":7}"#,
+                "\"session_id\" is not a string",
+            ),
+        ] {
+            let single = d.key(event).unwrap_err().to_string();
+            let batch = d.key_capturing(event, &mut seen).unwrap_err().to_string();
+            assert!(single.contains(why) && batch.contains(why), "{single} / {batch}");
+        }
+        // Look-ups name the value.
+        assert_eq!(d.key_of_id("e1", Some("s7")).unwrap().shard, shard_of("s7", 32));
+        assert!(d.key_of_id("e1", None).is_err());
+    }
+
+    #[test]
     fn ingest_event_answers_new_then_duplicate() {
         let d = small();
         assert!(d.ingest_event(r#"{"event_id":"a1","v":1}"#).unwrap());
