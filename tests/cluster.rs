@@ -1348,3 +1348,47 @@ async fn a_sessions_order_holds_across_a_handover_with_core_and_jetstream_output
         staying.terminate();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_places_ids_otherwise_than_the_cluster_does_not_start() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = spawn_node(&server, dirs[0].path(), "n0", &[]);
+    owners_settled(&client).await;
+
+    let mut other = std::process::Command::new(env!("CARGO_BIN_EXE_eventsieve"))
+        .arg("run")
+        .env("EVENTSIEVE_NATS__URL", server.url())
+        .env("EVENTSIEVE_DATA_DIR", dirs[1].path())
+        .env("EVENTSIEVE_METRICS_ADDR", "")
+        .env("EVENTSIEVE_DURABILITY", "replicated")
+        .env("EVENTSIEVE_CLUSTER__NODE_ID", "n1")
+        .env("EVENTSIEVE_SHARD_KEY", "session_id")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = other.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = other.kill();
+            panic!("a node with another shard_key kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut other.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the cluster places ids by") && stderr.contains("session_id"),
+        "{stderr}"
+    );
+    // The running node is untouched: every shard still its.
+    let counts = per_node(&owners_settled(&client).await);
+    assert_eq!(counts.get("n0"), Some(&32), "{counts:?}");
+    first.terminate();
+}

@@ -5,19 +5,67 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::kv;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::ServiceError;
 use crate::cluster::{Keeper, Leases, Membership};
 use crate::config::Settings;
-use crate::journal::StoreMeta;
 use crate::journal::stream::{self, Positions, StreamJournal};
+use crate::journal::{JournalError, JournalErrorKind, StoreMeta};
 use crate::nats::NatsError;
 use crate::observe::metrics::Metrics;
 use crate::shared::Shared;
 use crate::stages::Stages;
 use crate::stages::replica::PaneLog;
+
+/// The KV key holding how the cluster places ids in shards.
+const PLACEMENT_KEY: &str = "placement";
+
+/// Checks that this node places ids in shards as the cluster does
+/// (`shards`, `shard_key`, kept in the bucket's key `placement` by the
+/// first node): a node configured otherwise would look for ids in the
+/// wrong shards, so it does not start.
+///
+/// # Errors
+///
+/// The difference, with what to do; or the bucket cannot be read.
+pub(super) async fn placement(bucket: Option<&kv::Store>, settings: &Settings) -> Result<(), ServiceError> {
+    let Some(kv) = bucket else { return Ok(()) };
+    let ours = serde_json::json!({
+        "shards": settings.config.shards,
+        "shard_key": settings.config.shard_key,
+    });
+    let unreadable =
+        |e: String| ServiceError::Nats(NatsError::Connect(format!("KV key {PLACEMENT_KEY}: {e}")));
+    match kv.create(PLACEMENT_KEY, ours.to_string().into()).await {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(unreadable(e.to_string())),
+    }
+    let Some(theirs) = kv
+        .get(PLACEMENT_KEY)
+        .await
+        .map_err(|e| unreadable(e.to_string()))?
+    else {
+        return Ok(());
+    };
+    let theirs: serde_json::Value = serde_json::from_slice(&theirs).unwrap_or_default();
+    if theirs == ours {
+        return Ok(());
+    }
+    Err(ServiceError::Journal(JournalError::new(
+        JournalErrorKind::Mismatch,
+        format!(
+            "the cluster places ids by {theirs} (KV key {PLACEMENT_KEY} of bucket {}), this node by {ours}: \
+             it would look for ids in the wrong shards. Configure shards and shard_key as the cluster does; \
+             to change them, stop every node and start with a new journal stream and bucket (the ids they \
+             hold would be accepted again)",
+            settings.config.kv_bucket
+        ),
+    )))
+}
 
 /// Opens the journal stream and its local copy in `data_dir` (which must
 /// be a copy of this stream, not of an earlier one of its name).

@@ -52,6 +52,7 @@ pub async fn start_with(
     let subjects = Subjects::new(&settings.config.subject_prefix, &settings.config.output_subject);
     // Replicated: the journal is the stream, and shards come with leases.
     let (journal, stream) = if settings.config.durability == Durability::Replicated {
+        replicated::placement(window.bucket(), &settings).await?;
         let stream = replicated::journal(&client, &settings, &metrics).await?;
         settings.owned = Vec::new();
         (Some(Box::new(stream.clone()) as Box<dyn Journal>), Some(stream))
