@@ -20,40 +20,20 @@ NEW=${NEW_BIN:-$NEW_REPO/target/release/eventsieve}
 ROUNDS=${3:-3}
 BSECS=${4:-15}
 SSECS=${5:-8}
-NATS="$(bash nats/install.sh 2>/dev/null | tail -n 1)"
-
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  return 1
-}
+NATS_PORT=14322 METRICS_PORT=19564
+. examples/scripts/lib.sh
 
 run() { # label binary repo mode
-  local label=$1 bin=$2 repo=$3 mode=$4 dir
+  local label=$1 repo=$3 mode=$4 dir
+  BIN=$2
   dir=$(mktemp -d /tmp/eventsieve-ab.XXXX)
-  sed -e "s|127.0.0.1:4222|127.0.0.1:14322|" -e "s|/tmp/eventsieve-nats|$dir/js|" \
-      -e "/^http:/d" nats/server.conf >"$dir/server.conf"
-  "$NATS" -c "$dir/server.conf" >"$dir/nats.log" 2>&1 &
-  local npid=$!
-  wait_port 14322
-  EVENTSIEVE_NATS__URL=nats://127.0.0.1:14322 EVENTSIEVE_DATA_DIR="$dir/data" \
-    EVENTSIEVE_METRICS_ADDR=127.0.0.1:19564 EVENTSIEVE_LOG=warn EVENTSIEVE_WINDOW=1h \
-    "$bin" run --config "$repo/config/eventsieve.toml" >"$dir/sidecar.log" 2>&1 &
-  local spid=$!
-  for _ in $(seq 1 300); do
-    curl -s 127.0.0.1:19564/metrics | grep -qE '^eventsieve_uptime_seconds' && break
-    sleep 0.1
-  done
+  up "$dir" "$repo/config/eventsieve.toml"
   local args="--seconds $SSECS --inflight 1024"
   [ "$mode" = batch ] && args="--seconds $BSECS --inflight 16 --batch 1000"
   echo "== $label $mode"
-  timeout 300 target/release/examples/loadgen --url nats://127.0.0.1:14322 --metrics 127.0.0.1:19564 \
-    --server-pid "$npid" --no-baseline --window 1h $args 2>&1 | grep -E "eventsieve" || true
-  kill $spid 2>/dev/null; wait $spid || true
-  kill $npid 2>/dev/null; wait $npid || true
+  timeout 300 target/release/examples/loadgen --url nats://127.0.0.1:$NATS_PORT --metrics 127.0.0.1:$METRICS_PORT \
+    --server-pid "$NATS_PID" --no-baseline --window 1h $args 2>&1 | grep -E "eventsieve" || true
+  down
   rm -rf "$dir"
 }
 for r in $(seq 1 "$ROUNDS"); do

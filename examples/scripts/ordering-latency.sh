@@ -16,8 +16,9 @@ cd "$(dirname "$0")/../.."
 ROUNDS=${1:-3}
 EVENTS=${2:-20000}
 RATE=${3:-2000}
-NATS="$(bash nats/install.sh 2>/dev/null | tail -n 1)"
 BIN=$PWD/target/release/eventsieve
+NATS_PORT=14622 METRICS_PORT=19864
+. examples/scripts/lib.sh
 dir=$(mktemp -d /tmp/eventsieve-ord.XXXX)
 trap 'rm -rf "$dir"' EXIT
 sed 's/^shard_key = ""$/shard_key = "session_id"/' config/eventsieve.toml >"$dir/plain.toml"
@@ -25,36 +26,18 @@ cp "$dir/plain.toml" "$dir/ordered.toml"
 printf '\n[ordering]\nsession = "session_id"\nby = "seq"\nhold = "2s"\n' >>"$dir/ordered.toml"
 
 run() { # label config extra-args
-  local label=$1 config=$2 extra=$3 run
-  run=$(mktemp -d "$dir/run.XXXX")
-  sed -e "s|127.0.0.1:4222|127.0.0.1:14622|" -e "s|/tmp/eventsieve-nats|$run/js|" \
-      -e "/^http:/d" nats/server.conf >"$run/server.conf"
-  "$NATS" -c "$run/server.conf" >"$run/nats.log" 2>&1 &
-  local npid=$!
-  for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/14622) 2>/dev/null && break
-    sleep 0.1
-  done
-  EVENTSIEVE_NATS__URL=nats://127.0.0.1:14622 EVENTSIEVE_DATA_DIR="$run/data" \
-    EVENTSIEVE_METRICS_ADDR=127.0.0.1:19864 EVENTSIEVE_LOG=warn EVENTSIEVE_WINDOW=1h \
-    "$BIN" run --config "$config" >"$run/sidecar.log" 2>&1 &
-  local spid=$!
-  for _ in $(seq 1 300); do
-    curl -s 127.0.0.1:19864/metrics | grep -qE '^eventsieve_uptime_seconds' && break
-    sleep 0.1
-  done
+  local label=$1 config=$2 extra=$3
+  up "$(mktemp -d "$dir/run.XXXX")" "$config"
   printf '%-22s ' "$label"
   # shellcheck disable=SC2086
-  timeout 300 target/release/examples/e2e_latency --url nats://127.0.0.1:14622 \
+  timeout 300 target/release/examples/e2e_latency --url nats://127.0.0.1:$NATS_PORT \
     --events "$EVENTS" --rate "$RATE" --sessions 100 $extra &
-  local lpid=$!
+  local lpid=$! at
   sleep $((EVENTS / RATE - 1))
-  local at
-  at=$(curl -s 127.0.0.1:19864/metrics | awk '/^eventsieve_(reorder_held_events|reorder_held_bytes|rss_anon_bytes) /{v[$1]=$2} END {printf "held %d events (%d B counted), RssAnon %.1f MiB", v["eventsieve_reorder_held_events"], v["eventsieve_reorder_held_bytes"], v["eventsieve_rss_anon_bytes"] / 1048576}')
+  at=$(curl -s 127.0.0.1:$METRICS_PORT/metrics | awk '/^eventsieve_(reorder_held_events|reorder_held_bytes|rss_anon_bytes) /{v[$1]=$2} END {printf "held %d events (%d B counted), RssAnon %.1f MiB", v["eventsieve_reorder_held_events"], v["eventsieve_reorder_held_bytes"], v["eventsieve_rss_anon_bytes"] / 1048576}')
   wait $lpid || true
   echo "    at $((EVENTS / RATE - 1)) s: $at"
-  kill $spid 2>/dev/null || true; wait $spid || true
-  kill $npid 2>/dev/null || true; wait $npid || true
+  down
 }
 for r in $(seq 1 "$ROUNDS"); do
   run "no ordering" "$dir/plain.toml" ""

@@ -15,8 +15,9 @@ cd "$(dirname "$0")/../.."
 ROUNDS=${1:-3}
 EVENTS=${2:-20000}
 RATE=${3:-2000}
-NATS="$(bash nats/install.sh 2>/dev/null | tail -n 1)"
 BIN=$PWD/target/release/eventsieve
+NATS_PORT=14522 METRICS_PORT=19764
+. examples/scripts/lib.sh
 dir=$(mktemp -d /tmp/eventsieve-lat.XXXX)
 trap 'rm -rf "$dir"' EXIT
 cp config/eventsieve.toml "$dir/none.toml"
@@ -51,29 +52,12 @@ to = ["routed.big"]
 RULES
 
 run() { # label config subject
-  local label=$1 config=$2 subject=$3 run
-  run=$(mktemp -d "$dir/run.XXXX")
-  sed -e "s|127.0.0.1:4222|127.0.0.1:14522|" -e "s|/tmp/eventsieve-nats|$run/js|" \
-      -e "/^http:/d" nats/server.conf >"$run/server.conf"
-  "$NATS" -c "$run/server.conf" >"$run/nats.log" 2>&1 &
-  local npid=$!
-  for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/14522) 2>/dev/null && break
-    sleep 0.1
-  done
-  EVENTSIEVE_NATS__URL=nats://127.0.0.1:14522 EVENTSIEVE_DATA_DIR="$run/data" \
-    EVENTSIEVE_METRICS_ADDR=127.0.0.1:19764 EVENTSIEVE_LOG=warn EVENTSIEVE_WINDOW=1h \
-    "$BIN" run --config "$config" >"$run/sidecar.log" 2>&1 &
-  local spid=$!
-  for _ in $(seq 1 300); do
-    curl -s 127.0.0.1:19764/metrics | grep -qE '^eventsieve_uptime_seconds' && break
-    sleep 0.1
-  done
+  local label=$1 config=$2 subject=$3
+  up "$(mktemp -d "$dir/run.XXXX")" "$config"
   printf '%-9s ' "$label"
-  timeout 300 target/release/examples/e2e_latency --url nats://127.0.0.1:14522 \
+  timeout 300 target/release/examples/e2e_latency --url nats://127.0.0.1:$NATS_PORT \
     --subject "$subject" --events "$EVENTS" --rate "$RATE" || true
-  kill $spid 2>/dev/null; wait $spid || true
-  kill $npid 2>/dev/null; wait $npid || true
+  down
 }
 for r in $(seq 1 "$ROUNDS"); do
   run "no rules" "$dir/none.toml" 'events.unique.*'
