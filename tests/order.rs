@@ -49,6 +49,17 @@ fn inversions(seqs: &[u64]) -> usize {
     seqs.windows(2).filter(|w| w[0] > w[1]).count()
 }
 
+/// Asserts that every line of a batch reply is new.
+fn assert_all_new(reply: &async_nats::Message) {
+    let entries = eventsieve::engine::batch::decode(&reply.payload).unwrap();
+    assert!(
+        entries
+            .iter()
+            .all(|e| *e == eventsieve::engine::batch::Entry::New),
+        "{entries:?}"
+    );
+}
+
 /// Publishes every request in order on one connection, all in flight at
 /// once, and returns the replies in request order.
 async fn in_flight(client: &Client, requests: Vec<(String, Bytes)>) -> Vec<async_nats::Message> {
@@ -98,13 +109,7 @@ async fn send_all(client: &Client, singles: &[String], batches: &[Vec<String>], 
         })
         .collect();
     for reply in in_flight(client, asks).await {
-        let entries = eventsieve::engine::batch::decode(&reply.payload).unwrap();
-        assert!(
-            entries
-                .iter()
-                .all(|e| *e == eventsieve::engine::batch::Entry::New),
-            "{entries:?}"
-        );
+        assert_all_new(&reply);
     }
 }
 
@@ -217,13 +222,7 @@ async fn sessions_keep_their_order_through_two_sidecars_from_sixteen_producers()
                 })
                 .collect();
             for reply in in_flight(&client, batches).await {
-                let entries = eventsieve::engine::batch::decode(&reply.payload).unwrap();
-                assert!(
-                    entries
-                        .iter()
-                        .all(|e| *e == eventsieve::engine::batch::Entry::New),
-                    "{entries:?}"
-                );
+                assert_all_new(&reply);
             }
         }
     });

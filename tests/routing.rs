@@ -17,27 +17,17 @@ use eventsieve::engine::batch::{self, Entry};
 use eventsieve::service;
 use futures_util::StreamExt;
 
-const BRIEF: &str = r#"
-default = "events.unique.{shard}"
-error_subject = "events.rule_errors"
-
-[[rule]]
-name = "fraud_big_orders"
-when = 'event.type == "order_placed" && event.total > 1000.0'
-to = ["fraud.orders"]
-continue = true
-
-[[rule]]
-name = "drop_heartbeats"
-when = 'event.type == "heartbeat"'
-to = []
-
+/// The shipped example, and a shadow rule.
+const BRIEF: &str = concat!(
+    include_str!("../config/rules.example.toml"),
+    r#"
 [[rule]]
 name = "small_orders"
 when = 'event.type == "order_placed" && event.total < 100.0'
 to = ["never.sent"]
 shadow = true
-"#;
+"#
+);
 
 fn order(id: &str, kind: &str, total: Option<f64>) -> Bytes {
     let total = total.map_or(String::new(), |t| format!(",\"total\":{t}"));

@@ -390,16 +390,26 @@ impl<O: Output> Pipeline<O> {
             return std::time::Duration::from_secs(1);
         };
         for shard in reorder.holding() {
-            let chain = self.chain.clone();
-            let due = async move {
-                if let Some(reorder) = &chain.reorder {
-                    let due = reorder.due(shard, unix_ms());
-                    chain.deliver_each(shard, due).await;
-                }
-            };
-            self.lanes.ticket(shard).deliver(due).await;
+            self.let_go(shard, false).await;
         }
         std::time::Duration::from_millis(reorder.tick_ms())
+    }
+
+    /// Hands what the reorder buffer lets go of in `shard` (everything, or
+    /// what is due) to the shard's lane, after what is in it already.
+    async fn let_go(&self, shard: u32, everything: bool) {
+        let chain = self.chain.clone();
+        let release = async move {
+            if let Some(reorder) = &chain.reorder {
+                let out = if everything {
+                    reorder.flush(shard)
+                } else {
+                    reorder.due(shard, unix_ms())
+                };
+                chain.deliver_each(shard, out).await;
+            }
+        };
+        self.lanes.ticket(shard).deliver(release).await;
     }
 
     pub fn dedup(&self) -> &Arc<Deduplicator> {
@@ -432,17 +442,9 @@ impl<O: Output> Pipeline<O> {
 
     /// Hands what the reorder buffer holds of `shard` to its lane.
     async fn flush(&self, shard: u32) {
-        if self.chain.reorder.as_ref().is_none_or(|r| !r.holds(shard)) {
-            return;
+        if self.chain.reorder.as_ref().is_some_and(|r| r.holds(shard)) {
+            self.let_go(shard, true).await;
         }
-        let chain = self.chain.clone();
-        let held = async move {
-            if let Some(reorder) = &chain.reorder {
-                let held = reorder.flush(shard);
-                chain.deliver_each(shard, held).await;
-            }
-        };
-        self.lanes.ticket(shard).deliver(held).await;
     }
 
     /// Settles `event` if it needs no commit, else inserts its id and

@@ -563,11 +563,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn run(source: &str, event: &str) -> (Outcome, Outcome, bool) {
+    /// `source` parsed, and `with` called on it and `event` read for it
+    /// (key `k1`, shard 3, come in on `dedup.shard.3.k1`).
+    fn on_event<R>(source: &str, event: &str, with: impl FnOnce(&Condition, &Input<'_>) -> R) -> R {
         let mut fields = Vec::new();
         let condition = Condition::parse(source, &mut fields).unwrap();
         let mut seen = vec![Seen::Missing; fields.len()];
-        assert!(event::capture(event.as_bytes(), &fields, &mut seen));
+        event::capture(event.as_bytes(), &fields, &mut seen);
         let input = Input {
             event: event.as_bytes(),
             key: "k1",
@@ -575,11 +577,21 @@ mod tests {
             subject: "dedup.shard.3.k1",
             seen: &seen,
         };
-        (
-            condition.eval(&input),
-            condition.interpret(&input),
-            condition.is_compiled(),
-        )
+        with(&condition, &input)
+    }
+
+    fn run(source: &str, event: &str) -> (Outcome, Outcome, bool) {
+        assert!(
+            event::capture(event.as_bytes(), &[] as &[&str], &mut []),
+            "an object"
+        );
+        on_event(source, event, |condition, input| {
+            (
+                condition.eval(input),
+                condition.interpret(input),
+                condition.is_compiled(),
+            )
+        })
     }
 
     #[test]
@@ -724,21 +736,12 @@ mod tests {
 
     /// Whether the compiled form decides `source` on `event` by itself.
     fn compiled_decides(source: &str, event: &str) -> bool {
-        let mut fields = Vec::new();
-        let condition = Condition::parse(source, &mut fields).unwrap();
-        let mut seen = vec![Seen::Missing; fields.len()];
-        event::capture(event.as_bytes(), &fields, &mut seen);
-        let input = Input {
-            event: event.as_bytes(),
-            key: "k1",
-            shard: 3,
-            subject: "dedup.shard.3.k1",
-            seen: &seen,
-        };
-        condition
-            .compiled
-            .as_ref()
-            .is_some_and(|c| !matches!(c.eval(&input), Val::Unknown))
+        on_event(source, event, |condition, input| {
+            condition
+                .compiled
+                .as_ref()
+                .is_some_and(|c| !matches!(c.eval(input), Val::Unknown))
+        })
     }
 
     #[test]

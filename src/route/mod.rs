@@ -617,21 +617,7 @@ mod tests {
         (subjects, matched, out.error.is_some())
     }
 
-    const BRIEF: &str = r#"
-default = "events.unique.{shard}"
-error_subject = "events.rule_errors"
-
-[[rule]]
-name = "fraud_big_orders"
-when = 'event.type == "order_placed" && event.total > 1000.0'
-to = ["fraud.orders"]
-continue = true
-
-[[rule]]
-name = "drop_heartbeats"
-when = 'event.type == "heartbeat"'
-to = []
-"#;
+    const BRIEF: &str = include_str!("../../config/rules.example.toml");
 
     #[test]
     fn the_brief_s_example_routes_as_it_says() {
