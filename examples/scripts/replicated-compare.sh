@@ -13,16 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${1:-2}
 SECS=${2:-10}
-BIN="$(bash nats/install.sh 2>/dev/null | tail -n 1)"
-
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  return 1
-}
+. examples/scripts/lib.sh
 
 run() { # durability (local|replicated|replicated-r3) mode (batch|single)
   local dur=$1 mode=$2 dir url replicas=1 pids=()
@@ -30,7 +21,7 @@ run() { # durability (local|replicated|replicated-r3) mode (batch|single)
   if [ "$dur" = replicated-r3 ]; then
     for i in 1 2 3; do
       sed -e "s|/tmp/eventsieve-nats-n$i|$dir/js$i|" -e "/^http:/d" "nats/cluster-node$i.conf" >"$dir/n$i.conf"
-      "$BIN" -c "$dir/n$i.conf" >"$dir/nats$i.log" 2>&1 &
+      "$NATS" -c "$dir/n$i.conf" >"$dir/nats$i.log" 2>&1 &
       pids+=($!)
     done
     for p in 4222 4223 4224; do wait_port $p; done
@@ -41,7 +32,7 @@ run() { # durability (local|replicated|replicated-r3) mode (batch|single)
   else
     sed -e "s|127.0.0.1:4222|127.0.0.1:14322|" -e "s|/tmp/eventsieve-nats|$dir/js|" \
         -e "/^http:/d" nats/server.conf >"$dir/server.conf"
-    "$BIN" -c "$dir/server.conf" >"$dir/nats.log" 2>&1 &
+    "$NATS" -c "$dir/server.conf" >"$dir/nats.log" 2>&1 &
     pids+=($!)
     wait_port 14322
     url=nats://127.0.0.1:14322
