@@ -23,12 +23,14 @@ use crate::engine::table::MAX_WINDOW_MS;
 
 pub mod aggregate_config;
 pub mod cluster_config;
+pub mod input_config;
 pub mod nats_config;
 pub mod ordering_config;
 pub mod routing_config;
 
 pub use aggregate_config::{AggregateConfig, AggregateSettings, captured_fields};
 pub use cluster_config::ClusterConfig;
+pub use input_config::{InputConfig, InputSettings};
 pub use nats_config::{NatsConfig, Secret, redact_urls};
 pub use ordering_config::{OrderingConfig, OrderingSettings};
 pub use routing_config::{RoutingSpec, RuleSpec};
@@ -190,6 +192,8 @@ pub struct Config {
     pub routing: RoutingSpec,
     /// The reorder buffer for sessions fed by several producers. Default off.
     pub ordering: OrderingConfig,
+    /// The format events arrive in: JSON (default) or protobuf.
+    pub input: InputConfig,
 }
 
 /// `key`: one name or a list of them.
@@ -246,6 +250,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             routing: RoutingSpec::default(),
             ordering: OrderingConfig::default(),
+            input: InputConfig::default(),
         }
     }
 }
@@ -257,6 +262,10 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    fn message(message: String) -> Self {
+        Self { message }
+    }
+
     fn field(field: &str, value: &str, accepted: &str) -> Self {
         Self {
             message: format!("invalid `{field}` = {value:?}: accepted values are {accepted}"),
@@ -373,6 +382,10 @@ pub struct Settings {
     pub ordering: Option<OrderingSettings>,
     /// This node's id in the cluster (given or made up).
     pub node_id: String,
+    /// How events are read: JSON, or protobuf messages of a schema.
+    pub format: crate::engine::input::Format,
+    /// Protobuf events are republished in the canonical JSON mapping.
+    pub output_json: bool,
     pub lease_ttl_ms: u64,
 }
 
@@ -389,6 +402,7 @@ impl Settings {
             },
             capture: captured_fields(&self.aggregates),
             shard_key: (!self.config.shard_key.is_empty()).then(|| self.config.shard_key.clone()),
+            format: self.format.clone(),
         }
     }
 }
@@ -654,7 +668,15 @@ impl Config {
             ));
         }
         let ordering = self.ordering.validate()?;
+        let InputSettings { format, output_json } = self.input.validate()?;
+        if let Some(schema) = format.schema() {
+            let shard_key = (!self.shard_key.is_empty()).then_some(self.shard_key.as_str());
+            input_config::check_fields(&schema, &key, shard_key, &aggregates, ordering.as_ref())
+                .map_err(|e| ConfigError::message(format!("input.message {}: {e}", schema.name())))?;
+        }
         Ok(Settings {
+            format,
+            output_json,
             node_id,
             lease_ttl_ms,
             key,

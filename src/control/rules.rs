@@ -202,6 +202,7 @@ pub fn rules_test(
     let key = KeyReader {
         spec: engine.key,
         limits: engine.limits,
+        format: engine.format,
     };
     let lines = events.lines().filter(|l| !l.trim().is_empty());
     let ingest = format!("{}.ingest", settings.config.subject_prefix);

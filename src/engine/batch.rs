@@ -162,11 +162,21 @@ pub fn decide(
     track: bool,
     route: impl Fn(u32) -> Route,
 ) -> Decision {
-    let lines = lines(body);
+    let format = &dedup.config().format;
+    let frames = format.split(body);
+    let mut lines = frames.ranges;
+    let truncated = frames.truncated.map(|(range, why)| {
+        lines.push(range);
+        why
+    });
     let mut d = Decision {
         entries: vec![None; lines.len()],
         ..Decision::default()
     };
+    if let Some(why) = truncated {
+        d.invalid.push(EventErrorKind::NotProtobuf);
+        d.entries[lines.len() - 1] = Some(Entry::error(400, why));
+    }
     let n = dedup.config().capture.len();
     let mut seen = vec![Seen::Missing; lines.len() * n];
     let mut captured = n > 0;
@@ -174,6 +184,9 @@ pub fn decide(
     // they fall into runs of one shard in line order.
     let mut here: Vec<(u64, Fingerprint)> = Vec::with_capacity(lines.len());
     for (i, range) in lines.iter().enumerate() {
+        if d.entries[i].is_some() {
+            continue;
+        }
         let line = &body[range.clone()];
         let keyed = if n == 0 {
             dedup.key(line)
@@ -213,8 +226,7 @@ pub fn decide(
             Route::Forward => {
                 let (lines, sub) = d.forward.entry(shard).or_default();
                 lines.push(i);
-                sub.extend_from_slice(line);
-                sub.push(b'\n');
+                format.push(sub, line);
             }
         }
     }

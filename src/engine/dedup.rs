@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::engine::event::{self, EventError, EventErrorKind, Limits, Seen};
 use crate::engine::fingerprint::Fingerprint;
+use crate::engine::input::Format;
 use crate::engine::key::KeySpec;
 use crate::engine::pending::{Ledger, Settle};
 use crate::engine::shard::shard_of;
@@ -41,6 +42,8 @@ pub struct EngineConfig {
     /// The top-level field whose value places an event in a shard; `None`
     /// (default): the key.
     pub shard_key: Option<String>,
+    /// JSON (default) or protobuf messages of a schema.
+    pub format: Format,
 }
 
 impl Default for EngineConfig {
@@ -53,6 +56,7 @@ impl Default for EngineConfig {
             key: KeySpec::default(),
             capture: Vec::new(),
             shard_key: None,
+            format: Format::Json,
         }
     }
 }
@@ -191,8 +195,9 @@ impl Deduplicator {
         assert!(config.shards > 0, "shard count must be positive");
         // The shard key is read with the key, in the same pass, where the
         // key is read so (a top-level field).
-        let shard_at = match (&config.shard_key, &config.key) {
-            (Some(field), KeySpec::Field(_)) => Some(match config.capture.iter().position(|c| c == field) {
+        let with_key = matches!(config.key, KeySpec::Field(_)) || config.format.is_protobuf();
+        let shard_at = match &config.shard_key {
+            Some(field) if with_key => Some(match config.capture.iter().position(|c| c == field) {
                 Some(at) => at,
                 None => {
                     config.capture.push(field.clone());
@@ -241,7 +246,7 @@ impl Deduplicator {
     ///
     /// The [`EventError`] of the first rule the event breaks.
     pub fn key<'a>(&self, event: &'a [u8]) -> Result<Keyed<'a>, EventError> {
-        let id = self.config.key.id_of(event, &self.config.limits)?;
+        let id = self.config.format.id_of(&self.config.key, event, &self.config.limits)?;
         Ok(Keyed {
             shard: self.shard(event, &id)?,
             fingerprint: Fingerprint::of(id.as_bytes()),
@@ -259,7 +264,7 @@ impl Deduplicator {
         match &self.config.shard_key {
             None => Ok(shard_of(id, self.config.shards)),
             Some(field) => {
-                let value = event::field(event, field, &self.config.limits)?;
+                let value = self.config.format.id_field(event, field, &self.config.limits)?;
                 Ok(shard_of(&value, self.config.shards))
             }
         }
@@ -282,10 +287,13 @@ impl Deduplicator {
         event: &'a [u8],
         seen: &mut [Seen],
     ) -> Result<(Keyed<'a>, bool), EventError> {
-        let (id, captured) =
-            self.config
-                .key
-                .id_capturing(event, &self.config.limits, &self.config.capture, seen)?;
+        let (id, captured) = self.config.format.id_capturing(
+            &self.config.key,
+            event,
+            &self.config.limits,
+            &self.config.capture,
+            seen,
+        )?;
         let shard = match (self.shard_at.map(|at| seen[at]), captured) {
             (Some(Seen::Text { start, end }), true) => {
                 let value = std::str::from_utf8(&event[start as usize..end as usize])

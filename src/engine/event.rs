@@ -63,6 +63,8 @@ pub enum EventErrorKind {
     IdTooLong,
     /// The object has more than one top-level `event_id`.
     IdDuplicated,
+    /// The bytes are not a message of the configured protobuf schema.
+    NotProtobuf,
 }
 
 impl EventErrorKind {
@@ -78,11 +80,12 @@ impl EventErrorKind {
             Self::IdInvalidChars => "id_invalid_chars",
             Self::IdTooLong => "id_too_long",
             Self::IdDuplicated => "id_duplicated",
+            Self::NotProtobuf => "not_protobuf",
         }
     }
 
     /// Every kind, for metrics that pre-register their labels.
-    pub const ALL: [EventErrorKind; 9] = [
+    pub const ALL: [EventErrorKind; 10] = [
         Self::TooLarge,
         Self::NotJson,
         Self::NotObject,
@@ -92,6 +95,7 @@ impl EventErrorKind {
         Self::IdInvalidChars,
         Self::IdTooLong,
         Self::IdDuplicated,
+        Self::NotProtobuf,
     ];
 }
 
@@ -107,7 +111,7 @@ pub struct EventError {
     /// The key may be a number as well as a string.
     numbers_too: bool,
     /// What to do about it, when the rule alone does not say.
-    hint: Option<&'static str>,
+    hint: Option<Cow<'static, str>>,
 }
 
 impl EventError {
@@ -124,8 +128,19 @@ impl EventError {
 
     /// Adds what to do about it to the message.
     pub(crate) fn because(mut self, hint: &'static str) -> Self {
-        self.hint = Some(hint);
+        self.hint = Some(Cow::Borrowed(hint));
         self
+    }
+
+    /// The whole message, made at run time.
+    pub(crate) fn because_text(mut self, text: String) -> Self {
+        self.hint = Some(Cow::Owned(text));
+        self
+    }
+
+    /// Bytes that are not a message of the schema, with the reason.
+    pub(crate) fn not_message(reason: String) -> Self {
+        Self::new(EventErrorKind::NotProtobuf).because_text(reason)
     }
 
     fn over(kind: EventErrorKind, limit: usize) -> Self {
@@ -166,9 +181,9 @@ impl fmt::Display for EventError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use EventErrorKind::*;
         let key = self.key.as_deref().unwrap_or("event_id");
-        if let Some(hint) = self.hint {
+        if let Some(hint) = &self.hint {
             return match self.kind {
-                MissingId => write!(f, "no \"{key}\": {hint}"),
+                MissingId if matches!(hint, Cow::Borrowed(_)) => write!(f, "no \"{key}\": {hint}"),
                 _ => write!(f, "{hint}"),
             };
         }
@@ -186,6 +201,7 @@ impl fmt::Display for EventError {
             IdInvalidChars => write!(f, "\"{key}\" may only contain a-z, A-Z and 0-9"),
             IdTooLong => write!(f, "\"{key}\" is longer than {} bytes", self.limit),
             IdDuplicated => write!(f, "\"{key}\" appears more than once at the top level"),
+            NotProtobuf => write!(f, "event is not a message of the schema"),
         }
     }
 }
@@ -235,6 +251,8 @@ pub enum Seen {
     },
     /// Text with escapes: to be decoded by reading the event again.
     Escaped,
+    /// A name from the schema: a protobuf enum's value.
+    Symbol(&'static str),
 }
 
 /// As [`field`], and reads the top-level fields `capture` into `seen`

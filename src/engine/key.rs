@@ -135,7 +135,7 @@ fn object(event: &[u8], limits: &Limits) -> Result<Value, EventError> {
     Ok(value)
 }
 
-fn hashed(bytes: &[u8]) -> String {
+pub(crate) fn hashed(bytes: &[u8]) -> String {
     format!("{:032x}", xxh3_128(bytes))
 }
 

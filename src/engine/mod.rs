@@ -10,7 +10,9 @@
 //! | [`table`] | one shard's hash-to-expiry table: check-and-insert, reclaim |
 //! | [`dedup`] | [`Deduplicator`]: every shard's table behind its own lock |
 //! | [`pending`] | ids decided new whose commit is pending, so that twins get its outcome |
-//! | [`batch`] | the newline-delimited batch request and its verdict-per-line reply |
+//! | [`batch`] | the batch request (lines, or length-delimited messages) and its verdict-per-line reply |
+//! | [`input`] | the format of events, JSON or protobuf: key, fields by name, batch framing |
+//! | [`proto`] | a protobuf schema and the validating scan of the wire format |
 //!
 //! Nothing here imports from the layers above (journal, pipeline,
 //! transport).
@@ -19,8 +21,10 @@ pub mod batch;
 pub mod dedup;
 pub mod event;
 pub mod fingerprint;
+pub mod input;
 pub mod key;
 pub mod pending;
+pub mod proto;
 pub mod shard;
 pub mod table;
 

@@ -10,7 +10,6 @@ use async_nats::{Client, HeaderMap, Subject};
 use bytes::Bytes;
 
 use crate::config::BatchOutput;
-use crate::engine::batch;
 use crate::nats::Subjects;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Accepted, Output};
@@ -41,6 +40,7 @@ pub struct CoreNats {
     router: Arc<Router>,
     /// The fields the batch path reads with each line's key, in order.
     captured: Vec<String>,
+    republish: super::Republish,
 }
 
 impl CoreNats {
@@ -61,7 +61,14 @@ impl CoreNats {
             metrics,
             router,
             captured,
+            republish: super::Republish::default(),
         }
+    }
+
+    /// Events go out as `republish` says.
+    pub fn with_republish(mut self, republish: super::Republish) -> Self {
+        self.republish = republish;
+        self
     }
 
     async fn publish(&self, subject: &Subject, headers: Option<HeaderMap>, payload: Bytes) {
@@ -83,12 +90,12 @@ impl CoreNats {
     async fn publish_lines(&self, subject: &Subject, body: &Bytes, lines: &[Range<usize>]) {
         if self.batch_output == BatchOutput::PerEvent {
             for r in lines {
-                self.publish(subject, None, body.slice(r.clone())).await;
+                self.publish(subject, None, self.republish.event(&body.slice(r.clone()))).await;
             }
             return;
         }
         let limit = self.max_payload.saturating_sub(HEADER_ROOM);
-        for (payload, count) in batch::join(body, lines, limit) {
+        for (payload, count) in self.republish.join(body, lines, limit) {
             // A line too long for a header beside it goes bare: a
             // message without the header is one event.
             let headers = (payload.len() <= limit).then(|| {
@@ -109,6 +116,7 @@ impl CoreNats {
         match events {
             Accepted::One(event) => {
                 rules.route(event, on, &self.router.key, &mut routed);
+                let event = self.republish.event(event);
                 for &t in &routed.targets {
                     self.publish(rules.subject(t, shard), None, event.clone()).await;
                 }
@@ -169,7 +177,7 @@ impl Output for CoreNats {
         let subject = &self.output[shard as usize];
         match events {
             Accepted::Lines { body, lines, .. } => self.publish_lines(subject, body, lines).await,
-            Accepted::One(event) => self.publish(subject, None, event.clone()).await,
+            Accepted::One(event) => self.publish(subject, None, self.republish.event(event)).await,
         }
     }
 }

@@ -37,6 +37,7 @@ pub struct PublishBeforeCommit {
     /// The routing rules in force: each routed copy goes to its subject's
     /// stream.
     router: Arc<Router>,
+    republish: super::Republish,
 }
 
 impl PublishBeforeCommit {
@@ -68,7 +69,14 @@ impl PublishBeforeCommit {
             js,
             output: (0..shards).map(|s| subjects.output(s)).collect(),
             router,
+            republish: super::Republish::default(),
         })
+    }
+
+    /// Events go out as `republish` says.
+    pub fn with_republish(mut self, republish: super::Republish) -> Self {
+        self.republish = republish;
+        self
     }
 }
 
@@ -107,6 +115,7 @@ impl PublishFirst for PublishBeforeCommit {
                 // Sent here, one after the other: the stream keeps them in
                 // this order. Acknowledged later.
                 let mut pending = Vec::with_capacity(copies.len());
+                let event = self.republish.event(&event);
                 for (subject, msg_id) in copies {
                     let mut headers = HeaderMap::new();
                     headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());

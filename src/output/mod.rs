@@ -9,12 +9,56 @@
 pub mod core_nats;
 pub mod jetstream;
 
-use async_nats::Subject;
+use std::ops::Range;
 
+use async_nats::Subject;
+use bytes::Bytes;
+
+use crate::engine::input::Format;
 use crate::pipeline::{Accepted, Output};
 
 pub use core_nats::{COUNT_HEADER, CoreNats, Request};
 pub use jetstream::PublishBeforeCommit;
+
+/// What accepted events go out as: the bytes as received, or (protobuf
+/// input with `output_format = "json"`) the canonical JSON mapping.
+#[derive(Debug, Clone, Default)]
+pub struct Republish {
+    /// The input's format.
+    pub input: Format,
+    /// Protobuf events go out as JSON.
+    pub json: bool,
+}
+
+impl Republish {
+    /// One event as it goes out.
+    pub fn event(&self, event: &Bytes) -> Bytes {
+        match self.json.then(|| self.input.schema()).flatten() {
+            // An accepted event decodes: it was checked.
+            Some(schema) => schema
+                .to_canonical_json(event)
+                .map_or_else(|_| event.clone(), Bytes::from),
+            None => event.clone(),
+        }
+    }
+
+    /// `ranges` of a batch `body` as batch bodies of at most `limit`
+    /// bytes, each with its count: framed as the input's batches, or as
+    /// JSON lines.
+    pub fn join(&self, body: &[u8], ranges: &[Range<usize>], limit: usize) -> Vec<(Vec<u8>, usize)> {
+        let Some(schema) = self.json.then(|| self.input.schema()).flatten() else {
+            return self.input.join(body, ranges, limit);
+        };
+        let mut lines = Vec::with_capacity(body.len() * 2);
+        let mut at = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let json = schema.to_canonical_json(&body[r.clone()]).unwrap_or_default();
+            at.push(lines.len()..lines.len() + json.len());
+            lines.extend_from_slice(&json);
+        }
+        Format::Json.join(&lines, &at, limit)
+    }
+}
 
 /// The configured output, as the pipeline's [`Output`].
 pub enum Sink {

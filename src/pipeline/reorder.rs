@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 
 use crate::config::OrderingSettings;
-use crate::engine::event::{self, Seen};
+use crate::engine::event::Seen;
+use crate::engine::input::Format;
 use crate::observe::metrics::Render;
 
 /// Bytes counted per held event besides its own: its entries in the
@@ -44,6 +45,7 @@ pub struct Reorder<T> {
     settings: OrderingSettings,
     shards: Box<[Mutex<Shard<T>>]>,
     pub counters: Arc<ReorderCounters>,
+    format: Format,
 }
 
 impl Render for ReorderCounters {
@@ -106,6 +108,11 @@ struct Arrival {
 
 impl<T: Clone> Reorder<T> {
     pub fn new(settings: OrderingSettings, shards: u32) -> Self {
+        Self::with_format(settings, shards, Format::Json)
+    }
+
+    /// A buffer over events read as `format`.
+    pub fn with_format(settings: OrderingSettings, shards: u32, format: Format) -> Self {
         Self {
             settings,
             shards: (0..shards)
@@ -119,6 +126,7 @@ impl<T: Clone> Reorder<T> {
                 })
                 .collect(),
             counters: Arc::default(),
+            format,
         }
     }
 
@@ -137,7 +145,7 @@ impl<T: Clone> Reorder<T> {
         let fields = [self.settings.session.as_str(), self.settings.by.as_str()];
         let mut seen = [Seen::Missing; 2];
         for e in events {
-            if !event::capture(&e, &fields, &mut seen) {
+            if !self.format.capture(&e, &fields, &mut seen) {
                 out.push((e, with.clone()));
                 continue;
             }
@@ -145,7 +153,8 @@ impl<T: Clone> Reorder<T> {
                 Seen::Text { start, end } => std::str::from_utf8(&e[start as usize..end as usize])
                     .ok()
                     .map(Box::from),
-                Seen::Escaped => event::text(&e, &self.settings.session).map(|t| Box::from(t.as_ref())),
+                Seen::Escaped => self.format.text(&e, &self.settings.session).map(|t| Box::from(t.as_ref())),
+                Seen::Symbol(name) => Some(Box::from(name)),
                 _ => None,
             };
             let by = match seen[1] {

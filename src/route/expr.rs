@@ -17,6 +17,7 @@ use cel::common::ast::{Expr, IdedExpr, LiteralValue, operators};
 use cel::{Context, Program, Value};
 
 use crate::engine::event::{self, Seen};
+use crate::engine::input::Format;
 
 /// Longest condition accepted, in bytes.
 pub const MAX_EXPRESSION_BYTES: usize = 4096;
@@ -60,6 +61,8 @@ pub struct Input<'a> {
     /// The top-level fields [`Condition::fields`] names, read from the
     /// event (the same order).
     pub seen: &'a [Seen],
+    /// How the event is read, for the interpreter.
+    pub format: &'a Format,
 }
 
 /// A condition's outcome: matched or not, or why it could not be decided
@@ -141,8 +144,10 @@ impl Condition {
 
     /// Evaluates the condition in the interpreter, over the whole event.
     pub fn interpret(&self, input: &Input<'_>) -> Outcome {
-        let json: serde_json::Value =
-            serde_json::from_slice(input.event).map_err(|e| format!("the event is not JSON: {e}"))?;
+        let json: serde_json::Value = match input.format.schema() {
+            None => serde_json::from_slice(input.event).map_err(|e| format!("the event is not JSON: {e}"))?,
+            Some(schema) => schema.to_json_value(input.event)?,
+        };
         let mut context = Context::default();
         context.add_variable_from_value("event", to_cel(&json));
         context.add_variable_from_value("key", Value::String(Arc::new(input.key.to_owned())));
@@ -478,6 +483,7 @@ fn field<'a>(input: &Input<'a>, at: usize, name: &str) -> Val<'a> {
             _ => Val::Unknown,
         },
         Seen::Escaped => event::text(input.event, name).map_or(Val::Unknown, |t| Val::Text(Text::Event(t))),
+        Seen::Symbol(name) => Val::Text(Text::Event(Cow::Borrowed(name))),
         Seen::Other => Val::Unknown,
     }
 }
@@ -576,6 +582,7 @@ mod tests {
             shard: 3,
             subject: "dedup.shard.3.k1",
             seen: &seen,
+            format: &Format::Json,
         };
         with(&condition, &input)
     }

@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use async_nats::Subject;
 
 use crate::config::RoutingSpec;
-use crate::engine::event::{self, Limits, Seen};
+use crate::engine::event::{Limits, Seen};
+use crate::engine::input::Format;
 use crate::engine::key::KeySpec;
 
 pub use expr::{Condition, Input};
@@ -293,7 +294,7 @@ impl RuleSet {
     /// Where `event` would go and why, without counting: its key, shard,
     /// the rules it matches, the subjects, or the error.
     pub fn explain(&self, event: &[u8], subject: &str, key: &KeyReader) -> serde_json::Value {
-        let id = match key.spec.id_of(event, &key.limits) {
+        let id = match key.format.id_of(&key.spec, event, &key.limits) {
             Ok(id) => id,
             Err(e) => return serde_json::json!({ "error": e.to_string() }),
         };
@@ -337,6 +338,7 @@ impl RuleSet {
             more = vec![Seen::Missing; self.fields.len()];
             &mut more
         };
+        let format = &key.format;
         let id;
         let key = if self.uses_key {
             id = key.id(event);
@@ -350,8 +352,8 @@ impl RuleSet {
                     *slot = line_seen[i];
                 }
             }
-            None if !self.fields.is_empty() && !event::capture(event, &self.fields, seen) => {
-                out.error = Some((String::new(), "the event is not a JSON object".into()));
+            None if !self.fields.is_empty() && !format.capture(event, &self.fields, seen) => {
+                out.error = Some((String::new(), "the event is not a JSON object or a message of the schema".into()));
                 out.targets.extend(self.error);
                 return;
             }
@@ -363,6 +365,7 @@ impl RuleSet {
             shard,
             subject,
             seen,
+            format,
         };
         let mut stopped = false;
         for (i, rule) in self.rules.iter().enumerate() {
@@ -419,12 +422,13 @@ fn mentions(source: &str, name: &str) -> bool {
 pub struct KeyReader {
     pub spec: KeySpec,
     pub limits: Limits,
+    pub format: Format,
 }
 
 impl KeyReader {
     fn id(&self, event: &[u8]) -> Option<String> {
-        self.spec
-            .id_of(event, &self.limits)
+        self.format
+            .id_of(&self.spec, event, &self.limits)
             .ok()
             .map(std::borrow::Cow::into_owned)
     }
@@ -605,6 +609,7 @@ mod tests {
         let key = KeyReader {
             spec: KeySpec::Field("event_id".into()),
             limits: Limits::default(),
+            format: Format::Json,
         };
         let mut out = Routed::default();
         set.route(event.as_bytes(), (2, "dedup.ingest"), &key, &mut out);
@@ -684,6 +689,7 @@ mod tests {
         let key = KeyReader {
             spec: KeySpec::Field("event_id".into()),
             limits: Limits::default(),
+            format: Format::Json,
         };
         let router = Router::new(&RoutingSpec::default(), "events.unique.{shard}", 4, key).unwrap();
         assert!(router.current().is_plain());

@@ -62,7 +62,7 @@ pub async fn start_with(
     let writer = journal
         .is_some()
         .then(|| writer::channel(settings.config.max_pending, metrics.clone()));
-    let stages = Arc::new(Stages::new(&settings.aggregates));
+    let stages = Arc::new(Stages::new(&settings.aggregates, &settings.format));
     let snapshot = snapshot(&settings, &stages);
     if !stages.is_empty() {
         metrics.add_render(stages.clone());
@@ -76,7 +76,9 @@ pub async fn start_with(
         OutputKind::Jetstream => {
             let name = &settings.config.output_stream;
             let first =
-                PublishBeforeCommit::open(client.clone(), name, &subjects, shards, router.clone()).await?;
+                PublishBeforeCommit::open(client.clone(), name, &subjects, shards, router.clone())
+                    .await?
+                    .with_republish(republish(&settings));
             let js = async_nats::jetstream::new(client.clone());
             if let Some(why) = unbound_subject(&js, &router.current()).await {
                 return Err(ServiceError::Routing(why));
@@ -247,7 +249,8 @@ fn pipeline(
             settings.config.batch_output,
             metrics.clone(),
             (router.clone(), engine.capture.clone()),
-        ))),
+        )
+        .with_republish(republish(settings)))),
         OutputKind::Jetstream => Sink::BeforeCommit,
     };
     let dedup = Deduplicator::new(engine);
@@ -274,6 +277,7 @@ fn router(settings: &Settings) -> Result<Router, ServiceError> {
     let key = KeyReader {
         spec: engine.key,
         limits: engine.limits,
+        format: engine.format,
     };
     let config = &settings.config;
     Router::new(&config.routing, &config.output_subject, config.shards, key).map_err(ServiceError::Routing)
@@ -384,4 +388,12 @@ async fn recover(
     .await
     .map_err(|e| ServiceError::Panicked(e.to_string()))?
     .map_err(ServiceError::Journal)
+}
+
+/// What accepted events go out as.
+fn republish(settings: &Settings) -> crate::output::Republish {
+    crate::output::Republish {
+        input: settings.format.clone(),
+        json: settings.output_json,
+    }
 }

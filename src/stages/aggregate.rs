@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 use crate::config::AggregateSettings;
 use crate::engine::event::Seen;
+use crate::engine::input::Format;
 use crate::stages::fields::{self, Field, Found, Wanted};
 use crate::stages::sketch::Sketch;
 
@@ -219,12 +220,19 @@ pub struct Aggregate {
     pub settings: AggregateSettings,
     groups: Mutex<Groups>,
     pub counters: AggregateCounters,
+    format: Format,
 }
 
 impl Aggregate {
     pub fn new(settings: AggregateSettings) -> Self {
+        Self::with_format(settings, Format::Json)
+    }
+
+    /// An aggregate over events read as `format`.
+    pub fn with_format(settings: AggregateSettings, format: Format) -> Self {
         Self {
             settings,
+            format,
             groups: Mutex::default(),
             counters: AggregateCounters::default(),
         }
@@ -246,7 +254,8 @@ impl Aggregate {
     /// Adds the accepted `events`, arrived at `now_ms`.
     pub fn observe<'a>(&self, events: impl Iterator<Item = &'a [u8]>, now_ms: u64) {
         let wanted = self.wanted();
-        self.add_found(events.map(|e| fields::read(e, wanted)), now_ms);
+        let format = &self.format;
+        self.add_found(events.map(|e| fields::read(format, e, wanted)), now_ms);
     }
 
     /// Adds accepted `events` whose fields were read with their keys:
@@ -265,7 +274,8 @@ impl Aggregate {
         };
         let t = at(&s.time).unwrap_or(0);
         let wanted = self.wanted();
-        let found = events.map(move |(event, seen)| Some(fields::found(event, seen, [g, v, t], wanted)));
+        let format = &self.format;
+        let found = events.map(move |(event, seen)| Some(fields::found(format, event, seen, [g, v, t], wanted)));
         self.add_found(found, now_ms);
     }
 

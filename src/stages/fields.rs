@@ -7,7 +7,8 @@
 
 use std::borrow::Cow;
 
-use crate::engine::event::{self, Seen};
+use crate::engine::event::Seen;
+use crate::engine::input::Format;
 
 /// The names of the fields wanted.
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +38,7 @@ pub struct Found<'a> {
 
 /// Reads `wanted` from `event`; `None` if it is not a JSON object (an
 /// accepted event always is).
-pub fn read<'a>(event: &'a [u8], wanted: Wanted<'_>) -> Option<Found<'a>> {
+pub fn read<'a>(format: &Format, event: &'a [u8], wanted: Wanted<'_>) -> Option<Found<'a>> {
     let names = [wanted.group, wanted.value, wanted.time];
     let names = if wanted.time.is_empty() {
         &names[..2]
@@ -45,14 +46,16 @@ pub fn read<'a>(event: &'a [u8], wanted: Wanted<'_>) -> Option<Found<'a>> {
         &names[..]
     };
     let mut seen = [Seen::Missing; 3];
-    event::capture(event, names, &mut seen[..names.len()]).then(|| found(event, &seen, [0, 1, 2], wanted))
+    format
+        .capture(event, names, &mut seen[..names.len()])
+        .then(|| found(format, event, &seen, [0, 1, 2], wanted))
 }
 
 /// The wanted fields of `event` from what the reader saw: the group at
 /// `seen[at[0]]`, the value at `seen[at[1]]`, the time at `seen[at[2]]`
 /// (if `wanted.time` is set). An escaped group text is decoded by reading
 /// the event again.
-pub fn found<'a>(event: &'a [u8], seen: &[Seen], at: [usize; 3], wanted: Wanted<'_>) -> Found<'a> {
+pub fn found<'a>(format: &Format, event: &'a [u8], seen: &[Seen], at: [usize; 3], wanted: Wanted<'_>) -> Found<'a> {
     let number = |seen: Seen| match seen {
         Seen::Missing => Field::Missing,
         Seen::Number(x) => Field::Found(x),
@@ -62,9 +65,10 @@ pub fn found<'a>(event: &'a [u8], seen: &[Seen], at: [usize; 3], wanted: Wanted<
         Seen::Missing => Field::Missing,
         Seen::Text { start, end } => match event.get(start as usize..end as usize).map(std::str::from_utf8) {
             Some(Ok(text)) => Field::Found(Cow::Borrowed(text)),
-            _ => event::text(event, wanted.group).map_or(Field::Wrong, Field::Found),
+            _ => format.text(event, wanted.group).map_or(Field::Wrong, Field::Found),
         },
-        Seen::Escaped => event::text(event, wanted.group).map_or(Field::Wrong, Field::Found),
+        Seen::Escaped => format.text(event, wanted.group).map_or(Field::Wrong, Field::Found),
+        Seen::Symbol(name) => Field::Found(Cow::Borrowed(name)),
         Seen::Number(_) | Seen::Bool(_) | Seen::Null | Seen::Other => Field::Wrong,
     };
     Found {

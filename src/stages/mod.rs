@@ -13,6 +13,7 @@ pub mod snapshot;
 use std::sync::Arc;
 
 use crate::config::{AggregateSettings, captured_fields};
+use crate::engine::input::Format;
 use crate::engine::unix_ms;
 use crate::pipeline::{Accepted, Stage};
 
@@ -99,11 +100,11 @@ pub struct Stages {
 }
 
 impl Stages {
-    pub fn new(settings: &[AggregateSettings]) -> Self {
+    pub fn new(settings: &[AggregateSettings], format: &Format) -> Self {
         Self {
             aggregates: settings
                 .iter()
-                .map(|s| Arc::new(Aggregate::new(s.clone())))
+                .map(|s| Arc::new(Aggregate::with_format(s.clone(), format.clone())))
                 .collect(),
             captured: captured_fields(settings),
             replica: replica::PaneLogCounters::default(),

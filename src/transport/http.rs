@@ -21,7 +21,7 @@ use async_nats::connection::State as Connection;
 use async_nats::{Message, Subject};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -189,8 +189,32 @@ fn verdict(new: bool) -> Response {
     (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn event(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
+/// A body in a format the sidecar does not read: 415 naming the one it
+/// reads. No `Content-Type` is taken as the configured format.
+fn unsupported(ctx: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let given = headers.get(header::CONTENT_TYPE)?.to_str().unwrap_or("?");
+    let essence = given.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let protobuf = ctx.pipeline.dedup().config().format.is_protobuf();
+    let fits = match essence.as_str() {
+        "application/x-protobuf" | "application/protobuf" | "application/vnd.google.protobuf" => protobuf,
+        "application/json" | "application/x-ndjson" | "text/plain" => !protobuf,
+        "application/octet-stream" | "" => true,
+        _ => false,
+    };
+    let takes = if protobuf { "application/x-protobuf" } else { "application/json" };
+    (!fits).then(|| {
+        reply(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            json!({ "error": format!("Content-Type {given} is not what this sidecar reads ([input] format): send {takes}") }),
+        )
+    })
+}
+
+async fn event(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     let ctx = &g.ctx;
+    if let Some(refused) = unsupported(ctx, &headers) {
+        return refused;
+    }
     let Some(_held) = ctx.budget.try_hold(body.len()) else {
         return overloaded(ctx);
     };
@@ -219,8 +243,11 @@ async fn event(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
     }
 }
 
-async fn batch(State(g): State<Arc<Gateway>>, body: Bytes) -> Response {
+async fn batch(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     let ctx = &g.ctx;
+    if let Some(refused) = unsupported(ctx, &headers) {
+        return refused;
+    }
     let Some(_held) = ctx.budget.try_hold(body.len()) else {
         return overloaded(ctx);
     };

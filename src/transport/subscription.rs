@@ -371,7 +371,8 @@ async fn overloaded(ctx: &Shared, message: Message, batch_kind: bool) {
     if batch_kind {
         let entry = batch::Entry::error(503, reason);
         let mut out = Vec::new();
-        for _ in batch::lines(&message.payload) {
+        let frames = ctx.pipeline.dedup().config().format.split(&message.payload);
+        for _ in 0..frames.ranges.len() + usize::from(frames.truncated.is_some()) {
             batch::push(&mut out, &entry);
         }
         publish(ctx, to, out.into()).await;
