@@ -764,16 +764,18 @@ impl Scanner<'_> {
             return Ok(());
         }
         if field.list {
+            let mut any = true;
             if wire == WireType::LengthDelimited && field.kind.packable() {
                 let len = decode_varint(buf).or_else(prost_fail)?;
                 let mut inner = take_len(buf, len)?;
+                any = inner.has_remaining();
                 while inner.has_remaining() {
                     self.value(&mut inner, field.number, field.kind, field.kind.wire_type(), ctx, None, &mut [])?;
                 }
             } else {
                 self.value(buf, field.number, field.kind, wire, ctx, None, &mut [])?;
             }
-            if let Some(w) = want {
+            if let Some(w) = want.filter(|_| any) {
                 got[w.slot] = Got::Other;
             }
             return Ok(());
