@@ -62,6 +62,16 @@ pub enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// The protobuf schema kept in the KV bucket (every sidecar follows
+    /// it): set from .proto files, print, or reset to the configuration's.
+    Schema {
+        /// TOML configuration file (for NATS, the bucket, `[input]`), as
+        /// for `run`.
+        #[arg(long, short, value_name = "PATH", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
     /// Print every sidecar's shards, window and tables.
     Status {
         /// TOML configuration file (for NATS), as for `run`.
@@ -115,6 +125,24 @@ pub enum RulesCommand {
         #[arg(long, value_name = "SUBJECT")]
         subject: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchemaCommand {
+    /// Compile FILES (as `[input] proto_files`, found under `--proto-path`
+    /// and `[input] proto_paths`), check them as the sidecars will, and
+    /// put the schema in the bucket.
+    Set {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A directory the files and their imports are found in (any number).
+        #[arg(long = "proto-path", short = 'I', value_name = "DIR")]
+        proto_paths: Vec<PathBuf>,
+    },
+    /// Print the schema kept in the bucket.
+    Get,
+    /// Delete it: every sidecar reads events by its configured schema again.
+    Reset,
 }
 
 #[derive(Debug, Subcommand)]
@@ -279,6 +307,16 @@ pub fn main(cli: Cli) -> ExitCode {
                         .map_err(|e| (1, e))
                 }
             }
+        }),
+        Command::Schema { config, command } => with_settings(config.as_deref(), |settings| async move {
+            let done = match command {
+                SchemaCommand::Set { files, proto_paths } => {
+                    control::schema::schema_set(&settings, &files, &proto_paths).await
+                }
+                SchemaCommand::Get => control::schema::schema_get(&settings).await,
+                SchemaCommand::Reset => control::schema::schema_reset(&settings).await,
+            };
+            done.map(|line| vec![line]).map_err(|e| (1, e))
         }),
         Command::Status { config, json } => with_settings(config.as_deref(), |settings| async move {
             control::status_command(&settings, json).await.map_err(|e| (1, e))

@@ -73,11 +73,22 @@ impl Shop<'_> {
             m.set_field_by_name("event_id", Value::String(id.into()));
         }
         let kinds = desc.get_field_by_name("type").unwrap().kind();
-        let number = kinds.as_enum().unwrap().get_value_by_name(self.kind).unwrap().number();
+        let number = kinds
+            .as_enum()
+            .unwrap()
+            .get_value_by_name(self.kind)
+            .unwrap()
+            .number();
         m.set_field_by_name("type", Value::EnumNumber(number));
         m.set_field_by_name("category", Value::String(self.category.into()));
         m.set_field_by_name("amount", Value::F64(self.amount));
-        let ts_desc = desc.get_field_by_name("timestamp").unwrap().kind().as_message().unwrap().clone();
+        let ts_desc = desc
+            .get_field_by_name("timestamp")
+            .unwrap()
+            .kind()
+            .as_message()
+            .unwrap()
+            .clone();
         let mut ts = DynamicMessage::new(ts_desc);
         ts.set_field_by_name("seconds", Value::I64(self.seconds));
         m.set_field_by_name("timestamp", Value::Message(ts));
@@ -155,33 +166,65 @@ async fn verdicts_bad_messages_and_unknown_fields_kept() {
     prost::encoding::encode_key(99, prost::encoding::WireType::LengthDelimited, &mut first);
     prost::encoding::encode_varint(3, &mut first);
     first.extend_from_slice(b"new");
-    assert_eq!(ask(&client, "dedup.ingest.p1", first.clone()).await, Answer::Verdict(true));
-    assert_eq!(ask(&client, "dedup.ingest", first.clone()).await, Answer::Verdict(false));
-    let got = tokio::time::timeout(Duration::from_secs(5), out.next()).await.unwrap().unwrap();
-    assert_eq!(&got.payload[..], &first[..], "byte for byte, unknown field included");
+    assert_eq!(
+        ask(&client, "dedup.ingest.p1", first.clone()).await,
+        Answer::Verdict(true)
+    );
+    assert_eq!(
+        ask(&client, "dedup.ingest", first.clone()).await,
+        Answer::Verdict(false)
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), out.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &got.payload[..],
+        &first[..],
+        "byte for byte, unknown field included"
+    );
 
     // Each bad message: a 400 saying why, and nothing kept.
     let good = shop("p2", "PRODUCT_VIEWED", "hats", 5.0).bytes();
     let reason = error_of(ask(&client, "dedup.ingest", vec![0xff, 0xff, 0xff]).await);
-    assert!(reason.starts_with("event is not a valid shop.v1.Event"), "{reason}");
+    assert!(
+        reason.starts_with("event is not a valid shop.v1.Event"),
+        "{reason}"
+    );
     let reason = error_of(ask(&client, "dedup.ingest", good[..good.len() - 2].to_vec()).await);
-    assert!(reason.contains("not a valid shop.v1.Event"), "truncated: {reason}");
+    assert!(
+        reason.contains("not a valid shop.v1.Event"),
+        "truncated: {reason}"
+    );
     // `amount` (6, a double) sent as a varint.
     let mut wrong = good.clone();
     wrong.extend_from_slice(&[6 << 3, 1]);
     let reason = error_of(ask(&client, "dedup.ingest", wrong).await);
-    assert!(reason.contains("amount") && reason.contains("wire type"), "{reason}");
+    assert!(
+        reason.contains("amount") && reason.contains("wire type"),
+        "{reason}"
+    );
     // Text that is not UTF-8 in `category` (5).
     let mut latin = good.clone();
     latin.extend_from_slice(&[5 << 3 | 2, 1, 0xe9]);
     let reason = error_of(ask(&client, "dedup.ingest", latin).await);
-    assert!(reason.contains("category") && reason.contains("UTF-8"), "{reason}");
-    let keyless = Shop { id: None, ..shop("x", "PRODUCT_VIEWED", "hats", 5.0) }.bytes();
+    assert!(
+        reason.contains("category") && reason.contains("UTF-8"),
+        "{reason}"
+    );
+    let keyless = Shop {
+        id: None,
+        ..shop("x", "PRODUCT_VIEWED", "hats", 5.0)
+    }
+    .bytes();
     let reason = error_of(ask(&client, "dedup.ingest", keyless).await);
     assert!(reason.contains("event_id"), "{reason}");
     assert_silent(&mut out, "a bad message is not republished").await;
     // The truncated one's id was not kept: the whole event is new.
-    assert_eq!(ask(&client, "dedup.ingest.p2", good.clone()).await, Answer::Verdict(true));
+    assert_eq!(
+        ask(&client, "dedup.ingest.p2", good.clone()).await,
+        Answer::Verdict(true)
+    );
 
     // Over HTTP: a message with its content type; JSON refused by a
     // protobuf sidecar.
@@ -190,7 +233,10 @@ async fn verdicts_bad_messages_and_unknown_fields_kept() {
     let post = |body: Vec<u8>, content_type: &'static str| {
         let url = url.clone();
         tokio::task::spawn_blocking(move || {
-            match ureq::post(&url).set("Content-Type", content_type).send_bytes(&body) {
+            match ureq::post(&url)
+                .set("Content-Type", content_type)
+                .send_bytes(&body)
+            {
                 Ok(r) => r.status(),
                 Err(ureq::Error::Status(code, _)) => code,
                 Err(e) => panic!("{e}"),
@@ -227,18 +273,31 @@ async fn batches_of_delimited_messages_with_bad_and_truncated_ones() {
     assert!(matches!(&entries[1], Entry::Error { code: 400, reason } if reason.contains("not a valid")));
     assert_eq!(entries[2], Entry::New);
     assert_eq!(entries[3], Entry::Duplicate);
-    assert!(matches!(&entries[4], Entry::Error { code: 400, reason } if reason.contains("truncated")), "{:?}", entries[4]);
+    assert!(
+        matches!(&entries[4], Entry::Error { code: 400, reason } if reason.contains("truncated")),
+        "{:?}",
+        entries[4]
+    );
 
     // Per shard, the new messages, each length-delimited.
-    let format = Format::protobuf(
-        Schema::new(descriptor().parent_pool().clone(), "shop.v1.Event").unwrap(),
-    );
+    let format = Format::protobuf(Schema::new(descriptor().parent_pool().clone(), "shop.v1.Event").unwrap());
     let mut got = BTreeSet::new();
     while got.len() < 2 {
-        let m = tokio::time::timeout(Duration::from_secs(5), out.next()).await.unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), out.next())
+            .await
+            .unwrap()
+            .unwrap();
         let frames = format.split(&m.payload);
         assert!(frames.truncated.is_none());
-        let count: usize = m.headers.as_ref().unwrap().get("Eventsieve-Count").unwrap().as_str().parse().unwrap();
+        let count: usize = m
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Eventsieve-Count")
+            .unwrap()
+            .as_str()
+            .parse()
+            .unwrap();
         assert_eq!(count, frames.ranges.len());
         for r in frames.ranges {
             got.insert(m.payload[r].to_vec());
@@ -272,7 +331,11 @@ continue = true
 
 /// Routes and aggregates `events` on a sidecar reading `format`; what
 /// went where (by id), and the aggregate's answer for `shoes`.
-async fn routed_and_aggregated(protobuf: bool, events: &[Shop<'static>], now: i64) -> (BTreeSet<(String, String)>, String) {
+async fn routed_and_aggregated(
+    protobuf: bool,
+    events: &[Shop<'static>],
+    now: i64,
+) -> (BTreeSet<(String, String)>, String) {
     let server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
     let settings = configured(&server, data.path(), |c| {
@@ -295,13 +358,25 @@ async fn routed_and_aggregated(protobuf: bool, events: &[Shop<'static>], now: i6
     let mut out = client.subscribe(">").await.unwrap();
     let (singles, batched) = events.split_at(events.len() / 2);
     for e in singles {
-        let body = if protobuf { Bytes::from(e.bytes()) } else { e.json() };
-        assert!(matches!(ask(&client, "dedup.ingest", body).await, Answer::Verdict(_)));
+        let body = if protobuf {
+            Bytes::from(e.bytes())
+        } else {
+            e.json()
+        };
+        assert!(matches!(
+            ask(&client, "dedup.ingest", body).await,
+            Answer::Verdict(_)
+        ));
     }
     let body = if protobuf {
         delimited(&batched.iter().map(Shop::bytes).collect::<Vec<_>>())
     } else {
-        batched.iter().map(|e| String::from_utf8(e.json().to_vec()).unwrap()).collect::<Vec<_>>().join("\n").into_bytes()
+        batched
+            .iter()
+            .map(|e| String::from_utf8(e.json().to_vec()).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n")
+            .into_bytes()
     };
     request(&client, "dedup.batch", body).await;
     let format = Format::protobuf(Schema::new(descriptor().parent_pool().clone(), "shop.v1.Event").unwrap());
@@ -313,26 +388,50 @@ async fn routed_and_aggregated(protobuf: bool, events: &[Shop<'static>], now: i6
         }
         // A batch's events of one subject come together, counted; a
         // single event alone.
-        let counted = m.headers.as_ref().is_some_and(|h| h.get("Eventsieve-Count").is_some());
-        let ranges = if counted { format.split(&m.payload).ranges } else { vec![0..m.payload.len()] };
+        let counted = m
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get("Eventsieve-Count").is_some());
+        let ranges = if counted {
+            format.split(&m.payload).ranges
+        } else {
+            vec![0..m.payload.len()]
+        };
         let ids: Vec<String> = if protobuf {
             ranges
                 .into_iter()
                 .map(|r| {
                     let msg = DynamicMessage::decode(descriptor(), &m.payload[r]).unwrap();
-                    msg.get_field_by_name("event_id").unwrap().as_str().unwrap().to_owned()
+                    msg.get_field_by_name("event_id")
+                        .unwrap()
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
                 })
                 .collect()
         } else {
             m.payload
                 .split(|&b| b == b'\n')
-                .map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["event_id"].as_str().unwrap().to_owned())
+                .map(|l| {
+                    serde_json::from_slice::<serde_json::Value>(l).unwrap()["event_id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
                 .collect()
         };
-        let subject = if subject.starts_with("events.unique.") { "default".to_owned() } else { subject };
+        let subject = if subject.starts_with("events.unique.") {
+            "default".to_owned()
+        } else {
+            subject
+        };
         got.extend(ids.into_iter().map(|id| (subject.clone(), id)));
     }
-    let q = format!(r#"{{"category":"shoes","start":{},"end":{}}}"#, now - 600, now + 600);
+    let q = format!(
+        r#"{{"category":"shoes","start":{},"end":{}}}"#,
+        now - 600,
+        now + 600
+    );
     let answer = request(&client, "dedup.agg.query", Bytes::from(q)).await;
     running.shutdown().await.unwrap();
     (got, String::from_utf8(answer.payload.to_vec()).unwrap())
@@ -342,7 +441,12 @@ async fn routed_and_aggregated(protobuf: bool, events: &[Shop<'static>], now: i6
 async fn rules_and_aggregates_read_protobuf_fields_as_they_read_json() {
     let mut events = Vec::new();
     for i in 0..40 {
-        let kind = ["PRODUCT_VIEWED", "ORDER_PLACED", "PAYMENT_PROCESSED", "PRODUCT_ADDED_TO_CART"][i % 4];
+        let kind = [
+            "PRODUCT_VIEWED",
+            "ORDER_PLACED",
+            "PAYMENT_PROCESSED",
+            "PRODUCT_ADDED_TO_CART",
+        ][i % 4];
         let category = ["shoes", "hats"][i % 3 % 2];
         let amount = [12.5, 1500.0, 999.0, 3000.0, 40.0][i % 5];
         events.push(shop(&format!("r{i}"), kind, category, amount));
@@ -351,9 +455,15 @@ async fn rules_and_aggregates_read_protobuf_fields_as_they_read_json() {
     let now = now_s();
     let (json_routes, json_agg) = routed_and_aggregated(false, &events, now).await;
     let (proto_routes, proto_agg) = routed_and_aggregated(true, &events, now).await;
-    assert!(json_routes.iter().any(|(s, _)| s == "fraud.orders"), "{json_routes:?}");
+    assert!(
+        json_routes.iter().any(|(s, _)| s == "fraud.orders"),
+        "{json_routes:?}"
+    );
     assert!(json_routes.iter().any(|(s, _)| s == "payments"));
-    assert!(json_routes.iter().any(|(s, _)| s == "big"), "the interpreted rule matched");
+    assert!(
+        json_routes.iter().any(|(s, _)| s == "big"),
+        "the interpreted rule matched"
+    );
     assert_eq!(proto_routes, json_routes);
     assert!(json_agg.contains("\"count\":"), "{json_agg}");
     assert_eq!(proto_agg, json_agg);
@@ -374,23 +484,38 @@ async fn output_in_the_canonical_json_mapping() {
     let client = server.client().await;
     let mut out = client.subscribe("events.unique.>").await.unwrap();
     let one = shop("j1", "ORDER_PLACED", "shoes", 1200.0);
-    assert_eq!(ask(&client, "dedup.ingest", one.bytes()).await, Answer::Verdict(true));
-    let m = tokio::time::timeout(Duration::from_secs(5), out.next()).await.unwrap().unwrap();
+    assert_eq!(
+        ask(&client, "dedup.ingest", one.bytes()).await,
+        Answer::Verdict(true)
+    );
+    let m = tokio::time::timeout(Duration::from_secs(5), out.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(m.payload, serde_json::to_vec(&one.message()).unwrap());
     let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(v["eventId"], "j1", "canonical: lowerCamelCase names");
     assert_eq!(v["type"], "ORDER_PLACED");
     assert!(v["timestamp"].as_str().unwrap().ends_with('Z'), "RFC 3339: {v}");
 
-    let (two, three) = (shop("j2", "PRODUCT_VIEWED", "hats", 1.0), shop("j3", "PRODUCT_VIEWED", "hats", 2.0));
+    let (two, three) = (
+        shop("j2", "PRODUCT_VIEWED", "hats", 1.0),
+        shop("j3", "PRODUCT_VIEWED", "hats", 2.0),
+    );
     request(&client, "dedup.batch", delimited(&[two.bytes(), three.bytes()])).await;
     let mut lines = Vec::new();
     while lines.len() < 2 {
-        let m = tokio::time::timeout(Duration::from_secs(5), out.next()).await.unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), out.next())
+            .await
+            .unwrap()
+            .unwrap();
         lines.extend(m.payload.split(|&b| b == b'\n').map(<[u8]>::to_vec));
     }
     lines.sort();
-    let mut want = vec![serde_json::to_vec(&two.message()).unwrap(), serde_json::to_vec(&three.message()).unwrap()];
+    let mut want = vec![
+        serde_json::to_vec(&two.message()).unwrap(),
+        serde_json::to_vec(&three.message()).unwrap(),
+    ];
     want.sort();
     assert_eq!(lines, want, "JSON lines");
     running.shutdown().await.unwrap();
@@ -418,13 +543,24 @@ fn schemas_that_cannot_serve_stop_the_start_with_a_message() {
     };
     let e = error(&|c| c.input = broken.clone());
     assert!(e.contains("broken.proto:5:1"), "file, line and column: {e}");
-    let e = error(&|c| c.input = InputConfig { message: "shop.v1.Nope".into(), ..shop_input() });
-    assert!(e.contains("shop.v1.Nope") && e.contains("shop.v1.Event, shop.v1.LineItem"), "{e}");
+    let e = error(&|c| {
+        c.input = InputConfig {
+            message: "shop.v1.Nope".into(),
+            ..shop_input()
+        }
+    });
+    assert!(
+        e.contains("shop.v1.Nope") && e.contains("shop.v1.Event, shop.v1.LineItem"),
+        "{e}"
+    );
     let e = error(&|c| {
         c.input = shop_input();
         c.key = eventsieve::config::KeyConfig::One("order_id".into());
     });
-    assert!(e.contains("key \"order_id\"") && e.contains("has no field"), "{e}");
+    assert!(
+        e.contains("key \"order_id\"") && e.contains("has no field"),
+        "{e}"
+    );
     let e = error(&|c| {
         c.input = shop_input();
         c.key = eventsieve::config::KeyConfig::One("amount".into());
@@ -436,7 +572,10 @@ fn schemas_that_cannot_serve_stop_the_start_with_a_message() {
     });
     assert!(e.contains("shard_key") && e.contains("a string"), "{e}");
     let e = error(&|c| {
-        c.input = InputConfig { proto_files: vec!["missing.proto".into()], ..shop_input() };
+        c.input = InputConfig {
+            proto_files: vec!["missing.proto".into()],
+            ..shop_input()
+        };
     });
     assert!(e.contains("missing.proto"), "{e}");
     // A FileDescriptorSet file works as the .proto files do.
@@ -451,4 +590,126 @@ fn schemas_that_cannot_serve_stop_the_start_with_a_message() {
     };
     let settings = config.validate().unwrap();
     assert_eq!(settings.format.schema().unwrap().name(), "shop.v1.Event");
+}
+
+/// The schema section of the one sidecar's status.
+async fn schema_status(settings: &Settings) -> serde_json::Value {
+    let lines = eventsieve::control::status::status_command(settings, true)
+        .await
+        .unwrap();
+    let node: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    node["schema"].clone()
+}
+
+/// Polls the status until `done` holds of the schema section (bounded).
+async fn wait_schema(settings: &Settings, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    for _ in 0..100 {
+        let s = schema_status(settings).await;
+        if done(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("schema status never got there: {}", schema_status(settings).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_set_while_serving_is_taken_or_refused_whole() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let settings = configured(&server, data.path(), |c| {
+        c.input = shop_input();
+        c.routing = RoutingSpec::parse(
+            "[[rule]]\nname = \"coupon\"\nwhen = 'event.type == \"ORDER_PLACED\" && event.coupon == \"SAVE10\"'\nto = [\"coupons\"]\n",
+        )
+        .unwrap();
+    });
+    let running = service::start(settings.clone()).await.unwrap();
+    let client = server.client().await;
+    let mut coupons = client.subscribe("coupons").await.unwrap();
+    // An order with field 30 (`coupon` in the next version): unknown now.
+    let with_coupon = |id: &str| {
+        let mut bytes = shop(id, "ORDER_PLACED", "shoes", 50.0).bytes();
+        prost::encoding::encode_key(30, prost::encoding::WireType::LengthDelimited, &mut bytes);
+        prost::encoding::encode_varint(6, &mut bytes);
+        bytes.extend_from_slice(b"SAVE10");
+        bytes
+    };
+    assert_eq!(
+        ask(&client, "dedup.ingest", with_coupon("c1")).await,
+        Answer::Verdict(true)
+    );
+    assert_silent(&mut coupons, "no coupon field in the configured schema").await;
+
+    // A compatible change: a field added.
+    let next = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(next.path().join("shop/v1")).unwrap();
+    let v1 = std::fs::read_to_string(proto_dir().join("shop/v1/events.proto")).unwrap();
+    let v2 = v1.replace(
+        "  string currency = 10;\n",
+        "  string currency = 10;\n  string coupon = 30;\n",
+    );
+    assert_ne!(v1, v2);
+    std::fs::write(next.path().join("shop/v1/events.proto"), &v2).unwrap();
+    let files = [PathBuf::from("shop/v1/events.proto")];
+    let done = eventsieve::control::schema::schema_set(&settings, &files, &[next.path().to_owned()])
+        .await
+        .unwrap();
+    assert!(done.contains("shop.v1.Event"), "{done}");
+    let taken = wait_schema(&settings, |s| s["revision"].as_u64().unwrap_or(0) > 0).await;
+    assert!(taken.get("rejected").is_none(), "{taken}");
+    assert_eq!(
+        ask(&client, "dedup.ingest", with_coupon("c2")).await,
+        Answer::Verdict(true)
+    );
+    let routed = tokio::time::timeout(Duration::from_secs(5), coupons.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&routed.payload[..], &with_coupon("c2")[..]);
+
+    // A change without the key field: the CLI refuses it, writing nothing...
+    let v3 = v2.replace("  string event_id = 1;\n", "");
+    std::fs::write(next.path().join("shop/v1/events.proto"), &v3).unwrap();
+    let refused = eventsieve::control::schema::schema_set(&settings, &files, &[next.path().to_owned()])
+        .await
+        .unwrap_err();
+    assert!(refused.contains("event_id"), "{refused}");
+    assert_eq!(schema_status(&settings).await["revision"], taken["revision"]);
+    // ...and a sidecar refuses it when it is put in the bucket anyway.
+    let (_, broken) = compile(&[next.path().to_owned()], &files).unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let store = js.get_key_value("eventsieve").await.unwrap();
+    store.put("schema", Bytes::from(broken)).await.unwrap();
+    let status = wait_schema(&settings, |s| s.get("rejected").is_some()).await;
+    assert_eq!(status["revision"], taken["revision"], "the schema in force stays");
+    assert!(
+        status["rejected"]["error"].as_str().unwrap().contains("event_id"),
+        "{status}"
+    );
+    // Still served by the taken schema: keys read, coupons routed.
+    assert_eq!(
+        ask(&client, "dedup.ingest", with_coupon("c3")).await,
+        Answer::Verdict(true)
+    );
+    tokio::time::timeout(Duration::from_secs(5), coupons.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = running
+        .metrics()
+        .render(running.dedup(), std::time::Instant::now());
+    assert!(text.contains("eventsieve_schema_rejected_total 1"), "{text}");
+
+    // Reset: the configured schema again.
+    eventsieve::control::schema::schema_reset(&settings)
+        .await
+        .unwrap();
+    wait_schema(&settings, |s| s["revision"].as_u64() > taken["revision"].as_u64()).await;
+    assert_eq!(
+        ask(&client, "dedup.ingest", with_coupon("c4")).await,
+        Answer::Verdict(true)
+    );
+    assert_silent(&mut coupons, "the configured schema has no coupon").await;
+    running.shutdown().await.unwrap();
 }

@@ -10,10 +10,10 @@ use eventsieve::engine::event::{Limits, Seen};
 use eventsieve::engine::input::Format;
 use eventsieve::engine::key::KeySpec;
 use eventsieve::engine::proto::Schema;
+use proptest::prelude::*;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value};
-use proptest::prelude::*;
 
 fn schema() -> Schema {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/proto");
@@ -99,7 +99,8 @@ fn fields(rng: &mut Rng, message: &MessageDescriptor, depth: u32, out: &mut Vec<
         };
         let wire = match &field {
             Some(f) if rng.chance(92) => {
-                let packable = f.is_list() && !matches!(f.kind(), Kind::String | Kind::Bytes | Kind::Message(_));
+                let packable =
+                    f.is_list() && !matches!(f.kind(), Kind::String | Kind::Bytes | Kind::Message(_));
                 if packable && rng.chance(50) {
                     WireType::LengthDelimited
                 } else {
@@ -112,13 +113,24 @@ fn fields(rng: &mut Rng, message: &MessageDescriptor, depth: u32, out: &mut Vec<
     }
 }
 
-fn value(rng: &mut Rng, number: u32, field: Option<&FieldDescriptor>, wire: WireType, depth: u32, out: &mut Vec<u8>) {
+fn value(
+    rng: &mut Rng,
+    number: u32,
+    field: Option<&FieldDescriptor>,
+    wire: WireType,
+    depth: u32,
+    out: &mut Vec<u8>,
+) {
     encode_key(number, wire, out);
     match wire {
         WireType::Varint => encode_varint(rng.varint_value(), out),
         WireType::ThirtyTwoBit => out.extend_from_slice(&(rng.next() as u32).to_le_bytes()),
         WireType::SixtyFourBit => {
-            let v = if rng.chance(20) { f64::NAN.to_bits() } else { rng.next() };
+            let v = if rng.chance(20) {
+                f64::NAN.to_bits()
+            } else {
+                rng.next()
+            };
             out.extend_from_slice(&v.to_le_bytes());
         }
         WireType::LengthDelimited => {
@@ -160,7 +172,11 @@ fn value(rng: &mut Rng, number: u32, field: Option<&FieldDescriptor>, wire: Wire
                     }
                 }
             }
-            let end = if rng.chance(90) { number } else { 1 + rng.below(400) as u32 };
+            let end = if rng.chance(90) {
+                number
+            } else {
+                1 + rng.below(400) as u32
+            };
             encode_key(end, WireType::EndGroup, out);
         }
         WireType::EndGroup => {}
@@ -235,7 +251,9 @@ fn same(event: &[u8], seen: Seen, want: &Expected) -> bool {
         (Seen::Missing, Expected::Missing) | (Seen::Other, Expected::Other) => true,
         (Seen::Bool(a), Expected::Bool(b)) => a == *b,
         (Seen::Number(a), Expected::Number(b)) => a == *b || a.is_nan() && b.is_nan(),
-        (Seen::Text { start, end }, Expected::Text(t)) => &event[start as usize..end as usize] == t.as_bytes(),
+        (Seen::Text { start, end }, Expected::Text(t)) => {
+            &event[start as usize..end as usize] == t.as_bytes()
+        }
         (Seen::Symbol(s), Expected::Text(t)) => s == t,
         _ => false,
     }
@@ -328,7 +346,11 @@ fn nesting_is_limited_as_the_decoder_limits_it() {
         let scanned = schema.capture(&bytes, &["inner"], &mut [Seen::Missing]).is_ok();
         assert_eq!(scanned, decoded, "depth {depth}");
     }
-    assert!(schema.capture(&nested(150), &["s"], &mut [Seen::Missing]).is_err());
+    assert!(
+        schema
+            .capture(&nested(150), &["s"], &mut [Seen::Missing])
+            .is_err()
+    );
 }
 
 #[test]
@@ -342,7 +364,10 @@ fn keys_of_each_kind_and_their_errors() {
     };
     let key = |spec: &[&str], bytes: &[u8]| {
         let spec = KeySpec::parse(&spec.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        format.id_of(&spec, bytes, &limits).map(|id| id.into_owned()).map_err(|e| e.to_string())
+        format
+            .id_of(&spec, bytes, &limits)
+            .map(|id| id.into_owned())
+            .map_err(|e| e.to_string())
     };
     let text = all(&|m| m.set_field_by_name("s", Value::String("abc123".into())));
     assert_eq!(key(&["s"], &text).unwrap(), "abc123");
@@ -350,13 +375,29 @@ fn keys_of_each_kind_and_their_errors() {
     assert_eq!(key(&["u64"], &number).unwrap(), u64::MAX.to_string());
     let negative = all(&|m| m.set_field_by_name("i64", Value::I64(-5)));
     assert!(key(&["i64"], &negative).unwrap_err().contains("negative"));
-    assert!(key(&["s"], &number).unwrap_err().contains("missing, empty or zero"));
+    assert!(
+        key(&["s"], &number)
+            .unwrap_err()
+            .contains("missing, empty or zero")
+    );
     let bad = all(&|m| m.set_field_by_name("s", Value::String("a-b".into())));
     assert!(key(&["s"], &bad).unwrap_err().contains("a-z, A-Z and 0-9"));
     let double = all(&|m| m.set_field_by_name("db", Value::F64(2.5)));
-    assert!(key(&["db"], &double).unwrap_err().contains("not a string or an integer"));
+    assert!(
+        key(&["db"], &double)
+            .unwrap_err()
+            .contains("not a string or an integer")
+    );
     let nested = all(&|m| {
-        let mut inner = DynamicMessage::new(m.descriptor().get_field_by_name("inner").unwrap().kind().as_message().unwrap().clone());
+        let mut inner = DynamicMessage::new(
+            m.descriptor()
+                .get_field_by_name("inner")
+                .unwrap()
+                .kind()
+                .as_message()
+                .unwrap()
+                .clone(),
+        );
         inner.set_field_by_name("name", Value::String("x".into()));
         m.set_field_by_name("inner", Value::Message(inner));
         m.set_field_by_name("s", Value::String("abc123".into()));
@@ -365,12 +406,24 @@ fn keys_of_each_kind_and_their_errors() {
     assert_eq!(hashed.len(), 32);
     // The same value as a JSON event's path key gives the same id.
     let json = KeySpec::parse(&["inner.name".to_string()]).unwrap();
-    assert_eq!(hashed, Format::Json.id_of(&json, br#"{"inner":{"name":"x"}}"#, &limits).unwrap());
+    assert_eq!(
+        hashed,
+        Format::Json
+            .id_of(&json, br#"{"inner":{"name":"x"}}"#, &limits)
+            .unwrap()
+    );
     assert!(key(&["inner.name"], &text).unwrap_err().contains("inner.name"));
     assert_eq!(key(&["s", "inner.name"], &nested).unwrap().len(), 32);
     let content = key(&["content"], &text).unwrap();
     assert_eq!(content.len(), 32);
     let garbage = key(&["s"], &[0xff, 0xff]).unwrap_err();
-    assert!(garbage.starts_with("event is not a valid test.v1.All"), "{garbage}");
-    assert!(key(&["content"], &[0x0a, 5, b'a']).unwrap_err().contains("buffer underflow"));
+    assert!(
+        garbage.starts_with("event is not a valid test.v1.All"),
+        "{garbage}"
+    );
+    assert!(
+        key(&["content"], &[0x0a, 5, b'a'])
+            .unwrap_err()
+            .contains("buffer underflow")
+    );
 }

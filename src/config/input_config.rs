@@ -94,7 +94,9 @@ impl InputConfig {
                             "the .proto files of the events (or `input.descriptor_set`)",
                         ));
                     }
-                    compile(&self.proto_paths, &self.proto_files).map_err(ConfigError::message)?.0
+                    compile(&self.proto_paths, &self.proto_files)
+                        .map_err(ConfigError::message)?
+                        .0
                 } else {
                     let bytes = std::fs::read(&self.descriptor_set).map_err(|e| {
                         ConfigError::message(format!("input.descriptor_set {}: {e}", self.descriptor_set))
@@ -107,7 +109,13 @@ impl InputConfig {
                     .map_err(|e| ConfigError::message(format!("input.message: {e}")))?;
                 Format::protobuf(schema)
             }
-            other => return Err(ConfigError::field("input.format", other, "\"json\" or \"protobuf\"")),
+            other => {
+                return Err(ConfigError::field(
+                    "input.format",
+                    other,
+                    "\"json\" or \"protobuf\"",
+                ));
+            }
         };
         Ok(InputSettings { format, output_json })
     }
@@ -140,7 +148,9 @@ fn compile_error(e: &protox::Error, paths: &[PathBuf]) -> String {
     use miette::Diagnostic;
     let place = e.file().and_then(|file| {
         let offset = e.labels()?.next()?.offset();
-        let text = paths.iter().find_map(|p| std::fs::read_to_string(Path::new(p).join(file)).ok())?;
+        let text = paths
+            .iter()
+            .find_map(|p| std::fs::read_to_string(Path::new(p).join(file)).ok())?;
         let before = text.get(..offset)?;
         let line = before.matches('\n').count() + 1;
         let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
@@ -182,23 +192,36 @@ pub fn check_fields(
                 | Kind::Sfixed64
         )
     };
-    let numeric = |kind: &Kind| text_or_integer(kind) && *kind != Kind::String || matches!(kind, Kind::Double | Kind::Float);
-    let check = |what: &str, path: &str, ok: &dyn Fn(&prost_reflect::FieldDescriptor) -> bool, wanted: &str| {
-        let parts: Vec<&str> = path.split('.').collect();
-        let field = schema
-            .field_at(&parts)
-            .map_err(|e| format!("{what} {path:?}: {e}"))?;
-        if field.is_list() || field.is_map() || !ok(&field) {
-            return Err(format!("{what} {path:?} must be {wanted}"));
-        }
-        Ok(())
+    let numeric = |kind: &Kind| {
+        text_or_integer(kind) && *kind != Kind::String || matches!(kind, Kind::Double | Kind::Float)
     };
+    let check =
+        |what: &str, path: &str, ok: &dyn Fn(&prost_reflect::FieldDescriptor) -> bool, wanted: &str| {
+            let parts: Vec<&str> = path.split('.').collect();
+            let field = schema
+                .field_at(&parts)
+                .map_err(|e| format!("{what} {path:?}: {e}"))?;
+            if field.is_list() || field.is_map() || !ok(&field) {
+                return Err(format!("{what} {path:?} must be {wanted}"));
+            }
+            Ok(())
+        };
     match key {
         KeySpec::Content => {}
-        KeySpec::Field(name) => check("key", name, &|f| text_or_integer(&f.kind()), "a string or an integer")?,
+        KeySpec::Field(name) => check(
+            "key",
+            name,
+            &|f| text_or_integer(&f.kind()),
+            "a string or an integer",
+        )?,
         KeySpec::Fields(paths) => {
             for path in paths {
-                check("key", &path.join("."), &|f| text_or_integer(&f.kind()), "a string or an integer")?;
+                check(
+                    "key",
+                    &path.join("."),
+                    &|f| text_or_integer(&f.kind()),
+                    "a string or an integer",
+                )?;
             }
         }
     }
@@ -224,7 +247,12 @@ pub fn check_fields(
         }
     }
     if let Some(o) = ordering {
-        check("ordering.session", &o.session, &|f| f.kind() == Kind::String, "a string")?;
+        check(
+            "ordering.session",
+            &o.session,
+            &|f| f.kind() == Kind::String,
+            "a string",
+        )?;
         let by_ok = |f: &prost_reflect::FieldDescriptor| {
             numeric(&f.kind())
                 || matches!(f.kind(), Kind::Message(m) if m.full_name() == "google.protobuf.Timestamp")

@@ -14,6 +14,7 @@
 //! that every request routed here is answered.
 
 pub mod rules;
+pub mod schema;
 pub mod status;
 pub mod window;
 
@@ -26,6 +27,10 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::watch;
 
+use async_nats::jetstream::kv;
+
+use crate::config::Settings;
+use crate::nats::kv::open_bucket;
 use crate::observe::metrics::{Endpoint, Metrics};
 use crate::shared::Shared;
 use crate::transport::fence::{self, Answer, Plain};
@@ -199,4 +204,17 @@ pub fn format_ms(ms: u64) -> String {
         }
     }
     format!("{ms}ms")
+}
+
+/// The KV bucket of what is set at run time, and the connection to it.
+pub(super) async fn bucket(settings: &Settings) -> Result<(async_nats::Client, kv::Store), String> {
+    let bucket = &settings.config.kv_bucket;
+    if bucket.is_empty() {
+        return Err("kv_bucket is empty: what is set at run time (rules, schema) lives there".into());
+    }
+    let client = crate::nats::options::connect(&settings.config.nats, Arc::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let store = open_bucket(&client, bucket, settings.config.cluster.replicas).await?;
+    Ok((client, store))
 }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::config::{OutputKind, RoutingSpec, Settings};
-use crate::nats::kv::{open_bucket, watch_key};
+use crate::nats::kv::watch_key;
 use crate::output::jetstream::unbound_subject;
 use crate::route::{KeyReader, Router, RuleSet};
 use crate::shared::Shared;
@@ -144,7 +144,7 @@ fn test(
 ///
 /// If the bucket cannot be reached.
 pub async fn rules_get(settings: &Settings) -> Result<String, String> {
-    let (_, store) = bucket(settings).await?;
+    let (_, store) = super::bucket(settings).await?;
     match store.entry(RULES_KEY).await.map_err(|e| e.to_string())? {
         Some(entry) if entry.operation == kv::Operation::Put => Ok(format!(
             "# kv:{}/{RULES_KEY} revision {}\n{}",
@@ -167,7 +167,7 @@ pub async fn rules_get(settings: &Settings) -> Result<String, String> {
 /// The set's first problem (nothing is written), or the bucket's.
 pub async fn rules_set(settings: &Settings, text: &str) -> Result<String, String> {
     let set = check(settings, text)?;
-    let (client, store) = bucket(settings).await?;
+    let (client, store) = super::bucket(settings).await?;
     if settings.config.output == OutputKind::Jetstream
         && let Some(why) = unbound_subject(&jetstream::new(client), &set).await
     {
@@ -220,16 +220,4 @@ fn check(settings: &Settings, text: &str) -> Result<RuleSet, String> {
     RuleSet::build(&spec, &config.output_subject, config.shards, 0, &|_| {
         Arc::default()
     })
-}
-
-async fn bucket(settings: &Settings) -> Result<(async_nats::Client, kv::Store), String> {
-    let bucket = &settings.config.kv_bucket;
-    if bucket.is_empty() {
-        return Err("kv_bucket is empty: the rules are set in the configuration only".into());
-    }
-    let client = crate::nats::options::connect(&settings.config.nats, Arc::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let store = open_bucket(&client, bucket, settings.config.cluster.replicas).await?;
-    Ok((client, store))
 }

@@ -33,7 +33,21 @@ pub(super) async fn status(ctx: &Arc<Shared>, window: &Window, node: &str, start
         "verdicts": ctx.metrics.answered(),
         "uptime_s": started.elapsed().as_secs(),
         "rules": rules(ctx),
+        "schema": schema(ctx),
     })
+}
+
+/// The protobuf schema this node reads events by, and its last refusal
+/// since; null for JSON input.
+fn schema(ctx: &Shared) -> Value {
+    let Some(schemas) = ctx.pipeline.dedup().config().format.schemas() else {
+        return Value::Null;
+    };
+    let mut v = json!({ "revision": schemas.revision(), "message": schemas.current().name() });
+    if let Some((revision, why)) = schemas.last_rejection() {
+        v["rejected"] = json!({ "revision": revision, "error": why });
+    }
+    v
 }
 
 /// The routing rules this node runs, and its last refusal since.
@@ -94,7 +108,22 @@ pub async fn status_command(settings: &Settings, json: bool) -> Result<Vec<Strin
                 rejected["error"].as_str().unwrap_or("?")
             );
         }
-        // One line a node: the rules go at the end of its line.
+        let p = &s["schema"];
+        if !p.is_null() {
+            rules += &format!(
+                "  schema revision {} ({})",
+                p["revision"],
+                p["message"].as_str().unwrap_or("?")
+            );
+            if let Some(rejected) = p.get("rejected") {
+                rules += &format!(
+                    "; refused revision {}: {}",
+                    rejected["revision"],
+                    rejected["error"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        // One line a node: the rules and the schema go at the end of its line.
         if let Some(line) = lines.last_mut() {
             line.push_str(&rules);
         }

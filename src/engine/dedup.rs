@@ -246,7 +246,10 @@ impl Deduplicator {
     ///
     /// The [`EventError`] of the first rule the event breaks.
     pub fn key<'a>(&self, event: &'a [u8]) -> Result<Keyed<'a>, EventError> {
-        let id = self.config.format.id_of(&self.config.key, event, &self.config.limits)?;
+        let id = self
+            .config
+            .format
+            .id_of(&self.config.key, event, &self.config.limits)?;
         Ok(Keyed {
             shard: self.shard(event, &id)?,
             fingerprint: Fingerprint::of(id.as_bytes()),

@@ -15,7 +15,8 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 
@@ -29,14 +30,68 @@ pub enum Format {
     #[default]
     Json,
     /// Messages of the schema in force.
-    Protobuf(Arc<ArcSwap<Schema>>),
+    Protobuf(Arc<Schemas>),
+}
+
+/// The protobuf schema in force, the configured one, and what happened to
+/// the ones set at run time.
+pub struct Schemas {
+    current: ArcSwap<Schema>,
+    configured: Arc<Schema>,
+    /// The KV revision of the schema in force (0: the configuration's).
+    revision: AtomicU64,
+    /// The last schema refused since, and why.
+    rejected: Mutex<Option<(u64, String)>>,
+    rejections: AtomicU64,
+}
+
+impl Schemas {
+    /// The schema in force.
+    pub fn current(&self) -> Arc<Schema> {
+        self.current.load_full()
+    }
+
+    /// The configuration's schema.
+    pub fn configured(&self) -> &Arc<Schema> {
+        &self.configured
+    }
+
+    /// Puts `schema` (KV revision `revision`) in force for every request
+    /// that starts after this.
+    pub fn install(&self, schema: Arc<Schema>, revision: u64) {
+        self.current.store(schema);
+        self.revision.store(revision, Relaxed);
+    }
+
+    /// Records that the schema of `revision` was refused, and why.
+    pub fn refuse(&self, revision: u64, why: &str) {
+        self.rejections.fetch_add(1, Relaxed);
+        *self.rejected.lock().unwrap_or_else(PoisonError::into_inner) = Some((revision, why.to_owned()));
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Relaxed)
+    }
+
+    /// Schemas refused so far.
+    pub fn rejections(&self) -> u64 {
+        self.rejections.load(Relaxed)
+    }
+
+    /// The last refusal: its revision and reason.
+    pub fn last_rejection(&self) -> Option<(u64, String)> {
+        self.rejected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl fmt::Debug for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Json => f.write_str("Json"),
-            Self::Protobuf(s) => write!(f, "Protobuf({})", s.load().name()),
+            Self::Protobuf(s) => write!(f, "Protobuf({})", s.current.load().name()),
         }
     }
 }
@@ -66,7 +121,22 @@ pub struct Frames {
 impl Format {
     /// Protobuf messages of `schema`.
     pub fn protobuf(schema: Schema) -> Self {
-        Self::Protobuf(Arc::new(ArcSwap::from_pointee(schema)))
+        let schema = Arc::new(schema);
+        Self::Protobuf(Arc::new(Schemas {
+            current: ArcSwap::new(schema.clone()),
+            configured: schema,
+            revision: AtomicU64::new(0),
+            rejected: Mutex::new(None),
+            rejections: AtomicU64::new(0),
+        }))
+    }
+
+    /// The protobuf schemas, in force and configured.
+    pub fn schemas(&self) -> Option<&Arc<Schemas>> {
+        match self {
+            Self::Json => None,
+            Self::Protobuf(s) => Some(s),
+        }
     }
 
     pub fn is_protobuf(&self) -> bool {
@@ -77,15 +147,7 @@ impl Format {
     pub fn schema(&self) -> Option<Arc<Schema>> {
         match self {
             Self::Json => None,
-            Self::Protobuf(s) => Some(s.load_full()),
-        }
-    }
-
-    /// Puts `schema` in force for every request that starts after this.
-    /// No effect on JSON.
-    pub fn replace(&self, schema: Schema) {
-        if let Self::Protobuf(s) = self {
-            s.store(Arc::new(schema));
+            Self::Protobuf(s) => Some(s.current()),
         }
     }
 
@@ -94,8 +156,14 @@ impl Format {
     /// # Errors
     ///
     /// The first rule the event breaks.
-    pub fn id_of<'a>(&self, key: &KeySpec, event: &'a [u8], limits: &Limits) -> Result<Cow<'a, str>, EventError> {
-        self.id_capturing(key, event, limits, &[], &mut []).map(|(id, _)| id)
+    pub fn id_of<'a>(
+        &self,
+        key: &KeySpec,
+        event: &'a [u8],
+        limits: &Limits,
+    ) -> Result<Cow<'a, str>, EventError> {
+        self.id_capturing(key, event, limits, &[], &mut [])
+            .map(|(id, _)| id)
     }
 
     /// The id of `event`, and the top-level fields `capture` read into
@@ -115,20 +183,30 @@ impl Format {
     ) -> Result<(Cow<'a, str>, bool), EventError> {
         let schema = match self {
             Self::Json => return key.id_capturing(event, limits, capture, seen),
-            Self::Protobuf(s) => s.load(),
+            Self::Protobuf(s) => s.current.load(),
         };
         match key {
             KeySpec::Content => {
                 schema.check(event, limits)?;
                 if !capture.is_empty() {
-                    schema.capture(event, capture, seen).map_err(|e| schema.invalid(e))?;
+                    schema
+                        .capture(event, capture, seen)
+                        .map_err(|e| schema.invalid(e))?;
                 }
                 Ok((Cow::Owned(crate::engine::key::hashed(event)), true))
             }
             KeySpec::Field(name) => schema
-                .key(std::slice::from_ref(&vec![name.clone()]), event, limits, capture, seen)
+                .key(
+                    std::slice::from_ref(&vec![name.clone()]),
+                    event,
+                    limits,
+                    capture,
+                    seen,
+                )
                 .map(|id| (id, true)),
-            KeySpec::Fields(paths) => schema.key(paths, event, limits, capture, seen).map(|id| (id, true)),
+            KeySpec::Fields(paths) => schema
+                .key(paths, event, limits, capture, seen)
+                .map(|id| (id, true)),
         }
     }
 
@@ -137,7 +215,7 @@ impl Format {
     pub fn capture<S: AsRef<str>>(&self, event: &[u8], names: &[S], seen: &mut [Seen]) -> bool {
         match self {
             Self::Json => event::capture(event, names, seen),
-            Self::Protobuf(s) => s.load().capture(event, names, seen).is_ok(),
+            Self::Protobuf(s) => s.current.load().capture(event, names, seen).is_ok(),
         }
     }
 
@@ -156,7 +234,12 @@ impl Format {
     /// # Errors
     ///
     /// The event breaks a rule, or the field is missing or breaks an id rule.
-    pub fn id_field<'a>(&self, event: &'a [u8], name: &str, limits: &Limits) -> Result<Cow<'a, str>, EventError> {
+    pub fn id_field<'a>(
+        &self,
+        event: &'a [u8],
+        name: &str,
+        limits: &Limits,
+    ) -> Result<Cow<'a, str>, EventError> {
         match self {
             Self::Json => event::field(event, name, limits),
             Self::Protobuf(_) => self.id_of(&KeySpec::Field(name.to_owned()), event, limits),
@@ -222,7 +305,10 @@ fn delimited(body: &[u8]) -> Frames {
         let len = match prost::encoding::decode_varint(&mut rest) {
             Ok(len) => len,
             Err(_) => {
-                frames.truncated = Some((at..body.len(), "a message's length prefix is not a valid varint".into()));
+                frames.truncated = Some((
+                    at..body.len(),
+                    "a message's length prefix is not a valid varint".into(),
+                ));
                 break;
             }
         };
@@ -250,9 +336,13 @@ mod tests {
     #[test]
     fn delimited_frames_and_a_truncated_tail() {
         let mut body = Vec::new();
-        let f = Format::Protobuf(Arc::new(ArcSwap::from_pointee(
-            Schema::new(prost_reflect::DescriptorPool::global(), "google.protobuf.Timestamp").unwrap(),
-        )));
+        let f = Format::protobuf(
+            Schema::new(
+                prost_reflect::DescriptorPool::global(),
+                "google.protobuf.Timestamp",
+            )
+            .unwrap(),
+        );
         f.push(&mut body, b"abc");
         f.push(&mut body, b"");
         f.push(&mut body, &[7; 200]);

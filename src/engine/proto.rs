@@ -132,7 +132,10 @@ impl Scalar {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Got {
     Missing,
-    Text { start: u32, end: u32 },
+    Text {
+        start: u32,
+        end: u32,
+    },
     Int(i64),
     Uint(u64),
     Float(f64),
@@ -157,7 +160,10 @@ struct Want {
 /// replaced at run time adds only names not seen before).
 fn intern(name: &str) -> &'static str {
     static NAMES: OnceLock<Mutex<std::collections::HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(&known) = names.get(name) {
         return known;
     }
@@ -182,7 +188,10 @@ fn fail<T>(reason: impl Into<String>) -> Result<T, DecodeError> {
 
 fn prost_fail<T>(e: prost::DecodeError) -> Result<T, DecodeError> {
     let text = e.to_string();
-    fail(text.trim_start_matches("failed to decode Protobuf message: ").to_owned())
+    fail(
+        text.trim_start_matches("failed to decode Protobuf message: ")
+            .to_owned(),
+    )
 }
 
 impl Schema {
@@ -207,7 +216,10 @@ impl Schema {
         let mut plans = Vec::new();
         let mut index = HashMap::new();
         plan_of(&message, &mut plans, &mut index);
-        let names = message.fields().map(|f| (f.name().to_owned(), f.number())).collect();
+        let names = message
+            .fields()
+            .map(|f| (f.name().to_owned(), f.number()))
+            .collect();
         Ok(Self {
             pool,
             message,
@@ -260,7 +272,12 @@ impl Schema {
     /// # Errors
     ///
     /// Why `event` is not a valid message.
-    pub fn capture<S: AsRef<str>>(&self, event: &[u8], names: &[S], seen: &mut [Seen]) -> Result<(), DecodeError> {
+    pub fn capture<S: AsRef<str>>(
+        &self,
+        event: &[u8],
+        names: &[S],
+        seen: &mut [Seen],
+    ) -> Result<(), DecodeError> {
         let mut got = [Got::Missing; 8];
         let mut more;
         let got: &mut [Got] = if names.len() <= got.len() {
@@ -320,11 +337,7 @@ impl Schema {
                 Seen::Missing
             };
         }
-        let values: Vec<Got> = key
-            .iter()
-            .zip(&leaves)
-            .map(|(_, &slot)| got[slot])
-            .collect();
+        let values: Vec<Got> = key.iter().zip(&leaves).map(|(_, &slot)| got[slot]).collect();
         let name = |i: usize| key[i].join(".");
         if let ([path], [value]) = (key, values.as_slice())
             && path.len() == 1
@@ -340,8 +353,11 @@ impl Schema {
                 Got::Uint(0) | Got::Int(0) | Got::Text { .. } | Got::Missing => Err(missing_key(about)),
                 Got::Uint(v) => Ok(Cow::Owned(v.to_string())),
                 Got::Int(v) if v > 0 => Ok(Cow::Owned(v.to_string())),
-                Got::Int(_) => Err(EventError::new(EventErrorKind::IdInvalidChars)
-                    .because_text(format!("\"{about}\" is negative: a key must be text or a non-negative integer"))),
+                Got::Int(_) => Err(
+                    EventError::new(EventErrorKind::IdInvalidChars).because_text(format!(
+                        "\"{about}\" is negative: a key must be text or a non-negative integer"
+                    )),
+                ),
                 _ => Err(not_text_or_integer(about)),
             };
         }
@@ -520,21 +536,27 @@ impl Schema {
 fn missing_key(name: &str) -> EventError {
     EventError::new(EventErrorKind::MissingId)
         .about(name)
-        .because_text(format!("\"{name}\" is missing, empty or zero (a key field must hold a value)"))
+        .because_text(format!(
+            "\"{name}\" is missing, empty or zero (a key field must hold a value)"
+        ))
 }
 
 fn not_text_or_integer(name: &str) -> EventError {
-    EventError::new(EventErrorKind::IdNotString)
-        .because_text(format!("\"{name}\" is not a string or an integer (a key field must be one)"))
+    EventError::new(EventErrorKind::IdNotString).because_text(format!(
+        "\"{name}\" is not a string or an integer (a key field must be one)"
+    ))
 }
 
 fn default_of(kind: Scalar) -> Got {
     match kind {
         Scalar::String => Got::Text { start: 0, end: 0 },
         Scalar::Double | Scalar::Float => Got::Float(0.0),
-        Scalar::Int32 | Scalar::Int64 | Scalar::Sint32 | Scalar::Sint64 | Scalar::Sfixed32 | Scalar::Sfixed64 => {
-            Got::Int(0)
-        }
+        Scalar::Int32
+        | Scalar::Int64
+        | Scalar::Sint32
+        | Scalar::Sint64
+        | Scalar::Sfixed32
+        | Scalar::Sfixed64 => Got::Int(0),
         Scalar::Uint32 | Scalar::Uint64 | Scalar::Fixed32 | Scalar::Fixed64 => Got::Uint(0),
         Scalar::Bool => Got::Bool(false),
         Scalar::Enum(_) => Got::Enum(0),
@@ -619,7 +641,8 @@ fn scalar_of(kind: &Kind, group: bool, plans: &mut Vec<Plan>, index: &mut HashMa
         Kind::String => Scalar::String,
         Kind::Bytes => Scalar::Bytes,
         Kind::Enum(e) => {
-            let names: Vec<(i32, &'static str)> = e.values().map(|v| (v.number(), intern(v.name()))).collect();
+            let names: Vec<(i32, &'static str)> =
+                e.values().map(|v| (v.number(), intern(v.name()))).collect();
             Scalar::Enum(Box::leak(names.into_boxed_slice()))
         }
         Kind::Message(m) => {
@@ -668,7 +691,10 @@ impl Scanner<'_> {
                 Some(field) => {
                     let want = wants.iter().find(|w| w.number == number);
                     if let Some(oneof) = field.oneof {
-                        for w in wants.iter().filter(|w| w.oneof == Some(oneof) && w.number != number) {
+                        for w in wants
+                            .iter()
+                            .filter(|w| w.oneof == Some(oneof) && w.number != number)
+                        {
                             clear(w, got);
                         }
                     }
@@ -754,7 +780,9 @@ impl Scanner<'_> {
             while inner.has_remaining() {
                 let (number, wire) = decode_key(&mut inner).or_else(prost_fail)?;
                 match plan.field(number).filter(|_| number == 1 || number == 2) {
-                    Some(f) => self.value(&mut inner, number, f.kind, wire, ctx, None, &mut []).map(drop)?,
+                    Some(f) => self
+                        .value(&mut inner, number, f.kind, wire, ctx, None, &mut [])
+                        .map(drop)?,
                     None => self.skip(&mut inner, number, wire, ctx)?,
                 }
             }
@@ -770,7 +798,15 @@ impl Scanner<'_> {
                 let mut inner = take_len(buf, len)?;
                 any = inner.has_remaining();
                 while inner.has_remaining() {
-                    self.value(&mut inner, field.number, field.kind, field.kind.wire_type(), ctx, None, &mut [])?;
+                    self.value(
+                        &mut inner,
+                        field.number,
+                        field.kind,
+                        field.kind.wire_type(),
+                        ctx,
+                        None,
+                        &mut [],
+                    )?;
                 }
             } else {
                 self.value(buf, field.number, field.kind, wire, ctx, None, &mut [])?;
@@ -791,7 +827,10 @@ impl Scanner<'_> {
                 (v, _) => v,
             };
             if let Got::Time(s, n) = got[w.slot] {
-                got[w.slot] = Got::Time(if s == i64::MIN { 0 } else { s }, if n == i32::MIN { 0 } else { n });
+                got[w.slot] = Got::Time(
+                    if s == i64::MIN { 0 } else { s },
+                    if n == i32::MIN { 0 } else { n },
+                );
             }
         }
         Ok(())
@@ -885,7 +924,15 @@ impl Scanner<'_> {
                         return fail("unexpected end group tag");
                     }
                     match plan_ref.field(inner_number) {
-                        Some(f) => match self.value(&mut inner, inner_number, f.kind, wire, ctx - 1, None, &mut [])? {
+                        Some(f) => match self.value(
+                            &mut inner,
+                            inner_number,
+                            f.kind,
+                            wire,
+                            ctx - 1,
+                            None,
+                            &mut [],
+                        )? {
                             Got::Int(v) if inner_number == 1 => secs = v,
                             Got::Int(v) if inner_number == 2 => nanos = v as i32,
                             _ => {}

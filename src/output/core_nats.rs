@@ -90,7 +90,8 @@ impl CoreNats {
     async fn publish_lines(&self, subject: &Subject, body: &Bytes, lines: &[Range<usize>]) {
         if self.batch_output == BatchOutput::PerEvent {
             for r in lines {
-                self.publish(subject, None, self.republish.event(&body.slice(r.clone()))).await;
+                self.publish(subject, None, self.republish.event(&body.slice(r.clone())))
+                    .await;
             }
             return;
         }

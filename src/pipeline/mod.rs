@@ -374,7 +374,11 @@ impl<O: Output> Pipeline<O> {
         let shards = self.dedup.shard_count();
         Arc::get_mut(&mut self.chain)
             .expect("set before the pipeline runs")
-            .reorder = Some(Reorder::with_format(ordering, shards, self.dedup.config().format.clone()));
+            .reorder = Some(Reorder::with_format(
+            ordering,
+            shards,
+            self.dedup.config().format.clone(),
+        ));
         self
     }
 

@@ -153,7 +153,10 @@ impl<T: Clone> Reorder<T> {
                 Seen::Text { start, end } => std::str::from_utf8(&e[start as usize..end as usize])
                     .ok()
                     .map(Box::from),
-                Seen::Escaped => self.format.text(&e, &self.settings.session).map(|t| Box::from(t.as_ref())),
+                Seen::Escaped => self
+                    .format
+                    .text(&e, &self.settings.session)
+                    .map(|t| Box::from(t.as_ref())),
                 Seen::Symbol(name) => Some(Box::from(name)),
                 _ => None,
             };

@@ -353,7 +353,10 @@ impl RuleSet {
                 }
             }
             None if !self.fields.is_empty() && !format.capture(event, &self.fields, seen) => {
-                out.error = Some((String::new(), "the event is not a JSON object or a message of the schema".into()));
+                out.error = Some((
+                    String::new(),
+                    "the event is not a JSON object or a message of the schema".into(),
+                ));
                 out.targets.extend(self.error);
                 return;
             }

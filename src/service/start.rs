@@ -75,10 +75,9 @@ pub async fn start_with(
         OutputKind::Core => (None, None),
         OutputKind::Jetstream => {
             let name = &settings.config.output_stream;
-            let first =
-                PublishBeforeCommit::open(client.clone(), name, &subjects, shards, router.clone())
-                    .await?
-                    .with_republish(republish(&settings));
+            let first = PublishBeforeCommit::open(client.clone(), name, &subjects, shards, router.clone())
+                .await?
+                .with_republish(republish(&settings));
             let js = async_nats::jetstream::new(client.clone());
             if let Some(why) = unbound_subject(&js, &router.current()).await {
                 return Err(ServiceError::Routing(why));
@@ -90,6 +89,15 @@ pub async fn start_with(
     let rules_bucket = window.bucket().cloned();
     if let Some(store) = &rules_bucket {
         control::rules::load(&router, store, streams.as_ref()).await;
+    }
+    // So does the protobuf schema kept there (after the rules, which it
+    // is checked against).
+    let schema = control::schema::SchemaControl::new(&settings, router.clone());
+    if let Some(schema) = &schema {
+        metrics.add_render(schema.clone());
+        if let Some(store) = &rules_bucket {
+            control::schema::load(schema, store).await;
+        }
     }
     let pipeline = pipeline(
         &settings,
@@ -154,6 +162,9 @@ pub async fn start_with(
     .await
     .map_err(|e| NatsError::Subscribe(format!("{}: {e}", subjects.window())))?;
     background.push(tokio::spawn(window.clone().watch(ctx.clone())));
+    if let (Some(store), Some(schema)) = (&rules_bucket, schema) {
+        background.push(tokio::spawn(control::schema::watch(schema, store.clone())));
+    }
     if let Some(store) = rules_bucket {
         background.push(tokio::spawn(control::rules::watch(
             ctx.router.clone(),
@@ -242,15 +253,17 @@ fn pipeline(
         }
     }
     let sink = match settings.config.output {
-        OutputKind::Core => Sink::Core(Box::new(CoreNats::new(
-            client.clone(),
-            subjects,
-            shards,
-            settings.config.batch_output,
-            metrics.clone(),
-            (router.clone(), engine.capture.clone()),
-        )
-        .with_republish(republish(settings)))),
+        OutputKind::Core => Sink::Core(Box::new(
+            CoreNats::new(
+                client.clone(),
+                subjects,
+                shards,
+                settings.config.batch_output,
+                metrics.clone(),
+                (router.clone(), engine.capture.clone()),
+            )
+            .with_republish(republish(settings)),
+        )),
         OutputKind::Jetstream => Sink::BeforeCommit,
     };
     let dedup = Deduplicator::new(engine);

@@ -275,7 +275,8 @@ impl Aggregate {
         let t = at(&s.time).unwrap_or(0);
         let wanted = self.wanted();
         let format = &self.format;
-        let found = events.map(move |(event, seen)| Some(fields::found(format, event, seen, [g, v, t], wanted)));
+        let found =
+            events.map(move |(event, seen)| Some(fields::found(format, event, seen, [g, v, t], wanted)));
         self.add_found(found, now_ms);
     }
 

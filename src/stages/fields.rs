@@ -55,7 +55,13 @@ pub fn read<'a>(format: &Format, event: &'a [u8], wanted: Wanted<'_>) -> Option<
 /// `seen[at[0]]`, the value at `seen[at[1]]`, the time at `seen[at[2]]`
 /// (if `wanted.time` is set). An escaped group text is decoded by reading
 /// the event again.
-pub fn found<'a>(format: &Format, event: &'a [u8], seen: &[Seen], at: [usize; 3], wanted: Wanted<'_>) -> Found<'a> {
+pub fn found<'a>(
+    format: &Format,
+    event: &'a [u8],
+    seen: &[Seen],
+    at: [usize; 3],
+    wanted: Wanted<'_>,
+) -> Found<'a> {
     let number = |seen: Seen| match seen {
         Seen::Missing => Field::Missing,
         Seen::Number(x) => Field::Found(x),
@@ -65,9 +71,13 @@ pub fn found<'a>(format: &Format, event: &'a [u8], seen: &[Seen], at: [usize; 3]
         Seen::Missing => Field::Missing,
         Seen::Text { start, end } => match event.get(start as usize..end as usize).map(std::str::from_utf8) {
             Some(Ok(text)) => Field::Found(Cow::Borrowed(text)),
-            _ => format.text(event, wanted.group).map_or(Field::Wrong, Field::Found),
+            _ => format
+                .text(event, wanted.group)
+                .map_or(Field::Wrong, Field::Found),
         },
-        Seen::Escaped => format.text(event, wanted.group).map_or(Field::Wrong, Field::Found),
+        Seen::Escaped => format
+            .text(event, wanted.group)
+            .map_or(Field::Wrong, Field::Found),
         Seen::Symbol(name) => Field::Found(Cow::Borrowed(name)),
         Seen::Number(_) | Seen::Bool(_) | Seen::Null | Seen::Other => Field::Wrong,
     };

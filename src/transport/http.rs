@@ -193,7 +193,12 @@ fn verdict(new: bool) -> Response {
 /// reads. No `Content-Type` is taken as the configured format.
 fn unsupported(ctx: &Shared, headers: &HeaderMap) -> Option<Response> {
     let given = headers.get(header::CONTENT_TYPE)?.to_str().unwrap_or("?");
-    let essence = given.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let essence = given
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     let protobuf = ctx.pipeline.dedup().config().format.is_protobuf();
     let fits = match essence.as_str() {
         "application/x-protobuf" | "application/protobuf" | "application/vnd.google.protobuf" => protobuf,
@@ -201,7 +206,11 @@ fn unsupported(ctx: &Shared, headers: &HeaderMap) -> Option<Response> {
         "application/octet-stream" | "" => true,
         _ => false,
     };
-    let takes = if protobuf { "application/x-protobuf" } else { "application/json" };
+    let takes = if protobuf {
+        "application/x-protobuf"
+    } else {
+        "application/json"
+    };
     (!fits).then(|| {
         reply(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
