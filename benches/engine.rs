@@ -11,6 +11,10 @@
 //!   its lines seen before) plus encoding the reply: the sidecar's batch
 //!   path without NATS and the store.
 //!
+//! - `input/...`: validating and keying a ~200-byte e-commerce event, and
+//!   reading the three fields rules and aggregates read, in JSON and as
+//!   the same content in protobuf (`shop.v1.Event`).
+//!
 //! `cargo bench --bench engine`
 
 use std::hint::black_box;
@@ -295,7 +299,7 @@ fn aggregate_query(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, ingest, table, batches, aggregate_query, routing);
+criterion_group!(benches, ingest, table, batches, aggregate_query, routing, input);
 criterion_main!(benches);
 
 /// Routing rules on 200-byte e-commerce events: 1, 5 and 50 rules (the
@@ -369,6 +373,79 @@ fn routing(c: &mut Criterion) {
                     set.route_read(e, (3, "dedup.ingest"), &key, (&at, seen), &mut out);
                     black_box(&out);
                 }
+            })
+        });
+    }
+    group.finish();
+}
+
+/// One e-commerce event of about 200 bytes, in JSON and in protobuf, with
+/// the same fields and values.
+fn shop_event(i: u64) -> (Vec<u8>, Vec<u8>) {
+    use prost::Message;
+    use prost_reflect::{DynamicMessage, Value};
+    let (pool, _) = eventsieve::config::input_config::compile(
+        &[std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/proto")],
+        &["shop/v1/events.proto".into()],
+    )
+    .unwrap();
+    let desc = pool.get_message_by_name("shop.v1.Event").unwrap();
+    let mut m = DynamicMessage::new(desc.clone());
+    let id = format!("ev{i:012}");
+    let texts = [
+        ("event_id", id.as_str()),
+        ("session_id", "s0123456789abcdef"),
+        ("user_id", "u0123456789"),
+        ("category", "electronics"),
+        ("product_id", "p-0000012345-blue-xl"),
+        ("currency", "USD"),
+    ];
+    for (name, v) in texts {
+        m.set_field_by_name(name, Value::String(v.into()));
+    }
+    m.set_field_by_name("type", Value::EnumNumber(3));
+    m.set_field_by_name("amount", Value::F64(1234.56));
+    m.set_field_by_name("seq", Value::U64(17));
+    let ts_desc = desc.get_field_by_name("timestamp").unwrap().kind().as_message().unwrap().clone();
+    let mut ts = DynamicMessage::new(ts_desc);
+    ts.set_field_by_name("seconds", Value::I64(1_764_000_000));
+    ts.set_field_by_name("nanos", Value::I32(123_456_789));
+    m.set_field_by_name("timestamp", Value::Message(ts));
+    let proto = m.encode_to_vec();
+    let json = format!(
+        r#"{{"event_id":"{id}","type":"ORDER_PLACED","session_id":"s0123456789abcdef","user_id":"u0123456789","category":"electronics","product_id":"p-0000012345-blue-xl","currency":"USD","amount":1234.56,"seq":17,"timestamp":1764000000.123456789}}"#
+    );
+    (json.into_bytes(), proto)
+}
+
+fn input(c: &mut Criterion) {
+    use eventsieve::engine::event::{Limits, Seen};
+    use eventsieve::engine::input::Format;
+    use eventsieve::engine::key::KeySpec;
+    use eventsieve::engine::proto::Schema;
+    let (json, proto) = shop_event(1);
+    let (pool, _) = eventsieve::config::input_config::compile(
+        &[std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/proto")],
+        &["shop/v1/events.proto".into()],
+    )
+    .unwrap();
+    let protobuf = Format::protobuf(Schema::new(pool, "shop.v1.Event").unwrap());
+    let key = KeySpec::default();
+    let limits = Limits::default();
+    let fields: Vec<String> = ["type", "amount", "category"].map(String::from).to_vec();
+    let mut group = c.benchmark_group("input");
+    group.throughput(Throughput::Elements(1));
+    for (name, format, event) in [("json", Format::Json, &json), ("protobuf", protobuf, &proto)] {
+        group.bench_function(format!("key/{name} {}B", event.len()), |b| {
+            b.iter(|| black_box(format.id_of(&key, black_box(event), &limits).unwrap().len()))
+        });
+        group.bench_function(format!("key+3 fields/{name} {}B", event.len()), |b| {
+            let mut seen = [Seen::Missing; 3];
+            b.iter(|| {
+                let (id, _) = format
+                    .id_capturing(&key, black_box(event), &limits, &fields, &mut seen)
+                    .unwrap();
+                black_box((id.len(), seen[1]))
             })
         });
     }

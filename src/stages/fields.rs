@@ -1,9 +1,10 @@
 //! The few top-level fields a stage reads from an accepted event, as it
 //! sees them (text, number, missing or of the wrong type). They are read
-//! by the engine's one reader of top-level fields: with the key on the
-//! batch path ([`event::field_capturing`]), on their own otherwise
-//! ([`event::capture`]); so the key and the stages agree on every event,
-//! and of a field given twice the first counts.
+//! by the engine's one reader of top-level fields for the input's format:
+//! with the key on the batch path ([`Format::id_capturing`]), on their own
+//! otherwise ([`Format::capture`]); so the key and the stages agree on
+//! every event. Of a JSON field given twice the first counts; of a
+//! protobuf field, the last (as protobuf's decoders read it).
 
 use std::borrow::Cow;
 
@@ -106,7 +107,7 @@ mod tests {
     fn wanted_fields_are_read_and_the_rest_skipped() {
         let e = br#"{"event_id":"a1","nested":{"metric_name":"x"},"metric_name":"temp\u00e9","list":[1,{"a":2}],"metric_value":-2.5e1,"timestamp":1678886400}"#;
         assert_eq!(
-            read(e, W),
+            read(&Format::Json, e, W),
             Some(Found {
                 group: Field::Found("temp\u{e9}".into()),
                 value: Field::Found(-25.0),
@@ -115,7 +116,7 @@ mod tests {
         );
         let e = br#"{"metric_name":7,"metric_value":"12","timestamp":null}"#;
         assert_eq!(
-            read(e, W),
+            read(&Format::Json, e, W),
             Some(Found {
                 group: Field::Wrong,
                 value: Field::Wrong,
@@ -127,10 +128,10 @@ mod tests {
             value: Field::Missing,
             time: Field::Missing,
         };
-        assert_eq!(read(b"{}", W), Some(none));
-        assert_eq!(read(b"[1]", W), None);
+        assert_eq!(read(&Format::Json, b"{}", W), Some(none));
+        assert_eq!(read(&Format::Json, b"[1]", W), None);
         let arrival = Wanted { time: "", ..W };
-        assert_eq!(read(br#"{"timestamp":5}"#, arrival).unwrap().time, Field::Missing);
+        assert_eq!(read(&Format::Json, br#"{"timestamp":5}"#, arrival).unwrap().time, Field::Missing);
     }
 
     #[test]
@@ -157,13 +158,13 @@ mod tests {
         for e in events {
             let with_key: Vec<u8> = [&br#"{"event_id":"k1","#[..], &e.trim_ascii()[1..]].concat();
             let mut seen = [Seen::Missing; 3];
-            let keyed = event::field_capturing(&with_key, "event_id", &limits, &names, &mut seen);
+            let keyed = crate::engine::event::field_capturing(&with_key, "event_id", &limits, &names, &mut seen);
             if keyed.is_err() || !e.trim_ascii().starts_with(b"{") || e.trim_ascii().len() < 3 {
                 continue;
             }
             assert_eq!(
-                read(&with_key, W),
-                Some(found(&with_key, &seen, [0, 1, 2], W)),
+                read(&Format::Json, &with_key, W),
+                Some(found(&Format::Json, &with_key, &seen, [0, 1, 2], W)),
                 "{}",
                 String::from_utf8_lossy(&with_key)
             );
@@ -172,7 +173,7 @@ mod tests {
         assert!(compared >= 8, "compared {compared} events");
         // Of a field given twice, the first counts.
         let e = br#"{"metric_name":"a","metric_value":1,"timestamp":5,"metric_value":2,"metric_name":"b"}"#;
-        let read = read(e, W).unwrap();
+        let read = read(&Format::Json, e, W).unwrap();
         assert_eq!(
             (read.group, read.value),
             (Field::Found("a".into()), Field::Found(1.0))
