@@ -238,7 +238,11 @@ fn aggregate_query(c: &mut Criterion) {
         };
         b.iter(|| {
             for e in &events {
-                black_box(eventsieve::stages::fields::read(e, wanted));
+                black_box(eventsieve::stages::fields::read(
+                    &eventsieve::engine::input::Format::Json,
+                    e,
+                    wanted,
+                ));
             }
         })
     });
@@ -339,6 +343,7 @@ fn routing(c: &mut Criterion) {
     let key = KeyReader {
         spec: KeySpec::Field("event_id".into()),
         limits: Limits::default(),
+        format: eventsieve::engine::input::Format::Json,
     };
     let mut group = c.benchmark_group("routing");
     group.throughput(Throughput::Elements(events.len() as u64));
@@ -406,7 +411,13 @@ fn shop_event(i: u64) -> (Vec<u8>, Vec<u8>) {
     m.set_field_by_name("type", Value::EnumNumber(3));
     m.set_field_by_name("amount", Value::F64(1234.56));
     m.set_field_by_name("seq", Value::U64(17));
-    let ts_desc = desc.get_field_by_name("timestamp").unwrap().kind().as_message().unwrap().clone();
+    let ts_desc = desc
+        .get_field_by_name("timestamp")
+        .unwrap()
+        .kind()
+        .as_message()
+        .unwrap()
+        .clone();
     let mut ts = DynamicMessage::new(ts_desc);
     ts.set_field_by_name("seconds", Value::I64(1_764_000_000));
     ts.set_field_by_name("nanos", Value::I32(123_456_789));

@@ -20,7 +20,12 @@ use eventsieve::engine::batch::{self, Entry};
 use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor, Value};
 
-const KINDS: [&str; 4] = ["PRODUCT_VIEWED", "PRODUCT_ADDED_TO_CART", "ORDER_PLACED", "PAYMENT_PROCESSED"];
+const KINDS: [&str; 4] = [
+    "PRODUCT_VIEWED",
+    "PRODUCT_ADDED_TO_CART",
+    "ORDER_PLACED",
+    "PAYMENT_PROCESSED",
+];
 const CATEGORIES: [&str; 4] = ["shoes", "hats", "books", "games"];
 
 /// Event `i` of the run: a session's `i`-th step, its amount, its time.
@@ -36,16 +41,28 @@ fn event(desc: &MessageDescriptor, run: u64, i: u64) -> Vec<u8> {
     set(&mut m, "type", Value::EnumNumber(number));
     set(&mut m, "session_id", Value::String(format!("s{}", i / 4)));
     set(&mut m, "user_id", Value::String(format!("u{}", i / 8)));
-    set(&mut m, "category", Value::String(CATEGORIES[(i / 4 % 4) as usize].into()));
+    set(
+        &mut m,
+        "category",
+        Value::String(CATEGORIES[(i / 4 % 4) as usize].into()),
+    );
     set(&mut m, "product_id", Value::String(format!("p{}", i % 97)));
     // Every 10th order is a big one: the fraud rule sends it on.
-    let amount = if kind == "ORDER_PLACED" && i % 40 == 2 { 1500.0 } else { 10.0 + (i % 90) as f64 };
+    let amount = if kind == "ORDER_PLACED" && i % 40 == 2 {
+        1500.0
+    } else {
+        10.0 + (i % 90) as f64
+    };
     set(&mut m, "amount", Value::F64(amount));
     set(&mut m, "currency", Value::String("USD".into()));
     set(&mut m, "seq", Value::U64(i % 4));
-    let ts_desc = desc.get_field_by_name("timestamp").and_then(|f| f.kind().as_message().cloned());
+    let ts_desc = desc
+        .get_field_by_name("timestamp")
+        .and_then(|f| f.kind().as_message().cloned());
     if let Some(ts_desc) = ts_desc {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let mut ts = DynamicMessage::new(ts_desc);
         ts.set_field_by_name("seconds", Value::I64(now.as_secs() as i64));
         ts.set_field_by_name("nanos", Value::I32(now.subsec_nanos() as i32));
@@ -63,7 +80,10 @@ async fn ingest(client: &Client, event: Vec<u8>) -> Result<bool, String> {
     if let Some(headers) = &reply.headers
         && let Some(code) = headers.get("Nats-Service-Error-Code")
     {
-        let reason = headers.get("Nats-Service-Error").map(|r| r.to_string()).unwrap_or_default();
+        let reason = headers
+            .get("Nats-Service-Error")
+            .map(|r| r.to_string())
+            .unwrap_or_default();
         return Err(format!("{code}: {reason}"));
     }
     Ok(&reply.payload[..] == br#"{"accepted":true}"#)
@@ -87,9 +107,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batch_size: usize = args.next().map_or(Ok(100), |a| a.parse())?;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/proto");
     let (pool, _) = compile(&[root], &["shop/v1/events.proto".into()])?;
-    let desc = pool.get_message_by_name("shop.v1.Event").ok_or("no shop.v1.Event")?;
+    let desc = pool
+        .get_message_by_name("shop.v1.Event")
+        .ok_or("no shop.v1.Event")?;
     let client = async_nats::connect(&url).await?;
-    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
 
     // A tenth one by one, each sent twice.
     let singles = count / 10;
@@ -125,7 +149,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    println!("sent {count} events twice ({singles} one by one, the rest in batches of {batch_size}): {new} new, {duplicates} duplicates, {errors} errors");
+    println!(
+        "sent {count} events twice ({singles} one by one, the rest in batches of {batch_size}): {new} new, {duplicates} duplicates, {errors} errors"
+    );
     if new != count || duplicates != count {
         return Err(format!("expected {count} new and {count} duplicates").into());
     }

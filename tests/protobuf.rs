@@ -392,6 +392,7 @@ async fn routed_and_aggregated(
             .headers
             .as_ref()
             .is_some_and(|h| h.get("Eventsieve-Count").is_some());
+        #[allow(clippy::single_range_in_vec_init)]
         let ranges = if counted {
             format.split(&m.payload).ranges
         } else {
@@ -582,11 +583,13 @@ fn schemas_that_cannot_serve_stop_the_start_with_a_message() {
     let (_, set) = compile(&[proto_dir()], &["shop/v1/events.proto".into()]).unwrap();
     let path = dir.path().join("shop.pb");
     std::fs::write(&path, set).unwrap();
-    let mut config = Config::default();
-    config.input = InputConfig {
-        descriptor_set: path.display().to_string(),
-        proto_files: Vec::new(),
-        ..shop_input()
+    let config = Config {
+        input: InputConfig {
+            descriptor_set: path.display().to_string(),
+            proto_files: Vec::new(),
+            ..shop_input()
+        },
+        ..Config::default()
     };
     let settings = config.validate().unwrap();
     assert_eq!(settings.format.schema().unwrap().name(), "shop.v1.Event");

@@ -196,17 +196,14 @@ impl Format {
                 Ok((Cow::Owned(crate::engine::key::hashed(event)), true))
             }
             KeySpec::Field(name) => schema
-                .key(
-                    std::slice::from_ref(&vec![name.clone()]),
-                    event,
-                    limits,
-                    capture,
-                    seen,
-                )
+                .key(&[std::slice::from_ref(name)], event, limits, capture, seen)
                 .map(|id| (id, true)),
-            KeySpec::Fields(paths) => schema
-                .key(paths, event, limits, capture, seen)
-                .map(|id| (id, true)),
+            KeySpec::Fields(paths) => {
+                let paths: Vec<&[String]> = paths.iter().map(Vec::as_slice).collect();
+                schema
+                    .key(&paths, event, limits, capture, seen)
+                    .map(|id| (id, true))
+            }
         }
     }
 

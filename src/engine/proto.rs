@@ -44,7 +44,7 @@ pub struct Schema {
     /// One per message type reachable from the root; `plans[0]` is the root.
     plans: Vec<Plan>,
     /// The root's fields by name.
-    names: HashMap<String, u32>,
+    names: HashMap<String, u32, foldhash::fast::RandomState>,
 }
 
 impl fmt::Debug for Schema {
@@ -286,15 +286,10 @@ impl Schema {
             more = vec![Got::Missing; names.len()];
             &mut more
         };
-        let wants = self.wants(names.iter().map(|n| (n.as_ref(), &[][..])));
+        let wants = self.wants(names.iter().map(AsRef::as_ref));
         self.scan(event, &wants, got)?;
         for ((slot, got), want) in seen.iter_mut().zip(got.iter()).zip(&wants) {
             *slot = self.seen(0, want, *got);
-        }
-        for (slot, name) in seen.iter_mut().zip(names) {
-            if !self.has_field(name.as_ref()) {
-                *slot = Seen::Missing;
-            }
         }
         Ok(())
     }
@@ -312,7 +307,7 @@ impl Schema {
     /// The message does not decode, or the key breaks a rule.
     pub fn key<'a>(
         &self,
-        key: &[Vec<String>],
+        key: &[&[String]],
         event: &'a [u8],
         limits: &Limits,
         capture: &[String],
@@ -322,26 +317,29 @@ impl Schema {
             return Err(crate::engine::event::too_large(limits.max_event_bytes));
         }
         let n = capture.len();
-        let mut got = vec![Got::Missing; n + key.iter().map(Vec::len).sum::<usize>()];
-        let mut wants = self.wants(capture.iter().map(|c| (c.as_str(), &[][..])));
+        let total = n + key.iter().map(|p| p.len()).sum::<usize>();
+        let (mut on_stack, mut more) = ([Got::Missing; 16], Vec::new());
+        let got: &mut [Got] = if total <= on_stack.len() {
+            &mut on_stack[..total]
+        } else {
+            more.resize(total, Got::Missing);
+            &mut more
+        };
+        let mut wants = self.wants(capture.iter().map(String::as_str));
         let mut at = n;
-        let mut leaves = Vec::with_capacity(key.len());
-        for path in key {
-            leaves.push(self.add_path(&mut wants, path, &mut at));
+        let leaves: Vec<usize> = key
+            .iter()
+            .map(|path| self.add_path(&mut wants, path, &mut at))
+            .collect();
+        self.scan(event, &wants, got).map_err(|e| self.invalid(e))?;
+        for ((slot, want), got) in seen.iter_mut().zip(&wants).zip(got.iter()).take(n) {
+            *slot = self.seen(0, want, *got);
         }
-        self.scan(event, &wants, &mut got).map_err(|e| self.invalid(e))?;
-        for (i, slot) in seen.iter_mut().enumerate().take(n) {
-            *slot = if self.has_field(&capture[i]) {
-                self.seen(0, &wants[i], got[i])
-            } else {
-                Seen::Missing
-            };
-        }
-        let values: Vec<Got> = key.iter().zip(&leaves).map(|(_, &slot)| got[slot]).collect();
         let name = |i: usize| key[i].join(".");
-        if let ([path], [value]) = (key, values.as_slice())
+        if let ([path], [leaf]) = (key, leaves.as_slice())
             && path.len() == 1
         {
+            let value = &got[*leaf];
             let about = &path[0];
             return match *value {
                 Got::Text { start, end } if end > start => {
@@ -361,9 +359,9 @@ impl Schema {
                 _ => Err(not_text_or_integer(about)),
             };
         }
-        let mut json = Vec::with_capacity(values.len());
-        for (i, value) in values.iter().enumerate() {
-            json.push(match *value {
+        let mut json = Vec::with_capacity(leaves.len());
+        for (i, &leaf) in leaves.iter().enumerate() {
+            json.push(match got[leaf] {
                 Got::Text { start, end } if start == end => {
                     return Err(missing_key(&name(i)));
                 }
@@ -437,10 +435,10 @@ impl Schema {
             .map_err(|e| e.to_string())
     }
 
-    fn wants<'n>(&self, names: impl Iterator<Item = (&'n str, &'n [String])>) -> Vec<Want> {
+    fn wants<'n>(&self, names: impl Iterator<Item = &'n str>) -> Vec<Want> {
         names
             .enumerate()
-            .map(|(slot, (name, _))| {
+            .map(|(slot, name)| {
                 let field = self.names.get(name).and_then(|&n| self.plans[0].field(n));
                 Want {
                     number: field.map_or(0, |f| f.number),

@@ -131,7 +131,10 @@ mod tests {
         assert_eq!(read(&Format::Json, b"{}", W), Some(none));
         assert_eq!(read(&Format::Json, b"[1]", W), None);
         let arrival = Wanted { time: "", ..W };
-        assert_eq!(read(&Format::Json, br#"{"timestamp":5}"#, arrival).unwrap().time, Field::Missing);
+        assert_eq!(
+            read(&Format::Json, br#"{"timestamp":5}"#, arrival).unwrap().time,
+            Field::Missing
+        );
     }
 
     #[test]
@@ -158,7 +161,8 @@ mod tests {
         for e in events {
             let with_key: Vec<u8> = [&br#"{"event_id":"k1","#[..], &e.trim_ascii()[1..]].concat();
             let mut seen = [Seen::Missing; 3];
-            let keyed = crate::engine::event::field_capturing(&with_key, "event_id", &limits, &names, &mut seen);
+            let keyed =
+                crate::engine::event::field_capturing(&with_key, "event_id", &limits, &names, &mut seen);
             if keyed.is_err() || !e.trim_ascii().starts_with(b"{") || e.trim_ascii().len() < 3 {
                 continue;
             }
