@@ -189,8 +189,9 @@ fn verdict(new: bool) -> Response {
     (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// A body in a format the sidecar does not read: 415 naming the one it
-/// reads. No `Content-Type` is taken as the configured format.
+/// A body declared in the other format than the sidecar reads (protobuf
+/// to a JSON sidecar, JSON to a protobuf one): 415 naming the one it
+/// reads. Any other `Content-Type` is read as the configured format.
 fn unsupported(ctx: &Shared, headers: &HeaderMap) -> Option<Response> {
     let given = headers.get(header::CONTENT_TYPE)?.to_str().unwrap_or("?");
     let essence = given
@@ -202,9 +203,9 @@ fn unsupported(ctx: &Shared, headers: &HeaderMap) -> Option<Response> {
     let protobuf = ctx.pipeline.dedup().config().format.is_protobuf();
     let fits = match essence.as_str() {
         "application/x-protobuf" | "application/protobuf" | "application/vnd.google.protobuf" => protobuf,
-        "application/json" | "application/x-ndjson" | "text/plain" => !protobuf,
-        "application/octet-stream" | "" => true,
-        _ => false,
+        "application/json" | "application/x-ndjson" => !protobuf,
+        // None declared, curl's form type, octet-stream: the configured format.
+        _ => true,
     };
     let takes = if protobuf {
         "application/x-protobuf"
