@@ -174,7 +174,7 @@ fn intern(name: &str) -> &'static str {
 
 /// The reason a message does not decode.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodeError(String);
+pub struct DecodeError(Box<str>);
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -182,8 +182,9 @@ impl fmt::Display for DecodeError {
     }
 }
 
+#[cold]
 fn fail<T>(reason: impl Into<String>) -> Result<T, DecodeError> {
-    Err(DecodeError(reason.into()))
+    Err(DecodeError(reason.into().into_boxed_str()))
 }
 
 fn prost_fail<T>(e: prost::DecodeError) -> Result<T, DecodeError> {
@@ -696,8 +697,9 @@ impl Scanner<'_> {
                             clear(w, got);
                         }
                     }
-                    self.field(buf, field, wire, ctx, want, got)
-                        .map_err(|e| DecodeError(format!("field {} ({}): {e}", field.name, field.number)))?;
+                    self.field(buf, field, wire, ctx, want, got).map_err(|e| {
+                        DecodeError(format!("field {} ({}): {e}", field.name, field.number).into())
+                    })?;
                 }
             }
         }
@@ -757,6 +759,7 @@ impl Scanner<'_> {
         }
     }
 
+    #[inline]
     fn field(
         &self,
         buf: &mut &[u8],
@@ -835,6 +838,7 @@ impl Scanner<'_> {
     }
 
     /// One value of type `kind` sent with wire type `wire`.
+    #[inline]
     #[allow(clippy::too_many_arguments)]
     fn value(
         &self,
