@@ -25,7 +25,13 @@
 //!     [--shards 32] [--batch-output per_shard|per_event]
 //!     [--serve-relay | --relay-pid PID]
 //!     [--metrics 127.0.0.1:9464] [--server-pid PID] [--json]
+//!     [--format json|protobuf]
 //! ```
+//!
+//! - `--format protobuf` sends the same events as `loadgen.v1.Event`
+//!   messages (`examples/proto/loadgen/v1/event.proto`), padded to the same
+//!   size, batches length-delimited; the sidecar must read that schema
+//!   (`examples/scripts/format-compare.sh` runs both).
 //!
 //! - `--batch N` sends N events per request to `dedup.batch` (0: one event
 //!   per request to `dedup.ingest.<id>`).
@@ -86,6 +92,8 @@ struct Args {
     serve_relay: bool,
     relay_pid: Option<u32>,
     json: bool,
+    /// Events as `loadgen.v1.Event` protobuf messages.
+    protobuf: bool,
 }
 
 fn usage(problem: &str) -> ! {
@@ -115,6 +123,7 @@ fn args() -> Args {
         serve_relay: false,
         relay_pid: None,
         json: false,
+        protobuf: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -178,6 +187,13 @@ fn args() -> Args {
                 }
             }
             "--json" => a.json = true,
+            "--format" => {
+                a.protobuf = match value().as_str() {
+                    "json" => false,
+                    "protobuf" => true,
+                    other => usage(&format!("--format: {other:?} is not json or protobuf")),
+                }
+            }
             other => usage(&format!("unknown flag {other}")),
         }
     }
@@ -263,14 +279,44 @@ impl Rng {
 /// Appends an event of about `size` bytes with id `<tag>w<w>n<k>`, a
 /// `session_id` (64 per worker, for `shard_key`), a metric for aggregates
 /// (`metric_name` one of 16, `metric_value`, `timestamp` in seconds) and
-/// padding in a field; never shorter than those need.
-fn event(out: &mut Vec<u8>, (tag, w, k): (&str, usize, u64), size: usize) {
+/// padding in a field; never shorter than those need. As JSON, or as a
+/// `loadgen.v1.Event` protobuf message of the same size.
+fn event(out: &mut Vec<u8>, (tag, w, k): (&str, usize, u64), size: usize, protobuf: bool) {
     use std::io::Write;
     const PAD: &[u8] = &[b'x'; 8192];
     let start = out.len();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let pad_to = |out: &mut Vec<u8>, mut pad: usize| {
+        while pad > 0 {
+            let n = pad.min(PAD.len());
+            out.extend_from_slice(&PAD[..n]);
+            pad -= n;
+        }
+    };
+    if protobuf {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        let text = |out: &mut Vec<u8>, number: u32, value: &[u8]| {
+            encode_key(number, WireType::LengthDelimited, out);
+            encode_varint(value.len() as u64, out);
+            out.extend_from_slice(value);
+        };
+        text(out, 1, format!("{tag}w{w}n{k}").as_bytes());
+        text(out, 2, format!("s{w}x{}", k % 64).as_bytes());
+        text(out, 3, b"load");
+        text(out, 4, format!("m{}", k % 16).as_bytes());
+        encode_key(5, WireType::SixtyFourBit, out);
+        out.extend_from_slice(&((k % 1000) as f64).to_le_bytes());
+        encode_key(6, WireType::Varint, out);
+        encode_varint(now, out);
+        // The pad: its key and length take 3 bytes up to 16 KiB.
+        let pad = size.saturating_sub(out.len() - start + 3);
+        encode_key(7, WireType::LengthDelimited, out);
+        encode_varint(pad as u64, out);
+        pad_to(out, pad);
+        return;
+    }
     write!(
         out,
         r#"{{"event_id":"{tag}w{w}n{k}","session_id":"s{w}x{}","kind":"load","metric_name":"m{}","metric_value":{},"timestamp":{now},"pad":""#,
@@ -279,13 +325,41 @@ fn event(out: &mut Vec<u8>, (tag, w, k): (&str, usize, u64), size: usize) {
         k % 1000
     )
     .expect("write to a Vec");
-    let mut pad = size.saturating_sub(out.len() - start + 2);
-    while pad > 0 {
-        let n = pad.min(PAD.len());
-        out.extend_from_slice(&PAD[..n]);
-        pad -= n;
-    }
+    let pad = size.saturating_sub(out.len() - start + 2);
+    pad_to(out, pad);
     out.extend_from_slice(b"\"}");
+}
+
+/// The events of a batch body: lines, or length-delimited messages.
+fn frames(body: &[u8], protobuf: bool) -> Vec<Range<usize>> {
+    if !protobuf {
+        return batch::lines(body);
+    }
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Ok(len) = prost::encoding::decode_varint(&mut rest) {
+        let start = body.len() - rest.len();
+        let end = (start + len as usize).min(body.len());
+        out.push(start..end);
+        rest = &body[end..];
+        if rest.is_empty() {
+            break;
+        }
+    }
+    out
+}
+
+/// `ranges` of `body` as one batch body, framed as the format frames them.
+fn join(body: &[u8], ranges: &[Range<usize>], protobuf: bool) -> Vec<(Vec<u8>, usize)> {
+    if !protobuf {
+        return batch::join(body, ranges, usize::MAX);
+    }
+    let mut out = Vec::new();
+    for r in ranges {
+        prost::encoding::encode_varint(r.len() as u64, &mut out);
+        out.extend_from_slice(&body[r.clone()]);
+    }
+    vec![(out, ranges.len())]
 }
 
 /// One worker: keeps one request in flight until the deadline or its share
@@ -305,6 +379,7 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
     let mut fresh = 0u64;
     let mut ids: Vec<(u64, bool)> = Vec::with_capacity(per_request);
     let mut body = Vec::new();
+    let mut scratch = Vec::new();
     while t.events < budget && Instant::now() < deadline {
         ids.clear();
         for _ in 0..per_request {
@@ -323,7 +398,7 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
             Target::JetStream(js) => {
                 let (k, _) = ids[0];
                 body.clear();
-                event(&mut body, (&tag, w, k), rng.size(a.size));
+                event(&mut body, (&tag, w, k), rng.size(a.size), a.protobuf);
                 let mut headers = HeaderMap::new();
                 headers.insert("Nats-Msg-Id", id(k).as_str());
                 let subject = format!("loadgen.js.{tag}.{w}");
@@ -340,11 +415,20 @@ async fn worker(client: Client, target: Target, a: Args, tag: String, w: usize, 
             }
             Target::Raw | Target::Relay | Target::Sidecar => {
                 body.clear();
+                let framed = a.protobuf && per_request > 1;
                 for (i, &(k, _)) in ids.iter().enumerate() {
+                    if framed {
+                        // Length-delimited: the event goes after its length.
+                        scratch.clear();
+                        event(&mut scratch, (&tag, w, k), rng.size(a.size), true);
+                        prost::encoding::encode_varint(scratch.len() as u64, &mut body);
+                        body.extend_from_slice(&scratch);
+                        continue;
+                    }
                     if i > 0 {
                         body.push(b'\n');
                     }
-                    event(&mut body, (&tag, w, k), rng.size(a.size));
+                    event(&mut body, (&tag, w, k), rng.size(a.size), a.protobuf);
                 }
                 let subject = match (&target, a.batch) {
                     (Target::Raw, _) => format!("loadgen.echo.{tag}"),
@@ -642,7 +726,7 @@ async fn relay(a: &Args, tag: &str) -> Result<Relay, async_nats::Error> {
     } else {
         vec![format!("loadgen.batch.{}", relay_tag(a, tag))]
     };
-    let (batch, shards, per_event) = (a.batch > 0, a.shards, a.per_event);
+    let (batch, shards, per_event, protobuf) = (a.batch > 0, a.shards, a.per_event, a.protobuf);
     let single = |shard: u32, payload: Bytes| Republish {
         subject: format!("loadgen.unique.{shard}"),
         headers: None,
@@ -661,7 +745,7 @@ async fn relay(a: &Args, tag: &str) -> Result<Relay, async_nats::Error> {
         }
         let mut verdicts = Vec::new();
         let mut new: Vec<Vec<Range<usize>>> = vec![Vec::new(); shards as usize];
-        for range in batch::lines(payload) {
+        for range in frames(payload, protobuf) {
             if is_new() {
                 verdicts.push(Entry::New);
                 new[shard(&payload[range.clone()], shards) as usize].push(range);
@@ -679,7 +763,7 @@ async fn relay(a: &Args, tag: &str) -> Result<Relay, async_nats::Error> {
                 );
                 continue;
             }
-            for (joined, count) in batch::join(payload, lines, usize::MAX) {
+            for (joined, count) in join(payload, lines, protobuf) {
                 let mut headers = HeaderMap::new();
                 headers.insert(COUNT_HEADER, count.to_string().as_str());
                 republish.push(Republish {
@@ -697,6 +781,11 @@ async fn relay(a: &Args, tag: &str) -> Result<Relay, async_nats::Error> {
 /// The shard of one of this generator's events, as the sidecar computes it
 /// (the id is read at its fixed place, not parsed).
 fn shard(event: &[u8], shards: u32) -> u32 {
+    // A protobuf event: field 1 (tag 0x0a), a one-byte length, the id.
+    if let [0x0a, len, rest @ ..] = event {
+        let id = rest.get(..usize::from(*len)).unwrap_or_default();
+        return shard_of(std::str::from_utf8(id).unwrap_or(""), shards);
+    }
     const PREFIX: &[u8] = br#"{"event_id":""#;
     let id = &event[PREFIX.len()..];
     let end = memchr::memchr(b'"', id).unwrap_or(id.len());
