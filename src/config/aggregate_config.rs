@@ -37,6 +37,94 @@ pub struct AggregateConfig {
     pub emit_every: String,
     /// The window of event time those medians cover. Default `5s`.
     pub emit_window: String,
+    /// Statistics published on a schedule (`[[aggregate.emit]]`, any
+    /// number). Default none.
+    pub emit: Vec<EmitConfig>,
+}
+
+/// One `[[aggregate.emit]]`: a statistic of each group over a moving
+/// window of event time, published every `every`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmitConfig {
+    /// `count`, `sum`, `mean`, `min`, `max` or `quantile(q)` with `q` in
+    /// 0..1. Required.
+    pub stat: String,
+    /// The event time covered, ending now. At most `max_window`. Default `5m`.
+    pub window: String,
+    /// How often. 10 ms to 1 h. Default `1s`.
+    pub every: String,
+    /// Where each group's message goes; `{group}` is replaced by the group
+    /// (`_` when the group is not a subject token). Required.
+    pub subject: String,
+}
+
+impl Default for EmitConfig {
+    fn default() -> Self {
+        Self {
+            stat: String::new(),
+            window: "5m".into(),
+            every: "1s".into(),
+            subject: String::new(),
+        }
+    }
+}
+
+/// What an emission publishes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stat {
+    Count,
+    Sum,
+    Mean,
+    Min,
+    Max,
+    /// The `q` quantile, from the sketches (within `accuracy_percent`).
+    Quantile(f64),
+}
+
+impl Stat {
+    /// `count`, `sum`, `mean`, `min`, `max`, `quantile(0.99)`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        Some(match text {
+            "count" => Self::Count,
+            "sum" => Self::Sum,
+            "mean" => Self::Mean,
+            "min" => Self::Min,
+            "max" => Self::Max,
+            _ => {
+                let q: f64 = text
+                    .strip_prefix("quantile(")?
+                    .strip_suffix(')')?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Self::Quantile(Some(q).filter(|q| (0.0..=1.0).contains(q))?)
+            }
+        })
+    }
+
+    /// As written in the configuration and the messages.
+    pub fn name(self) -> String {
+        match self {
+            Self::Count => "count".into(),
+            Self::Sum => "sum".into(),
+            Self::Mean => "mean".into(),
+            Self::Min => "min".into(),
+            Self::Max => "max".into(),
+            Self::Quantile(q) => format!("quantile({q})"),
+        }
+    }
+}
+
+/// One `[[aggregate.emit]]`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmitSettings {
+    pub stat: Stat,
+    pub window_ms: u64,
+    pub every_ms: u64,
+    /// May hold `{group}`.
+    pub subject: String,
 }
 
 impl Default for AggregateConfig {
@@ -53,6 +141,7 @@ impl Default for AggregateConfig {
             accuracy_percent: "1".into(),
             emit_every: String::new(),
             emit_window: "5s".into(),
+            emit: Vec::new(),
         }
     }
 }
@@ -109,7 +198,46 @@ impl AggregateConfig {
             every => Some(duration("emit_every", every, 3_600_000)?),
         };
         let emit_window_ms = duration("emit_window", &self.emit_window, max_window_ms)?;
+        let emit = self
+            .emit
+            .iter()
+            .enumerate()
+            .map(|(j, e)| {
+                let name = |n: &str| field(&format!("emit[{j}].{n}"));
+                let stat = Stat::parse(&e.stat).ok_or_else(|| {
+                    ConfigError::field(
+                        &name("stat"),
+                        &e.stat,
+                        "count, sum, mean, min, max or quantile(q) with q from 0 to 1",
+                    )
+                })?;
+                let window_ms = parse_duration_ms(&e.window)
+                    .filter(|ms| (1..=max_window_ms).contains(ms))
+                    .ok_or_else(|| ConfigError::field(&name("window"), &e.window, "1ms to max_window, e.g. \"5m\""))?;
+                let every_ms = parse_duration_ms(&e.every)
+                    .filter(|ms| (10..=3_600_000).contains(ms))
+                    .ok_or_else(|| ConfigError::field(&name("every"), &e.every, "10ms to 1h, e.g. \"1s\""))?;
+                let subject_ok = !e.subject.is_empty()
+                    && e.subject
+                        .split('.')
+                        .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ']));
+                if !subject_ok {
+                    return Err(ConfigError::field(
+                        &name("subject"),
+                        &e.subject,
+                        "a NATS subject without wildcards, may contain {group}, e.g. \"stats.sales.mean.{group}\"",
+                    ));
+                }
+                Ok(EmitSettings {
+                    stat,
+                    window_ms,
+                    every_ms,
+                    subject: e.subject.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(AggregateSettings {
+            emit,
             name: if self.name.is_empty() {
                 self.group.clone()
             } else {
@@ -152,6 +280,8 @@ pub struct AggregateSettings {
     pub emit_every_ms: Option<u64>,
     /// ... over this much of the latest event time.
     pub emit_window_ms: u64,
+    /// Statistics published on a schedule.
+    pub emit: Vec<EmitSettings>,
 }
 
 /// The top-level fields the aggregates read, each once, in the order of

@@ -28,7 +28,9 @@ pub mod nats_config;
 pub mod ordering_config;
 pub mod routing_config;
 
-pub use aggregate_config::{AggregateConfig, AggregateSettings, captured_fields};
+pub use aggregate_config::{
+    AggregateConfig, AggregateSettings, EmitConfig, EmitSettings, Stat, captured_fields,
+};
 pub use cluster_config::ClusterConfig;
 pub use input_config::{InputConfig, InputSettings};
 pub use nats_config::{NatsConfig, Secret, redact_urls};

@@ -4,6 +4,7 @@
 //! ([`query`]).
 
 pub mod aggregate;
+pub mod emit;
 pub mod fields;
 pub mod query;
 pub mod replica;

@@ -116,6 +116,15 @@ pub async fn serve(
             let (c, p, a) = (ctx.clone(), peers.clone(), agg.clone());
             tasks.push(tokio::spawn(emit_medians(c, p, a, Duration::from_millis(every))));
         }
+        // One task per schedule: emissions due together share their gathers.
+        let mut schedules: std::collections::BTreeMap<u64, Vec<_>> = Default::default();
+        for emit in &agg.settings.emit {
+            schedules.entry(emit.every_ms).or_default().push(emit.clone());
+        }
+        for emits in schedules.into_values() {
+            let (c, p, a) = (ctx.clone(), peers.clone(), agg.clone());
+            tasks.push(tokio::spawn(super::emit::run(c, p, a, emits)));
+        }
     }
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(EVICT_EVERY);
@@ -184,7 +193,7 @@ fn asked(agg: &Aggregate, query: &Value, now_ms: u64) -> Result<Asked, String> {
 }
 
 /// Unix seconds of `ms`: whole when it is, else with the fraction.
-fn seconds(ms: u64) -> Value {
+pub(super) fn seconds(ms: u64) -> Value {
     if ms.is_multiple_of(1000) {
         json!(ms / 1000)
     } else {
@@ -192,7 +201,7 @@ fn seconds(ms: u64) -> Value {
     }
 }
 
-fn number(x: f64) -> String {
+pub(super) fn number(x: f64) -> String {
     serde_json::to_string(&x).unwrap_or_else(|_| "null".into())
 }
 
@@ -295,15 +304,20 @@ fn local(ctx: &Shared, agg: &Aggregate, request: &Value) -> (Vec<u32>, HashMap<S
 /// nodes whose panes are not in it (live ones that did not answer in
 /// time, gone ones not adopted yet).
 #[derive(Debug, Default)]
-struct Missing {
+pub(super) struct Missing {
     shards: Vec<u32>,
     nodes: Vec<String>,
 }
 
 impl Missing {
+    /// Whether the merge lacks nothing.
+    pub(super) fn is_empty(&self) -> bool {
+        self.shards.is_empty() && self.nodes.is_empty()
+    }
+
     /// `,"partial":true,"missing_shards":[..],"missing_nodes":[..]` (each
     /// list only when not empty), or nothing.
-    fn append_to(&self, body: &mut String) {
+    pub(super) fn append_to(&self, body: &mut String) {
         if self.shards.is_empty() && self.nodes.is_empty() {
             return;
         }
@@ -331,7 +345,7 @@ pub struct Peers {
 /// shards it serves now. It waits until every shard is served by a node
 /// that answered and every live node (as the lease keeper last listed
 /// them) answered, or for [`PARTIAL_WAIT`].
-async fn gather(
+pub(super) async fn gather(
     ctx: &Shared,
     peers: &Peers,
     agg: &Aggregate,
