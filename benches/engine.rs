@@ -235,6 +235,7 @@ fn aggregate_query(c: &mut Criterion) {
             group: "metric_name",
             value: "metric_value",
             time: "timestamp",
+            item: "",
         };
         b.iter(|| {
             for e in &events {

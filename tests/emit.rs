@@ -198,3 +198,90 @@ async fn with_two_sidecars_each_group_has_exactly_one_emitter() {
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_items_per_group_with_their_totals_and_the_bound() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(&server, data.path(), "1h", eventsieve::config::Durability::Local);
+    s.config.aggregate = vec![AggregateConfig {
+        group: "category".into(),
+        value: "amount".into(),
+        time: "timestamp".into(),
+        item: "product".into(),
+        lateness: "5m".into(),
+        emit: vec![EmitConfig {
+            stat: "top(3)".into(),
+            window: "10s".into(),
+            every: "200ms".into(),
+            subject: "stats.top.{group}".into(),
+        }],
+        ..AggregateConfig::default()
+    }];
+    s.aggregates = s.config.clone().validate().unwrap().aggregates;
+    let running = service::start(s).await.unwrap();
+    let client = server.client().await;
+    let now = unix_ms() / 1000;
+    // Totals: p1 100, p2 60, p3 35, p4 20, p5 4; a duplicate of a p1 sale
+    // is not counted; one hats sale.
+    let sales = [
+        ("p1", 40.0),
+        ("p2", 30.0),
+        ("p1", 60.0),
+        ("p3", 35.0),
+        ("p2", 30.0),
+        ("p4", 20.0),
+        ("p5", 4.0),
+    ];
+    let mut body = Vec::new();
+    for (i, (product, amount)) in sales.iter().enumerate() {
+        body.push(format!(
+            r#"{{"event_id":"s{i}","category":"shoes","product":"{product}","amount":{amount},"timestamp":{now}}}"#
+        ));
+    }
+    body.push(format!(
+        r#"{{"event_id":"s0","category":"shoes","product":"p1","amount":40,"timestamp":{now}}}"#
+    ));
+    body.push(format!(
+        r#"{{"event_id":"h0","category":"hats","product":"h1","amount":9,"timestamp":{now}}}"#
+    ));
+    let mut sub = client.subscribe("stats.top.>").await.unwrap();
+    request(&client, "dedup.batch", body.join("\n").into_bytes()).await;
+    let got = collect(&mut sub, Duration::from_millis(1500)).await;
+    let shoes = got
+        .iter()
+        .rev()
+        .find(|(s, m)| s == "stats.top.shoes" && m["count"] == 7)
+        .map(|(_, m)| m)
+        .unwrap_or_else(|| panic!("no complete shoes message: {got:?}"));
+    assert_eq!(shoes["stat"], "top(3)");
+    assert!(shoes["value"].is_null());
+    let items: Vec<(&str, f64, f64)> = shoes["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["item"].as_str().unwrap(),
+                i["total"].as_f64().unwrap(),
+                i["error"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        items,
+        vec![("p1", 100.0, 0.0), ("p2", 60.0, 0.0), ("p3", 35.0, 0.0)],
+        "{shoes}"
+    );
+    // W / m: 219 of value over the 30 counters of top(3).
+    assert!(
+        (shoes["bound"].as_f64().unwrap() - 219.0 / 30.0).abs() < 1e-9,
+        "{shoes}"
+    );
+    let hats = got.iter().rev().find(|(s, _)| s == "stats.top.hats").unwrap();
+    assert_eq!(
+        hats.1["items"],
+        serde_json::json!([{ "item": "h1", "total": 9.0, "error": 0.0 }])
+    );
+    running.shutdown().await.unwrap();
+}

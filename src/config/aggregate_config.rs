@@ -37,6 +37,9 @@ pub struct AggregateConfig {
     pub emit_every: String,
     /// The window of event time those medians cover. Default `5s`.
     pub emit_window: String,
+    /// Top-level text field naming the item `top(k)` ranks by the total
+    /// of `value`, e.g. `product_id`. Default empty (no `top(k)`).
+    pub item: String,
     /// Statistics published on a schedule (`[[aggregate.emit]]`, any
     /// number). Default none.
     pub emit: Vec<EmitConfig>,
@@ -80,6 +83,9 @@ pub enum Stat {
     Max,
     /// The `q` quantile, from the sketches (within `accuracy_percent`).
     Quantile(f64),
+    /// The `k` items with the largest total of the value (Space-Saving,
+    /// within its bound).
+    Top(usize),
 }
 
 impl Stat {
@@ -92,6 +98,15 @@ impl Stat {
             "mean" => Self::Mean,
             "min" => Self::Min,
             "max" => Self::Max,
+            _ if text.starts_with("top(") => {
+                let k: usize = text
+                    .strip_prefix("top(")?
+                    .strip_suffix(')')?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Self::Top(Some(k).filter(|k| (1..=1000).contains(k))?)
+            }
             _ => {
                 let q: f64 = text
                     .strip_prefix("quantile(")?
@@ -113,6 +128,7 @@ impl Stat {
             Self::Min => "min".into(),
             Self::Max => "max".into(),
             Self::Quantile(q) => format!("quantile({q})"),
+            Self::Top(k) => format!("top({k})"),
         }
     }
 }
@@ -141,6 +157,7 @@ impl Default for AggregateConfig {
             accuracy_percent: "1".into(),
             emit_every: String::new(),
             emit_window: "5s".into(),
+            item: String::new(),
             emit: Vec::new(),
         }
     }
@@ -208,9 +225,16 @@ impl AggregateConfig {
                     ConfigError::field(
                         &name("stat"),
                         &e.stat,
-                        "count, sum, mean, min, max or quantile(q) with q from 0 to 1",
+                        "count, sum, mean, min, max, quantile(q) with q from 0 to 1, or top(k) with k from 1 to 1000",
                     )
                 })?;
+                if matches!(stat, Stat::Top(_)) && self.item.is_empty() {
+                    return Err(ConfigError::field(
+                        &name("stat"),
+                        &e.stat,
+                        "top(k) with `item` set on the aggregate (the field it ranks, e.g. \"product_id\")",
+                    ));
+                }
                 let window_ms = parse_duration_ms(&e.window)
                     .filter(|ms| (1..=max_window_ms).contains(ms))
                     .ok_or_else(|| ConfigError::field(&name("window"), &e.window, "1ms to max_window, e.g. \"5m\""))?;
@@ -236,7 +260,18 @@ impl AggregateConfig {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Space-Saving keeps ten counters for each item reported.
+        let top_counters = emit
+            .iter()
+            .filter_map(|e| match e.stat {
+                Stat::Top(k) => Some(10 * k),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
         Ok(AggregateSettings {
+            item: self.item.clone(),
+            top_counters,
             emit,
             name: if self.name.is_empty() {
                 self.group.clone()
@@ -282,6 +317,11 @@ pub struct AggregateSettings {
     pub emit_window_ms: u64,
     /// Statistics published on a schedule.
     pub emit: Vec<EmitSettings>,
+    /// The item field of `top(k)`; empty: none.
+    pub item: String,
+    /// Counters each pane keeps per group for `top(k)`: ten times the
+    /// largest `k` (0: no `top(k)`).
+    pub top_counters: usize,
 }
 
 /// The top-level fields the aggregates read, each once, in the order of
@@ -291,7 +331,7 @@ pub struct AggregateSettings {
 pub fn captured_fields(settings: &[AggregateSettings]) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for s in settings {
-        for name in [&s.group, &s.value, &s.time] {
+        for name in [&s.group, &s.value, &s.time, &s.item] {
             if !name.is_empty() && !names.contains(name) {
                 names.push(name.clone());
             }

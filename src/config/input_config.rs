@@ -232,6 +232,9 @@ pub fn check_fields(
         let group_ok = |f: &prost_reflect::FieldDescriptor| matches!(f.kind(), Kind::String | Kind::Enum(_));
         check("aggregate group", &a.group, &group_ok, "a string or an enum")?;
         check("aggregate value", &a.value, &|f| numeric(&f.kind()), "a number")?;
+        if !a.item.is_empty() {
+            check("aggregate item", &a.item, &group_ok, "a string or an enum")?;
+        }
         if !a.time.is_empty() {
             let time_ok = |f: &prost_reflect::FieldDescriptor| {
                 numeric(&f.kind())

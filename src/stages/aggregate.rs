@@ -24,6 +24,7 @@ use crate::engine::event::Seen;
 use crate::engine::input::Format;
 use crate::stages::fields::{self, Field, Found, Wanted};
 use crate::stages::sketch::Sketch;
+use crate::stages::topk::TopK;
 
 /// What a pane holds.
 #[derive(Debug, Clone)]
@@ -33,6 +34,9 @@ pub struct Summary {
     pub min: f64,
     pub max: f64,
     pub sketch: Sketch,
+    /// The items with the largest totals of the value (`top(k)`); empty
+    /// without an `item` field.
+    pub top: TopK,
     /// Changed since the last checkpoint (see [`super::replica`]).
     changed: bool,
 }
@@ -43,6 +47,8 @@ impl PartialEq for Summary {
     fn eq(&self, other: &Self) -> bool {
         (self.count, self.sum, self.min, self.max) == (other.count, other.sum, other.min, other.max)
             && self.sketch == other.sketch
+            && self.top.top(usize::MAX) == other.top.top(usize::MAX)
+            && self.top.weight() == other.top.weight()
     }
 }
 
@@ -54,11 +60,18 @@ impl Summary {
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
             sketch: Sketch::new(alpha),
+            top: TopK::default(),
             changed: false,
         }
     }
 
-    fn add(&mut self, x: f64) {
+    fn add(&mut self, x: f64, item: Option<(&str, usize)>) {
+        if let Some((item, counters)) = item {
+            if self.top.capacity() == 0 {
+                self.top = TopK::new(counters);
+            }
+            self.top.add(item, x);
+        }
         self.changed = true;
         self.count += 1;
         self.sum += x;
@@ -74,18 +87,23 @@ impl Summary {
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
         self.sketch.merge(&other.sketch);
+        self.top.merge(&other.top);
     }
 
     /// For the partial results nodes exchange.
     pub fn to_json(&self) -> Value {
         let finite = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
-        json!({
+        let mut v = json!({
             "count": self.count,
             "sum": self.sum,
             "min": finite(self.min),
             "max": finite(self.max),
             "sketch": self.sketch.to_json(),
-        })
+        });
+        if self.top.capacity() > 0 {
+            v["top"] = self.top.to_json();
+        }
+        v
     }
 
     /// The inverse of [`Self::to_json`]; `None` if malformed.
@@ -96,6 +114,10 @@ impl Summary {
             min: v["min"].as_f64().unwrap_or(f64::INFINITY),
             max: v["max"].as_f64().unwrap_or(f64::NEG_INFINITY),
             sketch: Sketch::from_json(&v["sketch"])?,
+            top: match v.get("top") {
+                Some(top) => TopK::from_json(top)?,
+                None => TopK::default(),
+            },
             changed: false,
         })
     }
@@ -143,8 +165,9 @@ impl Panes {
         self.by_index.entry(pane).or_insert_with(|| Summary::new(alpha))
     }
 
-    /// Adds `x` to pane `pane`.
-    fn add(&mut self, pane: u64, x: f64, alpha: f64) {
+    /// Adds `x` to pane `pane`, and to the counters of `item` (with the
+    /// number of counters a pane keeps) for `top(k)`.
+    fn add(&mut self, pane: u64, x: f64, item: Option<(&str, usize)>, alpha: f64) {
         // Most events fall in the newest pane, whose block is not cached
         // (a query caches whole blocks only, and the newest one is rarely
         // whole before it is written to again).
@@ -155,10 +178,10 @@ impl Panes {
                 .last_key_value()
                 .is_none_or(|(&b, _)| b < pane / BLOCK)
         {
-            last.get_mut().add(x);
+            last.get_mut().add(x, item);
             return;
         }
-        self.pane_mut(pane, alpha).add(x);
+        self.pane_mut(pane, alpha).add(x, item);
     }
 
     /// Panes `[first, end)` merged into `out`: whole blocks from their
@@ -248,6 +271,7 @@ impl Aggregate {
             group: &s.group,
             value: &s.value,
             time: &s.time,
+            item: &s.item,
         }
     }
 
@@ -273,10 +297,11 @@ impl Aggregate {
             return self.observe(events.map(|(e, _)| e), now_ms);
         };
         let t = at(&s.time).unwrap_or(0);
+        let i = at(&s.item).unwrap_or(0);
         let wanted = self.wanted();
         let format = &self.format;
         let found =
-            events.map(move |(event, seen)| Some(fields::found(format, event, seen, [g, v, t], wanted)));
+            events.map(move |(event, seen)| Some(fields::found(format, event, seen, [g, v, t, i], wanted)));
         self.add_found(found, now_ms);
     }
 
@@ -312,18 +337,23 @@ impl Aggregate {
                 late += 1;
                 continue;
             }
-            read.push((group, value, pane));
+            let item = match found.item {
+                Field::Found(item) if s.top_counters > 0 => Some(item),
+                _ => None,
+            };
+            read.push((group, value, pane, item));
         }
         let added = read.len() as u64;
         if !read.is_empty() {
             let mut groups = self.groups();
-            for (group, value, pane) in read {
+            for (group, value, pane, item) in read {
                 // Looked up borrowed; a new group's name is copied once.
                 let panes = match groups.get_mut(group.as_ref()) {
                     Some(panes) => panes,
                     None => groups.entry(group.into_owned()).or_default(),
                 };
-                panes.add(pane, value, s.alpha);
+                let item = item.as_deref().map(|i| (i, s.top_counters));
+                panes.add(pane, value, item, s.alpha);
             }
         }
         let c = &self.counters;
@@ -632,7 +662,7 @@ mod tests {
         };
         for pane in 0..1000 {
             for _ in 0..3 {
-                panes.add(pane, (next() % 1000) as f64 - 200.0, 0.01);
+                panes.add(pane, (next() % 1000) as f64 - 200.0, None, 0.01);
             }
         }
         for round in 0..300 {
@@ -644,11 +674,11 @@ mod tests {
             // Changes anywhere, in cached blocks too: a late event, the
             // newest pane, panes merged in from another node, eviction.
             match round % 4 {
-                0 => panes.add(next() % 1000, 7.0, 0.01),
-                1 => panes.add(999, -3.5, 0.01),
+                0 => panes.add(next() % 1000, 7.0, None, 0.01),
+                1 => panes.add(999, -3.5, None, 0.01),
                 2 => {
                     let mut other = Summary::new(0.01);
-                    other.add(123.0);
+                    other.add(123.0, None);
                     panes.pane_mut(next() % 1000, 0.01).merge(&other);
                 }
                 _ => panes.evict(round / 4),

@@ -48,7 +48,27 @@ pub fn value_of(stat: Stat, summary: Option<&Summary>) -> Option<f64> {
         Stat::Min => s.map(|s| s.min),
         Stat::Max => s.map(|s| s.max),
         Stat::Quantile(q) => s.and_then(|s| s.sketch.quantile(q)),
+        // Its items are the answer.
+        Stat::Top(_) => None,
     }
+}
+
+/// `,"items":[{"item":..,"total":..,"error":..},..],"bound":W/m` of a
+/// `top(k)`: the items largest first, each total at most `error` above
+/// the true total, `bound` the most any error may be.
+fn items(k: usize, summary: Option<&Summary>, body: &mut String) {
+    let top = summary.map(|s| &s.top);
+    let items: Vec<Value> = top
+        .map(|t| t.top(k))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| json!({ "item": &*c.item, "total": c.total, "error": c.error }))
+        .collect();
+    body.push_str(&format!(
+        ",\"items\":{},\"bound\":{}",
+        Value::Array(items),
+        number(top.map_or(0.0, |t| t.bound()))
+    ));
 }
 
 /// Whether this node publishes `group`: it serves the group's hash shard.
@@ -132,6 +152,9 @@ pub async fn run(ctx: Arc<Shared>, peers: Arc<Peers>, agg: Arc<Aggregate>, emits
                     seconds(now),
                     Value::from(peers.node.as_str()),
                 );
+                if let Stat::Top(k) = emit.stat {
+                    items(k, summary, &mut body);
+                }
                 missing.append_to(&mut body);
                 body.push('}');
                 publish(

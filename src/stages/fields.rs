@@ -18,6 +18,8 @@ pub struct Wanted<'a> {
     pub value: &'a str,
     /// Empty: no time field (arrival time).
     pub time: &'a str,
+    /// The item `top(k)` ranks (e.g. `product_id`); empty: none.
+    pub item: &'a str,
 }
 
 /// A field's value as a stage sees it.
@@ -35,32 +37,29 @@ pub struct Found<'a> {
     pub group: Field<Cow<'a, str>>,
     pub value: Field<f64>,
     pub time: Field<f64>,
+    pub item: Field<Cow<'a, str>>,
 }
 
 /// Reads `wanted` from `event`; `None` if it is not a JSON object (an
 /// accepted event always is).
 pub fn read<'a>(format: &Format, event: &'a [u8], wanted: Wanted<'_>) -> Option<Found<'a>> {
-    let names = [wanted.group, wanted.value, wanted.time];
-    let names = if wanted.time.is_empty() {
-        &names[..2]
-    } else {
-        &names[..]
-    };
-    let mut seen = [Seen::Missing; 3];
+    let names = [wanted.group, wanted.value, wanted.time, wanted.item];
+    let mut seen = [Seen::Missing; 4];
     format
-        .capture(event, names, &mut seen[..names.len()])
-        .then(|| found(format, event, &seen, [0, 1, 2], wanted))
+        .capture(event, &names, &mut seen)
+        .then(|| found(format, event, &seen, [0, 1, 2, 3], wanted))
 }
 
 /// The wanted fields of `event` from what the reader saw: the group at
 /// `seen[at[0]]`, the value at `seen[at[1]]`, the time at `seen[at[2]]`
-/// (if `wanted.time` is set). An escaped group text is decoded by reading
-/// the event again.
+/// (if `wanted.time` is set), the item at `seen[at[3]]` (if
+/// `wanted.item` is set). An escaped text is decoded by reading the event
+/// again.
 pub fn found<'a>(
     format: &Format,
     event: &'a [u8],
     seen: &[Seen],
-    at: [usize; 3],
+    at: [usize; 4],
     wanted: Wanted<'_>,
 ) -> Found<'a> {
     let number = |seen: Seen| match seen {
@@ -68,22 +67,23 @@ pub fn found<'a>(
         Seen::Number(x) => Field::Found(x),
         _ => Field::Wrong,
     };
-    let group = match seen[at[0]] {
+    let text = |seen: Seen, name: &str| match seen {
         Seen::Missing => Field::Missing,
         Seen::Text { start, end } => match event.get(start as usize..end as usize).map(std::str::from_utf8) {
             Some(Ok(text)) => Field::Found(Cow::Borrowed(text)),
-            _ => format
-                .text(event, wanted.group)
-                .map_or(Field::Wrong, Field::Found),
+            _ => format.text(event, name).map_or(Field::Wrong, Field::Found),
         },
-        Seen::Escaped => format
-            .text(event, wanted.group)
-            .map_or(Field::Wrong, Field::Found),
+        Seen::Escaped => format.text(event, name).map_or(Field::Wrong, Field::Found),
         Seen::Symbol(name) => Field::Found(Cow::Borrowed(name)),
         Seen::Number(_) | Seen::Bool(_) | Seen::Null | Seen::Other => Field::Wrong,
     };
     Found {
-        group,
+        group: text(seen[at[0]], wanted.group),
+        item: if wanted.item.is_empty() {
+            Field::Missing
+        } else {
+            text(seen[at[3]], wanted.item)
+        },
         value: number(seen[at[1]]),
         time: if wanted.time.is_empty() {
             Field::Missing
@@ -101,6 +101,7 @@ mod tests {
         group: "metric_name",
         value: "metric_value",
         time: "timestamp",
+        item: "",
     };
 
     #[test]
@@ -112,6 +113,7 @@ mod tests {
                 group: Field::Found("temp\u{e9}".into()),
                 value: Field::Found(-25.0),
                 time: Field::Found(1_678_886_400.0),
+                item: Field::Missing,
             })
         );
         let e = br#"{"metric_name":7,"metric_value":"12","timestamp":null}"#;
@@ -120,13 +122,15 @@ mod tests {
             Some(Found {
                 group: Field::Wrong,
                 value: Field::Wrong,
-                time: Field::Wrong
+                time: Field::Wrong,
+                item: Field::Missing,
             })
         );
         let none = Found {
             group: Field::Missing,
             value: Field::Missing,
             time: Field::Missing,
+            item: Field::Missing,
         };
         assert_eq!(read(&Format::Json, b"{}", W), Some(none));
         assert_eq!(read(&Format::Json, b"[1]", W), None);
@@ -168,7 +172,7 @@ mod tests {
             }
             assert_eq!(
                 read(&Format::Json, &with_key, W),
-                Some(found(&Format::Json, &with_key, &seen, [0, 1, 2], W)),
+                Some(found(&Format::Json, &with_key, &seen, [0, 1, 2, 0], W)),
                 "{}",
                 String::from_utf8_lossy(&with_key)
             );

@@ -10,6 +10,7 @@ pub mod query;
 pub mod replica;
 pub mod sketch;
 pub mod snapshot;
+pub mod topk;
 
 use std::sync::Arc;
 
