@@ -285,3 +285,109 @@ async fn top_items_per_group_with_their_totals_and_the_bound() {
     );
     running.shutdown().await.unwrap();
 }
+
+/// `GET url`: the status and body.
+async fn http_get(url: String) -> (u16, String) {
+    tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("{url}: {e}"),
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_over_http_answer_as_over_nats_and_emissions_stream_as_events() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = with_emissions(settings(
+        &server,
+        data.path(),
+        "1h",
+        eventsieve::config::Durability::Local,
+    ));
+    let port = free_port();
+    s.http_addr = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let running = service::start(s).await.unwrap();
+    let client = server.client().await;
+    let now = unix_ms() / 1000;
+    for (i, v) in [3.0, 9.0, 27.5].into_iter().enumerate() {
+        send(
+            &client,
+            &format!("h{i}"),
+            metric(&format!("h{i}"), "disk io", v, now),
+        )
+        .await;
+    }
+    let base = format!("http://127.0.0.1:{port}/api/v1/aggregates/metric_name");
+    let (start, end) = (now - 30, now + 30);
+    let nats = |subject: &'static str, q: String| {
+        let client = client.clone();
+        async move { String::from_utf8(request(&client, subject, Bytes::from(q)).await.payload.to_vec()).unwrap() }
+    };
+    let by_nats = nats(
+        "dedup.agg.query",
+        format!(r#"{{"aggregate":"metric_name","metric_name":"disk io","start":{start},"end":{end}}}"#),
+    )
+    .await;
+    let (code, by_http) = http_get(format!("{base}?metric_name=disk%20io&start={start}&end={end}")).await;
+    assert_eq!((code, by_http.as_str()), (200, by_nats.as_str()));
+    assert!(by_http.contains(r#""count":3"#), "{by_http}");
+    let by_nats = nats(
+        "dedup.agg.quantile",
+        format!(
+            r#"{{"aggregate":"metric_name","metric_name":"disk io","start":{start},"end":{end},"q":0.9}}"#
+        ),
+    )
+    .await;
+    let (code, by_http) = http_get(format!(
+        "{base}/quantile?metric_name=disk+io&start={start}&end={end}&q=0.9"
+    ))
+    .await;
+    assert_eq!((code, by_http.as_str()), (200, by_nats.as_str()));
+
+    let (code, body) = http_get(format!("{base}?metric_name=cpu&window=10x")).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("window"), "names the parameter: {body}");
+    let (code, body) = http_get(format!(
+        "http://127.0.0.1:{port}/api/v1/aggregates/nope?g=1&window=60s"
+    ))
+    .await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("nope"), "{body}");
+    let (code, _) = http_get(format!("http://127.0.0.1:{port}/api/v1/stats?subject=$SYS.>")).await;
+    assert_eq!(code, 400);
+
+    // The emissions as Server-Sent Events, in order.
+    let url = format!("http://127.0.0.1:{port}/api/v1/stats?subject=stats.mean.>");
+    let events = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let response = ureq::get(&url).call().unwrap();
+        assert_eq!(response.header("Content-Type"), Some("text/event-stream"));
+        let mut lines = std::io::BufReader::new(response.into_reader()).lines();
+        let mut events = Vec::new();
+        while events.len() < 4 {
+            let line = lines.next().unwrap().unwrap();
+            if let Some(data) = line.strip_prefix("data: ") {
+                events.push(serde_json::from_str::<Value>(data).unwrap());
+            }
+        }
+        events
+    });
+    let events = tokio::time::timeout(Duration::from_secs(10), events)
+        .await
+        .unwrap()
+        .unwrap();
+    let ticks: Vec<f64> = events
+        .iter()
+        .filter(|e| e["metric_name"] == "disk io")
+        .map(|e| e["timestamp_of_calculation"].as_f64().unwrap())
+        .collect();
+    assert!(
+        ticks.len() >= 2 && ticks.windows(2).all(|w| w[0] < w[1]),
+        "in order: {events:?}"
+    );
+    assert!(events.iter().all(|e| e["stat"] == "mean"));
+    running.shutdown().await.unwrap();
+}

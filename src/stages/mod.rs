@@ -198,6 +198,11 @@ impl Stages {
 
     /// The aggregate a query names: by `"aggregate"`, else the one whose
     /// group field the query carries.
+    /// The aggregate named `name`, if any.
+    pub fn named(&self, name: &str) -> Option<&Arc<Aggregate>> {
+        self.aggregates.iter().find(|a| a.settings.name == name)
+    }
+
     pub fn find(&self, query: &serde_json::Value) -> Result<&Arc<Aggregate>, String> {
         if let Some(name) = query.get("aggregate") {
             let name = name.as_str().ok_or("\"aggregate\" must be a name")?;

@@ -225,7 +225,15 @@ async fn query(ctx: &Shared, peers: &Peers, stages: &Stages, message: Message) -
     let (agg, asked) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
-            reply_error(ctx, to, 400, &e).await;
+            // An aggregate named that does not exist: 404, as over HTTP.
+            let named = serde_json::from_slice::<Value>(&message.payload)
+                .ok()
+                .and_then(|q| q.get("aggregate").and_then(Value::as_str).map(str::to_owned));
+            let code = match named {
+                Some(name) if stages.named(&name).is_none() => 404,
+                _ => 400,
+            };
+            reply_error(ctx, to, code, &e).await;
             return true;
         }
     };

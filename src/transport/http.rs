@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State as Connection;
 use async_nats::{Message, Subject};
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -99,6 +99,9 @@ pub async fn serve(
             post(batch).layer(DefaultBodyLimit::max(batch_limit)),
         )
         .route("/api/v1/events/{id}", get(lookup).delete(forget))
+        .route("/api/v1/aggregates/{name}", get(aggregate))
+        .route("/api/v1/aggregates/{name}/quantile", get(aggregate_quantile))
+        .route("/api/v1/stats", get(stats))
         .route("/api/v1/ddup_service/test", get(health))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -264,6 +267,125 @@ async fn batch(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -
     let came_in_on = Subject::from(ctx.subjects.batch());
     let out = batch_reply(ctx, &body, &came_in_on, false).await;
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], out).into_response()
+}
+
+/// `GET /api/v1/aggregates/<name>?<group field>=<value>&window=60s` (or
+/// `start`/`end` in Unix seconds): the query `<prefix>.agg.query` answers,
+/// asked over NATS, so the two answer byte for byte the same.
+async fn aggregate(
+    State(g): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let subject = format!("{}.agg.query", g.ctx.subjects.prefix());
+    ask_aggregates(&g.ctx, subject, aggregate_query(&name, &params)).await
+}
+
+/// `GET /api/v1/aggregates/<name>/quantile?...&q=0.99`: what
+/// `<prefix>.agg.quantile` answers.
+async fn aggregate_quantile(
+    State(g): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let subject = format!("{}.agg.quantile", g.ctx.subjects.prefix());
+    ask_aggregates(&g.ctx, subject, aggregate_query(&name, &params)).await
+}
+
+/// The JSON query of `params`: `window` as given, `start`, `end` and `q`
+/// as numbers (as given when they are not: the query says what is wrong),
+/// any other parameter the group.
+fn aggregate_query(name: &str, params: &[(String, String)]) -> Value {
+    let mut query = serde_json::Map::new();
+    query.insert("aggregate".into(), json!(name));
+    for (key, value) in params {
+        let v = match key.as_str() {
+            "start" | "end" | "q" => value.parse::<f64>().map_or_else(|_| json!(value), |x| json!(x)),
+            _ => json!(value),
+        };
+        query.insert(key.clone(), v);
+    }
+    Value::Object(query)
+}
+
+/// Asks `subject` over NATS; its answer with the status its error code
+/// gives.
+async fn ask_aggregates(ctx: &Shared, subject: String, query: Value) -> Response {
+    let asked = ctx.client.request(subject, Bytes::from(query.to_string()));
+    let answer = match tokio::time::timeout(Duration::from_secs(10), asked).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => return failure(503, &format!("aggregates unavailable: {e}; retry")),
+        Err(_) => return failure(503, "no aggregate answer within 10 s; retry"),
+    };
+    if let Some(headers) = &answer.headers
+        && let Some(code) = headers.get("Nats-Service-Error-Code")
+    {
+        let reason = headers
+            .get("Nats-Service-Error")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        return failure(code.as_str().parse().unwrap_or(500), &reason);
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.payload,
+    )
+        .into_response()
+}
+
+/// `GET /api/v1/stats?subject=stats.sales.>`: the messages on `subject`
+/// (wildcards allowed) as Server-Sent Events, in the order NATS delivers
+/// them, each message's payload one event's `data`; a comment every 15 s
+/// keeps idle connections open. Ends when the client goes.
+async fn stats(State(g): State<Arc<Gateway>>, Query(params): Query<Vec<(String, String)>>) -> Response {
+    let Some((_, subject)) = params.iter().find(|(k, _)| k == "subject") else {
+        return failure(400, "give ?subject=<subject>, e.g. stats.sales.>");
+    };
+    let valid = !subject.is_empty()
+        && !subject.starts_with('$')
+        && !subject.starts_with("_INBOX")
+        && subject
+            .split('.')
+            .all(|t| !t.is_empty() && !t.contains([' ', '\t']));
+    if !valid {
+        return failure(
+            400,
+            &format!(
+                "subject {subject:?} is not a subject to follow (tokens separated by '.', not $... or _INBOX...)"
+            ),
+        );
+    }
+    let messages = match g.ctx.client.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => return failure(503, &format!("cannot subscribe to {subject}: {e}; retry")),
+    };
+    use futures_util::StreamExt;
+    let events = messages.map(|m| {
+        let mut event = Vec::with_capacity(m.payload.len() + 8);
+        // One `data:` line per line of the payload.
+        for line in m.payload.split(|&b| b == b'\n') {
+            event.extend_from_slice(b"data: ");
+            event.extend_from_slice(line);
+            event.push(b'\n');
+        }
+        event.push(b'\n');
+        Bytes::from(event)
+    });
+    let keep_alive = futures_util::stream::unfold((), |()| async {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        Some((Bytes::from_static(b": keep-alive\n\n"), ()))
+    });
+    let body = futures_util::stream::select(events, keep_alive).map(Ok::<_, std::convert::Infallible>);
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 async fn lookup(
