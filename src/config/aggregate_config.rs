@@ -40,6 +40,11 @@ pub struct AggregateConfig {
     /// Top-level text field naming the item `top(k)` ranks by the total
     /// of `value`, e.g. `product_id`. Default empty (no `top(k)`).
     pub item: String,
+    /// Which accepted events the aggregate takes: a CEL condition over
+    /// `event`, as routing rules write them (e.g. `event.type ==
+    /// "ORDER_PLACED"`); empty: every event. An event whose condition fails
+    /// to evaluate is not taken. Default empty.
+    pub when: String,
     /// Statistics published on a schedule (`[[aggregate.emit]]`, any
     /// number). Default none.
     pub emit: Vec<EmitConfig>,
@@ -158,6 +163,7 @@ impl Default for AggregateConfig {
             emit_every: String::new(),
             emit_window: "5s".into(),
             item: String::new(),
+            when: String::new(),
             emit: Vec::new(),
         }
     }
@@ -270,6 +276,7 @@ impl AggregateConfig {
             .max()
             .unwrap_or(0);
         Ok(AggregateSettings {
+            when: self.when.clone(),
             item: self.item.clone(),
             top_counters,
             emit,
@@ -319,6 +326,8 @@ pub struct AggregateSettings {
     pub emit: Vec<EmitSettings>,
     /// The item field of `top(k)`; empty: none.
     pub item: String,
+    /// The condition on the events taken; empty: all.
+    pub when: String,
     /// Counters each pane keeps per group for `top(k)`: ten times the
     /// largest `k` (0: no `top(k)`).
     pub top_counters: usize,

@@ -62,7 +62,8 @@ pub async fn start_with(
     let writer = journal
         .is_some()
         .then(|| writer::channel(settings.config.max_pending, metrics.clone()));
-    let stages = Arc::new(Stages::new(&settings.aggregates, &settings.format));
+    let stages =
+        Arc::new(Stages::new(&settings.aggregates, &settings.format).map_err(ServiceError::Routing)?);
     let snapshot = snapshot(&settings, &stages);
     if !stages.is_empty() {
         metrics.add_render(stages.clone());

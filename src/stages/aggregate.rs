@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use crate::config::AggregateSettings;
 use crate::engine::event::Seen;
 use crate::engine::input::Format;
+use crate::route::expr::{Condition, Input};
 use crate::stages::fields::{self, Field, Found, Wanted};
 use crate::stages::sketch::Sketch;
 use crate::stages::topk::TopK;
@@ -235,6 +236,8 @@ pub struct AggregateCounters {
     pub out_of_time: AtomicU64,
     /// No group text, no numeric value, or no numeric time.
     pub skipped: AtomicU64,
+    /// Not matched by `when`.
+    pub filtered: AtomicU64,
 }
 
 /// One aggregate's state: the panes of every group, over the shards this
@@ -244,21 +247,42 @@ pub struct Aggregate {
     groups: Mutex<Groups>,
     pub counters: AggregateCounters,
     format: Format,
+    /// `when`, and the fields its compiled form reads.
+    when: Option<(Condition, Vec<String>)>,
 }
 
 impl Aggregate {
+    /// An aggregate over JSON events.
+    ///
+    /// # Panics
+    ///
+    /// If its `when` is not a usable condition (tests only).
     pub fn new(settings: AggregateSettings) -> Self {
-        Self::with_format(settings, Format::Json)
+        Self::with_format(settings, Format::Json).expect("a usable condition")
     }
 
     /// An aggregate over events read as `format`.
-    pub fn with_format(settings: AggregateSettings, format: Format) -> Self {
-        Self {
+    ///
+    /// # Errors
+    ///
+    /// Its `when` is not a usable condition.
+    pub fn with_format(settings: AggregateSettings, format: Format) -> Result<Self, String> {
+        let when = match settings.when.trim() {
+            "" => None,
+            source => {
+                let mut fields = Vec::new();
+                let condition = Condition::parse(source, &mut fields)
+                    .map_err(|e| format!("aggregate {:?} when: {e}", settings.name))?;
+                Some((condition, fields))
+            }
+        };
+        Ok(Self {
+            when,
             settings,
             format,
             groups: Mutex::default(),
             counters: AggregateCounters::default(),
-        }
+        })
     }
 
     fn groups(&self) -> std::sync::MutexGuard<'_, Groups> {
@@ -279,7 +303,31 @@ impl Aggregate {
     pub fn observe<'a>(&self, events: impl Iterator<Item = &'a [u8]>, now_ms: u64) {
         let wanted = self.wanted();
         let format = &self.format;
+        let events = events.filter(|e| self.takes(e));
         self.add_found(events.map(|e| fields::read(format, e, wanted)), now_ms);
+    }
+
+    /// Whether `event` is one `when` takes (all are without one).
+    fn takes(&self, event: &[u8]) -> bool {
+        let Some((condition, fields)) = &self.when else {
+            return true;
+        };
+        let mut seen = vec![Seen::Missing; fields.len()];
+        let taken = self.format.capture(event, fields, &mut seen)
+            && condition
+                .eval(&Input {
+                    event,
+                    key: "",
+                    shard: 0,
+                    subject: "",
+                    seen: &seen,
+                    format: &self.format,
+                })
+                .unwrap_or(false);
+        if !taken {
+            self.counters.filtered.fetch_add(1, Relaxed);
+        }
+        taken
     }
 
     /// Adds accepted `events` whose fields were read with their keys:
@@ -300,8 +348,9 @@ impl Aggregate {
         let i = at(&s.item).unwrap_or(0);
         let wanted = self.wanted();
         let format = &self.format;
-        let found =
-            events.map(move |(event, seen)| Some(fields::found(format, event, seen, [g, v, t, i], wanted)));
+        let found = events
+            .filter(|(event, _)| self.takes(event))
+            .map(move |(event, seen)| Some(fields::found(format, event, seen, [g, v, t, i], wanted)));
         self.add_found(found, now_ms);
     }
 

@@ -30,7 +30,7 @@ impl crate::observe::metrics::Render for Stages {
         }
         let _ = writeln!(
             out,
-            "# HELP eventsieve_aggregate_events_total Accepted events per aggregate: added to a pane, out of time (later than the lateness allows, or ahead of the clock), or skipped (no group text, numeric value or numeric time).\n# TYPE eventsieve_aggregate_events_total counter"
+            "# HELP eventsieve_aggregate_events_total Accepted events per aggregate: added to a pane, out of time (later than the lateness allows, or ahead of the clock), skipped (no group text, numeric value or numeric time), or filtered (its `when` did not match).\n# TYPE eventsieve_aggregate_events_total counter"
         );
         for a in &self.aggregates {
             let c = &a.counters;
@@ -38,6 +38,7 @@ impl crate::observe::metrics::Render for Stages {
                 ("added", &c.added),
                 ("out_of_time", &c.out_of_time),
                 ("skipped", &c.skipped),
+                ("filtered", &c.filtered),
             ] {
                 let _ = writeln!(
                     out,
@@ -102,15 +103,20 @@ pub struct Stages {
 }
 
 impl Stages {
-    pub fn new(settings: &[AggregateSettings], format: &Format) -> Self {
-        Self {
+    /// The aggregates of `settings`, over events read as `format`.
+    ///
+    /// # Errors
+    ///
+    /// An aggregate's `when` that is not a usable condition.
+    pub fn new(settings: &[AggregateSettings], format: &Format) -> Result<Self, String> {
+        Ok(Self {
             aggregates: settings
                 .iter()
-                .map(|s| Arc::new(Aggregate::with_format(s.clone(), format.clone())))
-                .collect(),
+                .map(|s| Aggregate::with_format(s.clone(), format.clone()).map(Arc::new))
+                .collect::<Result<_, _>>()?,
             captured: captured_fields(settings),
             replica: replica::PaneLogCounters::default(),
-        }
+        })
     }
 
     pub fn is_empty(&self) -> bool {
