@@ -522,7 +522,7 @@ fn dashboard(s: &Seen, in_rate: f64, out_rate: f64) {
                 .get(category)
                 .and_then(|v| v["value"].as_f64())
                 .map_or("-".into(), |v| format!("{v:.0}")),
-            mean["count"],
+            mean["count"].as_u64().unwrap_or(0),
             top.join(", ")
         ));
     }
