@@ -1392,3 +1392,126 @@ async fn a_node_that_places_ids_otherwise_than_the_cluster_does_not_start() {
     assert_eq!(counts.get("n0"), Some(&32), "{counts:?}");
     first.terminate();
 }
+
+const EMIT_TOML: &str = r#"
+[[aggregate]]
+group = "metric_name"
+value = "metric_value"
+pane = "1s"
+max_window = "1h"
+lateness = "5s"
+
+[[aggregate.emit]]
+stat = "count"
+window = "5m"
+every = "200ms"
+subject = "stats.count.{group}"
+"#;
+
+/// Per group, the nodes that published it in `messages`.
+fn emitters(messages: &[(Instant, String, String)]) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for (_, group, node) in messages {
+        out.entry(group.clone()).or_default().insert(node.clone());
+    }
+    out
+}
+
+/// The messages on `stats.count.>` for `wait`: when, group, node.
+async fn emitted(sub: &mut async_nats::Subscriber, wait: Duration) -> Vec<(Instant, String, String)> {
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline.into(), sub.next()).await {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        out.push((
+            Instant::now(),
+            v["metric_name"].as_str().unwrap().to_owned(),
+            v["node"].as_str().unwrap().to_owned(),
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emissions_have_one_node_per_group_and_resume_after_a_sigkill() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("eventsieve.toml");
+    std::fs::write(&config, EMIT_TOML).unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Option<SidecarProcess>> = (0..3)
+        .map(|i| {
+            let node = format!("n{i}");
+            Some(SidecarProcess::spawn_with(
+                &server.url(),
+                dirs[i].path(),
+                Some(&config),
+                &[
+                    ("EVENTSIEVE_DURABILITY", "replicated"),
+                    ("EVENTSIEVE_CLUSTER__NODE_ID", &node),
+                    ("EVENTSIEVE_WINDOW", "1h"),
+                ],
+            ))
+        })
+        .collect();
+    wait_all_served(&client, Duration::from_secs(60)).await;
+    let groups = 24;
+    for n in 0..240u32 {
+        let id = format!("e{n}");
+        let body = format!(
+            r#"{{"event_id":"{id}","metric_name":"g{}","metric_value":{n}}}"#,
+            n % groups
+        );
+        assert!(decide_event(&client, &id, body.into()).await.0);
+    }
+    let mut sub = client.subscribe("stats.count.>").await.unwrap();
+    let before = emitted(&mut sub, Duration::from_millis(1500)).await;
+    let by_group = emitters(&before);
+    assert_eq!(
+        by_group.len(),
+        groups as usize,
+        "every group published: {by_group:?}"
+    );
+    for (group, nodes) in &by_group {
+        assert_eq!(nodes.len(), 1, "{group}: one emitter, got {nodes:?}");
+    }
+    let used: std::collections::BTreeSet<&String> = by_group.values().flatten().collect();
+    assert!(used.len() >= 2, "groups spread over the nodes: {used:?}");
+
+    // n0 killed: its groups come back from the nodes that take its shards.
+    let orphans: Vec<String> = by_group
+        .iter()
+        .filter(|(_, n)| n.contains("n0"))
+        .map(|(g, _)| g.clone())
+        .collect();
+    assert!(!orphans.is_empty(), "n0 emitted some groups: {by_group:?}");
+    let killed = Instant::now();
+    nodes[0].take().unwrap().kill();
+    let after = emitted(&mut sub, Duration::from_secs(12)).await;
+    let mut back = Duration::ZERO;
+    for group in &orphans {
+        let first = after
+            .iter()
+            .find(|(_, g, node)| g == group && node != "n0")
+            .unwrap_or_else(|| panic!("{group} was not published again within 12 s of the SIGKILL"));
+        back = back.max(first.0 - killed);
+    }
+    println!(
+        "the killed node's groups were published again {back:?} after the SIGKILL (lease TTL 3 s, every 200 ms)"
+    );
+    assert!(back < Duration::from_secs(8), "{back:?}");
+    // Settled: one emitter per group again, among the live nodes.
+    let settled: Vec<_> = after
+        .into_iter()
+        .filter(|(at, _, _)| *at > killed + back + Duration::from_secs(1))
+        .collect();
+    for (group, nodes) in emitters(&settled) {
+        assert_eq!(
+            nodes.len(),
+            1,
+            "{group}: one emitter after the takeover, got {nodes:?}"
+        );
+        assert!(!nodes.contains("n0"));
+    }
+}
