@@ -210,6 +210,41 @@ fn aggregate_query(c: &mut Criterion) {
         agg.panes(),
         agg.memory_bytes() as f64 / (1 << 20) as f64
     );
+    // top(10) of 10^4 distinct items: one group, an hour of 1 s panes,
+    // 200 sales a pane of items drawn with a skew (a few sell often).
+    let with_top = AggregateConfig {
+        group: "category".into(),
+        value: "amount".into(),
+        time: "timestamp".into(),
+        item: "product_id".into(),
+        emit: vec![eventsieve::config::EmitConfig {
+            stat: "top(10)".into(),
+            subject: "stats.top.{group}".into(),
+            ..Default::default()
+        }],
+        ..AggregateConfig::default()
+    }
+    .validate(0)
+    .expect("valid aggregate");
+    let top = Aggregate::new(with_top);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for s in (now_s - 3599)..=now_s {
+        let events: Vec<Vec<u8>> = (0..200)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let item = (10_000f64.powf((x % 1_000_000) as f64 / 1_000_000.0) as u64).min(9_999);
+                format!(r#"{{"category":"shoes","product_id":"p{item}","amount":{},"timestamp":{s}}}"#, 1 + x % 300)
+                    .into_bytes()
+            })
+            .collect();
+        top.observe(events.iter().map(Vec::as_slice), s * 1000);
+    }
+    eprintln!(
+        "one group, one hour of 1 s panes with top(10) (100 counters a pane) over 10^4 items, 200 sales a pane: {:.1} MiB",
+        top.memory_bytes() as f64 / (1 << 20) as f64
+    );
     // What the stage costs per accepted event: loadgen's events (16
     // metric names, 200 bytes), 1000 a call, as the batch path feeds them.
     let events: Vec<Vec<u8>> = (0..1000u64)

@@ -580,7 +580,7 @@ impl Aggregate {
                         .by_index
                         .values()
                         .chain(panes.blocks.values())
-                        .map(|s| pane + s.sketch.heap_bytes())
+                        .map(|s| pane + s.sketch.heap_bytes() + s.top.heap_bytes())
                         .sum::<usize>()
             })
             .sum()

@@ -64,6 +64,15 @@ impl TopK {
         self.counters.is_empty()
     }
 
+    /// Bytes on the heap: the counters, the index, and the item names
+    /// (twice: in both).
+    pub fn heap_bytes(&self) -> usize {
+        let names: usize = self.counters.iter().map(|c| c.item.len()).sum();
+        self.counters.capacity() * std::mem::size_of::<Counter>()
+            + self.at.capacity() * (std::mem::size_of::<(Box<str>, usize)>() + 1)
+            + 2 * names
+    }
+
     /// The most an estimate may exceed the true total: `W / m`.
     pub fn bound(&self) -> f64 {
         if self.capacity == 0 {
