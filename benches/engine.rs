@@ -235,8 +235,11 @@ fn aggregate_query(c: &mut Criterion) {
                 x ^= x >> 7;
                 x ^= x << 17;
                 let item = (10_000f64.powf((x % 1_000_000) as f64 / 1_000_000.0) as u64).min(9_999);
-                format!(r#"{{"category":"shoes","product_id":"p{item}","amount":{},"timestamp":{s}}}"#, 1 + x % 300)
-                    .into_bytes()
+                format!(
+                    r#"{{"category":"shoes","product_id":"p{item}","amount":{},"timestamp":{s}}}"#,
+                    1 + x % 300
+                )
+                .into_bytes()
             })
             .collect();
         top.observe(events.iter().map(Vec::as_slice), s * 1000);

@@ -433,6 +433,18 @@ impl Aggregate {
         out
     }
 
+    /// Every group with a pane in `[start_ms, end_ms)`, each with an empty
+    /// summary: the names alone, without merging anything.
+    pub fn groups_in(&self, start_ms: u64, end_ms: u64) -> HashMap<String, Summary> {
+        let p = self.settings.pane_ms;
+        let range = start_ms / p..end_ms.div_ceil(p);
+        self.groups()
+            .iter()
+            .filter(|(_, panes)| panes.by_index.range(range.clone()).next().is_some())
+            .map(|(group, _)| (group.clone(), Summary::new(self.settings.alpha)))
+            .collect()
+    }
+
     /// Every group with panes in `[start_ms, end_ms)`, merged per group.
     pub fn summaries(&self, start_ms: u64, end_ms: u64) -> HashMap<String, Summary> {
         let p = self.settings.pane_ms;

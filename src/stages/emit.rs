@@ -101,14 +101,11 @@ pub async fn run(ctx: Arc<Shared>, peers: Arc<Peers>, agg: Arc<Aggregate>, emits
         let now = unix_ms();
         let request = |(start, end): (u64, u64)| json!({ "aggregate": agg.settings.name, "group": null, "start_ms": start, "end_ms": end });
         if known_at.is_none_or(|at| at.elapsed() >= KNOWN_EVERY) {
-            match gather(
-                &ctx,
-                &peers,
-                &agg,
-                &request(agg.last(agg.settings.max_window_ms, now)),
-            )
-            .await
-            {
+            let (start, end) = agg.last(agg.settings.max_window_ms, now);
+            let names = json!({
+                "aggregate": agg.settings.name, "group": null, "start_ms": start, "end_ms": end, "names_only": true,
+            });
+            match gather(&ctx, &peers, &agg, &names).await {
                 Ok((all, missing)) => {
                     known = all.into_keys().collect();
                     if missing.is_empty() {

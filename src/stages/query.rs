@@ -299,6 +299,10 @@ fn local(ctx: &Shared, agg: &Aggregate, request: &Value) -> (Vec<u32>, HashMap<S
         request["start_ms"].as_u64().unwrap_or(0),
         request["end_ms"].as_u64().unwrap_or(0),
     );
+    // The names alone (which groups have events), for the emissions.
+    if request["names_only"] == true {
+        return (ready, agg.groups_in(start, end));
+    }
     let summaries = match request["group"].as_str() {
         Some(group) => [(group.to_owned(), agg.summary(group, start, end))]
             .into_iter()

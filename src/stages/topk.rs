@@ -144,6 +144,11 @@ impl TopK {
         if other.weight == 0.0 && other.counters.is_empty() {
             return;
         }
+        if self.weight == 0.0 && self.counters.is_empty() && other.capacity >= self.capacity {
+            // Into an empty summary (a fresh merge target): a copy.
+            *self = other.clone();
+            return;
+        }
         let capacity = self.capacity.max(other.capacity);
         let (mine, theirs) = (self.floor(), other.floor());
         let mut all: HashMap<&str, Counter, foldhash::fast::RandomState> = HashMap::default();
