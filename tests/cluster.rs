@@ -1289,6 +1289,23 @@ async fn a_sessions_order_holds_across_a_handover_with_core_and_jetstream_output
         let client = server.client().await;
         let mut out = client.subscribe("events.unique.*").await.unwrap();
         client.flush().await.unwrap();
+        // Read while the load runs: a subscriber left unread past its
+        // buffer (65 536 messages) drops what comes after.
+        let sent_all = Arc::new(AtomicBool::new(false));
+        let done = sent_all.clone();
+        let collected = tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(2), out.next()).await {
+                    Ok(Some(m)) => got.push(m.payload),
+                    Ok(None) => break,
+                    // Quiet for 2 s once every producer is done: all in.
+                    Err(_) if done.load(Ordering::Relaxed) => break,
+                    Err(_) => {}
+                }
+            }
+            got
+        });
         let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
         let env = [
             ("EVENTSIEVE_SHARD_KEY", "session_id"),
@@ -1311,14 +1328,12 @@ async fn a_sessions_order_holds_across_a_handover_with_core_and_jetstream_output
         for p in producers {
             sent += p.await.unwrap();
         }
+        sent_all.store(true, Ordering::Relaxed);
 
         let events: Vec<bytes::Bytes> = if output == "core" {
-            let mut got = Vec::new();
-            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), out.next()).await {
-                got.push(m.payload);
-            }
-            got
+            collected.await.unwrap()
         } else {
+            collected.abort();
             let js = async_nats::jetstream::new(client.clone());
             let mut stream = js.get_stream("EVENTSIEVE_OUTPUT").await.unwrap();
             let last = stream.info().await.unwrap().state.last_sequence;

@@ -101,7 +101,7 @@ enum Scalar {
     Bool,
     String,
     Bytes,
-    /// An enum: the plan's index into [`Schema::enums`]-style name tables.
+    /// An enum: its values' numbers and names.
     Enum(&'static [(i32, &'static str)]),
     Message(usize),
     Group(usize),

@@ -50,6 +50,8 @@ pub enum ServiceError {
     Panicked(String),
     /// The configured routing rules cannot be used.
     Routing(String),
+    /// An aggregate's `when` cannot be used.
+    Aggregates(String),
 }
 
 impl std::fmt::Display for ServiceError {
@@ -69,6 +71,7 @@ impl std::fmt::Display for ServiceError {
             Self::Interrupted => f.write_str("shutdown interrupted by a second signal"),
             Self::Panicked(e) => write!(f, "a service task panicked: {e}"),
             Self::Routing(e) => write!(f, "routing rules: {e}"),
+            Self::Aggregates(e) => write!(f, "aggregates: {e}"),
         }
     }
 }

@@ -63,7 +63,7 @@ pub async fn start_with(
         .is_some()
         .then(|| writer::channel(settings.config.max_pending, metrics.clone()));
     let stages =
-        Arc::new(Stages::new(&settings.aggregates, &settings.format).map_err(ServiceError::Routing)?);
+        Arc::new(Stages::new(&settings.aggregates, &settings.format).map_err(ServiceError::Aggregates)?);
     let snapshot = snapshot(&settings, &stages);
     if !stages.is_empty() {
         metrics.add_render(stages.clone());
