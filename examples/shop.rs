@@ -263,6 +263,29 @@ async fn follow(
     })
 }
 
+/// The events of an output message: one, or (with the count header, as
+/// batches go out) length-delimited ones.
+fn events_in(m: &async_nats::Message) -> Vec<&[u8]> {
+    if m.headers
+        .as_ref()
+        .and_then(|h| h.get("Eventsieve-Count"))
+        .is_none()
+    {
+        return vec![&m.payload[..]];
+    }
+    let mut rest = &m.payload[..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let Ok(len) = prost::decode_length_delimiter(&mut rest) else {
+            break;
+        };
+        let (event, after) = rest.split_at(len.min(rest.len()));
+        out.push(event);
+        rest = after;
+    }
+    out
+}
+
 fn event_id(desc: &MessageDescriptor, bytes: &[u8]) -> String {
     DynamicMessage::decode(desc.clone(), bytes)
         .ok()
@@ -293,15 +316,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .await,
         follow(&client, "fraud.orders", seen.clone(), |s, m| {
-            *s.fraud
-                .entry(event_id(DESCRIPTOR.get().unwrap(), &m.payload))
-                .or_default() += 1;
+            for event in events_in(m) {
+                *s.fraud
+                    .entry(event_id(DESCRIPTOR.get().unwrap(), event))
+                    .or_default() += 1;
+            }
         })
         .await,
         follow(&client, "payments", seen.clone(), |s, m| {
-            *s.payments
-                .entry(event_id(DESCRIPTOR.get().unwrap(), &m.payload))
-                .or_default() += 1;
+            for event in events_in(m) {
+                *s.payments
+                    .entry(event_id(DESCRIPTOR.get().unwrap(), event))
+                    .or_default() += 1;
+            }
         })
         .await,
         follow(&client, "stats.sales.>", seen.clone(), |s, m| {

@@ -359,3 +359,114 @@ async fn with_ordering_two_producers_per_session_with_jitter_come_out_in_seq_ord
     );
     running.shutdown().await.unwrap();
 }
+
+/// With `[ordering]` by a timestamp every event is held; what the buffer
+/// releases goes out as the events came in: a batch's events (of one
+/// shard, together with other batches' released in the same tick) as
+/// batch messages, a single event alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_timestamp_ordering_batched_events_leave_as_batches_in_time_order() {
+    const SESSIONS: usize = 50;
+    const EVENTS: usize = 40;
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(&server, data.path(), "1h", Durability::Local);
+    s.config.shard_key = "session_id".into();
+    s.config.ordering.session = "session_id".into();
+    s.config.ordering.by = "ts".into();
+    s.config.ordering.time_unit = "ms".into();
+    s.config.ordering.hold = "300ms".into();
+    let s = s.config.validate().unwrap();
+    let running = service::start(s).await.unwrap();
+    let consumer = server.client().await;
+    let mut out = consumer.subscribe("events.unique.*").await.unwrap();
+    consumer.flush().await.unwrap();
+
+    let line = |session: usize, ts: usize, single: bool| {
+        format!(r#"{{"event_id":"s{session}t{ts}","session_id":"s{session}","ts":{ts},"single":{single}}}"#)
+    };
+    // Every session's events in 20 batches of 100 lines, each batch's lines
+    // in reverse time order (and a session's events spread over batches),
+    // all in flight at once; then one single event per session, later.
+    let mut lines: Vec<String> = (0..EVENTS)
+        .flat_map(|ts| (0..SESSIONS).map(move |session| line(session, 1000 + ts, false)))
+        .collect();
+    for chunk in lines.chunks_mut(100) {
+        chunk.reverse();
+    }
+    let batches = lines
+        .chunks(100)
+        .map(|chunk| ("dedup.batch".to_string(), Bytes::from(chunk.join("\n"))))
+        .collect();
+    let client = server.client().await;
+    for reply in in_flight(&client, batches).await {
+        assert_all_new(&reply);
+    }
+    let singles = (0..SESSIONS)
+        .map(|session| {
+            (
+                format!("dedup.ingest.s{session}"),
+                Bytes::from(line(session, 2000, true)),
+            )
+        })
+        .collect();
+    for reply in in_flight(&client, singles).await {
+        assert_eq!(&reply.payload[..], br#"{"accepted":true}"#);
+    }
+
+    let mut by_session: Vec<Vec<u64>> = vec![Vec::new(); SESSIONS];
+    let (mut total, mut batch_messages) = (0, 0);
+    while total < SESSIONS * (EVENTS + 1) {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), out.next()).await else {
+            break;
+        };
+        let counted = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(eventsieve::output::COUNT_HEADER));
+        let events: Vec<serde_json::Value> = m
+            .payload
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        if events.iter().any(|e| e["single"] == true) {
+            assert!(
+                counted.is_none() && events.len() == 1,
+                "a single event alone: {m:?}"
+            );
+        } else {
+            batch_messages += 1;
+        }
+        if let Some(count) = counted {
+            assert_eq!(count.as_str(), events.len().to_string(), "the count header");
+        }
+        for e in events {
+            let session: usize = e["session_id"].as_str().unwrap()[1..].parse().unwrap();
+            by_session[session].push(e["ts"].as_u64().unwrap());
+            total += 1;
+        }
+    }
+    assert_eq!(total, SESSIONS * (EVENTS + 1), "every event once");
+    let mut want: Vec<u64> = (1000..1000 + EVENTS as u64).collect();
+    want.push(2000);
+    for (s, seen) in by_session.iter().enumerate() {
+        assert_eq!(seen, &want, "session s{s} in time order");
+    }
+    // One message per event would be 2 000; a batch message per shard
+    // and release is a few dozen to a few hundred.
+    assert!(
+        batch_messages <= SESSIONS * EVENTS / 4,
+        "{batch_messages} messages for {} batched events",
+        SESSIONS * EVENTS
+    );
+    let text = running
+        .metrics()
+        .render(running.dedup(), std::time::Instant::now());
+    assert!(text.contains("eventsieve_out_of_order_total 0\n"), "none late");
+    assert!(
+        text.contains("eventsieve_reorder_held_events 0\n"),
+        "nothing left held"
+    );
+    running.shutdown().await.unwrap();
+}

@@ -171,6 +171,10 @@ impl Output for CoreNats {
         }
     }
 
+    fn joins(&self, first: &Request, next: &Request) -> bool {
+        Arc::ptr_eq(&first.rules, &next.rules) && first.subject == next.subject
+    }
+
     async fn accepted(&self, request: &Request, shard: u32, events: Accepted<'_>) {
         if !request.rules.is_plain() {
             return self.routed(request, shard, events).await;

@@ -80,6 +80,13 @@ impl Output for Sink {
         }
     }
 
+    fn joins(&self, first: &Self::Request, next: &Self::Request) -> bool {
+        match (self, first, next) {
+            (Sink::Core(core), Some(first), Some(next)) => core.joins(first, next),
+            (_, first, next) => first.is_none() && next.is_none(),
+        }
+    }
+
     async fn accepted(&self, request: &Self::Request, shard: u32, events: Accepted<'_>) {
         // Published before the commit otherwise: nothing left to do.
         if let (Sink::Core(core), Some(request)) = (self, request) {

@@ -7,9 +7,12 @@
 //! hands the ticket its delivery (the stages, then the output): run at
 //! once, in the request's own task, when every earlier ticket of the lane
 //! is done, which is the common case; else parked, and run by the task
-//! that delivers the ticket before it. A ticket dropped unused (a failed
-//! commit, a cancelled request) is skipped, so a lane never waits for a
-//! request that will not come.
+//! that delivers the ticket before it. Either way the request goes on
+//! (and answers) once its own delivery has run: a lane slower than its
+//! producers holds them back, and no request waits for the deliveries
+//! behind it (those go on in a task of their own). A ticket dropped unused
+//! (a failed commit, a cancelled request) is skipped, so a lane never
+//! waits for a request that will not come.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -53,21 +56,40 @@ impl std::fmt::Debug for Ticket {
 
 impl Ticket {
     /// Runs `delivery` once every delivery of earlier tickets of the lane
-    /// has run (or been skipped): now, in this task, if they have;
-    /// otherwise it is parked and this returns at once.
+    /// has run (or been skipped), and returns when it has: now, in this
+    /// task, if they have; otherwise it is parked, and run by the task
+    /// delivering before it.
     pub async fn deliver(mut self, delivery: impl Future<Output = ()> + Send + 'static) {
         self.used = true;
-        {
-            let mut lane = lock(&self.lane);
-            if lane.running || lane.head != self.n {
-                lane.parked.insert(self.n, Some(Box::pin(delivery)));
-                return;
+        match self.park(delivery) {
+            // An error: the runtime stopping dropped the delivery.
+            Ok(ran) => drop(ran.await),
+            Err(delivery) => {
+                let running = Running(Some(self.lane.clone()));
+                delivery.await;
+                drop(running); // what is parked behind goes on in a task of its own
             }
-            lane.running = true;
         }
-        let running = Running(Some(self.lane.clone()));
-        delivery.await;
-        running.carry_on().await;
+    }
+
+    /// Parks `delivery` behind the lane's head (what tells when it has
+    /// run), or gives it back, the lane now running, if it is the head.
+    fn park<F: Future<Output = ()> + Send + 'static>(
+        &self,
+        delivery: F,
+    ) -> Result<tokio::sync::oneshot::Receiver<()>, F> {
+        let mut lane = lock(&self.lane);
+        if !lane.running && lane.head == self.n {
+            lane.running = true;
+            return Err(delivery);
+        }
+        let (done, ran) = tokio::sync::oneshot::channel();
+        let parked = async move {
+            delivery.await;
+            let _ = done.send(());
+        };
+        lane.parked.insert(self.n, Some(Box::pin(parked)));
+        Ok(ran)
     }
 }
 
@@ -84,64 +106,65 @@ impl Drop for Ticket {
         // The head, skipped: what waits behind it runs in a task.
         lane.running = true;
         drop(lane);
-        Running(Some(self.lane.clone())).hand_off();
+        hand_off(self.lane.clone());
     }
 }
 
-/// The lane this task is delivering for: moves the head past its ticket
-/// and runs what is parked behind it. Dropped before that (its task
-/// cancelled), it leaves the rest to a new task.
+/// The lane this task is delivering the head of. Dropped, once the
+/// delivery has run or its task was cancelled, it moves the head past it
+/// and leaves what is parked behind to a task of its own.
 struct Running(Option<Arc<Mutex<Lane>>>);
 
-impl Running {
-    async fn carry_on(mut self) {
-        let lane = self.0.take().expect("running");
-        carry_on(lane).await;
-    }
-
-    fn hand_off(mut self) {
-        let Some(lane) = self.0.take() else { return };
-        match tokio::runtime::Handle::try_current() {
-            // A task dropped before it runs (the runtime stopping) hands
-            // nothing off again.
-            Ok(runtime) => drop(runtime.spawn(carry_on(lane))),
-            // No runtime (its end): nothing more will be delivered.
-            Err(_) => lock(&lane).running = false,
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(lane) = self.0.take() {
+            hand_off(lane);
         }
     }
 }
 
-/// Moves the head of `lane` past the ticket just delivered (or skipped)
-/// and runs what is parked behind it, until the lane is idle.
-async fn carry_on(lane: Arc<Mutex<Lane>>) {
-    loop {
-        let next = {
-            let mut l = lock(&lane);
-            l.head += 1;
-            loop {
-                let head = l.head;
-                match l.parked.remove(&head) {
-                    Some(None) => l.head += 1,
-                    Some(Some(delivery)) => break Some(delivery),
-                    None => {
-                        l.running = false;
-                        break None;
-                    }
-                }
-            }
-        };
-        let Some(delivery) = next else { return };
-        // Should this task be cancelled here, the rest goes on in another.
-        let mut guard = Running(Some(lane.clone()));
-        delivery.await;
-        guard.0 = None;
+/// Moves the head of `lane` past the ticket just delivered (or skipped);
+/// runs what is parked behind it in a new task, if anything is.
+fn hand_off(lane: Arc<Mutex<Lane>>) {
+    let Some(next) = advance(&mut lock(&lane)) else {
+        return;
+    };
+    match tokio::runtime::Handle::try_current() {
+        // A task dropped before it runs (the runtime stopping) hands
+        // nothing off again.
+        Ok(runtime) => drop(runtime.spawn(carry_on(lane, next))),
+        // No runtime (its end): nothing more will be delivered.
+        Err(_) => lock(&lane).running = false,
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.0.is_some() {
-            Running(self.0.take()).hand_off();
+/// Moves the head past the ticket just delivered or skipped: the delivery
+/// parked at the new head (the lane stays running), or none (it idles).
+fn advance(l: &mut Lane) -> Option<BoxFuture<'static, ()>> {
+    loop {
+        l.head += 1;
+        match l.parked.remove(&l.head) {
+            Some(None) => continue,
+            Some(Some(delivery)) => return Some(delivery),
+            None => {
+                l.running = false;
+                return None;
+            }
+        }
+    }
+}
+
+/// Runs `delivery`, the head of `lane`, and what is parked behind it,
+/// until the lane is idle.
+async fn carry_on(lane: Arc<Mutex<Lane>>, mut delivery: BoxFuture<'static, ()>) {
+    loop {
+        // Should this task be cancelled here, the rest goes on in another.
+        let mut running = Running(Some(lane.clone()));
+        delivery.await;
+        running.0 = None;
+        match advance(&mut lock(&lane)) {
+            Some(next) => delivery = next,
+            None => return,
         }
     }
 }
@@ -169,13 +192,7 @@ impl Lanes {
     /// Waits until every delivery of `shard` decided before this call has
     /// run: before a shard is handed over, and at stop.
     pub async fn drained(&self, shard: u32) {
-        let (done, reached) = tokio::sync::oneshot::channel();
-        self.ticket(shard)
-            .deliver(async move {
-                let _ = done.send(());
-            })
-            .await;
-        let _ = reached.await;
+        self.ticket(shard).deliver(async {}).await;
     }
 
     /// [`Self::drained`] for every shard.
@@ -227,11 +244,11 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let stuck = tokio::spawn(first.deliver(std::future::pending()));
         tokio::task::yield_now().await;
-        second
-            .deliver(async move {
-                let _ = tx.send(());
-            })
-            .await;
+        let parked = tokio::spawn(second.deliver(async move {
+            let _ = tx.send(());
+        }));
+        tokio::task::yield_now().await;
+        assert!(!parked.is_finished(), "a parked delivery's request waits for it");
         stuck.abort();
         tokio::time::timeout(Duration::from_secs(1), rx)
             .await
@@ -240,5 +257,44 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), lanes.drained(0))
             .await
             .expect("the lane goes on");
+        parked.await.unwrap();
+    }
+
+    /// A lane that never idles (its producers faster than its deliveries)
+    /// must not keep one request delivering everybody's events: each
+    /// returns once its own delivery has run.
+    #[tokio::test]
+    async fn a_request_returns_after_its_own_delivery_whatever_is_parked_behind_it() {
+        let lanes = Arc::new(Lanes::new(1));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Each delivery has the next request parked behind it by the time
+        // it ends (until the head's request went on, 10^7 at most).
+        fn request(
+            lanes: Arc<Lanes>,
+            stop: Arc<std::sync::atomic::AtomicBool>,
+            left: u32,
+        ) -> BoxFuture<'static, ()> {
+            let ticket = lanes.ticket(0);
+            Box::pin(ticket.deliver(async move {
+                if left == 0 || stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let next = lanes.lanes[0].clone();
+                let n = lock(&next).next;
+                tokio::spawn(request(lanes, stop, left - 1));
+                while !lock(&next).parked.contains_key(&n) {
+                    tokio::task::yield_now().await;
+                }
+            }))
+        }
+        let head = tokio::spawn(request(lanes.clone(), stop.clone(), 10_000_000));
+        let went_on = tokio::time::timeout(Duration::from_secs(3), head).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        went_on
+            .expect("the head's request went on after its own delivery")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), lanes.drained(0))
+            .await
+            .expect("the deliveries behind ran in a task of their own");
     }
 }

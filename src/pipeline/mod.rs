@@ -39,7 +39,7 @@ use crate::engine::{Checked, Deduplicator, Keyed, Record, Verdict, unix_ms};
 use crate::journal::{CommitFailed, Journal, JournalError, Writer};
 use crate::observe::metrics::Metrics;
 use lanes::{Lanes, Ticket};
-use reorder::Reorder;
+use reorder::{Released, Reorder};
 
 pub use ownership::{Ownership, ShardState};
 
@@ -60,6 +60,11 @@ pub trait Output: Send + Sync + 'static {
     type Request: Send + Sync + 'static;
 
     fn request(&self, subject: &Subject) -> Self::Request;
+
+    /// Whether the events of `next` may go out in one delivery with those
+    /// of `first` (the same rules and subject): the reorder buffer joins
+    /// the batched events it releases together.
+    fn joins(&self, first: &Self::Request, next: &Self::Request) -> bool;
 
     fn accepted(
         &self,
@@ -123,6 +128,18 @@ impl Accepted<'_> {
             Accepted::Lines { body, lines, .. } => (None, Some(lines.iter().map(|r| &body[r.clone()]))),
         };
         one.into_iter().chain(lines.into_iter().flatten())
+    }
+
+    /// Each event with the fields read with its key (empty if they were
+    /// not).
+    pub fn events_seen(&self) -> impl Iterator<Item = (Bytes, &[Seen])> + '_ {
+        let (seen, per_line): (&[Seen], usize) = match *self {
+            Accepted::Lines { lines, seen, .. } if !lines.is_empty() => (seen, seen.len() / lines.len()),
+            _ => (&[], 0),
+        };
+        self.events()
+            .enumerate()
+            .map(move |(i, e)| (e, seen.get(i * per_line..(i + 1) * per_line).unwrap_or(&[])))
     }
 
     /// Each event, byte for byte as received (no copy).
@@ -378,6 +395,7 @@ impl<O: Output> Pipeline<O> {
             ordering,
             shards,
             self.dedup.config().format.clone(),
+            &self.dedup.config().capture,
         ));
         self
     }
@@ -410,7 +428,7 @@ impl<O: Output> Pipeline<O> {
                 } else {
                     reorder.due(shard, unix_ms())
                 };
-                chain.deliver_each(shard, out).await;
+                chain.deliver_released(shard, out).await;
             }
         };
         self.lanes.ticket(shard).deliver(release).await;
@@ -895,8 +913,9 @@ struct Chain<O: Output> {
     stages: Vec<Arc<dyn Stage>>,
     /// Where accepted events go last.
     output: O,
-    /// Holds a session's events to release them in order (`[ordering]`).
-    reorder: Option<Reorder<Arc<O::Request>>>,
+    /// Holds a session's events to release them in order (`[ordering]`),
+    /// each with its request and whether it came in a batch.
+    reorder: Option<Reorder<(Arc<O::Request>, bool)>>,
 }
 
 impl<O: Output> Chain<O> {
@@ -906,8 +925,9 @@ impl<O: Output> Chain<O> {
         match &self.reorder {
             None => self.deliver(request, shard, events).await,
             Some(reorder) => {
-                let now = reorder.take(shard, events.events(), request, unix_ms());
-                self.deliver_each(shard, now).await;
+                let with = (request.clone(), matches!(events, Accepted::Lines { .. }));
+                let now = reorder.take(shard, events.events_seen(), &with, unix_ms());
+                self.deliver_released(shard, now).await;
             }
         }
     }
@@ -919,10 +939,51 @@ impl<O: Output> Chain<O> {
         self.output.accepted(request, shard, events).await;
     }
 
-    /// Events released by the reorder buffer: one message each.
-    async fn deliver_each(&self, shard: u32, released: Vec<(Bytes, Arc<O::Request>)>) {
-        for (event, request) in released {
-            self.deliver(&request, shard, Accepted::One(&event)).await;
+    /// Events released by the reorder buffer, in order: each run of
+    /// those that came in batches, under requests that go out alike, as
+    /// one batch (one message per output subject, as a batch's own events
+    /// go), with the fields read with their keys; the others one each.
+    async fn deliver_released(&self, shard: u32, released: Vec<Released<(Arc<O::Request>, bool)>>) {
+        let mut rest = &released[..];
+        while let Some(first) = rest.first() {
+            let (request, batched) = &first.with;
+            let run = match batched {
+                true => rest
+                    .iter()
+                    .take_while(|r| {
+                        let (next, batched) = &r.with;
+                        *batched && (Arc::ptr_eq(request, next) || self.output.joins(request, next))
+                    })
+                    .count(),
+                false => 1,
+            };
+            let (now, after) = rest.split_at(run);
+            rest = after;
+            if run == 1 {
+                self.deliver(request, shard, Accepted::One(&first.event)).await;
+                continue;
+            }
+            let mut body = Vec::with_capacity(now.iter().map(|r| r.event.len()).sum());
+            let lines: Vec<Range<usize>> = now
+                .iter()
+                .map(|r| {
+                    body.extend_from_slice(&r.event);
+                    body.len() - r.event.len()..body.len()
+                })
+                .collect();
+            // The fields, if every event has them.
+            let per_line = first.seen.len();
+            let seen: Vec<Seen> = match now.iter().all(|r| r.seen.len() == per_line) {
+                true => now.iter().flat_map(|r| r.seen.iter().copied()).collect(),
+                false => Vec::new(),
+            };
+            let body = Bytes::from(body);
+            let events = Accepted::Lines {
+                body: &body,
+                lines: &lines,
+                seen: &seen,
+            };
+            self.deliver(request, shard, events).await;
         }
     }
 }

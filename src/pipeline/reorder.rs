@@ -8,11 +8,18 @@
 //! is flushed before a handover and at stop; a crash loses what it held
 //! (accepted, not yet published).
 //!
-//! Each event is held with a `T` (the request it came with).
+//! Each event is held with a `T` (the request it came with), and the
+//! fields the batch path read with its key, so that the stages after the
+//! buffer do not read them again; the buffer reads its session and `by`
+//! from them too, when they are among them.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
+
+/// Sessions by name (foldhash: looked up for every event).
+type Sessions<T> = HashMap<Arc<str>, Session<T>, foldhash::fast::RandomState>;
 
 use bytes::Bytes;
 
@@ -46,6 +53,17 @@ pub struct Reorder<T> {
     shards: Box<[Mutex<Shard<T>>]>,
     pub counters: Arc<ReorderCounters>,
     format: Format,
+    /// Where the session and `by` are among the fields read with the key.
+    read_with_key: Option<[usize; 2]>,
+}
+
+/// An event the buffer lets go of.
+#[derive(Debug, Clone)]
+pub struct Released<T> {
+    pub event: Bytes,
+    /// The fields read with its key (empty if they were not).
+    pub seen: Box<[Seen]>,
+    pub with: T,
 }
 
 impl Render for ReorderCounters {
@@ -83,7 +101,7 @@ impl Render for ReorderCounters {
 }
 
 struct Shard<T> {
-    sessions: HashMap<Box<str>, Session<T>>,
+    sessions: Sessions<T>,
     /// Held events by arrival: when each may go, at the latest.
     arrivals: VecDeque<Arrival>,
     /// Numbers the arrivals (ties of `by` keep arrival order).
@@ -93,32 +111,42 @@ struct Shard<T> {
 }
 
 struct Session<T> {
+    /// Its name, shared with its arrivals.
+    name: Arc<str>,
     /// The highest `by` released.
     last: Option<i64>,
-    held: BTreeMap<(i64, u64), (Bytes, T)>,
+    held: BTreeMap<(i64, u64), Released<T>>,
     /// When it last took an event.
     seen_ms: u64,
 }
 
 struct Arrival {
     due_ms: u64,
-    session: Box<str>,
+    session: Arc<str>,
     key: (i64, u64),
 }
 
 impl<T: Clone> Reorder<T> {
     pub fn new(settings: OrderingSettings, shards: u32) -> Self {
-        Self::with_format(settings, shards, Format::Json)
+        Self::with_format(settings, shards, Format::Json, &[])
     }
 
-    /// A buffer over events read as `format`.
-    pub fn with_format(settings: OrderingSettings, shards: u32, format: Format) -> Self {
+    /// A buffer over events read as `format`, of which the batch path
+    /// reads the fields `read_with_key`.
+    pub fn with_format(
+        settings: OrderingSettings,
+        shards: u32,
+        format: Format,
+        read_with_key: &[String],
+    ) -> Self {
+        let at = |name: &str| read_with_key.iter().position(|n| n == name);
         Self {
+            read_with_key: at(&settings.session).zip(at(&settings.by)).map(|(s, b)| [s, b]),
             settings,
             shards: (0..shards)
                 .map(|_| {
                     Mutex::new(Shard {
-                        sessions: HashMap::new(),
+                        sessions: Sessions::default(),
                         arrivals: VecDeque::new(),
                         next: 0,
                         swept_ms: 0,
@@ -130,34 +158,44 @@ impl<T: Clone> Reorder<T> {
         }
     }
 
-    /// Takes accepted `events` of `shard` (in decision order) at `now_ms`;
-    /// returns what goes now, in order. An event without a session or a
-    /// numeric `by` goes at once.
-    pub fn take(
+    /// Takes accepted `events` of `shard` (in decision order), each with
+    /// the fields read with its key, at `now_ms`; returns what goes now,
+    /// in order. An event without a session or a numeric `by` goes at
+    /// once.
+    pub fn take<'a>(
         &self,
         shard: u32,
-        events: impl Iterator<Item = Bytes>,
+        events: impl Iterator<Item = (Bytes, &'a [Seen])>,
         with: &T,
         now_ms: u64,
-    ) -> Vec<(Bytes, T)> {
+    ) -> Vec<Released<T>> {
         let mut out = Vec::new();
         let mut shard_state = self.lock(shard);
         let fields = [self.settings.session.as_str(), self.settings.by.as_str()];
         let mut seen = [Seen::Missing; 2];
-        for e in events {
-            if !self.format.capture(&e, &fields, &mut seen) {
-                out.push((e, with.clone()));
+        for (event, read) in events {
+            let held = |event| Released {
+                event,
+                seen: read.into(),
+                with: with.clone(),
+            };
+            let found = match self.read_with_key {
+                Some([s, b]) if read.len() > s.max(b) => {
+                    seen = [read[s], read[b]];
+                    true
+                }
+                _ => self.format.capture(&event, &fields, &mut seen),
+            };
+            if !found {
+                out.push(held(event));
                 continue;
             }
             let session = match seen[0] {
-                Seen::Text { start, end } => std::str::from_utf8(&e[start as usize..end as usize])
+                Seen::Text { start, end } => std::str::from_utf8(&event[start as usize..end as usize])
                     .ok()
-                    .map(Box::from),
-                Seen::Escaped => self
-                    .format
-                    .text(&e, &self.settings.session)
-                    .map(|t| Box::from(t.as_ref())),
-                Seen::Symbol(name) => Some(Box::from(name)),
+                    .map(Cow::Borrowed),
+                Seen::Escaped => self.format.text(&event, &self.settings.session),
+                Seen::Symbol(name) => Some(Cow::Borrowed(name)),
                 _ => None,
             };
             let by = match seen[1] {
@@ -168,13 +206,13 @@ impl<T: Clone> Reorder<T> {
                 _ => None,
             };
             let (Some(session), Some(by)) = (session, by) else {
-                out.push((e, with.clone()));
+                out.push(held(event));
                 continue;
             };
             self.take_one(
                 &mut shard_state,
-                (session, by),
-                (e, with.clone()),
+                (&session, by),
+                || held(event.clone()),
                 now_ms,
                 &mut out,
             );
@@ -191,24 +229,30 @@ impl<T: Clone> Reorder<T> {
     fn take_one(
         &self,
         s: &mut Shard<T>,
-        (name, by): (Box<str>, i64),
-        held: (Bytes, T),
+        (name, by): (&str, i64),
+        event: impl FnOnce() -> Released<T>,
         now_ms: u64,
-        out: &mut Vec<(Bytes, T)>,
+        out: &mut Vec<Released<T>>,
     ) {
         let sequence = self.settings.ms_per_unit.is_none();
-        let session = s.sessions.entry(name.clone()).or_insert_with(|| Session {
-            last: None,
-            held: BTreeMap::new(),
-            seen_ms: now_ms,
-        });
+        if !s.sessions.contains_key(name) {
+            let name: Arc<str> = Arc::from(name);
+            let session = Session {
+                name: name.clone(),
+                last: None,
+                held: BTreeMap::new(),
+                seen_ms: now_ms,
+            };
+            s.sessions.insert(name, session);
+        }
+        let session = s.sessions.get_mut(name).expect("a session");
         session.seen_ms = now_ms;
         let late = session
             .last
             .is_some_and(|last| if sequence { by <= last } else { by < last });
         if late {
             self.counters.out_of_order.fetch_add(1, Relaxed);
-            out.push(held);
+            out.push(event());
             return;
         }
         let next = match session.last {
@@ -222,31 +266,32 @@ impl<T: Clone> Reorder<T> {
                 .first_key_value()
                 .is_none_or(|((first, _), _)| *first >= by)
         {
-            out.push(held);
+            out.push(event());
             session.last = Some(by);
             self.release_next(session, out);
             return;
         }
         // Held on its own: a slice of a larger buffer (the connection's
         // read buffer, a batch) would keep all of it.
-        let held = (Bytes::copy_from_slice(&held.0), held.1);
+        let mut held = event();
+        held.event = Bytes::copy_from_slice(&held.event);
         let key = (by, s.next);
         s.next += 1;
         self.counters.held.fetch_add(1, Relaxed);
         self.counters
             .held_bytes
-            .fetch_add(held.0.len() + OVERHEAD_BYTES, Relaxed);
+            .fetch_add(held.event.len() + OVERHEAD_BYTES, Relaxed);
         session.held.insert(key, held);
         s.arrivals.push_back(Arrival {
             due_ms: now_ms + self.settings.hold_ms,
-            session: name,
+            session: session.name.clone(),
             key,
         });
     }
 
     /// Releases what follows `session.last` without a gap (sequence
     /// numbers only).
-    fn release_next(&self, session: &mut Session<T>, out: &mut Vec<(Bytes, T)>) {
+    fn release_next(&self, session: &mut Session<T>, out: &mut Vec<Released<T>>) {
         if self.settings.ms_per_unit.is_some() {
             return;
         }
@@ -255,25 +300,25 @@ impl<T: Clone> Reorder<T> {
             if session.last.is_some_and(|last| by > last + 1) {
                 break;
             }
-            let (e, t) = entry.remove();
-            self.unheld(e.len());
+            let released = entry.remove();
+            self.unheld(released.event.len());
             session.last = Some(session.last.map_or(by, |last| last.max(by)));
-            out.push((e, t));
+            out.push(released);
         }
     }
 
     /// Releases the session's held events up to `key` (in `by` order),
     /// then what follows without a gap.
-    fn release_upto(&self, session: &mut Session<T>, key: (i64, u64), out: &mut Vec<(Bytes, T)>) {
+    fn release_upto(&self, session: &mut Session<T>, key: (i64, u64), out: &mut Vec<Released<T>>) {
         while let Some(entry) = session.held.first_entry() {
             if *entry.key() > key {
                 break;
             }
             let by = entry.key().0;
-            let (e, t) = entry.remove();
-            self.unheld(e.len());
+            let released = entry.remove();
+            self.unheld(released.event.len());
             session.last = Some(session.last.map_or(by, |last| last.max(by)));
-            out.push((e, t));
+            out.push(released);
         }
         self.release_next(session, out);
     }
@@ -286,7 +331,7 @@ impl<T: Clone> Reorder<T> {
     /// Releases the oldest arrival still held (and what comes before it in
     /// its session), if it is due by `due` (`None`: whenever). Whether one
     /// was.
-    fn release_oldest(&self, s: &mut Shard<T>, out: &mut Vec<(Bytes, T)>, due: Option<u64>) -> bool {
+    fn release_oldest(&self, s: &mut Shard<T>, out: &mut Vec<Released<T>>, due: Option<u64>) -> bool {
         while let Some(front) = s.arrivals.front() {
             if due.is_some_and(|now| front.due_ms > now) {
                 return false;
@@ -305,7 +350,7 @@ impl<T: Clone> Reorder<T> {
     }
 
     /// What of `shard` is due at `now_ms`, in order.
-    pub fn due(&self, shard: u32, now_ms: u64) -> Vec<(Bytes, T)> {
+    pub fn due(&self, shard: u32, now_ms: u64) -> Vec<Released<T>> {
         let mut out = Vec::new();
         let mut s = self.lock(shard);
         while self.release_oldest(&mut s, &mut out, Some(now_ms)) {}
@@ -323,7 +368,7 @@ impl<T: Clone> Reorder<T> {
 
     /// Everything `shard` holds, in order per session: before a handover
     /// and at stop.
-    pub fn flush(&self, shard: u32) -> Vec<(Bytes, T)> {
+    pub fn flush(&self, shard: u32) -> Vec<Released<T>> {
         let mut out = Vec::new();
         let mut s = self.lock(shard);
         while self.release_oldest(&mut s, &mut out, None) {}
@@ -376,10 +421,15 @@ mod tests {
         ))
     }
 
-    fn ns(out: &[(Bytes, ())]) -> Vec<i64> {
+    /// An event without fields read with its key.
+    fn alone(event: Bytes) -> (Bytes, &'static [Seen]) {
+        (event, &[])
+    }
+
+    fn ns(out: &[Released<()>]) -> Vec<i64> {
         out.iter()
-            .map(|(e, _)| {
-                serde_json::from_slice::<serde_json::Value>(e).unwrap()["n"]
+            .map(|r| {
+                serde_json::from_slice::<serde_json::Value>(&r.event).unwrap()["n"]
                     .as_i64()
                     .unwrap()
             })
@@ -390,30 +440,35 @@ mod tests {
     fn sequence_numbers_go_at_once_when_next_and_wait_for_a_gap_until_the_hold() {
         let r = Reorder::new(settings(None), 1);
         assert_eq!(
-            ns(&r.take(0, [ev("a", 0), ev("a", 2), ev("a", 3)].into_iter(), &(), 0)),
+            ns(&r.take(
+                0,
+                [ev("a", 0), ev("a", 2), ev("a", 3)].into_iter().map(alone),
+                &(),
+                0
+            )),
             [0]
         );
         assert_eq!(r.counters.held.load(Relaxed), 2);
         // Another session is not held up by this one's gap.
         assert_eq!(
-            ns(&r.take(0, [ev("b", 0), ev("b", 1)].into_iter(), &(), 10)),
+            ns(&r.take(0, [ev("b", 0), ev("b", 1)].into_iter().map(alone), &(), 10)),
             [0, 1]
         );
         assert_eq!(
-            ns(&r.take(0, [ev("a", 1)].into_iter(), &(), 20)),
+            ns(&r.take(0, [ev("a", 1)].into_iter().map(alone), &(), 20)),
             [1, 2, 3],
             "the gap filled"
         );
         assert_eq!(r.counters.held.load(Relaxed), 0);
         // A gap that stays open: released at the hold.
         assert!(
-            r.take(0, [ev("a", 6), ev("a", 5)].into_iter(), &(), 30)
+            r.take(0, [ev("a", 6), ev("a", 5)].into_iter().map(alone), &(), 30)
                 .is_empty()
         );
         assert!(r.due(0, 129).is_empty());
         assert_eq!(ns(&r.due(0, 130)), [5, 6]);
         // Later than what the session released: at once, counted.
-        assert_eq!(ns(&r.take(0, [ev("a", 4)].into_iter(), &(), 140)), [4]);
+        assert_eq!(ns(&r.take(0, [ev("a", 4)].into_iter().map(alone), &(), 140)), [4]);
         assert_eq!(r.counters.out_of_order.load(Relaxed), 1);
         assert_eq!(r.counters.held_bytes.load(Relaxed), 0);
     }
@@ -422,12 +477,17 @@ mod tests {
     fn timestamps_wait_the_hold_and_go_in_their_order() {
         let r = Reorder::new(settings(Some(1000.0)), 1);
         assert!(
-            r.take(0, [ev("a", 3), ev("a", 1), ev("a", 2)].into_iter(), &(), 0)
-                .is_empty()
+            r.take(
+                0,
+                [ev("a", 3), ev("a", 1), ev("a", 2)].into_iter().map(alone),
+                &(),
+                0
+            )
+            .is_empty()
         );
         assert_eq!(ns(&r.due(0, 100)), [1, 2, 3]);
         assert_eq!(
-            ns(&r.take(0, [ev("a", 2)].into_iter(), &(), 110)),
+            ns(&r.take(0, [ev("a", 2)].into_iter().map(alone), &(), 110)),
             [2],
             "late: at once"
         );
@@ -439,12 +499,12 @@ mod tests {
         let mut s = settings(Some(1.0));
         s.max_bytes = 3 * (ev("a", 1).len() + OVERHEAD_BYTES);
         let r = Reorder::new(s, 1);
-        let out = r.take(0, (1..=5).map(|n| ev("a", n)), &(), 0);
+        let out = r.take(0, (1..=5).map(|n| alone(ev("a", n))), &(), 0);
         assert_eq!(ns(&out), [1, 2], "the two oldest");
         assert_eq!(r.counters.forced.load(Relaxed), 2);
         // The oldest of a session goes with what is before it.
         assert_eq!(
-            ns(&r.take(0, [ev("b", 9), ev("b", 8)].into_iter(), &(), 1)),
+            ns(&r.take(0, [ev("b", 9), ev("b", 8)].into_iter().map(alone), &(), 1)),
             [3, 4]
         );
         assert_eq!(ns(&r.flush(0)), [5, 8, 9]);
@@ -457,11 +517,42 @@ mod tests {
         let other = Bytes::from_static(br#"{"event_id":"x","n":"one"}"#);
         let out = r.take(
             0,
-            [other.clone(), Bytes::from_static(br#"{"event_id":"y"}"#)].into_iter(),
+            [other.clone(), Bytes::from_static(br#"{"event_id":"y"}"#)]
+                .into_iter()
+                .map(alone),
             &(),
             0,
         );
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].0, other);
+        assert_eq!(out[0].event, other);
+    }
+
+    /// The fields the batch path read with the key: the session and `by`
+    /// are taken from them, and they go out with the event.
+    #[test]
+    fn fields_read_with_the_key_are_used_and_kept() {
+        let names = ["x".to_string(), "n".to_string(), "s".to_string()];
+        let r = Reorder::with_format(settings(None), 1, Format::Json, &names);
+        let events: Vec<(Bytes, Vec<Seen>)> = [ev("a", 1), ev("a", 0), ev("b", 0)]
+            .into_iter()
+            .map(|e| {
+                let mut seen = vec![Seen::Missing; 3];
+                assert!(Format::Json.capture(&e, &["x", "n", "s"], &mut seen));
+                (e, seen)
+            })
+            .collect();
+        let out = r.take(0, events.iter().map(|(e, s)| (e.clone(), &s[..])), &(), 0);
+        assert_eq!(ns(&out), [0, 1, 0], "a's 1 waited for its 0");
+        for released in &out {
+            let (_, seen) = events.iter().find(|(e, _)| *e == released.event).unwrap();
+            assert_eq!(&released.seen[..], &seen[..]);
+        }
+        // Read with the key, they are believed: a `by` read as 0 is late.
+        let e = ev("a", 2);
+        let mut read = vec![Seen::Missing; 3];
+        assert!(Format::Json.capture(&e, &["x", "n", "s"], &mut read));
+        read[1] = Seen::Number(0.0);
+        assert_eq!(ns(&r.take(0, [(e, &read[..])].into_iter(), &(), 1)), [2]);
+        assert_eq!(r.counters.out_of_order.load(Relaxed), 1);
     }
 }

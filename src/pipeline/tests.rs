@@ -20,6 +20,10 @@ impl Output for Collect {
 
     fn request(&self, _: &Subject) {}
 
+    fn joins(&self, _: &(), _: &()) -> bool {
+        true
+    }
+
     async fn accepted(&self, _: &(), shard: u32, events: Accepted<'_>) {
         self.0.lock().unwrap().push((shard, events.events().collect()));
     }

@@ -245,10 +245,13 @@ fn pipeline(
     for &s in &settings.owned {
         ownership.set(s, ShardState::Recovering);
     }
-    // The batch path reads the fields of the aggregates and of the
-    // routing rules in force at start with each line's key, in one pass.
+    // The batch path reads the fields of the aggregates, of the routing
+    // rules in force at start and of the reorder buffer with each line's
+    // key, in one pass.
     let mut engine = settings.engine();
-    for field in router.current().fields() {
+    let rules = router.current();
+    let ordering = settings.ordering.iter().flat_map(|o| [&o.session, &o.by]);
+    for field in rules.fields().iter().chain(ordering) {
         if !engine.capture.contains(field) {
             engine.capture.push(field.clone());
         }
