@@ -14,7 +14,7 @@
 //! from them too, when they are among them.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -115,7 +115,9 @@ struct Session<T> {
     name: Arc<str>,
     /// The highest `by` released.
     last: Option<i64>,
-    held: BTreeMap<(i64, u64), Released<T>>,
+    /// By `(by, arrival)`: mostly pushed at the back, taken from the
+    /// front (a session holds a few events at a time).
+    held: VecDeque<((i64, u64), Released<T>)>,
     /// When it last took an event.
     seen_ms: u64,
 }
@@ -240,7 +242,7 @@ impl<T: Clone> Reorder<T> {
             let session = Session {
                 name: name.clone(),
                 last: None,
-                held: BTreeMap::new(),
+                held: VecDeque::new(),
                 seen_ms: now_ms,
             };
             s.sessions.insert(name, session);
@@ -259,16 +261,11 @@ impl<T: Clone> Reorder<T> {
             Some(last) => last + 1,
             None => self.settings.first_seq,
         };
-        if sequence
-            && by == next
-            && session
-                .held
-                .first_key_value()
-                .is_none_or(|((first, _), _)| *first >= by)
-        {
+        if sequence && by == next && session.held.front().is_none_or(|((first, _), _)| *first >= by) {
             out.push(event());
             session.last = Some(by);
             self.release_next(session, out);
+            free_if_empty(session);
             return;
         }
         // Held on its own: a slice of a larger buffer (the connection's
@@ -281,7 +278,13 @@ impl<T: Clone> Reorder<T> {
         self.counters
             .held_bytes
             .fetch_add(held.event.len() + OVERHEAD_BYTES, Relaxed);
-        session.held.insert(key, held);
+        match session.held.back() {
+            Some((last, _)) if *last > key => {
+                let at = session.held.partition_point(|(k, _)| *k < key);
+                session.held.insert(at, (key, held));
+            }
+            _ => session.held.push_back((key, held)),
+        }
         s.arrivals.push_back(Arrival {
             due_ms: now_ms + self.settings.hold_ms,
             session: session.name.clone(),
@@ -295,12 +298,12 @@ impl<T: Clone> Reorder<T> {
         if self.settings.ms_per_unit.is_some() {
             return;
         }
-        while let Some(entry) = session.held.first_entry() {
-            let by = entry.key().0;
+        while let Some(((by, _), _)) = session.held.front() {
+            let by = *by;
             if session.last.is_some_and(|last| by > last + 1) {
                 break;
             }
-            let released = entry.remove();
+            let (_, released) = session.held.pop_front().expect("a front");
             self.unheld(released.event.len());
             session.last = Some(session.last.map_or(by, |last| last.max(by)));
             out.push(released);
@@ -310,17 +313,18 @@ impl<T: Clone> Reorder<T> {
     /// Releases the session's held events up to `key` (in `by` order),
     /// then what follows without a gap.
     fn release_upto(&self, session: &mut Session<T>, key: (i64, u64), out: &mut Vec<Released<T>>) {
-        while let Some(entry) = session.held.first_entry() {
-            if *entry.key() > key {
+        while let Some((first, _)) = session.held.front() {
+            if *first > key {
                 break;
             }
-            let by = entry.key().0;
-            let released = entry.remove();
+            let by = first.0;
+            let (_, released) = session.held.pop_front().expect("a front");
             self.unheld(released.event.len());
             session.last = Some(session.last.map_or(by, |last| last.max(by)));
             out.push(released);
         }
         self.release_next(session, out);
+        free_if_empty(session);
     }
 
     fn unheld(&self, len: usize) {
@@ -340,7 +344,7 @@ impl<T: Clone> Reorder<T> {
             let Some(state) = s.sessions.get_mut(&session) else {
                 continue;
             };
-            if !state.held.contains_key(&key) {
+            if state.held.binary_search_by(|(k, _)| k.cmp(&key)).is_err() {
                 continue; // released already
             }
             self.release_upto(state, key, out);
@@ -397,6 +401,14 @@ impl<T: Clone> Reorder<T> {
         self.shards[shard as usize]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A session that holds nothing keeps no room for events (it may stay
+/// idle until the sweep forgets it).
+fn free_if_empty<T>(session: &mut Session<T>) {
+    if session.held.is_empty() && session.held.capacity() > 0 {
+        session.held = VecDeque::new();
     }
 }
 
