@@ -277,7 +277,8 @@ impl Rng {
 }
 
 /// Appends an event of about `size` bytes with id `<tag>w<w>n<k>`, a
-/// `session_id` (64 per worker, for `shard_key`), a metric for aggregates
+/// `session_id` (64 per worker, for `shard_key`; JSON events number each
+/// session's events in `seq`, in the order a worker sends them), a metric for aggregates
 /// (`metric_name` one of 16, `metric_value`, `timestamp` in seconds) and
 /// padding in a field; never shorter than those need. As JSON, or as a
 /// `loadgen.v1.Event` protobuf message of the same size.
@@ -319,8 +320,9 @@ fn event(out: &mut Vec<u8>, (tag, w, k): (&str, usize, u64), size: usize, protob
     }
     write!(
         out,
-        r#"{{"event_id":"{tag}w{w}n{k}","session_id":"s{w}x{}","kind":"load","metric_name":"m{}","metric_value":{},"timestamp":{now},"pad":""#,
+        r#"{{"event_id":"{tag}w{w}n{k}","session_id":"s{w}x{}","seq":{},"kind":"load","metric_name":"m{}","metric_value":{},"timestamp":{now},"pad":""#,
         k % 64,
+        k / 64,
         k % 16,
         k % 1000
     )

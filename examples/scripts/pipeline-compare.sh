@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The batch path with the stages of the e-commerce pipeline (sessions
 # sharded and reordered, two routing rules, an aggregate emitting a moving
-# average, a sum and top(10) every second) against dedup only, on the same
+# average, a sum and top(10) every second) against dedup only: sessions
+# ordered by their timestamp (every event held 2 s), by their `seq` (in
+# order as sent, so mostly released at once), and not ordered; on the same
 # loadgen events (JSON, 200 B), alternating on one binary, each run on a
 # fresh nats-server and store, durability "local", sidecar alone.
 #
@@ -17,15 +19,13 @@ NATS_PORT=14342 METRICS_PORT=19584
 BIN=${BIN:-target/release/eventsieve}
 . examples/scripts/lib.sh
 
-pipeline_config() { # the file to write
+pipeline_config() { # the file to write; by-timestamp, by-seq or unordered
   sed -e 's|^shard_key = ""|shard_key = "session_id"|' config/eventsieve.toml >"$1"
+  case $2 in
+    by-timestamp) printf '\n[ordering]\nsession = "session_id"\nby = "timestamp"\ntime_unit = "s"\nhold = "2s"\n' >>"$1" ;;
+    by-seq) printf '\n[ordering]\nsession = "session_id"\nby = "seq"\nhold = "2s"\n' >>"$1" ;;
+  esac
   cat >>"$1" <<'TOML'
-
-[ordering]
-session = "session_id"
-by = "timestamp"
-time_unit = "s"
-hold = "2s"
 
 [routing]
 default = "events.unique.{shard}"
@@ -70,7 +70,10 @@ TOML
 run() { # label config
   local label=$1 dir
   dir=$(mktemp -d /tmp/eventsieve-pipeline.XXXX)
-  if [ "$2" = pipeline ]; then pipeline_config "$dir/sidecar.toml"; else cp config/eventsieve.toml "$dir/sidecar.toml"; fi
+  case $2 in
+    dedup) cp config/eventsieve.toml "$dir/sidecar.toml" ;;
+    *) pipeline_config "$dir/sidecar.toml" "$2" ;;
+  esac
   up "$dir" "$dir/sidecar.toml"
   echo "== $label"
   timeout 300 target/release/examples/loadgen --url nats://127.0.0.1:$NATS_PORT --metrics 127.0.0.1:$METRICS_PORT \
@@ -80,5 +83,7 @@ run() { # label config
 }
 for r in $(seq 1 "$ROUNDS"); do
   run dedup-only dedup
-  run pipeline pipeline
+  run pipeline-ordered-by-timestamp by-timestamp
+  run pipeline-ordered-by-seq by-seq
+  run pipeline-without-ordering unordered
 done
