@@ -470,3 +470,78 @@ async fn with_timestamp_ordering_batched_events_leave_as_batches_in_time_order()
     );
     running.shutdown().await.unwrap();
 }
+
+/// Sessions ordered by `seq`, in batches: the next `seq` of a session goes
+/// at once, with the rest of its batch as the batch came; one held behind
+/// a gap goes when the gap fills. Every session's events leave in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_seq_ordering_batches_pass_at_once_and_gaps_hold_only_what_is_behind_them() {
+    const SESSIONS: usize = 50;
+    const EVENTS: usize = 40;
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(&server, data.path(), "1h", Durability::Local);
+    s.config.shard_key = "session_id".into();
+    s.config.ordering.session = "session_id".into();
+    s.config.ordering.by = "seq".into();
+    s.config.ordering.hold = "5s".into();
+    let s = s.config.validate().unwrap();
+    let running = service::start(s).await.unwrap();
+    let consumer = server.client().await;
+    let mut out = consumer.subscribe("events.unique.*").await.unwrap();
+    consumer.flush().await.unwrap();
+
+    // Batch k holds seq k of every session, sent one after another; seq 7
+    // of the even sessions comes last, so their 8..39 wait for it.
+    let late = |session: usize, seq: usize| seq == 7 && session % 2 == 0;
+    let mut batches: Vec<Vec<Vec<u8>>> = (0..EVENTS)
+        .map(|seq| {
+            (0..SESSIONS)
+                .filter(|&s| !late(s, seq))
+                .map(|s| session_event(s, seq))
+                .collect()
+        })
+        .collect();
+    batches.push(
+        (0..SESSIONS)
+            .filter(|&s| late(s, 7))
+            .map(|s| session_event(s, 7))
+            .collect(),
+    );
+    let client = server.client().await;
+    for lines in &batches {
+        let body = Bytes::from(lines.join(&b'\n'));
+        assert_all_new(&request(&client, "dedup.batch", body).await);
+    }
+
+    let mut by_session: Vec<Vec<u64>> = vec![Vec::new(); SESSIONS];
+    let (mut total, mut messages) = (0, 0);
+    while total < SESSIONS * EVENTS {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), out.next()).await else {
+            break;
+        };
+        messages += 1;
+        for line in m.payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+            let session: usize = v["session_id"].as_str().unwrap()[1..].parse().unwrap();
+            by_session[session].push(v["seq"].as_u64().unwrap());
+            total += 1;
+        }
+    }
+    assert_eq!(total, SESSIONS * EVENTS, "every event once");
+    let want: Vec<u64> = (0..EVENTS as u64).collect();
+    for (s, seen) in by_session.iter().enumerate() {
+        assert_eq!(seen, &want, "session s{s} in seq order");
+    }
+    // As batches: at most one message per shard and batch.
+    assert!(messages <= 32 * batches.len(), "{messages} messages");
+    let text = running
+        .metrics()
+        .render(running.dedup(), std::time::Instant::now());
+    assert!(text.contains("eventsieve_out_of_order_total 0\n"), "none late");
+    assert!(
+        text.contains("eventsieve_reorder_held_events 0\n"),
+        "nothing left held"
+    );
+    running.shutdown().await.unwrap();
+}

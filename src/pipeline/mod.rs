@@ -39,7 +39,7 @@ use crate::engine::{Checked, Deduplicator, Keyed, Record, Verdict, unix_ms};
 use crate::journal::{CommitFailed, Journal, JournalError, Writer};
 use crate::observe::metrics::Metrics;
 use lanes::{Lanes, Ticket};
-use reorder::{Released, Reorder};
+use reorder::{Released, Reorder, Taken};
 
 pub use ownership::{Ownership, ShardState};
 
@@ -428,7 +428,8 @@ impl<O: Output> Pipeline<O> {
                 } else {
                     reorder.due(shard, unix_ms())
                 };
-                chain.deliver_released(shard, out).await;
+                let out: Vec<&Released<_>> = out.iter().collect();
+                chain.deliver_released(shard, &out).await;
             }
         };
         self.lanes.ticket(shard).deliver(release).await;
@@ -926,8 +927,8 @@ impl<O: Output> Chain<O> {
             None => self.deliver(request, shard, events).await,
             Some(reorder) => {
                 let with = (request.clone(), matches!(events, Accepted::Lines { .. }));
-                let now = reorder.take(shard, events.events_seen(), &with, unix_ms());
-                self.deliver_released(shard, now).await;
+                let taken = reorder.take(shard, events.events_seen(), &with, unix_ms());
+                self.deliver_taken(request, shard, &events, &taken).await;
             }
         }
     }
@@ -939,12 +940,67 @@ impl<O: Output> Chain<O> {
         self.output.accepted(request, shard, events).await;
     }
 
+    /// What the reorder buffer let go of on taking `events` of `request`,
+    /// in order: each run of those of them that go at once, as they came
+    /// (all of a batch's, in the common case, without a copy), and of
+    /// events it had held.
+    async fn deliver_taken(
+        &self,
+        request: &Arc<O::Request>,
+        shard: u32,
+        events: &Accepted<'_>,
+        taken: &[Taken<(Arc<O::Request>, bool)>],
+    ) {
+        let mut rest = taken;
+        while !rest.is_empty() {
+            let now: Vec<usize> = rest
+                .iter()
+                .map_while(|t| match t {
+                    Taken::Now(i) => Some(*i),
+                    Taken::Released(_) => None,
+                })
+                .collect();
+            if !now.is_empty() {
+                rest = &rest[now.len()..];
+                match *events {
+                    Accepted::Lines { body, lines, seen } if now.len() < lines.len() => {
+                        let per_line = seen.len() / lines.len();
+                        let some: Vec<Range<usize>> = now.iter().map(|&i| lines[i].clone()).collect();
+                        let seen: Vec<Seen> = now
+                            .iter()
+                            .flat_map(|&i| &seen[i * per_line..(i + 1) * per_line])
+                            .copied()
+                            .collect();
+                        let events = Accepted::Lines {
+                            body,
+                            lines: &some,
+                            seen: &seen,
+                        };
+                        self.deliver(request, shard, events).await;
+                    }
+                    // All of them.
+                    _ => self.deliver(request, shard, events.clone()).await,
+                }
+                continue;
+            }
+            let released: Vec<&Released<_>> = rest
+                .iter()
+                .map_while(|t| match t {
+                    Taken::Released(r) => Some(r),
+                    Taken::Now(_) => None,
+                })
+                .collect();
+            rest = &rest[released.len()..];
+            self.deliver_released(shard, &released).await;
+        }
+    }
+
     /// Events released by the reorder buffer, in order: each run of
     /// those that came in batches, under requests that go out alike, as
     /// one batch (one message per output subject, as a batch's own events
     /// go), with the fields read with their keys; the others one each.
-    async fn deliver_released(&self, shard: u32, released: Vec<Released<(Arc<O::Request>, bool)>>) {
-        let mut rest = &released[..];
+    async fn deliver_released(&self, shard: u32, released: &[&Released<(Arc<O::Request>, bool)>]) {
+        let mut rest = released;
         while let Some(first) = rest.first() {
             let (request, batched) = &first.with;
             let run = match batched {

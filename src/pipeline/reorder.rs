@@ -57,6 +57,20 @@ pub struct Reorder<T> {
     read_with_key: Option<[usize; 2]>,
 }
 
+/// What [`Reorder::take`] lets go of: one of the events it was given,
+/// going at once as it came (by its place among them), or one it held.
+#[derive(Debug)]
+pub enum Taken<T> {
+    Now(usize),
+    Released(Released<T>),
+}
+
+impl<T> From<Released<T>> for Taken<T> {
+    fn from(released: Released<T>) -> Self {
+        Taken::Released(released)
+    }
+}
+
 /// An event the buffer lets go of.
 #[derive(Debug, Clone)]
 pub struct Released<T> {
@@ -162,20 +176,21 @@ impl<T: Clone> Reorder<T> {
 
     /// Takes accepted `events` of `shard` (in decision order), each with
     /// the fields read with its key, at `now_ms`; returns what goes now,
-    /// in order. An event without a session or a numeric `by` goes at
-    /// once.
+    /// in order: those of them that go at once by their place (an event
+    /// without a session or a numeric `by`, a late one, the next `seq`),
+    /// and what they let go of that was held.
     pub fn take<'a>(
         &self,
         shard: u32,
         events: impl Iterator<Item = (Bytes, &'a [Seen])>,
         with: &T,
         now_ms: u64,
-    ) -> Vec<Released<T>> {
+    ) -> Vec<Taken<T>> {
         let mut out = Vec::new();
         let mut shard_state = self.lock(shard);
         let fields = [self.settings.session.as_str(), self.settings.by.as_str()];
         let mut seen = [Seen::Missing; 2];
-        for (event, read) in events {
+        for (i, (event, read)) in events.enumerate() {
             let held = |event| Released {
                 event,
                 seen: read.into(),
@@ -189,7 +204,7 @@ impl<T: Clone> Reorder<T> {
                 _ => self.format.capture(&event, &fields, &mut seen),
             };
             if !found {
-                out.push(held(event));
+                out.push(Taken::Now(i));
                 continue;
             }
             let session = match seen[0] {
@@ -208,13 +223,13 @@ impl<T: Clone> Reorder<T> {
                 _ => None,
             };
             let (Some(session), Some(by)) = (session, by) else {
-                out.push(held(event));
+                out.push(Taken::Now(i));
                 continue;
             };
             self.take_one(
                 &mut shard_state,
                 (&session, by),
-                || held(event.clone()),
+                (i, || held(event.clone())),
                 now_ms,
                 &mut out,
             );
@@ -232,9 +247,9 @@ impl<T: Clone> Reorder<T> {
         &self,
         s: &mut Shard<T>,
         (name, by): (&str, i64),
-        event: impl FnOnce() -> Released<T>,
+        (i, event): (usize, impl FnOnce() -> Released<T>),
         now_ms: u64,
-        out: &mut Vec<Released<T>>,
+        out: &mut Vec<Taken<T>>,
     ) {
         let sequence = self.settings.ms_per_unit.is_none();
         if !s.sessions.contains_key(name) {
@@ -254,7 +269,7 @@ impl<T: Clone> Reorder<T> {
             .is_some_and(|last| if sequence { by <= last } else { by < last });
         if late {
             self.counters.out_of_order.fetch_add(1, Relaxed);
-            out.push(event());
+            out.push(Taken::Now(i));
             return;
         }
         let next = match session.last {
@@ -262,7 +277,7 @@ impl<T: Clone> Reorder<T> {
             None => self.settings.first_seq,
         };
         if sequence && by == next && session.held.front().is_none_or(|((first, _), _)| *first >= by) {
-            out.push(event());
+            out.push(Taken::Now(i));
             session.last = Some(by);
             self.release_next(session, out);
             free_if_empty(session);
@@ -294,7 +309,7 @@ impl<T: Clone> Reorder<T> {
 
     /// Releases what follows `session.last` without a gap (sequence
     /// numbers only).
-    fn release_next(&self, session: &mut Session<T>, out: &mut Vec<Released<T>>) {
+    fn release_next<O: From<Released<T>>>(&self, session: &mut Session<T>, out: &mut Vec<O>) {
         if self.settings.ms_per_unit.is_some() {
             return;
         }
@@ -306,13 +321,18 @@ impl<T: Clone> Reorder<T> {
             let (_, released) = session.held.pop_front().expect("a front");
             self.unheld(released.event.len());
             session.last = Some(session.last.map_or(by, |last| last.max(by)));
-            out.push(released);
+            out.push(released.into());
         }
     }
 
     /// Releases the session's held events up to `key` (in `by` order),
     /// then what follows without a gap.
-    fn release_upto(&self, session: &mut Session<T>, key: (i64, u64), out: &mut Vec<Released<T>>) {
+    fn release_upto<O: From<Released<T>>>(
+        &self,
+        session: &mut Session<T>,
+        key: (i64, u64),
+        out: &mut Vec<O>,
+    ) {
         while let Some((first, _)) = session.held.front() {
             if *first > key {
                 break;
@@ -321,7 +341,7 @@ impl<T: Clone> Reorder<T> {
             let (_, released) = session.held.pop_front().expect("a front");
             self.unheld(released.event.len());
             session.last = Some(session.last.map_or(by, |last| last.max(by)));
-            out.push(released);
+            out.push(released.into());
         }
         self.release_next(session, out);
         free_if_empty(session);
@@ -335,7 +355,12 @@ impl<T: Clone> Reorder<T> {
     /// Releases the oldest arrival still held (and what comes before it in
     /// its session), if it is due by `due` (`None`: whenever). Whether one
     /// was.
-    fn release_oldest(&self, s: &mut Shard<T>, out: &mut Vec<Released<T>>, due: Option<u64>) -> bool {
+    fn release_oldest<O: From<Released<T>>>(
+        &self,
+        s: &mut Shard<T>,
+        out: &mut Vec<O>,
+        due: Option<u64>,
+    ) -> bool {
         while let Some(front) = s.arrivals.front() {
             if due.is_some_and(|now| front.due_ms > now) {
                 return false;
@@ -433,9 +458,26 @@ mod tests {
         ))
     }
 
-    /// An event without fields read with its key.
-    fn alone(event: Bytes) -> (Bytes, &'static [Seen]) {
-        (event, &[])
+    /// What [`Reorder::take`] lets go of on taking `events` (without
+    /// fields read with their keys), each as released.
+    fn take<const N: usize>(r: &Reorder<()>, events: [Bytes; N], now_ms: u64) -> Vec<Released<()>> {
+        let read: &[Seen] = &[];
+        let taken = r.take(0, events.iter().map(|e| (e.clone(), read)), &(), now_ms);
+        as_released(&events, taken)
+    }
+
+    fn as_released(events: &[Bytes], taken: Vec<Taken<()>>) -> Vec<Released<()>> {
+        taken
+            .into_iter()
+            .map(|t| match t {
+                Taken::Now(i) => Released {
+                    event: events[i].clone(),
+                    seen: Box::default(),
+                    with: (),
+                },
+                Taken::Released(r) => r,
+            })
+            .collect()
     }
 
     fn ns(out: &[Released<()>]) -> Vec<i64> {
@@ -451,36 +493,18 @@ mod tests {
     #[test]
     fn sequence_numbers_go_at_once_when_next_and_wait_for_a_gap_until_the_hold() {
         let r = Reorder::new(settings(None), 1);
-        assert_eq!(
-            ns(&r.take(
-                0,
-                [ev("a", 0), ev("a", 2), ev("a", 3)].into_iter().map(alone),
-                &(),
-                0
-            )),
-            [0]
-        );
+        assert_eq!(ns(&take(&r, [ev("a", 0), ev("a", 2), ev("a", 3)], 0)), [0]);
         assert_eq!(r.counters.held.load(Relaxed), 2);
         // Another session is not held up by this one's gap.
-        assert_eq!(
-            ns(&r.take(0, [ev("b", 0), ev("b", 1)].into_iter().map(alone), &(), 10)),
-            [0, 1]
-        );
-        assert_eq!(
-            ns(&r.take(0, [ev("a", 1)].into_iter().map(alone), &(), 20)),
-            [1, 2, 3],
-            "the gap filled"
-        );
+        assert_eq!(ns(&take(&r, [ev("b", 0), ev("b", 1)], 10)), [0, 1]);
+        assert_eq!(ns(&take(&r, [ev("a", 1)], 20)), [1, 2, 3], "the gap filled");
         assert_eq!(r.counters.held.load(Relaxed), 0);
         // A gap that stays open: released at the hold.
-        assert!(
-            r.take(0, [ev("a", 6), ev("a", 5)].into_iter().map(alone), &(), 30)
-                .is_empty()
-        );
+        assert!(take(&r, [ev("a", 6), ev("a", 5)], 30).is_empty());
         assert!(r.due(0, 129).is_empty());
         assert_eq!(ns(&r.due(0, 130)), [5, 6]);
         // Later than what the session released: at once, counted.
-        assert_eq!(ns(&r.take(0, [ev("a", 4)].into_iter().map(alone), &(), 140)), [4]);
+        assert_eq!(ns(&take(&r, [ev("a", 4)], 140)), [4]);
         assert_eq!(r.counters.out_of_order.load(Relaxed), 1);
         assert_eq!(r.counters.held_bytes.load(Relaxed), 0);
     }
@@ -488,21 +512,9 @@ mod tests {
     #[test]
     fn timestamps_wait_the_hold_and_go_in_their_order() {
         let r = Reorder::new(settings(Some(1000.0)), 1);
-        assert!(
-            r.take(
-                0,
-                [ev("a", 3), ev("a", 1), ev("a", 2)].into_iter().map(alone),
-                &(),
-                0
-            )
-            .is_empty()
-        );
+        assert!(take(&r, [ev("a", 3), ev("a", 1), ev("a", 2)], 0).is_empty());
         assert_eq!(ns(&r.due(0, 100)), [1, 2, 3]);
-        assert_eq!(
-            ns(&r.take(0, [ev("a", 2)].into_iter().map(alone), &(), 110)),
-            [2],
-            "late: at once"
-        );
+        assert_eq!(ns(&take(&r, [ev("a", 2)], 110)), [2], "late: at once");
         assert_eq!(r.counters.out_of_order.load(Relaxed), 1);
     }
 
@@ -511,14 +523,11 @@ mod tests {
         let mut s = settings(Some(1.0));
         s.max_bytes = 3 * (ev("a", 1).len() + OVERHEAD_BYTES);
         let r = Reorder::new(s, 1);
-        let out = r.take(0, (1..=5).map(|n| alone(ev("a", n))), &(), 0);
+        let out = take(&r, std::array::from_fn::<_, 5, _>(|n| ev("a", n as i64 + 1)), 0);
         assert_eq!(ns(&out), [1, 2], "the two oldest");
         assert_eq!(r.counters.forced.load(Relaxed), 2);
         // The oldest of a session goes with what is before it.
-        assert_eq!(
-            ns(&r.take(0, [ev("b", 9), ev("b", 8)].into_iter().map(alone), &(), 1)),
-            [3, 4]
-        );
+        assert_eq!(ns(&take(&r, [ev("b", 9), ev("b", 8)], 1)), [3, 4]);
         assert_eq!(ns(&r.flush(0)), [5, 8, 9]);
         assert!(r.holding().is_empty());
     }
@@ -527,14 +536,7 @@ mod tests {
     fn events_without_a_session_or_a_number_go_at_once() {
         let r = Reorder::new(settings(None), 1);
         let other = Bytes::from_static(br#"{"event_id":"x","n":"one"}"#);
-        let out = r.take(
-            0,
-            [other.clone(), Bytes::from_static(br#"{"event_id":"y"}"#)]
-                .into_iter()
-                .map(alone),
-            &(),
-            0,
-        );
+        let out = take(&r, [other.clone(), Bytes::from_static(br#"{"event_id":"y"}"#)], 0);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].event, other);
     }
@@ -553,18 +555,23 @@ mod tests {
                 (e, seen)
             })
             .collect();
-        let out = r.take(0, events.iter().map(|(e, s)| (e.clone(), &s[..])), &(), 0);
-        assert_eq!(ns(&out), [0, 1, 0], "a's 1 waited for its 0");
-        for released in &out {
-            let (_, seen) = events.iter().find(|(e, _)| *e == released.event).unwrap();
-            assert_eq!(&released.seen[..], &seen[..]);
-        }
+        let taken = r.take(0, events.iter().map(|(e, s)| (e.clone(), &s[..])), &(), 0);
+        // a's 0 and b's 0 go at once, as they came; a's 1, held for its 0,
+        // is released with its fields.
+        assert!(matches!(
+            &taken[..],
+            [Taken::Now(1), Taken::Released(held), Taken::Now(2)]
+                if held.event == events[0].0 && held.seen[..] == events[0].1[..]
+        ));
         // Read with the key, they are believed: a `by` read as 0 is late.
         let e = ev("a", 2);
         let mut read = vec![Seen::Missing; 3];
         assert!(Format::Json.capture(&e, &["x", "n", "s"], &mut read));
         read[1] = Seen::Number(0.0);
-        assert_eq!(ns(&r.take(0, [(e, &read[..])].into_iter(), &(), 1)), [2]);
+        assert!(matches!(
+            &r.take(0, [(e, &read[..])].into_iter(), &(), 1)[..],
+            [Taken::Now(0)]
+        ));
         assert_eq!(r.counters.out_of_order.load(Relaxed), 1);
     }
 }
