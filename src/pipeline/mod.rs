@@ -908,15 +908,18 @@ impl<O: Output> Pipeline<O> {
     }
 }
 
+/// What the reorder buffer holds an event with: its request, and whether
+/// it came in a batch.
+type With<R> = (Arc<R>, bool);
+
 /// The stages and the output, shared with the shards' lanes.
 struct Chain<O: Output> {
     /// What sees accepted events, in order, before the output.
     stages: Vec<Arc<dyn Stage>>,
     /// Where accepted events go last.
     output: O,
-    /// Holds a session's events to release them in order (`[ordering]`),
-    /// each with its request and whether it came in a batch.
-    reorder: Option<Reorder<(Arc<O::Request>, bool)>>,
+    /// Holds a session's events to release them in order (`[ordering]`).
+    reorder: Option<Reorder<With<O::Request>>>,
 }
 
 impl<O: Output> Chain<O> {
@@ -949,7 +952,7 @@ impl<O: Output> Chain<O> {
         request: &Arc<O::Request>,
         shard: u32,
         events: &Accepted<'_>,
-        taken: &[Taken<(Arc<O::Request>, bool)>],
+        taken: &[Taken<With<O::Request>>],
     ) {
         let mut rest = taken;
         while !rest.is_empty() {
@@ -979,7 +982,7 @@ impl<O: Output> Chain<O> {
                         self.deliver(request, shard, events).await;
                     }
                     // All of them.
-                    _ => self.deliver(request, shard, events.clone()).await,
+                    _ => self.deliver(request, shard, *events).await,
                 }
                 continue;
             }
@@ -999,7 +1002,7 @@ impl<O: Output> Chain<O> {
     /// those that came in batches, under requests that go out alike, as
     /// one batch (one message per output subject, as a batch's own events
     /// go), with the fields read with their keys; the others one each.
-    async fn deliver_released(&self, shard: u32, released: &[&Released<(Arc<O::Request>, bool)>]) {
+    async fn deliver_released(&self, shard: u32, released: &[&Released<With<O::Request>>]) {
         let mut rest = released;
         while let Some(first) = rest.first() {
             let (request, batched) = &first.with;
