@@ -493,7 +493,7 @@ async fn with_seq_ordering_batches_pass_at_once_and_gaps_hold_only_what_is_behin
 
     // Batch k holds seq k of every session, sent one after another; seq 7
     // of the even sessions comes last, so their 8..39 wait for it.
-    let late = |session: usize, seq: usize| seq == 7 && session % 2 == 0;
+    let late = |session: usize, seq: usize| seq == 7 && session.is_multiple_of(2);
     let mut batches: Vec<Vec<Vec<u8>>> = (0..EVENTS)
         .map(|seq| {
             (0..SESSIONS)
