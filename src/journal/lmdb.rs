@@ -171,6 +171,19 @@ pub struct LmdbStore {
     seq: u32,
     /// See [`Journal::expired_before`]; in `meta` as `expired_before`.
     expired_before: u64,
+    /// Kept between appends, so that one allocates nothing once warm.
+    scratch: Scratch,
+}
+
+/// What [`LmdbStore::append_with`] builds a commit's chunks in.
+#[derive(Default)]
+struct Scratch {
+    /// The records' indices, by shard.
+    order: Vec<usize>,
+    /// Every chunk's value, one after another.
+    values: Vec<u8>,
+    /// Each chunk's key and where its value is in `values`.
+    chunks: Vec<([u8; KEY_LEN], std::ops::Range<usize>)>,
 }
 
 impl LmdbStore {
@@ -322,6 +335,7 @@ impl LmdbStore {
             path: dir.to_owned(),
             seq: 0,
             expired_before,
+            scratch: Scratch::default(),
         })
     }
 
@@ -416,19 +430,27 @@ impl LmdbStore {
     /// Appends `records` in one transaction, one chunk per shard, with the
     /// journal positions; a full map is grown and the transaction retried.
     fn append_with(&mut self, records: &[Record], positions: &[(u32, u64)]) -> Result<(), JournalError> {
-        let mut sorted: Vec<&Record> = records.iter().collect();
-        sorted.sort_unstable_by_key(|r| r.shard);
-        let mut chunks: Vec<([u8; KEY_LEN], Vec<u8>)> = Vec::new();
-        for group in sorted.chunk_by(|a, b| a.shard == b.shard) {
-            let newest = group.iter().map(|r| r.born_ms).max().unwrap_or(0);
-            let mut value = Vec::with_capacity(group.len() * ENTRY_LEN + SUM_LEN);
-            for r in group {
-                value.extend_from_slice(&r.fingerprint.to_bytes());
+        let Scratch {
+            order,
+            values,
+            chunks,
+        } = &mut self.scratch;
+        order.clear();
+        order.extend(0..records.len());
+        order.sort_unstable_by_key(|&i| records[i].shard);
+        values.clear();
+        chunks.clear();
+        for group in order.chunk_by(|&a, &b| records[a].shard == records[b].shard) {
+            let newest = group.iter().map(|&i| records[i].born_ms).max().unwrap_or(0);
+            let start = values.len();
+            for &i in group {
+                let r = &records[i];
+                values.extend_from_slice(&r.fingerprint.to_bytes());
                 let age = u32::try_from(newest - r.born_ms).unwrap_or(u32::MAX);
-                value.extend_from_slice(&age.to_be_bytes());
+                values.extend_from_slice(&age.to_be_bytes());
             }
-            value.extend_from_slice(&[0; SUM_LEN]);
-            chunks.push((key(newest, 0, group[0].shard), value));
+            values.extend_from_slice(&[0; SUM_LEN]);
+            chunks.push((key(newest, 0, records[group[0]].shard), start..values.len()));
         }
         // Ascending keys within the commit, so that each one appends.
         chunks.sort_unstable_by_key(|(k, _)| *k);
@@ -439,7 +461,8 @@ impl LmdbStore {
             for (shard, at) in positions {
                 meta.put(&mut wtxn, &journal_seq_key(*shard), &at.to_string())?;
             }
-            for (k, value) in &mut chunks {
+            for (k, at) in chunks.iter_mut() {
+                let value = &mut values[at.clone()];
                 loop {
                     *seq = seq.wrapping_add(1);
                     k[8..12].copy_from_slice(&seq.to_be_bytes());
@@ -449,10 +472,10 @@ impl LmdbStore {
                     // Appending needs a key above every other; after a
                     // clock step back, or a restart that reset `seq`, it
                     // is not, and the key is inserted where it belongs.
-                    let append = log.put_with_flags(&mut wtxn, PutFlags::APPEND, &k[..], value);
+                    let append = log.put_with_flags(&mut wtxn, PutFlags::APPEND, &k[..], &value[..]);
                     let put = match append {
                         Err(heed::Error::Mdb(MdbError::KeyExist)) => {
-                            log.put_with_flags(&mut wtxn, PutFlags::NO_OVERWRITE, &k[..], value)
+                            log.put_with_flags(&mut wtxn, PutFlags::NO_OVERWRITE, &k[..], &value[..])
                         }
                         other => other,
                     };

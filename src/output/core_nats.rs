@@ -154,10 +154,12 @@ impl CoreNats {
 }
 
 /// What one request's events go out under.
+#[derive(Clone)]
 pub struct Request {
     /// The rules in force when its first events went out.
     rules: Arc<RuleSet>,
-    /// The subject it came in on (the rules' `subject`).
+    /// The subject it came in on (the rules' `subject`); empty with
+    /// plain rules, which do not read it.
     subject: Subject,
 }
 
@@ -165,10 +167,14 @@ impl Output for CoreNats {
     type Request = Request;
 
     fn request(&self, subject: &Subject) -> Request {
-        Request {
-            rules: self.router.current(),
-            subject: subject.clone(),
-        }
+        let rules = self.router.current();
+        // Plain rules route without it (and a copy of a request's subject
+        // allocates on its first clone).
+        let subject = match rules.is_plain() {
+            true => Subject::from_static(""),
+            false => subject.clone(),
+        };
+        Request { rules, subject }
     }
 
     fn joins(&self, first: &Request, next: &Request) -> bool {

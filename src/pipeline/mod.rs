@@ -57,7 +57,7 @@ pub trait Output: Send + Sync + 'static {
     /// What one request's events all go out under (the routing rules in
     /// force when its first shard went out, and the subject it came in
     /// on): taken once per request.
-    type Request: Send + Sync + 'static;
+    type Request: Clone + Send + Sync + 'static;
 
     fn request(&self, subject: &Subject) -> Self::Request;
 
@@ -580,7 +580,7 @@ impl<O: Output> Pipeline<O> {
         match (settled.unwrap_or(Err(CommitFailed::Stopped)), twin) {
             (Ok(()), false) => {
                 Metrics::inc(&self.metrics.accepted);
-                let request = Arc::new(self.chain.output.request(subject));
+                let request = self.chain.output.request(subject);
                 let chain = self.chain.clone();
                 let delivery = async move {
                     chain.accepted(&request, shard, Accepted::One(&event)).await;
@@ -910,7 +910,7 @@ impl<O: Output> Pipeline<O> {
 
 /// What the reorder buffer holds an event with: its request, and whether
 /// it came in a batch.
-type With<R> = (Arc<R>, bool);
+type With<R> = (R, bool);
 
 /// The stages and the output, shared with the shards' lanes.
 struct Chain<O: Output> {
@@ -925,7 +925,7 @@ struct Chain<O: Output> {
 impl<O: Output> Chain<O> {
     /// Hands accepted `events` of `shard` to every stage, then the output
     /// (through the reorder buffer, if there is one).
-    async fn accepted(&self, request: &Arc<O::Request>, shard: u32, events: Accepted<'_>) {
+    async fn accepted(&self, request: &O::Request, shard: u32, events: Accepted<'_>) {
         match &self.reorder {
             None => self.deliver(request, shard, events).await,
             Some(reorder) => {
@@ -949,7 +949,7 @@ impl<O: Output> Chain<O> {
     /// events it had held.
     async fn deliver_taken(
         &self,
-        request: &Arc<O::Request>,
+        request: &O::Request,
         shard: u32,
         events: &Accepted<'_>,
         taken: &[Taken<With<O::Request>>],
@@ -1011,7 +1011,7 @@ impl<O: Output> Chain<O> {
                     .iter()
                     .take_while(|r| {
                         let (next, batched) = &r.with;
-                        *batched && (Arc::ptr_eq(request, next) || self.output.joins(request, next))
+                        *batched && self.output.joins(request, next)
                     })
                     .count(),
                 false => 1,
