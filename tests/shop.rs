@@ -23,7 +23,35 @@ fn shop_example() -> PathBuf {
         "{} is missing: build it with `cargo build --example shop` (cargo test builds it)",
         path.display()
     );
+    // `cargo test --test shop` alone does not build examples: an old one
+    // would test old code.
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let example = std::fs::metadata(root.join("examples/shop.rs")).and_then(|m| m.modified());
+    let newest = newest_source(&root.join("src")).max(example.ok()).unwrap();
+    assert!(
+        built >= newest,
+        "{} is older than the sources: build it with `cargo build --example shop` (a whole `cargo test` does)",
+        path.display()
+    );
     path
+}
+
+/// When the newest `.rs` file under `dir` was last changed.
+fn newest_source(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let modified = if path.is_dir() {
+            newest_source(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        } else {
+            None
+        };
+        newest = newest.max(modified);
+    }
+    newest
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
