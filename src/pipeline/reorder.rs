@@ -28,10 +28,11 @@ use crate::engine::event::Seen;
 use crate::engine::input::Format;
 use crate::observe::metrics::Render;
 
-/// Bytes counted per held event besides its own: its entries in the
-/// session's map and the arrival queue, the request it came with, the
-/// allocator's share. `examples/scripts/ordering-latency.sh` measured
-/// about 665 B of RSS per held 230-byte event.
+/// Bytes counted per held event besides its own: its entry in the
+/// session's queue and the arrival queue, the request it came with, its
+/// fields, the allocator's share. `examples/scripts/ordering-latency.sh`
+/// measured 550–600 B of RSS per held 230-byte event (665 B when a
+/// session held its events in a `BTreeMap`): this counts a little more.
 pub const OVERHEAD_BYTES: usize = 432;
 
 /// The counters of the buffer, for the metrics.
