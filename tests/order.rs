@@ -182,6 +182,80 @@ fn session_event(session: usize, seq: usize) -> Vec<u8> {
     format!(r#"{{"event_id":"s{session}n{seq}","session_id":"s{session}","seq":{seq}}}"#).into_bytes()
 }
 
+/// What `out` got until `total` events came (or 5 s of silence): each
+/// message with its events (lines).
+async fn output(
+    out: &mut async_nats::Subscriber,
+    total: usize,
+) -> Vec<(async_nats::Message, Vec<serde_json::Value>)> {
+    let (mut got, mut messages) = (0, Vec::new());
+    while got < total {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), out.next()).await else {
+            break;
+        };
+        let events: Vec<serde_json::Value> = m
+            .payload
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        got += events.len();
+        messages.push((m, events));
+    }
+    messages
+}
+
+/// Each session's (`s<n>`) values of `field`, in the order `messages`
+/// carried them; asserts there are `total` events.
+fn values_by_session(
+    messages: &[(async_nats::Message, Vec<serde_json::Value>)],
+    sessions: usize,
+    field: &str,
+    total: usize,
+) -> Vec<Vec<u64>> {
+    let mut by_session: Vec<Vec<u64>> = vec![Vec::new(); sessions];
+    for e in messages.iter().flat_map(|(_, events)| events) {
+        let session: usize = e["session_id"].as_str().unwrap()[1..].parse().unwrap();
+        by_session[session].push(e[field].as_u64().unwrap());
+    }
+    let got: usize = by_session.iter().map(Vec::len).sum();
+    assert_eq!(got, total, "every event once");
+    by_session
+}
+
+/// A sidecar on `server` placing events by `session_id` and ordering its
+/// sessions by `by` (`time_unit` "" for a sequence number) within `hold`;
+/// a client subscribed to its output.
+async fn ordered_sidecar(
+    server: &NatsServer,
+    data: &std::path::Path,
+    (by, time_unit, hold): (&str, &str, &str),
+) -> (service::Running, Client, async_nats::Subscriber) {
+    let mut s = settings(server, data, "1h", Durability::Local);
+    s.config.shard_key = "session_id".into();
+    s.config.ordering.session = "session_id".into();
+    s.config.ordering.by = by.into();
+    s.config.ordering.time_unit = time_unit.into();
+    s.config.ordering.hold = hold.into();
+    let running = service::start(s.config.validate().unwrap()).await.unwrap();
+    let consumer = server.client().await;
+    let out = consumer.subscribe("events.unique.*").await.unwrap();
+    consumer.flush().await.unwrap();
+    (running, consumer, out)
+}
+
+/// Asserts that the reorder buffer let no event go late and holds none.
+fn assert_none_late_none_held(running: &service::Running) {
+    let text = running
+        .metrics()
+        .render(running.dedup(), std::time::Instant::now());
+    assert!(text.contains("eventsieve_out_of_order_total 0\n"), "none late");
+    assert!(
+        text.contains("eventsieve_reorder_held_events 0\n"),
+        "nothing left held"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_keep_their_order_through_two_sidecars_from_sixteen_producers() {
     const SESSIONS: usize = 1000;
@@ -228,20 +302,8 @@ async fn sessions_keep_their_order_through_two_sidecars_from_sixteen_producers()
     });
     futures_util::future::join_all(producers).await;
 
-    let mut by_session: Vec<Vec<u64>> = vec![Vec::new(); SESSIONS];
-    let mut total = 0;
-    while total < SESSIONS * EVENTS {
-        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), out.next()).await else {
-            break;
-        };
-        for line in m.payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
-            let session: usize = v["session_id"].as_str().unwrap()[1..].parse().unwrap();
-            by_session[session].push(v["seq"].as_u64().unwrap());
-            total += 1;
-        }
-    }
-    assert_eq!(total, SESSIONS * EVENTS, "every event once");
+    let messages = output(&mut out, SESSIONS * EVENTS).await;
+    let by_session = values_by_session(&messages, SESSIONS, "seq", SESSIONS * EVENTS);
     let want: Vec<u64> = (0..EVENTS as u64).collect();
     for (s, seqs) in by_session.iter().enumerate() {
         assert_eq!(seqs, &want, "session s{s} in send order");
@@ -291,16 +353,7 @@ async fn with_ordering_two_producers_per_session_with_jitter_come_out_in_seq_ord
     const EVENTS: usize = 20;
     let server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let mut s = settings(&server, data.path(), "1h", Durability::Local);
-    s.config.shard_key = "session_id".into();
-    s.config.ordering.session = "session_id".into();
-    s.config.ordering.by = "seq".into();
-    s.config.ordering.hold = "500ms".into();
-    let s = s.config.validate().unwrap();
-    let running = service::start(s).await.unwrap();
-    let consumer = server.client().await;
-    let mut out = consumer.subscribe("events.unique.*").await.unwrap();
-    consumer.flush().await.unwrap();
+    let (running, _consumer, mut out) = ordered_sidecar(&server, data.path(), ("seq", "", "500ms")).await;
 
     // Event k of a session is due at 10 ms × k plus up to 150 ms of jitter,
     // sent by producer k % 2: one may overtake the one before it by up to
@@ -334,29 +387,16 @@ async fn with_ordering_two_producers_per_session_with_jitter_come_out_in_seq_ord
         done.unwrap();
     }
 
-    let mut by_session: Vec<Vec<u64>> = vec![Vec::new(); SESSIONS];
-    let mut total = 0;
-    while total < SESSIONS * EVENTS {
-        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), out.next()).await else {
-            break;
-        };
-        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        let session: usize = v["session_id"].as_str().unwrap()[1..].parse().unwrap();
-        by_session[session].push(v["seq"].as_u64().unwrap());
-        total += 1;
-    }
-    assert_eq!(total, SESSIONS * EVENTS, "every event once");
+    let messages = output(&mut out, SESSIONS * EVENTS).await;
+    assert!(
+        messages.iter().all(|(_, events)| events.len() == 1),
+        "single events go out one a message"
+    );
+    let by_session = values_by_session(&messages, SESSIONS, "seq", SESSIONS * EVENTS);
     let want: Vec<u64> = (0..EVENTS as u64).collect();
     let overtaken = by_session.iter().filter(|seqs| **seqs != want).count();
     assert_eq!(overtaken, 0, "sessions out of seq order: {overtaken}");
-    let text = running
-        .metrics()
-        .render(running.dedup(), std::time::Instant::now());
-    assert!(text.contains("eventsieve_out_of_order_total 0\n"), "none late");
-    assert!(
-        text.contains("eventsieve_reorder_held_events 0\n"),
-        "nothing left held"
-    );
+    assert_none_late_none_held(&running);
     running.shutdown().await.unwrap();
 }
 
@@ -370,17 +410,7 @@ async fn with_timestamp_ordering_batched_events_leave_as_batches_in_time_order()
     const EVENTS: usize = 40;
     let server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let mut s = settings(&server, data.path(), "1h", Durability::Local);
-    s.config.shard_key = "session_id".into();
-    s.config.ordering.session = "session_id".into();
-    s.config.ordering.by = "ts".into();
-    s.config.ordering.time_unit = "ms".into();
-    s.config.ordering.hold = "300ms".into();
-    let s = s.config.validate().unwrap();
-    let running = service::start(s).await.unwrap();
-    let consumer = server.client().await;
-    let mut out = consumer.subscribe("events.unique.*").await.unwrap();
-    consumer.flush().await.unwrap();
+    let (running, _consumer, mut out) = ordered_sidecar(&server, data.path(), ("ts", "ms", "300ms")).await;
 
     let line = |session: usize, ts: usize, single: bool| {
         format!(r#"{{"event_id":"s{session}t{ts}","session_id":"s{session}","ts":{ts},"single":{single}}}"#)
@@ -414,22 +444,13 @@ async fn with_timestamp_ordering_batched_events_leave_as_batches_in_time_order()
         assert_eq!(&reply.payload[..], br#"{"accepted":true}"#);
     }
 
-    let mut by_session: Vec<Vec<u64>> = vec![Vec::new(); SESSIONS];
-    let (mut total, mut batch_messages) = (0, 0);
-    while total < SESSIONS * (EVENTS + 1) {
-        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), out.next()).await else {
-            break;
-        };
+    let messages = output(&mut out, SESSIONS * (EVENTS + 1)).await;
+    let mut batch_messages = 0;
+    for (m, events) in &messages {
         let counted = m
             .headers
             .as_ref()
             .and_then(|h| h.get(eventsieve::output::COUNT_HEADER));
-        let events: Vec<serde_json::Value> = m
-            .payload
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_slice(l).unwrap())
-            .collect();
         if events.iter().any(|e| e["single"] == true) {
             assert!(
                 counted.is_none() && events.len() == 1,
@@ -441,13 +462,8 @@ async fn with_timestamp_ordering_batched_events_leave_as_batches_in_time_order()
         if let Some(count) = counted {
             assert_eq!(count.as_str(), events.len().to_string(), "the count header");
         }
-        for e in events {
-            let session: usize = e["session_id"].as_str().unwrap()[1..].parse().unwrap();
-            by_session[session].push(e["ts"].as_u64().unwrap());
-            total += 1;
-        }
     }
-    assert_eq!(total, SESSIONS * (EVENTS + 1), "every event once");
+    let by_session = values_by_session(&messages, SESSIONS, "ts", SESSIONS * (EVENTS + 1));
     let mut want: Vec<u64> = (1000..1000 + EVENTS as u64).collect();
     want.push(2000);
     for (s, seen) in by_session.iter().enumerate() {
@@ -460,14 +476,7 @@ async fn with_timestamp_ordering_batched_events_leave_as_batches_in_time_order()
         "{batch_messages} messages for {} batched events",
         SESSIONS * EVENTS
     );
-    let text = running
-        .metrics()
-        .render(running.dedup(), std::time::Instant::now());
-    assert!(text.contains("eventsieve_out_of_order_total 0\n"), "none late");
-    assert!(
-        text.contains("eventsieve_reorder_held_events 0\n"),
-        "nothing left held"
-    );
+    assert_none_late_none_held(&running);
     running.shutdown().await.unwrap();
 }
 
@@ -480,16 +489,7 @@ async fn with_seq_ordering_batches_pass_at_once_and_gaps_hold_only_what_is_behin
     const EVENTS: usize = 40;
     let server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let mut s = settings(&server, data.path(), "1h", Durability::Local);
-    s.config.shard_key = "session_id".into();
-    s.config.ordering.session = "session_id".into();
-    s.config.ordering.by = "seq".into();
-    s.config.ordering.hold = "5s".into();
-    let s = s.config.validate().unwrap();
-    let running = service::start(s).await.unwrap();
-    let consumer = server.client().await;
-    let mut out = consumer.subscribe("events.unique.*").await.unwrap();
-    consumer.flush().await.unwrap();
+    let (running, _consumer, mut out) = ordered_sidecar(&server, data.path(), ("seq", "", "5s")).await;
 
     // Batch k holds seq k of every session, sent one after another; seq 7
     // of the even sessions comes last, so their 8..39 wait for it.
@@ -514,34 +514,15 @@ async fn with_seq_ordering_batches_pass_at_once_and_gaps_hold_only_what_is_behin
         assert_all_new(&request(&client, "dedup.batch", body).await);
     }
 
-    let mut by_session: Vec<Vec<u64>> = vec![Vec::new(); SESSIONS];
-    let (mut total, mut messages) = (0, 0);
-    while total < SESSIONS * EVENTS {
-        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), out.next()).await else {
-            break;
-        };
-        messages += 1;
-        for line in m.payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
-            let session: usize = v["session_id"].as_str().unwrap()[1..].parse().unwrap();
-            by_session[session].push(v["seq"].as_u64().unwrap());
-            total += 1;
-        }
-    }
-    assert_eq!(total, SESSIONS * EVENTS, "every event once");
+    let messages = output(&mut out, SESSIONS * EVENTS).await;
+    let by_session = values_by_session(&messages, SESSIONS, "seq", SESSIONS * EVENTS);
     let want: Vec<u64> = (0..EVENTS as u64).collect();
     for (s, seen) in by_session.iter().enumerate() {
         assert_eq!(seen, &want, "session s{s} in seq order");
     }
     // As batches: at most one message per shard and batch.
+    let messages = messages.len();
     assert!(messages <= 32 * batches.len(), "{messages} messages");
-    let text = running
-        .metrics()
-        .render(running.dedup(), std::time::Instant::now());
-    assert!(text.contains("eventsieve_out_of_order_total 0\n"), "none late");
-    assert!(
-        text.contains("eventsieve_reorder_held_events 0\n"),
-        "nothing left held"
-    );
+    assert_none_late_none_held(&running);
     running.shutdown().await.unwrap();
 }
