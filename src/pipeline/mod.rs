@@ -956,22 +956,20 @@ impl<O: Output> Chain<O> {
     ) {
         let mut rest = taken;
         while !rest.is_empty() {
-            let now: Vec<usize> = rest
-                .iter()
-                .map_while(|t| match t {
+            let run = rest.iter().take_while(|t| matches!(t, Taken::Now(_))).count();
+            if run > 0 {
+                let (now, after) = rest.split_at(run);
+                rest = after;
+                let now = now.iter().filter_map(|t| match t {
                     Taken::Now(i) => Some(*i),
                     Taken::Released(_) => None,
-                })
-                .collect();
-            if !now.is_empty() {
-                rest = &rest[now.len()..];
+                });
                 match *events {
-                    Accepted::Lines { body, lines, seen } if now.len() < lines.len() => {
+                    Accepted::Lines { body, lines, seen } if run < lines.len() => {
                         let per_line = seen.len() / lines.len();
-                        let some: Vec<Range<usize>> = now.iter().map(|&i| lines[i].clone()).collect();
+                        let some: Vec<Range<usize>> = now.clone().map(|i| lines[i].clone()).collect();
                         let seen: Vec<Seen> = now
-                            .iter()
-                            .flat_map(|&i| &seen[i * per_line..(i + 1) * per_line])
+                            .flat_map(|i| &seen[i * per_line..(i + 1) * per_line])
                             .copied()
                             .collect();
                         let events = Accepted::Lines {
