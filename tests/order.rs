@@ -326,10 +326,24 @@ async fn sessions_keep_their_order_through_two_sidecars_from_sixteen_producers()
         ask(&client, &format!("dedup.ingest.{elsewhere}"), stray.clone()).await,
         Answer::Verdict(true)
     );
-    let got = tokio::time::timeout(Duration::from_secs(5), s7.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(10), s7.next()).await else {
+        let said = |running: &service::Running| {
+            let text = running
+                .metrics()
+                .render(running.dedup(), std::time::Instant::now());
+            let wanted = ["verdicts_total", "forward", "publish_errors", "slow_consumer"];
+            let lines = text
+                .lines()
+                .filter(|l| !l.starts_with('#') && wanted.iter().any(|w| l.contains(w)));
+            lines.collect::<Vec<_>>().join("\n")
+        };
+        panic!(
+            "the forwarded event, accepted, not on its shard's output within 10 s; the subscriber got {:?}\nfirst:\n{}\nsecond:\n{}",
+            consumer.statistics(),
+            said(&first),
+            said(&second)
+        );
+    };
     assert_eq!(got.payload, stray);
     // Look-ups name the session too.
     assert_eq!(
