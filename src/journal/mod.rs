@@ -14,6 +14,7 @@
 
 pub mod lmdb;
 pub mod memory;
+pub mod sealed;
 pub mod stream;
 pub mod writer;
 

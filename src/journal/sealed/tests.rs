@@ -1,0 +1,243 @@
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn fp(hi: u64, lo: u64) -> Fingerprint {
+    Fingerprint { hi, lo }
+}
+
+fn entry(shard: u32, fingerprint: Fingerprint, born_ms: u64) -> Entry {
+    Entry {
+        shard,
+        fingerprint,
+        born_ms,
+    }
+}
+
+fn sorted(mut entries: Vec<Entry>) -> Vec<Entry> {
+    entries.sort();
+    entries
+}
+
+#[test]
+fn every_sealed_id_is_found_with_its_arrival_and_absent_ids_rarely_read_a_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = Sealed::open(dir.path()).unwrap();
+    // Three partitions' worth, over 8 shards.
+    let n = 150_000u64;
+    let ids: Vec<Entry> = (0..n)
+        .map(|i| {
+            entry(
+                (i % 8) as u32,
+                Fingerprint::of(format!("id{i}").as_bytes()),
+                1_000 + i,
+            )
+        })
+        .collect();
+    let span = sealed.seal(sorted(ids.clone()), 200_000).unwrap();
+    assert_eq!(span.ids, n);
+    assert_eq!((span.oldest_ms, span.newest_ms), (1_000, 1_000 + n - 1));
+    for e in &ids {
+        assert_eq!(
+            sealed.born_ms(e.shard, e.fingerprint, 0).unwrap(),
+            Some(e.born_ms)
+        );
+    }
+    let reads_before = sealed.block_reads.load(Relaxed);
+    for i in 0..n {
+        let absent = Fingerprint::of(format!("other{i}").as_bytes());
+        assert_eq!(sealed.born_ms((i % 8) as u32, absent, 0).unwrap(), None);
+        // Present under another shard only.
+        let elsewhere = ids[i as usize];
+        assert_eq!(
+            sealed
+                .born_ms(elsewhere.shard + 8, elsewhere.fingerprint, 0)
+                .unwrap(),
+            None
+        );
+    }
+    let reads = sealed.block_reads.load(Relaxed) - reads_before;
+    assert!(
+        reads < 2 * n / 100,
+        "{reads} block reads for {} absent ids",
+        2 * n
+    );
+    // In RAM: the filters and fences, about 1.2 bytes per id.
+    let per_id = sealed.memory_bytes() as f64 / n as f64;
+    assert!(
+        (1.0..1.5).contains(&per_id),
+        "{per_id} bytes of RAM per sealed id"
+    );
+}
+
+#[test]
+fn ids_sharing_their_shard_and_high_half_across_blocks_are_all_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = Sealed::open(dir.path()).unwrap();
+    // 1 000 ids with the same (shard, hi) span seven blocks.
+    let mut ids: Vec<Entry> = (0..1_000u64).map(|i| entry(3, fp(42, i * 7 + 1), i)).collect();
+    ids.extend((0..500u64).map(|i| entry(3, fp(41 + 2 * (i % 2), i * 3 + 5_000), 7)));
+    sealed.seal(sorted(ids.clone()), 10_000).unwrap();
+    for e in &ids {
+        assert_eq!(
+            sealed.born_ms(3, e.fingerprint, 0).unwrap(),
+            Some(e.born_ms),
+            "{e:?}"
+        );
+    }
+    for i in 0..1_000u64 {
+        assert_eq!(sealed.born_ms(3, fp(42, i * 7 + 2), 0).unwrap(), None);
+    }
+}
+
+#[test]
+fn a_damaged_block_is_an_error_never_a_verdict_and_damaged_filters_do_not_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<Entry> = (0..2_000u64)
+        .map(|i| entry(0, Fingerprint::of(format!("d{i}").as_bytes()), i))
+        .collect();
+    let ids = sorted(ids);
+    let path = {
+        let sealed = Sealed::open(dir.path()).unwrap();
+        sealed.seal(ids.clone(), 5_000).unwrap();
+        sealed.generations()[0].path().to_path_buf()
+    };
+    let good = std::fs::read(&path).unwrap();
+    // A byte of block 2's entries.
+    let mut bad = good.clone();
+    bad[2 * BLOCK + 100] ^= 1;
+    std::fs::write(&path, &bad).unwrap();
+    let sealed = Sealed::open(dir.path()).unwrap();
+    let in_block_2 = ids[2 * PER_BLOCK + 3];
+    let err = sealed.born_ms(0, in_block_2.fingerprint, 0).unwrap_err();
+    assert!(
+        matches!(err, SealedError::Damaged(_, ref why) if why.contains("block 2")),
+        "{err}"
+    );
+    assert_eq!(
+        sealed.born_ms(0, ids[0].fingerprint, 0).unwrap(),
+        Some(ids[0].born_ms)
+    );
+    // A merge reading it fails too, and changes nothing.
+    assert!(sealed.compact(0, 0).is_ok(), "one generation: nothing to merge");
+    drop(sealed);
+    // A byte of the filters; then a truncated file.
+    let mut bad = good.clone();
+    let filters_at = ids.len().div_ceil(PER_BLOCK) * BLOCK;
+    bad[filters_at + 40] ^= 0x10;
+    std::fs::write(&path, &bad).unwrap();
+    assert!(matches!(Sealed::open(dir.path()), Err(SealedError::Damaged(..))));
+    std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+    assert!(matches!(Sealed::open(dir.path()), Err(SealedError::Damaged(..))));
+}
+
+#[test]
+fn opening_removes_what_a_crash_left_half_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = Sealed::open(dir.path()).unwrap();
+    let a = |i: u64| entry(1, Fingerprint::of(format!("a{i}").as_bytes()), i);
+    sealed.seal(sorted((0..100).map(a).collect()), 100).unwrap();
+    sealed.seal(sorted((100..300).map(a).collect()), 300).unwrap();
+    // A merge that wrote its output and was cut off before removing its
+    // inputs; a seal cut off before its rename.
+    let inputs = sealed.generations();
+    let merged = merge(dir.path(), &inputs, 0).unwrap();
+    assert_eq!(merged.span().ids, 300);
+    std::fs::write(dir.path().join("0000000000300-0000000000400.tmp"), b"half").unwrap();
+    drop((sealed, inputs, merged));
+    let sealed = Sealed::open(dir.path()).unwrap();
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["0000000000000-0000000000300.sealed"]);
+    assert_eq!(sealed.ids(), 300);
+    assert_eq!(sealed.cut_ms(), 300);
+    assert_eq!(sealed.born_ms(1, a(250).fingerprint, 0).unwrap(), Some(250));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// An id (of a small space, so ids come again) arrives `dt` ms later.
+    Arrive {
+        shard: u32,
+        id: u16,
+        dt: u16,
+    },
+    /// The ids arrived since the last cut are sealed.
+    Seal,
+    /// Expired generations dropped and the rest merged down to `max`.
+    Compact {
+        max: usize,
+    },
+    Lookup {
+        shard: u32,
+        id: u16,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        30 => (0..3u32, 0..400u16, 0..50u16).prop_map(|(shard, id, dt)| Op::Arrive { shard, id, dt }),
+        3 => Just(Op::Seal),
+        2 => (0..4usize).prop_map(|max| Op::Compact { max }),
+        20 => (0..3u32, 0..400u16).prop_map(|(shard, id)| Op::Lookup { shard, id }),
+    ]
+}
+
+/// Ids of a small space with few distinct high halves, so that ids share
+/// `(shard, hi)` across blocks.
+fn id_fp(id: u16) -> Fingerprint {
+    let full = Fingerprint::of(&id.to_le_bytes());
+    fp(full.hi % 3, full.lo)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whatever the seals and merges, a lookup answers the latest sealed
+    /// arrival of an id within the window, as an exact model does.
+    #[test]
+    fn lookups_equal_an_exact_model_through_seals_and_merges(ops in prop::collection::vec(op(), 1..400)) {
+        const WINDOW: u64 = 2_000;
+        let dir = tempfile::tempdir().unwrap();
+        let sealed = Sealed::open(dir.path()).unwrap();
+        let mut now = 10_000u64;
+        let mut since_cut: Vec<Entry> = Vec::new();
+        let mut model: BTreeMap<(u32, Fingerprint), u64> = BTreeMap::new();
+        for op in ops {
+            match op {
+                Op::Arrive { shard, id, dt } => {
+                    now += u64::from(dt);
+                    since_cut.push(entry(shard, id_fp(id), now));
+                }
+                Op::Seal => {
+                    now += 1;
+                    let entries = sorted(std::mem::take(&mut since_cut));
+                    for e in &entries {
+                        model.insert(e.key(), e.born_ms);
+                    }
+                    sealed.seal(entries, now).unwrap();
+                }
+                Op::Compact { max } => {
+                    sealed.compact(now.saturating_sub(WINDOW), max).unwrap();
+                    prop_assert!(sealed.generations().len() <= max.max(1));
+                }
+                Op::Lookup { shard, id } => {
+                    let horizon = now - WINDOW;
+                    let want = model.get(&(shard, id_fp(id))).copied().filter(|&b| b >= horizon);
+                    prop_assert_eq!(sealed.born_ms(shard, id_fp(id), horizon).unwrap(), want);
+                }
+            }
+        }
+        // And after reopening.
+        let horizon = now - WINDOW;
+        drop(sealed);
+        let sealed = Sealed::open(dir.path()).unwrap();
+        for (&(shard, fp), &born) in &model {
+            prop_assert_eq!(sealed.born_ms(shard, fp, horizon).unwrap(), Some(born).filter(|&b| b >= horizon));
+        }
+    }
+}
