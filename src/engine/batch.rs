@@ -242,7 +242,16 @@ pub fn decide(
         twins.clear();
         let settle = track.then(|| Settle::new(shard));
         let before = d.new.len();
-        dedup.check_and_insert_many(shard, &fps, now_ms, settle.as_ref(), &mut verdicts, &mut twins);
+        if let Err(why) =
+            dedup.check_and_insert_many(shard, &fps, now_ms, settle.as_ref(), &mut verdicts, &mut twins)
+        {
+            d.not_ready += run.len() as u64;
+            for &(at, _) in run {
+                let i = (at & u64::from(u32::MAX)) as usize;
+                d.entries[i] = Some(Entry::error(503, format!("{why}; retry")));
+            }
+            continue;
+        }
         let run_twins = twins.len() as u64;
         for (k, cell) in twins.drain(..) {
             d.twins.push(((run[k].0 & u64::from(u32::MAX)) as usize, cell));

@@ -160,6 +160,25 @@ pub enum Checked {
     /// Remembered, but the commit of its first copy has not succeeded (yet):
     /// the duplicate's answer is that commit's outcome.
     Twin(Arc<Settle>),
+    /// The sealed tier could not tell (a file damaged or unreadable): no
+    /// verdict; nothing changed.
+    Unreadable(String),
+}
+
+/// Ids moved out of the tables into the sealed tier (`tier = "tiered"`):
+/// a shard's check consults it under the shard's lock, before the table,
+/// so that an id moving from the table to it is never missed by both.
+pub trait Older: Send + Sync {
+    /// When `fp` of `shard` last arrived, if it is held with an arrival at
+    /// or after `horizon_ms`. Ids in it are durable.
+    ///
+    /// # Errors
+    ///
+    /// Why it cannot tell (a damaged or unreadable file).
+    fn born_ms(&self, shard: u32, fp: Fingerprint, horizon_ms: u64) -> Result<Option<u64>, String>;
+
+    /// Bytes of RAM it holds.
+    fn memory_bytes(&self) -> usize;
 }
 
 /// Segments [`Deduplicator::live`] counts per lock of a shard.
@@ -175,6 +194,8 @@ pub struct Deduplicator {
     /// Where [`EngineConfig::shard_key`] is in `capture`, when it is read
     /// with the key.
     shard_at: Option<usize>,
+    /// The sealed tier, when there is one.
+    older: std::sync::OnceLock<Arc<dyn Older>>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -218,6 +239,46 @@ impl Deduplicator {
             shards,
             config,
             shard_at,
+            older: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Puts the sealed tier behind the tables (once, before the first
+    /// verdict).
+    pub fn set_older(&self, older: Arc<dyn Older>) {
+        let _ = self.older.set(older);
+    }
+
+    /// When `fp` of `shard` arrived, if the sealed tier holds it alive at
+    /// `now_ms` (with the window in force of `table`); `Ok(None)` without a
+    /// sealed tier.
+    fn sealed_born(
+        &self,
+        table: &Table,
+        shard: u32,
+        fp: Fingerprint,
+        now_ms: u64,
+    ) -> Result<Option<u64>, String> {
+        match self.older.get() {
+            None => Ok(None),
+            Some(older) => {
+                let horizon = (now_ms + 1).saturating_sub(table.window_in_force(now_ms));
+                older.born_ms(shard, fp, horizon)
+            }
+        }
+    }
+
+    /// When `fp` of `shard` arrived, if it is remembered at `now_ms`, in
+    /// the table or the sealed tier; changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// The sealed tier could not tell.
+    pub fn born_ms(&self, shard: u32, fp: Fingerprint, now_ms: u64) -> Result<Option<u64>, String> {
+        let table = self.table(shard);
+        match table.born_ms(fp, now_ms) {
+            Some(born) => Ok(Some(born)),
+            None => self.sealed_born(&table, shard, fp, now_ms),
         }
     }
 
@@ -379,6 +440,11 @@ impl Deduplicator {
                 table.remove(fp);
             });
         }
+        match self.sealed_born(table, shard, fp, now_ms) {
+            Ok(None) => {}
+            Ok(Some(_)) => return Checked::Duplicate,
+            Err(why) => return Checked::Unreadable(why),
+        }
         let verdict = table.check_and_insert(fp, now_ms);
         if (fp.lo as u32).is_multiple_of(SWEEP_EVERY) {
             table.sweep(now_ms, 1);
@@ -403,6 +469,10 @@ impl Deduplicator {
     /// With `settle`, the new ids are recorded as pending on that cell, and
     /// each duplicate of a pending id (this call's included) is appended to
     /// `twins` with its index in `fps` and the cell it waits for.
+    ///
+    /// # Errors
+    ///
+    /// The sealed tier could not tell for one of them: nothing changed.
     pub fn check_and_insert_many(
         &self,
         shard: u32,
@@ -411,7 +481,7 @@ impl Deduplicator {
         settle: Option<&Arc<Settle>>,
         out: &mut Vec<Verdict>,
         twins: &mut Vec<(usize, Arc<Settle>)>,
-    ) {
+    ) -> Result<(), String> {
         let mut locked = self.table(shard);
         let Locked { table, pending } = &mut *locked;
         if settle.is_some() {
@@ -420,7 +490,11 @@ impl Deduplicator {
             });
         }
         let first = out.len();
-        table.check_and_insert_batch(fps, now_ms, out);
+        if self.older.get().is_some() {
+            self.check_sealed_first(table, shard, fps, now_ms, out)?;
+        } else {
+            table.check_and_insert_batch(fps, now_ms, out);
+        }
         let sweeps = fps
             .iter()
             .filter(|fp| (fp.lo as u32).is_multiple_of(SWEEP_EVERY))
@@ -428,7 +502,7 @@ impl Deduplicator {
         if sweeps > 0 {
             table.sweep(now_ms, sweeps);
         }
-        let Some(settle) = settle else { return };
+        let Some(settle) = settle else { return Ok(()) };
         for (i, (fp, verdict)) in fps.iter().zip(&out[first..]).enumerate() {
             match verdict {
                 Verdict::New => pending.push(*fp, settle),
@@ -440,6 +514,37 @@ impl Deduplicator {
                 Verdict::Duplicate => {}
             }
         }
+        Ok(())
+    }
+
+    /// The verdicts of `fps` with a sealed tier: those it holds are
+    /// duplicates, the others go to the table, in order.
+    fn check_sealed_first(
+        &self,
+        table: &mut Table,
+        shard: u32,
+        fps: &[Fingerprint],
+        now_ms: u64,
+        out: &mut Vec<Verdict>,
+    ) -> Result<(), String> {
+        let mut sealed = Vec::with_capacity(fps.len());
+        for &fp in fps {
+            sealed.push(self.sealed_born(table, shard, fp, now_ms)?.is_some());
+        }
+        let fresh: Vec<Fingerprint> = fps
+            .iter()
+            .zip(&sealed)
+            .filter(|(_, s)| !**s)
+            .map(|(fp, _)| *fp)
+            .collect();
+        let mut decided = Vec::with_capacity(fresh.len());
+        table.check_and_insert_batch(&fresh, now_ms, &mut decided);
+        let mut decided = decided.into_iter();
+        out.extend(sealed.iter().map(|&s| match s {
+            true => Verdict::Duplicate,
+            false => decided.next().expect("a verdict per id not sealed"),
+        }));
+        Ok(())
     }
 
     /// Forgets an id that was inserted but could not be made durable.
@@ -539,11 +644,25 @@ impl Deduplicator {
         live
     }
 
-    /// Heap bytes held by the tables.
+    /// Heap bytes held by the tables, and by the sealed tier's filters if
+    /// there is one.
     pub fn memory_bytes(&self) -> usize {
+        self.table_bytes() + self.older.get().map_or(0, |o| o.memory_bytes())
+    }
+
+    /// Heap bytes held by the tables alone (the hot tier).
+    pub fn table_bytes(&self) -> usize {
         (0..self.config.shards)
             .map(|s| self.table(s).memory_bytes())
             .sum()
+    }
+
+    /// Drops from every table the ids born before `ms`, which the sealed
+    /// tier holds now.
+    pub fn sealed_before(&self, ms: u64) {
+        for shard in 0..self.config.shards {
+            self.table(shard).sealed_before(ms);
+        }
     }
 }
 

@@ -495,6 +495,9 @@ pub struct Table {
     /// Entries born before this were forgotten before a window increase and
     /// stay forgotten.
     dead_before_ms: u64,
+    /// Entries born before this were moved to the sealed tier: this table
+    /// no longer holds them (they are not dead for the window in force).
+    sealed_before_ms: u64,
     last_now_ms: u64,
     sweep_cursor: usize,
 }
@@ -518,6 +521,7 @@ impl Table {
             window_ms,
             unit: unit_for(window_ms),
             dead_before_ms: 0,
+            sealed_before_ms: 0,
             last_now_ms: 0,
             sweep_cursor: 0,
         }
@@ -565,17 +569,27 @@ impl Table {
         self.dead_before_ms = self.dead_before_ms.max(ms);
     }
 
+    /// Records that the ids born before `ms` were sealed (moved to the
+    /// sealed tier, which answers for them from now on): this table drops
+    /// them as if they had expired.
+    pub fn sealed_before(&mut self, ms: u64) {
+        self.sealed_before_ms = self.sealed_before_ms.max(ms);
+    }
+
     /// The window in force at `now_ms`: the set window, or less while a
     /// larger one grows back over ids it no longer holds.
     pub fn window_in_force(&self, now_ms: u64) -> u64 {
-        self.window_at(now_ms.max(self.last_now_ms))
-    }
-
-    /// The window as it applies at `now_ms`: an entry is alive while
-    /// `now - born` is below it (this folds in `dead_before_ms`).
-    fn window_at(&self, now_ms: u64) -> u64 {
+        let now_ms = now_ms.max(self.last_now_ms);
         self.window_ms
             .min((now_ms + 1).saturating_sub(self.dead_before_ms))
+    }
+
+    /// The window as it applies to this table's entries at `now_ms`: an
+    /// entry is alive while `now - born` is below it (this folds in
+    /// `dead_before_ms` and `sealed_before_ms`).
+    fn window_at(&self, now_ms: u64) -> u64 {
+        self.window_ms
+            .min((now_ms + 1).saturating_sub(self.dead_before_ms.max(self.sealed_before_ms)))
     }
 
     fn clock(&mut self, now_ms: u64) -> u64 {

@@ -21,6 +21,7 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use heed::types::{Bytes, Str};
 use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, MdbError, PutFlags};
@@ -28,7 +29,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::engine::Record;
 use crate::engine::fingerprint::{self, Fingerprint};
-use crate::journal::{Journal, JournalError, JournalErrorKind};
+use crate::journal::{Journal, JournalError, JournalErrorKind, JournalReader};
 
 /// Version of the key and value layout.
 pub const FORMAT: u32 = 4;
@@ -173,6 +174,10 @@ pub struct LmdbStore {
     expired_before: u64,
     /// Kept between appends, so that one allocates nothing once warm.
     scratch: Scratch,
+    /// Held (shared) by a [`LmdbReader`]'s transaction, and (exclusive) by
+    /// a growth of the map, which LMDB allows only with no transaction of
+    /// this process open.
+    readers: Arc<RwLock<()>>,
 }
 
 /// What [`LmdbStore::append_with`] builds a commit's chunks in.
@@ -336,6 +341,7 @@ impl LmdbStore {
             seq: 0,
             expired_before,
             scratch: Scratch::default(),
+            readers: Arc::default(),
         })
     }
 
@@ -384,7 +390,7 @@ impl LmdbStore {
     /// [`JournalErrorKind::Io`] if the write fails.
     pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), JournalError> {
         let (env, meta) = (&self.env, self.meta);
-        with_growth(env, || {
+        with_growth(env, &self.readers, || {
             let mut wtxn = env.write_txn()?;
             meta.put(&mut wtxn, key, value)?;
             wtxn.commit()
@@ -456,7 +462,7 @@ impl LmdbStore {
         chunks.sort_unstable_by_key(|(k, _)| *k);
         let seq = &mut self.seq;
         let (env, log, meta) = (&self.env, self.log, self.meta);
-        let result = with_growth(env, || {
+        let result = with_growth(env, &self.readers, || {
             let mut wtxn = env.write_txn()?;
             for (shard, at) in positions {
                 meta.put(&mut wtxn, &journal_seq_key(*shard), &at.to_string())?;
@@ -494,7 +500,7 @@ impl LmdbStore {
     /// forgotten twice), with the journal positions, in one transaction.
     fn forget_with(&mut self, records: &[Record], positions: &[(u32, u64)]) -> Result<(), JournalError> {
         let (env, forgotten, meta) = (&self.env, self.forgotten, self.meta);
-        with_growth(env, || {
+        with_growth(env, &self.readers, || {
             let mut wtxn = env.write_txn()?;
             for (shard, at) in positions {
                 meta.put(&mut wtxn, &journal_seq_key(*shard), &at.to_string())?;
@@ -529,7 +535,7 @@ impl Journal for LmdbStore {
         let horizon = self.expired_before.max(before_ms);
         let hi = key(before_ms, 0, 0);
         let range = (Bound::Unbounded, Bound::Excluded(&hi[..]));
-        let ids = with_growth(env, || {
+        let ids = with_growth(env, &self.readers, || {
             let mut wtxn = env.write_txn()?;
             let mut ids = 0;
             for entry in log.range(&wtxn, &range)? {
@@ -566,50 +572,18 @@ impl Journal for LmdbStore {
         for &shard in shards {
             wanted[shard as usize] = true;
         }
-        let rtxn = self.env.read_txn().map_err(|e| io("scan the log", e))?;
-        let mut forgotten = std::collections::HashMap::new();
-        for entry in self
-            .forgotten
-            .iter(&rtxn)
-            .map_err(|e| io("scan forgotten ids", e))?
-        {
-            let (k, v) = entry.map_err(|e| io("scan forgotten ids", e))?;
-            let at = forgotten_at(k, v).ok_or_else(|| corrupt_forgotten(&self.path))?;
-            forgotten.insert(k.to_vec(), at);
-        }
-        let lo = key(since_ms, 0, 0);
-        let mut n = 0;
-        let range = self
-            .log
-            .range(&rtxn, &(Bound::Included(&lo[..]), Bound::Unbounded))
-            .map_err(|e| io("scan the log", e))?;
-        for entry in range {
-            let (k, value) = entry.map_err(|e| io("scan the log", e))?;
-            let (Some(newest), Some(shard), Some(chunk)) =
-                (newest_of(k), shard_of_key(k), verified(k, value))
-            else {
-                return Err(corrupt(&self.path, k));
-            };
-            if !wanted[shard as usize] {
-                continue;
-            }
-            for (fingerprint, born_ms) in entries(newest, chunk).filter(|&(_, born)| born >= since_ms) {
-                let hidden = !forgotten.is_empty()
-                    && forgotten
-                        .get(&forgotten_key(shard, fingerprint)[..])
-                        .is_some_and(|&at| born_ms <= at);
-                if hidden {
-                    continue;
-                }
-                f(Record {
-                    shard,
-                    born_ms,
-                    fingerprint,
-                });
-                n += 1;
-            }
-        }
-        Ok(n)
+        let (env, dbs) = (&self.env, (self.log, self.forgotten));
+        scan_log(env, dbs, &self.path, (&wanted, since_ms, u64::MAX), f)
+    }
+
+    fn reader(&self) -> Option<Box<dyn JournalReader>> {
+        Some(Box::new(LmdbReader {
+            env: self.env.clone(),
+            log: self.log,
+            forgotten: self.forgotten,
+            path: self.path.clone(),
+            readers: self.readers.clone(),
+        }))
     }
 
     /// Forces commits made under `NO_SYNC` to disk.
@@ -628,6 +602,108 @@ const FULL_BELOW: u64 = 16 << 20;
 
 /// The error for a failed write; a full filesystem is named as such, with
 /// the store's place and the free bytes.
+/// Calls `f` for each id of a `wanted` shard accepted in `since_ms..before_ms`
+/// that was not forgotten after; returns the count.
+fn scan_log(
+    env: &Env,
+    (log, forgotten_db): (Log, Forgotten),
+    path: &Path,
+    (wanted, since_ms, before_ms): (&[bool], u64, u64),
+    f: &mut dyn FnMut(Record),
+) -> Result<usize, JournalError> {
+    let rtxn = env.read_txn().map_err(|e| io("scan the log", e))?;
+    let mut forgotten = std::collections::HashMap::new();
+    for entry in forgotten_db
+        .iter(&rtxn)
+        .map_err(|e| io("scan forgotten ids", e))?
+    {
+        let (k, v) = entry.map_err(|e| io("scan forgotten ids", e))?;
+        let at = forgotten_at(k, v).ok_or_else(|| corrupt_forgotten(path))?;
+        forgotten.insert(k.to_vec(), at);
+    }
+    let lo = key(since_ms, 0, 0);
+    let mut n = 0;
+    let range = log
+        .range(&rtxn, &(Bound::Included(&lo[..]), Bound::Unbounded))
+        .map_err(|e| io("scan the log", e))?;
+    for entry in range {
+        let (k, value) = entry.map_err(|e| io("scan the log", e))?;
+        let (Some(newest), Some(shard), Some(chunk)) = (newest_of(k), shard_of_key(k), verified(k, value))
+        else {
+            return Err(corrupt(path, k));
+        };
+        if !wanted[shard as usize] {
+            continue;
+        }
+        let within = |&(_, born): &(Fingerprint, u64)| born >= since_ms && born < before_ms;
+        for (fingerprint, born_ms) in entries(newest, chunk).filter(within) {
+            let hidden = !forgotten.is_empty()
+                && forgotten
+                    .get(&forgotten_key(shard, fingerprint)[..])
+                    .is_some_and(|&at| born_ms <= at);
+            if hidden {
+                continue;
+            }
+            f(Record {
+                shard,
+                born_ms,
+                fingerprint,
+            });
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Reads a store while its writer goes on (LMDB readers do not block the
+/// writer): what the sealed tier is built from.
+pub struct LmdbReader {
+    env: Env,
+    log: Log,
+    forgotten: Forgotten,
+    path: PathBuf,
+    readers: Arc<RwLock<()>>,
+}
+
+impl JournalReader for LmdbReader {
+    fn scan_span(
+        &self,
+        since_ms: u64,
+        before_ms: u64,
+        f: &mut dyn FnMut(Record),
+    ) -> Result<usize, JournalError> {
+        let _reading = self.readers.read().unwrap_or_else(PoisonError::into_inner);
+        let wanted = vec![true; MAX_SHARDS];
+        scan_log(
+            &self.env,
+            (self.log, self.forgotten),
+            &self.path,
+            (&wanted, since_ms, before_ms),
+            f,
+        )
+    }
+
+    fn forgotten(&self, f: &mut dyn FnMut(u32, Fingerprint, u64)) -> Result<(), JournalError> {
+        let _reading = self.readers.read().unwrap_or_else(PoisonError::into_inner);
+        let rtxn = self.env.read_txn().map_err(|e| io("scan forgotten ids", e))?;
+        for entry in self
+            .forgotten
+            .iter(&rtxn)
+            .map_err(|e| io("scan forgotten ids", e))?
+        {
+            let (k, v) = entry.map_err(|e| io("scan forgotten ids", e))?;
+            let at = forgotten_at(k, v).ok_or_else(|| corrupt_forgotten(&self.path))?;
+            let shard = u32::from(u16::from_be_bytes([k[0], k[1]]));
+            f(
+                shard,
+                Fingerprint::from_bytes(k[2..].try_into().expect("16 bytes")),
+                at,
+            );
+        }
+        Ok(())
+    }
+}
+
 fn write_failed(path: &Path, context: &str, source: heed::Error) -> JournalError {
     if let heed::Error::Io(e) = &source {
         let free = free_bytes(path);
@@ -788,15 +864,21 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, JournalError> {
 }
 
 /// Runs `op`; on `MapFull`, doubles the map and runs it again.
-fn with_growth<T>(env: &Env, mut op: impl FnMut() -> heed::Result<T>) -> heed::Result<T> {
+fn with_growth<T>(
+    env: &Env,
+    readers: &RwLock<()>,
+    mut op: impl FnMut() -> heed::Result<T>,
+) -> heed::Result<T> {
     loop {
         match op() {
             Err(heed::Error::Mdb(MdbError::MapFull)) => {
                 let size = env.info().map_size * 2;
                 tracing::info!(message = "LMDB map full; growing it.", new_map_bytes = size);
+                let _alone = readers.write().unwrap_or_else(PoisonError::into_inner);
                 // SAFETY: no transaction of this environment is open: `op`'s
-                // has just ended and the store has one writer; readers
-                // (`scan`, `len`) run on the same thread.
+                // has just ended and the store has one writer; its own
+                // readers (`scan`, `len`) run on the same thread, and a
+                // `LmdbReader` holds `readers` while its transaction is open.
                 unsafe { env.resize(size)? };
             }
             other => return other,

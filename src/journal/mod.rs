@@ -21,6 +21,7 @@ pub mod writer;
 use std::fmt;
 
 use crate::engine::Record;
+use crate::engine::fingerprint::Fingerprint;
 
 pub use lmdb::{LmdbStore, StoreMeta, VerifyReport, verify};
 pub use memory::MemoryJournal;
@@ -85,6 +86,37 @@ pub trait Journal: Send + 'static {
 
     /// Where the log lives, for logs and error messages.
     fn location(&self) -> String;
+
+    /// A reader that scans the log while its writer goes on, if this
+    /// journal has one (the LMDB store): what the sealed tier is built
+    /// from.
+    fn reader(&self) -> Option<Box<dyn JournalReader>> {
+        None
+    }
+}
+
+/// Reads a journal beside its writer.
+pub trait JournalReader: Send + Sync {
+    /// Calls `f` for each id accepted in `since_ms..before_ms` and not
+    /// forgotten after (in no set order); returns the count.
+    ///
+    /// # Errors
+    ///
+    /// A [`JournalError`] if the log cannot be read.
+    fn scan_span(
+        &self,
+        since_ms: u64,
+        before_ms: u64,
+        f: &mut dyn FnMut(Record),
+    ) -> Result<usize, JournalError>;
+
+    /// Calls `f` with each forgotten id (`shard`, fingerprint) and when it
+    /// was forgotten.
+    ///
+    /// # Errors
+    ///
+    /// A [`JournalError`] if they cannot be read.
+    fn forgotten(&self, f: &mut dyn FnMut(u32, Fingerprint, u64)) -> Result<(), JournalError>;
 }
 
 /// What went wrong with a journal.

@@ -51,7 +51,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use xorf::{BinaryFuse8, Descriptor, DmaSerializable, Filter};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::engine::dedup::Older;
 use crate::engine::fingerprint::Fingerprint;
+use crate::journal::{JournalError, JournalReader};
 
 /// Bytes per block on disk.
 pub const BLOCK: usize = 4096;
@@ -607,6 +609,10 @@ impl Iterator for Entries<'_> {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The first `i` in `0..n` for which `below(i)` is false (`below` holds for
 /// a prefix).
 fn partition_point(n: usize, below: impl Fn(usize) -> bool) -> usize {
@@ -664,6 +670,13 @@ pub struct Sealed {
     /// Held by a seal or a compaction: one changes the generations at a
     /// time.
     changing: std::sync::Mutex<()>,
+    /// Ids forgotten (`eventsieve forget`) after they were sealed, and
+    /// when: an arrival at or before that is not answered.
+    forgotten: std::sync::Mutex<std::collections::HashMap<(u32, Fingerprint), u64>>,
+    /// Generations a lookup found damaged, to be rebuilt from the journal.
+    damaged: std::sync::Mutex<Vec<Span>>,
+    pub seals: AtomicU64,
+    pub merges: AtomicU64,
     pub filter_probes: AtomicU64,
     pub block_reads: AtomicU64,
     pub hits: AtomicU64,
@@ -672,12 +685,14 @@ pub struct Sealed {
 impl Sealed {
     /// Opens the generations in `dir` (created if missing): deletes `.tmp`
     /// files (a seal or merge a crash cut short) and generations whose span
-    /// lies within another's (a merge's inputs a crash left behind).
+    /// lies within another's (a merge's inputs a crash left behind). A
+    /// damaged generation is left out, its file renamed `.damaged`, and
+    /// its span listed by [`Self::take_damaged`]: the caller must
+    /// [`Self::rebuild`] it before answering.
     ///
     /// # Errors
     ///
-    /// The directory cannot be read, or a generation is damaged (the
-    /// caller rebuilds it from the journal).
+    /// The directory cannot be read.
     pub fn open(dir: &Path) -> Result<Self, SealedError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut spans = Vec::new();
@@ -692,6 +707,7 @@ impl Sealed {
         }
         spans.sort_by_key(|((from, cut), _)| (*from, Reverse(*cut)));
         let mut generations: Vec<Arc<Generation>> = Vec::new();
+        let mut damaged = Vec::new();
         for ((from, cut), path) in spans {
             let covered = generations
                 .iter()
@@ -700,13 +716,31 @@ impl Sealed {
                 std::fs::remove_file(&path).map_err(io(&path))?;
                 continue;
             }
-            generations.push(Arc::new(Generation::open(&path)?));
+            match Generation::open(&path) {
+                Ok(g) => generations.push(Arc::new(g)),
+                Err(e @ SealedError::Damaged(..)) => {
+                    tracing::error!(message = "A sealed generation is damaged; rebuilding it from the journal.", error = %e);
+                    std::fs::rename(&path, path.with_extension("damaged")).map_err(io(&path))?;
+                    damaged.push(Span {
+                        from_ms: from,
+                        cut_ms: cut,
+                        oldest_ms: 0,
+                        newest_ms: 0,
+                        ids: 0,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
         generations.sort_by_key(|g| g.span.cut_ms);
         Ok(Self {
             dir: dir.to_path_buf(),
             generations: arc_swap::ArcSwap::from_pointee(generations),
             changing: std::sync::Mutex::default(),
+            forgotten: std::sync::Mutex::default(),
+            damaged: std::sync::Mutex::new(damaged),
+            seals: AtomicU64::new(0),
+            merges: AtomicU64::new(0),
             filter_probes: AtomicU64::new(0),
             block_reads: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -746,11 +780,26 @@ impl Sealed {
             if g.span.newest_ms < horizon_ms {
                 break;
             }
-            if let Some(born) = g.born_ms(shard, fp, &mut probed)? {
-                found = Some(born);
-                break;
+            match g.born_ms(shard, fp, &mut probed) {
+                Ok(Some(born)) => {
+                    found = Some(born);
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let mut damaged = lock(&self.damaged);
+                    if !damaged.contains(&g.span) {
+                        tracing::error!(message = "A sealed generation is damaged; rebuilding it from the journal.", error = %e);
+                        damaged.push(g.span);
+                    }
+                    return Err(e);
+                }
             }
         }
+        let found = found.filter(|&born| {
+            let forgotten = lock(&self.forgotten);
+            forgotten.is_empty() || forgotten.get(&(shard, fp)).is_none_or(|&at| born > at)
+        });
         self.filter_probes.fetch_add(u64::from(probed.filters), Relaxed);
         self.block_reads.fetch_add(u64::from(probed.reads), Relaxed);
         let alive = found.filter(|&born| born >= horizon_ms);
@@ -782,6 +831,7 @@ impl Sealed {
             gs.push(generation.clone());
             gs
         });
+        self.seals.fetch_add(1, Relaxed);
         Ok(span)
     }
 
@@ -816,6 +866,7 @@ impl Sealed {
                 std::fs::remove_file(&g.path).map_err(io(&g.path))?;
             }
         }
+        lock(&self.forgotten).retain(|_, at| *at >= horizon_ms);
         let mut gens = kept;
         while gens.len() > max.max(1) {
             // The newest generations, as long as each older one is at most
@@ -829,6 +880,7 @@ impl Sealed {
             }
             start = start.min(gens.len() - 2);
             let merged = Arc::new(merge(&self.dir, &gens[start..], horizon_ms)?);
+            self.merges.fetch_add(1, Relaxed);
             let old: Vec<_> = gens.drain(start..).collect();
             gens.push(merged);
             self.generations.store(Arc::new(gens.clone()));
@@ -838,6 +890,46 @@ impl Sealed {
             }
         }
         Ok(removed)
+    }
+
+    /// Hides the arrivals of `(shard, fp)` at or before `at_ms` (the id was
+    /// forgotten then; the journal keeps the same record).
+    pub fn forget(&self, shard: u32, fp: Fingerprint, at_ms: u64) {
+        let mut forgotten = lock(&self.forgotten);
+        let at = forgotten.entry((shard, fp)).or_default();
+        *at = (*at).max(at_ms);
+    }
+
+    /// The generations found damaged since the last call.
+    pub fn take_damaged(&self) -> Vec<Span> {
+        std::mem::take(&mut *lock(&self.damaged))
+    }
+
+    /// Puts in place of the generation of `span` (damaged, or left out at
+    /// open) one written from `entries` (the same span, rebuilt from the
+    /// journal).
+    ///
+    /// # Errors
+    ///
+    /// The new one could not be written; the damaged one stays (and its
+    /// lookups keep failing).
+    pub fn rebuild(&self, span: Span, entries: impl IntoIterator<Item = Entry>) -> Result<Span, SealedError> {
+        let _changing = lock(&self.changing);
+        let mut writer = Writer::create(&self.dir, span.from_ms, span.cut_ms)?;
+        for e in entries {
+            writer.push(e)?;
+        }
+        let (path, new) = writer.finish()?;
+        let generation = Arc::new(Generation::open(&path)?);
+        let same = |g: &Arc<Generation>| (g.span.from_ms, g.span.cut_ms) == (span.from_ms, span.cut_ms);
+        self.generations.rcu(|gs| {
+            let mut gs: Vec<_> = gs.iter().filter(|g| !same(g)).cloned().collect();
+            gs.push(generation.clone());
+            gs.sort_by_key(|g| g.span.cut_ms);
+            gs
+        });
+        let _ = std::fs::remove_file(path.with_extension("damaged"));
+        Ok(new)
     }
 
     /// Ids in every generation (some may have expired already).
@@ -853,6 +945,111 @@ impl Sealed {
     /// Bytes on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.generations.load().iter().map(|g| g.disk_bytes()).sum()
+    }
+}
+
+impl Older for Sealed {
+    fn born_ms(&self, shard: u32, fp: Fingerprint, horizon_ms: u64) -> Result<Option<u64>, String> {
+        Sealed::born_ms(self, shard, fp, horizon_ms).map_err(|e| e.to_string())
+    }
+
+    fn memory_bytes(&self) -> usize {
+        Sealed::memory_bytes(self)
+    }
+}
+
+/// The ids `reader` holds accepted in `from_ms..cut_ms`, in generation
+/// order: what a seal (or the rebuild of a damaged generation) writes.
+/// Held per shard as `(fingerprint, born)` while they are sorted: 24 bytes
+/// per id for a moment.
+///
+/// # Errors
+///
+/// The journal cannot be read.
+pub fn from_journal(
+    reader: &dyn JournalReader,
+    from_ms: u64,
+    cut_ms: u64,
+) -> Result<impl Iterator<Item = Entry> + use<>, JournalError> {
+    let mut by_shard: std::collections::BTreeMap<u32, Vec<(Fingerprint, u64)>> =
+        std::collections::BTreeMap::new();
+    reader.scan_span(from_ms, cut_ms, &mut |r| {
+        by_shard
+            .entry(r.shard)
+            .or_default()
+            .push((r.fingerprint, r.born_ms));
+    })?;
+    Ok(by_shard.into_iter().flat_map(|(shard, mut ids)| {
+        ids.sort_unstable();
+        ids.into_iter().map(move |(fingerprint, born_ms)| Entry {
+            shard,
+            fingerprint,
+            born_ms,
+        })
+    }))
+}
+
+impl crate::observe::metrics::Render for Sealed {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let gauges = [
+            (
+                "sealed_generations",
+                "Sealed generations (files) of ids moved out of RAM.",
+                self.generations.load().len() as u64,
+            ),
+            (
+                "sealed_ids",
+                "Ids in the sealed generations (some may have expired, until their generation goes).",
+                self.ids(),
+            ),
+            (
+                "sealed_memory_bytes",
+                "RAM the sealed generations take: their filters and block fences.",
+                self.memory_bytes() as u64,
+            ),
+            (
+                "sealed_disk_bytes",
+                "Bytes of the sealed generations' files.",
+                self.disk_bytes(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP eventsieve_{name} {help}\n# TYPE eventsieve_{name} gauge\neventsieve_{name} {value}"
+            );
+        }
+        let counters = [
+            (
+                "sealed_filter_probes_total",
+                "Filters of sealed generations probed by lookups.",
+                &self.filter_probes,
+            ),
+            (
+                "sealed_block_reads_total",
+                "Blocks read from sealed generations to confirm a filter hit.",
+                &self.block_reads,
+            ),
+            (
+                "sealed_hits_total",
+                "Lookups answered from a sealed generation (a duplicate of a sealed id).",
+                &self.hits,
+            ),
+            ("seals_total", "Generations sealed.", &self.seals),
+            (
+                "sealed_merges_total",
+                "Merges of sealed generations.",
+                &self.merges,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP eventsieve_{name} {help}\n# TYPE eventsieve_{name} counter\neventsieve_{name} {}",
+                value.load(Relaxed)
+            );
+        }
     }
 }
 

@@ -162,6 +162,9 @@ pub enum Outcome {
     NotReady(u32),
     /// New, but its id could not be made durable; it was forgotten again.
     Failed(CommitFailed),
+    /// The sealed tier could not be read for it (a damaged or unreadable
+    /// file, rebuilt from the journal): no verdict; nothing changed.
+    Unreadable(String),
 }
 
 const STORE_FAILED: &str = "the store could not commit this event; retry";
@@ -179,6 +182,7 @@ impl Outcome {
             Outcome::Invalid(e) => Some((400, e.to_string())),
             Outcome::NotReady(shard) => Some((503, format!("shard {shard} is not ready (recovering)"))),
             Outcome::Failed(failed) => Some(failure(*failed)),
+            Outcome::Unreadable(why) => Some((503, format!("{why}; retry"))),
         }
     }
 }
@@ -499,6 +503,10 @@ impl<O: Output> Pipeline<O> {
             }
             Checked::Twin(settle) => {
                 return Step::Commit(Pending::new(shard, fingerprint, Some(settle), None));
+            }
+            Checked::Unreadable(why) => {
+                Metrics::inc(&self.metrics.not_ready);
+                return Step::Done(Outcome::Unreadable(why));
             }
             Checked::New(None) => {
                 let ticket = self.lanes.ticket(shard);

@@ -123,14 +123,32 @@ fn a_damaged_block_is_an_error_never_a_verdict_and_damaged_filters_do_not_open()
     // A merge reading it fails too, and changes nothing.
     assert!(sealed.compact(0, 0).is_ok(), "one generation: nothing to merge");
     drop(sealed);
-    // A byte of the filters; then a truncated file.
-    let mut bad = good.clone();
-    let filters_at = ids.len().div_ceil(PER_BLOCK) * BLOCK;
-    bad[filters_at + 40] ^= 0x10;
-    std::fs::write(&path, &bad).unwrap();
-    assert!(matches!(Sealed::open(dir.path()), Err(SealedError::Damaged(..))));
-    std::fs::write(&path, &good[..good.len() - 1]).unwrap();
-    assert!(matches!(Sealed::open(dir.path()), Err(SealedError::Damaged(..))));
+    // A byte of the filters; then a truncated file: left out at open,
+    // listed to be rebuilt, and rebuilt from the same entries.
+    for bad in [
+        {
+            let mut bad = good.clone();
+            bad[ids.len().div_ceil(PER_BLOCK) * BLOCK + 40] ^= 0x10;
+            bad
+        },
+        good[..good.len() - 1].to_vec(),
+    ] {
+        std::fs::write(&path, &bad).unwrap();
+        let sealed = Sealed::open(dir.path()).unwrap();
+        assert!(sealed.generations().is_empty());
+        let damaged = sealed.take_damaged();
+        assert_eq!(
+            damaged.iter().map(|s| (s.from_ms, s.cut_ms)).collect::<Vec<_>>(),
+            [(0, 5_000)]
+        );
+        assert!(path.with_extension("damaged").exists());
+        sealed.rebuild(damaged[0], ids.clone()).unwrap();
+        assert!(!path.with_extension("damaged").exists());
+        assert_eq!(
+            sealed.born_ms(0, in_block_2.fingerprint, 0).unwrap(),
+            Some(in_block_2.born_ms)
+        );
+    }
 }
 
 #[test]
