@@ -53,6 +53,17 @@ pub enum Durability {
     Replicated,
 }
 
+/// Where remembered ids live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Every id in the in-memory tables (about 14 bytes each).
+    Memory,
+    /// The newest ids in the tables, up to `hot_bytes`; older ones sealed
+    /// in files on disk with a filter of about 1.2 bytes per id in RAM.
+    Tiered,
+}
+
 /// How a batch request's new events are republished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -156,6 +167,19 @@ pub struct Config {
     /// once each has had an id, whatever the window: at least 8 MiB, and
     /// well above that to be useful. Default 0.
     pub max_table_bytes: u64,
+    /// `memory` (every id in the tables) or `tiered` (the newest ids in
+    /// the tables up to `hot_bytes`, older ones sealed on disk with a
+    /// filter in RAM; verdicts stay exact). `tiered` needs `durability =
+    /// "local"`: the sealed files are built from the LMDB store. Default
+    /// `memory`.
+    pub tier: Tier,
+    /// With `tier = "tiered"`: bytes of table above which the ids older
+    /// than a few seconds are sealed. At least 8388608. Default 1073741824
+    /// (1 GiB, about 75 M ids).
+    pub hot_bytes: u64,
+    /// With `tier = "tiered"`: the directory of the sealed files (`""`:
+    /// `<data_dir>/sealed`). Default `""`.
+    pub sealed_dir: String,
     /// Address of the HTTP gateway (`POST /api/v1/events` and the rest, see
     /// the README), or empty to disable. Default empty.
     pub http_addr: String,
@@ -240,6 +264,9 @@ impl Default for Config {
             kv_bucket: "eventsieve".into(),
             metrics_addr: "127.0.0.1:9464".into(),
             max_table_bytes: 0,
+            tier: Tier::Memory,
+            hot_bytes: 1 << 30,
+            sealed_dir: String::new(),
             http_addr: String::new(),
             http_metrics: false,
             http_header_timeout: "10s".into(),
@@ -570,6 +597,20 @@ impl Config {
                 "0 (no limit) or at least 8388608 (the table segments alone take about 7 MiB)",
             ));
         }
+        if self.tier == Tier::Tiered && self.durability != Durability::Local {
+            return Err(ConfigError::field(
+                "tier",
+                "tiered",
+                "\"memory\", or \"tiered\" with durability = \"local\" (sealed files are built from the LMDB store)",
+            ));
+        }
+        if self.hot_bytes < 8 << 20 {
+            return Err(ConfigError::field(
+                "hot_bytes",
+                &self.hot_bytes.to_string(),
+                "at least 8388608 (the table segments alone take about 7 MiB)",
+            ));
+        }
         if self.max_pending == 0 {
             return Err(ConfigError::field("max_pending", "0", "1 or more"));
         }
@@ -879,7 +920,7 @@ mod tests {
 
     #[test]
     fn each_invalid_value_names_its_field() {
-        let cases: [(&str, &str, &str); 19] = [
+        let cases: [(&str, &str, &str); 21] = [
             ("EVENTSIEVE_KV_BUCKET", "a.b", "`kv_bucket`"),
             ("EVENTSIEVE_BATCH_OUTPUT", "per_line", "batch_output"),
             ("EVENTSIEVE_OUTPUT", "kafka", "output"),
@@ -902,6 +943,8 @@ mod tests {
             ("EVENTSIEVE_HTTP_ADDR", "port 80", "`http_addr`"),
             ("EVENTSIEVE_MAX_TABLE_BYTES", "1000", "`max_table_bytes`"),
             ("EVENTSIEVE_MAX_ID_BYTES", "0", "`max_id_bytes`"),
+            ("EVENTSIEVE_TIER", "disk", "tier"),
+            ("EVENTSIEVE_HOT_BYTES", "1000", "`hot_bytes`"),
             (
                 "EVENTSIEVE_NATS__SUBSCRIPTION_CAPACITY",
                 "many",
@@ -920,6 +963,23 @@ mod tests {
             jail.create_file(DEFAULT_PATH, "windw = \"5m\"").map(drop)
         });
         assert!(message.contains("windw"), "{message}");
+    }
+
+    #[test]
+    fn a_tiered_table_needs_the_local_store() {
+        let mut c = Config {
+            tier: Tier::Tiered,
+            ..Config::default()
+        };
+        assert!(c.clone().validate().is_ok());
+        for durability in [Durability::Memory, Durability::Replicated] {
+            c.durability = durability;
+            let message = c.clone().validate().unwrap_err().to_string();
+            assert!(
+                message.contains("`tier`") && message.contains("local"),
+                "{message}"
+            );
+        }
     }
 
     #[test]

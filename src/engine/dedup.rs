@@ -179,6 +179,10 @@ pub trait Older: Send + Sync {
 
     /// Bytes of RAM it holds.
     fn memory_bytes(&self) -> usize;
+
+    /// Hides the arrivals of `(shard, fp)` at or before `at_ms`: the id
+    /// was forgotten then (durably, in the journal).
+    fn forget(&self, shard: u32, fp: Fingerprint, at_ms: u64);
 }
 
 /// Segments [`Deduplicator::live`] counts per lock of a shard.
@@ -196,6 +200,8 @@ pub struct Deduplicator {
     shard_at: Option<usize>,
     /// The sealed tier, when there is one.
     older: std::sync::OnceLock<Arc<dyn Older>>,
+    /// Ids born before this are in the sealed tier, not the tables.
+    sealed_cut: std::sync::atomic::AtomicU64,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -240,6 +246,7 @@ impl Deduplicator {
             config,
             shard_at,
             older: std::sync::OnceLock::new(),
+            sealed_cut: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -660,8 +667,44 @@ impl Deduplicator {
     /// Drops from every table the ids born before `ms`, which the sealed
     /// tier holds now.
     pub fn sealed_before(&self, ms: u64) {
+        self.sealed_cut
+            .fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
         for shard in 0..self.config.shards {
             self.table(shard).sealed_before(ms);
+        }
+    }
+
+    /// Ids born before this are held by the sealed tier (0: none are).
+    pub fn sealed_cut(&self) -> u64 {
+        self.sealed_cut.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Forgets `fp` of `shard` as of `at_ms`, in its table and the sealed
+    /// tier (an operator's `forget`, already journaled).
+    pub fn forget(&self, shard: u32, fp: Fingerprint, at_ms: u64) {
+        let mut table = self.table(shard);
+        table.table.remove(fp);
+        if let Some(older) = self.older.get() {
+            older.forget(shard, fp, at_ms);
+        }
+    }
+
+    /// Waits until every commit pending when it was called has completed,
+    /// or `timeout` has passed; returns whether they all completed.
+    pub fn wait_settled(&self, timeout: std::time::Duration) -> bool {
+        let mut waiting: Vec<Arc<Settle>> = (0..self.config.shards)
+            .flat_map(|s| self.table(s).pending.unsettled())
+            .collect();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            waiting.retain(|s| s.get().is_none());
+            if waiting.is_empty() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }

@@ -244,6 +244,15 @@ impl Ledger {
         self.ids.len()
     }
 
+    /// The cells of the entries whose commits have not completed.
+    pub fn unsettled(&self) -> Vec<Arc<Settle>> {
+        self.ids
+            .iter()
+            .filter(|(_, s)| s.get().is_none())
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }

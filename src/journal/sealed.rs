@@ -956,6 +956,10 @@ impl Older for Sealed {
     fn memory_bytes(&self) -> usize {
         Sealed::memory_bytes(self)
     }
+
+    fn forget(&self, shard: u32, fp: Fingerprint, at_ms: u64) {
+        Sealed::forget(self, shard, fp, at_ms);
+    }
 }
 
 /// The ids `reader` holds accepted in `from_ms..cut_ms`, in generation

@@ -135,7 +135,7 @@ impl Census {
         }
         let census = TableCensus {
             entries: dedup.len(),
-            bytes: dedup.memory_bytes(),
+            bytes: dedup.table_bytes(),
             live: dedup.live(crate::engine::unix_ms()),
         };
         self.walks.fetch_add(1, Relaxed);
@@ -465,7 +465,7 @@ impl Metrics {
         metric(
             "table_bytes",
             "gauge",
-            "Heap bytes held by the tables.",
+            "Heap bytes held by the tables (with tier = \"tiered\", the hot tier; the sealed tier's are eventsieve_sealed_memory_bytes).",
             &[("", census.bytes as f64)],
         );
         metric(

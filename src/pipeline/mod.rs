@@ -775,7 +775,10 @@ impl<O: Output> Pipeline<O> {
     /// The journal's error; the shards stay as they were.
     pub fn recover(&self, journal: &dyn Journal, shards: &[u32]) -> Result<usize, JournalError> {
         let now = unix_ms();
-        let since = now.saturating_sub(self.dedup.config().window_ms);
+        // Ids born before the sealed tier's cut are in it.
+        let since = now
+            .saturating_sub(self.dedup.config().window_ms)
+            .max(self.dedup.sealed_cut());
         let mut restored = 0;
         // A chunk's ids are of one shard: its table stays locked across them.
         let mut open = None;
@@ -806,11 +809,10 @@ impl<O: Output> Pipeline<O> {
         match self.ownership.state(keyed.shard) {
             ShardState::Elsewhere => Admin::Elsewhere,
             ShardState::Recovering => Admin::Failed(Outcome::NotReady(keyed.shard)),
-            ShardState::Ready => Admin::Known(
-                self.dedup
-                    .table(keyed.shard)
-                    .born_ms(keyed.fingerprint, unix_ms()),
-            ),
+            ShardState::Ready => match self.dedup.born_ms(keyed.shard, keyed.fingerprint, unix_ms()) {
+                Ok(born) => Admin::Known(born),
+                Err(why) => Admin::Failed(Outcome::Unreadable(why)),
+            },
         }
     }
 
@@ -830,8 +832,10 @@ impl<O: Output> Pipeline<O> {
             ShardState::Ready => {}
         }
         let now = unix_ms();
-        let Some(since) = self.dedup.table(shard).born_ms(fingerprint, now) else {
-            return Admin::Known(None);
+        let since = match self.dedup.born_ms(shard, fingerprint, now) {
+            Ok(Some(since)) => since,
+            Ok(None) => return Admin::Known(None),
+            Err(why) => return Admin::Failed(Outcome::Unreadable(why)),
         };
         if let Some(writer) = &self.writer {
             let record = Record {
@@ -852,7 +856,7 @@ impl<O: Output> Pipeline<O> {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         }
-        self.dedup.remove(shard, fingerprint);
+        self.dedup.forget(shard, fingerprint, now);
         Metrics::inc(&self.metrics.forgotten);
         Admin::Known(Some(since))
     }

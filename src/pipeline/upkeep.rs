@@ -1,11 +1,14 @@
 //! The tables' upkeep while the sidecar runs: expired entries reclaimed a
-//! few segments at a time, and the tables held under `max_table_bytes`.
+//! few segments at a time, the tables held under `max_table_bytes`, and
+//! (`tier = "tiered"`) their oldest ids sealed on disk.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::engine::{Deduplicator, unix_ms};
+use crate::journal::JournalReader;
+use crate::journal::sealed::{self, Sealed, Span};
 use crate::observe::metrics::Metrics;
 
 /// How often expired table entries are swept.
@@ -71,4 +74,101 @@ pub async fn sweep_loop(dedup: Arc<Deduplicator>) {
         tick.tick().await;
         dedup.sweep(unix_ms(), 64);
     }
+}
+
+/// How often the tables' size is held against `hot_bytes`, and the sealed
+/// generations kept (expired ones dropped, small ones merged).
+const SEAL_EVERY: Duration = Duration::from_secs(1);
+/// Ids younger than this stay in the tables at a seal: the time between a
+/// verdict reading the clock and its id entering the table and its
+/// commit's queue is far below it.
+pub const SEAL_MARGIN_MS: u64 = 2_000;
+/// Longest a seal waits for the commits pending when it starts; past it
+/// the seal is tried again at the next tick.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most sealed generations a new id's lookup probes (one filter each):
+/// above it the newest ones of like size are merged.
+pub const MAX_GENERATIONS: usize = 8;
+
+/// The tiered table's upkeep (`tier = "tiered"`): once the tables take
+/// more than `hot_bytes`, the ids older than [`SEAL_MARGIN_MS`] are sealed
+/// into a new generation built from the journal, then dropped from the
+/// tables; damaged generations are rebuilt from the journal, expired ones
+/// deleted and small ones merged.
+pub async fn seal_loop(
+    dedup: Arc<Deduplicator>,
+    sealed: Arc<Sealed>,
+    reader: Arc<dyn JournalReader>,
+    hot_bytes: usize,
+) {
+    let mut tick = tokio::time::interval(SEAL_EVERY);
+    loop {
+        tick.tick().await;
+        let (dedup, sealed, reader) = (dedup.clone(), sealed.clone(), reader.clone());
+        let step =
+            tokio::task::spawn_blocking(move || seal_step(&dedup, &sealed, reader.as_ref(), hot_bytes)).await;
+        match step {
+            Ok(Ok(Some((span, bytes_before, bytes_after, elapsed)))) => tracing::info!(
+                message = "Sealed the oldest ids of the tables.",
+                ids = span.ids,
+                cut_ms = span.cut_ms,
+                table_bytes_before = bytes_before,
+                table_bytes_after = bytes_after,
+                elapsed_ms = elapsed.as_millis() as u64,
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(message = "Sealing or merging failed; tried again in a second.", error = %e)
+            }
+            Err(e) => tracing::error!(message = "The seal task panicked.", error = %e),
+        }
+    }
+}
+
+/// Rebuilds the generations `sealed` found damaged, from `reader`.
+///
+/// # Errors
+///
+/// The journal or the new file could not be read or written.
+pub fn rebuild_damaged(sealed: &Sealed, reader: &dyn JournalReader) -> Result<(), String> {
+    for span in sealed.take_damaged() {
+        let entries = sealed::from_journal(reader, span.from_ms, span.cut_ms).map_err(|e| e.to_string())?;
+        let rebuilt = sealed.rebuild(span, entries).map_err(|e| e.to_string())?;
+        tracing::warn!(
+            message = "Rebuilt a damaged sealed generation from the journal.",
+            from_ms = rebuilt.from_ms,
+            cut_ms = rebuilt.cut_ms,
+            ids = rebuilt.ids
+        );
+    }
+    Ok(())
+}
+
+/// One tick of [`seal_loop`]: what was sealed, the tables' bytes before and
+/// after, and how long it took.
+fn seal_step(
+    dedup: &Deduplicator,
+    sealed: &Sealed,
+    reader: &dyn JournalReader,
+    hot_bytes: usize,
+) -> Result<Option<(Span, usize, usize, Duration)>, String> {
+    rebuild_damaged(sealed, reader)?;
+    let now = unix_ms();
+    let horizon = (now + 1).saturating_sub(dedup.window_in_force(now));
+    let before = dedup.table_bytes();
+    let cut = now.saturating_sub(SEAL_MARGIN_MS);
+    let mut done = None;
+    if before > hot_bytes && cut > sealed.cut_ms() && dedup.wait_settled(SETTLE_TIMEOUT) {
+        let started = std::time::Instant::now();
+        let entries =
+            sealed::from_journal(reader, sealed.cut_ms().max(horizon), cut).map_err(|e| e.to_string())?;
+        let span = sealed.seal(entries, cut).map_err(|e| e.to_string())?;
+        dedup.sealed_before(cut);
+        dedup.sweep(now, dedup.config().segments_per_shard);
+        done = Some((span, before, dedup.table_bytes(), started.elapsed()));
+    }
+    sealed
+        .compact(horizon, MAX_GENERATIONS)
+        .map_err(|e| e.to_string())?;
+    Ok(done)
 }

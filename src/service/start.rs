@@ -12,11 +12,12 @@ use tokio::task::JoinHandle;
 
 use super::stop::Parts;
 use super::{Running, ServiceError, replicated};
-use crate::config::{Durability, OutputKind, Settings};
+use crate::config::{Durability, OutputKind, Settings, Tier};
 use crate::control::{self, Window};
 use crate::engine::Deduplicator;
-use crate::journal::Journal;
+use crate::journal::sealed::Sealed;
 use crate::journal::writer::{self, WriterConfig};
+use crate::journal::{Journal, JournalError, JournalErrorKind, JournalReader};
 use crate::nats::ordered::OrderedRequests;
 use crate::nats::{self, NatsError, Subjects};
 use crate::observe::metrics::Metrics;
@@ -124,6 +125,13 @@ pub async fn start_with(
     let started = Instant::now();
     let http = gateway(&settings, &ctx, started).await?;
 
+    let tier = match settings.config.tier {
+        Tier::Tiered => {
+            let reader = journal.as_ref().and_then(|j| j.reader());
+            Some(open_tier(&settings, reader, pipeline.dedup(), &metrics).await?)
+        }
+        Tier::Memory => None,
+    };
     let writer = match (journal, writer) {
         (Some(journal), Some((handle, inbox))) => {
             let journal = recover(&pipeline, journal, settings.owned.clone()).await?;
@@ -143,6 +151,11 @@ pub async fn start_with(
     };
     let node = settings.node_id.clone();
     let mut background = Vec::new();
+    if let Some((sealed, reader)) = tier {
+        let hot_bytes = usize::try_from(settings.config.hot_bytes).unwrap_or(usize::MAX);
+        let sealing = upkeep::seal_loop(pipeline.dedup().clone(), sealed, reader, hot_bytes);
+        background.push(tokio::spawn(sealing));
+    }
     let (keeper, members) = match stream {
         Some(stream) => {
             background.push(tokio::spawn(stream.clone().keep_window(window.shared())));
@@ -382,6 +395,58 @@ fn upkeep(
         }));
     }
     tasks
+}
+
+/// The sealed tier of `tier = "tiered"` in `sealed_dir`, and the journal's
+/// reader it is built from: damaged generations rebuilt, the ids
+/// forgotten since they were sealed read from the journal; put behind the
+/// tables, which then hold only the ids since its cut.
+async fn open_tier(
+    settings: &Settings,
+    reader: Option<Box<dyn JournalReader>>,
+    dedup: &Arc<Deduplicator>,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<Sealed>, Arc<dyn JournalReader>), ServiceError> {
+    let reader: Arc<dyn JournalReader> = reader.map(Arc::from).ok_or_else(|| {
+        ServiceError::Journal(JournalError::new(
+            JournalErrorKind::Open,
+            "tier = \"tiered\" needs the LMDB store (durability = \"local\")",
+        ))
+    })?;
+    let dir = match settings.config.sealed_dir.as_str() {
+        "" => settings.config.data_dir.join("sealed"),
+        dir => dir.into(),
+    };
+    let opening = reader.clone();
+    let sealed = tokio::task::spawn_blocking(move || {
+        let sealed = Sealed::open(&dir).map_err(|e| e.to_string())?;
+        upkeep::rebuild_damaged(&sealed, opening.as_ref())?;
+        opening
+            .forgotten(&mut |shard, fp, at| sealed.forget(shard, fp, at))
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(Arc::new(sealed))
+    })
+    .await
+    .map_err(|e| ServiceError::Panicked(e.to_string()))?
+    .map_err(|why| {
+        ServiceError::Journal(JournalError::new(
+            JournalErrorKind::Open,
+            format!("sealed tier: {why}"),
+        ))
+    })?;
+    tracing::info!(
+        message = "Opened the sealed tier.",
+        dir = %sealed.dir().display(),
+        generations = sealed.generations().len(),
+        ids = sealed.ids(),
+        memory_bytes = sealed.memory_bytes(),
+        disk_bytes = sealed.disk_bytes(),
+        cut_ms = sealed.cut_ms(),
+    );
+    dedup.set_older(sealed.clone());
+    dedup.sealed_before(sealed.cut_ms());
+    metrics.add_render(sealed.clone());
+    Ok((sealed, reader))
 }
 
 /// Rebuilds the owned shards' tables from the journal, off the runtime.
