@@ -10,6 +10,7 @@ use async_nats::Client;
 use common::*;
 use eventsieve::config::{Durability, Settings, Tier};
 use eventsieve::service;
+use futures_util::StreamExt;
 
 /// The smallest hot tier: 600 000 ids take more than it (the table
 /// segments alone take about 7 MiB), so they are sealed.
@@ -27,8 +28,14 @@ fn tiered(server: &NatsServer, data: &Path) -> Settings {
 /// (duplicate), in order; a line answered an error is sent again (as a
 /// producer does) for up to 30 s.
 async fn verdicts(client: &Client, ids: &[String]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(1000) {
+    let batches = futures_util::stream::iter(ids.chunks(1000)).map(|chunk| batch_verdicts(client, chunk));
+    let answered: Vec<Vec<u8>> = batches.buffered(4).collect().await;
+    answered.concat()
+}
+
+async fn batch_verdicts(client: &Client, chunk: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(chunk.len());
+    {
         let mut got: Vec<Option<u8>> = vec![None; chunk.len()];
         let deadline = Instant::now() + Duration::from_secs(30);
         while got.iter().any(Option::is_none) {
@@ -189,4 +196,129 @@ async fn sealed_ids_stay_duplicates_through_forget_restart_and_a_damaged_file() 
         "lookups answered 503 meanwhile"
     );
     running.shutdown().await.unwrap();
+}
+
+/// A `.tmp` file in the sealed directory `dir` that is a seal (`seal`) or
+/// a merge in progress: a seal's span starts at the newest file's cut, a
+/// merge's at an older one's.
+fn writing(dir: &Path, seal: bool) -> bool {
+    let span = |p: &Path| -> Option<(u64, u64)> {
+        let (from, cut) = p.file_stem()?.to_str()?.split_once('-')?;
+        Some((from.parse().ok()?, cut.parse().ok()?))
+    };
+    let files = sealed_files(dir);
+    let newest_cut = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "sealed"))
+        .filter_map(|p| span(p))
+        .map(|(_, cut)| cut)
+        .max()
+        .unwrap_or(0);
+    files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "tmp"))
+        .filter_map(|p| span(p))
+        .any(|(from, _)| (from == newest_cut) == seal)
+}
+
+/// Sends fresh ids `<prefix><n>` in batches of 1000 until a request fails
+/// (the sidecar was killed) or `stop`; returns those answered new.
+async fn load_until_killed(
+    client: Client,
+    prefix: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<String> {
+    let mut accepted = Vec::new();
+    for batch in 0.. {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let ids: Vec<String> = (0..1000)
+            .map(|i| format!("{prefix}{}", batch * 1000 + i))
+            .collect();
+        let body: Vec<u8> = ids
+            .iter()
+            .flat_map(|id| [&event(id)[..], b"\n"].concat())
+            .collect();
+        let reply = client.request("dedup.batch", body.into());
+        let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(5), reply).await else {
+            break;
+        };
+        let entries = reply.payload.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        accepted.extend(
+            ids.into_iter()
+                .zip(entries)
+                .filter(|(_, e)| *e == b"1")
+                .map(|(id, _)| id),
+        );
+    }
+    accepted
+}
+
+/// Runs load against the sidecar binary until the sealed directory shows a
+/// seal (or a merge) being written, then SIGKILLs it; returns the ids
+/// answered new.
+async fn kill_while_writing(
+    server: &NatsServer,
+    sidecar: SidecarProcess,
+    dir: &Path,
+    seal: bool,
+    prefix: &'static str,
+) -> Vec<String> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(load_until_killed(server.client().await, prefix, stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !writing(dir, seal) {
+        assert!(
+            Instant::now() < deadline,
+            "no {} written within 90 s",
+            if seal { "seal" } else { "merge" }
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    sidecar.kill();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_seal_and_during_a_merge_loses_no_accepted_id() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("sealed");
+    let env = [
+        ("EVENTSIEVE_TIER", "tiered"),
+        ("EVENTSIEVE_HOT_BYTES", "8388608"),
+        ("EVENTSIEVE_WINDOW", "1h"),
+    ];
+    let client = server.client().await;
+    let mut accepted = Vec::new();
+    for (seal, prefix) in [(true, "s"), (false, "m")] {
+        let sidecar = SidecarProcess::spawn(&server, data.path(), &env);
+        wait_for_sidecar(&client).await;
+        accepted.extend(kill_while_writing(&server, sidecar, &dir, seal, prefix).await);
+        let sidecar = SidecarProcess::spawn(&server, data.path(), &env);
+        wait_for_sidecar(&client).await;
+        assert!(!accepted.is_empty());
+        let again = verdicts(&client, &accepted).await;
+        let lost: Vec<&String> = accepted
+            .iter()
+            .zip(&again)
+            .filter(|(_, v)| **v == 1)
+            .map(|(id, _)| id)
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{} accepted ids forgotten, e.g. {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
+        assert!(
+            !sealed_files(&dir)
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "tmp")),
+            "the cut-short file was removed"
+        );
+        sidecar.kill();
+    }
 }

@@ -66,6 +66,8 @@ pub const BLOCKS_PER_PART: usize = 448;
 const PER_PART: usize = PER_BLOCK * BLOCKS_PER_PART;
 const MAGIC: &[u8; 8] = b"ESSEAL01";
 const FOOTER: usize = 8 + 8 * 12;
+/// Generations of like size merged into one.
+pub const MERGE_RUN: usize = 4;
 const DESCRIPTOR: usize = Descriptor::DMA_LEN;
 
 /// An accepted id as a generation holds it.
@@ -836,9 +838,11 @@ impl Sealed {
     }
 
     /// Drops the generations whose newest id arrived before `horizon_ms`
-    /// (deleting their files); then, while more than `max` remain, merges
-    /// the newest run of generations of like size (each at most twice the
-    /// next newer's ids), as an LSM tree's size tiers, dropping ids
+    /// (deleting their files), the newest excepted; then merges the newest
+    /// run of generations of like size (each at most twice the newest's
+    /// ids) once it has [`MERGE_RUN`] of them, as an LSM tree's size tiers
+    /// do (an id is rewritten about `log4(ids / seal)` times), and the
+    /// newest ones while more than `max` remain; merges drop the ids
     /// arrived before the horizon. Returns how many files it removed.
     ///
     /// # Errors
@@ -868,17 +872,20 @@ impl Sealed {
         }
         lock(&self.forgotten).retain(|_, at| *at >= horizon_ms);
         let mut gens = kept;
-        while gens.len() > max.max(1) {
-            // The newest generations, as long as each older one is at most
-            // twice the ids of those newer than it: merged, they stay in
-            // size order (at least two).
-            let mut start = gens.len() - 1;
-            let mut ids = gens[start].span.ids;
-            while start > 0 && gens[start - 1].span.ids <= 2 * ids.max(1) {
+        while gens.len() >= 2 {
+            // The newest run of like size: each at most twice the newest's
+            // ids. Merged once it has `MERGE_RUN` generations (or, at least
+            // the two newest, while there are more than `max`).
+            let newest = gens.len() - 1;
+            let like = 2 * gens[newest].span.ids.max(1);
+            let mut start = newest;
+            while start > 0 && gens[start - 1].span.ids <= like {
                 start -= 1;
-                ids += gens[start].span.ids;
             }
-            start = start.min(gens.len() - 2);
+            if gens.len() - start < MERGE_RUN && gens.len() <= max.max(1) {
+                break;
+            }
+            let start = start.min(newest - 1);
             let merged = Arc::new(merge(&self.dir, &gens[start..], horizon_ms)?);
             self.merges.fetch_add(1, Relaxed);
             let old: Vec<_> = gens.drain(start..).collect();
