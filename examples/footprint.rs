@@ -6,6 +6,21 @@
 //! The last line is `bytes_per_id=<f> peak_bytes_per_id=<f> inserts_per_s=<f>`,
 //! where the per-id figures are (RSS − RSS before the engine existed) / N,
 //! and the peak uses the kernel's high-water mark (`VmHWM`).
+//!
+//! `tier = "tiered"` (the sealed tier), in two processes:
+//!
+//! - `footprint --tier tiered build DIR N [PER_SEAL]`: seals N ids (`ev<i>`,
+//!   placed in 32 shards as the sidecar places them) into DIR, PER_SEAL
+//!   (default 10 M) at a time, merged as the sidecar merges; reports the
+//!   time and the bytes on disk.
+//! - `footprint --tier tiered open DIR N M`: opens DIR in a fresh process
+//!   and reports the time to serve (open) and `RssAnon` growth per sealed
+//!   id (page cache excluded); then, with those N ids sealed behind an
+//!   empty table, the verdict rate for M new ids and for M duplicates of
+//!   sealed ids (batches of 1000 of a shard, as the batch path decides
+//!   them), the filter probes and block reads per verdict; and the same M
+//!   new ids into an all-in-RAM table already holding N ids (`--baseline`
+//!   as a fifth argument; it needs about 14 B × N of RAM).
 
 use std::fmt::Write;
 use std::time::Instant;
@@ -28,6 +43,15 @@ fn status_kib(field: &str) -> u64 {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--tier") {
+        assert_eq!(
+            args.get(2).map(String::as_str),
+            Some("tiered"),
+            "--tier tiered build|open ..."
+        );
+        return tiered::main(&args[3..]);
+    }
     let n: u64 = std::env::args()
         .nth(1)
         .map_or(10_000_000, |a| a.parse().expect("N must be a number"));
@@ -61,4 +85,165 @@ fn main() {
         per(peak),
         n as f64 / elapsed
     );
+}
+
+mod tiered {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Instant;
+
+    use eventsieve::engine::fingerprint::Fingerprint;
+    use eventsieve::engine::shard::shard_of;
+    use eventsieve::engine::{Deduplicator, EngineConfig, Verdict};
+    use eventsieve::journal::sealed::{Entry, Sealed};
+
+    use super::status_kib;
+
+    const SHARDS: u32 = 32;
+    const WINDOW_MS: u64 = 7 * 24 * 3600 * 1000;
+    /// The arrival given to every sealed id: an hour ago, well in the window.
+    fn born() -> u64 {
+        eventsieve::engine::unix_ms() - 3_600_000
+    }
+
+    fn id(i: u64) -> String {
+        format!("ev{i:x}")
+    }
+
+    pub fn main(args: &[String]) {
+        let arg = |i: usize, what: &str| -> u64 {
+            args.get(i)
+                .unwrap_or_else(|| panic!("missing {what}"))
+                .parse()
+                .unwrap_or_else(|_| panic!("{what}: a number"))
+        };
+        let dir = Path::new(args.get(1).expect("DIR"));
+        match args.first().map(String::as_str) {
+            Some("build") => build(
+                dir,
+                arg(2, "N"),
+                args.get(3).map_or(10_000_000, |_| arg(3, "PER_SEAL")),
+            ),
+            Some("open") => open(
+                dir,
+                arg(2, "N"),
+                arg(3, "M"),
+                args.get(4).is_some_and(|a| a == "--baseline"),
+            ),
+            _ => panic!("--tier tiered build DIR N [PER_SEAL] | open DIR N M [--baseline]"),
+        }
+    }
+
+    fn build(dir: &Path, n: u64, per_seal: u64) {
+        let started = Instant::now();
+        let sealed = Sealed::open(dir).expect("open DIR");
+        let born = born();
+        let mut first = 0;
+        while first < n {
+            let last = (first + per_seal).min(n);
+            let mut entries: Vec<Entry> = (first..last)
+                .map(|i| {
+                    let id = id(i);
+                    Entry {
+                        shard: shard_of(&id, SHARDS),
+                        fingerprint: Fingerprint::of(id.as_bytes()),
+                        born_ms: born,
+                    }
+                })
+                .collect();
+            entries.sort_unstable();
+            sealed
+                .seal(eventsieve::journal::sealed::by_shard(&entries), born + 1 + last)
+                .expect("seal");
+            sealed.compact(0, 8).expect("merge");
+            first = last;
+        }
+        println!(
+            "sealed={n} generations={} disk_bytes={} ({:.2} per id) memory_bytes={} ({:.3} per id) merges={} build_s={:.1}",
+            sealed.generations().len(),
+            sealed.disk_bytes(),
+            sealed.disk_bytes() as f64 / n as f64,
+            sealed.memory_bytes(),
+            sealed.memory_bytes() as f64 / n as f64,
+            sealed.merges.load(Relaxed),
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// Decides `ids` in batches of 1000 of one shard each; returns the rate
+    /// and how many were new.
+    fn decide(dedup: &Deduplicator, ids: impl Iterator<Item = u64>) -> (f64, usize) {
+        let mut by_shard: Vec<Vec<Fingerprint>> = vec![Vec::new(); SHARDS as usize];
+        for i in ids {
+            let id = id(i);
+            by_shard[shard_of(&id, SHARDS) as usize].push(Fingerprint::of(id.as_bytes()));
+        }
+        let total: usize = by_shard.iter().map(Vec::len).sum();
+        let (mut out, mut twins, mut new) = (Vec::new(), Vec::new(), 0);
+        let now = eventsieve::engine::unix_ms();
+        let started = Instant::now();
+        for (shard, fps) in by_shard.iter().enumerate() {
+            for batch in fps.chunks(1000) {
+                out.clear();
+                dedup
+                    .check_and_insert_many(shard as u32, batch, now, None, &mut out, &mut twins)
+                    .expect("sealed tier readable");
+                new += out.iter().filter(|v| **v == Verdict::New).count();
+            }
+        }
+        (total as f64 / started.elapsed().as_secs_f64(), new)
+    }
+
+    fn engine() -> Deduplicator {
+        Deduplicator::new(EngineConfig {
+            window_ms: WINDOW_MS,
+            shards: SHARDS,
+            ..EngineConfig::default()
+        })
+    }
+
+    fn open(dir: &Path, n: u64, m: u64, baseline: bool) {
+        let anon_before = status_kib("RssAnon:") * 1024;
+        let started = Instant::now();
+        let sealed = Arc::new(Sealed::open(dir).expect("open DIR"));
+        let open_s = started.elapsed().as_secs_f64();
+        let anon = (status_kib("RssAnon:") * 1024).saturating_sub(anon_before);
+        println!(
+            "open_s={open_s:.2} sealed={} rss_anon_growth={anon} ({:.3} per sealed id) memory_bytes={}",
+            sealed.ids(),
+            anon as f64 / sealed.ids() as f64,
+            sealed.memory_bytes()
+        );
+        let dedup = engine();
+        dedup.set_older(sealed.clone());
+        let probes = |s: &Sealed| (s.filter_probes.load(Relaxed), s.block_reads.load(Relaxed));
+        let (p0, r0) = probes(&sealed);
+        let (rate, new) = decide(&dedup, n..n + m);
+        let (p1, r1) = probes(&sealed);
+        assert_eq!(new as u64, m, "every new id new");
+        println!(
+            "new_ids_per_s={rate:.0} filter_probes_per_verdict={:.2} block_reads_per_verdict={:.4}",
+            (p1 - p0) as f64 / m as f64,
+            (r1 - r0) as f64 / m as f64
+        );
+        // Duplicates of sealed ids spread over the whole span.
+        let step = (n / m).max(1);
+        let (rate, new) = decide(&dedup, (0..m).map(|k| (k * step) % n));
+        let (p2, r2) = probes(&sealed);
+        assert_eq!(new, 0, "every sealed id a duplicate");
+        println!(
+            "sealed_duplicates_per_s={rate:.0} filter_probes_per_verdict={:.2} block_reads_per_verdict={:.4}",
+            (p2 - p1) as f64 / m as f64,
+            (r2 - r1) as f64 / m as f64
+        );
+        if baseline {
+            drop(dedup);
+            let memory = engine();
+            let (fill, _) = decide(&memory, 0..n);
+            let (rate, new) = decide(&memory, n..n + m);
+            assert_eq!(new as u64, m);
+            println!("in_ram_table_of_{n}: fill_per_s={fill:.0} new_ids_per_s={rate:.0}");
+        }
+    }
 }

@@ -180,6 +180,25 @@ pub trait Older: Send + Sync {
     /// Bytes of RAM it holds.
     fn memory_bytes(&self) -> usize;
 
+    /// [`Self::born_ms`] for each of `fps` of one shard, appended to `out`
+    /// in order (an implementation may overlap their memory accesses).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::born_ms`].
+    fn born_many(
+        &self,
+        shard: u32,
+        fps: &[Fingerprint],
+        horizon_ms: u64,
+        out: &mut Vec<Option<u64>>,
+    ) -> Result<(), String> {
+        for &fp in fps {
+            out.push(self.born_ms(shard, fp, horizon_ms)?);
+        }
+        Ok(())
+    }
+
     /// Hides the arrivals of `(shard, fp)` at or before `at_ms`: the id
     /// was forgotten then (durably, in the journal).
     fn forget(&self, shard: u32, fp: Fingerprint, at_ms: u64);
@@ -534,10 +553,14 @@ impl Deduplicator {
         now_ms: u64,
         out: &mut Vec<Verdict>,
     ) -> Result<(), String> {
-        let mut sealed = Vec::with_capacity(fps.len());
-        for &fp in fps {
-            sealed.push(self.sealed_born(table, shard, fp, now_ms)?.is_some());
-        }
+        let Some(older) = self.older.get() else {
+            table.check_and_insert_batch(fps, now_ms, out);
+            return Ok(());
+        };
+        let horizon = (now_ms + 1).saturating_sub(table.window_in_force(now_ms));
+        let mut born = Vec::with_capacity(fps.len());
+        older.born_many(shard, fps, horizon, &mut born)?;
+        let sealed: Vec<bool> = born.iter().map(Option::is_some).collect();
         let fresh: Vec<Fingerprint> = fps
             .iter()
             .zip(&sealed)

@@ -3,20 +3,22 @@
 //! in a few bytes of RAM per id while verdicts stay exact.
 //!
 //! A generation holds the accepted ids of a span of time (`from_ms` to
-//! `cut_ms`), of any shards, sorted by `(shard, fingerprint)`. In RAM it
-//! keeps only:
+//! `cut_ms`), of any shards, sorted by `(shard, fingerprint)`. Each
+//! shard's ids are split into *partitions* by the top bits of their
+//! fingerprint's `hi` half (as many bits as make partitions of at most
+//! [`PART_IDS`] ids), so a lookup finds its partition by arithmetic. In RAM
+//! a generation keeps only:
 //!
 //! - a binary fuse filter (`xorf`, 8-bit fingerprints, false positives
-//!   < 0.4 %) per *partition* of [`BLOCKS_PER_PART`] blocks (65 408 ids),
-//!   about 9.5 bits per id: a lookup picks its partition by the fences
-//!   below and probes one filter, whatever the generation's size, and a
-//!   filter is built from one partition's keys, so building never holds
-//!   more than that in memory;
-//! - the *fence* of each 4 KiB block, its first `(shard, fingerprint.hi)`
-//!   (12 bytes per 146 ids, 0.08 B per id).
+//!   < 0.4 %) per partition, about 9.5 bits per id: a new id costs one
+//!   filter probe per generation and nothing else, and a filter is built
+//!   from one partition's keys, so writing (a merge too) streams;
+//! - the first block of each partition, and the `hi` of each 4 KiB block's
+//!   first entry (8 bytes per 146 ids, 0.055 B per id), used only to find
+//!   the block to read on a filter hit.
 //!
-//! A filter hit is confirmed on disk: one `pread` of the one block the
-//! fences point to, its checksum checked, and the entry compared on the full
+//! A filter hit is confirmed on disk: one `pread` of the block the fences
+//! point to, its checksum checked, and the entry compared on the full
 //! `(shard, 128-bit fingerprint)`; the entry's arrival time then tells
 //! whether it is still within the window. So a sealed id is never judged a
 //! duplicate on a filter collision, and the false-duplicate bound of the
@@ -25,22 +27,26 @@
 //! # The file, `<from_ms>-<cut_ms>.sealed`
 //!
 //! - blocks of [`BLOCK`] bytes: up to [`PER_BLOCK`] entries of `shard (u32)
-//!   ‖ hi (u64) ‖ lo (u64) ‖ born_ms (u64)` (little-endian), then XXH3-64 of
-//!   the block's bytes before it, seeded with the block's number (so a
-//!   block read from the wrong place fails too);
-//! - the filters: per partition, its descriptor and fingerprints;
-//! - the fences;
+//!   ‖ hi (u64) ‖ lo (u64) ‖ born_ms (u64)` (little-endian), their count
+//!   (u16), zeros, then XXH3-64 of the block's bytes before it, seeded with the block's number (so a
+//!   block read from the wrong place fails too); a partition starts a
+//!   block;
+//! - the partitions: per partition its first block, and its filter's
+//!   descriptor and fingerprints (none for an empty partition);
+//! - the shards: per shard its partition bits, first partition and ids;
+//! - the fences: each block's first `hi`;
 //! - a footer of fixed size: counts, offsets, the span and the oldest and
-//!   newest arrival, XXH3-64 of the filters and of the fences, and of the
-//!   footer itself.
+//!   newest arrival, XXH3-64 of the partitions, of the shards and of the
+//!   fences, and of the footer itself.
 //!
 //! Written once, to `<name>.tmp`, synced, then renamed: a crash leaves
 //! either the whole file or a `.tmp` that [`Sealed::open`] deletes. Opening
-//! reads the footer, the filters and the fences (checksums checked), not
-//! the entries.
+//! reads the footer, the partitions, the shards and the fences (checksums
+//! checked), not the entries.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
+
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -59,16 +65,17 @@ use crate::journal::{JournalError, JournalReader};
 pub const BLOCK: usize = 4096;
 const ENTRY: usize = 4 + 8 + 8 + 8;
 const SUM: usize = 8;
-/// Entries per block.
-pub const PER_BLOCK: usize = (BLOCK - SUM) / ENTRY;
-/// Blocks per filter partition.
-pub const BLOCKS_PER_PART: usize = 448;
-const PER_PART: usize = PER_BLOCK * BLOCKS_PER_PART;
-const MAGIC: &[u8; 8] = b"ESSEAL01";
-const FOOTER: usize = 8 + 8 * 12;
+/// Entries per block (then their count, a `u16`).
+pub const PER_BLOCK: usize = (BLOCK - SUM - 2) / ENTRY;
+const COUNT_AT: usize = PER_BLOCK * ENTRY;
+/// Most ids a partition is planned for (a shard's partitions are a power
+/// of two, so they hold half to all of this).
+pub const PART_IDS: u64 = 65_536;
+const MAGIC: &[u8; 8] = b"ESSEAL02";
+const FOOTER: usize = 8 + 8 * 17;
+const DESCRIPTOR: usize = Descriptor::DMA_LEN;
 /// Generations of like size merged into one.
 pub const MERGE_RUN: usize = 4;
-const DESCRIPTOR: usize = Descriptor::DMA_LEN;
 
 /// An accepted id as a generation holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -103,9 +110,39 @@ impl Entry {
     }
 }
 
-/// The key a filter holds for an id of a shard.
-fn filter_key(shard: u32, fp: Fingerprint) -> u64 {
-    fp.lo ^ fp.hi.rotate_left(29) ^ u64::from(shard).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+/// One shard's ids, sorted by fingerprint, with their arrivals: what a
+/// seal writes.
+pub type ShardIds = (u32, Vec<(Fingerprint, u64)>);
+
+/// `entries` (sorted) as [`ShardIds`].
+pub fn by_shard(entries: &[Entry]) -> Vec<ShardIds> {
+    entries
+        .chunk_by(|a, b| a.shard == b.shard)
+        .map(|run| {
+            (
+                run[0].shard,
+                run.iter().map(|e| (e.fingerprint, e.born_ms)).collect(),
+            )
+        })
+        .collect()
+}
+
+/// The key a filter holds for an id (its partition fixes the shard).
+fn filter_key(fp: Fingerprint) -> u64 {
+    fp.lo ^ fp.hi.rotate_left(29)
+}
+
+/// Bits of `hi` that pick a partition of a shard of `ids` ids.
+fn part_bits(ids: u64) -> u32 {
+    let parts = ids.div_ceil(PART_IDS).max(1);
+    (parts.next_power_of_two().trailing_zeros()).min(24)
+}
+
+fn part_in_shard(hi: u64, bits: u32) -> u32 {
+    match bits {
+        0 => 0,
+        bits => (hi >> (64 - bits)) as u32,
+    }
 }
 
 fn block_sum(block: &[u8], n: u64) -> u64 {
@@ -160,7 +197,8 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
     Some((from.parse().ok()?, cut.parse().ok()?))
 }
 
-/// Writes a generation from entries given in `(shard, fingerprint)` order.
+/// Writes a generation: shard by shard ([`Self::begin_shard`]), each
+/// shard's entries in fingerprint order.
 pub struct Writer {
     path: PathBuf,
     tmp: PathBuf,
@@ -169,9 +207,20 @@ pub struct Writer {
     in_block: usize,
     blocks: u64,
     fences: Vec<u8>,
-    /// The current partition's filter keys.
-    keys: Vec<u64>,
+    /// The shard being written: its number, partition bits and first
+    /// partition.
+    shard: Option<(u32, u32, u32)>,
+    shards: Vec<u8>,
+    /// Partitions planned so far (every shard's, empty ones included).
+    parts: u32,
+    /// The first block of each partition begun or passed.
+    part_first: Vec<u8>,
+    /// Each partition's filter (its key count, 0 for none, then descriptor
+    /// and fingerprints), in partition order.
     filters: Vec<u8>,
+    /// The partition being filled, and its keys.
+    part: Option<u32>,
+    keys: Vec<u64>,
     last: Option<Entry>,
     span: Span,
 }
@@ -196,8 +245,13 @@ impl Writer {
             in_block: 0,
             blocks: 0,
             fences: Vec::new(),
-            keys: Vec::with_capacity(PER_PART),
+            shard: None,
+            shards: Vec::new(),
+            parts: 0,
+            part_first: Vec::new(),
             filters: Vec::new(),
+            part: None,
+            keys: Vec::with_capacity(PART_IDS as usize),
             last: None,
             span: Span {
                 from_ms,
@@ -209,23 +263,45 @@ impl Writer {
         })
     }
 
-    /// Adds `entry`, whose `(shard, fingerprint)` must follow the last
-    /// one's; the same id again replaces it if it arrived later (an id
+    /// Starts the entries of `shard` (above the last one's), planned for
+    /// `ids` ids (more only makes its partitions larger; fewer, smaller).
+    ///
+    /// # Panics
+    ///
+    /// If shards come out of order: a bug of the caller.
+    pub fn begin_shard(&mut self, shard: u32, ids: u64) -> Result<(), SealedError> {
+        assert!(self.shard.is_none_or(|(s, ..)| s < shard), "shards in order");
+        self.pass_parts_to(self.parts)?;
+        let bits = part_bits(ids);
+        self.shard = Some((shard, bits, self.parts));
+        for v in [shard, bits, self.parts] {
+            self.shards.extend_from_slice(&v.to_le_bytes());
+        }
+        self.parts += 1 << bits;
+        Ok(())
+    }
+
+    /// Adds `entry` of the shard begun, whose fingerprint must follow the
+    /// last one's; the same id again replaces it if it arrived later (an id
     /// accepted again after it was forgotten or expired).
     ///
     /// # Panics
     ///
-    /// If entries come out of order: a bug of the caller.
+    /// If the entry is of another shard or out of order: a bug of the
+    /// caller.
     pub fn push(&mut self, entry: Entry) -> Result<(), SealedError> {
-        if let Some(last) = self.last {
-            assert!(last.key() <= entry.key(), "entries in (shard, fingerprint) order");
-            if last.key() == entry.key() {
+        let (shard, bits, base) = self.shard.expect("begin_shard first");
+        assert_eq!(entry.shard, shard, "entries of the shard begun");
+        if let Some(last) = self.last.filter(|l| l.shard == shard) {
+            assert!(
+                last.fingerprint <= entry.fingerprint,
+                "entries in fingerprint order"
+            );
+            if last.fingerprint == entry.fingerprint {
                 if entry.born_ms > last.born_ms {
-                    // Still in the block being filled, unless it began one.
-                    let at = self
-                        .in_block
-                        .checked_sub(1)
-                        .expect("the same id is never a block's first");
+                    // Still in the block being filled: a block is written
+                    // only once a later id needs room.
+                    let at = self.in_block - 1;
                     entry.write(&mut self.block[at * ENTRY..(at + 1) * ENTRY]);
                     self.note_born(entry.born_ms);
                     self.last = Some(entry);
@@ -233,16 +309,21 @@ impl Writer {
                 return Ok(());
             }
         }
+        let part = base + part_in_shard(entry.fingerprint.hi, bits);
+        if self.part != Some(part) {
+            self.pass_parts_to(part)?;
+            self.part = Some(part);
+            self.part_first.extend_from_slice(&self.blocks.to_le_bytes());
+        }
         if self.in_block == PER_BLOCK {
             self.flush_block()?;
         }
         if self.in_block == 0 {
-            self.fences.extend_from_slice(&entry.shard.to_le_bytes());
             self.fences.extend_from_slice(&entry.fingerprint.hi.to_le_bytes());
         }
         entry.write(&mut self.block[self.in_block * ENTRY..(self.in_block + 1) * ENTRY]);
         self.in_block += 1;
-        self.keys.push(filter_key(entry.shard, entry.fingerprint));
+        self.keys.push(filter_key(entry.fingerprint));
         self.note_born(entry.born_ms);
         self.span.ids += 1;
         self.last = Some(entry);
@@ -254,78 +335,88 @@ impl Writer {
         self.span.newest_ms = self.span.newest_ms.max(born_ms);
     }
 
-    /// Writes the block being filled, and the partition's filter when it
-    /// is complete.
+    /// Writes the block being filled.
     fn flush_block(&mut self) -> Result<(), SealedError> {
-        // An id replaced in place keeps its first born in the block's
-        // unused tail: cleared so the checksum covers zeros.
         self.block[self.in_block * ENTRY..BLOCK - SUM].fill(0);
+        self.block[COUNT_AT..COUNT_AT + 2].copy_from_slice(&(self.in_block as u16).to_le_bytes());
         let sum = block_sum(&self.block[..], self.blocks);
         self.block[BLOCK - SUM..].copy_from_slice(&sum.to_le_bytes());
         self.out.write_all(&self.block[..]).map_err(io(&self.tmp))?;
         self.blocks += 1;
         self.in_block = 0;
-        if self.blocks.is_multiple_of(BLOCKS_PER_PART as u64) {
-            self.flush_filter()?;
+        Ok(())
+    }
+
+    /// Ends the partition being filled (its last block written, its filter
+    /// built), and records the partitions before `part` that got no
+    /// entries.
+    fn pass_parts_to(&mut self, part: u32) -> Result<(), SealedError> {
+        if self.part.take().is_some() {
+            if self.in_block > 0 {
+                self.flush_block()?;
+            }
+            let filter = BinaryFuse8::try_from(&self.keys)
+                .map_err(|e| SealedError::Damaged(self.tmp.clone(), format!("filter not built: {e}")))?;
+            let bytes = filter.dma_fingerprints();
+            let mut descriptor = [0u8; DESCRIPTOR];
+            filter.dma_copy_descriptor_to(&mut descriptor);
+            self.filters
+                .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            self.filters.extend_from_slice(&descriptor);
+            self.filters.extend_from_slice(bytes);
+            self.keys.clear();
+        }
+        while (self.part_first.len() / 8) < part as usize {
+            self.part_first.extend_from_slice(&self.blocks.to_le_bytes());
+            self.filters.extend_from_slice(&0u64.to_le_bytes());
         }
         Ok(())
     }
 
-    fn flush_filter(&mut self) -> Result<(), SealedError> {
-        let filter = BinaryFuse8::try_from(&self.keys)
-            .map_err(|e| SealedError::Damaged(self.tmp.clone(), format!("filter not built: {e}")))?;
-        let mut descriptor = [0u8; DESCRIPTOR];
-        filter.dma_copy_descriptor_to(&mut descriptor);
-        self.filters.extend_from_slice(&descriptor);
-        let bytes = filter.dma_fingerprints();
-        self.filters
-            .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        self.filters.extend_from_slice(bytes);
-        self.keys.clear();
-        Ok(())
-    }
-
-    /// Completes the file: the last block and filter, the fences, the
-    /// footer; synced and renamed into place.
+    /// Completes the file: the last block and filter, the partitions,
+    /// shards and fences, the footer; synced and renamed into place.
     ///
     /// # Errors
     ///
     /// Writing, syncing or renaming failed (the `.tmp` is left for the next
     /// [`Sealed::open`] to delete).
     pub fn finish(mut self) -> Result<(PathBuf, Span), SealedError> {
-        if self.in_block > 0 {
-            self.flush_block()?;
-        }
-        if !self.keys.is_empty() {
-            self.flush_filter()?;
-        }
+        self.pass_parts_to(self.parts)?;
         if self.span.ids == 0 {
             self.span.oldest_ms = 0;
         }
-        let filters_at = self.blocks * BLOCK as u64;
-        let fences_at = filters_at + self.filters.len() as u64;
+        let mut sections = self.part_first;
+        sections.extend_from_slice(&self.filters);
+        let parts_len = sections.len() as u64;
+        let shards_len = self.shards.len() as u64;
+        let fences_len = self.fences.len() as u64;
         let mut footer = Vec::with_capacity(FOOTER);
         footer.extend_from_slice(MAGIC);
         for v in [
             self.span.ids,
             self.blocks,
-            filters_at,
-            self.filters.len() as u64,
-            fences_at,
+            u64::from(self.parts),
+            parts_len,
+            shards_len,
+            fences_len,
             self.span.from_ms,
             self.span.cut_ms,
             self.span.oldest_ms,
             self.span.newest_ms,
-            xxh3_64(&self.filters),
+            xxh3_64(&sections),
+            xxh3_64(&self.shards),
             xxh3_64(&self.fences),
+            0,
+            0,
+            0,
         ] {
             footer.extend_from_slice(&v.to_le_bytes());
         }
         footer.extend_from_slice(&xxh3_64(&footer).to_le_bytes());
         let tmp = self.tmp.clone();
-        self.out.write_all(&self.filters).map_err(io(&tmp))?;
-        self.out.write_all(&self.fences).map_err(io(&tmp))?;
-        self.out.write_all(&footer).map_err(io(&tmp))?;
+        for section in [&sections, &self.shards, &self.fences, &footer] {
+            self.out.write_all(section).map_err(io(&tmp))?;
+        }
         let file = self
             .out
             .into_inner()
@@ -339,6 +430,32 @@ impl Writer {
     }
 }
 
+/// Writes `shards` (each sorted by fingerprint, shards in order) to `writer`.
+///
+/// # Errors
+///
+/// As [`Writer::push`].
+fn write_shards(writer: &mut Writer, shards: Vec<ShardIds>) -> Result<(), SealedError> {
+    for (shard, ids) in shards {
+        writer.begin_shard(shard, ids.len() as u64)?;
+        for (fingerprint, born_ms) in ids {
+            writer.push(Entry {
+                shard,
+                fingerprint,
+                born_ms,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Where a shard's ids are in a generation.
+#[derive(Debug, Clone, Copy)]
+struct ShardParts {
+    bits: u32,
+    base: u32,
+}
+
 /// One sealed generation, open: its filters and fences in RAM, its entries
 /// on disk.
 pub struct Generation {
@@ -346,10 +463,14 @@ pub struct Generation {
     file: File,
     span: Span,
     blocks: u64,
-    filters: Vec<BinaryFuse8>,
-    /// Each block's first `(shard, hi)`.
-    fence_shards: Box<[u32]>,
-    fence_his: Box<[u64]>,
+    /// By shard number; `None` for a shard it holds nothing of.
+    shards: Vec<Option<ShardParts>>,
+    /// Each partition's filter (`None`: no ids).
+    filters: Vec<Option<BinaryFuse8>>,
+    /// Each partition's first block, and the number of blocks at the end.
+    part_first: Box<[u64]>,
+    /// Each block's first `hi`.
+    fences: Box<[u64]>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -358,7 +479,7 @@ impl std::fmt::Debug for Generation {
     }
 }
 
-/// What probing the sealed tier for one id found.
+/// What probing the sealed tier for one id cost.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Probed {
     /// Filters probed.
@@ -367,9 +488,15 @@ pub struct Probed {
     pub reads: u32,
 }
 
+fn u64s(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+}
+
 impl Generation {
-    /// Opens the generation at `path`: footer, filters and fences read and
-    /// checked.
+    /// Opens the generation at `path`: footer, partitions, shards and
+    /// fences read and checked.
     ///
     /// # Errors
     ///
@@ -384,38 +511,50 @@ impl Generation {
         let mut footer = [0u8; FOOTER];
         file.read_exact_at(&mut footer, len - FOOTER as u64)
             .map_err(io(path))?;
-        let word = |i: usize| u64::from_le_bytes(footer[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes"));
-        if &footer[..8] != MAGIC || xxh3_64(&footer[..FOOTER - 8]) != word(11) {
+        let w: Vec<u64> = u64s(&footer[8..]).collect();
+        if &footer[..8] != MAGIC || xxh3_64(&footer[..FOOTER - 8]) != w[16] {
             return Err(damaged("footer checksum"));
         }
-        let (ids, blocks, filters_at, filters_len, fences_at) = (word(0), word(1), word(2), word(3), word(4));
+        let (ids, blocks, parts, parts_len, shards_len, fences_len) = (w[0], w[1], w[2], w[3], w[4], w[5]);
         let span = Span {
             ids,
-            from_ms: word(5),
-            cut_ms: word(6),
-            oldest_ms: word(7),
-            newest_ms: word(8),
+            from_ms: w[6],
+            cut_ms: w[7],
+            oldest_ms: w[8],
+            newest_ms: w[9],
         };
-        let fences_len = blocks * 12;
-        if filters_at != blocks * BLOCK as u64
-            || fences_at != filters_at + filters_len
-            || fences_at + fences_len + FOOTER as u64 != len
+        let at = blocks * BLOCK as u64;
+        if at + parts_len + shards_len + fences_len + FOOTER as u64 != len
             || ids > blocks * PER_BLOCK as u64
+            || fences_len != blocks * 8
+            || shards_len % 12 != 0
+            || parts_len < parts * 16
         {
             return Err(damaged("layout"));
         }
-        let mut filters_bytes = vec![0u8; filters_len as usize];
-        file.read_exact_at(&mut filters_bytes, filters_at)
-            .map_err(io(path))?;
-        let mut fences = vec![0u8; fences_len as usize];
-        file.read_exact_at(&mut fences, fences_at).map_err(io(path))?;
-        if xxh3_64(&filters_bytes) != word(9) || xxh3_64(&fences) != word(10) {
-            return Err(damaged("filter or fence checksum"));
+        let mut sections = vec![0u8; (parts_len + shards_len + fences_len) as usize];
+        file.read_exact_at(&mut sections, at).map_err(io(path))?;
+        let (parts_bytes, rest) = sections.split_at(parts_len as usize);
+        let (shards_bytes, fences_bytes) = rest.split_at(shards_len as usize);
+        if xxh3_64(parts_bytes) != w[10] || xxh3_64(shards_bytes) != w[11] || xxh3_64(fences_bytes) != w[12] {
+            return Err(damaged("partition, shard or fence checksum"));
         }
-        let mut filters = Vec::new();
-        let mut rest = &filters_bytes[..];
-        while !rest.is_empty() {
-            if rest.len() < DESCRIPTOR + 8 {
+        let (first_bytes, mut rest) = parts_bytes.split_at(parts as usize * 8);
+        let mut part_first: Vec<u64> = u64s(first_bytes).collect();
+        part_first.push(blocks);
+        if part_first.windows(2).any(|w| w[0] > w[1]) {
+            return Err(damaged("partitions"));
+        }
+        let mut filters = Vec::with_capacity(parts as usize);
+        for _ in 0..parts {
+            let (n, after) = rest.split_at_checked(8).ok_or_else(|| damaged("filters"))?;
+            let n = u64::from_le_bytes(n.try_into().expect("8 bytes")) as usize;
+            rest = after;
+            if n == 0 {
+                filters.push(None);
+                continue;
+            }
+            if rest.len() < DESCRIPTOR + n {
                 return Err(damaged("filters"));
             }
             let word = |at: usize| u32::from_le_bytes(rest[at..at + 4].try_into().expect("4 bytes"));
@@ -425,42 +564,41 @@ impl Generation {
                 segment_length_mask: word(12),
                 segment_count_length: word(16),
             };
-            let n =
-                u64::from_le_bytes(rest[DESCRIPTOR..DESCRIPTOR + 8].try_into().expect("8 bytes")) as usize;
-            rest = &rest[DESCRIPTOR + 8..];
             // What a probe reads must be within the fingerprints.
             let reach = descriptor.segment_count_length as usize + 2 * descriptor.segment_length as usize;
-            if rest.len() < n
-                || reach > n
-                || descriptor.segment_length_mask != descriptor.segment_length.wrapping_sub(1)
-            {
+            if reach > n || descriptor.segment_length_mask != descriptor.segment_length.wrapping_sub(1) {
                 return Err(damaged("filters"));
             }
-            filters.push(BinaryFuse8 {
+            filters.push(Some(BinaryFuse8 {
                 descriptor,
-                fingerprints: rest[..n].into(),
-            });
-            rest = &rest[n..];
+                fingerprints: rest[DESCRIPTOR..DESCRIPTOR + n].into(),
+            }));
+            rest = &rest[DESCRIPTOR + n..];
         }
-        if filters.len() as u64 != blocks.div_ceil(BLOCKS_PER_PART as u64) {
-            return Err(damaged("filter count"));
+        if !rest.is_empty() {
+            return Err(damaged("filters"));
         }
-        let fence_shards = fences
-            .chunks_exact(12)
-            .map(|c| u32::from_le_bytes(c[..4].try_into().expect("4 bytes")))
-            .collect();
-        let fence_his = fences
-            .chunks_exact(12)
-            .map(|c| u64::from_le_bytes(c[4..].try_into().expect("8 bytes")))
-            .collect();
+        let mut shards = Vec::new();
+        for s in shards_bytes.chunks_exact(12) {
+            let word = |at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
+            let (shard, bits, base) = (word(0) as usize, word(4), word(8));
+            if bits > 24 || u64::from(base) + (1 << bits) > parts || shard > u16::MAX as usize {
+                return Err(damaged("shards"));
+            }
+            if shards.len() <= shard {
+                shards.resize(shard + 1, None);
+            }
+            shards[shard] = Some(ShardParts { bits, base });
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file,
             span,
             blocks,
+            shards,
             filters,
-            fence_shards,
-            fence_his,
+            part_first: part_first.into(),
+            fences: u64s(fences_bytes).collect(),
         })
     }
 
@@ -472,30 +610,64 @@ impl Generation {
         &self.path
     }
 
-    /// Bytes of RAM its filters and fences take.
+    /// Bytes of RAM its filters, partitions and fences take.
     pub fn memory_bytes(&self) -> usize {
-        self.filters
+        let filters: usize = self
+            .filters
             .iter()
-            .map(|f| f.fingerprints.len() + 32)
-            .sum::<usize>()
-            + self.fence_shards.len() * 12
+            .map(|f| {
+                f.as_ref().map_or(0, |f| f.fingerprints.len()) + std::mem::size_of::<Option<BinaryFuse8>>()
+            })
+            .sum();
+        filters
+            + self.part_first.len() * 8
+            + self.fences.len() * 8
+            + self.shards.len() * std::mem::size_of::<Option<ShardParts>>()
             + std::mem::size_of::<Self>()
     }
 
     /// Bytes of the file.
     pub fn disk_bytes(&self) -> u64 {
-        self.blocks * BLOCK as u64
-            + self
-                .filters
-                .iter()
-                .map(|f| f.fingerprints.len() as u64 + 28)
-                .sum::<u64>()
-            + self.blocks * 12
-            + FOOTER as u64
+        self.file.metadata().map_or(0, |m| m.len())
     }
 
-    fn fence(&self, b: usize) -> (u32, u64) {
-        (self.fence_shards[b], self.fence_his[b])
+    /// Ids planned per shard (for a merge's partitions): what each shard's
+    /// partitions were sized for, at most.
+    fn shard_ids(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.shards.iter().enumerate().filter_map(|(shard, parts)| {
+            let parts = (*parts)?;
+            let blocks = self.part_first[(parts.base + (1 << parts.bits)) as usize]
+                - self.part_first[parts.base as usize];
+            Some((shard as u32, blocks * PER_BLOCK as u64))
+        })
+    }
+
+    /// The partition of `(shard, fp)`, if the generation holds any of the
+    /// shard.
+    fn part_of(&self, shard: u32, fp: Fingerprint) -> Option<usize> {
+        let parts = (*self.shards.get(shard as usize)?)?;
+        Some((parts.base + part_in_shard(fp.hi, parts.bits)) as usize)
+    }
+
+    /// Asks the CPU for the three bytes of the filter a lookup of
+    /// `(shard, fp)` reads. The positions follow the binary fuse filter's
+    /// published layout; should they ever differ from `xorf`'s, only the
+    /// hint is wasted: the lookup itself asks `xorf`.
+    #[inline]
+    fn prefetch(&self, shard: u32, fp: Fingerprint) {
+        let Some(Some(filter)) = self.part_of(shard, fp).map(|p| &self.filters[p]) else {
+            return;
+        };
+        let d = &filter.descriptor;
+        let hash = fmix64(filter_key(fp).wrapping_add(d.seed));
+        let h0 = ((u128::from(hash) * u128::from(d.segment_count_length)) >> 64) as u32;
+        let h1 = (h0 + d.segment_length) ^ ((hash >> 18) as u32 & d.segment_length_mask);
+        let h2 = (h0 + 2 * d.segment_length) ^ (hash as u32 & d.segment_length_mask);
+        for h in [h0, h1, h2] {
+            if let Some(byte) = filter.fingerprints.get(h as usize) {
+                prefetch_read(byte);
+            }
+        }
     }
 
     /// When the id `(shard, fp)` arrived, if this generation holds it.
@@ -509,23 +681,24 @@ impl Generation {
         fp: Fingerprint,
         probed: &mut Probed,
     ) -> Result<Option<u64>, SealedError> {
-        let key = (shard, fp.hi);
-        // The blocks that begin with this `(shard, hi)` and the one before
-        // them; in the common case none begin with it and that is the one
-        // block whose range holds it.
-        let first = partition_point(self.blocks as usize, |b| self.fence(b) < key);
-        let last = partition_point(self.blocks as usize, |b| self.fence(b) <= key);
-        let wanted = filter_key(shard, fp);
-        let mut filter_said = None;
-        for b in first.saturating_sub(1)..last {
-            let part = b / BLOCKS_PER_PART;
-            if filter_said.is_none_or(|(p, _)| p != part) {
-                probed.filters += 1;
-                filter_said = Some((part, self.filters[part].contains(&wanted)));
-            }
-            if filter_said.is_some_and(|(_, hit)| !hit) {
-                continue;
-            }
+        let Some(part) = self.part_of(shard, fp) else {
+            return Ok(None);
+        };
+        let Some(filter) = &self.filters[part] else {
+            return Ok(None);
+        };
+        probed.filters += 1;
+        if !filter.contains(&filter_key(fp)) {
+            return Ok(None);
+        }
+        // The partition's blocks that begin at or before `hi`: the last of
+        // them holds it, or (ids with the same `hi` running over blocks)
+        // one of those that begin with it, or the one before those.
+        let (start, end) = (self.part_first[part] as usize, self.part_first[part + 1] as usize);
+        let fences = &self.fences[start..end];
+        let first = start + fences.partition_point(|&f| f < fp.hi);
+        let last = start + fences.partition_point(|&f| f <= fp.hi);
+        for b in first.saturating_sub(1).max(start)..last {
             probed.reads += 1;
             if let Some(e) = self
                 .read_block(b as u64)?
@@ -555,7 +728,13 @@ impl Generation {
                 format!("block {n} fails its checksum"),
             ));
         }
-        let count = (self.span.ids - n * PER_BLOCK as u64).min(PER_BLOCK as u64) as usize;
+        let count = u16::from_le_bytes([block[COUNT_AT], block[COUNT_AT + 1]]) as usize;
+        if count > PER_BLOCK {
+            return Err(SealedError::Damaged(
+                self.path.clone(),
+                format!("block {n}: {count} entries"),
+            ));
+        }
         Ok(block[..count * ENTRY]
             .chunks_exact(ENTRY)
             .map(Entry::read)
@@ -564,6 +743,10 @@ impl Generation {
 
     /// Every entry, in order, each block's checksum checked (a merge reads
     /// generations through this).
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be opened again.
     pub fn entries(&self) -> Result<Entries<'_>, SealedError> {
         let file = File::open(&self.path).map_err(io(&self.path))?;
         Ok(Entries {
@@ -611,19 +794,31 @@ impl Iterator for Entries<'_> {
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// MurmurHash3's 64-bit finalizer, as the binary fuse filter mixes keys.
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
 }
 
-/// The first `i` in `0..n` for which `below(i)` is false (`below` holds for
-/// a prefix).
-fn partition_point(n: usize, below: impl Fn(usize) -> bool) -> usize {
-    let (mut lo, mut hi) = (0, n);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if below(mid) { lo = mid + 1 } else { hi = mid }
+/// Asks the CPU to bring `byte`'s cache line in; a no-op elsewhere.
+#[inline]
+fn prefetch_read(byte: &u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: a prefetch is a hint that never faults and reads nothing
+        // into the program; SSE is part of the x86_64 baseline.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(byte).cast::<i8>()) };
     }
-    lo
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = byte;
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Writes the entries of `generations` still alive at `horizon_ms` (born at
@@ -641,7 +836,12 @@ pub fn merge(
 ) -> Result<Generation, SealedError> {
     let from = generations.iter().map(|g| g.span.from_ms).min().unwrap_or(0);
     let cut = generations.iter().map(|g| g.span.cut_ms).max().unwrap_or(0);
+    let mut planned: BTreeMap<u32, u64> = BTreeMap::new();
+    for (shard, ids) in generations.iter().flat_map(|g| g.shard_ids()) {
+        *planned.entry(shard).or_default() += ids;
+    }
     let mut writer = Writer::create(dir, from, cut)?;
+    let mut shard = None;
     let mut readers = generations
         .iter()
         .map(|g| g.entries())
@@ -654,6 +854,10 @@ pub fn merge(
     }
     while let Some(Reverse((entry, i))) = heap.pop() {
         if entry.born_ms >= horizon_ms {
+            if shard != Some(entry.shard) {
+                shard = Some(entry.shard);
+                writer.begin_shard(entry.shard, planned.get(&entry.shard).copied().unwrap_or(0))?;
+            }
             writer.push(entry)?;
         }
         if let Some(next) = readers[i].next() {
@@ -811,21 +1015,50 @@ impl Sealed {
         Ok(alive)
     }
 
-    /// Seals `entries` (sorted by `(shard, fingerprint)`), the ids accepted
-    /// from the last cut to `cut_ms`, as the newest generation.
+    /// [`Self::born_ms`] for each of `fps` of one shard, appended to `out`
+    /// in order: the filters of later ids are fetched while earlier ones
+    /// are probed, so the cache misses of a batch overlap.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::born_ms`]; `out` then holds the answers before it.
+    pub fn born_many(
+        &self,
+        shard: u32,
+        fps: &[Fingerprint],
+        horizon_ms: u64,
+        out: &mut Vec<Option<u64>>,
+    ) -> Result<(), SealedError> {
+        const AHEAD: usize = 8;
+        let generations = self.generations.load();
+        let live: Vec<&Arc<Generation>> = generations
+            .iter()
+            .rev()
+            .filter(|g| g.span.ids > 0)
+            .take_while(|g| g.span.newest_ms >= horizon_ms)
+            .collect();
+        for fp in fps.iter().take(AHEAD) {
+            live.iter().for_each(|g| g.prefetch(shard, *fp));
+        }
+        for (i, fp) in fps.iter().enumerate() {
+            if let Some(later) = fps.get(i + AHEAD) {
+                live.iter().for_each(|g| g.prefetch(shard, *later));
+            }
+            out.push(self.born_ms(shard, *fp, horizon_ms)?);
+        }
+        Ok(())
+    }
+
+    /// Seals `shards` (in order, each sorted by fingerprint), the ids
+    /// accepted from the last cut to `cut_ms`, as the newest generation.
     ///
     /// # Errors
     ///
     /// The generation could not be written; nothing changes.
-    pub fn seal(&self, entries: impl IntoIterator<Item = Entry>, cut_ms: u64) -> Result<Span, SealedError> {
-        let _changing = self
-            .changing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    pub fn seal(&self, shards: Vec<ShardIds>, cut_ms: u64) -> Result<Span, SealedError> {
+        let _changing = lock(&self.changing);
         let mut writer = Writer::create(&self.dir, self.cut_ms(), cut_ms)?;
-        for e in entries {
-            writer.push(e)?;
-        }
+        write_shards(&mut writer, shards)?;
         let (path, span) = writer.finish()?;
         let generation = Arc::new(Generation::open(&path)?);
         self.generations.rcu(|gs| {
@@ -920,12 +1153,10 @@ impl Sealed {
     ///
     /// The new one could not be written; the damaged one stays (and its
     /// lookups keep failing).
-    pub fn rebuild(&self, span: Span, entries: impl IntoIterator<Item = Entry>) -> Result<Span, SealedError> {
+    pub fn rebuild(&self, span: Span, shards: Vec<ShardIds>) -> Result<Span, SealedError> {
         let _changing = lock(&self.changing);
         let mut writer = Writer::create(&self.dir, span.from_ms, span.cut_ms)?;
-        for e in entries {
-            writer.push(e)?;
-        }
+        write_shards(&mut writer, shards)?;
         let (path, new) = writer.finish()?;
         let generation = Arc::new(Generation::open(&path)?);
         let same = |g: &Arc<Generation>| (g.span.from_ms, g.span.cut_ms) == (span.from_ms, span.cut_ms);
@@ -964,6 +1195,16 @@ impl Older for Sealed {
         Sealed::memory_bytes(self)
     }
 
+    fn born_many(
+        &self,
+        shard: u32,
+        fps: &[Fingerprint],
+        horizon_ms: u64,
+        out: &mut Vec<Option<u64>>,
+    ) -> Result<(), String> {
+        Sealed::born_many(self, shard, fps, horizon_ms, out).map_err(|e| e.to_string())
+    }
+
     fn forget(&self, shard: u32, fp: Fingerprint, at_ms: u64) {
         Sealed::forget(self, shard, fp, at_ms);
     }
@@ -981,23 +1222,21 @@ pub fn from_journal(
     reader: &dyn JournalReader,
     from_ms: u64,
     cut_ms: u64,
-) -> Result<impl Iterator<Item = Entry> + use<>, JournalError> {
-    let mut by_shard: std::collections::BTreeMap<u32, Vec<(Fingerprint, u64)>> =
-        std::collections::BTreeMap::new();
+) -> Result<Vec<ShardIds>, JournalError> {
+    let mut by_shard: BTreeMap<u32, Vec<(Fingerprint, u64)>> = BTreeMap::new();
     reader.scan_span(from_ms, cut_ms, &mut |r| {
         by_shard
             .entry(r.shard)
             .or_default()
             .push((r.fingerprint, r.born_ms));
     })?;
-    Ok(by_shard.into_iter().flat_map(|(shard, mut ids)| {
-        ids.sort_unstable();
-        ids.into_iter().map(move |(fingerprint, born_ms)| Entry {
-            shard,
-            fingerprint,
-            born_ms,
+    Ok(by_shard
+        .into_iter()
+        .map(|(shard, mut ids)| {
+            ids.sort_unstable();
+            (shard, ids)
         })
-    }))
+        .collect())
 }
 
 impl crate::observe::metrics::Render for Sealed {

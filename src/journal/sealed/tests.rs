@@ -36,7 +36,7 @@ fn every_sealed_id_is_found_with_its_arrival_and_absent_ids_rarely_read_a_block(
             )
         })
         .collect();
-    let span = sealed.seal(sorted(ids.clone()), 200_000).unwrap();
+    let span = sealed.seal(by_shard(&sorted(ids.clone())), 200_000).unwrap();
     assert_eq!(span.ids, n);
     assert_eq!((span.oldest_ms, span.newest_ms), (1_000, 1_000 + n - 1));
     for e in &ids {
@@ -79,7 +79,7 @@ fn ids_sharing_their_shard_and_high_half_across_blocks_are_all_found() {
     // 1 000 ids with the same (shard, hi) span seven blocks.
     let mut ids: Vec<Entry> = (0..1_000u64).map(|i| entry(3, fp(42, i * 7 + 1), i)).collect();
     ids.extend((0..500u64).map(|i| entry(3, fp(41 + 2 * (i % 2), i * 3 + 5_000), 7)));
-    sealed.seal(sorted(ids.clone()), 10_000).unwrap();
+    sealed.seal(by_shard(&sorted(ids.clone())), 10_000).unwrap();
     for e in &ids {
         assert_eq!(
             sealed.born_ms(3, e.fingerprint, 0).unwrap(),
@@ -101,7 +101,7 @@ fn a_damaged_block_is_an_error_never_a_verdict_and_damaged_filters_do_not_open()
     let ids = sorted(ids);
     let path = {
         let sealed = Sealed::open(dir.path()).unwrap();
-        sealed.seal(ids.clone(), 5_000).unwrap();
+        sealed.seal(by_shard(&ids), 5_000).unwrap();
         sealed.generations()[0].path().to_path_buf()
     };
     let good = std::fs::read(&path).unwrap();
@@ -142,7 +142,7 @@ fn a_damaged_block_is_an_error_never_a_verdict_and_damaged_filters_do_not_open()
             [(0, 5_000)]
         );
         assert!(path.with_extension("damaged").exists());
-        sealed.rebuild(damaged[0], ids.clone()).unwrap();
+        sealed.rebuild(damaged[0], by_shard(&ids)).unwrap();
         assert!(!path.with_extension("damaged").exists());
         assert_eq!(
             sealed.born_ms(0, in_block_2.fingerprint, 0).unwrap(),
@@ -156,8 +156,12 @@ fn opening_removes_what_a_crash_left_half_done() {
     let dir = tempfile::tempdir().unwrap();
     let sealed = Sealed::open(dir.path()).unwrap();
     let a = |i: u64| entry(1, Fingerprint::of(format!("a{i}").as_bytes()), i);
-    sealed.seal(sorted((0..100).map(a).collect()), 100).unwrap();
-    sealed.seal(sorted((100..300).map(a).collect()), 300).unwrap();
+    sealed
+        .seal(by_shard(&sorted((0..100).map(a).collect())), 100)
+        .unwrap();
+    sealed
+        .seal(by_shard(&sorted((100..300).map(a).collect())), 300)
+        .unwrap();
     // A merge that wrote its output and was cut off before removing its
     // inputs; a seal cut off before its rename.
     let inputs = sealed.generations();
@@ -237,7 +241,7 @@ proptest! {
                     for e in &entries {
                         model.insert(e.key(), e.born_ms);
                     }
-                    sealed.seal(entries, now).unwrap();
+                    sealed.seal(by_shard(&entries), now).unwrap();
                 }
                 Op::Compact { max } => {
                     sealed.compact(now.saturating_sub(WINDOW), max).unwrap();
