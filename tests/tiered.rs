@@ -128,6 +128,14 @@ async fn sealed_ids_stay_duplicates_through_forget_restart_and_a_damaged_file() 
     let text = metrics_of(&running);
     let per_id = metric(&text, "eventsieve_sealed_memory_bytes") as f64 / sealed as f64;
     assert!(per_id < 1.5, "{per_id} bytes of RAM per sealed id");
+    // `eventsieve status` reads the same figures.
+    let status = request(&client, "dedup.status", bytes::Bytes::new()).await;
+    let status: serde_json::Value = serde_json::from_slice(&status.payload).unwrap();
+    assert_eq!(status["sealed"]["ids"], sealed, "{status}");
+    assert!(
+        status["sealed"]["disk_bytes"].as_u64().unwrap() > sealed * 28,
+        "{status}"
+    );
 
     // Every id again: duplicates, the sealed ones answered from the files.
     assert!(

@@ -34,6 +34,14 @@ pub(super) async fn status(ctx: &Arc<Shared>, window: &Window, node: &str, start
         "uptime_s": started.elapsed().as_secs(),
         "rules": rules(ctx),
         "schema": schema(ctx),
+        "sealed": ctx.pipeline.dedup().sealed_figures().map(|f| json!({
+            "ids": f.ids,
+            "generations": f.generations,
+            "memory_bytes": f.memory_bytes,
+            "disk_bytes": f.disk_bytes,
+            "filter_probes": f.filter_probes,
+            "block_reads": f.block_reads,
+        })),
     })
 }
 
@@ -58,6 +66,27 @@ fn rules(ctx: &Shared) -> Value {
         v["rejected"] = json!({ "revision": revision, "error": why });
     }
     v
+}
+
+/// With `tier = "tiered"`: the sealed tier's ids, files, RAM and disk,
+/// and what a verdict cost in it; empty otherwise.
+fn sealed_line(s: &Value) -> String {
+    let t = &s["sealed"];
+    if t.is_null() {
+        return String::new();
+    }
+    let n = |k: &str| t[k].as_u64().unwrap_or(0);
+    let verdicts = s["verdicts"].as_u64().unwrap_or(0).max(1) as f64;
+    format!(
+        "  sealed {} ids in {} files: RAM {} B ({:.2} B/id), disk {} B; per verdict {:.2} filter probes, {:.4} block reads",
+        n("ids"),
+        n("generations"),
+        n("memory_bytes"),
+        n("memory_bytes") as f64 / n("ids").max(1) as f64,
+        n("disk_bytes"),
+        n("filter_probes") as f64 / verdicts,
+        n("block_reads") as f64 / verdicts,
+    )
 }
 
 /// `eventsieve status`: a line per node (or its reply as JSON).
@@ -126,6 +155,7 @@ pub async fn status_command(settings: &Settings, json: bool) -> Result<Vec<Strin
         // One line a node: the rules and the schema go at the end of its line.
         if let Some(line) = lines.last_mut() {
             line.push_str(&rules);
+            line.push_str(&sealed_line(&s));
         }
     }
     if settings.config.durability == Durability::Replicated {

@@ -165,6 +165,17 @@ pub enum Checked {
     Unreadable(String),
 }
 
+/// What the sealed tier holds and what its lookups cost so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierFigures {
+    pub ids: u64,
+    pub generations: u64,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub filter_probes: u64,
+    pub block_reads: u64,
+}
+
 /// Ids moved out of the tables into the sealed tier (`tier = "tiered"`):
 /// a shard's check consults it under the shard's lock, before the table,
 /// so that an id moving from the table to it is never missed by both.
@@ -179,6 +190,9 @@ pub trait Older: Send + Sync {
 
     /// Bytes of RAM it holds.
     fn memory_bytes(&self) -> usize;
+
+    /// What it holds and what its lookups cost so far.
+    fn figures(&self) -> TierFigures;
 
     /// [`Self::born_ms`] for each of `fps` of one shard, appended to `out`
     /// in order (an implementation may overlap their memory accesses).
@@ -695,6 +709,11 @@ impl Deduplicator {
         for shard in 0..self.config.shards {
             self.table(shard).sealed_before(ms);
         }
+    }
+
+    /// The sealed tier's figures, if there is one.
+    pub fn sealed_figures(&self) -> Option<TierFigures> {
+        self.older.get().map(|o| o.figures())
     }
 
     /// Ids born before this are held by the sealed tier (0: none are).

@@ -1208,6 +1208,17 @@ impl Older for Sealed {
     fn forget(&self, shard: u32, fp: Fingerprint, at_ms: u64) {
         Sealed::forget(self, shard, fp, at_ms);
     }
+
+    fn figures(&self) -> crate::engine::dedup::TierFigures {
+        crate::engine::dedup::TierFigures {
+            ids: self.ids(),
+            generations: self.generations.load().len() as u64,
+            memory_bytes: self.memory_bytes() as u64,
+            disk_bytes: self.disk_bytes(),
+            filter_probes: self.filter_probes.load(Relaxed),
+            block_reads: self.block_reads.load(Relaxed),
+        }
+    }
 }
 
 /// The ids `reader` holds accepted in `from_ms..cut_ms`, in generation
