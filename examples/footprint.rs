@@ -215,6 +215,9 @@ mod tiered {
             anon as f64 / sealed.ids() as f64,
             sealed.memory_bytes()
         );
+        // The tables alone, for what the sealed tier adds.
+        let (rate, _) = decide(&engine(), n..n + m);
+        println!("new_ids_per_s_without_sealed_tier={rate:.0}");
         let dedup = engine();
         dedup.set_older(sealed.clone());
         let probes = |s: &Sealed| (s.filter_probes.load(Relaxed), s.block_reads.load(Relaxed));

@@ -975,44 +975,9 @@ impl Sealed {
     /// A block that would hold it is damaged or unreadable: no verdict can
     /// be given from it.
     pub fn born_ms(&self, shard: u32, fp: Fingerprint, horizon_ms: u64) -> Result<Option<u64>, SealedError> {
-        let generations = self.generations.load();
-        let mut probed = Probed::default();
-        let mut found = None;
-        for g in generations.iter().rev() {
-            if g.span.ids == 0 {
-                continue;
-            }
-            // Older generations hold older ids only.
-            if g.span.newest_ms < horizon_ms {
-                break;
-            }
-            match g.born_ms(shard, fp, &mut probed) {
-                Ok(Some(born)) => {
-                    found = Some(born);
-                    break;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    let mut damaged = lock(&self.damaged);
-                    if !damaged.contains(&g.span) {
-                        tracing::error!(message = "A sealed generation is damaged; rebuilding it from the journal.", error = %e);
-                        damaged.push(g.span);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        let found = found.filter(|&born| {
-            let forgotten = lock(&self.forgotten);
-            forgotten.is_empty() || forgotten.get(&(shard, fp)).is_none_or(|&at| born > at)
-        });
-        self.filter_probes.fetch_add(u64::from(probed.filters), Relaxed);
-        self.block_reads.fetch_add(u64::from(probed.reads), Relaxed);
-        let alive = found.filter(|&born| born >= horizon_ms);
-        if alive.is_some() {
-            self.hits.fetch_add(1, Relaxed);
-        }
-        Ok(alive)
+        let mut out = Vec::with_capacity(1);
+        self.born_many(shard, &[fp], horizon_ms, &mut out)?;
+        Ok(out[0])
     }
 
     /// [`Self::born_ms`] for each of `fps` of one shard, appended to `out`
@@ -1031,6 +996,7 @@ impl Sealed {
     ) -> Result<(), SealedError> {
         const AHEAD: usize = 8;
         let generations = self.generations.load();
+        // Newest first; older generations hold older ids only.
         let live: Vec<&Arc<Generation>> = generations
             .iter()
             .rev()
@@ -1040,13 +1006,60 @@ impl Sealed {
         for fp in fps.iter().take(AHEAD) {
             live.iter().for_each(|g| g.prefetch(shard, *fp));
         }
-        for (i, fp) in fps.iter().enumerate() {
+        let (mut probed, mut hits) = (Probed::default(), 0);
+        let mut answered = Ok(());
+        for (i, &fp) in fps.iter().enumerate() {
             if let Some(later) = fps.get(i + AHEAD) {
                 live.iter().for_each(|g| g.prefetch(shard, *later));
             }
-            out.push(self.born_ms(shard, *fp, horizon_ms)?);
+            match self.find(&live, shard, fp, &mut probed) {
+                Ok(found) => {
+                    let alive = found.filter(|&born| born >= horizon_ms);
+                    hits += u64::from(alive.is_some());
+                    out.push(alive);
+                }
+                Err(e) => {
+                    answered = Err(e);
+                    break;
+                }
+            }
         }
-        Ok(())
+        self.filter_probes.fetch_add(u64::from(probed.filters), Relaxed);
+        self.block_reads.fetch_add(u64::from(probed.reads), Relaxed);
+        self.hits.fetch_add(hits, Relaxed);
+        answered
+    }
+
+    /// When `(shard, fp)` last arrived, in the newest of `live` holding it,
+    /// unless it was forgotten since.
+    fn find(
+        &self,
+        live: &[&Arc<Generation>],
+        shard: u32,
+        fp: Fingerprint,
+        probed: &mut Probed,
+    ) -> Result<Option<u64>, SealedError> {
+        for g in live {
+            match g.born_ms(shard, fp, probed) {
+                Ok(Some(born)) => {
+                    let forgotten = lock(&self.forgotten);
+                    if forgotten.get(&(shard, fp)).is_some_and(|&at| born <= at) {
+                        return Ok(None);
+                    }
+                    return Ok(Some(born));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let mut damaged = lock(&self.damaged);
+                    if !damaged.contains(&g.span) {
+                        tracing::error!(message = "A sealed generation is damaged; rebuilding it from the journal.", error = %e);
+                        damaged.push(g.span);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Seals `shards` (in order, each sorted by fingerprint), the ids
