@@ -1070,6 +1070,13 @@ impl Sealed {
     /// The generation could not be written; nothing changes.
     pub fn seal(&self, shards: Vec<ShardIds>, cut_ms: u64) -> Result<Span, SealedError> {
         let _changing = lock(&self.changing);
+        if cut_ms <= self.cut_ms() {
+            let why = format!("a seal's cut {cut_ms} must follow the last, {}", self.cut_ms());
+            return Err(SealedError::Io(
+                self.dir.clone(),
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
+            ));
+        }
         let mut writer = Writer::create(&self.dir, self.cut_ms(), cut_ms)?;
         write_shards(&mut writer, shards)?;
         let (path, span) = writer.finish()?;
@@ -1135,9 +1142,12 @@ impl Sealed {
             let merged = Arc::new(merge(&self.dir, &gens[start..], horizon_ms)?);
             self.merges.fetch_add(1, Relaxed);
             let old: Vec<_> = gens.drain(start..).collect();
+            let merged_path = merged.path.clone();
             gens.push(merged);
             self.generations.store(Arc::new(gens.clone()));
-            for g in old {
+            // (An input spanning all the others, which were empty, had the
+            // output's name: the rename replaced it.)
+            for g in old.into_iter().filter(|g| g.path != merged_path) {
                 removed += 1;
                 std::fs::remove_file(&g.path).map_err(io(&g.path))?;
             }

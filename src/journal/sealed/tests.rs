@@ -263,3 +263,158 @@ proptest! {
         }
     }
 }
+
+/// What the tiered table is tested against: every acceptance, forgetting
+/// and window change, verdicts computed from them exactly.
+#[derive(Default)]
+struct Exact {
+    /// Each id's acceptances.
+    accepted: BTreeMap<(u32, Fingerprint), Vec<u64>>,
+    forgotten: BTreeMap<(u32, Fingerprint), u64>,
+    window: u64,
+    /// Ids born before this were dropped by a window change.
+    dead_before: u64,
+}
+
+impl Exact {
+    fn window_in_force(&self, now: u64) -> u64 {
+        self.window.min((now + 1).saturating_sub(self.dead_before))
+    }
+
+    fn remembered(&self, key: (u32, Fingerprint), now: u64) -> bool {
+        let after = self.forgotten.get(&key).copied();
+        let w = self.window_in_force(now);
+        self.accepted
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .any(|&b| now - b < w && after.is_none_or(|f| b > f))
+    }
+
+    /// What the LMDB store's scan gives for `from..cut`.
+    fn journal(&self, from: u64, cut: u64) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        for (&(shard, fingerprint), borns) in &self.accepted {
+            let hidden = self.forgotten.get(&(shard, fingerprint)).copied();
+            for &born_ms in borns {
+                if born_ms >= from && born_ms < cut && hidden.is_none_or(|f| born_ms > f) {
+                    entries.push(entry(shard, fingerprint, born_ms));
+                }
+            }
+        }
+        sorted(entries)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Arrive {
+        shard: u32,
+        id: u16,
+        dt: u16,
+    },
+    /// Seal the ids accepted before `back` ms ago.
+    Seal {
+        back: u16,
+    },
+    Compact {
+        max: usize,
+    },
+    Forget {
+        shard: u32,
+        id: u16,
+    },
+    Window {
+        ms: u64,
+    },
+    Sweep,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        40 => (0..2u32, 0..300u16, 0..60u16).prop_map(|(shard, id, dt)| Step::Arrive { shard, id, dt }),
+        4 => (0..200u16).prop_map(|back| Step::Seal { back }),
+        2 => (0..4usize).prop_map(|max| Step::Compact { max }),
+        3 => (0..2u32, 0..300u16).prop_map(|(shard, id)| Step::Forget { shard, id }),
+        1 => (500..4_000u64).prop_map(|ms| Step::Window { ms }),
+        2 => Just(Step::Sweep),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The tables and the sealed tier together, through the engine's batch
+    /// path, as the sidecar runs them: arrivals, seals of the store's ids
+    /// at random cuts (then the tables drop what was sealed), merges and
+    /// expiry, forgets, window changes and sweeps; every verdict equals
+    /// the exact model's.
+    #[test]
+    fn tables_and_sealed_tier_give_the_exact_verdicts(steps in prop::collection::vec(step(), 1..500)) {
+        use crate::engine::{Deduplicator, EngineConfig, Verdict};
+        let dir = tempfile::tempdir().unwrap();
+        let sealed = Arc::new(Sealed::open(dir.path()).unwrap());
+        let dedup = Deduplicator::new(EngineConfig {
+            window_ms: 2_000,
+            shards: 2,
+            segments_per_shard: 4,
+            ..EngineConfig::default()
+        });
+        dedup.set_older(sealed.clone());
+        let mut exact = Exact { window: 2_000, ..Exact::default() };
+        let mut now = 100_000u64;
+        let (mut out, mut twins) = (Vec::new(), Vec::new());
+        for step in steps {
+            match step {
+                Step::Arrive { shard, id, dt } => {
+                    now += u64::from(dt);
+                    let fp = id_fp(id);
+                    out.clear();
+                    dedup.check_and_insert_many(shard, &[fp], now, None, &mut out, &mut twins).unwrap();
+                    let want = match exact.remembered((shard, fp), now) {
+                        true => Verdict::Duplicate,
+                        false => Verdict::New,
+                    };
+                    prop_assert_eq!(out[0], want, "shard {} id {} at {}", shard, id, now);
+                    if want == Verdict::New {
+                        exact.accepted.entry((shard, fp)).or_default().push(now);
+                    }
+                }
+                Step::Seal { back } => {
+                    let cut = now.saturating_sub(u64::from(back));
+                    if cut <= sealed.cut_ms() {
+                        continue;
+                    }
+                    let horizon = (now + 1).saturating_sub(exact.window_in_force(now));
+                    let entries = exact.journal(sealed.cut_ms().max(horizon), cut);
+                    sealed.seal(by_shard(&entries), cut).unwrap();
+                    dedup.sealed_before(cut);
+                }
+                Step::Compact { max } => {
+                    let horizon = (now + 1).saturating_sub(exact.window_in_force(now));
+                    sealed.compact(horizon, max).unwrap();
+                }
+                Step::Forget { shard, id } => {
+                    let key = (shard, id_fp(id));
+                    if exact.remembered(key, now) {
+                        dedup.forget(shard, key.1, now);
+                        exact.forgotten.insert(key, now);
+                        // As the sidecar does: an acceptance after a
+                        // forget is in a later millisecond.
+                        now += 1;
+                    }
+                }
+                Step::Window { ms } => {
+                    dedup.set_window(ms, now);
+                    if ms > exact.window {
+                        exact.dead_before = exact.dead_before.max((now + 1).saturating_sub(exact.window));
+                    }
+                    exact.window = ms;
+                }
+                Step::Sweep => {
+                    dedup.sweep(now, 4);
+                }
+            }
+        }
+    }
+}
