@@ -573,7 +573,7 @@ impl Journal for LmdbStore {
             wanted[shard as usize] = true;
         }
         let (env, dbs) = (&self.env, (self.log, self.forgotten));
-        scan_log(env, dbs, &self.path, (&wanted, since_ms, u64::MAX), f)
+        scan_log(env, dbs, &self.path, (&wanted, since_ms, u64::MAX), f, None)
     }
 
     fn reader(&self) -> Option<Box<dyn JournalReader>> {
@@ -602,57 +602,82 @@ const FULL_BELOW: u64 = 16 << 20;
 
 /// The error for a failed write; a full filesystem is named as such, with
 /// the store's place and the free bytes.
+/// Chunks a scan reads under one read transaction: between them a scan
+/// beside the writer lets it reuse freed pages and grow the map.
+const CHUNKS_PER_TXN: usize = 4096;
+
 /// Calls `f` for each id of a `wanted` shard accepted in `since_ms..before_ms`
-/// that was not forgotten after; returns the count.
+/// that was not forgotten after; returns the count. With `readers` (a scan
+/// beside the writer) each transaction holds it shared.
 fn scan_log(
     env: &Env,
     (log, forgotten_db): (Log, Forgotten),
     path: &Path,
     (wanted, since_ms, before_ms): (&[bool], u64, u64),
     f: &mut dyn FnMut(Record),
+    readers: Option<&RwLock<()>>,
 ) -> Result<usize, JournalError> {
-    let rtxn = env.read_txn().map_err(|e| io("scan the log", e))?;
+    let hold = || readers.map(|l| l.read().unwrap_or_else(PoisonError::into_inner));
     let mut forgotten = std::collections::HashMap::new();
-    for entry in forgotten_db
-        .iter(&rtxn)
-        .map_err(|e| io("scan forgotten ids", e))?
     {
-        let (k, v) = entry.map_err(|e| io("scan forgotten ids", e))?;
-        let at = forgotten_at(k, v).ok_or_else(|| corrupt_forgotten(path))?;
-        forgotten.insert(k.to_vec(), at);
-    }
-    let lo = key(since_ms, 0, 0);
-    let mut n = 0;
-    let range = log
-        .range(&rtxn, &(Bound::Included(&lo[..]), Bound::Unbounded))
-        .map_err(|e| io("scan the log", e))?;
-    for entry in range {
-        let (k, value) = entry.map_err(|e| io("scan the log", e))?;
-        let (Some(newest), Some(shard), Some(chunk)) = (newest_of(k), shard_of_key(k), verified(k, value))
-        else {
-            return Err(corrupt(path, k));
-        };
-        if !wanted[shard as usize] {
-            continue;
+        let _reading = hold();
+        let rtxn = env.read_txn().map_err(|e| io("scan the log", e))?;
+        for entry in forgotten_db
+            .iter(&rtxn)
+            .map_err(|e| io("scan forgotten ids", e))?
+        {
+            let (k, v) = entry.map_err(|e| io("scan forgotten ids", e))?;
+            let at = forgotten_at(k, v).ok_or_else(|| corrupt_forgotten(path))?;
+            forgotten.insert(k.to_vec(), at);
         }
-        let within = |&(_, born): &(Fingerprint, u64)| born >= since_ms && born < before_ms;
-        for (fingerprint, born_ms) in entries(newest, chunk).filter(within) {
-            let hidden = !forgotten.is_empty()
-                && forgotten
-                    .get(&forgotten_key(shard, fingerprint)[..])
-                    .is_some_and(|&at| born_ms <= at);
-            if hidden {
+    }
+    let mut n = 0;
+    // Where the next transaction starts: at `since_ms`, then at the chunk
+    // the one before stopped at (unread).
+    let mut start = key(since_ms, 0, 0).to_vec();
+    loop {
+        let _reading = hold();
+        let rtxn = env.read_txn().map_err(|e| io("scan the log", e))?;
+        let range = log
+            .range(&rtxn, &(Bound::Included(&start[..]), Bound::Unbounded))
+            .map_err(|e| io("scan the log", e))?;
+        let mut last = None;
+        for (read, entry) in range.enumerate() {
+            let (k, value) = entry.map_err(|e| io("scan the log", e))?;
+            if read == CHUNKS_PER_TXN {
+                last = Some(k.to_vec());
+                break;
+            }
+            let (Some(newest), Some(shard), Some(chunk)) =
+                (newest_of(k), shard_of_key(k), verified(k, value))
+            else {
+                return Err(corrupt(path, k));
+            };
+            if !wanted[shard as usize] {
                 continue;
             }
-            f(Record {
-                shard,
-                born_ms,
-                fingerprint,
-            });
-            n += 1;
+            let within = |&(_, born): &(Fingerprint, u64)| born >= since_ms && born < before_ms;
+            for (fingerprint, born_ms) in entries(newest, chunk).filter(within) {
+                let hidden = !forgotten.is_empty()
+                    && forgotten
+                        .get(&forgotten_key(shard, fingerprint)[..])
+                        .is_some_and(|&at| born_ms <= at);
+                if hidden {
+                    continue;
+                }
+                f(Record {
+                    shard,
+                    born_ms,
+                    fingerprint,
+                });
+                n += 1;
+            }
+        }
+        match last {
+            None => return Ok(n),
+            Some(k) => start = k,
         }
     }
-    Ok(n)
 }
 
 /// Reads a store while its writer goes on (LMDB readers do not block the
@@ -672,14 +697,15 @@ impl JournalReader for LmdbReader {
         before_ms: u64,
         f: &mut dyn FnMut(Record),
     ) -> Result<usize, JournalError> {
-        let _reading = self.readers.read().unwrap_or_else(PoisonError::into_inner);
         let wanted = vec![true; MAX_SHARDS];
+        let dbs = (self.log, self.forgotten);
         scan_log(
             &self.env,
-            (self.log, self.forgotten),
+            dbs,
             &self.path,
             (&wanted, since_ms, before_ms),
             f,
+            Some(&self.readers),
         )
     }
 
@@ -902,6 +928,27 @@ mod tests {
             born_ms,
             fingerprint: Fingerprint::of(&i.to_le_bytes()),
         }
+    }
+
+    #[test]
+    fn a_scan_over_more_chunks_than_one_transaction_reads_takes_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LmdbStore::open(dir.path(), META, false).unwrap();
+        let n = 2 * CHUNKS_PER_TXN as u64 + 7;
+        for i in 0..n {
+            store.append(&[rec((i % 4) as u32, 1_000 + i, i)]).unwrap();
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let reader = store.reader().unwrap();
+        let count = reader
+            .scan_span(1_000, 1_000 + n, &mut |r| assert!(seen.insert(r.fingerprint)))
+            .unwrap();
+        assert_eq!((count, seen.len()), (n as usize, n as usize));
+        let mut late = 0;
+        reader
+            .scan_span(1_000 + n - 10, u64::MAX, &mut |_| late += 1)
+            .unwrap();
+        assert_eq!(late, 10);
     }
 
     #[test]
