@@ -293,50 +293,14 @@ async fn wait_shards_answer(client: &Client, shards: &[u32], tag: &str) -> Insta
 /// replay (`examples/takeover.rs` measures it at 1 M ids in a release build).
 const PRELOAD: usize = 50_000;
 
-/// Sends `ids` in batches of 1000 (retrying a batch with any 503 line);
-/// returns the distinct verdict entries seen (`1` new, `0` duplicate).
+/// Sends `ids` in batches of 1000 (sending the lines answered an error
+/// again); returns the distinct verdict entries seen (`1` new, `0`
+/// duplicate).
 async fn batch_verdicts(client: &Client, ids: &[String]) -> Vec<u8> {
-    let mut seen = std::collections::BTreeSet::new();
-    for chunk in ids.chunks(1000) {
-        // As a producer does: the lines answered an error are sent again,
-        // the others have their verdict.
-        let mut pending: Vec<&String> = chunk.iter().collect();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !pending.is_empty() {
-            let body: Vec<u8> = pending
-                .iter()
-                .flat_map(|id| [&event(id)[..], b"\n"].concat())
-                .collect();
-            let reply = request(client, "dedup.batch", body).await;
-            let entries: Vec<&[u8]> = reply
-                .payload
-                .split(|&b| b == b'\n')
-                .filter(|l| !l.is_empty())
-                .collect();
-            assert_eq!(entries.len(), pending.len());
-            let mut again = Vec::new();
-            for (id, entry) in pending.iter().zip(&entries) {
-                match *entry {
-                    b"1" | b"0" => {
-                        seen.insert(entry[0]);
-                    }
-                    error => {
-                        println!("{id}: {} (sent again)", String::from_utf8_lossy(error));
-                        again.push(*id);
-                    }
-                }
-            }
-            pending = again;
-            assert!(
-                pending.is_empty() || Instant::now() < deadline,
-                "batch lines not answered without errors within 30 s"
-            );
-            if !pending.is_empty() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    seen.into_iter().collect()
+    let mut seen = batch_verdicts_of(client, ids, 1).await;
+    seen.sort_unstable();
+    seen.dedup();
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

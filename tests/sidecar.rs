@@ -504,14 +504,6 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     text
 }
 
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{name} missing"))
-        .parse()
-        .unwrap()
-}
-
 /// Fault: each scrape walked every table under its shard lock on the
 /// runtime's workers, so 64 scrapers stalled verdicts for seconds. Now the
 /// walk happens at most once per `CENSUS_EVERY` (10 s) however many

@@ -10,7 +10,6 @@ use async_nats::Client;
 use common::*;
 use eventsieve::config::{Durability, Settings, Tier};
 use eventsieve::service;
-use futures_util::StreamExt;
 
 /// The smallest hot tier: 600 000 ids take more than it (the table
 /// segments alone take about 7 MiB), so they are sealed.
@@ -24,55 +23,20 @@ fn tiered(server: &NatsServer, data: &Path) -> Settings {
     s
 }
 
-/// The verdicts of `ids` sent in batches of 1000, as `1` (new) and `0`
-/// (duplicate), in order; a line answered an error is sent again (as a
-/// producer does) for up to 30 s.
-async fn verdicts(client: &Client, ids: &[String]) -> Vec<u8> {
-    let batches = futures_util::stream::iter(ids.chunks(1000)).map(|chunk| batch_verdicts(client, chunk));
-    let answered: Vec<Vec<u8>> = batches.buffered(4).collect().await;
-    answered.concat()
+/// The ids of `ids` answered new when sent again, in batches (4 in
+/// flight).
+async fn new_again<'a>(client: &Client, ids: &'a [String]) -> Vec<&'a String> {
+    let verdicts = batch_verdicts_of(client, ids, 4).await;
+    ids.iter()
+        .zip(verdicts)
+        .filter(|(_, v)| *v == b'1')
+        .map(|(id, _)| id)
+        .collect()
 }
 
-async fn batch_verdicts(client: &Client, chunk: &[String]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(chunk.len());
-    {
-        let mut got: Vec<Option<u8>> = vec![None; chunk.len()];
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while got.iter().any(Option::is_none) {
-            assert!(
-                Instant::now() < deadline,
-                "lines still answered errors after 30 s"
-            );
-            let pending: Vec<usize> = (0..chunk.len()).filter(|&i| got[i].is_none()).collect();
-            let body: Vec<u8> = pending
-                .iter()
-                .flat_map(|&i| [&event(&chunk[i])[..], b"\n"].concat())
-                .collect();
-            let reply = request(client, "dedup.batch", body).await;
-            let entries: Vec<&[u8]> = reply
-                .payload
-                .split(|&b| b == b'\n')
-                .filter(|l| !l.is_empty())
-                .collect();
-            assert_eq!(entries.len(), pending.len());
-            for (&i, entry) in pending.iter().zip(entries) {
-                match entry {
-                    b"1" => got[i] = Some(1),
-                    b"0" => got[i] = Some(0),
-                    _ => {}
-                }
-            }
-        }
-        out.extend(got.into_iter().map(Option::unwrap));
-    }
-    out
-}
-
-/// The value of the metric `name` (a line `name value`) in `text`.
+/// The value of the metric `name` in `text`.
 fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("{name} not in the metrics")) as u64
+    sample(text, name) as u64
 }
 
 fn metrics_of(running: &service::Running) -> String {
@@ -121,7 +85,7 @@ async fn sealed_ids_stay_duplicates_through_forget_restart_and_a_damaged_file() 
     let running = service::start(s.clone()).await.unwrap();
     let client = server.client().await;
     let ids: Vec<String> = (0..IDS).map(|i| format!("t{i}")).collect();
-    assert!(verdicts(&client, &ids).await.iter().all(|&v| v == 1), "all new");
+    assert_eq!(new_again(&client, &ids).await.len(), IDS, "all new");
 
     let (_, sealed) = sealed(&running, IDS as u64).await;
     assert!(sealed >= IDS as u64 / 4, "{sealed} sealed");
@@ -138,10 +102,7 @@ async fn sealed_ids_stay_duplicates_through_forget_restart_and_a_damaged_file() 
     );
 
     // Every id again: duplicates, the sealed ones answered from the files.
-    assert!(
-        verdicts(&client, &ids).await.iter().all(|&v| v == 0),
-        "all duplicates"
-    );
+    assert!(new_again(&client, &ids).await.is_empty(), "all duplicates");
     let text = metrics_of(&running);
     assert!(metric(&text, "eventsieve_sealed_hits_total") >= sealed, "{text}");
 
@@ -179,15 +140,8 @@ async fn sealed_ids_stay_duplicates_through_forget_restart_and_a_damaged_file() 
     std::fs::write(&file, &bytes).unwrap();
 
     let running = service::start(s).await.unwrap();
-    let again = verdicts(&client, &ids).await;
-    let new: Vec<&String> = ids
-        .iter()
-        .zip(&again)
-        .filter(|(_, v)| **v == 1)
-        .map(|(id, _)| id)
-        .collect();
     assert_eq!(
-        new,
+        new_again(&client, &ids).await,
         ["t8"],
         "after a restart: all duplicates but the id forgotten and not sent since"
     );
@@ -308,13 +262,7 @@ async fn sigkill_during_a_seal_and_during_a_merge_loses_no_accepted_id() {
         let sidecar = SidecarProcess::spawn(&server, data.path(), &env);
         wait_for_sidecar(&client).await;
         assert!(!accepted.is_empty());
-        let again = verdicts(&client, &accepted).await;
-        let lost: Vec<&String> = accepted
-            .iter()
-            .zip(&again)
-            .filter(|(_, v)| **v == 1)
-            .map(|(id, _)| id)
-            .collect();
+        let lost = new_again(&client, &accepted).await;
         assert!(
             lost.is_empty(),
             "{} accepted ids forgotten, e.g. {:?}",

@@ -206,16 +206,44 @@ pub trait Older: Send + Sync {
         fps: &[Fingerprint],
         horizon_ms: u64,
         out: &mut Vec<Option<u64>>,
-    ) -> Result<(), String> {
-        for &fp in fps {
-            out.push(self.born_ms(shard, fp, horizon_ms)?);
-        }
-        Ok(())
-    }
+    ) -> Result<(), String>;
 
     /// Hides the arrivals of `(shard, fp)` at or before `at_ms`: the id
     /// was forgotten then (durably, in the journal).
     fn forget(&self, shard: u32, fp: Fingerprint, at_ms: u64);
+}
+
+/// Sealed ids born before this are out of `table`'s window in force at
+/// `now_ms`.
+fn sealed_horizon(table: &Table, now_ms: u64) -> u64 {
+    (now_ms + 1).saturating_sub(table.window_in_force(now_ms))
+}
+
+/// The verdicts of `fps` of `shard` with a sealed tier: those `older`
+/// holds are duplicates, the others go to `table`, in order.
+fn check_sealed_first(
+    older: &dyn Older,
+    table: &mut Table,
+    (shard, fps): (u32, &[Fingerprint]),
+    now_ms: u64,
+    out: &mut Vec<Verdict>,
+) -> Result<(), String> {
+    let mut born = Vec::with_capacity(fps.len());
+    older.born_many(shard, fps, sealed_horizon(table, now_ms), &mut born)?;
+    let fresh: Vec<Fingerprint> = fps
+        .iter()
+        .zip(&born)
+        .filter(|(_, b)| b.is_none())
+        .map(|(fp, _)| *fp)
+        .collect();
+    let mut decided = Vec::with_capacity(fresh.len());
+    table.check_and_insert_batch(&fresh, now_ms, &mut decided);
+    let mut decided = decided.into_iter();
+    out.extend(born.iter().map(|b| match b {
+        Some(_) => Verdict::Duplicate,
+        None => decided.next().expect("a verdict per id not sealed"),
+    }));
+    Ok(())
 }
 
 /// Segments [`Deduplicator::live`] counts per lock of a shard.
@@ -301,10 +329,7 @@ impl Deduplicator {
     ) -> Result<Option<u64>, String> {
         match self.older.get() {
             None => Ok(None),
-            Some(older) => {
-                let horizon = (now_ms + 1).saturating_sub(table.window_in_force(now_ms));
-                older.born_ms(shard, fp, horizon)
-            }
+            Some(older) => older.born_ms(shard, fp, sealed_horizon(table, now_ms)),
         }
     }
 
@@ -530,10 +555,9 @@ impl Deduplicator {
             });
         }
         let first = out.len();
-        if self.older.get().is_some() {
-            self.check_sealed_first(table, shard, fps, now_ms, out)?;
-        } else {
-            table.check_and_insert_batch(fps, now_ms, out);
+        match self.older.get() {
+            Some(older) => check_sealed_first(older.as_ref(), table, (shard, fps), now_ms, out)?,
+            None => table.check_and_insert_batch(fps, now_ms, out),
         }
         let sweeps = fps
             .iter()
@@ -555,45 +579,6 @@ impl Deduplicator {
             }
         }
         Ok(())
-    }
-
-    /// The verdicts of `fps` with a sealed tier: those it holds are
-    /// duplicates, the others go to the table, in order.
-    fn check_sealed_first(
-        &self,
-        table: &mut Table,
-        shard: u32,
-        fps: &[Fingerprint],
-        now_ms: u64,
-        out: &mut Vec<Verdict>,
-    ) -> Result<(), String> {
-        let Some(older) = self.older.get() else {
-            table.check_and_insert_batch(fps, now_ms, out);
-            return Ok(());
-        };
-        let horizon = (now_ms + 1).saturating_sub(table.window_in_force(now_ms));
-        let mut born = Vec::with_capacity(fps.len());
-        older.born_many(shard, fps, horizon, &mut born)?;
-        let sealed: Vec<bool> = born.iter().map(Option::is_some).collect();
-        let fresh: Vec<Fingerprint> = fps
-            .iter()
-            .zip(&sealed)
-            .filter(|(_, s)| !**s)
-            .map(|(fp, _)| *fp)
-            .collect();
-        let mut decided = Vec::with_capacity(fresh.len());
-        table.check_and_insert_batch(&fresh, now_ms, &mut decided);
-        let mut decided = decided.into_iter();
-        out.extend(sealed.iter().map(|&s| match s {
-            true => Verdict::Duplicate,
-            false => decided.next().expect("a verdict per id not sealed"),
-        }));
-        Ok(())
-    }
-
-    /// Forgets an id that was inserted but could not be made durable.
-    pub fn remove(&self, shard: u32, fp: Fingerprint) -> bool {
-        self.table(shard).table.remove(fp)
     }
 
     /// Forgets an id whose commit `settle` failed, and its pending entry,

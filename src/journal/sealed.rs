@@ -975,9 +975,9 @@ impl Sealed {
     /// A block that would hold it is damaged or unreadable: no verdict can
     /// be given from it.
     pub fn born_ms(&self, shard: u32, fp: Fingerprint, horizon_ms: u64) -> Result<Option<u64>, SealedError> {
-        let mut out = Vec::with_capacity(1);
-        self.born_many(shard, &[fp], horizon_ms, &mut out)?;
-        Ok(out[0])
+        let mut answer = None;
+        self.each_born(shard, std::slice::from_ref(&fp), horizon_ms, |born| answer = born)?;
+        Ok(answer)
     }
 
     /// [`Self::born_ms`] for each of `fps` of one shard, appended to `out`
@@ -994,29 +994,42 @@ impl Sealed {
         horizon_ms: u64,
         out: &mut Vec<Option<u64>>,
     ) -> Result<(), SealedError> {
+        self.each_born(shard, fps, horizon_ms, |born| out.push(born))
+    }
+
+    /// Calls `answer` with [`Self::born_ms`] of each of `fps`, in order;
+    /// stops at the first error.
+    fn each_born(
+        &self,
+        shard: u32,
+        fps: &[Fingerprint],
+        horizon_ms: u64,
+        mut answer: impl FnMut(Option<u64>),
+    ) -> Result<(), SealedError> {
         const AHEAD: usize = 8;
         let generations = self.generations.load();
         // Newest first; older generations hold older ids only.
-        let live: Vec<&Arc<Generation>> = generations
-            .iter()
-            .rev()
-            .filter(|g| g.span.ids > 0)
-            .take_while(|g| g.span.newest_ms >= horizon_ms)
-            .collect();
+        let live = || {
+            generations
+                .iter()
+                .rev()
+                .filter(|g| g.span.ids > 0)
+                .take_while(|g| g.span.newest_ms >= horizon_ms)
+        };
         for fp in fps.iter().take(AHEAD) {
-            live.iter().for_each(|g| g.prefetch(shard, *fp));
+            live().for_each(|g| g.prefetch(shard, *fp));
         }
         let (mut probed, mut hits) = (Probed::default(), 0);
         let mut answered = Ok(());
         for (i, &fp) in fps.iter().enumerate() {
             if let Some(later) = fps.get(i + AHEAD) {
-                live.iter().for_each(|g| g.prefetch(shard, *later));
+                live().for_each(|g| g.prefetch(shard, *later));
             }
-            match self.find(&live, shard, fp, &mut probed) {
+            match self.find(live(), shard, fp, &mut probed) {
                 Ok(found) => {
                     let alive = found.filter(|&born| born >= horizon_ms);
                     hits += u64::from(alive.is_some());
-                    out.push(alive);
+                    answer(alive);
                 }
                 Err(e) => {
                     answered = Err(e);
@@ -1032,9 +1045,9 @@ impl Sealed {
 
     /// When `(shard, fp)` last arrived, in the newest of `live` holding it,
     /// unless it was forgotten since.
-    fn find(
+    fn find<'g>(
         &self,
-        live: &[&Arc<Generation>],
+        live: impl Iterator<Item = &'g Arc<Generation>>,
         shard: u32,
         fp: Fingerprint,
         probed: &mut Probed,

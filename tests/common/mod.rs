@@ -353,6 +353,62 @@ pub async fn ask(client: &Client, subject: &str, event: impl Into<Bytes>) -> Ans
     parse_answer(&request(client, subject, event).await)
 }
 
+/// The verdicts of `ids` (events made by [`event`]) sent in batches of
+/// 1000 to `dedup.batch`, `in_flight` batches at a time: `b'1'` (new) or
+/// `b'0'` (duplicate) per id, in order. As a producer does, the lines answered
+/// an error are sent again (printed) for up to 30 s.
+pub async fn batch_verdicts_of(client: &Client, ids: &[String], in_flight: usize) -> Vec<u8> {
+    use futures_util::StreamExt;
+    let batches = futures_util::stream::iter(ids.chunks(1000)).map(|chunk| one_batch(client, chunk));
+    let answered: Vec<Vec<u8>> = batches.buffered(in_flight).collect().await;
+    answered.concat()
+}
+
+async fn one_batch(client: &Client, chunk: &[String]) -> Vec<u8> {
+    let mut got: Vec<Option<u8>> = vec![None; chunk.len()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending: Vec<usize> = (0..chunk.len()).filter(|&i| got[i].is_none()).collect();
+        if pending.is_empty() {
+            return got.into_iter().map(Option::unwrap).collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "batch lines not answered without errors within 30 s"
+        );
+        let body: Vec<u8> = pending
+            .iter()
+            .flat_map(|&i| [&event(&chunk[i])[..], b"\n"].concat())
+            .collect();
+        let reply = request(client, "dedup.batch", body).await;
+        let entries: Vec<&[u8]> = reply
+            .payload
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(entries.len(), pending.len());
+        for (&i, entry) in pending.iter().zip(entries) {
+            match entry {
+                b"1" | b"0" => got[i] = Some(entry[0]),
+                error => println!("{}: {} (sent again)", chunk[i], String::from_utf8_lossy(error)),
+            }
+        }
+        if got.iter().any(Option::is_none) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The value of the sample `name` (a line `name value`) in the metrics
+/// `text`.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .parse()
+        .unwrap()
+}
+
 pub fn event(id: &str) -> Bytes {
     Bytes::from(format!(r#"{{"event_id":"{id}","payload":{{"n":1}}}}"#))
 }
