@@ -20,7 +20,8 @@
 //!   sealed ids (batches of 1000 of a shard, as the batch path decides
 //!   them), the filter probes and block reads per verdict; and the same M
 //!   new ids into an all-in-RAM table already holding N ids (`--baseline`
-//!   as a fifth argument; it needs about 14 B × N of RAM).
+//!   as a fifth argument, then optionally K to hold K ids instead; it
+//!   needs about 14 B × K of RAM).
 
 use std::fmt::Write;
 use std::time::Instant;
@@ -129,9 +130,12 @@ mod tiered {
                 dir,
                 arg(2, "N"),
                 arg(3, "M"),
-                args.get(4).is_some_and(|a| a == "--baseline"),
+                match args.get(4).map(String::as_str) {
+                    Some("--baseline") => Some(args.get(5).map_or(arg(2, "N"), |_| arg(5, "K"))),
+                    _ => None,
+                },
             ),
-            _ => panic!("--tier tiered build DIR N [PER_SEAL] | open DIR N M [--baseline]"),
+            _ => panic!("--tier tiered build DIR N [PER_SEAL] | open DIR N M [--baseline [K]]"),
         }
     }
 
@@ -203,7 +207,7 @@ mod tiered {
         })
     }
 
-    fn open(dir: &Path, n: u64, m: u64, baseline: bool) {
+    fn open(dir: &Path, n: u64, m: u64, baseline: Option<u64>) {
         let anon_before = status_kib("RssAnon:") * 1024;
         let started = Instant::now();
         let sealed = Arc::new(Sealed::open(dir).expect("open DIR"));
@@ -240,13 +244,13 @@ mod tiered {
             (p2 - p1) as f64 / m as f64,
             (r2 - r1) as f64 / m as f64
         );
-        if baseline {
+        if let Some(k) = baseline {
             drop(dedup);
             let memory = engine();
-            let (fill, _) = decide(&memory, 0..n);
+            let (fill, _) = decide(&memory, 0..k);
             let (rate, new) = decide(&memory, n..n + m);
             assert_eq!(new as u64, m);
-            println!("in_ram_table_of_{n}: fill_per_s={fill:.0} new_ids_per_s={rate:.0}");
+            println!("in_ram_table_of_{k}: fill_per_s={fill:.0} new_ids_per_s={rate:.0}");
         }
     }
 }

@@ -278,3 +278,123 @@ async fn sigkill_during_a_seal_and_during_a_merge_loses_no_accepted_id() {
         sidecar.kill();
     }
 }
+
+/// A replicated tiered sidecar process `node`, its metrics on `addr`.
+fn replicated_node(server: &NatsServer, data: &Path, node: &str, addr: &str) -> SidecarProcess {
+    let env = [
+        ("EVENTSIEVE_DURABILITY", "replicated"),
+        ("EVENTSIEVE_CLUSTER__NODE_ID", node),
+        ("EVENTSIEVE_TIER", "tiered"),
+        ("EVENTSIEVE_HOT_BYTES", "8388608"),
+        ("EVENTSIEVE_WINDOW", "1h"),
+        ("EVENTSIEVE_METRICS_ADDR", addr),
+    ];
+    SidecarProcess::spawn(server, data, &env)
+}
+
+/// The metric `name` of the sidecar serving metrics on `addr` (0 while
+/// it cannot be read).
+fn scraped(addr: &str, name: &str) -> f64 {
+    let text = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the metric `name` on `addr` is at least `at_least`.
+async fn wait_metric(addr: &str, name: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scraped(addr, name) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "{name} on {addr} not at {at_least} within 60 s: {}",
+            scraped(addr, name)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The adopted files in the sealed directory `dir`.
+fn adopted_files(dir: &Path) -> Vec<PathBuf> {
+    sealed_files(dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("adopted-"))
+        })
+        .collect()
+}
+
+/// Replicated: a node that takes over shards of a SIGKILLed one finds in
+/// the journal stream ids from before its own seals' cut; it seals them
+/// (an adopted file per shard) instead of losing them from its tables. A
+/// node that comes back with its sealed files, and the last node left,
+/// answer every id accepted anywhere as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_nodes_keep_sealed_ids_through_a_sigkill_takeover_and_a_return() {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (a_addr, b_addr) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let a = replicated_node(&server, &a_dir, "a", &a_addr);
+    let b = replicated_node(&server, &b_dir, "b", &b_addr);
+    let leases = "eventsieve_leases_held";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scraped(&a_addr, leases) + scraped(&b_addr, leases) < 32.0
+        || scraped(&a_addr, leases) == 0.0
+        || scraped(&b_addr, leases) == 0.0
+    {
+        assert!(Instant::now() < deadline, "the shards not shared within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Enough ids for each node's tables to pass hot_bytes and seal.
+    let first: Vec<String> = (0..1_200_000).map(|i| format!("r{i}")).collect();
+    let verdicts = batch_verdicts_of(&client, &first, 4).await;
+    assert!(verdicts.iter().all(|v| *v == b'1'), "every first id new");
+    wait_metric(&a_addr, "eventsieve_seals_total", 1.0).await;
+    wait_metric(&b_addr, "eventsieve_seals_total", 1.0).await;
+
+    // B takes A's shards: A's ids from before B's cut come from the
+    // journal stream into B's adopted files.
+    a.kill();
+    wait_metric(&b_addr, leases, 32.0).await;
+    wait_for_sidecar(&client).await;
+    let adopted = adopted_files(&b_dir.join("sealed"));
+    assert!(!adopted.is_empty(), "B adopted A's sealed ids");
+    let lost = new_again(&client, &first).await;
+    assert!(
+        lost.is_empty(),
+        "{} ids forgotten after the takeover, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+
+    // A comes back with its copy and sealed files, takes shards back, and
+    // more ids arrive; then B is killed and A holds everything.
+    let a = replicated_node(&server, &a_dir, "a", &a_addr);
+    wait_metric(&a_addr, leases, 1.0).await;
+    let second: Vec<String> = (0..600_000).map(|i| format!("q{i}")).collect();
+    let verdicts = batch_verdicts_of(&client, &second, 4).await;
+    assert!(verdicts.iter().all(|v| *v == b'1'), "every second id new");
+    b.kill();
+    wait_metric(&a_addr, leases, 32.0).await;
+    wait_for_sidecar(&client).await;
+    let all: Vec<String> = first.into_iter().chain(second).collect();
+    let lost = new_again(&client, &all).await;
+    assert!(
+        lost.is_empty(),
+        "{} ids forgotten after the second takeover, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    a.kill();
+}

@@ -170,15 +170,16 @@ pub struct Config {
     /// `memory` (every id in the tables) or `tiered` (the newest ids in
     /// the tables up to `hot_bytes`, older ones sealed on disk with a
     /// filter in RAM; verdicts stay exact). `tiered` needs `durability =
-    /// "local"`: the sealed files are built from the LMDB store. Default
-    /// `memory`.
+    /// "local"` or `"replicated"`: the sealed files are built from the
+    /// LMDB store or the journal's local copy. Default `memory`.
     pub tier: Tier,
     /// With `tier = "tiered"`: bytes of table above which the ids older
     /// than a few seconds are sealed. At least 8388608. Default 1073741824
     /// (1 GiB, about 75 M ids).
     pub hot_bytes: u64,
     /// With `tier = "tiered"`: the directory of the sealed files (`""`:
-    /// `<data_dir>/sealed`). Default `""`.
+    /// `<data_dir>/sealed`; within `data_dir` with `durability =
+    /// "replicated"`). Default `""`.
     pub sealed_dir: String,
     /// Address of the HTTP gateway (`POST /api/v1/events` and the rest, see
     /// the README), or empty to disable. Default empty.
@@ -597,11 +598,22 @@ impl Config {
                 "0 (no limit) or at least 8388608 (the table segments alone take about 7 MiB)",
             ));
         }
-        if self.tier == Tier::Tiered && self.durability != Durability::Local {
+        if self.tier == Tier::Tiered && self.durability == Durability::Memory {
             return Err(ConfigError::field(
                 "tier",
                 "tiered",
-                "\"memory\", or \"tiered\" with durability = \"local\" (sealed files are built from the LMDB store)",
+                "\"memory\", or \"tiered\" with durability = \"local\" or \"replicated\" (sealed files are built from the LMDB store or the journal's local copy)",
+            ));
+        }
+        if self.tier == Tier::Tiered
+            && self.durability == Durability::Replicated
+            && !self.sealed_dir.is_empty()
+            && !Path::new(&self.sealed_dir).starts_with(&self.data_dir)
+        {
+            return Err(ConfigError::field(
+                "sealed_dir",
+                &self.sealed_dir,
+                "empty or a directory within data_dir with durability = \"replicated\" (a local copy of another journal stream is moved aside with everything in data_dir)",
             ));
         }
         if self.hot_bytes < 8 << 20 {
@@ -966,20 +978,31 @@ mod tests {
     }
 
     #[test]
-    fn a_tiered_table_needs_the_local_store() {
+    fn a_tiered_table_needs_a_store_and_its_files_follow_the_copy() {
         let mut c = Config {
             tier: Tier::Tiered,
             ..Config::default()
         };
         assert!(c.clone().validate().is_ok());
-        for durability in [Durability::Memory, Durability::Replicated] {
-            c.durability = durability;
-            let message = c.clone().validate().unwrap_err().to_string();
-            assert!(
-                message.contains("`tier`") && message.contains("local"),
-                "{message}"
-            );
-        }
+        c.durability = Durability::Memory;
+        let message = c.clone().validate().unwrap_err().to_string();
+        assert!(
+            message.contains("`tier`") && message.contains("local"),
+            "{message}"
+        );
+        c.durability = Durability::Replicated;
+        assert!(c.clone().validate().is_ok());
+        c.sealed_dir = "/elsewhere/sealed".into();
+        let message = c.clone().validate().unwrap_err().to_string();
+        assert!(
+            message.contains("`sealed_dir`") && message.contains("data_dir"),
+            "{message}"
+        );
+        c.sealed_dir = c.data_dir.join("sealed").display().to_string();
+        assert!(c.clone().validate().is_ok());
+        c.durability = Durability::Local;
+        c.sealed_dir = "/elsewhere/sealed".into();
+        assert!(c.clone().validate().is_ok());
     }
 
     #[test]

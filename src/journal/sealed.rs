@@ -197,6 +197,19 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
     Some((from.parse().ok()?, cut.parse().ok()?))
 }
 
+/// The file of the ids of `shard` adopted from the journal before `cut_ms`.
+fn adopted_name(shard: u32, cut_ms: u64) -> String {
+    format!("adopted-{shard:05}-{cut_ms:013}.sealed")
+}
+
+fn parse_adopted(name: &str) -> Option<(u32, u64)> {
+    let (shard, cut) = name
+        .strip_prefix("adopted-")?
+        .strip_suffix(".sealed")?
+        .split_once('-')?;
+    Some((shard.parse().ok()?, cut.parse().ok()?))
+}
+
 /// Writes a generation: shard by shard ([`Self::begin_shard`]), each
 /// shard's entries in fingerprint order.
 pub struct Writer {
@@ -233,8 +246,17 @@ impl Writer {
     ///
     /// The file could not be created.
     pub fn create(dir: &Path, from_ms: u64, cut_ms: u64) -> Result<Self, SealedError> {
+        Self::create_named(dir, &file_name(from_ms, cut_ms), from_ms, cut_ms)
+    }
+
+    /// Starts `<dir>/<name>` (as a `.tmp`), of the span `from_ms..cut_ms`.
+    ///
+    /// # Errors
+    ///
+    /// The file could not be created.
+    fn create_named(dir: &Path, name: &str, from_ms: u64, cut_ms: u64) -> Result<Self, SealedError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let path = dir.join(file_name(from_ms, cut_ms));
+        let path = dir.join(name);
         let tmp = path.with_extension("tmp");
         let file = File::create(&tmp).map_err(io(&tmp))?;
         Ok(Self {
@@ -698,17 +720,21 @@ impl Generation {
         let fences = &self.fences[start..end];
         let first = start + fences.partition_point(|&f| f < fp.hi);
         let last = start + fences.partition_point(|&f| f <= fp.hi);
+        // Entries are in `(key, born)` order: an id that arrived twice (a
+        // merge of a generation before a forget with one after it) is
+        // answered by its last arrival.
+        let mut found = None;
         for b in first.saturating_sub(1).max(start)..last {
             probed.reads += 1;
-            if let Some(e) = self
+            let newest = self
                 .read_block(b as u64)?
                 .into_iter()
-                .find(|e| e.key() == (shard, fp))
-            {
-                return Ok(Some(e.born_ms));
-            }
+                .filter(|e| e.key() == (shard, fp))
+                .map(|e| e.born_ms)
+                .max();
+            found = found.max(newest);
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// The entries of block `n`, its checksum checked.
@@ -821,6 +847,15 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Pushes `item` unless `list` has it; whether it was new.
+fn push_new<T: PartialEq>(list: &mut Vec<T>, item: T) -> bool {
+    let new = !list.contains(&item);
+    if new {
+        list.push(item);
+    }
+    new
+}
+
 /// Writes the entries of `generations` still alive at `horizon_ms` (born at
 /// or after it) into one new generation in `dir` spanning them all: a
 /// k-way merge, reading each file once in order.
@@ -881,6 +916,18 @@ pub struct Sealed {
     forgotten: std::sync::Mutex<std::collections::HashMap<(u32, Fingerprint), u64>>,
     /// Generations a lookup found damaged, to be rebuilt from the journal.
     damaged: std::sync::Mutex<Vec<Span>>,
+    /// Per shard, the ids that came from the journal stream when the shard
+    /// was taken over (or caught up), arrived before the cut but after the
+    /// seals that covered their time: at most one file per shard, outside
+    /// the generations' sequence of cuts ([`Self::adopt`]).
+    adopted: arc_swap::ArcSwap<BTreeMap<u32, Arc<Generation>>>,
+    /// Adopted files found damaged: their shard and cut.
+    damaged_adopted: std::sync::Mutex<Vec<(u32, u64)>>,
+    /// Held (exclusively) by a seal from its read of the journal until the
+    /// tables dropped what it sealed, and (shared) by a replay of a
+    /// shard's journal from reading the cut until it has adopted what it
+    /// found before the cut: a replay never misses what a seal moved.
+    turn: tokio::sync::RwLock<()>,
     pub seals: AtomicU64,
     pub merges: AtomicU64,
     pub filter_probes: AtomicU64,
@@ -902,13 +949,37 @@ impl Sealed {
     pub fn open(dir: &Path) -> Result<Self, SealedError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut spans = Vec::new();
+        let mut adopted_files: BTreeMap<u32, Vec<(u64, PathBuf)>> = BTreeMap::new();
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let path = entry.map_err(io(dir))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if name.ends_with(".tmp") {
                 std::fs::remove_file(&path).map_err(io(&path))?;
+            } else if let Some((shard, cut)) = parse_adopted(name) {
+                adopted_files.entry(shard).or_default().push((cut, path));
             } else if let Some(span) = parse_name(name) {
                 spans.push((span, path));
+            }
+        }
+        // A shard's newest adopted file holds what the older ones did (a
+        // crash may leave an older one behind).
+        let (mut adopted, mut damaged_adopted) = (BTreeMap::new(), Vec::new());
+        for (shard, mut files) in adopted_files {
+            files.sort();
+            let (cut, newest) = files.pop().expect("a file");
+            for (_, older) in files {
+                std::fs::remove_file(&older).map_err(io(&older))?;
+            }
+            match Generation::open(&newest) {
+                Ok(g) => {
+                    adopted.insert(shard, Arc::new(g));
+                }
+                Err(e @ SealedError::Damaged(..)) => {
+                    tracing::error!(message = "An adopted sealed file is damaged; rebuilding it from the journal.", error = %e);
+                    std::fs::rename(&newest, newest.with_extension("damaged")).map_err(io(&newest))?;
+                    damaged_adopted.push((shard, cut));
+                }
+                Err(e) => return Err(e),
             }
         }
         spans.sort_by_key(|((from, cut), _)| (*from, Reverse(*cut)));
@@ -945,6 +1016,9 @@ impl Sealed {
             changing: std::sync::Mutex::default(),
             forgotten: std::sync::Mutex::default(),
             damaged: std::sync::Mutex::new(damaged),
+            adopted: arc_swap::ArcSwap::from_pointee(adopted),
+            damaged_adopted: std::sync::Mutex::new(damaged_adopted),
+            turn: tokio::sync::RwLock::new(()),
             seals: AtomicU64::new(0),
             merges: AtomicU64::new(0),
             filter_probes: AtomicU64::new(0),
@@ -1016,16 +1090,21 @@ impl Sealed {
                 .filter(|g| g.span.ids > 0)
                 .take_while(|g| g.span.newest_ms >= horizon_ms)
         };
+        let adopted = self.adopted.load();
+        let adopted = adopted
+            .get(&shard)
+            .filter(|g| g.span.ids > 0 && g.span.newest_ms >= horizon_ms);
+        let prefetch = |fp: Fingerprint| live().chain(adopted).for_each(|g| g.prefetch(shard, fp));
         for fp in fps.iter().take(AHEAD) {
-            live().for_each(|g| g.prefetch(shard, *fp));
+            prefetch(*fp);
         }
         let (mut probed, mut hits) = (Probed::default(), 0);
         let mut answered = Ok(());
         for (i, &fp) in fps.iter().enumerate() {
             if let Some(later) = fps.get(i + AHEAD) {
-                live().for_each(|g| g.prefetch(shard, *later));
+                prefetch(*later);
             }
-            match self.find(live(), shard, fp, &mut probed) {
+            match self.find(live(), adopted, shard, fp, &mut probed) {
                 Ok(found) => {
                     let alive = found.filter(|&born| born >= horizon_ms);
                     hits += u64::from(alive.is_some());
@@ -1043,36 +1122,54 @@ impl Sealed {
         answered
     }
 
-    /// When `(shard, fp)` last arrived, in the newest of `live` holding it,
-    /// unless it was forgotten since.
+    /// When `(shard, fp)` last arrived, unless it was forgotten since: in
+    /// the newest of the generations `live` (newest first, then the
+    /// shard's `adopted` file) holding it, and in the adopted file.
     fn find<'g>(
         &self,
         live: impl Iterator<Item = &'g Arc<Generation>>,
+        adopted: Option<&Arc<Generation>>,
         shard: u32,
         fp: Fingerprint,
         probed: &mut Probed,
     ) -> Result<Option<u64>, SealedError> {
+        let mut born = None;
         for g in live {
-            match g.born_ms(shard, fp, probed) {
-                Ok(Some(born)) => {
-                    let forgotten = lock(&self.forgotten);
-                    if forgotten.get(&(shard, fp)).is_some_and(|&at| born <= at) {
-                        return Ok(None);
-                    }
-                    return Ok(Some(born));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    let mut damaged = lock(&self.damaged);
-                    if !damaged.contains(&g.span) {
-                        tracing::error!(message = "A sealed generation is damaged; rebuilding it from the journal.", error = %e);
-                        damaged.push(g.span);
-                    }
-                    return Err(e);
-                }
+            born = born.max(self.probe(g, shard, fp, probed)?);
+            if born.is_some() {
+                break;
             }
         }
-        Ok(None)
+        // The adopted file's arrivals may be newer than the generations'.
+        if let Some(g) = adopted {
+            born = born.max(self.probe(g, shard, fp, probed)?);
+        }
+        let Some(born) = born else { return Ok(None) };
+        let forgotten = lock(&self.forgotten);
+        Ok(match forgotten.get(&(shard, fp)) {
+            Some(&at) if born <= at => None,
+            _ => Some(born),
+        })
+    }
+
+    /// [`Generation::born_ms`], a damaged generation listed for its rebuild.
+    fn probe(
+        &self,
+        g: &Generation,
+        shard: u32,
+        fp: Fingerprint,
+        probed: &mut Probed,
+    ) -> Result<Option<u64>, SealedError> {
+        g.born_ms(shard, fp, probed).inspect_err(|e| {
+            let name = g.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let listed = match parse_adopted(name) {
+                Some(adopted) => push_new(&mut lock(&self.damaged_adopted), adopted),
+                None => push_new(&mut lock(&self.damaged), g.span),
+            };
+            if listed {
+                tracing::error!(message = "A sealed generation is damaged; rebuilding it from the journal.", error = %e);
+            }
+        })
     }
 
     /// Seals `shards` (in order, each sorted by fingerprint), the ids
@@ -1137,6 +1234,21 @@ impl Sealed {
             }
         }
         lock(&self.forgotten).retain(|_, at| *at >= horizon_ms);
+        let adopted = self.adopted.load_full();
+        let gone: Vec<u32> = adopted
+            .iter()
+            .filter(|(_, g)| g.span.newest_ms < horizon_ms)
+            .map(|(shard, _)| *shard)
+            .collect();
+        if !gone.is_empty() {
+            let mut left = BTreeMap::clone(&adopted);
+            for shard in gone {
+                let g = left.remove(&shard).expect("listed");
+                removed += 1;
+                std::fs::remove_file(&g.path).map_err(io(&g.path))?;
+            }
+            self.adopted.store(Arc::new(left));
+        }
         let mut gens = kept;
         while gens.len() >= 2 {
             // The newest run of like size: each at most twice the newest's
@@ -1181,6 +1293,114 @@ impl Sealed {
         std::mem::take(&mut *lock(&self.damaged))
     }
 
+    /// The adopted files found damaged since the last call: their shard
+    /// and cut.
+    pub fn take_damaged_adopted(&self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut *lock(&self.damaged_adopted))
+    }
+
+    /// See the field `turn`: a seal takes it exclusively, a replay shared.
+    pub fn turn(&self) -> &tokio::sync::RwLock<()> {
+        &self.turn
+    }
+
+    /// Adds to the sealed tier `ids` of `shard` (fingerprint and arrival)
+    /// that arrived before the cut but were not in the journal's local
+    /// copy when the seals covering their time ran: what a node replays of
+    /// a shard's journal stream when it takes the shard over (or catches up
+    /// on it) before the cut. They join the shard's adopted file (one per
+    /// shard, written again with what it held, ids before `horizon_ms`
+    /// dropped, one arrival per id: the last), so that the tables, which
+    /// hold no id before the cut, need not hold them. The caller holds
+    /// [`Self::turn`] (shared) from reading the cut until this returns.
+    ///
+    /// # Errors
+    ///
+    /// The shard's adopted file could not be read or the new one written;
+    /// the old one stays.
+    pub fn adopt(
+        &self,
+        shard: u32,
+        mut ids: Vec<(Fingerprint, u64)>,
+        horizon_ms: u64,
+    ) -> Result<Option<Span>, SealedError> {
+        let _changing = lock(&self.changing);
+        if let Some(old) = self.adopted.load().get(&shard) {
+            for e in old.entries()? {
+                let e = e?;
+                ids.push((e.fingerprint, e.born_ms));
+            }
+        }
+        self.write_adopted(shard, self.cut_ms(), ids, horizon_ms)
+    }
+
+    /// Puts in place of the damaged adopted file of `shard` and `cut_ms`
+    /// one written from `ids` (rebuilt from the journal's local copy: every
+    /// id of the shard before the cut, which holds what it held).
+    ///
+    /// # Errors
+    ///
+    /// The new one could not be written.
+    pub fn rebuild_adopted(
+        &self,
+        shard: u32,
+        cut_ms: u64,
+        ids: Vec<(Fingerprint, u64)>,
+        horizon_ms: u64,
+    ) -> Result<Option<Span>, SealedError> {
+        let _changing = lock(&self.changing);
+        let rebuilt = self.write_adopted(shard, cut_ms, ids, horizon_ms)?;
+        let _ = std::fs::remove_file(
+            self.dir
+                .join(adopted_name(shard, cut_ms))
+                .with_extension("damaged"),
+        );
+        Ok(rebuilt)
+    }
+
+    /// Writes `ids` as the adopted file of `shard` and puts it in place of
+    /// the shard's last one (deleted); none if no id is left.
+    fn write_adopted(
+        &self,
+        shard: u32,
+        cut_ms: u64,
+        mut ids: Vec<(Fingerprint, u64)>,
+        horizon_ms: u64,
+    ) -> Result<Option<Span>, SealedError> {
+        ids.retain(|&(_, born)| born >= horizon_ms);
+        // The last arrival of each id first, then one per id.
+        ids.sort_unstable_by_key(|&(fp, born)| (fp, Reverse(born)));
+        ids.dedup_by_key(|&mut (fp, _)| fp);
+        let generation = match ids.is_empty() {
+            true => None,
+            false => {
+                let name = adopted_name(shard, cut_ms);
+                let mut writer = Writer::create_named(&self.dir, &name, 0, cut_ms)?;
+                writer.begin_shard(shard, ids.len() as u64)?;
+                for (fingerprint, born_ms) in ids {
+                    writer.push(Entry {
+                        shard,
+                        fingerprint,
+                        born_ms,
+                    })?;
+                }
+                let (path, _) = writer.finish()?;
+                Some(Arc::new(Generation::open(&path)?))
+            }
+        };
+        let mut adopted = BTreeMap::clone(&self.adopted.load());
+        let old = match &generation {
+            Some(g) => adopted.insert(shard, g.clone()),
+            None => adopted.remove(&shard),
+        };
+        self.adopted.store(Arc::new(adopted));
+        // (One of the same cut was replaced by the rename.)
+        if let Some(old) = old.filter(|old| generation.as_ref().is_none_or(|g| g.path != old.path)) {
+            std::fs::remove_file(&old.path).map_err(io(&old.path))?;
+        }
+        Ok(generation.map(|g| g.span))
+    }
+
     /// Puts in place of the generation of `span` (damaged, or left out at
     /// open) one written from `entries` (the same span, rebuilt from the
     /// journal).
@@ -1206,19 +1426,30 @@ impl Sealed {
         Ok(new)
     }
 
-    /// Ids in every generation (some may have expired already).
+    /// Calls `f` with every file: the generations, then the adopted ones.
+    fn each_file<T: std::iter::Sum<T>>(&self, f: impl Fn(&Generation) -> T) -> T {
+        let (generations, adopted) = (self.generations.load(), self.adopted.load());
+        generations.iter().chain(adopted.values()).map(|g| f(g)).sum()
+    }
+
+    /// Ids in every file (some may have expired already).
     pub fn ids(&self) -> u64 {
-        self.generations.load().iter().map(|g| g.span.ids).sum()
+        self.each_file(|g| g.span.ids)
+    }
+
+    /// Files of sealed ids: the generations and the adopted files.
+    pub fn files(&self) -> u64 {
+        self.each_file(|_| 1)
     }
 
     /// RAM the filters and fences take.
     pub fn memory_bytes(&self) -> usize {
-        self.generations.load().iter().map(|g| g.memory_bytes()).sum()
+        self.each_file(Generation::memory_bytes)
     }
 
     /// Bytes on disk.
     pub fn disk_bytes(&self) -> u64 {
-        self.generations.load().iter().map(|g| g.disk_bytes()).sum()
+        self.each_file(Generation::disk_bytes)
     }
 }
 
@@ -1248,7 +1479,7 @@ impl Older for Sealed {
     fn figures(&self) -> crate::engine::dedup::TierFigures {
         crate::engine::dedup::TierFigures {
             ids: self.ids(),
-            generations: self.generations.load().len() as u64,
+            generations: self.files(),
             memory_bytes: self.memory_bytes() as u64,
             disk_bytes: self.disk_bytes(),
             filter_probes: self.filter_probes.load(Relaxed),
@@ -1292,8 +1523,8 @@ impl crate::observe::metrics::Render for Sealed {
         let gauges = [
             (
                 "sealed_generations",
-                "Sealed generations (files) of ids moved out of RAM.",
-                self.generations.load().len() as u64,
+                "Files of ids moved out of RAM: sealed generations, and ids adopted from the journal stream at takeovers.",
+                self.files(),
             ),
             (
                 "sealed_ids",

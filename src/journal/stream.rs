@@ -31,7 +31,8 @@ use futures_util::StreamExt;
 
 use crate::engine::fingerprint::Fingerprint;
 use crate::engine::{Deduplicator, Record, unix_ms};
-use crate::journal::{Journal, JournalError, JournalErrorKind, LmdbStore, StoreMeta};
+use crate::journal::sealed::Sealed;
+use crate::journal::{Journal, JournalError, JournalErrorKind, JournalReader, LmdbStore, StoreMeta};
 use crate::observe::metrics::Metrics;
 
 /// Kind byte of a message of accepted ids.
@@ -152,6 +153,11 @@ impl std::fmt::Display for ReplayError {
 #[derive(Clone)]
 pub struct StreamJournal {
     local: Option<Arc<Mutex<LmdbStore>>>,
+    /// The sealed tier (`tier = "tiered"`), built from the local copy: a
+    /// replay adopts into it what it finds before the cut, and the copy
+    /// must then hold every acknowledged id (a failed copy fails the
+    /// append).
+    sealed: Option<Arc<Sealed>>,
     /// The copy was found to be of another stream: not read any more.
     stale_copy: Arc<std::sync::atomic::AtomicBool>,
     js: jetstream::Context,
@@ -267,6 +273,7 @@ impl StreamJournal {
         let max_age = stream.cached_info().config.max_age;
         Ok(Self {
             local: None,
+            sealed: None,
             stale_copy: Arc::default(),
             js,
             stream,
@@ -286,6 +293,13 @@ impl StreamJournal {
     /// [`Self::identity`] for making sure it is of this stream).
     pub fn with_copy(mut self, local: LmdbStore) -> Self {
         self.local = Some(Arc::new(Mutex::new(local)));
+        self
+    }
+
+    /// Adopts into `sealed` what replays find before its cut (see
+    /// [`Sealed::adopt`]).
+    pub fn with_sealed(mut self, sealed: Arc<Sealed>) -> Self {
+        self.sealed = Some(sealed);
         self
     }
 
@@ -338,12 +352,22 @@ impl StreamJournal {
         shard: u32,
         dedup: &Arc<Deduplicator>,
     ) -> Result<(u64, usize, usize), ReplayError> {
+        // With a sealed tier, what it holds (before its cut) is not read
+        // into the table: the copy is read from the cut on, and the
+        // journal's ids before it are adopted (the cut holds still
+        // meanwhile).
+        let turn = match &self.sealed {
+            Some(sealed) => Some(sealed.turn().read().await),
+            None => None,
+        };
+        let cut = self.sealed.as_ref().map_or(0, |s| s.cut_ms());
         let last = self.last_sequence(shard).await?;
         let mut after = 0;
         let mut from_copy = 0;
         if let Some(local) = &self.local {
             let (local, tables) = (local.clone(), dedup.clone());
             let stale = self.stale_copy.clone();
+            let tiered = self.sealed.is_some();
             let copied = tokio::task::spawn_blocking(move || -> Result<(u64, usize), JournalError> {
                 let local = local.lock().unwrap_or_else(PoisonError::into_inner);
                 let at = local.journal_position(shard)?;
@@ -359,11 +383,18 @@ impl StreamJournal {
                         journal_last = last,
                     );
                 }
+                if tiered && stale.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(JournalError::new(
+                        JournalErrorKind::Mismatch,
+                        "the local copy, and the sealed files built from it, are of an earlier journal stream \
+                         of this name: restart the node (its data_dir is then moved aside and rebuilt)",
+                    ));
+                }
                 if at == 0 || stale.load(std::sync::atomic::Ordering::Relaxed) {
                     return Ok((0, 0));
                 }
                 let now = unix_ms();
-                let since = now.saturating_sub(tables.config().window_ms);
+                let since = now.saturating_sub(tables.config().window_ms).max(cut);
                 let mut table = tables.table(shard);
                 let mut restored = 0;
                 local.scan(&[shard], since, &mut |r| {
@@ -374,6 +405,9 @@ impl StreamJournal {
             .await;
             match copied {
                 Ok(Ok((at, n))) => (after, from_copy) = (at, n),
+                Ok(Err(e)) if e.kind() == JournalErrorKind::Mismatch => {
+                    return Err(ReplayError(format!("shard {shard}: {e}")));
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(message = "Cannot read the local copy; replaying the whole journal.", shard, error = %e)
                 }
@@ -385,7 +419,8 @@ impl StreamJournal {
                 dedup.clear(shard);
             }
         }
-        let (last, from_journal) = self.replay(shard, after, dedup).await?;
+        let (last, from_journal) = self.replay_cut(shard, after, dedup, cut).await?;
+        drop(turn);
         // The window in force reaches back no further than the stream
         // holds ids (a window raised beyond its max_age grows into it).
         dedup.held_since(self.expired_before());
@@ -405,6 +440,25 @@ impl StreamJournal {
         shard: u32,
         after: u64,
         dedup: &Deduplicator,
+    ) -> Result<(u64, usize), ReplayError> {
+        let turn = match &self.sealed {
+            Some(sealed) => Some(sealed.turn().read().await),
+            None => None,
+        };
+        let cut = self.sealed.as_ref().map_or(0, |s| s.cut_ms());
+        let replayed = self.replay_cut(shard, after, dedup, cut).await;
+        drop(turn);
+        replayed
+    }
+
+    /// [`Self::replay`], the sealed tier's cut at `cut_ms` (held still by
+    /// the caller): ids before it go to the sealed tier, not the table.
+    async fn replay_cut(
+        &self,
+        shard: u32,
+        after: u64,
+        dedup: &Deduplicator,
+        cut_ms: u64,
     ) -> Result<(u64, usize), ReplayError> {
         let last = self.last_sequence(shard).await?;
         if last <= after {
@@ -431,6 +485,8 @@ impl StreamJournal {
         // What is replayed goes into the local copy too, so that the copy
         // holds the whole journal up to the position it records.
         let mut copy = CopyBuffer::default();
+        // Ids before the sealed tier's cut, for it to adopt.
+        let mut adopted = Vec::new();
         loop {
             let message = match tokio::time::timeout(TIMEOUT, messages.next()).await {
                 Ok(Some(Ok(message))) => message,
@@ -446,7 +502,9 @@ impl StreamJournal {
             let (kind, ids) =
                 decode(&message.payload).map_err(|e| fail(&format!("message {sequence}"), &e))?;
             if copy.kind != kind || copy.records.len() >= COPY_BATCH {
-                self.copy(shard, &mut copy).await;
+                self.copy(shard, &mut copy)
+                    .await
+                    .map_err(|e| fail("local copy", &e))?;
                 copy.kind = kind;
             }
             {
@@ -460,29 +518,59 @@ impl StreamJournal {
                     match kind {
                         FORGOTTEN => {
                             table.remove(fingerprint);
+                            if let Some(sealed) = &self.sealed {
+                                sealed.forget(shard, fingerprint, born_ms);
+                            }
                         }
-                        _ if now.saturating_sub(born_ms) < window_ms => {
-                            restored += usize::from(table.restore(fingerprint, born_ms, now));
-                        }
-                        _ => {}
+                        _ if now.saturating_sub(born_ms) >= window_ms => {}
+                        _ if born_ms < cut_ms => adopted.push((fingerprint, born_ms)),
+                        _ => restored += usize::from(table.restore(fingerprint, born_ms, now)),
                     }
                 }
             }
             copy.through = sequence;
             if sequence >= last {
-                self.copy(shard, &mut copy).await;
+                self.copy(shard, &mut copy)
+                    .await
+                    .map_err(|e| fail("local copy", &e))?;
+                restored += self
+                    .adopt(shard, adopted, window_ms)
+                    .await
+                    .map_err(|e| fail("sealed tier", &e))?;
                 return Ok((sequence, restored));
             }
         }
     }
 
+    /// Hands `ids` of `shard` (before the cut) to the sealed tier; how
+    /// many.
+    async fn adopt(&self, shard: u32, ids: Vec<(Fingerprint, u64)>, window_ms: u64) -> Result<usize, String> {
+        let Some(sealed) = self.sealed.clone().filter(|_| !ids.is_empty()) else {
+            return Ok(0);
+        };
+        let n = ids.len();
+        let horizon = unix_ms().saturating_sub(window_ms);
+        let adopted = tokio::task::spawn_blocking(move || sealed.adopt(shard, ids, horizon))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            message = "Sealed the shard's ids from before the cut found in the journal stream.",
+            shard,
+            ids = n,
+            adopted = adopted.map_or(0, |s| s.ids),
+        );
+        Ok(n)
+    }
+
     /// Writes the replayed messages in `buffer` to the local copy, with the
     /// shard's position after them, and empties it. A failure is logged: the
-    /// copy then keeps its older position, and a later takeover replays more.
-    async fn copy(&self, shard: u32, buffer: &mut CopyBuffer) {
-        let Some(local) = &self.local else { return };
+    /// copy then keeps its older position, and a later takeover replays
+    /// more. With a sealed tier (which seals from the copy) it is an error.
+    async fn copy(&self, shard: u32, buffer: &mut CopyBuffer) -> Result<(), JournalError> {
+        let Some(local) = &self.local else { return Ok(()) };
         if buffer.through == 0 {
-            return;
+            return Ok(());
         }
         let (local, kind, through) = (local.clone(), buffer.kind, buffer.through);
         let records = std::mem::take(&mut buffer.records);
@@ -500,7 +588,11 @@ impl StreamJournal {
         {
             Metrics::inc(&self.metrics.store_errors);
             tracing::warn!(message = "Cannot copy replayed journal messages to the local store.", shard, error = %e);
+            if self.sealed.is_some() {
+                return Err(e);
+            }
         }
+        Ok(())
     }
 
     /// Appends one message of `kind` per shard of `records`, all at once,
@@ -573,7 +665,12 @@ impl StreamJournal {
         }
         if !acked.is_empty() {
             let partial = !(fenced.is_empty() && unavailable.is_empty());
-            self.copy_locally(kind, records, &acked, partial);
+            let copied = self.copy_locally(kind, records, &acked, partial);
+            // The sealed tier seals what the copy holds: an id missing
+            // from it would be dropped from the table unsealed.
+            if let (Err(e), Some(_)) = (copied, &self.sealed) {
+                return Err(e);
+            }
         }
         if fenced.is_empty() && unavailable.is_empty() {
             return Ok(());
@@ -599,9 +696,16 @@ impl StreamJournal {
     /// Writes the journalled records of the `acked` shards (only some of
     /// the records' shards when `partial`) into the local copy with their
     /// journal positions.
-    fn copy_locally(&self, kind: u8, records: &[Record], acked: &[(u32, u64)], partial: bool) {
-        // The journal has them: the local copy is a convenience, and its
-        // failure costs a longer replay, never a verdict.
+    fn copy_locally(
+        &self,
+        kind: u8,
+        records: &[Record],
+        acked: &[(u32, u64)],
+        partial: bool,
+    ) -> Result<(), JournalError> {
+        // The journal has them: without a sealed tier the local copy is a
+        // convenience, and its failure costs a longer replay, never a
+        // verdict.
         if let Some(local) = &self.local {
             let kept: Vec<Record>;
             let records = if partial {
@@ -624,8 +728,10 @@ impl StreamJournal {
             if let Err(e) = copied {
                 Metrics::inc(&self.metrics.store_errors);
                 tracing::warn!(message = "Cannot write the local copy of the journal; a takeover replays more of the stream.", error = %e);
+                return Err(e);
             }
         }
+        Ok(())
     }
 }
 
@@ -714,6 +820,13 @@ impl Journal for StreamJournal {
 
     fn location(&self) -> String {
         format!("JetStream stream {}", self.name)
+    }
+
+    /// A reader of the local copy (what the sealed tier is built from).
+    fn reader(&self) -> Option<Box<dyn JournalReader>> {
+        self.local
+            .as_ref()
+            .and_then(|local| local.lock().unwrap_or_else(PoisonError::into_inner).reader())
     }
 }
 

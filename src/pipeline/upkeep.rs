@@ -130,7 +130,28 @@ pub async fn seal_loop(
 /// # Errors
 ///
 /// The journal or the new file could not be read or written.
-pub fn rebuild_damaged(sealed: &Sealed, reader: &dyn JournalReader) -> Result<(), String> {
+pub fn rebuild_damaged(sealed: &Sealed, reader: &dyn JournalReader, horizon_ms: u64) -> Result<(), String> {
+    for (shard, cut) in sealed.take_damaged_adopted() {
+        // Every id of the shard before the cut that the copy holds: what
+        // the file held, and what the generations hold besides.
+        let mut ids = Vec::new();
+        reader
+            .scan_span(horizon_ms, cut, &mut |r| {
+                if r.shard == shard {
+                    ids.push((r.fingerprint, r.born_ms));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        let rebuilt = sealed
+            .rebuild_adopted(shard, cut, ids, horizon_ms)
+            .map_err(|e| e.to_string())?;
+        tracing::warn!(
+            message = "Rebuilt a damaged adopted sealed file from the journal's local copy.",
+            shard,
+            cut_ms = cut,
+            ids = rebuilt.map_or(0, |s| s.ids)
+        );
+    }
     for span in sealed.take_damaged() {
         let entries = sealed::from_journal(reader, span.from_ms, span.cut_ms).map_err(|e| e.to_string())?;
         let rebuilt = sealed.rebuild(span, entries).map_err(|e| e.to_string())?;
@@ -152,13 +173,16 @@ fn seal_step(
     reader: &dyn JournalReader,
     hot_bytes: usize,
 ) -> Result<Option<(Span, usize, usize, Duration)>, String> {
-    rebuild_damaged(sealed, reader)?;
     let now = unix_ms();
     let horizon = (now + 1).saturating_sub(dedup.window_in_force(now));
+    rebuild_damaged(sealed, reader, horizon)?;
     let before = dedup.table_bytes();
     let cut = now.saturating_sub(SEAL_MARGIN_MS);
     let mut done = None;
     if before > hot_bytes && cut > sealed.cut_ms() && dedup.wait_settled(SETTLE_TIMEOUT) {
+        // No replay of a shard's journal runs from here until the tables
+        // dropped what was sealed (see `Sealed::adopt`).
+        let _turn = sealed.turn().blocking_write();
         let started = std::time::Instant::now();
         let entries =
             sealed::from_journal(reader, sealed.cut_ms().max(horizon), cut).map_err(|e| e.to_string())?;

@@ -151,6 +151,11 @@ pub async fn start_with(
     };
     let node = settings.node_id.clone();
     let mut background = Vec::new();
+    // Replicated: what a takeover replays from before the cut is sealed.
+    let stream = match (stream, &tier) {
+        (Some(stream), Some((sealed, _))) => Some(stream.with_sealed(sealed.clone())),
+        (stream, _) => stream,
+    };
     if let Some((sealed, reader)) = tier {
         let hot_bytes = usize::try_from(settings.config.hot_bytes).unwrap_or(usize::MAX);
         let sealing = upkeep::seal_loop(pipeline.dedup().clone(), sealed, reader, hot_bytes);
@@ -410,7 +415,7 @@ async fn open_tier(
     let reader: Arc<dyn JournalReader> = reader.map(Arc::from).ok_or_else(|| {
         ServiceError::Journal(JournalError::new(
             JournalErrorKind::Open,
-            "tier = \"tiered\" needs the LMDB store (durability = \"local\")",
+            "tier = \"tiered\" needs the LMDB store (durability = \"local\") or the journal's local copy (\"replicated\")",
         ))
     })?;
     let dir = match settings.config.sealed_dir.as_str() {
@@ -418,9 +423,10 @@ async fn open_tier(
         dir => dir.into(),
     };
     let opening = reader.clone();
+    let horizon = crate::engine::unix_ms().saturating_sub(settings.window_ms);
     let sealed = tokio::task::spawn_blocking(move || {
         let sealed = Sealed::open(&dir).map_err(|e| e.to_string())?;
-        upkeep::rebuild_damaged(&sealed, opening.as_ref())?;
+        upkeep::rebuild_damaged(&sealed, opening.as_ref(), horizon)?;
         opening
             .forgotten(&mut |shard, fp, at| sealed.forget(shard, fp, at))
             .map_err(|e| e.to_string())?;

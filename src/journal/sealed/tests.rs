@@ -180,6 +180,81 @@ fn opening_removes_what_a_crash_left_half_done() {
     assert_eq!(sealed.born_ms(1, a(250).fingerprint, 0).unwrap(), Some(250));
 }
 
+#[test]
+fn adopted_ids_are_found_beside_the_generations_by_their_last_arrival_and_outlive_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = Sealed::open(dir.path()).unwrap();
+    let id = |i: u64| Fingerprint::of(format!("t{i}").as_bytes());
+    // The generations: ids 0..100 of shard 3, arrived at 100 + i.
+    let sealed_ids: Vec<Entry> = (0..100).map(|i| entry(3, id(i), 100 + i)).collect();
+    sealed.seal(by_shard(&sorted(sealed_ids)), 1_000).unwrap();
+    // Replayed from the journal at a takeover: ids 50..150 of shard 3
+    // (50..100 again, later), and one of shard 4.
+    let replayed: Vec<(Fingerprint, u64)> = (50..150).map(|i| (id(i), 500 + i)).collect();
+    assert_eq!(sealed.adopt(3, replayed, 0).unwrap().unwrap().ids, 100);
+    sealed.adopt(4, vec![(id(7), 900)], 0).unwrap();
+    let born = |shard, i| sealed.born_ms(shard, id(i), 0).unwrap();
+    assert_eq!(born(3, 10), Some(110), "in a generation only");
+    assert_eq!(born(3, 60), Some(560), "the adopted arrival is the last");
+    assert_eq!(born(3, 120), Some(620), "adopted only");
+    assert_eq!(born(4, 7), Some(900));
+    assert_eq!(born(4, 8), None, "another shard's adopted ids are not this one's");
+    assert_eq!(born(5, 120), None);
+    assert_eq!(sealed.files(), 3);
+    // A forget hides an adopted arrival at or before it.
+    sealed.forget(3, id(120), 700);
+    assert_eq!(born(3, 120), None);
+    // A second takeover adds to what was adopted, the older arrivals kept
+    // once, ids before the horizon dropped; one file per shard.
+    let again: Vec<(Fingerprint, u64)> = vec![(id(200), 950), (id(60), 520), (id(140), 640)];
+    let span = sealed.adopt(3, again, 600).unwrap().unwrap();
+    assert_eq!(span.ids, 50 + 1, "140..150 from before (≥ 600), and 200");
+    assert_eq!(born(3, 200), Some(950));
+    assert_eq!(born(3, 145), Some(645));
+    let adopted_of_3 = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("adopted-00003")
+            })
+            .count()
+    };
+    assert_eq!(adopted_of_3(dir.path()), 1);
+    // Reopened: the same answers; an older adopted file a crash left
+    // behind is removed.
+    drop(sealed);
+    std::fs::copy(
+        dir.path().join("adopted-00003-0000000001000.sealed"),
+        dir.path().join("adopted-00003-0000000000999.sealed"),
+    )
+    .unwrap();
+    let sealed = Sealed::open(dir.path()).unwrap();
+    assert_eq!(adopted_of_3(dir.path()), 1);
+    assert_eq!(sealed.born_ms(3, id(200), 0).unwrap(), Some(950));
+    assert_eq!(sealed.born_ms(4, id(7), 0).unwrap(), Some(900));
+    // Expiry deletes an adopted file whose newest id left the window.
+    sealed.compact(920, 8).unwrap();
+    assert_eq!(sealed.born_ms(4, id(7), 0).unwrap(), None);
+    assert_eq!(sealed.born_ms(3, id(200), 0).unwrap(), Some(950));
+    // A damaged adopted file is left out at open, and rebuilt.
+    drop(sealed);
+    let path = dir.path().join("adopted-00003-0000000001000.sealed");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() - 20;
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let sealed = Sealed::open(dir.path()).unwrap();
+    assert_eq!(sealed.take_damaged_adopted(), [(3, 1_000)]);
+    assert_eq!(sealed.born_ms(3, id(200), 0).unwrap(), None);
+    sealed.rebuild_adopted(3, 1_000, vec![(id(200), 950)], 0).unwrap();
+    assert_eq!(sealed.born_ms(3, id(200), 0).unwrap(), Some(950));
+    assert!(!dir.path().join("adopted-00003-0000000001000.damaged").exists());
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     /// An id (of a small space, so ids come again) arrives `dt` ms later.
