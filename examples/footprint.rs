@@ -9,10 +9,11 @@
 //!
 //! `tier = "tiered"` (the sealed tier), in two processes:
 //!
-//! - `footprint --tier tiered build DIR N [PER_SEAL]`: seals N ids (`ev<i>`,
-//!   placed in 32 shards as the sidecar places them) into DIR, PER_SEAL
-//!   (default 10 M) at a time, merged as the sidecar merges; reports the
-//!   time and the bytes on disk.
+//! - `footprint --tier tiered build DIR N [PER_SEAL [BITS]]`: seals N ids
+//!   (`ev<i>`, placed in 32 shards as the sidecar places them) into DIR,
+//!   PER_SEAL (default 10 M) at a time, merged as the sidecar merges, with
+//!   BITS-bit filters (8 or 16, `sealed_filter_bits`); reports the time and
+//!   the bytes on disk.
 //! - `footprint --tier tiered open DIR N M`: opens DIR in a fresh process
 //!   and reports the time to serve (open) and `RssAnon` growth per sealed
 //!   id (page cache excluded); then, with those N ids sealed behind an
@@ -97,7 +98,7 @@ mod tiered {
     use eventsieve::engine::fingerprint::Fingerprint;
     use eventsieve::engine::shard::shard_of;
     use eventsieve::engine::{Deduplicator, EngineConfig, Verdict};
-    use eventsieve::journal::sealed::{Entry, Sealed};
+    use eventsieve::journal::sealed::{Entry, FilterBits, Sealed};
 
     use super::status_kib;
 
@@ -125,6 +126,7 @@ mod tiered {
                 dir,
                 arg(2, "N"),
                 args.get(3).map_or(10_000_000, |_| arg(3, "PER_SEAL")),
+                args.get(4).map_or(8, |_| arg(4, "BITS")),
             ),
             Some("open") => open(
                 dir,
@@ -135,13 +137,14 @@ mod tiered {
                     _ => None,
                 },
             ),
-            _ => panic!("--tier tiered build DIR N [PER_SEAL] | open DIR N M [--baseline [K]]"),
+            _ => panic!("--tier tiered build DIR N [PER_SEAL [BITS]] | open DIR N M [--baseline [K]]"),
         }
     }
 
-    fn build(dir: &Path, n: u64, per_seal: u64) {
+    fn build(dir: &Path, n: u64, per_seal: u64, bits: u64) {
         let started = Instant::now();
-        let sealed = Sealed::open(dir).expect("open DIR");
+        let bits = FilterBits::from_bits(bits).expect("BITS: 8 or 16");
+        let sealed = Sealed::open(dir).expect("open DIR").with_filter(bits);
         let born = born();
         let mut first = 0;
         while first < n {

@@ -15,7 +15,7 @@ use super::{Running, ServiceError, replicated};
 use crate::config::{Durability, OutputKind, Settings, Tier};
 use crate::control::{self, Window};
 use crate::engine::Deduplicator;
-use crate::journal::sealed::Sealed;
+use crate::journal::sealed::{FilterBits, Sealed};
 use crate::journal::writer::{self, WriterConfig};
 use crate::journal::{Journal, JournalError, JournalErrorKind, JournalReader};
 use crate::nats::ordered::OrderedRequests;
@@ -423,9 +423,10 @@ async fn open_tier(
         dir => dir.into(),
     };
     let opening = reader.clone();
+    let bits = FilterBits::from_bits(settings.config.sealed_filter_bits).unwrap_or_default();
     let horizon = crate::engine::unix_ms().saturating_sub(settings.window_ms);
     let sealed = tokio::task::spawn_blocking(move || {
-        let sealed = Sealed::open(&dir).map_err(|e| e.to_string())?;
+        let sealed = Sealed::open(&dir).map_err(|e| e.to_string())?.with_filter(bits);
         upkeep::rebuild_damaged(&sealed, opening.as_ref(), horizon)?;
         opening
             .forgotten(&mut |shard, fp, at| sealed.forget(shard, fp, at))

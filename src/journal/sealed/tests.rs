@@ -23,8 +23,14 @@ fn sorted(mut entries: Vec<Entry>) -> Vec<Entry> {
 
 #[test]
 fn every_sealed_id_is_found_with_its_arrival_and_absent_ids_rarely_read_a_block() {
+    // Absent ids reading a block at most (per 10 000), and RAM per id.
+    found_and_rarely_read(FilterBits::Eight, 100, 1.0..1.5);
+    found_and_rarely_read(FilterBits::Sixteen, 1, 2.0..2.6);
+}
+
+fn found_and_rarely_read(bits: FilterBits, reads_per_10k: u64, ram: std::ops::Range<f64>) {
     let dir = tempfile::tempdir().unwrap();
-    let sealed = Sealed::open(dir.path()).unwrap();
+    let sealed = Sealed::open(dir.path()).unwrap().with_filter(bits);
     // Three partitions' worth, over 8 shards.
     let n = 150_000u64;
     let ids: Vec<Entry> = (0..n)
@@ -60,16 +66,25 @@ fn every_sealed_id_is_found_with_its_arrival_and_absent_ids_rarely_read_a_block(
     }
     let reads = sealed.block_reads.load(Relaxed) - reads_before;
     assert!(
-        reads < 2 * n / 100,
-        "{reads} block reads for {} absent ids",
+        reads <= 2 * n * reads_per_10k / 10_000,
+        "{bits:?}: {reads} block reads for {} absent ids",
         2 * n
     );
-    // In RAM: the filters and fences, about 1.2 bytes per id.
+    // In RAM: the filters and fences.
     let per_id = sealed.memory_bytes() as f64 / n as f64;
     assert!(
-        (1.0..1.5).contains(&per_id),
-        "{per_id} bytes of RAM per sealed id"
+        ram.contains(&per_id),
+        "{bits:?}: {per_id} bytes of RAM per sealed id"
     );
+    // Reopened, each file reads its own width.
+    drop(sealed);
+    let sealed = Sealed::open(dir.path()).unwrap();
+    let e = ids[77];
+    assert_eq!(
+        sealed.born_ms(e.shard, e.fingerprint, 0).unwrap(),
+        Some(e.born_ms)
+    );
+    assert_eq!(sealed.memory_bytes() as f64 / n as f64, per_id);
 }
 
 #[test]
@@ -165,7 +180,7 @@ fn opening_removes_what_a_crash_left_half_done() {
     // A merge that wrote its output and was cut off before removing its
     // inputs; a seal cut off before its rename.
     let inputs = sealed.generations();
-    let merged = merge(dir.path(), &inputs, 0).unwrap();
+    let merged = merge(dir.path(), &inputs, 0, FilterBits::Eight).unwrap();
     assert_eq!(merged.span().ids, 300);
     std::fs::write(dir.path().join("0000000000300-0000000000400.tmp"), b"half").unwrap();
     drop((sealed, inputs, merged));
