@@ -1036,9 +1036,12 @@ pub fn merge(
 pub struct Sealed {
     dir: PathBuf,
     generations: arc_swap::ArcSwap<Vec<Arc<Generation>>>,
-    /// Held by a seal or a compaction: one changes the generations at a
-    /// time.
+    /// Held while the generations change (a seal, an expiry, a merge put
+    /// in place, a rebuild): one change at a time. Not while a merge
+    /// writes its file, so seals go on meanwhile.
     changing: std::sync::Mutex<()>,
+    /// Held by a compaction: one at a time.
+    compacting: std::sync::Mutex<()>,
     /// Ids forgotten (`eventsieve forget`) after they were sealed, and
     /// when: an arrival at or before that is not answered.
     forgotten: std::sync::Mutex<std::collections::HashMap<(u32, Fingerprint), u64>>,
@@ -1144,6 +1147,7 @@ impl Sealed {
             dir: dir.to_path_buf(),
             generations: arc_swap::ArcSwap::from_pointee(generations),
             changing: std::sync::Mutex::default(),
+            compacting: std::sync::Mutex::default(),
             forgotten: std::sync::Mutex::default(),
             damaged: std::sync::Mutex::new(damaged),
             adopted: arc_swap::ArcSwap::from_pointee(adopted),
@@ -1346,14 +1350,32 @@ impl Sealed {
     /// newest ones while more than `max` remain; merges drop the ids
     /// arrived before the horizon. Returns how many files it removed.
     ///
+    /// A merge writes its file without holding the generations still:
+    /// seals go on meanwhile, and the merged file then takes its inputs'
+    /// place (unless one of them was rebuilt meanwhile: then it is
+    /// dropped, and merged again later).
+    ///
     /// # Errors
     ///
     /// A merge failed; the generations stay as they were.
     pub fn compact(&self, horizon_ms: u64, max: usize) -> Result<usize, SealedError> {
-        let _changing = self
-            .changing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _compacting = lock(&self.compacting);
+        let mut removed = self.expire(horizon_ms)?;
+        while let Some(inputs) = self.next_merge(max) {
+            let merged = Arc::new(merge(&self.dir, &inputs, horizon_ms, self.filter)?);
+            self.merges.fetch_add(1, Relaxed);
+            match self.put_merged(&inputs, merged)? {
+                Some(n) => removed += n,
+                None => break,
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Drops the files whose newest id arrived before `horizon_ms` (the
+    /// newest generation excepted); how many.
+    fn expire(&self, horizon_ms: u64) -> Result<usize, SealedError> {
+        let _changing = lock(&self.changing);
         let mut removed = 0;
         let current = self.generations();
         // The newest is kept whatever its age: it records the cut.
@@ -1387,35 +1409,70 @@ impl Sealed {
             }
             self.adopted.store(Arc::new(left));
         }
-        let mut gens = kept;
-        while gens.len() >= 2 {
-            // The newest run of like size: each at most twice the newest's
-            // ids. Merged once it has `MERGE_RUN` generations (or, at least
-            // the two newest, while there are more than `max`).
-            let newest = gens.len() - 1;
-            let like = 2 * gens[newest].span.ids.max(1);
-            let mut start = newest;
-            while start > 0 && gens[start - 1].span.ids <= like {
-                start -= 1;
-            }
-            if gens.len() - start < MERGE_RUN && gens.len() <= max.max(1) {
-                break;
-            }
-            let start = start.min(newest - 1);
-            let merged = Arc::new(merge(&self.dir, &gens[start..], horizon_ms, self.filter)?);
-            self.merges.fetch_add(1, Relaxed);
-            let old: Vec<_> = gens.drain(start..).collect();
-            let merged_path = merged.path.clone();
-            gens.push(merged);
-            self.generations.store(Arc::new(gens.clone()));
-            // (An input spanning all the others, which were empty, had the
-            // output's name: the rename replaced it.)
-            for g in old.into_iter().filter(|g| g.path != merged_path) {
-                removed += 1;
-                std::fs::remove_file(&g.path).map_err(io(&g.path))?;
-            }
-        }
         Ok(removed)
+    }
+
+    /// The generations to merge next, if any: the newest run of like size
+    /// (each at most twice the newest's ids) once it has [`MERGE_RUN`] of
+    /// them, or at least the two newest while more than `max` remain.
+    pub fn next_merge(&self, max: usize) -> Option<Vec<Arc<Generation>>> {
+        let gens = self.generations();
+        if gens.len() < 2 {
+            return None;
+        }
+        let newest = gens.len() - 1;
+        let like = 2 * gens[newest].span.ids.max(1);
+        let mut start = newest;
+        while start > 0 && gens[start - 1].span.ids <= like {
+            start -= 1;
+        }
+        if gens.len() - start < MERGE_RUN && gens.len() <= max.max(1) {
+            return None;
+        }
+        Some(gens[start.min(newest - 1)..].to_vec())
+    }
+
+    /// Puts `merged` in place of `inputs` (still generations in a row, with
+    /// any sealed since after them) and deletes their files; how many. If
+    /// they are not (one was rebuilt meanwhile), `merged` is deleted
+    /// instead and `None` returned.
+    ///
+    /// # Errors
+    ///
+    /// An input's file could not be deleted.
+    pub fn put_merged(
+        &self,
+        inputs: &[Arc<Generation>],
+        merged: Arc<Generation>,
+    ) -> Result<Option<usize>, SealedError> {
+        let _changing = lock(&self.changing);
+        let current = self.generations();
+        let at = current.iter().position(|g| Arc::ptr_eq(g, &inputs[0]));
+        let in_place = at.is_some_and(|at| {
+            current.len() >= at + inputs.len()
+                && current[at..at + inputs.len()]
+                    .iter()
+                    .zip(inputs)
+                    .all(|(g, i)| Arc::ptr_eq(g, i))
+        });
+        let Some(at) = at.filter(|_| in_place) else {
+            if !current.iter().any(|g| g.path == merged.path) {
+                std::fs::remove_file(&merged.path).map_err(io(&merged.path))?;
+            }
+            return Ok(None);
+        };
+        let mut gens = current[..at].to_vec();
+        gens.push(merged.clone());
+        gens.extend_from_slice(&current[at + inputs.len()..]);
+        self.generations.store(Arc::new(gens));
+        // (An input spanning all the others, which were empty, had the
+        // output's name: the rename replaced it.)
+        let mut removed = 0;
+        for g in inputs.iter().filter(|g| g.path != merged.path) {
+            removed += 1;
+            std::fs::remove_file(&g.path).map_err(io(&g.path))?;
+        }
+        Ok(Some(removed))
     }
 
     /// Hides the arrivals of `(shard, fp)` at or before `at_ms` (the id was

@@ -93,8 +93,8 @@ pub const MAX_GENERATIONS: usize = 8;
 /// The tiered table's upkeep (`tier = "tiered"`): once the tables take
 /// more than `hot_bytes`, the ids older than [`SEAL_MARGIN_MS`] are sealed
 /// into a new generation built from the journal, then dropped from the
-/// tables; damaged generations are rebuilt from the journal, expired ones
-/// deleted and small ones merged.
+/// tables; damaged generations are rebuilt from the journal. Expired ones
+/// are deleted and small ones merged by [`merge_loop`].
 pub async fn seal_loop(
     dedup: Arc<Deduplicator>,
     sealed: Arc<Sealed>,
@@ -118,7 +118,7 @@ pub async fn seal_loop(
             ),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
-                tracing::error!(message = "Sealing or merging failed; tried again in a second.", error = %e)
+                tracing::error!(message = "Sealing failed; tried again in a second.", error = %e)
             }
             Err(e) => tracing::error!(message = "The seal task panicked.", error = %e),
         }
@@ -191,8 +191,38 @@ fn seal_step(
         dedup.sweep(now, dedup.config().segments_per_shard);
         done = Some((span, before, dedup.table_bytes(), started.elapsed()));
     }
-    sealed
-        .compact(horizon, MAX_GENERATIONS)
-        .map_err(|e| e.to_string())?;
     Ok(done)
+}
+
+/// The sealed generations kept (`tier = "tiered"`), beside [`seal_loop`]:
+/// expired files deleted, small ones merged into larger ones. A merge of
+/// large files takes minutes; seals go on meanwhile.
+pub async fn merge_loop(dedup: Arc<Deduplicator>, sealed: Arc<Sealed>) {
+    let mut tick = tokio::time::interval(SEAL_EVERY);
+    loop {
+        tick.tick().await;
+        let (dedup, sealed) = (dedup.clone(), sealed.clone());
+        let step = tokio::task::spawn_blocking(move || {
+            let now = unix_ms();
+            let horizon = (now + 1).saturating_sub(dedup.window_in_force(now));
+            let started = std::time::Instant::now();
+            let merges = sealed.merges.load(Relaxed);
+            let removed = sealed.compact(horizon, MAX_GENERATIONS)?;
+            Ok::<_, sealed::SealedError>((removed, sealed.merges.load(Relaxed) - merges, started.elapsed()))
+        })
+        .await;
+        match step {
+            Ok(Ok((removed, merges, elapsed))) if merges > 0 => tracing::info!(
+                message = "Merged sealed generations.",
+                merges,
+                files_removed = removed,
+                elapsed_ms = elapsed.as_millis() as u64,
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(message = "Merging sealed generations failed; tried again in a second.", error = %e)
+            }
+            Err(e) => tracing::error!(message = "The merge task panicked.", error = %e),
+        }
+    }
 }

@@ -158,8 +158,10 @@ pub async fn start_with(
     };
     if let Some((sealed, reader)) = tier {
         let hot_bytes = usize::try_from(settings.config.hot_bytes).unwrap_or(usize::MAX);
+        let merging = upkeep::merge_loop(pipeline.dedup().clone(), sealed.clone());
         let sealing = upkeep::seal_loop(pipeline.dedup().clone(), sealed, reader, hot_bytes);
         background.push(tokio::spawn(sealing));
+        background.push(tokio::spawn(merging));
     }
     let (keeper, members) = match stream {
         Some(stream) => {

@@ -270,6 +270,48 @@ fn adopted_ids_are_found_beside_the_generations_by_their_last_arrival_and_outliv
     assert!(!dir.path().join("adopted-00003-0000000001000.damaged").exists());
 }
 
+#[test]
+fn a_seal_goes_on_while_a_merge_writes_and_the_merge_then_takes_its_inputs_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = Sealed::open(dir.path()).unwrap();
+    let a = |i: u64| entry(1, Fingerprint::of(format!("m{i}").as_bytes()), i);
+    let ids = |r: std::ops::Range<u64>| by_shard(&sorted(r.map(a).collect()));
+    for cut in [100, 200, 300, 400] {
+        sealed.seal(ids(cut - 100..cut), cut).unwrap();
+    }
+    let files = |dir: &Path| std::fs::read_dir(dir).unwrap().count();
+    let inputs = sealed.next_merge(8).expect("four of like size");
+    assert_eq!(inputs.len(), 4);
+    let merged = Arc::new(merge(dir.path(), &inputs, 0, FilterBits::Eight).unwrap());
+    // A seal while the merge was writing: it goes after the merged file.
+    sealed.seal(ids(400..450), 450).unwrap();
+    assert_eq!(sealed.put_merged(&inputs, merged).unwrap(), Some(4));
+    let spans: Vec<(u64, u64)> = sealed
+        .generations()
+        .iter()
+        .map(|g| (g.span().from_ms, g.span().cut_ms))
+        .collect();
+    assert_eq!(spans, [(0, 400), (400, 450)]);
+    assert_eq!(sealed.cut_ms(), 450);
+    assert_eq!(files(dir.path()), 2);
+    for i in 0..450 {
+        assert_eq!(sealed.born_ms(1, a(i).fingerprint, 0).unwrap(), Some(i));
+    }
+    // A merge one of whose inputs was rebuilt meanwhile is dropped.
+    let inputs = sealed.next_merge(1).expect("more than one file");
+    let merged = Arc::new(merge(dir.path(), &inputs, 0, FilterBits::Eight).unwrap());
+    sealed.rebuild(inputs[1].span(), ids(400..450)).unwrap();
+    assert_eq!(sealed.put_merged(&inputs, merged).unwrap(), None);
+    assert_eq!(sealed.generations().len(), 2);
+    assert_eq!(files(dir.path()), 2, "the dropped merge's file deleted");
+    for i in 0..450 {
+        assert_eq!(sealed.born_ms(1, a(i).fingerprint, 0).unwrap(), Some(i));
+    }
+    // Merged again later.
+    assert_eq!(sealed.compact(0, 1).unwrap(), 2);
+    assert_eq!(sealed.generations().len(), 1);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     /// An id (of a small space, so ids come again) arrives `dt` ms later.
