@@ -154,9 +154,7 @@ impl std::fmt::Display for ReplayError {
 pub struct StreamJournal {
     local: Option<Arc<Mutex<LmdbStore>>>,
     /// The sealed tier (`tier = "tiered"`), built from the local copy: a
-    /// replay adopts into it what it finds before the cut, and the copy
-    /// must then hold every acknowledged id (a failed copy fails the
-    /// append).
+    /// replay adopts into it what it finds before the cut.
     sealed: Option<Arc<Sealed>>,
     /// The copy was found to be of another stream: not read any more.
     stale_copy: Arc<std::sync::atomic::AtomicBool>,
@@ -564,9 +562,9 @@ impl StreamJournal {
     }
 
     /// Writes the replayed messages in `buffer` to the local copy, with the
-    /// shard's position after them, and empties it. A failure is logged: the
-    /// copy then keeps its older position, and a later takeover replays
-    /// more. With a sealed tier (which seals from the copy) it is an error.
+    /// shard's position after them, and empties it. A failure fails the
+    /// replay: writing later messages would record a position past the
+    /// missing ones, which a later takeover would then skip.
     async fn copy(&self, shard: u32, buffer: &mut CopyBuffer) -> Result<(), JournalError> {
         let Some(local) = &self.local else { return Ok(()) };
         if buffer.through == 0 {
@@ -588,9 +586,7 @@ impl StreamJournal {
         {
             Metrics::inc(&self.metrics.store_errors);
             tracing::warn!(message = "Cannot copy replayed journal messages to the local store.", shard, error = %e);
-            if self.sealed.is_some() {
-                return Err(e);
-            }
+            return Err(e);
         }
         Ok(())
     }
@@ -665,12 +661,13 @@ impl StreamJournal {
         }
         if !acked.is_empty() {
             let partial = !(fenced.is_empty() && unavailable.is_empty());
-            let copied = self.copy_locally(kind, records, &acked, partial);
-            // The sealed tier seals what the copy holds: an id missing
-            // from it would be dropped from the table unsealed.
-            if let (Err(e), Some(_)) = (copied, &self.sealed) {
-                return Err(e);
-            }
+            // A copy that missed these messages must not take later ones:
+            // it would record a position past messages it lacks, and a
+            // takeover reading it would skip them. So their ids are not
+            // acknowledged (503: the producer's retry is appended again).
+            // The sealed tier, which seals what the copy holds, needs it
+            // whole too.
+            self.copy_locally(kind, records, &acked, partial)?;
         }
         if fenced.is_empty() && unavailable.is_empty() {
             return Ok(());
@@ -703,9 +700,6 @@ impl StreamJournal {
         acked: &[(u32, u64)],
         partial: bool,
     ) -> Result<(), JournalError> {
-        // The journal has them: without a sealed tier the local copy is a
-        // convenience, and its failure costs a longer replay, never a
-        // verdict.
         if let Some(local) = &self.local {
             let kept: Vec<Record>;
             let records = if partial {
@@ -727,7 +721,7 @@ impl StreamJournal {
             };
             if let Err(e) = copied {
                 Metrics::inc(&self.metrics.store_errors);
-                tracing::warn!(message = "Cannot write the local copy of the journal; a takeover replays more of the stream.", error = %e);
+                tracing::warn!(message = "Cannot write the local copy of the journal; the append fails.", error = %e);
                 return Err(e);
             }
         }
