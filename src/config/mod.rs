@@ -183,7 +183,7 @@ pub struct Config {
     pub sealed_dir: String,
     /// With `tier = "tiered"`: bits per fingerprint of the sealed files'
     /// filters, 8 (about 1.3 bytes of RAM per sealed id; 0.39 % of new ids
-    /// read a block per file) or 16 (about 2.4 bytes; 0.0015 %). Files
+    /// read a block per file) or 16 (about 2.5 bytes; 0.0015 %). Files
     /// written before a change keep theirs until merged. Default 8.
     pub sealed_filter_bits: u64,
     /// Address of the HTTP gateway (`POST /api/v1/events` and the rest, see
