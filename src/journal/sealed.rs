@@ -1415,7 +1415,7 @@ impl Sealed {
     /// The generations to merge next, if any: the newest run of like size
     /// (each at most twice the newest's ids) once it has [`MERGE_RUN`] of
     /// them, or at least the two newest while more than `max` remain.
-    pub fn next_merge(&self, max: usize) -> Option<Vec<Arc<Generation>>> {
+    fn next_merge(&self, max: usize) -> Option<Vec<Arc<Generation>>> {
         let gens = self.generations();
         if gens.len() < 2 {
             return None;
@@ -1440,7 +1440,7 @@ impl Sealed {
     /// # Errors
     ///
     /// An input's file could not be deleted.
-    pub fn put_merged(
+    fn put_merged(
         &self,
         inputs: &[Arc<Generation>],
         merged: Arc<Generation>,
@@ -1571,14 +1571,7 @@ impl Sealed {
             false => {
                 let name = adopted_name(shard, cut_ms);
                 let mut writer = Writer::create_named(&self.dir, &name, 0, cut_ms)?.with_filter(self.filter);
-                writer.begin_shard(shard, ids.len() as u64)?;
-                for (fingerprint, born_ms) in ids {
-                    writer.push(Entry {
-                        shard,
-                        fingerprint,
-                        born_ms,
-                    })?;
-                }
+                write_shards(&mut writer, vec![(shard, ids)])?;
                 let (path, _) = writer.finish()?;
                 Some(Arc::new(Generation::open(&path)?))
             }

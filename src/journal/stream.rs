@@ -354,11 +354,7 @@ impl StreamJournal {
         // into the table: the copy is read from the cut on, and the
         // journal's ids before it are adopted (the cut holds still
         // meanwhile).
-        let turn = match &self.sealed {
-            Some(sealed) => Some(sealed.turn().read().await),
-            None => None,
-        };
-        let cut = self.sealed.as_ref().map_or(0, |s| s.cut_ms());
+        let (turn, cut) = self.hold_cut().await;
         let last = self.last_sequence(shard).await?;
         let mut after = 0;
         let mut from_copy = 0;
@@ -439,14 +435,19 @@ impl StreamJournal {
         after: u64,
         dedup: &Deduplicator,
     ) -> Result<(u64, usize), ReplayError> {
-        let turn = match &self.sealed {
-            Some(sealed) => Some(sealed.turn().read().await),
-            None => None,
-        };
-        let cut = self.sealed.as_ref().map_or(0, |s| s.cut_ms());
+        let (turn, cut) = self.hold_cut().await;
         let replayed = self.replay_cut(shard, after, dedup, cut).await;
         drop(turn);
         replayed
+    }
+
+    /// The sealed tier's cut (0 without one), held still (no seal moves
+    /// it) while the guard lives.
+    async fn hold_cut(&self) -> (Option<tokio::sync::RwLockReadGuard<'_, ()>>, u64) {
+        match &self.sealed {
+            Some(sealed) => (Some(sealed.turn().read().await), sealed.cut_ms()),
+            None => (None, 0),
+        }
     }
 
     /// [`Self::replay`], the sealed tier's cut at `cut_ms` (held still by
@@ -481,8 +482,12 @@ impl StreamJournal {
         let window_ms = dedup.config().window_ms;
         let mut restored = 0;
         // What is replayed goes into the local copy too, so that the copy
-        // holds the whole journal up to the position it records.
+        // holds the whole journal up to the position it records. With a
+        // sealed tier the position is recorded only once what goes to it
+        // is adopted: a copy read from the cut on would not hold the rest
+        // for a replay cut short (a crash, a failed adoption) to finish.
         let mut copy = CopyBuffer::default();
+        let positioned = self.sealed.is_none();
         // Ids before the sealed tier's cut, for it to adopt.
         let mut adopted = Vec::new();
         loop {
@@ -500,7 +505,7 @@ impl StreamJournal {
             let (kind, ids) =
                 decode(&message.payload).map_err(|e| fail(&format!("message {sequence}"), &e))?;
             if copy.kind != kind || copy.records.len() >= COPY_BATCH {
-                self.copy(shard, &mut copy)
+                self.copy(shard, &mut copy, positioned)
                     .await
                     .map_err(|e| fail("local copy", &e))?;
                 copy.kind = kind;
@@ -528,13 +533,13 @@ impl StreamJournal {
             }
             copy.through = sequence;
             if sequence >= last {
-                self.copy(shard, &mut copy)
-                    .await
-                    .map_err(|e| fail("local copy", &e))?;
                 restored += self
                     .adopt(shard, adopted, window_ms)
                     .await
                     .map_err(|e| fail("sealed tier", &e))?;
+                self.copy(shard, &mut copy, true)
+                    .await
+                    .map_err(|e| fail("local copy", &e))?;
                 return Ok((sequence, restored));
             }
         }
@@ -562,10 +567,11 @@ impl StreamJournal {
     }
 
     /// Writes the replayed messages in `buffer` to the local copy, with the
-    /// shard's position after them, and empties it. A failure fails the
-    /// replay: writing later messages would record a position past the
-    /// missing ones, which a later takeover would then skip.
-    async fn copy(&self, shard: u32, buffer: &mut CopyBuffer) -> Result<(), JournalError> {
+    /// shard's position after them if `positioned`, and empties it. A
+    /// failure fails the replay: writing later messages would record a
+    /// position past the missing ones, which a later takeover would then
+    /// skip.
+    async fn copy(&self, shard: u32, buffer: &mut CopyBuffer, positioned: bool) -> Result<(), JournalError> {
         let Some(local) = &self.local else { return Ok(()) };
         if buffer.through == 0 {
             return Ok(());
@@ -574,10 +580,12 @@ impl StreamJournal {
         let records = std::mem::take(&mut buffer.records);
         let written = tokio::task::spawn_blocking(move || {
             let mut local = local.lock().unwrap_or_else(PoisonError::into_inner);
+            let at = [(shard, through)];
+            let positions = if positioned { &at[..] } else { &[] };
             if kind == FORGOTTEN {
-                local.forget_at(&records, &[(shard, through)])
+                local.forget_at(&records, positions)
             } else {
-                local.append_at(&records, &[(shard, through)])
+                local.append_at(&records, positions)
             }
         })
         .await;
