@@ -1264,9 +1264,9 @@ impl Sealed {
         answered
     }
 
-    /// When `(shard, fp)` last arrived, unless it was forgotten since: in
-    /// the newest of the generations `live` (newest first, then the
-    /// shard's `adopted` file) holding it, and in the adopted file.
+    /// When `(shard, fp)` last arrived, unless it was forgotten since: the
+    /// later of its arrival in the newest of the generations `live`
+    /// (newest first) holding it and in the shard's `adopted` file.
     fn find<'g>(
         &self,
         live: impl Iterator<Item = &'g Arc<Generation>>,
@@ -1277,7 +1277,7 @@ impl Sealed {
     ) -> Result<Option<u64>, SealedError> {
         let mut born = None;
         for g in live {
-            born = born.max(self.probe(g, shard, fp, probed)?);
+            born = self.probe(g, shard, fp, probed)?;
             if born.is_some() {
                 break;
             }
