@@ -324,17 +324,14 @@ fn top_field<'a>(
     // serde_json skips ignored strings without checking their UTF-8, so the
     // whole input is checked here once; it is the fast path of the standard library.
     let text = std::str::from_utf8(event).map_err(|_| EventError::new(EventErrorKind::NotJson))?;
-    let mut de = serde_json::Deserializer::from_str(text);
     seen.fill(Seen::Missing);
-    let top = TopVisitor {
-        name: Some(name),
-        capture,
-        seen,
-        base: event.as_ptr() as usize,
-    }
-    .deserialize(&mut de)
-    .and_then(|top| de.end().map(|()| top))
-    .map_err(EventError::not_json)?;
+    let top = match super::scan::top_level(text, name, capture, seen) {
+        Some(top) => top,
+        None => {
+            seen.fill(Seen::Missing);
+            serde_top_level(text, name, capture, seen).map_err(EventError::not_json)?
+        }
+    };
     let id = match top {
         TopLevel::NotObject => return Err(EventError::new(EventErrorKind::NotObject)),
         TopLevel::Object { ids: 0, .. } => return Err(EventError::new(EventErrorKind::MissingId)),
@@ -354,6 +351,25 @@ fn top_field<'a>(
     };
     validate_id(&id, limits)?;
     Ok(id)
+}
+
+/// The top level of `text` read by serde_json: what the fast path
+/// ([`super::scan`]) must agree with.
+pub(super) fn serde_top_level<'a, S: AsRef<str>>(
+    text: &'a str,
+    name: &str,
+    capture: &[S],
+    seen: &mut [Seen],
+) -> Result<TopLevel<'a>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    TopVisitor {
+        name: Some(name),
+        capture,
+        seen,
+        base: text.as_ptr() as usize,
+    }
+    .deserialize(&mut de)
+    .and_then(|top| de.end().map(|()| top))
 }
 
 /// The error of an event over `limit` bytes.
@@ -381,7 +397,8 @@ pub fn validate_id(id: &str, limits: &Limits) -> Result<(), EventError> {
 }
 
 /// What the top level of the document turned out to be.
-enum TopLevel<'a> {
+#[derive(Debug, PartialEq)]
+pub(super) enum TopLevel<'a> {
     NotObject,
     /// `ids` counts the top-level `event_id` keys; `id` is the first one's value.
     Object {
@@ -390,7 +407,8 @@ enum TopLevel<'a> {
     },
 }
 
-enum IdValue<'a> {
+#[derive(Debug, PartialEq)]
+pub(super) enum IdValue<'a> {
     NotString,
     Text(Cow<'a, str>),
 }
@@ -540,15 +558,20 @@ impl<'de, S: AsRef<str>> Visitor<'de> for KeyIs<'_, S> {
 
 /// Where borrowed `text` lies in the event starting at address `base`.
 fn seen_text(text: &str, base: usize) -> Seen {
-    let start = text.as_ptr() as usize - base;
-    match (u32::try_from(start), u32::try_from(start + text.len())) {
+    seen_span(text.as_ptr() as usize - base, text.len())
+}
+
+/// The text of `len` bytes at `start` in the event.
+pub(super) fn seen_span(start: usize, len: usize) -> Seen {
+    match (u32::try_from(start), u32::try_from(start + len)) {
         (Ok(start), Ok(end)) => Seen::Text { start, end },
         _ => Seen::Escaped,
     }
 }
 
-/// Reads a captured value into a [`Seen`].
-struct SeenSeed(usize);
+/// Reads a captured value into a [`Seen`]; holds the address where the
+/// event starts.
+pub(super) struct SeenSeed(pub(super) usize);
 
 impl<'de> DeserializeSeed<'de> for SeenSeed {
     type Value = Seen;

@@ -5,6 +5,7 @@
 //! | module | role |
 //! |---|---|
 //! | [`event`] | find and validate the top-level `event_id`, no DOM |
+//! | `scan` | the fast path of `event`: one pass over an event of the usual shape |
 //! | [`shard`] | `FNV-1a-32(id) mod n`, the NATS `partition` function |
 //! | [`fingerprint`] | the stable 128-bit hash of an id |
 //! | [`table`] | one shard's hash-to-expiry table: check-and-insert, reclaim |
@@ -25,6 +26,7 @@ pub mod input;
 pub mod key;
 pub mod pending;
 pub mod proto;
+mod scan;
 pub mod shard;
 pub mod table;
 
