@@ -59,7 +59,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::engine::dedup::Older;
 use crate::engine::fingerprint::Fingerprint;
-use crate::journal::{JournalError, JournalReader};
+use crate::journal::JournalReader;
 
 /// Bytes per block on disk.
 pub const BLOCK: usize = 4096;
@@ -1321,6 +1321,35 @@ impl Sealed {
     ///
     /// The generation could not be written; nothing changes.
     pub fn seal(&self, shards: Vec<ShardIds>, cut_ms: u64) -> Result<Span, SealedError> {
+        self.seal_with(cut_ms, |writer| write_shards(writer, shards))
+    }
+
+    /// Seals the ids `reader` holds from `from_ms` (at least the last cut)
+    /// to `cut_ms`, as [`Self::seal`]: sorted [`SORT_RUN_IDS`] at a time,
+    /// so that a seal's RAM is bounded whatever the span.
+    ///
+    /// # Errors
+    ///
+    /// The journal cannot be read or the generation written; nothing
+    /// changes.
+    pub fn seal_journal(
+        &self,
+        reader: &dyn JournalReader,
+        from_ms: u64,
+        cut_ms: u64,
+    ) -> Result<Span, SealedError> {
+        let from_ms = from_ms.max(self.cut_ms());
+        self.seal_with(cut_ms, |writer| {
+            write_journal(writer, reader, (from_ms, cut_ms), &self.dir, SORT_RUN_IDS)
+        })
+    }
+
+    /// A seal whose ids `fill` writes.
+    fn seal_with(
+        &self,
+        cut_ms: u64,
+        fill: impl FnOnce(&mut Writer) -> Result<(), SealedError>,
+    ) -> Result<Span, SealedError> {
         let _changing = lock(&self.changing);
         if cut_ms <= self.cut_ms() {
             let why = format!("a seal's cut {cut_ms} must follow the last, {}", self.cut_ms());
@@ -1330,7 +1359,7 @@ impl Sealed {
             ));
         }
         let mut writer = Writer::create(&self.dir, self.cut_ms(), cut_ms)?.with_filter(self.filter);
-        write_shards(&mut writer, shards)?;
+        fill(&mut writer)?;
         let (path, span) = writer.finish()?;
         let generation = Arc::new(Generation::open(&path)?);
         self.generations.rcu(|gs| {
@@ -1598,9 +1627,36 @@ impl Sealed {
     /// The new one could not be written; the damaged one stays (and its
     /// lookups keep failing).
     pub fn rebuild(&self, span: Span, shards: Vec<ShardIds>) -> Result<Span, SealedError> {
+        self.rebuild_with(span, |writer| write_shards(writer, shards))
+    }
+
+    /// [`Self::rebuild`] from the ids `reader` holds in the span, sorted as
+    /// [`Self::seal_journal`] sorts them.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::seal_journal`].
+    pub fn rebuild_journal(&self, reader: &dyn JournalReader, span: Span) -> Result<Span, SealedError> {
+        self.rebuild_with(span, |writer| {
+            write_journal(
+                writer,
+                reader,
+                (span.from_ms, span.cut_ms),
+                &self.dir,
+                SORT_RUN_IDS,
+            )
+        })
+    }
+
+    /// A rebuild whose ids `fill` writes.
+    fn rebuild_with(
+        &self,
+        span: Span,
+        fill: impl FnOnce(&mut Writer) -> Result<(), SealedError>,
+    ) -> Result<Span, SealedError> {
         let _changing = lock(&self.changing);
         let mut writer = Writer::create(&self.dir, span.from_ms, span.cut_ms)?.with_filter(self.filter);
-        write_shards(&mut writer, shards)?;
+        fill(&mut writer)?;
         let (path, new) = writer.finish()?;
         let generation = Arc::new(Generation::open(&path)?);
         let same = |g: &Arc<Generation>| (g.span.from_ms, g.span.cut_ms) == (span.from_ms, span.cut_ms);
@@ -1676,33 +1732,188 @@ impl Older for Sealed {
     }
 }
 
-/// The ids `reader` holds accepted in `from_ms..cut_ms`, in generation
-/// order: what a seal (or the rebuild of a damaged generation) writes.
-/// Held per shard as `(fingerprint, born)` while they are sorted: 24 bytes
-/// per id for a moment.
+/// Ids a seal (or rebuild) from the journal sorts in RAM at once, 32
+/// bytes each (128 MiB): a longer span is sorted in runs of this many,
+/// each written to a `.tmp` file beside the generations, and the runs are
+/// merged as the generation is written.
+pub const SORT_RUN_IDS: usize = 1 << 22;
+
+/// Writes the ids `reader` holds from `from_ms` to `cut_ms` to `writer`,
+/// in `(shard, fingerprint, arrival)` order: sorted in RAM `run_ids` at a
+/// time, runs spilled to `.tmp` files in `dir` (deleted when done, or by
+/// [`Sealed::open`] after a crash) and merged.
 ///
 /// # Errors
 ///
-/// The journal cannot be read.
-pub fn from_journal(
+/// The journal cannot be read, a run cannot be written or read back, or
+/// the writer fails.
+fn write_journal(
+    writer: &mut Writer,
     reader: &dyn JournalReader,
-    from_ms: u64,
-    cut_ms: u64,
-) -> Result<Vec<ShardIds>, JournalError> {
-    let mut by_shard: BTreeMap<u32, Vec<(Fingerprint, u64)>> = BTreeMap::new();
-    reader.scan_span(from_ms, cut_ms, &mut |r| {
-        by_shard
-            .entry(r.shard)
-            .or_default()
-            .push((r.fingerprint, r.born_ms));
-    })?;
-    Ok(by_shard
-        .into_iter()
-        .map(|(shard, mut ids)| {
-            ids.sort_unstable();
-            (shard, ids)
+    (from_ms, cut_ms): (u64, u64),
+    dir: &Path,
+    run_ids: usize,
+) -> Result<(), SealedError> {
+    let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut runs = SortedRuns {
+        dir: dir.to_path_buf(),
+        name: format!("run-{from_ms}-{cut_ms}"),
+        run_ids: run_ids.max(1),
+        buf: Vec::new(),
+        files: Vec::new(),
+        failed: None,
+    };
+    reader
+        .scan_span(from_ms, cut_ms, &mut |r| {
+            *counts.entry(r.shard).or_default() += 1;
+            runs.push(Entry {
+                shard: r.shard,
+                fingerprint: r.fingerprint,
+                born_ms: r.born_ms,
+            });
         })
-        .collect())
+        .map_err(|e| {
+            SealedError::Io(
+                dir.to_path_buf(),
+                std::io::Error::other(format!("reading the journal: {e}")),
+            )
+        })?;
+    let mut shard = None;
+    for entry in runs.merged()? {
+        let entry = entry?;
+        if shard != Some(entry.shard) {
+            writer.begin_shard(entry.shard, counts[&entry.shard])?;
+            shard = Some(entry.shard);
+        }
+        writer.push(entry)?;
+    }
+    Ok(())
+}
+
+/// The entries of a span being sorted: the run in RAM, and the runs
+/// written so far (deleted on drop).
+struct SortedRuns {
+    dir: PathBuf,
+    name: String,
+    run_ids: usize,
+    buf: Vec<Entry>,
+    /// The runs written, and the entries of each.
+    files: Vec<(PathBuf, usize)>,
+    /// The first failure to write a run; later entries are dropped.
+    failed: Option<SealedError>,
+}
+
+impl SortedRuns {
+    fn push(&mut self, entry: Entry) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.buf.push(entry);
+        if self.buf.len() >= self.run_ids
+            && let Err(e) = self.spill()
+        {
+            self.failed = Some(e);
+        }
+    }
+
+    /// Sorts the run in RAM and writes it to a file of its own.
+    fn spill(&mut self) -> Result<(), SealedError> {
+        self.buf.sort_unstable();
+        let path = self.dir.join(format!("{}-{}.tmp", self.name, self.files.len()));
+        self.files.push((path.clone(), self.buf.len()));
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path).map_err(io(&path))?);
+        let mut record = [0u8; ENTRY];
+        for entry in &self.buf {
+            entry.write(&mut record);
+            out.write_all(&record).map_err(io(&path))?;
+        }
+        out.flush().map_err(io(&path))?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Every entry in order: the runs merged with the one in RAM.
+    fn merged(mut self) -> Result<Merged, SealedError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        self.buf.sort_unstable();
+        let mut sources = Vec::with_capacity(self.files.len() + 1);
+        for (path, entries) in &self.files {
+            let file = File::open(path).map_err(io(path))?;
+            sources.push(Run::File(
+                BufReader::with_capacity(1 << 20, file),
+                path.clone(),
+                *entries,
+            ));
+        }
+        sources.push(Run::Memory(std::mem::take(&mut self.buf).into_iter()));
+        let mut merged = Merged {
+            sources,
+            heap: BinaryHeap::new(),
+            _runs: self,
+        };
+        for i in 0..merged.sources.len() {
+            merged.refill(i)?;
+        }
+        Ok(merged)
+    }
+}
+
+impl Drop for SortedRuns {
+    fn drop(&mut self) {
+        for (path, _) in &self.files {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// One sorted run being read back (a file, with the entries left in it).
+enum Run {
+    File(BufReader<File>, PathBuf, usize),
+    Memory(std::vec::IntoIter<Entry>),
+}
+
+impl Run {
+    fn next(&mut self) -> Result<Option<Entry>, SealedError> {
+        match self {
+            Run::Memory(entries) => Ok(entries.next()),
+            Run::File(_, _, 0) => Ok(None),
+            Run::File(reader, path, left) => {
+                let mut record = [0u8; ENTRY];
+                reader.read_exact(&mut record).map_err(io(path))?;
+                *left -= 1;
+                Ok(Some(Entry::read(&record)))
+            }
+        }
+    }
+}
+
+/// The runs of a span merged into one order.
+struct Merged {
+    sources: Vec<Run>,
+    /// The next entry of each source not yet exhausted.
+    heap: BinaryHeap<Reverse<(Entry, usize)>>,
+    /// Deletes the run files once merged.
+    _runs: SortedRuns,
+}
+
+impl Merged {
+    fn refill(&mut self, source: usize) -> Result<(), SealedError> {
+        if let Some(entry) = self.sources[source].next()? {
+            self.heap.push(Reverse((entry, source)));
+        }
+        Ok(())
+    }
+}
+
+impl Iterator for Merged {
+    type Item = Result<Entry, SealedError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let Reverse((entry, source)) = self.heap.pop()?;
+        Some(self.refill(source).map(|()| entry))
+    }
 }
 
 impl crate::observe::metrics::Render for Sealed {

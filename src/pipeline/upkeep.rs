@@ -153,8 +153,7 @@ pub fn rebuild_damaged(sealed: &Sealed, reader: &dyn JournalReader, horizon_ms: 
         );
     }
     for span in sealed.take_damaged() {
-        let entries = sealed::from_journal(reader, span.from_ms, span.cut_ms).map_err(|e| e.to_string())?;
-        let rebuilt = sealed.rebuild(span, entries).map_err(|e| e.to_string())?;
+        let rebuilt = sealed.rebuild_journal(reader, span).map_err(|e| e.to_string())?;
         tracing::warn!(
             message = "Rebuilt a damaged sealed generation from the journal.",
             from_ms = rebuilt.from_ms,
@@ -184,9 +183,9 @@ fn seal_step(
         // dropped what was sealed (see `Sealed::adopt`).
         let _turn = sealed.turn().blocking_write();
         let started = std::time::Instant::now();
-        let entries =
-            sealed::from_journal(reader, sealed.cut_ms().max(horizon), cut).map_err(|e| e.to_string())?;
-        let span = sealed.seal(entries, cut).map_err(|e| e.to_string())?;
+        let span = sealed
+            .seal_journal(reader, horizon, cut)
+            .map_err(|e| e.to_string())?;
         dedup.sealed_before(cut);
         dedup.sweep(now, dedup.config().segments_per_shard);
         done = Some((span, before, dedup.table_bytes(), started.elapsed()));

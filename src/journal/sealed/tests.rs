@@ -550,3 +550,95 @@ proptest! {
         }
     }
 }
+
+/// A real LMDB journal holding `records`, and its reader.
+fn journal(
+    dir: &Path,
+    records: &[crate::journal::Record],
+) -> (crate::journal::LmdbStore, Box<dyn JournalReader>) {
+    use crate::journal::Journal;
+    let meta = crate::journal::StoreMeta {
+        shards: 8,
+        window_ms: 1 << 40,
+        shard_key: String::new(),
+    };
+    let mut store = crate::journal::LmdbStore::open(dir, meta, false).unwrap();
+    for chunk in records.chunks(1000) {
+        store.append(chunk).unwrap();
+    }
+    let reader = store.reader().unwrap();
+    (store, reader)
+}
+
+fn tmp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+#[test]
+fn a_span_sorted_in_runs_on_disk_is_written_as_one_sorted_in_ram() {
+    let dir = tempfile::tempdir().unwrap();
+    // 5 000 arrivals over 8 shards, in time order; ids 0..200 arrive twice.
+    let records: Vec<crate::journal::Record> = (0..5_000u64)
+        .map(|i| {
+            let id = if i >= 4_800 { i - 4_800 } else { i };
+            crate::journal::Record {
+                shard: (id % 8) as u32,
+                born_ms: 1_000 + i,
+                fingerprint: Fingerprint::of(format!("id{id}").as_bytes()),
+            }
+        })
+        .collect();
+    let (_store, reader) = journal(&dir.path().join("journal"), &records);
+    let written = |run_ids: usize| {
+        let out = dir.path().join(format!("runs-{run_ids}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let mut writer = Writer::create(&out, 0, 10_000).unwrap();
+        write_journal(&mut writer, reader.as_ref(), (0, 10_000), &out, run_ids).unwrap();
+        let (path, span) = writer.finish().unwrap();
+        assert!(tmp_files(&out).is_empty(), "runs deleted: {:?}", tmp_files(&out));
+        let g = Generation::open(&path).unwrap();
+        let entries: Vec<Entry> = g.entries().unwrap().map(Result::unwrap).collect();
+        (span.ids, entries)
+    };
+    let (ids, in_ram) = written(usize::MAX);
+    assert_eq!(ids, 4_800, "one entry per id");
+    // The later arrival of each id that came twice.
+    let mut expected: BTreeMap<(u32, Fingerprint), u64> = BTreeMap::new();
+    for r in &records {
+        expected.insert((r.shard, r.fingerprint), r.born_ms);
+    }
+    let expected: Vec<Entry> = expected.into_iter().map(|((s, f), b)| entry(s, f, b)).collect();
+    assert_eq!(in_ram, expected);
+    for run_ids in [1, 7, 1_000, 4_999] {
+        assert_eq!(written(run_ids), (4_800, expected.clone()), "runs of {run_ids}");
+    }
+}
+
+#[test]
+fn a_seal_from_the_journal_finds_its_ids_and_leaves_no_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let records: Vec<crate::journal::Record> = (0..3_000u64)
+        .map(|i| crate::journal::Record {
+            shard: (i % 8) as u32,
+            born_ms: 1_000 + i,
+            fingerprint: Fingerprint::of(format!("id{i}").as_bytes()),
+        })
+        .collect();
+    let (_store, reader) = journal(&dir.path().join("journal"), &records);
+    let sealed = Sealed::open(&dir.path().join("sealed")).unwrap();
+    let span = sealed.seal_journal(reader.as_ref(), 0, 3_000).unwrap();
+    assert_eq!((span.ids, span.oldest_ms, span.newest_ms), (2_000, 1_000, 2_999));
+    let span = sealed.seal_journal(reader.as_ref(), 0, 10_000).unwrap();
+    assert_eq!((span.from_ms, span.ids), (3_000, 1_000), "from the last cut on");
+    for r in &records {
+        assert_eq!(
+            sealed.born_ms(r.shard, r.fingerprint, 0).unwrap(),
+            Some(r.born_ms)
+        );
+    }
+    assert!(tmp_files(&dir.path().join("sealed")).is_empty());
+}
