@@ -277,6 +277,12 @@ pub fn field_capturing<'a>(
 /// key (the stages). False if `event` is not a JSON object.
 pub fn capture<S: AsRef<str>>(event: &[u8], capture: &[S], seen: &mut [Seen]) -> bool {
     seen.fill(Seen::Missing);
+    if let Ok(text) = std::str::from_utf8(event)
+        && let Some(top) = super::scan::top_level(text, None, capture, seen)
+    {
+        return matches!(top, TopLevel::Object { .. });
+    }
+    seen.fill(Seen::Missing);
     let mut de = serde_json::Deserializer::from_slice(event);
     let top = TopVisitor {
         name: None,
@@ -325,11 +331,11 @@ fn top_field<'a>(
     // whole input is checked here once; it is the fast path of the standard library.
     let text = std::str::from_utf8(event).map_err(|_| EventError::new(EventErrorKind::NotJson))?;
     seen.fill(Seen::Missing);
-    let top = match super::scan::top_level(text, name, capture, seen) {
+    let top = match super::scan::top_level(text, Some(name), capture, seen) {
         Some(top) => top,
         None => {
             seen.fill(Seen::Missing);
-            serde_top_level(text, name, capture, seen).map_err(EventError::not_json)?
+            serde_top_level(text, Some(name), capture, seen).map_err(EventError::not_json)?
         }
     };
     let id = match top {
@@ -357,13 +363,13 @@ fn top_field<'a>(
 /// ([`super::scan`]) must agree with.
 pub(super) fn serde_top_level<'a, S: AsRef<str>>(
     text: &'a str,
-    name: &str,
+    name: Option<&str>,
     capture: &[S],
     seen: &mut [Seen],
 ) -> Result<TopLevel<'a>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
     TopVisitor {
-        name: Some(name),
+        name,
         capture,
         seen,
         base: text.as_ptr() as usize,

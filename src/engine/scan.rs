@@ -22,11 +22,11 @@ use serde::de::{Deserialize, DeserializeSeed};
 use super::event::{IdValue, Seen, SeenSeed, TopLevel, seen_span};
 
 /// Reads `text` as [`super::event`]'s serde path would with `name` the
-/// key and `capture` the captured fields (`seen` filled as it would be),
-/// or `None` if it cannot tell: then `seen` is unspecified.
+/// key (if any) and `capture` the captured fields (`seen` filled as it
+/// would be), or `None` if it cannot tell: then `seen` is unspecified.
 pub(super) fn top_level<'a, S: AsRef<str>>(
     text: &'a str,
-    name: &str,
+    name: Option<&str>,
     capture: &[S],
     seen: &mut [Seen],
 ) -> Option<TopLevel<'a>> {
@@ -40,10 +40,11 @@ pub(super) fn top_level<'a, S: AsRef<str>>(
     } else {
         loop {
             let key = s.plain_key()?;
-            if key == name && ids == 0 {
+            let is_name = Some(key) == name;
+            if is_name && ids == 0 {
                 ids = 1;
                 id = s.id_value()?;
-                if let Some(k) = capture.iter().position(|c| c.as_ref() == name) {
+                if let Some(k) = capture.iter().position(|c| Some(c.as_ref()) == name) {
                     seen[k] = match &id {
                         IdValue::Text(Cow::Borrowed(t)) => {
                             seen_span(t.as_ptr() as usize - text.as_ptr() as usize, t.len())
@@ -52,7 +53,7 @@ pub(super) fn top_level<'a, S: AsRef<str>>(
                         IdValue::NotString => Seen::Other,
                     };
                 }
-            } else if key == name {
+            } else if is_name {
                 ids = ids.saturating_add(1);
                 s.skip()?;
             } else {
@@ -344,10 +345,33 @@ impl<'a> Scan<'a> {
             b'n' => self.literal(b"null").map(|()| Seen::Null),
             _ => {
                 let value = self.value_text()?;
+                if let Some(x) = small_integer(value) {
+                    return Some(Seen::Number(x));
+                }
                 let mut de = serde_json::Deserializer::from_str(value);
                 SeenSeed(base).deserialize(&mut de).ok()
             }
         }
+    }
+}
+
+/// `text` as a number if it is an integer of at most 18 digits, positive
+/// or below zero: what serde_json gives for it (a `u64` or `i64`, as
+/// `f64`). `-0` (which serde_json reads as `-0.0`) and every other number
+/// are left to serde_json.
+fn small_integer(text: &str) -> Option<f64> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(digits) => (true, digits),
+        None => (false, text),
+    };
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let n = digits.bytes().fold(0i64, |n, c| n * 10 + i64::from(c - b'0'));
+    match (negative, n) {
+        (true, 0) => None,
+        (true, n) => Some(-n as f64),
+        (false, n) => Some(n as f64),
     }
 }
 
@@ -362,18 +386,31 @@ mod tests {
     /// Whether the fast path answered; panics if it answered other than
     /// serde_json.
     fn agrees(text: &str) -> bool {
+        let with_key = agrees_naming(text, Some("event_id"));
+        assert_eq!(agrees_naming(text, None), with_key, "{text:?}");
+        with_key
+    }
+
+    /// As [`agrees`], with the key `name`.
+    fn agrees_naming(text: &str, name: Option<&str>) -> bool {
         let mut fast_seen = [Seen::Missing; 3];
-        let Some(fast) = top_level(text, "event_id", &CAPTURE, &mut fast_seen) else {
+        let Some(fast) = top_level(text, name, &CAPTURE, &mut fast_seen) else {
             return false;
         };
         let mut seen = [Seen::Missing; 3];
-        let slow = serde_top_level(text, "event_id", &CAPTURE, &mut seen);
+        let slow = serde_top_level(text, name, &CAPTURE, &mut seen);
         assert_eq!(
             slow.as_ref().ok(),
             Some(&fast),
             "{text:?}: serde_json says {slow:?}"
         );
         assert_eq!(seen, fast_seen, "{text:?}");
+        // -0.0 equals 0.0: the bits must agree too.
+        for (a, b) in seen.iter().zip(&fast_seen) {
+            if let (Seen::Number(a), Seen::Number(b)) = (a, b) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{text:?}");
+            }
+        }
         true
     }
 
@@ -382,7 +419,7 @@ mod tests {
         let text = r#" {"event_id":"k1","a":12.5,"kind":"view","b":"sku\"9","x":[1,{"y":null}]} "#;
         assert!(agrees(text));
         let mut seen = [Seen::Missing; 3];
-        let top = top_level(text, "event_id", &CAPTURE, &mut seen).unwrap();
+        let top = top_level(text, Some("event_id"), &CAPTURE, &mut seen).unwrap();
         assert_eq!(
             top,
             TopLevel::Object {
@@ -422,7 +459,7 @@ mod tests {
         for bad in skipped_bad {
             let text = format!(r#"{{"event_id":"a","x":{bad}}}"#);
             assert!(!agrees(&text), "{text}");
-            assert!(serde_top_level(&text, "event_id", &CAPTURE, &mut [Seen::Missing; 3]).is_err());
+            assert!(serde_top_level(&text, Some("event_id"), &CAPTURE, &mut [Seen::Missing; 3]).is_err());
         }
         let not_read_here = [
             r#"{"event\u005fid":"a"}"#,      // a key with escapes
@@ -436,6 +473,29 @@ mod tests {
         }
         let deep = format!(r#"{{"event_id":"a","x":{}{}}}"#, "[".repeat(65), "]".repeat(65));
         assert!(!agrees(&deep));
+    }
+
+    #[test]
+    fn reads_captured_integers_as_serde_does() {
+        for n in [
+            "0",
+            "7",
+            "-7",
+            "123456789012345678",
+            "-123456789012345678",
+            "-0",
+            "1234567890123456789",
+            "1.5",
+        ] {
+            let text = format!(r#"{{"event_id":"a","a":{n}}}"#);
+            assert!(agrees(&text), "{text}");
+            let mut seen = [Seen::Missing; 3];
+            serde_top_level(&text, None, &CAPTURE, &mut seen).unwrap();
+            let Seen::Number(x) = seen[0] else {
+                panic!("{n}: {:?}", seen[0])
+            };
+            assert_eq!(x.to_bits(), n.parse::<f64>().unwrap().to_bits(), "{n}");
+        }
     }
 
     #[test]
