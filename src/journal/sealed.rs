@@ -1733,20 +1733,25 @@ impl Older for Sealed {
 }
 
 /// Ids a seal (or rebuild) from the journal sorts in RAM at once, 32
-/// bytes each (128 MiB): a longer span is sorted in runs of this many,
-/// each written to a `.tmp` file beside the generations, and the runs are
-/// merged as the generation is written.
+/// bytes each (128 MiB). A longer span is spread over [`SORT_BUCKETS`]
+/// files by shard (contiguous ranges of shards, each about as many ids, as
+/// the first ids showed them), and each file is then sorted in RAM in
+/// turn: a seal's RAM is about `span / SORT_BUCKETS` ids, whatever the
+/// span, for one more write and read of it.
 pub const SORT_RUN_IDS: usize = 1 << 22;
 
+/// Files a long span is spread over while it is sorted.
+const SORT_BUCKETS: usize = 64;
+
 /// Writes the ids `reader` holds from `from_ms` to `cut_ms` to `writer`,
-/// in `(shard, fingerprint, arrival)` order: sorted in RAM `run_ids` at a
-/// time, runs spilled to `.tmp` files in `dir` (deleted when done, or by
-/// [`Sealed::open`] after a crash) and merged.
+/// in `(shard, fingerprint, arrival)` order: in RAM up to `run_ids` of
+/// them, else through bucket files in `dir` (deleted when done, or by
+/// [`Sealed::open`] after a crash).
 ///
 /// # Errors
 ///
-/// The journal cannot be read, a run cannot be written or read back, or
-/// the writer fails.
+/// The journal cannot be read, a bucket cannot be written or read back,
+/// or the writer fails.
 fn write_journal(
     writer: &mut Writer,
     reader: &dyn JournalReader,
@@ -1755,18 +1760,19 @@ fn write_journal(
     run_ids: usize,
 ) -> Result<(), SealedError> {
     let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut runs = SortedRuns {
+    let mut sorter = SpanSorter {
         dir: dir.to_path_buf(),
-        name: format!("run-{from_ms}-{cut_ms}"),
+        name: format!("sort-{from_ms}-{cut_ms}"),
         run_ids: run_ids.max(1),
         buf: Vec::new(),
-        files: Vec::new(),
+        buckets: Vec::new(),
+        bounds: Vec::new(),
         failed: None,
     };
     reader
         .scan_span(from_ms, cut_ms, &mut |r| {
             *counts.entry(r.shard).or_default() += 1;
-            runs.push(Entry {
+            sorter.push(Entry {
                 shard: r.shard,
                 fingerprint: r.fingerprint,
                 born_ms: r.born_ms,
@@ -1779,7 +1785,7 @@ fn write_journal(
             )
         })?;
     let mut shard = None;
-    for entry in runs.merged()? {
+    for entry in sorter.sorted()? {
         let entry = entry?;
         if shard != Some(entry.shard) {
             writer.begin_shard(entry.shard, counts[&entry.shard])?;
@@ -1790,129 +1796,165 @@ fn write_journal(
     Ok(())
 }
 
-/// The entries of a span being sorted: the run in RAM, and the runs
-/// written so far (deleted on drop).
-struct SortedRuns {
+/// A span's entries being sorted: in RAM until there are `run_ids` of
+/// them, then spread over bucket files by shard.
+struct SpanSorter {
     dir: PathBuf,
     name: String,
     run_ids: usize,
     buf: Vec<Entry>,
-    /// The runs written, and the entries of each.
-    files: Vec<(PathBuf, usize)>,
-    /// The first failure to write a run; later entries are dropped.
+    /// The bucket files (empty while the span fits in RAM): each one's
+    /// path, writer and entries.
+    buckets: Vec<(PathBuf, BufWriter<File>, usize)>,
+    /// The first shard of each bucket after the first.
+    bounds: Vec<u32>,
+    /// The first failure to write a bucket; later entries are dropped.
     failed: Option<SealedError>,
 }
 
-impl SortedRuns {
+impl SpanSorter {
     fn push(&mut self, entry: Entry) {
         if self.failed.is_some() {
             return;
         }
-        self.buf.push(entry);
-        if self.buf.len() >= self.run_ids
-            && let Err(e) = self.spill()
-        {
+        let written = if self.buckets.is_empty() {
+            self.buf.push(entry);
+            if self.buf.len() < self.run_ids {
+                return;
+            }
+            self.spread()
+        } else {
+            self.write(entry)
+        };
+        if let Err(e) = written {
             self.failed = Some(e);
         }
     }
 
-    /// Sorts the run in RAM and writes it to a file of its own.
-    fn spill(&mut self) -> Result<(), SealedError> {
-        self.buf.sort_unstable();
-        let path = self.dir.join(format!("{}-{}.tmp", self.name, self.files.len()));
-        self.files.push((path.clone(), self.buf.len()));
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path).map_err(io(&path))?);
-        let mut record = [0u8; ENTRY];
-        for entry in &self.buf {
-            entry.write(&mut record);
-            out.write_all(&record).map_err(io(&path))?;
+    /// Opens the bucket files, their shard ranges cut where the entries
+    /// so far have about equal shares, and moves the entries there.
+    fn spread(&mut self) -> Result<(), SealedError> {
+        let mut per_shard: BTreeMap<u32, usize> = BTreeMap::new();
+        for e in &self.buf {
+            *per_shard.entry(e.shard).or_default() += 1;
         }
-        out.flush().map_err(io(&path))?;
-        self.buf.clear();
+        let share = self.buf.len().div_ceil(SORT_BUCKETS);
+        let mut filled = 0;
+        for (&shard, &n) in &per_shard {
+            if filled >= share && self.bounds.len() + 1 < SORT_BUCKETS {
+                self.bounds.push(shard);
+                filled = 0;
+            }
+            filled += n;
+        }
+        for i in 0..=self.bounds.len() {
+            let path = self.dir.join(format!("{}-{i}.tmp", self.name));
+            let file = File::create(&path).map_err(io(&path))?;
+            self.buckets
+                .push((path, BufWriter::with_capacity(1 << 18, file), 0));
+        }
+        for entry in std::mem::take(&mut self.buf) {
+            self.write(entry)?;
+        }
         Ok(())
     }
 
-    /// Every entry in order: the runs merged with the one in RAM.
-    fn merged(mut self) -> Result<Merged, SealedError> {
+    fn write(&mut self, entry: Entry) -> Result<(), SealedError> {
+        let (path, out, n) = &mut self.buckets[self.bounds.partition_point(|&b| b <= entry.shard)];
+        let mut record = [0u8; ENTRY];
+        entry.write(&mut record);
+        *n += 1;
+        out.write_all(&record).map_err(io(path))
+    }
+
+    /// Every entry in order: the ones in RAM sorted, or each bucket read
+    /// back and sorted in turn.
+    fn sorted(mut self) -> Result<Sorted, SealedError> {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        self.buf.sort_unstable();
-        let mut sources = Vec::with_capacity(self.files.len() + 1);
-        for (path, entries) in &self.files {
-            let file = File::open(path).map_err(io(path))?;
-            sources.push(Run::File(
-                BufReader::with_capacity(1 << 20, file),
-                path.clone(),
-                *entries,
-            ));
+        let (mut buckets, mut flushed) = (std::collections::VecDeque::new(), Ok(()));
+        for (path, mut out, n) in std::mem::take(&mut self.buckets) {
+            if flushed.is_ok() {
+                flushed = out.flush().map_err(io(&path));
+            }
+            buckets.push_back((path, n));
         }
-        sources.push(Run::Memory(std::mem::take(&mut self.buf).into_iter()));
-        let mut merged = Merged {
-            sources,
-            heap: BinaryHeap::new(),
-            _runs: self,
+        let mut in_ram = std::mem::take(&mut self.buf);
+        in_ram.sort_unstable();
+        // Built first, so that its drop deletes the files on an error.
+        let sorted = Sorted {
+            current: in_ram.into_iter(),
+            buckets,
         };
-        for i in 0..merged.sources.len() {
-            merged.refill(i)?;
-        }
-        Ok(merged)
+        flushed.map(|()| sorted)
     }
 }
 
-impl Drop for SortedRuns {
+impl Drop for SpanSorter {
     fn drop(&mut self) {
-        for (path, _) in &self.files {
+        for (path, ..) in &self.buckets {
             let _ = std::fs::remove_file(path);
         }
     }
 }
 
-/// One sorted run being read back (a file, with the entries left in it).
-enum Run {
-    File(BufReader<File>, PathBuf, usize),
-    Memory(std::vec::IntoIter<Entry>),
+/// A span's entries in order: the bucket being read, then the ones left
+/// (their files deleted as they are read, or on drop).
+struct Sorted {
+    current: std::vec::IntoIter<Entry>,
+    buckets: std::collections::VecDeque<(PathBuf, usize)>,
 }
 
-impl Run {
-    fn next(&mut self) -> Result<Option<Entry>, SealedError> {
-        match self {
-            Run::Memory(entries) => Ok(entries.next()),
-            Run::File(_, _, 0) => Ok(None),
-            Run::File(reader, path, left) => {
-                let mut record = [0u8; ENTRY];
-                reader.read_exact(&mut record).map_err(io(path))?;
-                *left -= 1;
-                Ok(Some(Entry::read(&record)))
+impl Sorted {
+    /// The next bucket's entries, sorted; its file deleted.
+    fn read_next(&mut self) -> Result<bool, SealedError> {
+        let Some((path, n)) = self.buckets.pop_front() else {
+            return Ok(false);
+        };
+        let read = || -> std::io::Result<Vec<Entry>> {
+            let mut bytes = Vec::with_capacity(n * ENTRY);
+            File::open(&path)?.read_to_end(&mut bytes)?;
+            if bytes.len() != n * ENTRY {
+                let why = format!("{} bytes where {} entries were written", bytes.len(), n);
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why));
+            }
+            Ok(bytes.chunks_exact(ENTRY).map(Entry::read).collect())
+        };
+        let entries = read();
+        let _ = std::fs::remove_file(&path);
+        let mut entries = entries.map_err(io(&path))?;
+        entries.sort_unstable();
+        self.current = entries.into_iter();
+        Ok(true)
+    }
+}
+
+impl Iterator for Sorted {
+    type Item = Result<Entry, SealedError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(entry) = self.current.next() {
+                return Some(Ok(entry));
+            }
+            match self.read_next() {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    self.buckets.clear();
+                    return Some(Err(e));
+                }
             }
         }
     }
 }
 
-/// The runs of a span merged into one order.
-struct Merged {
-    sources: Vec<Run>,
-    /// The next entry of each source not yet exhausted.
-    heap: BinaryHeap<Reverse<(Entry, usize)>>,
-    /// Deletes the run files once merged.
-    _runs: SortedRuns,
-}
-
-impl Merged {
-    fn refill(&mut self, source: usize) -> Result<(), SealedError> {
-        if let Some(entry) = self.sources[source].next()? {
-            self.heap.push(Reverse((entry, source)));
+impl Drop for Sorted {
+    fn drop(&mut self) {
+        for (path, _) in &self.buckets {
+            let _ = std::fs::remove_file(path);
         }
-        Ok(())
-    }
-}
-
-impl Iterator for Merged {
-    type Item = Result<Entry, SealedError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let Reverse((entry, source)) = self.heap.pop()?;
-        Some(self.refill(source).map(|()| entry))
     }
 }
 

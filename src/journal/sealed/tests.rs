@@ -579,7 +579,7 @@ fn tmp_files(dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn a_span_sorted_in_runs_on_disk_is_written_as_one_sorted_in_ram() {
+fn a_span_sorted_through_bucket_files_is_written_as_one_sorted_in_ram() {
     let dir = tempfile::tempdir().unwrap();
     // 5 000 arrivals over 8 shards, in time order; ids 0..200 arrive twice.
     let records: Vec<crate::journal::Record> = (0..5_000u64)
@@ -599,7 +599,11 @@ fn a_span_sorted_in_runs_on_disk_is_written_as_one_sorted_in_ram() {
         let mut writer = Writer::create(&out, 0, 10_000).unwrap();
         write_journal(&mut writer, reader.as_ref(), (0, 10_000), &out, run_ids).unwrap();
         let (path, span) = writer.finish().unwrap();
-        assert!(tmp_files(&out).is_empty(), "runs deleted: {:?}", tmp_files(&out));
+        assert!(
+            tmp_files(&out).is_empty(),
+            "buckets deleted: {:?}",
+            tmp_files(&out)
+        );
         let g = Generation::open(&path).unwrap();
         let entries: Vec<Entry> = g.entries().unwrap().map(Result::unwrap).collect();
         (span.ids, entries)
@@ -614,12 +618,12 @@ fn a_span_sorted_in_runs_on_disk_is_written_as_one_sorted_in_ram() {
     let expected: Vec<Entry> = expected.into_iter().map(|((s, f), b)| entry(s, f, b)).collect();
     assert_eq!(in_ram, expected);
     for run_ids in [1, 7, 1_000, 4_999] {
-        assert_eq!(written(run_ids), (4_800, expected.clone()), "runs of {run_ids}");
+        assert_eq!(written(run_ids), (4_800, expected.clone()), "{run_ids} in RAM");
     }
 }
 
 #[test]
-fn a_seal_from_the_journal_finds_its_ids_and_leaves_no_runs() {
+fn a_seal_from_the_journal_finds_its_ids_and_leaves_no_bucket_files() {
     let dir = tempfile::tempdir().unwrap();
     let records: Vec<crate::journal::Record> = (0..3_000u64)
         .map(|i| crate::journal::Record {
