@@ -563,13 +563,9 @@ impl<'de, S: AsRef<str>> Visitor<'de> for KeyIs<'_, S> {
 }
 
 /// Where borrowed `text` lies in the event starting at address `base`.
-fn seen_text(text: &str, base: usize) -> Seen {
-    seen_span(text.as_ptr() as usize - base, text.len())
-}
-
-/// The text of `len` bytes at `start` in the event.
-pub(super) fn seen_span(start: usize, len: usize) -> Seen {
-    match (u32::try_from(start), u32::try_from(start + len)) {
+pub(super) fn seen_text(text: &str, base: usize) -> Seen {
+    let start = text.as_ptr() as usize - base;
+    match (u32::try_from(start), u32::try_from(start + text.len())) {
         (Ok(start), Ok(end)) => Seen::Text { start, end },
         _ => Seen::Escaped,
     }
@@ -775,24 +771,7 @@ mod tests {
         assert_eq!(id(&format!("{open}{close}")), Err(NotObject));
     }
 
-    fn json_value() -> impl Strategy<Value = serde_json::Value> {
-        let leaf = prop_oneof![
-            Just(serde_json::Value::Null),
-            any::<bool>().prop_map(serde_json::Value::from),
-            any::<i64>().prop_map(serde_json::Value::from),
-            any::<f64>()
-                .prop_filter("finite", |f| f.is_finite())
-                .prop_map(serde_json::Value::from),
-            ".{0,8}".prop_map(serde_json::Value::from),
-        ];
-        leaf.prop_recursive(4, 32, 6, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
-                prop::collection::btree_map("(event_id|[a-z]{1,6})", inner, 0..6)
-                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
-            ]
-        })
-    }
+    use super::super::scan::tests::json_value;
 
     proptest! {
         #[test]

@@ -19,7 +19,7 @@ use std::borrow::Cow;
 
 use serde::de::{Deserialize, DeserializeSeed};
 
-use super::event::{IdValue, Seen, SeenSeed, TopLevel, seen_span};
+use super::event::{IdValue, Seen, SeenSeed, TopLevel, seen_text};
 
 /// Reads `text` as [`super::event`]'s serde path would with `name` the
 /// key (if any) and `capture` the captured fields (`seen` filled as it
@@ -46,9 +46,7 @@ pub(super) fn top_level<'a, S: AsRef<str>>(
                 id = s.id_value()?;
                 if let Some(k) = capture.iter().position(|c| Some(c.as_ref()) == name) {
                     seen[k] = match &id {
-                        IdValue::Text(Cow::Borrowed(t)) => {
-                            seen_span(t.as_ptr() as usize - text.as_ptr() as usize, t.len())
-                        }
+                        IdValue::Text(Cow::Borrowed(t)) => seen_text(t, text.as_ptr() as usize),
                         IdValue::Text(Cow::Owned(_)) => Seen::Escaped,
                         IdValue::NotString => Seen::Other,
                     };
@@ -337,7 +335,7 @@ impl<'a> Scan<'a> {
     fn seen_value(&mut self) -> Option<Seen> {
         let base = self.text.as_ptr() as usize;
         if let Some(text) = self.plain_text() {
-            return Some(seen_span(text.as_ptr() as usize - base, text.len()));
+            return Some(seen_text(text, base));
         }
         match self.peek()? {
             b't' => self.literal(b"true").map(|()| Seen::Bool(true)),
@@ -376,7 +374,7 @@ fn small_integer(text: &str) -> Option<f64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::event::serde_top_level;
     use super::*;
     use proptest::prelude::*;
@@ -515,7 +513,9 @@ mod tests {
         assert!(agrees(&deep));
     }
 
-    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    /// Any JSON value, its object keys often `event_id` or the captured
+    /// `a` and `b` (also the event reader's tests' strategy).
+    pub(in crate::engine) fn json_value() -> impl Strategy<Value = serde_json::Value> {
         let leaf = prop_oneof![
             Just(serde_json::Value::Null),
             any::<bool>().prop_map(serde_json::Value::from),

@@ -1325,8 +1325,9 @@ impl Sealed {
     }
 
     /// Seals the ids `reader` holds from `from_ms` (at least the last cut)
-    /// to `cut_ms`, as [`Self::seal`]: sorted [`SORT_RUN_IDS`] at a time,
-    /// so that a seal's RAM is bounded whatever the span.
+    /// to `cut_ms`, as [`Self::seal`]: in RAM up to [`SORT_IN_RAM_IDS`],
+    /// a longer span through bucket files, so that a seal's RAM is bounded
+    /// whatever the span.
     ///
     /// # Errors
     ///
@@ -1340,7 +1341,7 @@ impl Sealed {
     ) -> Result<Span, SealedError> {
         let from_ms = from_ms.max(self.cut_ms());
         self.seal_with(cut_ms, |writer| {
-            write_journal(writer, reader, (from_ms, cut_ms), &self.dir, SORT_RUN_IDS)
+            write_journal(writer, reader, (from_ms, cut_ms), &self.dir, SORT_IN_RAM_IDS)
         })
     }
 
@@ -1643,7 +1644,7 @@ impl Sealed {
                 reader,
                 (span.from_ms, span.cut_ms),
                 &self.dir,
-                SORT_RUN_IDS,
+                SORT_IN_RAM_IDS,
             )
         })
     }
@@ -1738,13 +1739,13 @@ impl Older for Sealed {
 /// the first ids showed them), and each file is then sorted in RAM in
 /// turn: a seal's RAM is about `span / SORT_BUCKETS` ids, whatever the
 /// span, for one more write and read of it.
-pub const SORT_RUN_IDS: usize = 1 << 22;
+pub const SORT_IN_RAM_IDS: usize = 1 << 22;
 
 /// Files a long span is spread over while it is sorted.
 const SORT_BUCKETS: usize = 64;
 
 /// Writes the ids `reader` holds from `from_ms` to `cut_ms` to `writer`,
-/// in `(shard, fingerprint, arrival)` order: in RAM up to `run_ids` of
+/// in `(shard, fingerprint, arrival)` order: in RAM up to `in_ram` of
 /// them, else through bucket files in `dir` (deleted when done, or by
 /// [`Sealed::open`] after a crash).
 ///
@@ -1757,13 +1758,13 @@ fn write_journal(
     reader: &dyn JournalReader,
     (from_ms, cut_ms): (u64, u64),
     dir: &Path,
-    run_ids: usize,
+    in_ram: usize,
 ) -> Result<(), SealedError> {
     let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
     let mut sorter = SpanSorter {
         dir: dir.to_path_buf(),
         name: format!("sort-{from_ms}-{cut_ms}"),
-        run_ids: run_ids.max(1),
+        in_ram: in_ram.max(1),
         buf: Vec::new(),
         buckets: Vec::new(),
         bounds: Vec::new(),
@@ -1796,12 +1797,12 @@ fn write_journal(
     Ok(())
 }
 
-/// A span's entries being sorted: in RAM until there are `run_ids` of
+/// A span's entries being sorted: in RAM until there are `in_ram` of
 /// them, then spread over bucket files by shard.
 struct SpanSorter {
     dir: PathBuf,
     name: String,
-    run_ids: usize,
+    in_ram: usize,
     buf: Vec<Entry>,
     /// The bucket files (empty while the span fits in RAM): each one's
     /// path, writer and entries.
@@ -1819,7 +1820,7 @@ impl SpanSorter {
         }
         let written = if self.buckets.is_empty() {
             self.buf.push(entry);
-            if self.buf.len() < self.run_ids {
+            if self.buf.len() < self.in_ram {
                 return;
             }
             self.spread()
@@ -1880,11 +1881,11 @@ impl SpanSorter {
             }
             buckets.push_back((path, n));
         }
-        let mut in_ram = std::mem::take(&mut self.buf);
-        in_ram.sort_unstable();
+        let mut buffered = std::mem::take(&mut self.buf);
+        buffered.sort_unstable();
         // Built first, so that its drop deletes the files on an error.
         let sorted = Sorted {
-            current: in_ram.into_iter(),
+            current: buffered.into_iter(),
             buckets,
         };
         flushed.map(|()| sorted)

@@ -593,11 +593,11 @@ fn a_span_sorted_through_bucket_files_is_written_as_one_sorted_in_ram() {
         })
         .collect();
     let (_store, reader) = journal(&dir.path().join("journal"), &records);
-    let written = |run_ids: usize| {
-        let out = dir.path().join(format!("runs-{run_ids}"));
+    let written = |in_ram: usize| {
+        let out = dir.path().join(format!("sorted-{in_ram}"));
         std::fs::create_dir_all(&out).unwrap();
         let mut writer = Writer::create(&out, 0, 10_000).unwrap();
-        write_journal(&mut writer, reader.as_ref(), (0, 10_000), &out, run_ids).unwrap();
+        write_journal(&mut writer, reader.as_ref(), (0, 10_000), &out, in_ram).unwrap();
         let (path, span) = writer.finish().unwrap();
         assert!(
             tmp_files(&out).is_empty(),
@@ -608,7 +608,7 @@ fn a_span_sorted_through_bucket_files_is_written_as_one_sorted_in_ram() {
         let entries: Vec<Entry> = g.entries().unwrap().map(Result::unwrap).collect();
         (span.ids, entries)
     };
-    let (ids, in_ram) = written(usize::MAX);
+    let (ids, all_in_ram) = written(usize::MAX);
     assert_eq!(ids, 4_800, "one entry per id");
     // The later arrival of each id that came twice.
     let mut expected: BTreeMap<(u32, Fingerprint), u64> = BTreeMap::new();
@@ -616,9 +616,9 @@ fn a_span_sorted_through_bucket_files_is_written_as_one_sorted_in_ram() {
         expected.insert((r.shard, r.fingerprint), r.born_ms);
     }
     let expected: Vec<Entry> = expected.into_iter().map(|((s, f), b)| entry(s, f, b)).collect();
-    assert_eq!(in_ram, expected);
-    for run_ids in [1, 7, 1_000, 4_999] {
-        assert_eq!(written(run_ids), (4_800, expected.clone()), "{run_ids} in RAM");
+    assert_eq!(all_in_ram, expected);
+    for in_ram in [1, 7, 1_000, 4_999] {
+        assert_eq!(written(in_ram), (4_800, expected.clone()), "{in_ram} in RAM");
     }
 }
 
