@@ -14,6 +14,10 @@
 //!   PER_SEAL (default 10 M) at a time, merged as the sidecar merges, with
 //!   BITS-bit filters (8 or 16, `sealed_filter_bits`); reports the time and
 //!   the bytes on disk.
+//! - `footprint --tier tiered seal DIR N`: fills an LMDB store in DIR
+//!   with N ids as the sidecar's journal holds them, then seals them from
+//!   it as the sidecar does; reports the seal's time and `RssAnon` peak
+//!   growth.
 //! - `footprint --tier tiered open DIR N M`: opens DIR in a fresh process
 //!   and reports the time to serve (open) and `RssAnon` growth per sealed
 //!   id (page cache excluded); then, with those N ids sealed behind an
@@ -137,8 +141,67 @@ mod tiered {
                     _ => None,
                 },
             ),
-            _ => panic!("--tier tiered build DIR N [PER_SEAL [BITS]] | open DIR N M [--baseline [K]]"),
+            Some("seal") => seal(dir, arg(2, "N")),
+            _ => panic!(
+                "--tier tiered build DIR N [PER_SEAL [BITS]] | open DIR N M [--baseline [K]] | seal DIR N"
+            ),
         }
+    }
+
+    /// Fills an LMDB store in `dir` with `n` ids, as the sidecar's journal
+    /// holds them, then seals them from it as the sidecar does, and
+    /// reports the seal's time and `RssAnon` peak growth (sampled every
+    /// 5 ms).
+    fn seal(dir: &Path, n: u64) {
+        use eventsieve::engine::Record;
+        use eventsieve::journal::{Journal, LmdbStore, StoreMeta};
+        let meta = StoreMeta {
+            shards: SHARDS,
+            window_ms: WINDOW_MS,
+            shard_key: String::new(),
+        };
+        let mut store = LmdbStore::open(&dir.join("journal"), meta, false).expect("open the store");
+        let born = born();
+        let mut chunk = Vec::with_capacity(10_000);
+        for i in 0..n {
+            let id = id(i);
+            chunk.push(Record {
+                shard: shard_of(&id, SHARDS),
+                born_ms: born + i / 1000,
+                fingerprint: Fingerprint::of(id.as_bytes()),
+            });
+            if chunk.len() == chunk.capacity() || i + 1 == n {
+                store.append(&chunk).expect("append");
+                chunk.clear();
+            }
+        }
+        let reader = store.reader().expect("a reader");
+        let sealed = Sealed::open(&dir.join("sealed")).expect("open the sealed tier");
+        let before = status_kib("RssAnon:");
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let sampling = sampling.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while sampling.load(Relaxed) {
+                    peak = peak.max(status_kib("RssAnon:"));
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                peak
+            })
+        };
+        let started = Instant::now();
+        let span = sealed
+            .seal_journal(reader.as_ref(), 0, born + n / 1000 + 1)
+            .expect("seal");
+        let elapsed = started.elapsed().as_secs_f64();
+        sampling.store(false, Relaxed);
+        let peak = sampler.join().expect("the sampler").max(status_kib("RssAnon:"));
+        println!(
+            "sealed={} seal_s={elapsed:.1} rss_anon_peak_growth_mb={}",
+            span.ids,
+            peak.saturating_sub(before) / 1024
+        );
     }
 
     fn build(dir: &Path, n: u64, per_seal: u64, bits: u64) {
