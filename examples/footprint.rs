@@ -12,13 +12,15 @@
 //! - `footprint --tier tiered build DIR N [PER_SEAL [BITS]]`: seals N ids
 //!   (`ev<i>`, placed in 32 shards as the sidecar places them) into DIR,
 //!   PER_SEAL (default 10 M) at a time, merged as the sidecar merges, with
-//!   BITS-bit filters (8 or 16, `sealed_filter_bits`); reports the time and
-//!   the bytes on disk.
+//!   BITS-bit filters (8 or 16, `sealed_filter_bits`; `summary`: 8-bit
+//!   ones on disk and the summary in RAM, `sealed_summary`); reports the
+//!   time and the bytes on disk.
 //! - `footprint --tier tiered seal DIR N`: fills an LMDB store in DIR
 //!   with N ids as the sidecar's journal holds them, then seals them from
 //!   it as the sidecar does; reports the seal's time and `RssAnon` peak
 //!   growth.
-//! - `footprint --tier tiered open DIR N M`: opens DIR in a fresh process
+//! - `footprint --tier tiered open DIR N M`: opens DIR (with its summary
+//!   if it has one) in a fresh process
 //!   and reports the time to serve (open) and `RssAnon` growth per sealed
 //!   id (page cache excluded); then, with those N ids sealed behind an
 //!   empty table, the verdict rate for M new ids and for M duplicates of
@@ -130,7 +132,7 @@ mod tiered {
                 dir,
                 arg(2, "N"),
                 args.get(3).map_or(10_000_000, |_| arg(3, "PER_SEAL")),
-                args.get(4).map_or(8, |_| arg(4, "BITS")),
+                args.get(4).map_or("8", String::as_str),
             ),
             Some("open") => open(
                 dir,
@@ -204,10 +206,17 @@ mod tiered {
         );
     }
 
-    fn build(dir: &Path, n: u64, per_seal: u64, bits: u64) {
+    fn build(dir: &Path, n: u64, per_seal: u64, bits: &str) {
         let started = Instant::now();
-        let bits = FilterBits::from_bits(bits).expect("BITS: 8 or 16");
-        let sealed = Sealed::open(dir).expect("open DIR").with_filter(bits);
+        let sealed = match bits {
+            "summary" => Sealed::open_summarized(dir, SHARDS).expect("open DIR"),
+            bits => {
+                let bits = bits.parse().ok().and_then(FilterBits::from_bits);
+                Sealed::open(dir)
+                    .expect("open DIR")
+                    .with_filter(bits.expect("BITS: 8, 16 or summary"))
+            }
+        };
         let born = born();
         let mut first = 0;
         while first < n {
@@ -276,11 +285,16 @@ mod tiered {
     fn open(dir: &Path, n: u64, m: u64, baseline: Option<u64>) {
         let anon_before = status_kib("RssAnon:") * 1024;
         let started = Instant::now();
-        let sealed = Arc::new(Sealed::open(dir).expect("open DIR"));
+        let summarized = dir.join("summary.filter").exists();
+        let sealed = match summarized {
+            true => Sealed::open_summarized(dir, SHARDS),
+            false => Sealed::open(dir),
+        };
+        let sealed = Arc::new(sealed.expect("open DIR"));
         let open_s = started.elapsed().as_secs_f64();
         let anon = (status_kib("RssAnon:") * 1024).saturating_sub(anon_before);
         println!(
-            "open_s={open_s:.2} sealed={} rss_anon_growth={anon} ({:.3} per sealed id) memory_bytes={}",
+            "summary={summarized} open_s={open_s:.2} sealed={} rss_anon_growth={anon} ({:.3} per sealed id) memory_bytes={}",
             sealed.ids(),
             anon as f64 / sealed.ids() as f64,
             sealed.memory_bytes()

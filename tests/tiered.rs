@@ -245,6 +245,17 @@ async fn kill_while_writing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_seal_and_during_a_merge_loses_no_accepted_id() {
+    sigkill_during_seal_and_merge("false").await;
+}
+
+/// The same with `sealed_summary`: the summary a crash left naming other
+/// files than the directory's is built again at the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_seal_and_during_a_merge_with_a_summary_loses_no_accepted_id() {
+    sigkill_during_seal_and_merge("true").await;
+}
+
+async fn sigkill_during_seal_and_merge(summary: &str) {
     let server = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().join("sealed");
@@ -252,6 +263,7 @@ async fn sigkill_during_a_seal_and_during_a_merge_loses_no_accepted_id() {
         ("EVENTSIEVE_TIER", "tiered"),
         ("EVENTSIEVE_HOT_BYTES", "8388608"),
         ("EVENTSIEVE_WINDOW", "1h"),
+        ("EVENTSIEVE_SEALED_SUMMARY", summary),
     ];
     let client = server.client().await;
     let mut accepted = Vec::new();

@@ -186,6 +186,13 @@ pub struct Config {
     /// read a block per file) or 16 (about 2.5 bytes; 0.0015 %). Files
     /// written before a change keep theirs until merged. Default 8.
     pub sealed_filter_bits: u64,
+    /// With `tier = "tiered"`: keep one filter per shard over every sealed
+    /// file (the summary: a cuckoo filter of 16-bit fingerprints, about
+    /// 2.3 bytes of RAM per sealed id, one probe per new id whatever the
+    /// number of files) instead of each file's filters. The files' own
+    /// filters are still written (`sealed_filter_bits`), so it can be
+    /// turned off again. Default false.
+    pub sealed_summary: bool,
     /// Address of the HTTP gateway (`POST /api/v1/events` and the rest, see
     /// the README), or empty to disable. Default empty.
     pub http_addr: String,
@@ -273,6 +280,7 @@ impl Default for Config {
             tier: Tier::Memory,
             hot_bytes: 1 << 30,
             sealed_filter_bits: 8,
+            sealed_summary: false,
             sealed_dir: String::new(),
             http_addr: String::new(),
             http_metrics: false,

@@ -48,7 +48,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -613,8 +613,11 @@ pub struct Generation {
     blocks: u64,
     /// By shard number; `None` for a shard it holds nothing of.
     shards: Vec<Option<ShardParts>>,
-    /// Each partition's filter (`None`: no ids).
+    /// Each partition's filter (`None`: no ids); empty when the filters
+    /// were left on disk ([`Self::open_unfiltered`]): every partition's
+    /// block is then read.
     filters: Vec<Option<PartFilter>>,
+    filtered: bool,
     /// Each partition's first block, and the number of blocks at the end.
     part_first: Box<[u64]>,
     /// Each block's first `hi`.
@@ -650,6 +653,20 @@ impl Generation {
     ///
     /// The file cannot be read, or a checksum or the layout fails.
     pub fn open(path: &Path) -> Result<Self, SealedError> {
+        Self::open_with(path, true)
+    }
+
+    /// [`Self::open`] leaving its filters on disk (checked, not kept): for
+    /// a tier whose summary filters every file.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::open`].
+    pub fn open_unfiltered(path: &Path) -> Result<Self, SealedError> {
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, filtered: bool) -> Result<Self, SealedError> {
         let damaged = |why: &str| SealedError::Damaged(path.to_path_buf(), why.to_string());
         let file = File::open(path).map_err(io(path))?;
         let len = file.metadata().map_err(io(path))?.len();
@@ -700,7 +717,9 @@ impl Generation {
             let n = u64::from_le_bytes(n.try_into().expect("8 bytes")) as usize;
             rest = after;
             if n == 0 {
-                filters.push(None);
+                if filtered {
+                    filters.push(None);
+                }
                 continue;
             }
             if rest.len() < DESCRIPTOR + n {
@@ -721,11 +740,13 @@ impl Generation {
             {
                 return Err(damaged("filters"));
             }
-            filters.push(Some(PartFilter::read(
-                bits,
-                descriptor,
-                &rest[DESCRIPTOR..DESCRIPTOR + n],
-            )));
+            if filtered {
+                filters.push(Some(PartFilter::read(
+                    bits,
+                    descriptor,
+                    &rest[DESCRIPTOR..DESCRIPTOR + n],
+                )));
+            }
             rest = &rest[DESCRIPTOR + n..];
         }
         if !rest.is_empty() {
@@ -750,6 +771,7 @@ impl Generation {
             blocks,
             shards,
             filters,
+            filtered,
             part_first: part_first.into(),
             fences: u64s(fences_bytes).collect(),
         })
@@ -793,6 +815,32 @@ impl Generation {
         })
     }
 
+    /// The shards it holds ids of.
+    pub(super) fn shards_held(&self) -> impl Iterator<Item = u32> + '_ {
+        self.shards
+            .iter()
+            .enumerate()
+            .filter(|(_, parts)| parts.is_some())
+            .map(|(shard, _)| shard as u32)
+    }
+
+    /// The blocks of `shard`'s ids.
+    fn shard_blocks(&self, shard: u32) -> std::ops::Range<u64> {
+        match self.shards.get(shard as usize).copied().flatten() {
+            Some(parts) => {
+                self.part_first[parts.base as usize]
+                    ..self.part_first[(parts.base + (1 << parts.bits)) as usize]
+            }
+            None => 0..0,
+        }
+    }
+
+    /// At most how many ids of `shard` it holds (its blocks' room).
+    pub(super) fn shard_room(&self, shard: u32) -> u64 {
+        let blocks = self.shard_blocks(shard);
+        (blocks.end - blocks.start) * PER_BLOCK as u64
+    }
+
     /// The partition of `(shard, fp)`, if the generation holds any of the
     /// shard.
     fn part_of(&self, shard: u32, fp: Fingerprint) -> Option<usize> {
@@ -806,7 +854,7 @@ impl Generation {
     /// hint is wasted: the lookup itself asks `xorf`.
     #[inline]
     fn prefetch(&self, shard: u32, fp: Fingerprint) {
-        let Some(Some(filter)) = self.part_of(shard, fp).map(|p| &self.filters[p]) else {
+        let Some(Some(filter)) = self.part_of(shard, fp).and_then(|p| self.filters.get(p)) else {
             return;
         };
         let d = filter.descriptor();
@@ -833,12 +881,14 @@ impl Generation {
         let Some(part) = self.part_of(shard, fp) else {
             return Ok(None);
         };
-        let Some(filter) = &self.filters[part] else {
-            return Ok(None);
-        };
-        probed.filters += 1;
-        if !filter.contains(filter_key(fp)) {
-            return Ok(None);
+        if self.filtered {
+            let Some(filter) = &self.filters[part] else {
+                return Ok(None);
+            };
+            probed.filters += 1;
+            if !filter.contains(filter_key(fp)) {
+                return Ok(None);
+            }
         }
         // The partition's blocks that begin at or before `hi`: the last of
         // them holds it, or (ids with the same `hi` running over blocks)
@@ -901,21 +951,39 @@ impl Generation {
     ///
     /// The file cannot be opened again.
     pub fn entries(&self) -> Result<Entries<'_>, SealedError> {
-        let file = File::open(&self.path).map_err(io(&self.path))?;
-        Ok(Entries {
+        Ok(self.entries_in(0..self.blocks))
+    }
+
+    /// The entries of `shard`, in order, as [`Self::entries`].
+    ///
+    /// # Errors
+    ///
+    /// None yet; reading may fail as the entries come.
+    pub(super) fn shard_entries(&self, shard: u32) -> Result<Entries<'_>, SealedError> {
+        Ok(self.entries_in(self.shard_blocks(shard)))
+    }
+
+    /// The entries of `blocks`, read from the file it has open (by
+    /// position, so a file renamed over or deleted since is still read).
+    fn entries_in(&self, blocks: std::ops::Range<u64>) -> Entries<'_> {
+        Entries {
             generation: self,
-            reader: BufReader::with_capacity(1 << 20, file),
-            block: 0,
+            blocks,
+            buffer: Vec::new(),
             buffered: Vec::new().into_iter(),
-        })
+        }
     }
 }
+
+/// Blocks a generation's entries are read by at a time.
+const READ_BLOCKS: u64 = 256;
 
 /// Reads a generation's entries in order.
 pub struct Entries<'a> {
     generation: &'a Generation,
-    reader: BufReader<File>,
-    block: u64,
+    /// The blocks still to read.
+    blocks: std::ops::Range<u64>,
+    buffer: Vec<u8>,
     buffered: std::vec::IntoIter<Entry>,
 }
 
@@ -927,22 +995,36 @@ impl Iterator for Entries<'_> {
             if let Some(e) = self.buffered.next() {
                 return Some(Ok(e));
             }
-            if self.block == self.generation.blocks {
+            if self.blocks.is_empty() {
                 return None;
             }
-            let mut block = vec![0u8; BLOCK];
-            if let Err(e) = self.reader.read_exact(&mut block) {
-                self.block = self.generation.blocks;
-                return Some(Err(SealedError::Io(self.generation.path.clone(), e)));
-            }
-            match self.generation.entries_of(&block, self.block) {
-                Ok(entries) => self.buffered = entries.into_iter(),
+            let (first, n) = (
+                self.blocks.start,
+                (self.blocks.end - self.blocks.start).min(READ_BLOCKS),
+            );
+            let g = self.generation;
+            self.buffer.resize(n as usize * BLOCK, 0);
+            let read = g
+                .file
+                .read_exact_at(&mut self.buffer, first * BLOCK as u64)
+                .map_err(io(&g.path))
+                .and_then(|()| {
+                    let mut entries = Vec::with_capacity(n as usize * PER_BLOCK);
+                    for (i, block) in self.buffer.chunks_exact(BLOCK).enumerate() {
+                        entries.extend(g.entries_of(block, first + i as u64)?);
+                    }
+                    Ok(entries)
+                });
+            match read {
+                Ok(entries) => {
+                    self.buffered = entries.into_iter();
+                    self.blocks.start += n;
+                }
                 Err(e) => {
-                    self.block = self.generation.blocks;
+                    self.blocks.start = self.blocks.end;
                     return Some(Err(e));
                 }
             }
-            self.block += 1;
         }
     }
 }
@@ -1061,6 +1143,9 @@ pub struct Sealed {
     turn: tokio::sync::RwLock<()>,
     /// The filters of the files it writes.
     filter: FilterBits,
+    /// With `sealed_summary`: one filter per shard over every file, in
+    /// place of the files' own (see `summary`).
+    summary: Option<summary::Summary>,
     pub seals: AtomicU64,
     pub merges: AtomicU64,
     pub filter_probes: AtomicU64,
@@ -1080,6 +1165,26 @@ impl Sealed {
     ///
     /// The directory cannot be read.
     pub fn open(dir: &Path) -> Result<Self, SealedError> {
+        Self::open_as(dir, None)
+    }
+
+    /// [`Self::open`] with a summary over its files for `shards` shards
+    /// (see `summary`): the files' own filters stay on disk, and the
+    /// summary is read back, or built from the files if it does not cover
+    /// exactly them (a crash during a change), then saved.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::open`]; or the summary could not be built or saved.
+    pub fn open_summarized(dir: &Path, shards: u32) -> Result<Self, SealedError> {
+        Self::open_as(dir, Some(shards))
+    }
+
+    fn open_as(dir: &Path, summary_shards: Option<u32>) -> Result<Self, SealedError> {
+        let open_file = match summary_shards {
+            Some(_) => Generation::open_unfiltered,
+            None => Generation::open,
+        };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut spans = Vec::new();
         let mut adopted_files: BTreeMap<u32, Vec<(u64, PathBuf)>> = BTreeMap::new();
@@ -1103,7 +1208,7 @@ impl Sealed {
             for (_, older) in files {
                 std::fs::remove_file(&older).map_err(io(&older))?;
             }
-            match Generation::open(&newest) {
+            match open_file(&newest) {
                 Ok(g) => {
                     adopted.insert(shard, Arc::new(g));
                 }
@@ -1126,7 +1231,7 @@ impl Sealed {
                 std::fs::remove_file(&path).map_err(io(&path))?;
                 continue;
             }
-            match Generation::open(&path) {
+            match open_file(&path) {
                 Ok(g) => generations.push(Arc::new(g)),
                 Err(e @ SealedError::Damaged(..)) => {
                     tracing::error!(message = "A sealed generation is damaged; rebuilding it from the journal.", error = %e);
@@ -1143,7 +1248,7 @@ impl Sealed {
             }
         }
         generations.sort_by_key(|g| g.span.cut_ms);
-        Ok(Self {
+        let mut sealed = Self {
             dir: dir.to_path_buf(),
             generations: arc_swap::ArcSwap::from_pointee(generations),
             changing: std::sync::Mutex::default(),
@@ -1154,12 +1259,52 @@ impl Sealed {
             damaged_adopted: std::sync::Mutex::new(damaged_adopted),
             turn: tokio::sync::RwLock::new(()),
             filter: FilterBits::default(),
+            summary: None,
             seals: AtomicU64::new(0),
             merges: AtomicU64::new(0),
             filter_probes: AtomicU64::new(0),
             block_reads: AtomicU64::new(0),
             hits: AtomicU64::new(0),
-        })
+        };
+        if let Some(shards) = summary_shards {
+            let names = sealed.names();
+            sealed.summary = match summary::Summary::load(dir, &names) {
+                Some(s) if s.shard_count() >= shards => Some(s),
+                _ => {
+                    let started = std::time::Instant::now();
+                    let built = summary::Summary::build(shards, &sealed.files_now())?;
+                    built.save(dir, &names)?;
+                    tracing::info!(
+                        message = "Built the sealed tier's summary from its files.",
+                        files = names.len(),
+                        ids = sealed.ids(),
+                        seconds = started.elapsed().as_secs_f64(),
+                    );
+                    Some(built)
+                }
+            };
+        }
+        Ok(sealed)
+    }
+
+    /// The names of its files: the generations, then the adopted ones.
+    fn names(&self) -> Vec<String> {
+        self.files_now()
+            .iter()
+            .map(|g| {
+                g.path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Its files now: the generations, then the adopted ones.
+    fn files_now(&self) -> Vec<Arc<Generation>> {
+        let (generations, adopted) = (self.generations.load(), self.adopted.load());
+        generations.iter().chain(adopted.values()).cloned().collect()
     }
 
     pub fn dir(&self) -> &Path {
@@ -1236,7 +1381,14 @@ impl Sealed {
         let adopted = adopted
             .get(&shard)
             .filter(|g| g.span.ids > 0 && g.span.newest_ms >= horizon_ms);
-        let prefetch = |fp: Fingerprint| live().chain(adopted).for_each(|g| g.prefetch(shard, fp));
+        // With a summary, its filter alone is probed; `Some(None)`: a shard
+        // beyond it, which no file holds.
+        let summary = self.summary.as_ref().map(|s| s.read(shard));
+        let prefetch = |fp: Fingerprint| match &summary {
+            Some(Some(filter)) => filter.prefetch(fp),
+            Some(None) => {}
+            None => live().chain(adopted).for_each(|g| g.prefetch(shard, fp)),
+        };
         for fp in fps.iter().take(AHEAD) {
             prefetch(*fp);
         }
@@ -1246,7 +1398,19 @@ impl Sealed {
             if let Some(later) = fps.get(i + AHEAD) {
                 prefetch(*later);
             }
-            match self.find(live(), adopted, shard, fp, &mut probed) {
+            let maybe = match &summary {
+                Some(Some(filter)) => {
+                    probed.filters += 1;
+                    filter.contains(fp)
+                }
+                Some(None) => false,
+                None => true,
+            };
+            let found = match maybe {
+                true => self.find(live(), adopted, shard, fp, &mut probed),
+                false => Ok(None),
+            };
+            match found {
                 Ok(found) => {
                     let alive = found.filter(|&born| born >= horizon_ms);
                     hits += u64::from(alive.is_some());
@@ -1362,14 +1526,52 @@ impl Sealed {
         let mut writer = Writer::create(&self.dir, self.cut_ms(), cut_ms)?.with_filter(self.filter);
         fill(&mut writer)?;
         let (path, span) = writer.finish()?;
-        let generation = Arc::new(Generation::open(&path)?);
+        let generation = self.open_new(&path)?;
         self.generations.rcu(|gs| {
             let mut gs = Vec::clone(gs);
             gs.push(generation.clone());
             gs
         });
         self.seals.fetch_add(1, Relaxed);
+        self.save_summary();
         Ok(span)
+    }
+
+    /// Opens a file just written, and adds it to the summary (if any) before
+    /// the caller puts it in place; on failure the file is deleted.
+    fn open_new(&self, path: &Path) -> Result<Arc<Generation>, SealedError> {
+        let opened = match &self.summary {
+            None => Generation::open(path).map(Arc::new),
+            Some(summary) => Generation::open_unfiltered(path).map(Arc::new).and_then(|g| {
+                let mut files = self.files_now();
+                files.push(g.clone());
+                summary.add(&g, &files).map(|()| g)
+            }),
+        };
+        if opened.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        opened
+    }
+
+    /// Removes from the summary (if any) the entries of `file`, no longer
+    /// in the tier, that `gone` picks.
+    fn unsummarize(&self, file: &Generation, gone: impl Fn(&Entry) -> bool) -> Result<(), SealedError> {
+        match &self.summary {
+            Some(summary) => summary.remove(file, gone, &self.files_now()),
+            None => Ok(()),
+        }
+    }
+
+    /// Saves the summary (if any) after a change; a failure is logged (the
+    /// summary on disk then names other files, and the next open builds it
+    /// from the files).
+    fn save_summary(&self) {
+        if let Some(summary) = &self.summary
+            && let Err(e) = summary.save(&self.dir, &self.names())
+        {
+            tracing::warn!(message = "Could not save the sealed tier's summary; the next start builds it from the files.", error = %e);
+        }
     }
 
     /// Drops the generations whose newest id arrived before `horizon_ms`
@@ -1392,9 +1594,15 @@ impl Sealed {
         let _compacting = lock(&self.compacting);
         let mut removed = self.expire(horizon_ms)?;
         while let Some(inputs) = self.next_merge(max) {
-            let merged = Arc::new(merge(&self.dir, &inputs, horizon_ms, self.filter)?);
+            let mut merged = merge(&self.dir, &inputs, horizon_ms, self.filter)?;
+            if self.summary.is_some() {
+                // Its entries are in the summary already, as its inputs'.
+                merged.filters = Vec::new();
+                merged.filtered = false;
+            }
+            let merged = Arc::new(merged);
             self.merges.fetch_add(1, Relaxed);
-            match self.put_merged(&inputs, merged)? {
+            match self.put_merged(&inputs, merged, horizon_ms)? {
                 Some(n) => removed += n,
                 None => break,
             }
@@ -1420,6 +1628,7 @@ impl Sealed {
             self.generations.store(Arc::new(kept.clone()));
             for g in expired {
                 removed += 1;
+                self.unsummarize(&g, |_| true)?;
                 std::fs::remove_file(&g.path).map_err(io(&g.path))?;
             }
         }
@@ -1432,12 +1641,19 @@ impl Sealed {
             .collect();
         if !gone.is_empty() {
             let mut left = BTreeMap::clone(&adopted);
-            for shard in gone {
-                let g = left.remove(&shard).expect("listed");
+            let gone: Vec<_> = gone
+                .iter()
+                .map(|shard| left.remove(shard).expect("listed"))
+                .collect();
+            self.adopted.store(Arc::new(left));
+            for g in gone {
                 removed += 1;
+                self.unsummarize(&g, |_| true)?;
                 std::fs::remove_file(&g.path).map_err(io(&g.path))?;
             }
-            self.adopted.store(Arc::new(left));
+        }
+        if removed > 0 {
+            self.save_summary();
         }
         Ok(removed)
     }
@@ -1463,7 +1679,9 @@ impl Sealed {
     }
 
     /// Puts `merged` in place of `inputs` (still generations in a row, with
-    /// any sealed since after them) and deletes their files; how many. If
+    /// any sealed since after them) and deletes their files, their entries
+    /// born before `horizon_ms` (which the merge dropped) removed from the
+    /// summary; how many. If
     /// they are not (one was rebuilt meanwhile), `merged` is deleted
     /// instead and `None` returned.
     ///
@@ -1474,6 +1692,7 @@ impl Sealed {
         &self,
         inputs: &[Arc<Generation>],
         merged: Arc<Generation>,
+        horizon_ms: u64,
     ) -> Result<Option<usize>, SealedError> {
         let _changing = lock(&self.changing);
         let current = self.generations();
@@ -1497,11 +1716,16 @@ impl Sealed {
         self.generations.store(Arc::new(gens));
         // (An input spanning all the others, which were empty, had the
         // output's name: the rename replaced it.)
+        // (An input's file renamed over is still read: through its handle.)
+        for g in inputs.iter().filter(|g| g.span.oldest_ms < horizon_ms) {
+            self.unsummarize(g, |e| e.born_ms < horizon_ms)?;
+        }
         let mut removed = 0;
         for g in inputs.iter().filter(|g| g.path != merged.path) {
             removed += 1;
             std::fs::remove_file(&g.path).map_err(io(&g.path))?;
         }
+        self.save_summary();
         Ok(Some(removed))
     }
 
@@ -1603,7 +1827,7 @@ impl Sealed {
                 let mut writer = Writer::create_named(&self.dir, &name, 0, cut_ms)?.with_filter(self.filter);
                 write_shards(&mut writer, vec![(shard, ids)])?;
                 let (path, _) = writer.finish()?;
-                Some(Arc::new(Generation::open(&path)?))
+                Some(self.open_new(&path)?)
             }
         };
         let mut adopted = BTreeMap::clone(&self.adopted.load());
@@ -1612,10 +1836,14 @@ impl Sealed {
             None => adopted.remove(&shard),
         };
         self.adopted.store(Arc::new(adopted));
+        if let Some(old) = &old {
+            self.unsummarize(old, |_| true)?;
+        }
         // (One of the same cut was replaced by the rename.)
         if let Some(old) = old.filter(|old| generation.as_ref().is_none_or(|g| g.path != old.path)) {
             std::fs::remove_file(&old.path).map_err(io(&old.path))?;
         }
+        self.save_summary();
         Ok(generation.map(|g| g.span))
     }
 
@@ -1659,7 +1887,9 @@ impl Sealed {
         let mut writer = Writer::create(&self.dir, span.from_ms, span.cut_ms)?.with_filter(self.filter);
         fill(&mut writer)?;
         let (path, new) = writer.finish()?;
-        let generation = Arc::new(Generation::open(&path)?);
+        // The damaged file's entries stay in the summary: it cannot be read
+        // to remove them, and more is never wrong.
+        let generation = self.open_new(&path)?;
         let same = |g: &Arc<Generation>| (g.span.from_ms, g.span.cut_ms) == (span.from_ms, span.cut_ms);
         self.generations.rcu(|gs| {
             let mut gs: Vec<_> = gs.iter().filter(|g| !same(g)).cloned().collect();
@@ -1668,6 +1898,7 @@ impl Sealed {
             gs
         });
         let _ = std::fs::remove_file(path.with_extension("damaged"));
+        self.save_summary();
         Ok(new)
     }
 
@@ -1687,9 +1918,10 @@ impl Sealed {
         self.each_file(|_| 1)
     }
 
-    /// RAM the filters and fences take.
+    /// RAM the filters (the summary's too) and fences take.
     pub fn memory_bytes(&self) -> usize {
         self.each_file(Generation::memory_bytes)
+            + self.summary.as_ref().map_or(0, summary::Summary::memory_bytes)
     }
 
     /// Bytes on disk.
@@ -2022,6 +2254,8 @@ impl crate::observe::metrics::Render for Sealed {
         }
     }
 }
+
+mod summary;
 
 #[cfg(test)]
 mod tests;

@@ -426,9 +426,14 @@ async fn open_tier(
     };
     let opening = reader.clone();
     let bits = FilterBits::from_bits(settings.config.sealed_filter_bits).unwrap_or_default();
+    let summary_shards = settings.config.sealed_summary.then_some(settings.config.shards);
     let horizon = crate::engine::unix_ms().saturating_sub(settings.window_ms);
     let sealed = tokio::task::spawn_blocking(move || {
-        let sealed = Sealed::open(&dir).map_err(|e| e.to_string())?.with_filter(bits);
+        let sealed = match summary_shards {
+            Some(shards) => Sealed::open_summarized(&dir, shards),
+            None => Sealed::open(&dir),
+        };
+        let sealed = sealed.map_err(|e| e.to_string())?.with_filter(bits);
         upkeep::rebuild_damaged(&sealed, opening.as_ref(), horizon)?;
         opening
             .forgotten(&mut |shard, fp, at| sealed.forget(shard, fp, at))

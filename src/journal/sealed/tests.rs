@@ -88,6 +88,95 @@ fn found_and_rarely_read(bits: FilterBits, reads_per_10k: u64, ram: std::ops::Ra
 }
 
 #[test]
+fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_and_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = Sealed::open_summarized(dir.path(), 8).unwrap();
+    let id = |i: u64| {
+        entry(
+            (i % 8) as u32,
+            Fingerprint::of(format!("id{i}").as_bytes()),
+            1_000 + i,
+        )
+    };
+    // Four files of 40 000 ids.
+    let per_file = 40_000u64;
+    for f in 0..4 {
+        let ids: Vec<Entry> = (f * per_file..(f + 1) * per_file).map(id).collect();
+        sealed
+            .seal(by_shard(&sorted(ids)), 1_000 + (f + 1) * per_file)
+            .unwrap();
+    }
+    let n = 4 * per_file;
+    assert_eq!(sealed.files(), 4);
+    let summary = sealed.summary.as_ref().expect("a summary");
+    assert_eq!(summary.ids(), n);
+    for e in (0..n).map(id) {
+        assert_eq!(
+            sealed.born_ms(e.shard, e.fingerprint, 0).unwrap(),
+            Some(e.born_ms)
+        );
+    }
+    let (probes, reads) = (
+        sealed.filter_probes.load(Relaxed),
+        sealed.block_reads.load(Relaxed),
+    );
+    for i in 0..n {
+        let absent = Fingerprint::of(format!("other{i}").as_bytes());
+        assert_eq!(sealed.born_ms((i % 8) as u32, absent, 0).unwrap(), None);
+    }
+    // One probe per id whatever the files; a false hit (about 0.01 %)
+    // reads a block in each of the four.
+    assert_eq!(sealed.filter_probes.load(Relaxed) - probes, n);
+    let reads = sealed.block_reads.load(Relaxed) - reads;
+    assert!(
+        reads <= 4 * n * 3 / 10_000,
+        "{reads} block reads for {n} absent ids"
+    );
+    let per_id = sealed.memory_bytes() as f64 / n as f64;
+    assert!(
+        (2.0..2.8).contains(&per_id),
+        "{per_id} bytes of RAM per sealed id"
+    );
+
+    // Expiry drops the oldest file's entries from the summary; a merge
+    // those born before the horizon.
+    let horizon = 1_000 + per_file + per_file / 2;
+    assert_eq!(sealed.compact(horizon, 4).unwrap(), 1);
+    let summary = sealed.summary.as_ref().expect("a summary");
+    assert_eq!(summary.ids(), n - per_file);
+    assert_eq!(sealed.compact(horizon, 1).unwrap(), 3);
+    let summary = sealed.summary.as_ref().expect("a summary");
+    assert_eq!(summary.ids(), n - per_file - per_file / 2);
+    for e in (0..n).map(id) {
+        let want = Some(e.born_ms).filter(|&b| b >= horizon);
+        assert_eq!(sealed.born_ms(e.shard, e.fingerprint, horizon).unwrap(), want);
+    }
+
+    // Read back at open; built again from the files when damaged.
+    drop(sealed);
+    let sealed = Sealed::open_summarized(dir.path(), 8).unwrap();
+    assert_eq!(
+        sealed.summary.as_ref().map(summary::Summary::ids),
+        Some(n - per_file - per_file / 2)
+    );
+    drop(sealed);
+    let path = dir.path().join(summary::FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let sealed = Sealed::open_summarized(dir.path(), 8).unwrap();
+    assert_eq!(
+        sealed.summary.as_ref().map(summary::Summary::ids),
+        Some(n - per_file - per_file / 2)
+    );
+    for e in (0..n).map(id) {
+        let want = Some(e.born_ms).filter(|&b| b >= horizon);
+        assert_eq!(sealed.born_ms(e.shard, e.fingerprint, horizon).unwrap(), want);
+    }
+}
+
+#[test]
 fn ids_sharing_their_shard_and_high_half_across_blocks_are_all_found() {
     let dir = tempfile::tempdir().unwrap();
     let sealed = Sealed::open(dir.path()).unwrap();
@@ -197,8 +286,13 @@ fn opening_removes_what_a_crash_left_half_done() {
 
 #[test]
 fn adopted_ids_are_found_beside_the_generations_by_their_last_arrival_and_outlive_nothing() {
+    adopted_ids_found(false);
+    adopted_ids_found(true);
+}
+
+fn adopted_ids_found(summarized: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let sealed = Sealed::open(dir.path()).unwrap();
+    let sealed = open_tier(dir.path(), summarized, 8);
     let id = |i: u64| Fingerprint::of(format!("t{i}").as_bytes());
     // The generations: ids 0..100 of shard 3, arrived at 100 + i.
     let sealed_ids: Vec<Entry> = (0..100).map(|i| entry(3, id(i), 100 + i)).collect();
@@ -247,7 +341,7 @@ fn adopted_ids_are_found_beside_the_generations_by_their_last_arrival_and_outliv
         dir.path().join("adopted-00003-0000000000999.sealed"),
     )
     .unwrap();
-    let sealed = Sealed::open(dir.path()).unwrap();
+    let sealed = open_tier(dir.path(), summarized, 8);
     assert_eq!(adopted_of_3(dir.path()), 1);
     assert_eq!(sealed.born_ms(3, id(200), 0).unwrap(), Some(950));
     assert_eq!(sealed.born_ms(4, id(7), 0).unwrap(), Some(900));
@@ -262,7 +356,7 @@ fn adopted_ids_are_found_beside_the_generations_by_their_last_arrival_and_outliv
     let at = bytes.len() - 20;
     bytes[at] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
-    let sealed = Sealed::open(dir.path()).unwrap();
+    let sealed = open_tier(dir.path(), summarized, 8);
     assert_eq!(sealed.take_damaged_adopted(), [(3, 1_000)]);
     assert_eq!(sealed.born_ms(3, id(200), 0).unwrap(), None);
     sealed.rebuild_adopted(3, 1_000, vec![(id(200), 950)], 0).unwrap();
@@ -285,7 +379,7 @@ fn a_seal_goes_on_while_a_merge_writes_and_the_merge_then_takes_its_inputs_place
     let merged = Arc::new(merge(dir.path(), &inputs, 0, FilterBits::Eight).unwrap());
     // A seal while the merge was writing: it goes after the merged file.
     sealed.seal(ids(400..450), 450).unwrap();
-    assert_eq!(sealed.put_merged(&inputs, merged).unwrap(), Some(4));
+    assert_eq!(sealed.put_merged(&inputs, merged, 0).unwrap(), Some(4));
     let spans: Vec<(u64, u64)> = sealed
         .generations()
         .iter()
@@ -301,7 +395,7 @@ fn a_seal_goes_on_while_a_merge_writes_and_the_merge_then_takes_its_inputs_place
     let inputs = sealed.next_merge(1).expect("more than one file");
     let merged = Arc::new(merge(dir.path(), &inputs, 0, FilterBits::Eight).unwrap());
     sealed.rebuild(inputs[1].span(), ids(400..450)).unwrap();
-    assert_eq!(sealed.put_merged(&inputs, merged).unwrap(), None);
+    assert_eq!(sealed.put_merged(&inputs, merged, 0).unwrap(), None);
     assert_eq!(sealed.generations().len(), 2);
     assert_eq!(files(dir.path()), 2, "the dropped merge's file deleted");
     for i in 0..450 {
@@ -310,6 +404,15 @@ fn a_seal_goes_on_while_a_merge_writes_and_the_merge_then_takes_its_inputs_place
     // Merged again later.
     assert_eq!(sealed.compact(0, 1).unwrap(), 2);
     assert_eq!(sealed.generations().len(), 1);
+}
+
+/// The tier in `dir`, with a summary over `shards` shards or with each
+/// file's filters.
+fn open_tier(dir: &Path, summarized: bool, shards: u32) -> Sealed {
+    match summarized {
+        true => Sealed::open_summarized(dir, shards).unwrap(),
+        false => Sealed::open(dir).unwrap(),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -354,10 +457,13 @@ proptest! {
     /// Whatever the seals and merges, a lookup answers the latest sealed
     /// arrival of an id within the window, as an exact model does.
     #[test]
-    fn lookups_equal_an_exact_model_through_seals_and_merges(ops in prop::collection::vec(op(), 1..400)) {
+    fn lookups_equal_an_exact_model_through_seals_and_merges(
+        ops in prop::collection::vec(op(), 1..400),
+        summarized in any::<bool>(),
+    ) {
         const WINDOW: u64 = 2_000;
         let dir = tempfile::tempdir().unwrap();
-        let sealed = Sealed::open(dir.path()).unwrap();
+        let sealed = open_tier(dir.path(), summarized, 3);
         let mut now = 10_000u64;
         let mut since_cut: Vec<Entry> = Vec::new();
         let mut model: BTreeMap<(u32, Fingerprint), u64> = BTreeMap::new();
@@ -386,10 +492,17 @@ proptest! {
                 }
             }
         }
-        // And after reopening.
+        // And after reopening (the summary read back, or built again
+        // when it is gone).
         let horizon = now - WINDOW;
         drop(sealed);
-        let sealed = Sealed::open(dir.path()).unwrap();
+        let sealed = open_tier(dir.path(), summarized, 3);
+        for (&(shard, fp), &born) in &model {
+            prop_assert_eq!(sealed.born_ms(shard, fp, horizon).unwrap(), Some(born).filter(|&b| b >= horizon));
+        }
+        drop(sealed);
+        let _ = std::fs::remove_file(dir.path().join(summary::FILE));
+        let sealed = open_tier(dir.path(), summarized, 3);
         for (&(shard, fp), &born) in &model {
             prop_assert_eq!(sealed.born_ms(shard, fp, horizon).unwrap(), Some(born).filter(|&b| b >= horizon));
         }
@@ -482,10 +595,13 @@ proptest! {
     /// expiry, forgets, window changes and sweeps; every verdict equals
     /// the exact model's.
     #[test]
-    fn tables_and_sealed_tier_give_the_exact_verdicts(steps in prop::collection::vec(step(), 1..500)) {
+    fn tables_and_sealed_tier_give_the_exact_verdicts(
+        steps in prop::collection::vec(step(), 1..500),
+        summarized in any::<bool>(),
+    ) {
         use crate::engine::{Deduplicator, EngineConfig, Verdict};
         let dir = tempfile::tempdir().unwrap();
-        let sealed = Arc::new(Sealed::open(dir.path()).unwrap());
+        let sealed = Arc::new(open_tier(dir.path(), summarized, 2));
         let dedup = Deduplicator::new(EngineConfig {
             window_ms: 2_000,
             shards: 2,
