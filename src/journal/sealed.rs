@@ -622,6 +622,9 @@ pub struct Generation {
     part_first: Box<[u64]>,
     /// Each block's first `hi`.
     fences: Box<[u64]>,
+    /// Its footer's checksum: what tells this file from another of the same
+    /// name (a rebuild, a merge renamed over an input).
+    footer_sum: u64,
 }
 
 impl std::fmt::Debug for Generation {
@@ -774,6 +777,7 @@ impl Generation {
             filtered,
             part_first: part_first.into(),
             fences: u64s(fences_bytes).collect(),
+            footer_sum: w[16],
         })
     }
 
@@ -1287,16 +1291,15 @@ impl Sealed {
         Ok(sealed)
     }
 
-    /// The names of its files: the generations, then the adopted ones.
+    /// Its files, each named with its footer's checksum (which tells it
+    /// from another of the same name: a rebuild, a merge renamed over an
+    /// input): the generations, then the adopted ones.
     fn names(&self) -> Vec<String> {
         self.files_now()
             .iter()
             .map(|g| {
-                g.path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default()
-                    .to_string()
+                let name = g.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                format!("{name} {:016x}", g.footer_sum)
             })
             .collect()
     }

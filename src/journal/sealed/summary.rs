@@ -20,7 +20,8 @@
 //! It is updated in place under each shard's lock, a few thousand entries
 //! at a time, by the one change the tier makes at a time, and saved to
 //! `summary.filter` after each change with the names of the files it
-//! covers. At open it is read back if those names are the tier's files,
+//! covers (and their footers' checksums). At open it is read back if those
+//! are the tier's files,
 //! and otherwise (a crash during a change) built again from the files.
 
 use std::io::{BufReader, BufWriter, Read, Write};

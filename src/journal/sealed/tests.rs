@@ -174,6 +174,27 @@ fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_a
         let want = Some(e.born_ms).filter(|&b| b >= horizon);
         assert_eq!(sealed.born_ms(e.shard, e.fingerprint, horizon).unwrap(), want);
     }
+
+    // A file rebuilt under the same name, with ids the old one lacked,
+    // then a crash before the summary was saved: the summary left names
+    // the same file, but not its footer, so it is built again.
+    let old_summary = std::fs::read(&path).unwrap();
+    let span = sealed.generations()[0].span();
+    let extra: Vec<Entry> = (n..n + 1_000)
+        .map(|i| entry((i % 8) as u32, id(i).fingerprint, span.cut_ms - 1))
+        .collect();
+    let mut all: Vec<Entry> = (0..n).map(id).filter(|e| e.born_ms >= horizon).collect();
+    all.extend(&extra);
+    sealed.rebuild(span, by_shard(&sorted(all))).unwrap();
+    drop(sealed);
+    std::fs::write(&path, old_summary).unwrap();
+    let sealed = Sealed::open_summarized(dir.path(), 8).unwrap();
+    for e in &extra {
+        assert_eq!(
+            sealed.born_ms(e.shard, e.fingerprint, 0).unwrap(),
+            Some(e.born_ms)
+        );
+    }
 }
 
 #[test]
