@@ -104,7 +104,9 @@ impl Cuckoo {
     fn alt(&self, i: u64, tag: u16) -> u64 {
         let n = self.buckets.len() as u64;
         let h = fastrange(super::fmix64(u64::from(tag)), n);
-        (h + n - i) % n
+        // `h` and `i` are below `n`: one subtraction, not a division.
+        let alt = h + n - i;
+        if alt >= n { alt - n } else { alt }
     }
 
     fn bucket_has(&self, i: u64, tag: u16) -> bool {
