@@ -232,10 +232,18 @@ mod tiered {
                 })
                 .collect();
             entries.sort_unstable();
+            let sealing = Instant::now();
             sealed
                 .seal(eventsieve::journal::sealed::by_shard(&entries), born + 1 + last)
                 .expect("seal");
+            let merging = Instant::now();
             sealed.compact(0, 8).expect("merge");
+            eprintln!(
+                "sealed {last}: seal_s={:.1} merge_s={:.1} memory_bytes={}",
+                (merging - sealing).as_secs_f64(),
+                merging.elapsed().as_secs_f64(),
+                sealed.memory_bytes()
+            );
             first = last;
         }
         println!(

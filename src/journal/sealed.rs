@@ -1271,37 +1271,21 @@ impl Sealed {
             hits: AtomicU64::new(0),
         };
         if let Some(shards) = summary_shards {
-            let names = sealed.names();
-            sealed.summary = match summary::Summary::load(dir, &names) {
-                Some(s) if s.shard_count() >= shards => Some(s),
-                _ => {
-                    let started = std::time::Instant::now();
-                    let built = summary::Summary::build(shards, &sealed.files_now())?;
-                    built.save(dir, &names)?;
-                    tracing::info!(
-                        message = "Built the sealed tier's summary from its files.",
-                        files = names.len(),
-                        ids = sealed.ids(),
-                        seconds = started.elapsed().as_secs_f64(),
-                    );
-                    Some(built)
-                }
-            };
+            let started = std::time::Instant::now();
+            let files = sealed.files_now();
+            let covers = covered_by_groups(&files);
+            let (summary, built) = summary::Summary::open(dir, shards, &files, |g| covers[g].clone())?;
+            if built > 0 {
+                tracing::info!(
+                    message = "Built groups of the sealed tier's summary from its files.",
+                    groups = built,
+                    files = files.len(),
+                    seconds = started.elapsed().as_secs_f64(),
+                );
+            }
+            sealed.summary = Some(summary);
         }
         Ok(sealed)
-    }
-
-    /// Its files, each named with its footer's checksum (which tells it
-    /// from another of the same name: a rebuild, a merge renamed over an
-    /// input): the generations, then the adopted ones.
-    fn names(&self) -> Vec<String> {
-        self.files_now()
-            .iter()
-            .map(|g| {
-                let name = g.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                format!("{name} {:016x}", g.footer_sum)
-            })
-            .collect()
     }
 
     /// Its files now: the generations, then the adopted ones.
@@ -1571,7 +1555,10 @@ impl Sealed {
     /// from the files).
     fn save_summary(&self) {
         if let Some(summary) = &self.summary
-            && let Err(e) = summary.save(&self.dir, &self.names())
+            && let Err(e) = {
+                let covers = covered_by_groups(&self.files_now());
+                summary.save(&self.dir, |g| covers[g].clone())
+            }
         {
             tracing::warn!(message = "Could not save the sealed tier's summary; the next start builds it from the files.", error = %e);
         }
@@ -1966,6 +1953,24 @@ impl Older for Sealed {
             block_reads: self.block_reads.load(Relaxed),
         }
     }
+}
+
+/// Per group of the summary, the files holding its shards, each named with
+/// its footer's checksum (which tells it from another of the same name: a
+/// rebuild, a merge renamed over an input).
+fn covered_by_groups(files: &[Arc<Generation>]) -> Vec<Vec<String>> {
+    let mut groups = vec![Vec::new(); summary::GROUPS as usize];
+    for g in files {
+        let name = g.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = format!("{name} {:016x}", g.footer_sum);
+        let mut of: Vec<usize> = g.shards_held().map(summary::group_of).collect();
+        of.sort_unstable();
+        of.dedup();
+        for group in of {
+            groups[group].push(name.clone());
+        }
+    }
+    groups
 }
 
 /// Ids a seal (or rebuild) from the journal sorts in RAM at once, 32

@@ -18,15 +18,16 @@
 //! dropped it), and removing finds one copy of exactly what was inserted.
 //!
 //! It is updated in place under each shard's lock, a few thousand entries
-//! at a time, by the one change the tier makes at a time, and saved to
-//! `summary.filter` after each change with the names of the files it
-//! covers (and their footers' checksums). At open it is read back if those
-//! are the tier's files,
-//! and otherwise (a crash during a change) built again from the files.
+//! at a time, by the one change the tier makes at a time, and saved after
+//! each change in [`GROUPS`] files, `summary-<group>.filter`, each with the
+//! names of the files holding its shards (and their footers' checksums);
+//! only the groups that changed are written. At open a group is read back
+//! if those are the tier's files, and otherwise (a crash during a change)
+//! built again from the files.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -47,7 +48,6 @@ const MAX_LOAD: f64 = 0.95;
 /// Entries applied per hold of a shard's lock.
 const CHUNK: usize = 4096;
 const MAGIC: &[u8; 8] = b"ESSUMM01";
-pub(super) const FILE: &str = "summary.filter";
 
 /// One shard's cuckoo filter.
 pub(super) struct Cuckoo {
@@ -204,16 +204,75 @@ fn write_guard<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn read_guard<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Files the summary is saved in: shard `s` in group `s % GROUPS`, so that
+/// a change to one shard's file (an adoption at a takeover) writes one
+/// group, not the whole summary.
+pub(super) const GROUPS: u32 = 64;
+
+pub(super) fn group_of(shard: u32) -> usize {
+    (shard % GROUPS) as usize
+}
+
+/// The file of group `group` in the tier's directory.
+pub(super) fn group_file(group: usize) -> String {
+    format!("summary-{group:02}.filter")
+}
+
 /// The summary of a tier: a filter per shard.
 pub(super) struct Summary {
     shards: Box<[RwLock<Cuckoo>]>,
+    /// Per group, the files its file on disk covers; `None` once one of
+    /// its shards changed since it was saved.
+    saved: Mutex<Vec<Option<Vec<String>>>>,
 }
 
 impl Summary {
-    fn empty(shards: u32) -> Self {
-        Self {
-            shards: (0..shards).map(|_| RwLock::new(Cuckoo::with_room(0))).collect(),
+    /// Opens the summary of `files` for `shards` shards (more if a file
+    /// holds a shard beyond them): each group read back from `dir` if its
+    /// file covers `covers(group)`, the others built from `files` and
+    /// saved. Returns it and how many groups were built.
+    ///
+    /// # Errors
+    ///
+    /// A file could not be read, or a group could not be saved.
+    pub(super) fn open(
+        dir: &Path,
+        shards: u32,
+        files: &[Arc<Generation>],
+        covers: impl Fn(usize) -> Vec<String>,
+    ) -> Result<(Self, usize), SealedError> {
+        let most = files
+            .iter()
+            .flat_map(|g| g.shards_held())
+            .map(|s| s + 1)
+            .max()
+            .unwrap_or(0);
+        let count = shards.max(most);
+        let summary = Self {
+            shards: (0..count).map(|_| RwLock::new(Cuckoo::with_room(0))).collect(),
+            saved: Mutex::new(vec![None; GROUPS as usize]),
+        };
+        let mut built = 0;
+        for group in 0..summary.groups() {
+            let names = covers(group);
+            if !summary.load_group(dir, group, &names) {
+                built += 1;
+                for shard in (group as u32..count).step_by(GROUPS as usize) {
+                    summary.rebuild_shard(shard, files)?;
+                }
+            }
         }
+        summary.save(dir, covers)?;
+        Ok((summary, built))
+    }
+
+    /// Groups with shards: files it is saved in.
+    fn groups(&self) -> usize {
+        self.shard_count().min(GROUPS) as usize
     }
 
     /// Shards it has filters for.
@@ -224,38 +283,28 @@ impl Summary {
     /// The filter of `shard`, to probe; `None` for a shard beyond those it
     /// has (whose ids no file may hold).
     pub(super) fn read(&self, shard: u32) -> Option<RwLockReadGuard<'_, Cuckoo>> {
-        let lock = self.shards.get(shard as usize)?;
-        Some(lock.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+        self.shards.get(shard as usize).map(read_guard)
     }
 
     /// Fingerprints it holds.
     #[cfg(test)]
     pub(super) fn ids(&self) -> u64 {
-        self.shards.iter().map(|s| s.read().map_or(0, |c| c.ids)).sum()
+        self.shards.iter().map(|s| read_guard(s).ids).sum()
     }
 
     /// Bytes of RAM its filters take.
     pub(super) fn memory_bytes(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.read().map_or(0, |c| c.bytes()) + std::mem::size_of::<RwLock<Cuckoo>>())
+            .map(|s| read_guard(s).bytes() + std::mem::size_of::<RwLock<Cuckoo>>())
             .sum()
     }
 
-    /// Built from every entry of `files`, for `shards` shards (more if a
-    /// file holds a shard beyond them).
-    pub(super) fn build(shards: u32, files: &[Arc<Generation>]) -> Result<Self, SealedError> {
-        let most = files
-            .iter()
-            .flat_map(|g| g.shards_held())
-            .map(|s| s + 1)
-            .max()
-            .unwrap_or(0);
-        let summary = Self::empty(shards.max(most));
-        for shard in 0..summary.shard_count() {
-            summary.rebuild_shard(shard, files)?;
-        }
-        Ok(summary)
+    /// Marks the group of `shard` changed since it was saved.
+    fn touch(&self, shard: u32) {
+        self.saved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[group_of(shard)] = None;
     }
 
     /// Builds the filter of `shard` again from `files` and puts it in place.
@@ -271,6 +320,7 @@ impl Summary {
                     }
                 }
             }
+            self.touch(shard);
             *write_guard(&self.shards[shard as usize]) = filter;
             return Ok(());
         }
@@ -292,8 +342,8 @@ impl Summary {
                     format!("shard {shard}, beyond the summary's {}", self.shards.len()),
                 ));
             };
-            let room = file.shard_room(shard);
-            if !lock.read().is_ok_and(|c| c.fits(room)) {
+            self.touch(shard);
+            if !read_guard(lock).fits(file.shard_room(shard)) {
                 self.rebuild_shard(shard, files)?;
                 continue;
             }
@@ -338,6 +388,7 @@ impl Summary {
             let Some(lock) = self.shards.get(shard as usize) else {
                 continue;
             };
+            self.touch(shard);
             let mut entries = file.shard_entries(shard)?;
             let mut chunk = Vec::with_capacity(CHUNK);
             loop {
@@ -369,17 +420,41 @@ impl Summary {
         Ok(())
     }
 
-    /// Writes it to `dir/summary.filter` (through a `.tmp`, synced and
-    /// renamed), with `names`, the files it covers.
+    /// Saves each group that changed, or whose files changed, to its file
+    /// in `dir` (through a `.tmp`, synced and renamed) with the files it
+    /// covers (`covers(group)`).
     ///
     /// # Errors
     ///
-    /// The file could not be written.
-    pub(super) fn save(&self, dir: &Path, names: &[String]) -> Result<(), SealedError> {
-        let path = dir.join(FILE);
+    /// A file could not be written; the groups not yet saved stay marked.
+    pub(super) fn save(&self, dir: &Path, covers: impl Fn(usize) -> Vec<String>) -> Result<(), SealedError> {
+        for group in 0..self.groups() {
+            let names = covers(group);
+            let saved = self
+                .saved
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[group]
+                .clone();
+            if saved.as_ref() != Some(&names) {
+                self.save_group(dir, group, &names)?;
+                self.saved
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)[group] = Some(names);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes group `group`'s file: the names it covers, then each of its
+    /// shards' filter, each part with its XXH3-64.
+    fn save_group(&self, dir: &Path, group: usize, names: &[String]) -> Result<(), SealedError> {
+        let path = dir.join(group_file(group));
         let tmp = path.with_extension("tmp");
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
+        let shards: Vec<u32> = (group as u32..self.shard_count())
+            .step_by(GROUPS as usize)
+            .collect();
         let mut head = Vec::new();
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&(names.len() as u64).to_le_bytes());
@@ -387,21 +462,21 @@ impl Summary {
             head.extend_from_slice(&(name.len() as u64).to_le_bytes());
             head.extend_from_slice(name.as_bytes());
         }
-        head.extend_from_slice(&u64::from(self.shard_count()).to_le_bytes());
-        let sum = xxh3_64(&head);
-        head.extend_from_slice(&sum.to_le_bytes());
+        head.extend_from_slice(&(shards.len() as u64).to_le_bytes());
+        head.extend_from_slice(&xxh3_64(&head).to_le_bytes());
         out.write_all(&head).map_err(io(&tmp))?;
-        for lock in &self.shards {
-            let filter = lock.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut bytes = Vec::with_capacity(16 + filter.bytes());
-            bytes.extend_from_slice(&(filter.buckets.len() as u64).to_le_bytes());
-            bytes.extend_from_slice(&filter.ids.to_le_bytes());
+        for shard in shards {
+            let filter = read_guard(&self.shards[shard as usize]);
+            let mut bytes = Vec::with_capacity(24 + filter.bytes());
+            for v in [u64::from(shard), filter.buckets.len() as u64, filter.ids] {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
             for word in &filter.buckets {
                 bytes.extend_from_slice(&word.to_le_bytes());
             }
-            let sum = xxh3_64(&bytes);
+            drop(filter);
             out.write_all(&bytes).map_err(io(&tmp))?;
-            out.write_all(&sum.to_le_bytes()).map_err(io(&tmp))?;
+            out.write_all(&xxh3_64(&bytes).to_le_bytes()).map_err(io(&tmp))?;
         }
         let file = out
             .into_inner()
@@ -413,74 +488,94 @@ impl Summary {
             .map_err(io(dir))
     }
 
-    /// Reads `dir/summary.filter` back if it covers exactly `names` and
-    /// every checksum holds; `None` otherwise (missing, damaged, or left
-    /// from before a change a crash cut short).
-    pub(super) fn load(dir: &Path, names: &[String]) -> Option<Self> {
-        let file = std::fs::File::open(dir.join(FILE)).ok()?;
-        let mut input = BufReader::with_capacity(1 << 20, file);
-        let mut head = Vec::new();
-        let mut read = |n: usize, into: &mut Vec<u8>| -> Option<()> {
-            let at = into.len();
-            into.resize(at + n, 0);
-            input.read_exact(&mut into[at..]).ok()
+    /// Reads group `group` back from its file in `dir` if it covers
+    /// exactly `names`, holds each of the group's shards and every checksum
+    /// holds; whether it did (if not: missing, damaged, or left from before
+    /// a change a crash cut short, and nothing is changed).
+    fn load_group(&self, dir: &Path, group: usize, names: &[String]) -> bool {
+        let Some(filters) = read_group(dir, group, names) else {
+            return false;
         };
-        read(16, &mut head)?;
-        if &head[..8] != MAGIC {
+        let shards: Vec<u32> = (group as u32..self.shard_count())
+            .step_by(GROUPS as usize)
+            .collect();
+        if filters.iter().map(|(s, _)| *s).ne(shards.iter().copied()) {
+            return false;
+        }
+        for (shard, filter) in filters {
+            *write_guard(&self.shards[shard as usize]) = filter;
+        }
+        self.saved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[group] = Some(names.to_vec());
+        true
+    }
+}
+
+/// The shards' filters of group `group`'s file in `dir`, if it covers
+/// exactly `names` and every checksum holds.
+fn read_group(dir: &Path, group: usize, names: &[String]) -> Option<Vec<(u32, Cuckoo)>> {
+    let file = std::fs::File::open(dir.join(group_file(group))).ok()?;
+    let mut input = BufReader::with_capacity(1 << 20, file);
+    let mut read = |n: usize, into: &mut Vec<u8>| -> Option<()> {
+        let at = into.len();
+        into.resize(at + n, 0);
+        input.read_exact(&mut into[at..]).ok()
+    };
+    let word = |bytes: &[u8], at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+    };
+    let mut head = Vec::new();
+    read(16, &mut head)?;
+    if &head[..8] != MAGIC || word(&head, 8)? != names.len() as u64 {
+        return None;
+    }
+    for name in names {
+        let at = head.len();
+        read(8, &mut head)?;
+        if word(&head, at)? != name.len() as u64 {
             return None;
         }
-        let count = u64::from_le_bytes(head[8..16].try_into().ok()?);
-        if count != names.len() as u64 {
+        let at = head.len();
+        read(name.len(), &mut head)?;
+        if &head[at..] != name.as_bytes() {
             return None;
         }
-        for name in names {
-            let at = head.len();
-            read(8, &mut head)?;
-            let len = u64::from_le_bytes(head[at..].try_into().ok()?);
-            if len != name.len() as u64 {
-                return None;
-            }
-            let at = head.len();
-            read(name.len(), &mut head)?;
-            if &head[at..] != name.as_bytes() {
-                return None;
-            }
-        }
-        read(16, &mut head)?;
-        let n = head.len();
-        let shards = u64::from_le_bytes(head[n - 16..n - 8].try_into().ok()?);
-        if xxh3_64(&head[..n - 8]) != u64::from_le_bytes(head[n - 8..].try_into().ok()?) || shards > 1 << 16 {
+    }
+    read(16, &mut head)?;
+    let n = head.len();
+    let shards = word(&head, n - 16)?;
+    if xxh3_64(&head[..n - 8]) != word(&head, n - 8)? || shards > u64::from(u16::MAX) + 1 {
+        return None;
+    }
+    let mut filters = Vec::with_capacity(shards as usize);
+    for _ in 0..shards {
+        let mut bytes = Vec::new();
+        read(24, &mut bytes)?;
+        let (shard, buckets, ids) = (word(&bytes, 0)?, word(&bytes, 8)?, word(&bytes, 16)?);
+        if buckets == 0 || buckets > 1 << 36 || ids > buckets * SLOTS || shard > u64::from(u16::MAX) {
             return None;
         }
-        let mut filters = Vec::with_capacity(shards as usize);
-        for _ in 0..shards {
-            let mut bytes = Vec::new();
-            read(16, &mut bytes)?;
-            let buckets = u64::from_le_bytes(bytes[..8].try_into().ok()?);
-            let ids = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
-            if buckets == 0 || buckets > 1 << 36 || ids > buckets * SLOTS {
-                return None;
-            }
-            read(buckets as usize * 8 + 8, &mut bytes)?;
-            let end = bytes.len() - 8;
-            if xxh3_64(&bytes[..end]) != u64::from_le_bytes(bytes[end..].try_into().ok()?) {
-                return None;
-            }
-            let buckets = super::u64s(&bytes[16..end]).collect();
-            filters.push(RwLock::new(Cuckoo {
+        read(buckets as usize * 8 + 8, &mut bytes)?;
+        let end = bytes.len() - 8;
+        if xxh3_64(&bytes[..end]) != word(&bytes, end)? {
+            return None;
+        }
+        let buckets = super::u64s(&bytes[24..end]).collect();
+        filters.push((
+            shard as u32,
+            Cuckoo {
                 buckets,
                 ids,
                 rng: 0x9e37_79b9_7f4a_7c15,
-            }));
-        }
-        let mut rest = [0u8; 1];
-        if input.read(&mut rest).ok()? != 0 {
-            return None;
-        }
-        Some(Self {
-            shards: filters.into(),
-        })
+            },
+        ));
     }
+    let mut rest = [0u8; 1];
+    if input.read(&mut rest).ok()? != 0 {
+        return None;
+    }
+    Some(filters)
 }
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_a
         Some(n - per_file - per_file / 2)
     );
     drop(sealed);
-    let path = dir.path().join(summary::FILE);
+    let path = dir.path().join(summary::group_file(3));
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x10;
@@ -178,7 +178,8 @@ fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_a
     // A file rebuilt under the same name, with ids the old one lacked,
     // then a crash before the summary was saved: the summary left names
     // the same file, but not its footer, so it is built again.
-    let old_summary = std::fs::read(&path).unwrap();
+    let group_files = || (0..8).map(|g| dir.path().join(summary::group_file(g)));
+    let old_summary: Vec<Vec<u8>> = group_files().map(|p| std::fs::read(p).unwrap()).collect();
     let span = sealed.generations()[0].span();
     let extra: Vec<Entry> = (n..n + 1_000)
         .map(|i| entry((i % 8) as u32, id(i).fingerprint, span.cut_ms - 1))
@@ -187,7 +188,9 @@ fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_a
     all.extend(&extra);
     sealed.rebuild(span, by_shard(&sorted(all))).unwrap();
     drop(sealed);
-    std::fs::write(&path, old_summary).unwrap();
+    for (path, bytes) in group_files().zip(&old_summary) {
+        std::fs::write(path, bytes).unwrap();
+    }
     let sealed = Sealed::open_summarized(dir.path(), 8).unwrap();
     for e in &extra {
         assert_eq!(
@@ -195,6 +198,18 @@ fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_a
             Some(e.born_ms)
         );
     }
+
+    // An adoption writes its shard's group of the summary, and no other.
+    let before: Vec<Vec<u8>> = group_files().map(|p| std::fs::read(p).unwrap()).collect();
+    let adopted = Fingerprint::of(b"adopted");
+    sealed.adopt(5, vec![(adopted, span.cut_ms - 1)], 0).unwrap();
+    assert_eq!(sealed.born_ms(5, adopted, 0).unwrap(), Some(span.cut_ms - 1));
+    for (g, (path, old)) in group_files().zip(&before).enumerate() {
+        assert_eq!(std::fs::read(path).unwrap() != *old, g == 5, "group {g}");
+    }
+    drop(sealed);
+    let sealed = Sealed::open_summarized(dir.path(), 8).unwrap();
+    assert_eq!(sealed.born_ms(5, adopted, 0).unwrap(), Some(span.cut_ms - 1));
 }
 
 #[test]
@@ -522,7 +537,9 @@ proptest! {
             prop_assert_eq!(sealed.born_ms(shard, fp, horizon).unwrap(), Some(born).filter(|&b| b >= horizon));
         }
         drop(sealed);
-        let _ = std::fs::remove_file(dir.path().join(summary::FILE));
+        for group in 0..summary::GROUPS as usize {
+            let _ = std::fs::remove_file(dir.path().join(summary::group_file(group)));
+        }
         let sealed = open_tier(dir.path(), summarized, 3);
         for (&(shard, fp), &born) in &model {
             prop_assert_eq!(sealed.born_ms(shard, fp, horizon).unwrap(), Some(born).filter(|&b| b >= horizon));
