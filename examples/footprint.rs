@@ -236,6 +236,7 @@ mod tiered {
             sealed
                 .seal(eventsieve::journal::sealed::by_shard(&entries), born + 1 + last)
                 .expect("seal");
+            sealed.save_summary_after_seal();
             let merging = Instant::now();
             sealed.compact(0, 8).expect("merge");
             eprintln!(

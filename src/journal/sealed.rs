@@ -1467,6 +1467,7 @@ impl Sealed {
 
     /// Seals `shards` (in order, each sorted by fingerprint), the ids
     /// accepted from the last cut to `cut_ms`, as the newest generation.
+    /// With a summary, [`Self::save_summary_after_seal`] is the caller's.
     ///
     /// # Errors
     ///
@@ -1520,7 +1521,6 @@ impl Sealed {
             gs
         });
         self.seals.fetch_add(1, Relaxed);
-        self.save_summary();
         Ok(span)
     }
 
@@ -1550,9 +1550,18 @@ impl Sealed {
         }
     }
 
+    /// Saves the summary (if any) after a seal, which leaves it to the
+    /// caller so that it need not hold the turn for it (other changes save
+    /// it themselves); until then a crash costs building the summary again
+    /// at the next start.
+    pub fn save_summary_after_seal(&self) {
+        let _changing = lock(&self.changing);
+        self.save_summary();
+    }
+
     /// Saves the summary (if any) after a change; a failure is logged (the
-    /// summary on disk then names other files, and the next open builds it
-    /// from the files).
+    /// summary on disk then names other files, and the next open builds
+    /// those groups from the files).
     fn save_summary(&self) {
         if let Some(summary) = &self.summary
             && let Err(e) = {

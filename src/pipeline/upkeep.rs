@@ -181,12 +181,14 @@ fn seal_step(
     if before > hot_bytes && cut > sealed.cut_ms() && dedup.wait_settled(SETTLE_TIMEOUT) {
         // No replay of a shard's journal runs from here until the tables
         // dropped what was sealed (see `Sealed::adopt`).
-        let _turn = sealed.turn().blocking_write();
+        let turn = sealed.turn().blocking_write();
         let started = std::time::Instant::now();
         let span = sealed
             .seal_journal(reader, horizon, cut)
             .map_err(|e| e.to_string())?;
         dedup.sealed_before(cut);
+        drop(turn);
+        sealed.save_summary_after_seal();
         dedup.sweep(now, dedup.config().segments_per_shard);
         done = Some((span, before, dedup.table_bytes(), started.elapsed()));
     }
