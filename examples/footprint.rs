@@ -294,7 +294,9 @@ mod tiered {
     fn open(dir: &Path, n: u64, m: u64, baseline: Option<u64>) {
         let anon_before = status_kib("RssAnon:") * 1024;
         let started = Instant::now();
-        let summarized = dir.join("summary.filter").exists();
+        let summarized = std::fs::read_dir(dir)
+            .expect("read DIR")
+            .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("summary")));
         let sealed = match summarized {
             true => Sealed::open_summarized(dir, SHARDS),
             false => Sealed::open(dir),
