@@ -1272,20 +1272,54 @@ impl Sealed {
         };
         if let Some(shards) = summary_shards {
             let started = std::time::Instant::now();
-            let files = sealed.files_now();
-            let covers = covered_by_groups(&files);
-            let (summary, built) = summary::Summary::open(dir, shards, &files, |g| covers[g].clone())?;
+            let (summary, built) = loop {
+                let files = sealed.files_now();
+                let covers = covered_by_groups(&files);
+                match summary::Summary::open(dir, shards, &files, |g| covers[g].clone()) {
+                    Ok(opened) => break opened,
+                    // A block found damaged while building: the file is
+                    // left out, as one damaged at its footer is.
+                    Err(SealedError::Damaged(path, why)) => sealed.leave_out(path, why)?,
+                    Err(e) => return Err(e),
+                }
+            };
             if built > 0 {
                 tracing::info!(
                     message = "Built groups of the sealed tier's summary from its files.",
                     groups = built,
-                    files = files.len(),
+                    files = sealed.files(),
                     seconds = started.elapsed().as_secs_f64(),
                 );
             }
             sealed.summary = Some(summary);
         }
         Ok(sealed)
+    }
+
+    /// At open: leaves out its file at `path`, found damaged (`why`),
+    /// renamed `.damaged` and listed for its rebuild from the journal.
+    ///
+    /// # Errors
+    ///
+    /// The damage itself if `path` is none of its files, or the rename
+    /// failed.
+    fn leave_out(&self, path: PathBuf, why: String) -> Result<(), SealedError> {
+        let Some(g) = self.files_now().into_iter().find(|g| g.path == path) else {
+            return Err(SealedError::Damaged(path, why));
+        };
+        self.list_damaged(&g, &SealedError::Damaged(path, why));
+        std::fs::rename(&g.path, g.path.with_extension("damaged")).map_err(io(&g.path))?;
+        self.generations.store(Arc::new(
+            self.generations()
+                .iter()
+                .filter(|o| !Arc::ptr_eq(o, &g))
+                .cloned()
+                .collect(),
+        ));
+        let mut adopted = BTreeMap::clone(&self.adopted.load());
+        adopted.retain(|_, o| !Arc::ptr_eq(o, &g));
+        self.adopted.store(Arc::new(adopted));
+        Ok(())
     }
 
     /// Its files now: the generations, then the adopted ones.
@@ -1453,16 +1487,31 @@ impl Sealed {
         fp: Fingerprint,
         probed: &mut Probed,
     ) -> Result<Option<u64>, SealedError> {
-        g.born_ms(shard, fp, probed).inspect_err(|e| {
-            let name = g.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let listed = match parse_adopted(name) {
-                Some(adopted) => push_new(&mut lock(&self.damaged_adopted), adopted),
-                None => push_new(&mut lock(&self.damaged), g.span),
-            };
-            if listed {
-                tracing::error!(message = "A sealed generation is damaged; rebuilding it from the journal.", error = %e);
-            }
-        })
+        g.born_ms(shard, fp, probed)
+            .inspect_err(|e| self.list_damaged(g, e))
+    }
+
+    /// Lists `g`, found damaged (`e`), for its rebuild from the journal.
+    fn list_damaged(&self, g: &Generation, e: &SealedError) {
+        let name = g.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let listed = match parse_adopted(name) {
+            Some(adopted) => push_new(&mut lock(&self.damaged_adopted), adopted),
+            None => push_new(&mut lock(&self.damaged), g.span),
+        };
+        if listed {
+            tracing::error!(message = "A sealed generation is damaged; rebuilding it from the journal.", error = %e);
+        }
+    }
+
+    /// `result`, a file it names as damaged listed for its rebuild (the
+    /// summary reads every block of the files it builds from).
+    fn noting_damage<T>(&self, result: Result<T, SealedError>) -> Result<T, SealedError> {
+        if let Err(e @ SealedError::Damaged(path, _)) = &result
+            && let Some(g) = self.files_now().iter().find(|g| g.path == *path)
+        {
+            self.list_damaged(g, e);
+        }
+        result
     }
 
     /// Seals `shards` (in order, each sorted by fingerprint), the ids
@@ -1532,7 +1581,7 @@ impl Sealed {
             Some(summary) => Generation::open_unfiltered(path).map(Arc::new).and_then(|g| {
                 let mut files = self.files_now();
                 files.push(g.clone());
-                summary.add(&g, &files).map(|()| g)
+                self.noting_damage(summary.add(&g, &files)).map(|()| g)
             }),
         };
         if opened.is_err() {
@@ -1545,7 +1594,7 @@ impl Sealed {
     /// in the tier, that `gone` picks.
     fn unsummarize(&self, file: &Generation, gone: impl Fn(&Entry) -> bool) -> Result<(), SealedError> {
         match &self.summary {
-            Some(summary) => summary.remove(file, gone, &self.files_now()),
+            Some(summary) => self.noting_damage(summary.remove(file, gone, &self.files_now())),
             None => Ok(()),
         }
     }

@@ -213,6 +213,47 @@ fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_a
 }
 
 #[test]
+fn a_damaged_block_the_summary_reads_leaves_its_file_out_listed_for_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = Sealed::open_summarized(dir.path(), 2).unwrap();
+    let ids: Vec<Entry> = (0..1_000u64)
+        .map(|i| {
+            entry(
+                (i % 2) as u32,
+                Fingerprint::of(format!("d{i}").as_bytes()),
+                10 + i,
+            )
+        })
+        .collect();
+    let span = sealed.seal(by_shard(&sorted(ids.clone())), 5_000).unwrap();
+    drop(sealed);
+    // The summary gone, so the next open reads every block; one damaged.
+    for group in 0..2 {
+        std::fs::remove_file(dir.path().join(summary::group_file(group))).unwrap();
+    }
+    let path = dir.path().join(file_name(span.from_ms, span.cut_ms));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let sealed = Sealed::open_summarized(dir.path(), 2).unwrap();
+    let damaged: Vec<(u64, u64)> = sealed
+        .take_damaged()
+        .iter()
+        .map(|s| (s.from_ms, s.cut_ms))
+        .collect();
+    assert_eq!(damaged, [(span.from_ms, span.cut_ms)]);
+    assert!(path.with_extension("damaged").exists());
+    assert!(sealed.generations().is_empty());
+    sealed.rebuild(span, by_shard(&sorted(ids.clone()))).unwrap();
+    for e in &ids {
+        assert_eq!(
+            sealed.born_ms(e.shard, e.fingerprint, 0).unwrap(),
+            Some(e.born_ms)
+        );
+    }
+}
+
+#[test]
 fn ids_sharing_their_shard_and_high_half_across_blocks_are_all_found() {
     let dir = tempfile::tempdir().unwrap();
     let sealed = Sealed::open(dir.path()).unwrap();
