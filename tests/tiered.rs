@@ -291,9 +291,17 @@ async fn sigkill_during_seal_and_merge(summary: &str) {
     }
 }
 
-/// A replicated tiered sidecar process `node`, its metrics on `addr`.
-fn replicated_node(server: &NatsServer, data: &Path, node: &str, addr: &str) -> SidecarProcess {
+/// A replicated tiered sidecar process `node`, its metrics on `addr`,
+/// with `sealed_summary` = `summary`.
+fn replicated_node(
+    server: &NatsServer,
+    data: &Path,
+    node: &str,
+    addr: &str,
+    summary: &str,
+) -> SidecarProcess {
     let env = [
+        ("EVENTSIEVE_SEALED_SUMMARY", summary),
         ("EVENTSIEVE_DURABILITY", "replicated"),
         ("EVENTSIEVE_CLUSTER__NODE_ID", node),
         ("EVENTSIEVE_TIER", "tiered"),
@@ -356,8 +364,10 @@ async fn replicated_nodes_keep_sealed_ids_through_a_sigkill_takeover_and_a_retur
         format!("127.0.0.1:{}", free_port()),
         format!("127.0.0.1:{}", free_port()),
     );
-    let a = replicated_node(&server, &a_dir, "a", &a_addr);
-    let b = replicated_node(&server, &b_dir, "b", &b_addr);
+    // B keeps a summary over its files, A each file's filters: each is
+    // taken over from once.
+    let a = replicated_node(&server, &a_dir, "a", &a_addr, "false");
+    let b = replicated_node(&server, &b_dir, "b", &b_addr, "true");
     let leases = "eventsieve_leases_held";
     let deadline = Instant::now() + Duration::from_secs(60);
     while scraped(&a_addr, leases) + scraped(&b_addr, leases) < 32.0
@@ -401,7 +411,7 @@ async fn replicated_nodes_keep_sealed_ids_through_a_sigkill_takeover_and_a_retur
 
     // A comes back with its copy and sealed files, takes shards back, and
     // more ids arrive; then B is killed and A holds everything.
-    let a = replicated_node(&server, &a_dir, "a", &a_addr);
+    let a = replicated_node(&server, &a_dir, "a", &a_addr, "false");
     wait_metric(&a_addr, leases, 1.0).await;
     let second: Vec<String> = (0..600_000).map(|i| format!("q{i}")).collect();
     let verdicts = batch_verdicts_of(&client, &second, 4).await;
