@@ -1150,6 +1150,9 @@ pub struct Sealed {
     /// With `sealed_summary`: one filter per shard over every file, in
     /// place of the files' own (see `summary`).
     summary: Option<summary::Summary>,
+    /// Per shard, the room the last seal's file had for its ids: what the
+    /// next seal is likely to add to the summary.
+    last_seal: std::sync::Mutex<Vec<u64>>,
     pub seals: AtomicU64,
     pub merges: AtomicU64,
     pub filter_probes: AtomicU64,
@@ -1264,6 +1267,7 @@ impl Sealed {
             turn: tokio::sync::RwLock::new(()),
             filter: FilterBits::default(),
             summary: None,
+            last_seal: std::sync::Mutex::default(),
             seals: AtomicU64::new(0),
             merges: AtomicU64::new(0),
             filter_probes: AtomicU64::new(0),
@@ -1569,6 +1573,14 @@ impl Sealed {
             gs.push(generation.clone());
             gs
         });
+        *lock(&self.last_seal) = generation
+            .shards_held()
+            .map(|shard| (shard, generation.shard_room(shard)))
+            .fold(Vec::new(), |mut rooms, (shard, room)| {
+                rooms.resize(rooms.len().max(shard as usize + 1), 0);
+                rooms[shard as usize] = room;
+                rooms
+            });
         self.seals.fetch_add(1, Relaxed);
         Ok(span)
     }
@@ -1640,6 +1652,7 @@ impl Sealed {
     /// A merge failed; the generations stay as they were.
     pub fn compact(&self, horizon_ms: u64, max: usize) -> Result<usize, SealedError> {
         let _compacting = lock(&self.compacting);
+        self.grow_summary()?;
         let mut removed = self.expire(horizon_ms)?;
         while let Some(inputs) = self.next_merge(max) {
             let mut merged = merge(&self.dir, &inputs, horizon_ms, self.filter)?;
@@ -1656,6 +1669,46 @@ impl Sealed {
             }
         }
         Ok(removed)
+    }
+
+    /// Builds again, larger, each shard's filter of the summary that the
+    /// next seal, as large as the last, would take past its limit: here,
+    /// beside the seals, so that a seal (and a takeover waiting for one)
+    /// seldom has to. Each is built from a snapshot of the files without
+    /// holding the tier, and put in place only if neither the files nor
+    /// the shard's filter changed meanwhile (else it is tried again on the
+    /// next call).
+    ///
+    /// # Errors
+    ///
+    /// A file could not be read.
+    fn grow_summary(&self) -> Result<(), SealedError> {
+        let Some(summary) = &self.summary else {
+            return Ok(());
+        };
+        let next = lock(&self.last_seal).clone();
+        let mut grown = false;
+        for (shard, &more) in next.iter().enumerate() {
+            let shard = shard as u32;
+            if !summary.crowded(shard, more) {
+                continue;
+            }
+            let version = summary.version(shard);
+            let files = self.files_now();
+            let filter = self.noting_damage(summary.built(shard, &files, more))?;
+            let _changing = lock(&self.changing);
+            let now = self.files_now();
+            let same = now.len() == files.len() && now.iter().zip(&files).all(|(a, b)| Arc::ptr_eq(a, b));
+            if same && summary.version(shard) == version {
+                summary.install(shard, filter);
+                grown = true;
+            }
+        }
+        if grown {
+            let _changing = lock(&self.changing);
+            self.save_summary();
+        }
+        Ok(())
     }
 
     /// Drops the files whose newest id arrived before `horizon_ms` (the

@@ -27,6 +27,7 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -228,6 +229,8 @@ pub(super) struct Summary {
     /// Per group, the files its file on disk covers; `None` once one of
     /// its shards changed since it was saved.
     saved: Mutex<Vec<Option<Vec<String>>>>,
+    /// Per shard, changes made to its filter.
+    versions: Box<[AtomicU64]>,
 }
 
 impl Summary {
@@ -255,6 +258,7 @@ impl Summary {
         let summary = Self {
             shards: (0..count).map(|_| RwLock::new(Cuckoo::with_room(0))).collect(),
             saved: Mutex::new(vec![None; GROUPS as usize]),
+            versions: (0..count).map(|_| AtomicU64::new(0)).collect(),
         };
         let mut built = 0;
         for group in 0..summary.groups() {
@@ -300,16 +304,42 @@ impl Summary {
             .sum()
     }
 
-    /// Marks the group of `shard` changed since it was saved.
+    /// Marks `shard` changed: its version moves on, and its group is to be
+    /// saved again.
     fn touch(&self, shard: u32) {
+        self.versions[shard as usize].fetch_add(1, Relaxed);
         self.saved
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)[group_of(shard)] = None;
     }
 
-    /// Builds the filter of `shard` again from `files` and puts it in place.
-    fn rebuild_shard(&self, shard: u32, files: &[Arc<Generation>]) -> Result<(), SealedError> {
-        let mut room: u64 = files.iter().map(|g| g.shard_room(shard)).sum();
+    /// How many changes `shard`'s filter has had: a filter built from a
+    /// snapshot of the files is put in place only if this has not moved.
+    pub(super) fn version(&self, shard: u32) -> u64 {
+        self.versions[shard as usize].load(Relaxed)
+    }
+
+    /// Whether `shard`'s filter could not take `more` ids without passing
+    /// [`MAX_LOAD`].
+    pub(super) fn crowded(&self, shard: u32, more: u64) -> bool {
+        self.shards
+            .get(shard as usize)
+            .is_some_and(|lock| !read_guard(lock).fits(more))
+    }
+
+    /// A filter of `shard` built from `files`, with room for `more` ids
+    /// besides theirs.
+    ///
+    /// # Errors
+    ///
+    /// A file could not be read.
+    pub(super) fn built(
+        &self,
+        shard: u32,
+        files: &[Arc<Generation>],
+        more: u64,
+    ) -> Result<Cuckoo, SealedError> {
+        let mut room: u64 = files.iter().map(|g| g.shard_room(shard)).sum::<u64>() + more;
         'build: loop {
             let mut filter = Cuckoo::with_room(room);
             for g in files {
@@ -320,10 +350,21 @@ impl Summary {
                     }
                 }
             }
-            self.touch(shard);
-            *write_guard(&self.shards[shard as usize]) = filter;
-            return Ok(());
+            return Ok(filter);
         }
+    }
+
+    /// Puts `filter` in place as `shard`'s.
+    pub(super) fn install(&self, shard: u32, filter: Cuckoo) {
+        self.touch(shard);
+        *write_guard(&self.shards[shard as usize]) = filter;
+    }
+
+    /// Builds the filter of `shard` again from `files` and puts it in place.
+    fn rebuild_shard(&self, shard: u32, files: &[Arc<Generation>]) -> Result<(), SealedError> {
+        let filter = self.built(shard, files, 0)?;
+        self.install(shard, filter);
+        Ok(())
     }
 
     /// Adds every entry of `file`, which `files` (the tier's files with it)
@@ -347,16 +388,14 @@ impl Summary {
                 self.rebuild_shard(shard, files)?;
                 continue;
             }
-            let mut entries = file.shard_entries(shard)?;
-            let mut chunk = Vec::with_capacity(CHUNK);
-            loop {
-                chunk.clear();
-                for e in entries.by_ref().take(CHUNK) {
-                    chunk.push(e?.fingerprint);
-                }
-                if chunk.is_empty() {
-                    break;
-                }
+            // In the order of their first buckets (the `lo` half's), so that
+            // inserting walks the filter instead of jumping about it.
+            let mut fps = file
+                .shard_entries(shard)?
+                .map(|e| e.map(|e| e.fingerprint))
+                .collect::<Result<Vec<_>, _>>()?;
+            fps.sort_unstable_by_key(|fp| fp.lo);
+            for chunk in fps.chunks(CHUNK) {
                 let mut filter = write_guard(lock);
                 if !chunk.iter().all(|&fp| filter.insert(fp)) {
                     drop(filter);

@@ -137,6 +137,16 @@ fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_a
         (2.0..2.8).contains(&per_id),
         "{per_id} bytes of RAM per sealed id"
     );
+    // A compaction first makes room in each shard's filter for another
+    // seal like the last, so that the seal need not build it again.
+    let next = lock(&sealed.last_seal).clone();
+    assert_eq!(next.len(), 8);
+    let crowded =
+        |summary: &summary::Summary| (0..8).filter(|&s| summary.crowded(s, next[s as usize])).count();
+    assert!(crowded(summary) > 0, "the test starts with crowded filters");
+    sealed.grow_summary().unwrap();
+    assert_eq!(crowded(summary), 0);
+    assert_eq!(summary.ids(), n);
 
     // Expiry drops the oldest file's entries from the summary; a merge
     // those born before the horizon.
@@ -144,6 +154,7 @@ fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_a
     assert_eq!(sealed.compact(horizon, 4).unwrap(), 1);
     let summary = sealed.summary.as_ref().expect("a summary");
     assert_eq!(summary.ids(), n - per_file);
+
     assert_eq!(sealed.compact(horizon, 1).unwrap(), 3);
     let summary = sealed.summary.as_ref().expect("a summary");
     assert_eq!(summary.ids(), n - per_file - per_file / 2);
