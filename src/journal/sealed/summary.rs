@@ -39,11 +39,9 @@ use crate::engine::fingerprint::Fingerprint;
 const SLOTS: u64 = 4;
 /// Kicks an insert tries before the filter counts as full.
 const MAX_KICKS: usize = 500;
-/// The load a shard's filter is built for; it is built again from the
-/// files, larger, when an insert would take it above [`MAX_LOAD`] (or
-/// fails): while the tier grows, each entry is read again about
-/// `1 / (1 - BUILT_LOAD / MAX_LOAD)` (6) times in all, and the load stays
-/// between the two (about 2.3 bytes per id).
+/// The load a shard's filter is built for (with room for the next seal,
+/// when it grows); it is built again from the files, larger, when the
+/// next seal would take it above [`MAX_LOAD`] (or an insert fails).
 const BUILT_LOAD: f64 = 0.80;
 const MAX_LOAD: f64 = 0.95;
 /// Entries applied per hold of a shard's lock.
