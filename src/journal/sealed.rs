@@ -958,13 +958,10 @@ impl Generation {
         Ok(self.entries_in(0..self.blocks))
     }
 
-    /// The entries of `shard`, in order, as [`Self::entries`].
-    ///
-    /// # Errors
-    ///
-    /// None yet; reading may fail as the entries come.
-    pub(super) fn shard_entries(&self, shard: u32) -> Result<Entries<'_>, SealedError> {
-        Ok(self.entries_in(self.shard_blocks(shard)))
+    /// The entries of `shard`, in order, as [`Self::entries`] (reading may
+    /// fail as they come).
+    pub(super) fn shard_entries(&self, shard: u32) -> Entries<'_> {
+        self.entries_in(self.shard_blocks(shard))
     }
 
     /// The entries of `blocks`, read from the file it has open (by

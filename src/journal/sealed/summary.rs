@@ -216,6 +216,11 @@ pub(super) fn group_of(shard: u32) -> usize {
     (shard % GROUPS) as usize
 }
 
+/// The shards of group `group`, of `count`.
+fn group_shards(group: usize, count: u32) -> impl Iterator<Item = u32> {
+    (group as u32..count).step_by(GROUPS as usize)
+}
+
 /// The file of group `group` in the tier's directory.
 pub(super) fn group_file(group: usize) -> String {
     format!("summary-{group:02}.filter")
@@ -263,7 +268,7 @@ impl Summary {
             let names = covers(group);
             if !summary.load_group(dir, group, &names) {
                 built += 1;
-                for shard in (group as u32..count).step_by(GROUPS as usize) {
+                for shard in group_shards(group, count) {
                     summary.rebuild_shard(shard, files)?;
                 }
             }
@@ -341,7 +346,7 @@ impl Summary {
         'build: loop {
             let mut filter = Cuckoo::with_room(room);
             for g in files {
-                for e in g.shard_entries(shard)? {
+                for e in g.shard_entries(shard) {
                     if !filter.insert(e?.fingerprint) {
                         room += room / 4 + 1;
                         continue 'build;
@@ -389,7 +394,7 @@ impl Summary {
             // In the order of their first buckets (the `lo` half's), so that
             // inserting walks the filter instead of jumping about it.
             let mut fps = file
-                .shard_entries(shard)?
+                .shard_entries(shard)
                 .map(|e| e.map(|e| e.fingerprint))
                 .collect::<Result<Vec<_>, _>>()?;
             fps.sort_unstable_by_key(|fp| fp.lo);
@@ -426,7 +431,7 @@ impl Summary {
                 continue;
             };
             self.touch(shard);
-            let mut entries = file.shard_entries(shard)?;
+            let mut entries = file.shard_entries(shard);
             let mut chunk = Vec::with_capacity(CHUNK);
             loop {
                 chunk.clear();
@@ -489,9 +494,7 @@ impl Summary {
         let tmp = path.with_extension("tmp");
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        let shards: Vec<u32> = (group as u32..self.shard_count())
-            .step_by(GROUPS as usize)
-            .collect();
+        let shards: Vec<u32> = group_shards(group, self.shard_count()).collect();
         let mut head = Vec::new();
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&(names.len() as u64).to_le_bytes());
@@ -533,10 +536,11 @@ impl Summary {
         let Some(filters) = read_group(dir, group, names) else {
             return false;
         };
-        let shards: Vec<u32> = (group as u32..self.shard_count())
-            .step_by(GROUPS as usize)
-            .collect();
-        if filters.iter().map(|(s, _)| *s).ne(shards.iter().copied()) {
+        if filters
+            .iter()
+            .map(|(s, _)| *s)
+            .ne(group_shards(group, self.shard_count()))
+        {
             return false;
         }
         for (shard, filter) in filters {

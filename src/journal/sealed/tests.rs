@@ -16,6 +16,15 @@ fn entry(shard: u32, fingerprint: Fingerprint, born_ms: u64) -> Entry {
     }
 }
 
+/// Id `i` (`id<i>`) of `shards` shards, arrived at `1_000 + i`.
+fn spread(i: u64, shards: u64) -> Entry {
+    entry(
+        (i % shards) as u32,
+        Fingerprint::of(format!("id{i}").as_bytes()),
+        1_000 + i,
+    )
+}
+
 fn sorted(mut entries: Vec<Entry>) -> Vec<Entry> {
     entries.sort();
     entries
@@ -33,15 +42,7 @@ fn found_and_rarely_read(bits: FilterBits, reads_per_10k: u64, ram: std::ops::Ra
     let sealed = Sealed::open(dir.path()).unwrap().with_filter(bits);
     // Three partitions' worth, over 8 shards.
     let n = 150_000u64;
-    let ids: Vec<Entry> = (0..n)
-        .map(|i| {
-            entry(
-                (i % 8) as u32,
-                Fingerprint::of(format!("id{i}").as_bytes()),
-                1_000 + i,
-            )
-        })
-        .collect();
+    let ids: Vec<Entry> = (0..n).map(|i| spread(i, 8)).collect();
     let span = sealed.seal(by_shard(&sorted(ids.clone())), 200_000).unwrap();
     assert_eq!(span.ids, n);
     assert_eq!((span.oldest_ms, span.newest_ms), (1_000, 1_000 + n - 1));
@@ -91,13 +92,7 @@ fn found_and_rarely_read(bits: FilterBits, reads_per_10k: u64, ram: std::ops::Ra
 fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let sealed = Sealed::open_summarized(dir.path(), 8).unwrap();
-    let id = |i: u64| {
-        entry(
-            (i % 8) as u32,
-            Fingerprint::of(format!("id{i}").as_bytes()),
-            1_000 + i,
-        )
-    };
+    let id = |i: u64| spread(i, 8);
     // Four files of 40 000 ids.
     let per_file = 40_000u64;
     for f in 0..4 {
@@ -227,15 +222,7 @@ fn a_summary_over_several_files_is_probed_once_per_id_and_follows_seals_merges_a
 fn a_damaged_block_the_summary_reads_leaves_its_file_out_listed_for_a_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let sealed = Sealed::open_summarized(dir.path(), 2).unwrap();
-    let ids: Vec<Entry> = (0..1_000u64)
-        .map(|i| {
-            entry(
-                (i % 2) as u32,
-                Fingerprint::of(format!("d{i}").as_bytes()),
-                10 + i,
-            )
-        })
-        .collect();
+    let ids: Vec<Entry> = (0..1_000u64).map(|i| spread(i, 2)).collect();
     let span = sealed.seal(by_shard(&sorted(ids.clone())), 5_000).unwrap();
     drop(sealed);
     // The summary gone, so the next open reads every block; one damaged.
