@@ -1080,6 +1080,16 @@ pub fn merge(
     horizon_ms: u64,
     filter: FilterBits,
 ) -> Result<Generation, SealedError> {
+    Generation::open(&merge_into(dir, generations, horizon_ms, filter)?)
+}
+
+/// [`merge`], giving the new file's path.
+fn merge_into(
+    dir: &Path,
+    generations: &[Arc<Generation>],
+    horizon_ms: u64,
+    filter: FilterBits,
+) -> Result<PathBuf, SealedError> {
     let from = generations.iter().map(|g| g.span.from_ms).min().unwrap_or(0);
     let cut = generations.iter().map(|g| g.span.cut_ms).max().unwrap_or(0);
     let mut planned: BTreeMap<u32, u64> = BTreeMap::new();
@@ -1111,7 +1121,7 @@ pub fn merge(
         }
     }
     let (path, _) = writer.finish()?;
-    Generation::open(&path)
+    Ok(path)
 }
 
 /// The sealed generations of a node, newest last, with counters of what
@@ -1582,17 +1592,29 @@ impl Sealed {
         Ok(span)
     }
 
+    /// Opens one of its files: its filters left on disk if it keeps a
+    /// summary.
+    fn open_file(&self, path: &Path) -> Result<Generation, SealedError> {
+        match self.summary {
+            Some(_) => Generation::open_unfiltered(path),
+            None => Generation::open(path),
+        }
+    }
+
     /// Opens a file just written, and adds it to the summary (if any) before
     /// the caller puts it in place; on failure the file is deleted.
     fn open_new(&self, path: &Path) -> Result<Arc<Generation>, SealedError> {
-        let opened = match &self.summary {
-            None => Generation::open(path).map(Arc::new),
-            Some(summary) => Generation::open_unfiltered(path).map(Arc::new).and_then(|g| {
-                let mut files = self.files_now();
-                files.push(g.clone());
-                self.noting_damage(summary.add(&g, &files)).map(|()| g)
-            }),
-        };
+        let opened = self
+            .open_file(path)
+            .map(Arc::new)
+            .and_then(|g| match &self.summary {
+                None => Ok(g),
+                Some(summary) => {
+                    let mut files = self.files_now();
+                    files.push(g.clone());
+                    self.noting_damage(summary.add(&g, &files)).map(|()| g)
+                }
+            });
         if opened.is_err() {
             let _ = std::fs::remove_file(path);
         }
@@ -1652,13 +1674,10 @@ impl Sealed {
         self.grow_summary()?;
         let mut removed = self.expire(horizon_ms)?;
         while let Some(inputs) = self.next_merge(max) {
-            let mut merged = merge(&self.dir, &inputs, horizon_ms, self.filter)?;
-            if self.summary.is_some() {
-                // Its entries are in the summary already, as its inputs'.
-                merged.filters = Vec::new();
-                merged.filtered = false;
-            }
-            let merged = Arc::new(merged);
+            // (With a summary, its entries are there already, as its
+            // inputs'.)
+            let path = merge_into(&self.dir, &inputs, horizon_ms, self.filter)?;
+            let merged = Arc::new(self.open_file(&path)?);
             self.merges.fetch_add(1, Relaxed);
             match self.put_merged(&inputs, merged, horizon_ms)? {
                 Some(n) => removed += n,
