@@ -187,7 +187,7 @@ pub struct Config {
     /// written before a change keep theirs until merged. Default 8.
     pub sealed_filter_bits: u64,
     /// With `tier = "tiered"`: keep one filter per shard over every sealed
-    /// file (the summary: a cuckoo filter of 15-bit fingerprints, about 2
+    /// file (the summary: a cuckoo filter of 16-bit fingerprints, 2.1 to 2.9
     /// bytes of RAM per sealed id, one probe per new id whatever the
     /// number of files) instead of each file's filters. The files' own
     /// filters are still written (`sealed_filter_bits`), so it can be
